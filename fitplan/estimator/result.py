@@ -1,0 +1,100 @@
+"""Estimate: what the estimator predicts for one GPU (the busiest rank) of a job.
+
+A plain frozen dataclass shared by the CLI, the fix ladder, plans and the trainer's comparison.
+Phase and component names are the shared vocabulary of docs/architecture.md: the trainer
+reports measured peaks under the same phase names, so comparing is a join.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Phases of one training step, in time order, after `load`. The estimator predicts each for
+# step 1 (no optimizer moments yet: Adam allocates them lazily in the first step) and for
+# steady state (step >= 2); `phases` holds the steady-state ones, `step1_phases` step 1's.
+PHASES = ("load", "target_forward", "draft_forward", "backward", "optimizer_step", "checkpoint")
+SFT_PHASES = ("load", "forward", "backward", "optimizer_step", "checkpoint")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    # phase -> component -> bytes live at that phase's peak (allocator-level, per GPU)
+    phases: dict[str, dict[str, int]]
+    step1_phases: dict[str, dict[str, int]]
+    gpu_total_bytes: int
+    # device-level extras on top of allocated bytes at the peak
+    allocator_reserve_bytes: int  # reserved - allocated (caching allocator rounding/fragmentation)
+    outside_allocator_bytes: int  # CUDA context, cuBLAS, NCCL buffers
+    largest_allocation_bytes: int
+    largest_allocation_name: str
+    world: int = 1
+    notes: tuple[str, ...] = ()
+    # resolved layout the numbers are for (tp, dp, accum, ...), for reports and plans
+    layout: dict[str, Any] = field(default_factory=dict)
+
+    # -------------------------------------------------------------- derived figures
+
+    def phase_allocated(self, phase: str, step1: bool = False) -> int:
+        return sum((self.step1_phases if step1 else self.phases)[phase].values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phase_allocated)
+
+    @property
+    def peak_allocated_bytes(self) -> int:
+        return self.phase_allocated(self.peak_phase)
+
+    @property
+    def step1_peak_allocated_bytes(self) -> int:
+        return max(self.phase_allocated(p, step1=True) for p in self.step1_phases)
+
+    @property
+    def peak_reserved_bytes(self) -> int:
+        """Device-level peak: allocated + allocator reserve + memory outside the allocator."""
+        return self.peak_allocated_bytes + self.allocator_reserve_bytes + self.outside_allocator_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.gpu_total_bytes - self.peak_reserved_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom_bytes >= 0
+
+    def fits_with_margin(self, margin_fraction: float) -> bool:
+        return self.headroom_bytes >= margin_fraction * self.gpu_total_bytes
+
+    @property
+    def components(self) -> dict[str, int]:
+        """Components at the peak phase."""
+        return dict(self.phases[self.peak_phase])
+
+    @property
+    def dominant_component(self) -> str:
+        comps = self.components
+        return max(comps, key=comps.get)
+
+    def to_json(self) -> dict[str, Any]:
+        """The stable JSON interface (docs/cli.md): names here are a public contract."""
+        return {
+            "fits": self.fits,
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "gpu_total_bytes": self.gpu_total_bytes,
+            "headroom_bytes": self.headroom_bytes,
+            "largest_allocation_bytes": self.largest_allocation_bytes,
+            "largest_allocation": self.largest_allocation_name,
+            "peak_phase": self.peak_phase,
+            "phases": {p: self.phase_allocated(p) for p in self.phases},
+            "components": self.components,
+            "step1_peak_allocated_bytes": self.step1_peak_allocated_bytes,
+            "step1_phases": {p: self.phase_allocated(p, step1=True) for p in self.step1_phases},
+            "allocator_reserve_bytes": self.allocator_reserve_bytes,
+            "outside_allocator_bytes": self.outside_allocator_bytes,
+            "phase_components": self.phases,
+            "world": self.world,
+            "layout": self.layout,
+            "notes": list(self.notes),
+        }
