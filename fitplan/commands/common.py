@@ -1,0 +1,99 @@
+"""What every fitplan command shares: the RunSpec flags and clean bad-input handling.
+
+`spec_flags` adds one typer option per RunSpec field to a command, so `estimate`, `fit`,
+`check` and `train` accept the same flags with the same help. The command receives the
+flags given (None for those not given) as a dict in its `flags` parameter, and builds the
+spec with `fitplan.config.load_spec(config_path, flags)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from typing import Any, Callable, Optional
+
+import typer
+
+from fitplan.config import CHOICES, FIELD_NAMES
+from fitplan.errors import FitplanError
+
+HELP: dict[str, str] = {
+    "model": "Target model: profile name (see `fitplan profiles`), HF repo id, config.json or model directory.",
+    "draft": "Eagle3 draft: 'auto' (derived from the target), a draft profile name, or a config path.",
+    "gpus": "GPUs: COUNTxTYPE, e.g. 8xH100, 1xH200, 4xA100-80GB; NODESxCOUNTxTYPE for several nodes (2x8xH100).",
+    "workload": "eagle3: frozen target + trainable Eagle3 draft. sft: full fine-tune of the model.",
+    "seq": "Maximum sequence length (tokens per sample; the padded length of the longest batch).",
+    "micro_batch": "Samples per GPU per forward/backward.",
+    "global_batch": "Samples per optimizer step over all GPUs (sets accumulation).",
+    "accum": "Gradient-accumulation micro-steps per optimizer step (or give --global-batch).",
+    "tp": "Tensor-parallel size of the frozen target (eagle3). Default: smallest that fits.",
+    "sharding": "Sharding of the trained model: zero1 (optimizer), zero2 (+grads), zero3 (+params).",
+    "output_sharding": "How target outputs reach the ranks: gather (every rank holds the TP group's full logits) or all-to-all (its own rows only).",
+    "precision": "mixed (fp32 master + bf16 copy, 18 B/param), fp32-autocast, bf16-master (bf16 params, fp32 master + moments in the optimizer), bf16 (pure bf16).",
+    "optimizer": "adamw, or adamw-8bit (8-bit moments).",
+    "ac": "Activation checkpointing (draft layer per TTT step; every decoder block for sft).",
+    "attention": "Attention kernel: flex (eagle3 default), sdpa (sft default) or eager (materialized scores).",
+    "ttt": "Training-time-test unroll length of the Eagle3 draft.",
+    "target_weights": "Frozen target weights: bf16, or mxfp4 (packed, gpt-oss only).",
+    "offload": "CPU offload: none, optimizer (state), params (with zero3).",
+    "expandable_segments": "Run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation).",
+    "aux_layers": "Target layers whose hidden states feed the draft, e.g. '1,17,33'.",
+    "runtime": "fitplan (our trainer) or specforge (SpecForge's classic train_eagle3.py).",
+    "target_backend": "specforge runtime: sglang or hf target backend.",
+    "sglang_mem_fraction": "specforge runtime: SGLang's mem_fraction_static.",
+    "offline": "specforge runtime: offline mode (precomputed hidden states, no live target).",
+}
+
+_TYPES: dict[str, Any] = {
+    "seq": int, "micro_batch": int, "global_batch": int, "accum": int, "tp": int, "ttt": int,
+    "sglang_mem_fraction": float, "ac": bool, "expandable_segments": bool, "offline": bool,
+}
+
+
+def _option(name: str) -> inspect.Parameter:
+    flag = "--" + name.replace("_", "-")
+    kind = _TYPES.get(name, str)
+    help_text = HELP.get(name, "")
+    if name in CHOICES:
+        help_text += f" [{'|'.join(CHOICES[name])}]"
+    decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+    if name == "model":
+        decls.append("-m")
+    option = typer.Option(None, *decls, help=help_text, rich_help_panel="Job")
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind])
+
+
+def spec_flags(func: Callable) -> Callable:
+    """Give a command every RunSpec flag; it receives them as `flags: dict` (given ones only)."""
+    sig = inspect.signature(func)
+    own = [p for p in sig.parameters.values() if p.name != "flags"]
+
+    @functools.wraps(func)
+    def wrapper(**kwargs: Any) -> Any:
+        flags = {k: kwargs.pop(k) for k in FIELD_NAMES if k in kwargs}
+        return func(flags={k: v for k, v in flags.items() if v is not None}, **kwargs)
+
+    params = own + [_option(name) for name in FIELD_NAMES if name not in sig.parameters]
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    return wrapper
+
+
+def clean_errors(func: Callable) -> Callable:
+    """Bad input -> one red line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except FitplanError as exc:
+            fail(str(exc))
+
+    return wrapper
+
+
+def fail(message: str, code: int = 2) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    sys.exit(code)
