@@ -1,0 +1,169 @@
+"""Step-time model: how long one optimizer step of a Job takes, from FLOPs and bytes moved.
+
+Used by the fix ladder to rank the configurations that fit by predicted throughput. Three
+kinds of time, each from a GPU profile rate (GpuSpec) derated by one named efficiency:
+- compute: target forward (2·active params·tokens + causal attention), the draft's forward and
+  backward over the TTT unroll (or the sft forward+backward, 6·P·tokens + attention), and the
+  recompute forward that activation checkpointing adds;
+- communication over the GPU interconnect: the target's TP all-reduces, the logits and aux
+  hidden states (all-gather of the TP group's rows vs all-to-all of its own rows), the trained
+  model's gradient all-reduce / FSDP all-gather and reduce-scatter;
+- offload traffic over PCIe.
+No overlap between them is assumed, so absolute times are pessimistic; the ranking between
+configurations of one job is what the ladder uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fitplan.estimator.params import count_params
+from fitplan.layout import Job
+from fitplan.profiles import ModelShape
+
+# Achievable fractions of the profile peaks. Typical public figures for large-model training
+# (40% MFU, ~70% of NVLink / PCIe bandwidth); placeholders until calibrated on our GPUs with
+# `fitplan train` measurements.
+COMPUTE_EFFICIENCY = 0.40
+LINK_EFFICIENCY = 0.70
+# Fixed cost of one collective (launch + ring latency): makes many small micro-steps slower
+# than few large ones. Placeholder to calibrate, like the efficiencies above.
+COLLECTIVE_LATENCY_S = 20e-6
+
+BF16 = 2
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Predicted seconds per optimizer step, by kind, for the busiest GPU."""
+
+    compute_s: float
+    comm_s: float
+    offload_s: float
+    tokens_per_step: int
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.comm_s + self.offload_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.step_s
+
+    def to_json(self) -> dict[str, float]:
+        return {
+            "step_time_s": self.step_s,
+            "tokens_per_s": self.tokens_per_s,
+            "compute_s": self.compute_s,
+            "comm_s": self.comm_s,
+            "offload_s": self.offload_s,
+        }
+
+
+# ---------------------------------------------------------------- FLOPs per GPU per micro-step
+
+
+def matmul_params(m: ModelShape) -> float:
+    """Parameters a token multiplies through: all but the embedding lookup, routed experts pro rata."""
+    c = count_params(m)
+    lookup = 0 if m.tie_embeddings else m.vocab * m.hidden
+    routed = c.expert_weights * m.experts_per_token / m.experts if m.is_moe else 0
+    return c.other - lookup + routed
+
+
+def causal_attention_flops(batch: int, seq: int, heads: int, head_dim: int) -> float:
+    """Forward of one causal attention layer: QK^T and PV, each 2·S²·H·d, half masked."""
+    return 2 * batch * seq * seq * heads * head_dim
+
+
+def target_forward_flops(job: Job) -> float:
+    """Per GPU: the TP group runs tp·B samples split tp ways, i.e. B samples' worth each."""
+    b, s, m = job.spec.micro_batch, job.spec.seq, job.model
+    if job.spec.offline:  # precomputed hidden states: only the frozen lm_head for the teacher
+        return 2 * m.vocab * m.hidden * b * s
+    return 2 * matmul_params(m) * b * s + m.layers * causal_attention_flops(b, s, m.heads, m.head_dim)
+
+
+def draft_flops(job: Job) -> float:
+    """Draft forward + backward (3x forward) over the TTT unroll; fc runs once, the rest L times."""
+    d, b, s, ttt = job.draft, job.spec.micro_batch, job.spec.seq, job.spec.ttt
+    fc = 3 * d.target_hidden * d.hidden
+    per_step = (d.trainable_params() - fc) * 2 * b * s + causal_attention_flops(b, s, d.heads, d.head_dim)
+    forward = fc * 2 * b * s + ttt * per_step
+    recompute = ttt * per_step if job.spec.ac else 0
+    return 3 * forward + recompute
+
+
+def sft_flops(job: Job) -> float:
+    b, s, m = job.spec.micro_batch, job.spec.seq, job.model
+    forward = 2 * matmul_params(m) * b * s + m.layers * causal_attention_flops(b, s, m.heads, m.head_dim)
+    return 3 * forward + (forward if job.spec.ac else 0)
+
+
+# ---------------------------------------------------------------- bytes over the interconnect
+
+
+def _ring(bytes_: float, ranks: int) -> float:
+    """Bytes each rank receives in a ring all-gather / reduce-scatter / all-to-all."""
+    return bytes_ * (ranks - 1) / ranks if ranks > 1 else 0.0
+
+
+def target_comm(job: Job) -> tuple[float, int]:
+    """(bytes, collectives) per micro-step: TP all-reduces, then the outputs reaching each rank."""
+    tp, b, s, m = job.tp, job.spec.micro_batch, job.spec.seq, job.model
+    if tp == 1 or job.spec.offline:
+        return 0.0, 0
+    group_tokens = tp * b * s
+    all_reduces = 2 * m.layers  # attention output + MLP output, each an all-reduce (2x a ring pass)
+    volume = all_reduces * 2 * _ring(group_tokens * m.hidden * BF16, tp)
+    logit_bytes = FP32 if job.spec.runtime == "specforge" and job.spec.target_backend == "sglang" else BF16
+    outputs_per_token = m.vocab * logit_bytes + 3 * m.hidden * BF16
+    rows = group_tokens if job.spec.output_sharding == "gather" else b * s
+    volume += _ring(rows * outputs_per_token, tp)
+    return volume, all_reduces + 2
+
+
+def trained_params(job: Job) -> float:
+    if job.draft is None:
+        return count_params(job.model).total
+    # SpecForge wraps the frozen embedding into the draft's FSDP unit: it is gathered too.
+    frozen = job.draft.frozen_params() if job.spec.runtime == "specforge" else 0
+    return job.draft.trainable_params() + frozen
+
+
+def sharding_comm(job: Job) -> tuple[float, float]:
+    """(bytes per micro-step, bytes per optimizer step) of the trained model's collectives."""
+    n, p = job.dp, trained_params(job) * BF16
+    if job.spec.sharding == "zero3":  # gather for forward and backward, reduce-scatter grads
+        return 3 * _ring(p, n), 0.0
+    if job.spec.sharding == "zero2":  # FSDP SHARD_GRAD_OP: one gather and one reduce-scatter
+        return 2 * _ring(p, n), 0.0
+    return 0.0, 2 * _ring(p, n)  # one gradient all-reduce per optimizer step
+
+
+def offload_bytes(job: Job) -> tuple[float, float]:
+    """(PCIe bytes per micro-step, per optimizer step): fp32 grads down, bf16 params up."""
+    shard = trained_params(job) / job.dp
+    if job.spec.offload == "none":
+        return 0.0, 0.0
+    per_step = shard * (FP32 + BF16)
+    per_micro = 2 * shard * BF16 if job.spec.offload == "params" else 0.0
+    return per_micro, per_step
+
+
+# ---------------------------------------------------------------- the step
+
+
+def step_time(job: Job) -> StepTime:
+    gpu = job.cluster.gpu
+    flops = sft_flops(job) if job.draft is None else target_forward_flops(job) + draft_flops(job)
+    compute = job.accum * flops / (gpu.bf16_tflops * 1e12 * COMPUTE_EFFICIENCY)
+    link = gpu.interconnect_gbps * 1e9 * LINK_EFFICIENCY
+    target_bytes, target_calls = target_comm(job) if job.draft is not None else (0.0, 0)
+    shard_micro, shard_step = sharding_comm(job)
+    calls = job.accum * (target_calls + (2 if shard_micro else 0)) + (1 if shard_step else 0)
+    comm = (job.accum * (target_bytes + shard_micro) + shard_step) / link + calls * COLLECTIVE_LATENCY_S
+    pcie_micro, pcie_step = offload_bytes(job)
+    offload = (job.accum * pcie_micro + pcie_step) / (gpu.pcie_gbps * 1e9 * LINK_EFFICIENCY)
+    return StepTime(compute_s=compute, comm_s=comm, offload_s=offload, tokens_per_step=job.tokens_per_step)
