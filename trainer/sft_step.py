@@ -1,0 +1,319 @@
+"""A plain transformers fine-tuning job, measured phase by phase: the sft rows of `fitplan validate`.
+
+This is deliberately NOT our trainer: it is the job most users run (AutoModelForCausalLM with
+random weights, SDPA, the model's own loss on `labels`, torch.optim.AdamW), so that comparing it
+with `fitplan.estimator` shows whether the memory anatomy holds for code we did not write.
+
+    python -m trainer.sft_step --config row.yaml --steps 3 --report report.json
+    torchrun --nproc-per-node 4 -m trainer.sft_step --config row.yaml --report report.json
+
+`--config` is a RunSpec YAML (or a plan file). Under torchrun, sharding zero2/zero3 applies FSDP2
+`fully_shard` to every decoder layer and then the root (zero3 reshards after forward).
+Each phase (load, forward, backward, optimizer_step) of steps 1..N is measured on CUDA with
+max_memory_allocated / max_memory_reserved after reset_peak_memory_stats at the phase start, and
+`device_used` = total - free at the phase end; on CPU only wall times and the loss are reported.
+The report is the measurement JSON of docs/architecture.md plus the estimator's prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from fitplan.config import RunSpec, load_spec
+from fitplan.errors import FitplanError
+from fitplan.profiles import load_model_config
+
+# Keys of a profile that are documentation or belong to a checkpoint format, not to the model
+# class: from_config builds plain bf16/fp32 weights, never a quantized layout.
+_NOT_MODEL_CONFIG = ("quantization_config", "mxfp4_format", "torch_dtype", "dtype")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world: int
+    device: torch.device
+
+
+def init_ranks() -> Ranks:
+    """World 1 without torchrun; under torchrun one process group (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(rank=int(os.environ.get("RANK", "0")), world=world, device=device)
+
+
+# ---------------------------------------------------------------- model and precision recipes
+
+
+def param_dtype(spec: RunSpec) -> torch.dtype:
+    """fp32-autocast keeps fp32 parameters; every other recipe computes with bf16 parameters."""
+    return torch.float32 if spec.precision == "fp32-autocast" else torch.bfloat16
+
+
+def hf_config(spec: RunSpec):
+    from transformers import AutoConfig
+
+    _, raw, _ = load_model_config(spec.model)
+    values = {k: v for k, v in raw.items() if v is not None and k not in _NOT_MODEL_CONFIG}
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def build_model(spec: RunSpec, device: torch.device) -> torch.nn.Module:
+    """Random weights created directly on the device (no CPU copy, no download)."""
+    from transformers import AutoModelForCausalLM
+
+    with device:
+        model = AutoModelForCausalLM.from_config(hf_config(spec), dtype=param_dtype(spec), attn_implementation="sdpa")
+    if spec.ac:
+        enable_checkpointing(model)
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Checkpoint every decoder layer (non-reentrant); newer transformers renamed the method."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def shard(model: torch.nn.Module, spec: RunSpec, ranks: Ranks) -> None:
+    """FSDP2 per decoder layer, then the root (embedding, final norm, lm_head) as its own unit."""
+    if ranks.world == 1:
+        return
+    if spec.sharding not in ("zero2", "zero3"):
+        raise FitplanError(f"sft_step on {ranks.world} ranks needs sharding zero2 or zero3, got {spec.sharding}")
+    from torch.distributed.fsdp import fully_shard
+
+    reshard = spec.sharding == "zero3"
+    for layer in model.model.layers:
+        fully_shard(layer, reshard_after_forward=reshard)
+    fully_shard(model, reshard_after_forward=reshard)
+
+
+class MasterWeightAdamW:
+    """AdamW over fp32 master copies of bf16 parameters.
+
+    bf16-master (SpecForge's BF16Optimizer): bf16 grads during backward, an fp32 copy of them made
+    at the step and freed after it. mixed (classic mixed precision, 18 B/param): every bf16 grad is
+    added into a persistent fp32 gradient buffer as soon as it is accumulated and then freed, so
+    the bf16 grads never all exist at once and accumulation happens in fp32.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, fused: bool, fp32_grad_buffer: bool):
+        self.params = params
+        self.master = [p.detach().float() for p in params]
+        self.inner = torch.optim.AdamW(self.master, lr=lr, fused=fused)
+        self.fp32_grad_buffer = fp32_grad_buffer
+        if fp32_grad_buffer:
+            for p, m in zip(params, self.master):
+                m.grad = torch.zeros_like(m)
+                p.register_post_accumulate_grad_hook(self._into_buffer(m))
+
+    @staticmethod
+    def _into_buffer(master: torch.Tensor):
+        def hook(param: torch.Tensor) -> None:
+            master.grad.add_(param.grad)
+            param.grad = None
+
+        return hook
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if not self.fp32_grad_buffer:
+            for p, m in zip(self.params, self.master):
+                m.grad = p.grad.float()
+        self.inner.step()
+        for p, m in zip(self.params, self.master):
+            p.copy_(m)
+            if self.fp32_grad_buffer:
+                m.grad.zero_()
+            else:
+                m.grad = None
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def build_optimizer(model: torch.nn.Module, spec: RunSpec, device: torch.device, lr: float = 1e-5):
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = device.type == "cuda"  # the fused kernel is what users run on GPUs
+    if spec.optimizer != "adamw":
+        raise FitplanError(f"sft_step runs torch.optim.AdamW only; optimizer {spec.optimizer!r} is not supported")
+    if spec.precision in ("bf16-master", "mixed"):
+        return MasterWeightAdamW(params, lr, fused, fp32_grad_buffer=spec.precision == "mixed")
+    return torch.optim.AdamW(params, lr=lr, fused=fused)
+
+
+def autocast(spec: RunSpec, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.precision == "fp32-autocast")
+
+
+# ---------------------------------------------------------------- measurement
+
+
+class PhaseMeter:
+    """Per-phase peaks of one step; a phase entered several times (accumulation) keeps its max."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.phases: dict[str, dict[str, Any]] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        yield
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        record: dict[str, Any] = {"wall_s": time.perf_counter() - start}
+        if cuda:
+            free, total = torch.cuda.mem_get_info(self.device)
+            record.update(
+                allocated=torch.cuda.max_memory_allocated(self.device),
+                reserved=torch.cuda.max_memory_reserved(self.device),
+                device_used=total - free,
+            )
+        old = self.phases.get(name)
+        if old is not None:
+            record = {k: (old[k] + v if k == "wall_s" else max(old[k], v)) for k, v in record.items()}
+        self.phases[name] = record
+
+
+def max_over_ranks(phases: dict[str, dict[str, Any]], ranks: Ranks) -> dict[str, dict[str, Any]]:
+    """The busiest rank's figure for each phase and field (what decides an OOM)."""
+    if ranks.world == 1:
+        return phases
+    every: list[dict] = [None] * ranks.world  # type: ignore[list-item]
+    torch.distributed.all_gather_object(every, phases)
+    return {name: {k: max(r[name][k] for r in every) for k in phases[name]} for name in phases}
+
+
+def prediction(spec: RunSpec) -> dict[str, Any]:
+    try:
+        from fitplan.estimator import estimate_spec
+    except ImportError:
+        return {"unavailable": "fitplan.estimator.estimate_spec is not in this checkout"}
+    return estimate_spec(spec).to_json()
+
+
+# ---------------------------------------------------------------- the job
+
+
+def synthetic_batch(spec: RunSpec, vocab: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """Random tokens of exactly `seq` per sample: every step has the same, largest shape."""
+    return torch.randint(0, vocab, (spec.micro_batch, spec.seq), device=device, generator=generator)
+
+
+def run(spec: RunSpec, steps: int, ranks: Ranks) -> dict[str, Any]:
+    """Train `steps` steps; returns the report. A CUDA OOM ends the run with an `oom` entry."""
+    report: dict[str, Any] = {
+        "config": spec.to_dict(),
+        "workload": "sft",
+        "world": ranks.world,
+        "device": torch.cuda.get_device_name(ranks.device) if ranks.device.type == "cuda" else "cpu",
+        "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+        "steps": [],
+    }
+    accum = spec.accum or 1
+    meter = PhaseMeter(ranks.device)
+    phase, step = "load", 1
+    try:
+        with meter.phase("load"):
+            model = build_model(spec, ranks.device)
+            shard(model, spec, ranks)
+            optimizer = build_optimizer(model, spec, ranks.device)
+            generator = torch.Generator(ranks.device).manual_seed(1234 + ranks.rank)
+            vocab = model.config.vocab_size
+        for step in range(1, steps + 1):
+            start = time.perf_counter()
+            for _ in range(accum):
+                tokens = synthetic_batch(spec, vocab, ranks.device, generator)
+                phase = "forward"
+                with meter.phase("forward"), autocast(spec, ranks.device):
+                    loss = model(input_ids=tokens, labels=tokens).loss / accum
+                phase = "backward"
+                with meter.phase("backward"):
+                    loss.backward()
+            phase = "optimizer_step"
+            with meter.phase("optimizer_step"):
+                optimizer.step()
+                optimizer.zero_grad()
+            step_time = time.perf_counter() - start
+            report["steps"].append(
+                {
+                    "step": step,
+                    "phases": max_over_ranks(meter.phases, ranks),
+                    "loss": float(loss.detach()) * accum,
+                    "step_time_s": step_time,
+                    "tokens_per_s": spec.micro_batch * spec.seq * accum * ranks.world / step_time,
+                }
+            )
+            meter = PhaseMeter(ranks.device)
+            del loss
+    except torch.OutOfMemoryError as exc:
+        report["oom"] = {"step": step, "phase": phase, "rank": ranks.rank, "message": str(exc).splitlines()[0]}
+    return report
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def report_path(path: Path, ranks: Ranks, oom: bool) -> Path | None:
+    """Rank 0 writes the report; a rank that hit an OOM writes its own (the others may hang)."""
+    if oom and ranks.rank != 0:
+        return path.with_name(f"{path.stem}.rank{ranks.rank}{path.suffix}")
+    return path if ranks.rank == 0 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.sft_step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="RunSpec YAML (workload sft) or a plan file")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps to run (>= 2 to see steady state)")
+    parser.add_argument("--report", required=True, type=Path, help="where to write the JSON report")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_spec(args.config)
+        if spec.workload != "sft":
+            raise FitplanError(f"{args.config}: trainer.sft_step runs workload sft, got {spec.workload}")
+    except FitplanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ranks = init_ranks()
+    report = run(spec, args.steps, ranks)
+    if ranks.rank == 0:
+        report["prediction"] = prediction(spec)
+    path = report_path(args.report, ranks, "oom" in report)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
+    return 1 if "oom" in report else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
