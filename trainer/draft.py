@@ -1,0 +1,232 @@
+"""The Eagle3 draft: one Llama-style decoder layer over three target hidden states.
+
+Parameter names follow the checkpoint layout SGLang and vLLM load for `LlamaForCausalLMEagle3`
+(`fc`, `midlayer.*`, `norm`, `lm_head`, `embed_tokens`, `d2t`, `t2d`), so the state dict *is*
+the export.
+
+Training-time test (TTT): step 0 feeds `fc(aux hidden)`; step k feeds the draft's own output
+of step k-1 and the input token one further along. The query at position t in step k attends
+causally to the keys of step 0 (positions <= t) and to the keys at position t of steps 1..k
+(the draft's own earlier guesses for that position), as at inference time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int  # target vocab: rows of the frozen embedding
+    draft_vocab: int
+    target_hidden: int
+    aux_layers: tuple[int, ...]
+    rms_eps: float = 1e-6
+    rope_theta: float = 500000.0
+    max_positions: int = 131072
+
+    def to_hf(self) -> dict:
+        """config.json of the exported draft (the keys SGLang/vLLM read for Eagle3)."""
+        return {
+            "architectures": ["LlamaForCausalLMEagle3"],
+            "model_type": "llama",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "num_hidden_layers": 1,
+            "vocab_size": self.vocab,
+            "draft_vocab_size": self.draft_vocab,
+            "target_hidden_size": self.target_hidden,
+            "rms_norm_eps": self.rms_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_positions,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(self.aux_layers)},
+        }
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 for stability, return the input's dtype (as Llama does).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def rope(seq: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+# ------------------------------------------------------------------ attention kernels
+
+
+def ttt_mask(q_idx, kv_idx, seq: int):
+    """Step 0's keys: causal. Later steps' keys: only the same position (the diagonal)."""
+    return torch.where(kv_idx < seq, kv_idx <= q_idx, (kv_idx % seq) == q_idx)
+
+
+@lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex(q, k, v, seq: int):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ttt_mask(q_idx, kv_idx, seq)
+
+    block = create_block_mask(mask_mod, None, None, seq, k.shape[2], device=q.device)
+    # Compiled on GPU (the fused kernel never materialises scores); eager on CPU for tests.
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    return fn(q, k, v, block_mask=block, enable_gqa=True)
+
+
+def _dense_mask(seq: int, kv_len: int, device) -> torch.Tensor:
+    q_idx = torch.arange(seq, device=device)[:, None]
+    kv_idx = torch.arange(kv_len, device=device)[None, :]
+    return ttt_mask(q_idx, kv_idx, seq)
+
+
+def sdpa(q, k, v, seq: int):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_mask(seq, k.shape[2], q.device), enable_gqa=True)
+
+
+def eager(q, k, v, seq: int):
+    """Materialised scores in fp32: quadratic memory, the reference for the fused kernels."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~_dense_mask(seq, k.shape[2], q.device), float("-inf"))
+    return scores.softmax(-1).to(v.dtype) @ v
+
+
+ATTENTION = {"flex": flex, "sdpa": sdpa, "eager": eager}
+
+
+# ------------------------------------------------------------------ the decoder layer
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DraftConfig, kernel: str):
+        super().__init__()
+        d, h2 = cfg.head_dim, 2 * cfg.hidden
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, d
+        self.q_proj = nn.Linear(h2, cfg.heads * d, bias=False)
+        self.k_proj = nn.Linear(h2, cfg.kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h2, cfg.kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(cfg.heads * d, cfg.hidden, bias=False)
+        self.kernel = ATTENTION[kernel]
+
+    def forward(self, x, cos, sin, past_k: list, past_v: list):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        keys, values = torch.cat(past_k + [k], dim=2), torch.cat(past_v + [v], dim=2)
+        out = self.kernel(q, keys, values, s)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate, cfg.hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Llama decoder layer whose attention reads cat(normed embedding, normed hidden): 2h wide."""
+
+    def __init__(self, cfg: DraftConfig, kernel: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.hidden_norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.self_attn = Attention(cfg, kernel)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, emb, hidden, cos, sin, past_k, past_v):
+        x = torch.cat((self.input_layernorm(emb), self.hidden_norm(hidden)), dim=-1)
+        attn, k, v = self.self_attn(x, cos, sin, past_k, past_v)
+        hidden = hidden + attn
+        hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return hidden, k, v
+
+
+class Eagle3Draft(nn.Module):
+    def __init__(self, cfg: DraftConfig, attention: str = "flex", checkpoint_layer: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.checkpoint_layer = checkpoint_layer
+        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden)
+        self.embed_tokens.weight.requires_grad_(False)  # a frozen copy of the target's
+        self.fc = nn.Linear(3 * cfg.target_hidden, cfg.hidden, bias=False)
+        self.midlayer = DecoderLayer(cfg, attention)
+        self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.draft_vocab, bias=False)
+        # d2t[i]: target id of draft id i, as an offset (SGLang/vLLM convention); t2d: target ids kept.
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab, dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(cfg.vocab, dtype=torch.bool))
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def unroll(self, aux: torch.Tensor, input_ids: torch.Tensor, ttt: int):
+        """Yield draft-vocab logits [B, S, Vd] for TTT steps 0..ttt-1.
+
+        `input_ids` is [B, S + ttt]: step k embeds the tokens at positions t + k + 1.
+        """
+        seq = aux.shape[1]
+        dtype = self.fc.weight.dtype if not torch.is_autocast_enabled(aux.device.type) else torch.bfloat16
+        cos, sin = rope(seq, self.cfg.head_dim, self.cfg.rope_theta, aux.device, dtype)
+        hidden = self.fc(aux)
+        past_k: list[torch.Tensor] = []
+        past_v: list[torch.Tensor] = []
+        for k in range(ttt):
+            with torch.no_grad():
+                emb = self.embed_tokens(input_ids[:, k + 1 : k + 1 + seq]).to(hidden.dtype)
+            if self.checkpoint_layer:
+                hidden, key, value = checkpoint(
+                    self.midlayer, emb, hidden, cos, sin, past_k, past_v, use_reentrant=False
+                )
+            else:
+                hidden, key, value = self.midlayer(emb, hidden, cos, sin, past_k, past_v)
+            past_k.append(key)
+            past_v.append(value)
+            yield self.lm_head(self.norm(hidden))

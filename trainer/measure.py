@@ -1,0 +1,117 @@
+"""Per-phase memory peaks: the CUDA allocator's counters, or a live-storage tracker on CPU.
+
+Both meters record, per phase of a step, the peak `allocated` bytes (live tensors), the peak
+`reserved` bytes (allocator-held) and `device_used` (total - free at the phase end: CUDA
+context and NCCL included). On CPU there is no caching allocator: reserved = allocated and
+device_used is not measured. Phases repeated within a step (gradient accumulation) keep their max.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class LiveStorageTracker(TorchDispatchMode):
+    """Counts the bytes of every tensor storage created under it while that storage is alive.
+
+    Each op's outputs are inspected; a storage seen for the first time is added and a weakref
+    finalizer subtracts it when it is freed. Views share their base's storage and add nothing.
+    Storages created before the tracker started are invisible to it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self._track(t.untyped_storage())
+        return out
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or key in self.live:
+            return
+        self.live[key] = size
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+
+class Meter:
+    """Records phase peaks into `self.step` (phase -> {allocated, reserved, device_used})."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.step: dict[str, dict[str, int]] = {}
+        self.tracker = LiveStorageTracker() if device.type == "cpu" else None
+
+    def __enter__(self):
+        if self.tracker is not None:
+            self.tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.tracker is not None:
+            self.tracker.__exit__(*exc)
+
+    def new_step(self) -> dict[str, dict[str, int]]:
+        done, self.step = self.step, {}
+        return done
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self._start()
+        yield
+        record = self._read()
+        previous = self.step.get(name)
+        self.step[name] = record if previous is None else {k: max(v, previous[k]) for k, v in record.items()}
+
+    def _start(self) -> None:
+        if self.tracker is not None:
+            self.tracker.reset_peak()
+            return
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _read(self) -> dict[str, int]:
+        if self.tracker is not None:
+            return {"allocated": self.tracker.peak, "reserved": self.tracker.peak, "device_used": 0}
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        return {
+            "allocated": torch.cuda.max_memory_allocated(self.device),
+            "reserved": torch.cuda.max_memory_reserved(self.device),
+            "device_used": total - free,
+        }
+
+
+# ------------------------------------------------------------------ throughput
+
+
+def target_flops(model_params: int, layers: int, heads: int, head_dim: int, batch: int, seq: int) -> float:
+    """Forward FLOPs: 2 per weight per token, plus causal attention (QK^T and PV, half the square)."""
+    return 2.0 * model_params * batch * seq + 2.0 * layers * batch * seq * seq * heads * head_dim
+
+
+def draft_flops(trainable_matmul_params: int, heads: int, head_dim: int, batch: int, seq: int, ttt: int) -> float:
+    """Forward + backward (3x forward) over the unroll; step k attends to ~S/2 + k keys per query."""
+    total = 0.0
+    for k in range(ttt):
+        total += 2.0 * trainable_matmul_params * batch * seq + 4.0 * batch * seq * (seq / 2 + k) * heads * head_dim
+    return 3.0 * total

@@ -1,0 +1,85 @@
+"""Precision recipes (RunSpec.precision), AdamW, clipping and the cosine schedule.
+
+| recipe        | draft params | grads | optimizer state                       |
+| mixed         | fp32         | fp32  | fp32 moments; autocast keeps one bf16 weight copy for the step |
+| fp32-autocast | fp32         | fp32  | fp32 moments; bf16 casts made per use, not cached |
+| bf16-master   | bf16         | bf16  | fp32 master + fp32 moments (+ an fp32 grad copy during the step) |
+| bf16          | bf16         | bf16  | bf16 moments (torch AdamW takes the param dtype) |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+BF16_PARAM_RECIPES = ("bf16-master", "bf16")
+BETAS = (0.9, 0.95)
+WEIGHT_DECAY = 0.0
+
+
+def param_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision in BF16_PARAM_RECIPES else torch.float32
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward's autocast region: on for the fp32-parameter recipes only."""
+    if precision in BF16_PARAM_RECIPES:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=precision == "mixed")
+
+
+class MasterWeightAdamW(torch.optim.Optimizer):
+    """AdamW on fp32 master copies of bf16 parameters (SpecForge's BF16Optimizer recipe).
+
+    At each step the bf16 grads are copied to fp32, the master weights are updated, and the
+    result is rounded back into the bf16 parameters.
+    """
+
+    def __init__(self, params, lr: float):
+        params = list(params)
+        self.masters = [p.detach().float() for p in params]
+        self.inner = torch.optim.AdamW(self.masters, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
+        super().__init__(params, {"lr": lr})
+        self.param_groups = self.inner.param_groups  # the scheduler sets lr on the real groups
+        self.model_params = params
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p, master in zip(self.model_params, self.masters):
+            master.grad = p.grad.float() if p.grad is not None else None
+        self.inner.step()
+        for p, master in zip(self.model_params, self.masters):
+            master.grad = None
+            p.copy_(master)
+
+    def state_dict(self):
+        return {"inner": self.inner.state_dict(), "masters": list(self.masters)}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            for master, saved, p in zip(self.masters, state["masters"], self.model_params):
+                master.copy_(saved)
+                p.copy_(saved)
+        self.inner.load_state_dict(state["inner"])
+
+
+def build_optimizer(params, precision: str, lr: float) -> torch.optim.Optimizer:
+    if precision == "bf16-master":
+        return MasterWeightAdamW(params, lr)
+    return torch.optim.AdamW(params, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def clip(params, max_norm: float) -> float:
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
