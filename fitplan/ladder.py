@@ -1,0 +1,262 @@
+"""The fix ladder: the cheapest changes that make a job fit, tried in cost order.
+
+Rungs follow memory-anatomy.md §7: micro-batch down with accumulation up; all-to-all output
+sharding for a TP target; activation checkpointing; expandable segments; memory-efficient
+attention; more sharding and more TP within the GPUs given; 8-bit optimizer; CPU offload.
+None of them changes what is learned: global batch, sequence length, model and draft stay as
+given (a shorter sequence or more GPUs are only suggested when nothing fits).
+
+The walk keeps a small frontier of configurations that do not fit yet and extends each with
+the next rung's options; a configuration that fits (with the margin) is a candidate and is not
+extended further, since later rungs only cost more. The chosen plan is the candidate with the
+best predicted throughput (fitplan.steptime).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from fitplan.config import CHOICES, RunSpec
+from fitplan.estimator.result import Estimate
+from fitplan.layout import Job, _divisors_tp, resolve
+from fitplan.steptime import StepTime, step_time
+
+EstimateFn = Callable[[Job], Estimate]
+# Non-fitting configurations extended at each rung: the lowest predicted peaks. Two keep the
+# search well under a second while still pairing a cheap rung with an earlier one.
+FRONTIER = 2
+# Rungs SpecForge's train_eagle3.py can express (flags or the allocator environment variable).
+SPECFORGE_RUNGS = ("micro_batch", "output_sharding", "expandable_segments", "attention", "tp")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    spec: RunSpec
+    job: Job
+    estimate: Estimate
+    time: StepTime
+    rung: str
+    change: str
+
+
+@dataclass(frozen=True)
+class TrailEntry:
+    rung: str
+    change: str
+    peak_reserved_bytes: int
+    fits: bool
+    slowdown: float  # predicted step time / the original's, minus 1
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    original: Candidate
+    chosen: Candidate | None
+    trail: tuple[TrailEntry, ...]
+    margin: float
+    max_seq: int | None = None  # suggestions when nothing fits
+    min_gpus: str | None = None
+
+    @property
+    def changes(self) -> list[str]:
+        """The chosen plan's changes to the given configuration, one per rung applied."""
+        if self.chosen is None or not self.chosen.change:
+            return []
+        return self.chosen.change.split("; ")
+
+
+# ---------------------------------------------------------------- rungs: spec -> [(change, spec)]
+
+
+def _micro_batch(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
+    mb = spec.micro_batch // 2
+    while mb >= 1:
+        if job.global_batch % (mb * job.dp) == 0:
+            accum = job.global_batch // (mb * job.dp)
+            yield f"micro_batch {mb}, accum {accum}", spec.replace(micro_batch=mb, accum=accum)
+        mb //= 2
+
+
+def _output_sharding(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
+    if spec.workload == "eagle3" and job.tp > 1 and spec.output_sharding == "gather":
+        yield "output_sharding all-to-all", spec.replace(output_sharding="all-to-all")
+
+
+def _switch(field: str) -> Callable[[RunSpec, Job], Iterator[tuple[str, RunSpec]]]:
+    def rung(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
+        if not getattr(spec, field):
+            yield f"{field} on", spec.replace(**{field: True})
+
+    return rung
+
+
+def _attention(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
+    if spec.attention_impl == "eager":
+        efficient = "flex" if spec.workload == "eagle3" else "sdpa"
+        yield f"attention {efficient}", spec.replace(attention=efficient)
+
+
+def _sharding(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
+    stages = CHOICES["sharding"]
+    for stage in stages[stages.index(spec.sharding) + 1 :]:
+        yield f"sharding {stage}", spec.replace(sharding=stage)
+
+
+def _tp(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
+    if spec.workload == "eagle3" and not spec.offline:
+        for tp in _divisors_tp(job.model, job.cluster.gpus_per_node):
+            if tp > job.tp:
+                yield f"tp {tp}", spec.replace(tp=tp)
+
+
+def _optimizer(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
+    if spec.optimizer == "adamw":
+        yield "optimizer adamw-8bit", spec.replace(optimizer="adamw-8bit")
+
+
+def _offload(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
+    if spec.offload == "none":
+        yield "offload optimizer", spec.replace(offload="optimizer")
+    if spec.offload != "params":
+        yield "offload params (zero3)", spec.replace(offload="params", sharding="zero3")
+
+
+RUNGS: tuple[tuple[str, Callable[[RunSpec, Job], Iterator[tuple[str, RunSpec]]]], ...] = (
+    ("micro_batch", _micro_batch),
+    ("output_sharding", _output_sharding),
+    ("ac", _switch("ac")),
+    ("expandable_segments", _switch("expandable_segments")),
+    ("attention", _attention),
+    ("sharding", _sharding),
+    ("tp", _tp),
+    ("optimizer", _optimizer),
+    ("offload", _offload),
+)
+
+
+def rungs_for(spec: RunSpec) -> tuple[tuple[str, Callable], ...]:
+    if spec.runtime == "specforge":
+        return tuple(r for r in RUNGS if r[0] in SPECFORGE_RUNGS)
+    return RUNGS
+
+
+# ---------------------------------------------------------------- the walk
+
+
+def _default_estimate(job: Job) -> Estimate:
+    from fitplan.estimator import estimate
+
+    return estimate(job)
+
+
+def _default_weight_bytes(model, spec):
+    from fitplan.estimator import target_weight_bytes
+
+    return target_weight_bytes(model, spec)
+
+
+def resolved_spec(spec: RunSpec, weight_fn=_default_weight_bytes) -> tuple[RunSpec, Job]:
+    """The spec with tp, accum and global batch written out, so every rung keeps them fixed."""
+    job = resolve(spec, weight_fn)
+    tp = job.tp if spec.workload == "eagle3" else spec.tp
+    full = spec.replace(tp=tp, accum=job.accum, global_batch=job.global_batch)
+    return full, resolve(full)
+
+
+def _candidate(spec: RunSpec, rung: str, change: str, estimate_fn: EstimateFn) -> Candidate:
+    job = resolve(spec)
+    return Candidate(spec, job, estimate_fn(job), step_time(job), rung, change)
+
+
+def fit(
+    spec: RunSpec,
+    margin: float = 0.05,
+    estimate_fn: EstimateFn = _default_estimate,
+    weight_fn=_default_weight_bytes,
+) -> FitResult:
+    base_spec, _ = resolved_spec(spec, weight_fn)
+    original = _candidate(base_spec, "original", "", estimate_fn)
+
+    def fits(cand: Candidate) -> bool:
+        return cand.estimate.fits_with_margin(margin)
+
+    trail = [_entry(original, original, fits(original))]
+    fitting = [original] if fits(original) else []
+    frontier = [] if fitting else [original]
+    for rung, options in rungs_for(base_spec):
+        tried = []
+        for parent in frontier:
+            for change, new_spec in options(parent.spec, parent.job):
+                joined = "; ".join(c for c in (parent.change, change) if c)
+                cand = _candidate(new_spec, rung, joined, estimate_fn)
+                trail.append(_entry(cand, original, fits(cand)))
+                (fitting if fits(cand) else tried).append(cand)
+        frontier = sorted(frontier + tried, key=lambda c: c.estimate.peak_reserved_bytes)[:FRONTIER]
+    if fitting:
+        best = max(fitting, key=lambda c: c.time.tokens_per_s)
+        return FitResult(original, best, tuple(trail), margin)
+    deepest = frontier[0] if frontier else original
+    return FitResult(
+        original, None, tuple(trail), margin,
+        max_seq=largest_fitting_seq(deepest.spec, margin, estimate_fn),
+        min_gpus=smallest_fitting_gpus(deepest.spec, margin, estimate_fn),
+    )
+
+
+def _entry(cand: Candidate, original: Candidate, fits: bool) -> TrailEntry:
+    return TrailEntry(
+        rung=cand.rung,
+        change=cand.change or "(as given)",
+        peak_reserved_bytes=cand.estimate.peak_reserved_bytes,
+        fits=fits,
+        slowdown=cand.time.step_s / original.time.step_s - 1,
+    )
+
+
+# ---------------------------------------------------------------- suggestions when nothing fits
+
+
+def _fits(spec: RunSpec, margin: float, estimate_fn: EstimateFn) -> bool:
+    return estimate_fn(resolve(spec)).fits_with_margin(margin)
+
+
+def largest_fitting_seq(spec: RunSpec, margin: float, estimate_fn: EstimateFn, step: int = 256) -> int | None:
+    """Binary search, in multiples of `step`, below the given seq (peaks grow with seq)."""
+    lo, hi = 0, spec.seq // step
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _fits(spec.replace(seq=mid * step), margin, estimate_fn):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * step or None
+
+
+def _gpu_counts(per_node: int) -> Iterator[tuple[int, int]]:
+    """(nodes, GPUs per node) in increasing total: fill one node, then whole nodes."""
+    n = per_node * 2
+    while n <= 8:
+        yield 1, n
+        n *= 2
+    for nodes in (2, 4, 8, 16, 32, 64):
+        yield nodes, max(per_node, 8)
+
+
+def smallest_fitting_gpus(spec: RunSpec, margin: float, estimate_fn: EstimateFn) -> str | None:
+    """More GPUs of the same type (the largest valid TP per node), keeping the global batch."""
+    job = resolve(spec)
+    gpu = job.cluster.gpu.id
+    for nodes, per_node in _gpu_counts(job.cluster.gpus_per_node):
+        world = nodes * per_node
+        if world <= job.world or job.global_batch % world:
+            continue
+        label = f"{per_node}x{gpu}" if nodes == 1 else f"{nodes}x{per_node}x{gpu}"
+        tp = _divisors_tp(job.model, per_node)[-1] if spec.workload == "eagle3" else spec.tp
+        trial = spec.replace(gpus=label, tp=tp, micro_batch=1, accum=job.global_batch // world)
+        if _fits(trial, margin, estimate_fn):
+            return label
+    return None

@@ -1,0 +1,117 @@
+"""The fix ladder, against a small hand-made memory model injected in place of the estimator.
+
+The fake model (all per GPU): weights W GiB; activations micro_batch·seq·1 MiB (a quarter with
+activation checkpointing); logits rows·seq·0.5 MiB where rows = tp·micro_batch with gather
+output sharding and micro_batch with all-to-all. H100 total capacity 85,017,493,504 B =
+79.18 GiB; with the default 5% margin a plan must peak at or below 0.95 x that = 75.22 GiB.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fitplan.config import RunSpec
+from fitplan.estimator.result import Estimate
+from fitplan.layout import resolve
+from fitplan.ladder import fit
+
+GIB, MIB = 1 << 30, 1 << 20
+H100_TOTAL = 85_017_493_504
+
+
+def fake_estimator(weights_gib: float):
+    def estimate(job) -> Estimate:
+        s = job.spec
+        activations = s.micro_batch * s.seq * MIB // (4 if s.ac else 1)
+        rows = s.micro_batch * (job.tp if s.output_sharding == "gather" else 1)
+        components = {
+            "target.weights": int(weights_gib * GIB),
+            "activations.draft": activations,
+            "logits.target": rows * s.seq * MIB // 2,
+        }
+        return Estimate(
+            phases={"backward": components},
+            step1_phases={"backward": components},
+            gpu_total_bytes=job.cluster.gpu.total_bytes,
+            allocator_reserve_bytes=0,
+            outside_allocator_bytes=0,
+            largest_allocation_bytes=max(components.values()),
+            largest_allocation_name="logits.target",
+        )
+
+    return estimate
+
+
+def job_spec(**changes) -> RunSpec:
+    base = RunSpec(model="llama-3.1-8b", gpus="8xH100", tp=8, micro_batch=2, global_batch=16, seq=8192)
+    return base.replace(**changes)
+
+
+def run_fit(spec: RunSpec, weights_gib: float = 16, margin: float = 0.05):
+    return fit(spec, margin=margin, estimate_fn=fake_estimator(weights_gib), weight_fn=None)
+
+
+def test_profile_total_is_the_measured_h100_capacity():
+    assert resolve(job_spec()).cluster.gpu.total_bytes == H100_TOTAL
+
+
+def test_a_job_that_fits_is_left_as_given():
+    # seq 4096, mb 2, gather: 16 + 2*4096 MiB (8 GiB) + 16*4096*0.5 MiB (32 GiB) = 56 GiB <= 75.22
+    result = run_fit(job_spec(seq=4096))
+    assert result.chosen is not None and result.changes == []
+    assert result.chosen.estimate.peak_reserved_bytes == 56 * GIB
+
+
+def test_picks_the_faster_of_two_fitting_plans():
+    # Given: 16 + 16 + 64 = 96 GiB, OOM. Two single-rung fixes fit:
+    #   micro_batch 1 (accum 2): 16 + 8 + 32 = 56 GiB;  all-to-all: 16 + 16 + 8 = 40 GiB.
+    # Same FLOPs; all-to-all moves 8x fewer logit bytes and keeps half the micro-steps' collectives,
+    # so it is the faster plan.
+    result = run_fit(job_spec())
+    fixes = {e.change: e.peak_reserved_bytes for e in result.trail if e.fits}
+    assert fixes["micro_batch 1, accum 2"] == 56 * GIB
+    assert fixes["output_sharding all-to-all"] == 40 * GIB
+    assert result.changes == ["output_sharding all-to-all"]
+
+
+def test_preserves_global_batch_seq_model_and_draft():
+    given_spec = job_spec(seq=16384, micro_batch=4, global_batch=64)
+    result = run_fit(given_spec)
+    chosen = resolve(result.chosen.spec)
+    assert chosen.global_batch == 64
+    assert chosen.spec.seq == 16384
+    assert (chosen.spec.model, chosen.spec.draft) == (given_spec.model, given_spec.draft)
+
+
+def test_nothing_fits_suggests_the_largest_seq():
+    # 70 GiB of weights leave 75.22 - 70 = 5.22 GiB (5345 MiB). The most memory-saving rungs
+    # (mb 1, all-to-all, ac) cost seq/4 + seq/2 MiB = 0.75·seq MiB -> seq <= 7127 -> 6912 (27 x 256).
+    # The fake's peak does not shrink with more GPUs, so no GPU count is suggested.
+    result = run_fit(job_spec(seq=32768), weights_gib=70)
+    assert result.chosen is None
+    assert result.max_seq == 6912
+    assert result.min_gpus is None
+    assert not any(e.fits for e in result.trail)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seq=st.sampled_from([1024, 4096, 8192, 16384, 32768, 65536]),
+    micro_batch=st.sampled_from([1, 2, 4]),
+    weights=st.floats(min_value=1, max_value=78),
+    margin=st.sampled_from([0.0, 0.05, 0.2]),
+)
+def test_never_returns_a_plan_over_the_margin(seq, micro_batch, weights, margin):
+    result = run_fit(job_spec(seq=seq, micro_batch=micro_batch, global_batch=32), weights, margin)
+    if result.chosen is not None:
+        assert result.chosen.estimate.peak_reserved_bytes <= (1 - margin) * H100_TOTAL
+        assert resolve(result.chosen.spec).global_batch == 32
+    for entry in result.trail:
+        assert entry.fits == (entry.peak_reserved_bytes <= (1 - margin) * H100_TOTAL)
+
+
+def test_specforge_runtime_only_uses_rungs_specforge_can_express():
+    result = run_fit(job_spec(runtime="specforge", seq=65536), weights_gib=60)
+    assert {e.rung for e in result.trail} <= {"original", "micro_batch", "output_sharding",
+                                               "expandable_segments", "attention", "tp"}
