@@ -124,6 +124,10 @@ def _int(d: dict, *keys: str, default: int | None = None) -> int | None:
     return default
 
 
+def _first_set(d: dict, *keys: str):
+    return next((d[k] for k in keys if d.get(k) is not None), None)
+
+
 def model_shape_from_config(cfg: dict[str, Any], name: str, source: str) -> ModelShape:
     """Read an HF config.json (or a profile with the same keys) into a ModelShape."""
     if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers (Gemma 3): the LM part
@@ -152,7 +156,8 @@ def model_shape_from_config(cfg: dict[str, Any], name: str, source: str) -> Mode
     return ModelShape(
         name=name,
         model_type=str(cfg.get("model_type", "unknown")),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        # Research profiles record HF's default (tied for Gemma) as tie_word_embeddings_effective.
+        tie_embeddings=bool(_first_set(cfg, "tie_word_embeddings", "tie_word_embeddings_effective")),
         attention_bias=bool(cfg.get("attention_bias", False)),
         experts=experts,
         experts_per_token=_int(cfg, "num_experts_per_tok", "experts_per_token", default=0) or 0,

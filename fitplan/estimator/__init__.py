@@ -1,0 +1,59 @@
+"""The analytic memory model: `estimate(job)` -> Estimate, pure Python, no torch.
+
+One module per term: params (counts and weight bytes), recipes (state per parameter, sharding),
+target_terms / draft_terms / sft_terms (working sets), runtime (measured constants); eagle3,
+specforge_runtime and sft lay the terms on each workload's timeline of phases.
+"""
+
+from __future__ import annotations
+
+from fitplan.config import RunSpec
+from fitplan.estimator import eagle3, runtime, sft, specforge_runtime
+from fitplan.estimator.result import Estimate
+from fitplan.estimator.target_terms import target_weight_bytes
+from fitplan.layout import Job, resolve
+
+__all__ = ["Estimate", "estimate", "estimate_spec", "target_weight_bytes"]
+
+
+def _timeline(job: Job):
+    if job.spec.workload == "sft":
+        return sft.timeline(job)
+    if job.spec.runtime == "specforge":
+        return specforge_runtime.timeline(job)
+    return eagle3.timeline(job)
+
+
+def _layout(job: Job) -> dict:
+    return {
+        "world": job.world,
+        "tp": job.tp,
+        "dp": job.dp,
+        "accum": job.accum,
+        "global_batch": job.global_batch,
+        "model": job.model.name,
+        "draft": job.draft.name if job.draft else None,
+        "gpu": job.cluster.gpu.id,
+    }
+
+
+def estimate(job: Job) -> Estimate:
+    t = _timeline(job)
+    peak_allocated = max(sum(components.values()) for components in t.steady.values())
+    largest_bytes, largest_name = max(t.largest)
+    return Estimate(
+        phases=t.steady,
+        step1_phases=t.step1,
+        gpu_total_bytes=job.cluster.gpu.total_bytes,
+        allocator_reserve_bytes=runtime.allocator_reserve_bytes(job, peak_allocated),
+        outside_allocator_bytes=runtime.outside_allocator_bytes(job),
+        largest_allocation_bytes=largest_bytes,
+        largest_allocation_name=largest_name,
+        world=job.world,
+        notes=tuple(job.warnings) + tuple(t.notes),
+        layout=_layout(job),
+    )
+
+
+def estimate_spec(spec: RunSpec) -> Estimate:
+    return estimate(resolve(spec, target_weight_bytes))

@@ -1,0 +1,106 @@
+"""The Eagle3 step on one rank with fitplan's trainer: frozen TP target + trainable draft.
+
+Timeline (memory-anatomy §1, §4): the target forward builds the aux hidden states, the logits
+and the teacher; the fitplan trainer drops the full-vocab logits once the teacher exists, so
+the draft forward holds outputs + teacher + the TTT unroll's saved tensors; backward adds the
+gradients; the optimizer step holds grads + optimizer state; the checkpoint holds the state.
+"""
+
+from __future__ import annotations
+
+from fitplan.estimator import draft_terms, target_terms
+from fitplan.estimator.recipes import RECIPES, TrainedState
+from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
+from fitplan.estimator.timeline import Timeline, merge, phase
+from fitplan.layout import Job
+
+FP32 = 4
+
+
+def draft_state(job: Job) -> TrainedState:
+    """The draft's state; its frozen embedding is stored in the recipe's parameter dtype."""
+    return TrainedState(
+        job.spec, job.draft.trainable_params(), job.draft.frozen_params(), job.world,
+        frozen_bytes_per_param=RECIPES[job.spec.precision].param,
+    )
+
+
+def optimizer_state(state: TrainedState, steady: bool) -> dict[str, int]:
+    """Master and moments resident outside the step: Adam's moments (and a lazily built
+    master) only exist after the first optimizer.step()."""
+    master = state.master() if steady or not state.recipe.lazy_master else 0
+    return phase(optimizer__master=master, optimizer__moments=state.moments() if steady else 0)
+
+
+def compute_params(state: TrainedState) -> int:
+    """zero3 / offloaded params: the draft (one FSDP unit) is unsharded for forward and backward."""
+    return state.full_params() - state.params()
+
+
+def backward_grads(job: Job, state: TrainedState) -> dict[str, int]:
+    """Grads at the end of backward: replicated (plus DDP's bucket copy with sharding none on
+    several ranks), or the sharded accumulation plus the unsharded grads being reduce-scattered."""
+    if job.spec.sharding in ("none", "zero1"):
+        buckets = state.full_grads() if job.spec.sharding == "none" and job.world > 1 else 0
+        return {"draft.grads": state.full_grads(), "comm.buffers": buckets}
+    return {"draft.grads": state.grads(), "comm.buffers": state.full_grads()}
+
+
+def timeline(job: Job) -> Timeline:
+    t = Timeline()
+    state = draft_state(job)
+    base = phase(
+        target__weights=target_terms.weights_per_rank(job),
+        draft__params=state.params(),
+        runtime__workspace=CUBLAS_WORKSPACE_BYTES,
+    )
+    # Between micro-steps of an accumulation the grads stay; with accum 1 zero_grad(set_to_none).
+    carried = phase(draft__grads=state.grads() if job.accum > 1 else 0)
+    outputs = phase(target__outputs=target_terms.aux_outputs_bytes(job), logits__teacher=draft_terms.teacher_bytes(job))
+    casts_and_gather = phase(draft__params=state.casts(), comm__buffers=compute_params(state))
+    saved = phase(
+        activations__draft=draft_terms.draft_activation_bytes(job),
+        logits__draft=draft_terms.draft_logits_bytes(job),
+    )
+    backward_extra = phase(activations__draft=draft_terms.draft_backward_extra_bytes(job))
+
+    def phases(steady: bool) -> dict[str, dict[str, int]]:
+        opt = optimizer_state(state, steady)
+        return {
+            "load": merge(base, optimizer_state(state, steady=False)),
+            "target_forward": merge(
+                base, opt, carried, outputs,
+                phase(
+                    target__activations=target_terms.forward_working_bytes(job),
+                    logits__target=target_terms.logits_bytes(job),
+                ),
+            ),
+            "draft_forward": merge(base, opt, carried, outputs, casts_and_gather, saved),
+            "backward": merge(base, opt, outputs, casts_and_gather, saved, backward_extra, backward_grads(job, state)),
+            "optimizer_step": merge(
+                base, optimizer_state(state, steady=True),
+                phase(draft__grads=state.grads(), optimizer__grad_copy=state.grad_copy()),
+            ),
+            "checkpoint": merge(base, optimizer_state(state, steady=True), phase(comm__buffers=compute_params(state))),
+        }
+
+    t.steady, t.step1 = phases(steady=True), phases(steady=False)
+    _largest(job, t)
+    return t
+
+
+def _largest(job: Job, t: Timeline) -> None:
+    V, Vd = job.model.vocab, job.draft.draft_vocab
+    if job.tp > 1:
+        rows = target_terms.received_tokens(job)
+        shape = "[B*S, V]" if job.spec.output_sharding == "all-to-all" else "[tp*B*S, V]"
+        t.candidate(2 * rows * V, f"exchanged target logits {shape} bf16")
+    else:
+        t.candidate(2 * target_terms.own_tokens(job) * V, "target logits [B*S, V] bf16")
+    t.candidate(*target_terms.largest_weight(job))
+    t.candidate(draft_terms.teacher_bytes(job), "teacher probabilities [B, S+L, Vd] fp32")
+    t.candidate(FP32 * target_terms.own_tokens(job) * Vd, "draft log-softmax [B, S, Vd] fp32")
+    t.candidate(job.draft.frozen_params() * draft_state(job).recipe.param, "draft embedding [V, h]")
+    if job.spec.attention_impl == "eager":
+        B, S, L = job.spec.micro_batch, job.spec.seq, job.spec.ttt
+        t.candidate(FP32 * B * job.draft.heads * S * (S + L), "draft attention scores [B, H, S, S+L] fp32")

@@ -1,0 +1,94 @@
+"""Parameter counts and weight bytes of a target model (dense, MoE, MLA), from its shape.
+
+Counts follow the HF modeling code of each family: Llama/Qwen/Mistral (SwiGLU MLP, GQA,
+RMSNorm), Qwen2 (q/k/v biases), Qwen3 (q/k RMSNorm per head), gpt-oss (attention and expert
+biases, attention sinks, router bias), DeepSeek-V3 (MLA attention, shared experts, leading dense
+layers, router correction bias).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fitplan.profiles import ModelShape
+
+BF16 = 2
+# OCP MXFP4: 4-bit E2M1 values + one 8-bit E8M0 scale per 32 values = 4.25 bits per parameter
+# (gpt-oss model card, arXiv:2508.10925). Applies to the MoE expert weight matrices only.
+MXFP4_BYTES_PER_PARAM = 4.25 / 8
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    expert_weights: int  # MoE expert weight matrices (what MXFP4 packs)
+    other: int  # everything else: embeddings, attention, norms, routers, dense MLPs, biases
+    largest_tensor: int  # parameters in the largest single weight tensor
+    largest_tensor_name: str
+    largest_is_expert: bool
+
+    @property
+    def total(self) -> int:
+        return self.expert_weights + self.other
+
+
+def attention_params(m: ModelShape) -> int:
+    if m.mla_attention_params is not None:
+        return m.mla_attention_params
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    weights = m.hidden * (q + 2 * kv) + q * m.hidden
+    if m.attention_bias:  # Llama-style attention_bias / gpt-oss: q, k, v and o biases
+        weights += q + 2 * kv + m.hidden
+    elif m.model_type == "qwen2" or m.raw.get("attention_bias_qkv"):
+        weights += q + 2 * kv
+    if m.model_type.startswith(("qwen3", "gemma3")):  # per-head q_norm, k_norm
+        weights += 2 * m.head_dim  # q_norm, k_norm
+    if m.model_type == "gpt_oss":
+        weights += m.heads  # attention sinks
+    return weights
+
+
+def _norms_per_layer(m: ModelShape) -> int:
+    """Gemma 2/3 norm both before and after attention and MLP; the others only before."""
+    return 4 if m.model_type.startswith(("gemma2", "gemma3")) else 2
+
+
+def _expert_mlp(m: ModelShape) -> tuple[int, int]:
+    """(weight-matrix params, bias params) of one routed expert."""
+    weights = 3 * m.hidden * m.expert_intermediate
+    biases = 2 * m.expert_intermediate + m.hidden if m.model_type == "gpt_oss" else 0
+    return weights, biases
+
+
+def _router(m: ModelShape) -> int:
+    bias = m.experts if m.model_type in ("gpt_oss", "deepseek_v3") else 0  # gpt-oss bias, DeepSeek correction bias
+    return m.hidden * m.experts + bias
+
+
+def count_params(m: ModelShape) -> ParamCounts:
+    embed = m.vocab * m.hidden
+    head = 0 if m.tie_embeddings else embed
+    norms = _norms_per_layer(m) * m.hidden * m.layers + m.hidden
+    dense_mlp = 3 * m.hidden * m.intermediate
+    expert_w, expert_b = _expert_mlp(m) if m.is_moe else (0, 0)
+    shared = 3 * m.hidden * m.expert_intermediate * m.shared_experts
+    dense_layers = m.layers - m.moe_layers
+    other = (
+        embed + head + norms + m.layers * attention_params(m) + dense_layers * dense_mlp
+        + m.moe_layers * (m.experts * expert_b + _router(m) + shared)
+    )
+    experts = m.moe_layers * m.experts * expert_w
+    # Largest single tensor: a fused expert weight [E, 2*Ie, h] (gpt-oss gate_up_proj) or one
+    # expert's MLP matrix, against the embedding.
+    if m.is_moe:
+        fused = m.experts * 2 * m.expert_intermediate * m.hidden
+        per_tensor = fused if m.model_type == "gpt_oss" else m.expert_intermediate * m.hidden
+        if per_tensor * MXFP4_BYTES_PER_PARAM > embed * BF16 or per_tensor > embed:
+            return ParamCounts(experts, other, per_tensor, "expert gate_up weight", True)
+    return ParamCounts(experts, other, embed, "embedding [V, h]", False)
+
+
+def weight_bytes(m: ModelShape, packed: bool) -> int:
+    """Frozen target weight bytes, unsharded: bf16, or MXFP4 experts when `packed`."""
+    c = count_params(m)
+    expert_bytes = c.expert_weights * (MXFP4_BYTES_PER_PARAM if packed else BF16)
+    return int(expert_bytes) + c.other * BF16

@@ -1,0 +1,96 @@
+"""Training state per parameter (precision recipes, memory-anatomy §2) and how sharding splits it.
+
+A `TrainedState` answers "how many bytes of params / grads / master / moments does this rank
+hold" for a trained model (the Eagle3 draft or the sft model), given the recipe, the optimizer,
+the ZeRO level over the data-parallel ranks and CPU offload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fitplan.config import RunSpec
+
+
+@dataclass(frozen=True)
+class Recipe:
+    param: int  # bytes per parameter of the model's own weights
+    grad: int
+    master: int  # fp32 master copy held outside the model's weights
+    moments: int  # Adam exp_avg + exp_avg_sq
+    grad_copy: int = 0  # fp32 copy of the grads made inside the step (BF16Optimizer)
+    cast: int = 0  # bf16 weight casts autocast keeps through forward and backward
+    lazy_master: bool = False  # master created inside the first optimizer.step()
+
+
+RECIPES = {
+    # classic mixed precision: bf16 working copy + fp32 master, fp32 grads, fp32 Adam: 18 B/param
+    "mixed": Recipe(param=2, grad=4, master=4, moments=8),
+    # fp32 params under torch.autocast(bf16): 16 B/param plus bf16 casts of the weights
+    "fp32-autocast": Recipe(param=4, grad=4, master=0, moments=8, cast=2),
+    # bf16 params; the optimizer holds an fp32 master and moments (SpecForge's BF16Optimizer):
+    # 16 B/param plus a 4 B/param fp32 grad copy at the step
+    "bf16-master": Recipe(param=2, grad=2, master=4, moments=8, grad_copy=4, lazy_master=True),
+    # pure bf16: torch AdamW moments take the param dtype: 8 B/param
+    "bf16": Recipe(param=2, grad=2, master=0, moments=4),
+}
+
+# bitsandbytes-style 8-bit Adam: one byte per moment (block-wise scales are ~1% extra).
+ADAM_8BIT_MOMENT_BYTES = 2
+
+
+def moment_bytes_per_param(spec: RunSpec) -> int:
+    return ADAM_8BIT_MOMENT_BYTES if spec.optimizer == "adamw-8bit" else RECIPES[spec.precision].moments
+
+
+@dataclass(frozen=True)
+class TrainedState:
+    """Bytes one rank holds for a trained model of `trainable` (+ `frozen`) parameters."""
+
+    spec: RunSpec
+    trainable: int
+    frozen: int  # frozen params stored with the model (the draft's embedding), bf16
+    ranks: int  # data-parallel ranks the ZeRO sharding spans
+    frozen_bytes_per_param: int = 2
+
+    @property
+    def recipe(self) -> Recipe:
+        return RECIPES[self.spec.precision]
+
+    def _split(self, nbytes: int, level: int) -> int:
+        """Divide by the ranks when the ZeRO level shards this state (1 opt, 2 grads, 3 params)."""
+        zero = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3}[self.spec.sharding]
+        return -(-nbytes // self.ranks) if zero >= level else nbytes
+
+    def full_params(self) -> int:
+        return self.trainable * self.recipe.param + self.frozen * self.frozen_bytes_per_param
+
+    def params(self) -> int:
+        """Resident params between uses (zero3: this rank's shard; offload params: none on GPU)."""
+        if self.spec.offload == "params":
+            return 0
+        return self._split(self.full_params(), 3)
+
+    def full_grads(self) -> int:
+        return self.trainable * self.recipe.grad
+
+    def grads(self) -> int:
+        return self._split(self.full_grads(), 2)
+
+    def _optimizer_state(self, per_param: int) -> int:
+        if self.spec.offload != "none":
+            return 0
+        return self._split(self.trainable * per_param, 1)
+
+    def master(self) -> int:
+        return self._optimizer_state(self.recipe.master)
+
+    def moments(self) -> int:
+        return self._optimizer_state(moment_bytes_per_param(self.spec))
+
+    def grad_copy(self) -> int:
+        return self._optimizer_state(self.recipe.grad_copy)
+
+    def casts(self) -> int:
+        """bf16 weight casts under autocast, live from forward through backward."""
+        return self.trainable * self.recipe.cast

@@ -1,0 +1,93 @@
+"""The sft step on one rank: a full fine-tune of an HF causal LM with fused AdamW.
+
+Sharding follows the usual FSDP2 layout (memory-anatomy §5): `fully_shard` on every decoder
+layer, then on the root (embedding, final norm, lm_head). zero3 reshards after forward, so
+forward and backward hold the root unit plus two layer units unsharded (the current one and the
+prefetched next); zero2 keeps every unit unsharded from forward until backward ends. `none` on
+several ranks is DDP, whose gradient buckets are a second copy of the grads.
+"""
+
+from __future__ import annotations
+
+from fitplan.estimator import sft_terms
+from fitplan.estimator.eagle3 import FP32, optimizer_state
+from fitplan.estimator.params import count_params
+from fitplan.estimator.recipes import TrainedState
+from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
+from fitplan.estimator.timeline import Timeline, merge, phase
+from fitplan.layout import Job
+
+
+def _root_and_layer_params(job: Job) -> tuple[int, int]:
+    """(root unit params: embedding, lm_head, final norm; params of one decoder layer unit)."""
+    m = job.model
+    total = count_params(m).total
+    root = m.vocab * m.hidden * (1 if m.tie_embeddings else 2) + m.hidden
+    return root, (total - root) // m.layers
+
+
+def unsharded_bytes(job: Job, state: TrainedState, per_param: int) -> int:
+    """Units FSDP holds unsharded during forward/backward, at `per_param` bytes (params or grads)."""
+    if job.spec.sharding != "zero3":
+        return state.trainable * per_param if job.spec.sharding == "zero2" and job.world > 1 else 0
+    root, layer = _root_and_layer_params(job)
+    return (root + min(2, job.model.layers) * layer) * per_param
+
+
+def _reduce_unit_bytes(job: Job, state: TrainedState) -> int:
+    """Sharded grads are reduce-scattered unit by unit: one layer's and the root's full grads."""
+    root, layer = _root_and_layer_params(job)
+    return (root + layer) * state.recipe.grad
+
+
+def _grads_at_backward_end(job: Job, state: TrainedState) -> dict[str, int]:
+    if job.spec.sharding in ("none", "zero1"):
+        buckets = state.full_grads() if job.spec.sharding == "none" and job.world > 1 else 0
+        return phase(model__grads=state.full_grads(), comm__buffers=buckets)
+    return phase(model__grads=state.grads(), comm__buffers=_reduce_unit_bytes(job, state))
+
+
+def _backward(job: Job, state: TrainedState, before: dict[str, int]) -> dict[str, int]:
+    """Backward frees activations layer by layer while grads appear layer by layer: their sum
+    moves linearly, so the peak is at one end. Start: every saved activation plus the logits'
+    gradient buffers; end: all grads plus one layer's recompute and gradient working set."""
+    carried = phase(model__grads=state.grads() if job.accum > 1 else 0)
+    start = merge(before, carried, phase(
+        activations__model=sft_terms.activation_bytes(job),
+        logits__model=sft_terms.backward_logits_bytes(job),
+    ))
+    end = merge(before, _grads_at_backward_end(job, state), phase(
+        activations__model=sft_terms.recompute_bytes(job) + sft_terms.layer_grad_working_bytes(job),
+    ))
+    return max(start, end, key=lambda p: sum(p.values()))
+
+
+def timeline(job: Job) -> Timeline:
+    t = Timeline()
+    state = TrainedState(job.spec, count_params(job.model).total, 0, job.world)
+    base = phase(model__params=state.params(), runtime__workspace=CUBLAS_WORKSPACE_BYTES)
+    in_compute = phase(comm__buffers=unsharded_bytes(job, state, state.recipe.param), model__params=state.casts())
+    carried = phase(model__grads=state.grads() if job.accum > 1 else 0)
+
+    def phases(steady: bool) -> dict[str, dict[str, int]]:
+        opt = optimizer_state(state, steady)
+        return {
+            "load": merge(base, optimizer_state(state, steady=False)),
+            "forward": merge(base, opt, carried, in_compute, phase(
+                activations__model=sft_terms.activation_bytes(job),
+                logits__model=sft_terms.forward_logits_bytes(job),
+            )),
+            "backward": _backward(job, state, merge(base, opt, in_compute)),
+            "optimizer_step": merge(base, optimizer_state(state, steady=True), phase(
+                model__grads=state.grads(), optimizer__grad_copy=state.grad_copy(),
+            )),
+            "checkpoint": merge(base, optimizer_state(state, steady=True)),
+        }
+
+    t.steady, t.step1 = phases(steady=True), phases(steady=False)
+    m, tokens = job.model, job.spec.micro_batch * job.spec.seq
+    t.candidate(FP32 * tokens * m.vocab, "fp32 logits upcast [B*S, V]")
+    t.candidate(m.vocab * m.hidden * state.recipe.param, "embedding [V, h]")
+    moment = state.moments() * (m.vocab * m.hidden) // max(1, state.trainable) // 2
+    t.candidate(moment, "Adam exp_avg of the embedding [V, h] (this rank's shard)")
+    return t
