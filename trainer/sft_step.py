@@ -22,16 +22,17 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from fitplan.config import RunSpec, load_spec
 from fitplan.errors import FitplanError
 from fitplan.profiles import load_model_config
+from trainer.measure import Meter
+from trainer.optim import MasterWeightAdamW, autocast, param_dtype
 
 # Keys of a profile that are documentation or belong to a checkpoint format, not to the model
 # class: from_config builds plain bf16/fp32 weights, never a quantized layout.
@@ -57,12 +58,7 @@ def init_ranks() -> Ranks:
     return Ranks(rank=int(os.environ.get("RANK", "0")), world=world, device=device)
 
 
-# ---------------------------------------------------------------- model and precision recipes
-
-
-def param_dtype(spec: RunSpec) -> torch.dtype:
-    """fp32-autocast keeps fp32 parameters; every other recipe computes with bf16 parameters."""
-    return torch.float32 if spec.precision == "fp32-autocast" else torch.bfloat16
+# ---------------------------------------------------------------- model, sharding, optimizer
 
 
 def hf_config(spec: RunSpec):
@@ -78,7 +74,7 @@ def build_model(spec: RunSpec, device: torch.device) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     with device:
-        model = AutoModelForCausalLM.from_config(hf_config(spec), dtype=param_dtype(spec), attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(hf_config(spec), dtype=param_dtype(spec.precision), attn_implementation="sdpa")
     if spec.ac:
         enable_checkpointing(model)
     model.config.use_cache = False
@@ -109,97 +105,14 @@ def shard(model: torch.nn.Module, spec: RunSpec, ranks: Ranks) -> None:
     fully_shard(model, reshard_after_forward=reshard)
 
 
-class MasterWeightAdamW:
-    """AdamW over fp32 master copies of bf16 parameters.
-
-    bf16-master (SpecForge's BF16Optimizer): bf16 grads during backward, an fp32 copy of them made
-    at the step and freed after it. mixed (classic mixed precision, 18 B/param): every bf16 grad is
-    added into a persistent fp32 gradient buffer as soon as it is accumulated and then freed, so
-    the bf16 grads never all exist at once and accumulation happens in fp32.
-    """
-
-    def __init__(self, params: list[torch.nn.Parameter], lr: float, fused: bool, fp32_grad_buffer: bool):
-        self.params = params
-        self.master = [p.detach().float() for p in params]
-        self.inner = torch.optim.AdamW(self.master, lr=lr, fused=fused)
-        self.fp32_grad_buffer = fp32_grad_buffer
-        if fp32_grad_buffer:
-            for p, m in zip(params, self.master):
-                m.grad = torch.zeros_like(m)
-                p.register_post_accumulate_grad_hook(self._into_buffer(m))
-
-    @staticmethod
-    def _into_buffer(master: torch.Tensor):
-        def hook(param: torch.Tensor) -> None:
-            master.grad.add_(param.grad)
-            param.grad = None
-
-        return hook
-
-    @torch.no_grad()
-    def step(self) -> None:
-        if not self.fp32_grad_buffer:
-            for p, m in zip(self.params, self.master):
-                m.grad = p.grad.float()
-        self.inner.step()
-        for p, m in zip(self.params, self.master):
-            p.copy_(m)
-            if self.fp32_grad_buffer:
-                m.grad.zero_()
-            else:
-                m.grad = None
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-
 def build_optimizer(model: torch.nn.Module, spec: RunSpec, device: torch.device, lr: float = 1e-5):
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.type == "cuda"  # the fused kernel is what users run on GPUs
+    """The recipes of trainer/optim.py; plain AdamW is the fused kernel users run on GPUs."""
     if spec.optimizer != "adamw":
         raise FitplanError(f"sft_step runs torch.optim.AdamW only; optimizer {spec.optimizer!r} is not supported")
-    if spec.precision in ("bf16-master", "mixed"):
-        return MasterWeightAdamW(params, lr, fused, fp32_grad_buffer=spec.precision == "mixed")
-    return torch.optim.AdamW(params, lr=lr, fused=fused)
-
-
-def autocast(spec: RunSpec, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.precision == "fp32-autocast")
-
-
-# ---------------------------------------------------------------- measurement
-
-
-class PhaseMeter:
-    """Per-phase peaks of one step; a phase entered several times (accumulation) keeps its max."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.phases: dict[str, dict[str, Any]] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
-        yield
-        if cuda:
-            torch.cuda.synchronize(self.device)
-        record: dict[str, Any] = {"wall_s": time.perf_counter() - start}
-        if cuda:
-            free, total = torch.cuda.mem_get_info(self.device)
-            record.update(
-                allocated=torch.cuda.max_memory_allocated(self.device),
-                reserved=torch.cuda.max_memory_reserved(self.device),
-                device_used=total - free,
-            )
-        old = self.phases.get(name)
-        if old is not None:
-            record = {k: (old[k] + v if k == "wall_s" else max(old[k], v)) for k, v in record.items()}
-        self.phases[name] = record
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.precision == "bf16-master":
+        return MasterWeightAdamW(params, lr)
+    return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
 
 
 def max_over_ranks(phases: dict[str, dict[str, Any]], ranks: Ranks) -> dict[str, dict[str, Any]]:
@@ -237,45 +150,50 @@ def run(spec: RunSpec, steps: int, ranks: Ranks) -> dict[str, Any]:
         "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
         "steps": [],
     }
-    accum = spec.accum or 1
-    meter = PhaseMeter(ranks.device)
-    phase, step = "load", 1
+    where = {"step": 1, "phase": "load"}  # how far the run got, for the OOM entry
     try:
-        with meter.phase("load"):
-            model = build_model(spec, ranks.device)
-            shard(model, spec, ranks)
-            optimizer = build_optimizer(model, spec, ranks.device)
-            generator = torch.Generator(ranks.device).manual_seed(1234 + ranks.rank)
-            vocab = model.config.vocab_size
-        for step in range(1, steps + 1):
-            start = time.perf_counter()
-            for _ in range(accum):
-                tokens = synthetic_batch(spec, vocab, ranks.device, generator)
-                phase = "forward"
-                with meter.phase("forward"), autocast(spec, ranks.device):
-                    loss = model(input_ids=tokens, labels=tokens).loss / accum
-                phase = "backward"
-                with meter.phase("backward"):
-                    loss.backward()
-            phase = "optimizer_step"
-            with meter.phase("optimizer_step"):
-                optimizer.step()
-                optimizer.zero_grad()
-            step_time = time.perf_counter() - start
-            report["steps"].append(
-                {
-                    "step": step,
-                    "phases": max_over_ranks(meter.phases, ranks),
-                    "loss": float(loss.detach()) * accum,
-                    "step_time_s": step_time,
-                    "tokens_per_s": spec.micro_batch * spec.seq * accum * ranks.world / step_time,
-                }
-            )
-            meter = PhaseMeter(ranks.device)
-            del loss
+        with Meter(ranks.device) as meter:
+            train(spec, steps, ranks, meter, report["steps"], where)
     except torch.OutOfMemoryError as exc:
-        report["oom"] = {"step": step, "phase": phase, "rank": ranks.rank, "message": str(exc).splitlines()[0]}
+        report["oom"] = {**where, "rank": ranks.rank, "message": str(exc).splitlines()[0]}
     return report
+
+
+def train(spec: RunSpec, steps: int, ranks: Ranks, meter: Meter, records: list, where: dict) -> None:
+    accum = spec.accum or 1
+    with meter.phase("load"):
+        model = build_model(spec, ranks.device)
+        shard(model, spec, ranks)
+        optimizer = build_optimizer(model, spec, ranks.device)
+        generator = torch.Generator(ranks.device).manual_seed(1234 + ranks.rank)
+    for step in range(1, steps + 1):
+        where["step"] = step
+        start = time.perf_counter()
+        total_loss = 0.0
+        for _ in range(accum):
+            tokens = synthetic_batch(spec, model.config.vocab_size, ranks.device, generator)
+            where["phase"] = "forward"
+            with meter.phase("forward"), autocast(spec.precision, ranks.device):
+                loss = model(input_ids=tokens, labels=tokens).loss / accum
+            where["phase"] = "backward"
+            with meter.phase("backward"):
+                loss.backward()
+            total_loss += float(loss.detach())
+            del loss  # its graph is gone after backward; don't carry the scalar into the next phase
+        where["phase"] = "optimizer_step"
+        with meter.phase("optimizer_step"):
+            optimizer.step()
+            optimizer.zero_grad()
+        step_time = time.perf_counter() - start
+        records.append(
+            {
+                "step": step,
+                "phases": max_over_ranks(meter.new_step(), ranks),
+                "loss": total_loss,
+                "step_time_s": step_time,
+                "tokens_per_s": spec.micro_batch * spec.seq * accum * ranks.world / step_time,
+            }
+        )
 
 
 def _transformers_version() -> str:
