@@ -6,10 +6,9 @@ attention; more sharding and more TP within the GPUs given; 8-bit optimizer; CPU
 None of them changes what is learned: global batch, sequence length, model and draft stay as
 given (a shorter sequence or more GPUs are only suggested when nothing fits).
 
-The walk keeps a small frontier of configurations that do not fit yet and extends each with
-the next rung's options; a configuration that fits (with the margin) is a candidate and is not
-extended further, since later rungs only cost more. The chosen plan is the candidate with the
-best predicted throughput (fitplan.steptime).
+The walk keeps a small frontier (the configurations closest to fitting and the fastest that
+fit) and extends each with the next rung's options. The chosen plan is the configuration that
+fits with the margin and has the best predicted throughput (fitplan.steptime).
 """
 
 from __future__ import annotations
@@ -23,8 +22,8 @@ from fitplan.layout import Job, _divisors_tp, resolve
 from fitplan.steptime import StepTime, step_time
 
 EstimateFn = Callable[[Job], Estimate]
-# Non-fitting configurations extended at each rung: the lowest predicted peaks. Two keep the
-# search well under a second while still pairing a cheap rung with an earlier one.
+# Configurations extended at each rung, of those that fail (lowest peaks) and of those that fit
+# (fastest). Two of each keep the search well under a second while still combining rungs.
 FRONTIER = 2
 # Rungs SpecForge's train_eagle3.py can express (flags or the allocator environment variable).
 SPECFORGE_RUNGS = ("micro_batch", "output_sharding", "expandable_segments", "attention", "tp")
@@ -184,27 +183,36 @@ def fit(
     def fits(cand: Candidate) -> bool:
         return cand.estimate.fits_with_margin(margin)
 
-    trail = [_entry(original, original, fits(original))]
-    fitting = [original] if fits(original) else []
-    frontier = [] if fitting else [original]
+    if fits(original):  # nothing to fix: the user's configuration is the plan
+        return FitResult(original, original, (_entry(original, original, True),), margin)
+    trail = [_entry(original, original, False)]
+    fitting, failing = [], [original]
     for rung, options in rungs_for(base_spec):
-        tried = []
+        # Extend the configurations closest to fitting, and the fastest that fit already (a
+        # later rung can make one faster: all-to-all output sharding moves fewer bytes).
+        frontier = _lowest_peaks(failing) + _fastest(fitting)
         for parent in frontier:
             for change, new_spec in options(parent.spec, parent.job):
                 joined = "; ".join(c for c in (parent.change, change) if c)
                 cand = _candidate(new_spec, rung, joined, estimate_fn)
                 trail.append(_entry(cand, original, fits(cand)))
-                (fitting if fits(cand) else tried).append(cand)
-        frontier = sorted(frontier + tried, key=lambda c: c.estimate.peak_reserved_bytes)[:FRONTIER]
+                (fitting if fits(cand) else failing).append(cand)
     if fitting:
-        best = max(fitting, key=lambda c: c.time.tokens_per_s)
-        return FitResult(original, best, tuple(trail), margin)
-    deepest = frontier[0] if frontier else original
+        return FitResult(original, _fastest(fitting)[0], tuple(trail), margin)
+    deepest = _lowest_peaks(failing)[0]
     return FitResult(
         original, None, tuple(trail), margin,
         max_seq=largest_fitting_seq(deepest.spec, margin, estimate_fn),
         min_gpus=smallest_fitting_gpus(deepest.spec, margin, estimate_fn),
     )
+
+
+def _lowest_peaks(cands: list[Candidate]) -> list[Candidate]:
+    return sorted(cands, key=lambda c: c.estimate.peak_reserved_bytes)[:FRONTIER]
+
+
+def _fastest(cands: list[Candidate]) -> list[Candidate]:
+    return sorted(cands, key=lambda c: -c.time.tokens_per_s)[:FRONTIER]
 
 
 def _entry(cand: Candidate, original: Candidate, fits: bool) -> TrailEntry:
