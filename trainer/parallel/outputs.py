@@ -24,6 +24,9 @@ from trainer.parallel.context import DistContext
 
 MODES = ("gather", "all-to-all")
 
+# torch 2.13 renamed all_gather_into_tensor (now a warning-emitting alias); 2.11 has only the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def group_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, ctx: DistContext):
     """[B, S] per rank -> [tp*B, S] per TP group, rank r's samples at rows r*B .. r*B+B-1.
@@ -37,7 +40,7 @@ def group_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, ctx: Dist
 
 def _all_gather_rows(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     out = tensor.new_empty((ctx.tp * tensor.shape[0], *tensor.shape[1:]))
-    dist.all_gather_into_tensor(out, tensor.contiguous(), group=ctx.tp_group)
+    _all_gather_single(out, tensor.contiguous(), group=ctx.tp_group)
     return out
 
 
@@ -64,9 +67,9 @@ def collect_target_outputs(
 
 def _gather_then_keep_own_rows(flat: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     tp, n, shard = flat.shape
-    shards = flat.new_empty((tp, tp * n, shard))  # shards[j] = vocab shard j of all rows
-    dist.all_gather_into_tensor(shards, flat.reshape(tp * n, shard).contiguous(), group=ctx.tp_group)
-    full = shards.permute(1, 0, 2).reshape(tp * n, tp * shard)  # [tp*B*S, V]
+    shards = flat.new_empty((tp * tp * n, shard))  # rows j*tp*n.. = vocab shard j of all rows
+    _all_gather_single(shards, flat.reshape(tp * n, shard).contiguous(), group=ctx.tp_group)
+    full = shards.view(tp, tp * n, shard).permute(1, 0, 2).reshape(tp * n, tp * shard)  # [tp*B*S, V]
     return full[ctx.tp_rank * n : (ctx.tp_rank + 1) * n]
 
 
