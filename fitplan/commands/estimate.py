@@ -1,7 +1,57 @@
-"""fitplan estimate / fitplan profiles (placeholder until the estimator lands)."""
+"""`fitplan estimate` (per-GPU memory of a job, by phase) and `fitplan profiles` (what is known)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from fitplan.commands.common import clean_errors, spec_flags
+
+
+def estimate_command(
+    config: Optional[Path] = typer.Argument(None, help="YAML config (keys = flag names with underscores)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the breakdown to this PNG file."),
+    *,
+    flags: dict,
+) -> None:
+    """Predict per-GPU peak memory of a training job, phase by phase, and whether it fits."""
+    from fitplan.config import load_spec
+    from fitplan.estimator import estimate, target_weight_bytes
+    from fitplan.layout import resolve
+
+    spec = load_spec(config, flags)
+    job = resolve(spec, target_weight_bytes)
+    est = estimate(job)
+    if plot is not None:
+        from fitplan.plot import plot_estimate
+
+        plot_estimate(est, plot)
+    if as_json:
+        config_out = {**spec.to_dict(), "tp": job.tp, "accum": job.accum}
+        print(json.dumps({**est.to_json(), "config": config_out}))
+        return
+    from fitplan.report import render
+
+    render(est)
+    if plot is not None:
+        typer.echo(f"plot written to {plot}")
+
+
+def profiles_command() -> None:
+    """List the models, Eagle3 drafts and GPUs fitplan knows."""
+    from rich.console import Console
+
+    from fitplan.report import profile_tables
+
+    console = Console(highlight=False)
+    for table in profile_tables():
+        console.print(table)
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("estimate")(clean_errors(spec_flags(estimate_command)))
+    app.command("profiles")(clean_errors(profiles_command))
