@@ -1,0 +1,227 @@
+"""Predicted vs measured: the validation table (CSV, markdown), its summary figures and the scatter plot.
+
+Input: the rows.jsonl files the runner wrote (any number, e.g. one per device call, gathered in
+one folder). Errors are signed, (predicted - measured) / measured: a negative device-level error
+is an under-prediction, i.e. an OOM the user was told would not happen.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from fitplan.errors import FitplanError
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Target:
+    """One figure the issue sets, computed by `statistic` over a column of the table."""
+
+    label: str
+    column: str
+    statistic: str  # median_abs | max_abs | max_under | share_true
+    limit: float
+    at_least: bool = False  # the figure must reach the limit (verdict share) rather than stay under it
+
+
+TARGETS = (
+    Target("peak allocated error, median abs %", "alloc_err_pct", "median_abs", 3.0),
+    Target("peak allocated error, max abs %", "alloc_err_pct", "max_abs", 8.0),
+    Target("device-level peak error, median abs %", "device_err_pct", "median_abs", 5.0),
+    Target("device-level peak error, max abs %", "device_err_pct", "max_abs", 10.0),
+    Target("device-level under-prediction, max %", "device_err_pct", "max_under", 3.0),
+    Target("fit/OOM verdict right, % of rows", "verdict_ok", "share_true", 100.0, at_least=True),
+    Target("step-time error, median abs %", "step_err_pct", "median_abs", 15.0),
+)
+
+
+@dataclass(frozen=True)
+class Figure:
+    target: Target
+    value: float | None  # None: no row has the data
+    rows: int
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value >= self.target.limit if self.target.at_least else self.value <= self.target.limit
+
+
+# ---------------------------------------------------------------- the table
+
+
+def load_results(folder: Path) -> pd.DataFrame:
+    """Every rows*.jsonl under the folder; a row measured twice keeps its latest result."""
+    files = sorted(Path(folder).rglob("rows*.jsonl"))
+    if not files:
+        raise FitplanError(f"{folder}: no rows*.jsonl results (write them with `fitplan validate --out DIR`)")
+    records = []
+    for path in files:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise FitplanError(f"{path}:{number}: not a JSON line") from None
+    frame = pd.DataFrame.from_records(records).drop(columns=["estimate"], errors="ignore")
+    return with_errors(frame.drop_duplicates("name", keep="last").reset_index(drop=True))
+
+
+def _pct(predicted: pd.Series, measured: pd.Series) -> pd.Series:
+    return 100.0 * (predicted - measured) / measured
+
+
+def with_errors(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add signed % errors and whether the fit/OOM verdict was right (NaN where not measurable)."""
+    frame = frame.copy()
+    for column in ("pred_alloc", "meas_alloc", "pred_device", "meas_device", "pred_step_s", "meas_step_s",
+                   "pred_fits", "observed_fits"):  # fmt: skip
+        if column not in frame:
+            frame[column] = None
+    numeric = {c: pd.to_numeric(frame[c], errors="coerce") for c in ("pred_alloc", "meas_alloc", "pred_device",
+                                                                      "meas_device", "pred_step_s", "meas_step_s")}  # fmt: skip
+    frame["alloc_err_pct"] = _pct(numeric["pred_alloc"], numeric["meas_alloc"])
+    frame["device_err_pct"] = _pct(numeric["pred_device"], numeric["meas_device"])
+    frame["step_err_pct"] = _pct(numeric["pred_step_s"], numeric["meas_step_s"])
+    known = frame["pred_fits"].notna() & frame["observed_fits"].notna()
+    frame["verdict_ok"] = (frame["pred_fits"] == frame["observed_fits"]).where(known)
+    return frame
+
+
+def figure(frame: pd.DataFrame, target: Target) -> Figure:
+    values = frame[target.column].dropna()
+    if values.empty:
+        return Figure(target, None, 0)
+    if target.statistic == "median_abs":
+        value = float(values.astype(float).abs().median())
+    elif target.statistic == "max_abs":
+        value = float(values.astype(float).abs().max())
+    elif target.statistic == "max_under":
+        value = float(max(0.0, -values.astype(float).min()))
+    else:
+        value = 100.0 * float(values.astype(bool).mean())
+    return Figure(target, value, len(values))
+
+
+def summary(frame: pd.DataFrame) -> list[Figure]:
+    return [figure(frame, t) for t in TARGETS]
+
+
+def missed_targets(row: pd.Series) -> list[str]:
+    """The per-row bounds this row breaks (the matrix-wide max/under-prediction/verdict targets)."""
+    missed = []
+    if pd.notna(row["alloc_err_pct"]) and abs(row["alloc_err_pct"]) > 8.0:
+        missed.append("allocated > 8%")
+    if pd.notna(row["device_err_pct"]) and abs(row["device_err_pct"]) > 10.0:
+        missed.append("device > 10%")
+    if pd.notna(row["device_err_pct"]) and row["device_err_pct"] < -3.0:
+        missed.append("device under-predicted > 3%")
+    if pd.notna(row["verdict_ok"]) and not bool(row["verdict_ok"]):
+        missed.append("verdict wrong")
+    return missed
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _gib(value) -> str:
+    return "" if pd.isna(value) else f"{float(value) / GIB:.2f}"
+
+
+def _num(value, fmt: str = "{:+.1f}") -> str:
+    return "" if value is None or pd.isna(value) else fmt.format(float(value))
+
+
+def _verdict(value) -> str:
+    return "" if value is None or pd.isna(value) else ("fits" if bool(value) else "OOM")
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_markdown(figures: list[Figure]) -> str:
+    rows = []
+    for f in figures:
+        verdict = {True: "met", False: "**MISSED**", None: "no data"}[f.met]
+        limit = f"≥ {f.target.limit:g}" if f.target.at_least else f"≤ {f.target.limit:g}"
+        rows.append([f.target.label, _num(f.value, "{:.1f}"), limit, str(f.rows), verdict])
+    return md_table(["figure", "value", "target", "rows", ""], rows)
+
+
+def rows_markdown(frame: pd.DataFrame) -> str:
+    header = ["row", "fit/check", "status", "seq", "pred alloc GiB", "meas alloc GiB", "err %", "pred device GiB",
+              "meas device GiB", "err %", "pred step s", "meas step s", "err %", "verdict pred/obs", "missed"]  # fmt: skip
+    rows = []
+    for _, r in frame.iterrows():
+        status = r["status"] if pd.isna(r.get("reason")) or not r.get("reason") else f"{r['status']}: {r['reason']}"
+        rows.append([
+            r["name"], "fit" if r["calibration"] else "check", status, _num(r["seq"], "{:.0f}"),
+            _gib(r["pred_alloc"]), _gib(r["meas_alloc"]), _num(r["alloc_err_pct"]),
+            _gib(r["pred_device"]), _gib(r["meas_device"]), _num(r["device_err_pct"]),
+            _num(r["pred_step_s"], "{:.2f}"), _num(r["meas_step_s"], "{:.2f}"), _num(r["step_err_pct"]),
+            f"{_verdict(r['pred_fits'])}/{_verdict(r['observed_fits'])}", "; ".join(missed_targets(r)),
+        ])  # fmt: skip
+    return md_table(header, rows)
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    held_out = frame[~frame["calibration"].astype(bool)]
+    counts = frame["status"].value_counts().to_dict()
+    return "\n\n".join([
+        "## Summary, every row measured at step >= 2",
+        summary_markdown(summary(frame)),
+        "## Summary, check rows only (not used to fit the runtime constants)",
+        summary_markdown(summary(held_out)),
+        "## Rows",
+        "Status counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ". "
+        "Errors are (predicted - measured) / measured; negative device-level errors are under-predictions.",
+        rows_markdown(frame),
+    ]) + "\n"  # fmt: skip
+
+
+# ---------------------------------------------------------------- plot
+
+
+def scatter(frame: pd.DataFrame, path: Path) -> None:
+    """Predicted vs measured (GiB), allocated and device-level side by side, one marker per kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = dict(zip(sorted(frame["kind"].unique()), "osD^vP*X"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, (pred, meas, title) in zip(axes, [("pred_alloc", "meas_alloc", "peak allocated"),
+                                              ("pred_device", "meas_device", "device-level peak")]):  # fmt: skip
+        points = frame[[pred, meas, "kind"]].dropna()
+        top = float(max(points[pred].max(), points[meas].max()) / GIB * 1.05) if len(points) else 1.0
+        line = pd.Series([0.0, top])
+        ax.fill_between(line, line * 0.95, line * 1.05, color="tab:green", alpha=0.15, label="±5%")
+        ax.plot(line, line, color="black", linewidth=0.8, label="y = x")
+        for kind, group in points.groupby("kind"):
+            ax.scatter(group[meas] / GIB, group[pred] / GIB, marker=markers[kind], label=kind)
+        ax.set(title=title, xlabel="measured GiB", ylabel="predicted GiB", xlim=(0, top), ylim=(0, top))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: Path, dest: Path) -> dict[str, Path]:
+    """validation.csv, validation.md and validation.png in dest, from the results under `results`."""
+    frame = load_results(results)
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": dest / "validation.csv", "markdown": dest / "validation.md", "png": dest / "validation.png"}
+    frame.to_csv(paths["csv"], index=False)
+    paths["markdown"].write_text(markdown(frame))
+    scatter(frame, paths["png"])
+    return paths

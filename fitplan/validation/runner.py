@@ -1,0 +1,258 @@
+"""Run matrix rows on the local GPUs, each in a fresh process, and collect one result row each.
+
+    python -m fitplan.validation.runner --kind nvidia-h200 --out $OUT [--rows 'h200x1-sft-*']
+
+A row that needs GPUs this machine lacks (none, another kind, fewer) is skipped with the reason.
+Results are appended to OUT/rows.jsonl as each row ends, so a run cut short keeps what it
+measured; the tables and the plot are rebuilt from that file at the end (fitplan.validation.report).
+Eagle3 rows run `fitplan train --plan ... --random-weights --synthetic-data`, sft rows
+`python -m trainer.sft_step`; rows over several GPUs go through torchrun. This module never
+imports torch: the measuring happens in the child processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from fitplan.config import RunSpec
+from fitplan.errors import FitplanError
+from fitplan.profiles import load_gpu
+from fitplan.validation.matrix import MATRIX, Row, resolve_row, select
+
+STEPS = 3  # steps 1-3: step 1 has no optimizer state yet, steps >= 2 are steady state
+ROW_TIMEOUT_S = 300
+RESULTS_FILE = "rows.jsonl"
+
+
+@dataclass(frozen=True)
+class LocalGpus:
+    name: str  # as the driver names it, e.g. "NVIDIA H100 80GB HBM3"
+    count: int
+
+
+def local_gpus() -> LocalGpus:
+    """The GPUs of this machine from nvidia-smi (no CUDA context is created)."""
+    if shutil.which("nvidia-smi") is None:
+        return LocalGpus("", 0)
+    done = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, check=False
+    )
+    names = [line.strip() for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else []
+    return LocalGpus(names[0] if names else "", len(names))
+
+
+def skip_reason(row: Row, gpus: LocalGpus) -> str | None:
+    if gpus.count == 0:
+        return "no GPU on this machine"
+    wanted = load_gpu(row.gpu)
+    try:
+        here = load_gpu(gpus.name).id
+    except FitplanError:
+        here = gpus.name
+    if here != wanted.id:
+        return f"needs {wanted.id}; this machine has {gpus.name}"
+    if gpus.count < row.world:
+        return f"needs {row.world} GPUs; this machine has {gpus.count}"
+    return None
+
+
+# ---------------------------------------------------------------- prediction
+
+
+def estimator() -> Callable[[RunSpec], Any] | None:
+    try:
+        from fitplan.estimator import estimate_spec
+    except ImportError:  # the estimator is being written in parallel; rows still run without it
+        return None
+    return estimate_spec
+
+
+def predict(spec: RunSpec) -> dict[str, Any]:
+    """Predicted figures of one row (empty when the estimator is not in this checkout)."""
+    estimate_spec = estimator()
+    if estimate_spec is None:
+        return {}
+    est = estimate_spec(spec)
+    out = {
+        "pred_alloc": est.peak_allocated_bytes,
+        "pred_device": est.peak_reserved_bytes,
+        "pred_reserve": est.allocator_reserve_bytes,
+        "pred_outside": est.outside_allocator_bytes,
+        "gpu_total": est.gpu_total_bytes,
+        "pred_fits": est.fits,
+        "estimate": est.to_json(),
+    }
+    from fitplan.estimator import target_weight_bytes
+    from fitplan.layout import resolve
+    from fitplan.steptime import step_time
+
+    out["pred_step_s"] = step_time(resolve(spec, target_weight_bytes)).step_s
+    return out
+
+
+# ---------------------------------------------------------------- one row
+
+
+def command(spec: RunSpec, world: int, plan: Path, report: Path) -> list[str]:
+    """The child command line: our trainer for eagle3, the plain transformers job for sft."""
+    if spec.workload == "sft":
+        job = ["-m", "trainer.sft_step", "--config", str(plan), "--steps", str(STEPS), "--report", str(report)]
+    else:
+        job = ["-m", "fitplan.cli", "train", "--plan", str(plan), "--random-weights", "--synthetic-data",
+               "--steps", str(STEPS), "--report", str(report)]  # fmt: skip
+    if world == 1:
+        return [sys.executable, *job]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", *job]
+
+
+def write_plan(spec: RunSpec, prediction: dict[str, Any], path: Path) -> None:
+    """The plan file of docs/architecture.md: the complete config and what was predicted."""
+    plan = {"fitplan_plan": 1, "config": spec.to_dict(), "prediction": prediction.get("estimate", {}), "trail": []}
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+
+
+def child_env(spec: RunSpec) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if spec.expandable_segments:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return env
+
+
+def run_row(row: Row, gpus: LocalGpus, out: Path, timeout_s: float = ROW_TIMEOUT_S) -> dict[str, Any]:
+    result = describe(row)
+    reason = skip_reason(row, gpus)
+    if reason is not None:
+        return {**result, "status": "skipped", "reason": reason}
+    try:
+        spec = resolve_row(row, estimator())
+    except FitplanError as exc:
+        return {**result, "status": "skipped", "reason": str(exc)}
+    result.update(seq=spec.seq, micro_batch=spec.micro_batch, **predict(spec))
+    workdir = out / "runs" / row.name
+    workdir.mkdir(parents=True, exist_ok=True)
+    plan, report = workdir / "plan.yaml", workdir / "report.json"
+    write_plan(spec, result, plan)
+    start = time.monotonic()
+    returncode = run_child(command(spec, row.world, plan, report), child_env(spec), workdir, timeout_s)
+    result["wall_s"] = round(time.monotonic() - start, 1)
+    if returncode is None:
+        return {**result, "status": "timeout", "reason": f"no result within {timeout_s:.0f} s"}
+    return {**result, **outcome(returncode, (workdir / "stderr.txt").read_text(), workdir)}
+
+
+def run_child(cmd: list[str], env: dict[str, str], workdir: Path, timeout_s: float) -> int | None:
+    """Exit code of the child (None on timeout); its output goes to workdir/stdout.txt, stderr.txt.
+
+    The child gets its own process group so a timeout also ends torchrun's workers.
+    """
+    with (workdir / "stdout.txt").open("w") as stdout, (workdir / "stderr.txt").open("w") as stderr:
+        child = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+        try:
+            return child.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            return None
+
+
+def describe(row: Row) -> dict[str, Any]:
+    """The row's identity; a near-limit row's searched knob stays empty until the estimator sets it."""
+    s = row.base_spec()
+    return {
+        "name": row.name, "kind": row.kind, "gpu": row.gpu, "world": row.world, "workload": s.workload,
+        "model": s.model, "seq": s.seq, "micro_batch": s.micro_batch, "ac": s.ac, "precision": s.precision,
+        "sharding": s.sharding, "output_sharding": s.output_sharding, "tp": s.tp, "intent": row.intent,
+        "calibration": row.calibration, **({row.search: None} if row.search else {}),
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------- reading what a child left
+
+
+def outcome(returncode: int, stderr: str, workdir: Path) -> dict[str, Any]:
+    """status ran / oom / failed, and the measured figures at steps >= 2 from the report(s)."""
+    reports = [json.loads(p.read_text()) for p in sorted(workdir.glob("report*.json"))]
+    oom = next((r["oom"] for r in reports if r.get("oom")), None)
+    if oom is None and "out of memory" in stderr.lower():
+        oom = {"message": _last_line(stderr, "out of memory")}
+    if oom is not None:
+        return {"status": "oom", "observed_fits": False, "reason": f"OOM: {oom.get('message', '')}"[:300]}
+    main = next((r for r in reports if r.get("steps")), None)
+    if returncode != 0 or main is None:
+        return {"status": "failed", "reason": f"exit {returncode}: {_last_line(stderr)}"[:300]}
+    return {"status": "ran", "observed_fits": True, "device_name": main.get("device"), **measured(main)}
+
+
+def measured(report: dict[str, Any]) -> dict[str, Any]:
+    """Peaks over every phase of steps >= 2 (steady state) and the median step time."""
+    steady = [s for s in report["steps"] if s["step"] >= 2] or report["steps"]
+    phases = [p for s in steady for p in s["phases"].values()]
+    times = [s["step_time_s"] for s in steady if s.get("step_time_s") is not None]
+    return {
+        "meas_alloc": max(p["allocated"] for p in phases),
+        "meas_reserved": max(p["reserved"] for p in phases),
+        # device_used at each phase end: the allocator only grows within a run, so the largest
+        # phase-end reading is the device-level peak (context and NCCL buffers included)
+        "meas_device": max(p["device_used"] for p in phases),
+        "meas_step_s": statistics.median(times) if times else None,
+        "steps_measured": len(report["steps"]),
+    }
+
+
+def _last_line(text: str, containing: str = "") -> str:
+    lines = [line.strip() for line in text.splitlines() if containing in line.lower() and line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+def run(rows: list[Row], out: Path, gpus: LocalGpus | None = None, timeout_s: float = ROW_TIMEOUT_S,
+        progress: Callable[[dict[str, Any]], None] = lambda result: None) -> list[dict[str, Any]]:  # fmt: skip
+    """Run (or skip) every row, appending each result to OUT/rows.jsonl, then write the report."""
+    from fitplan.validation.report import write_report
+
+    gpus = local_gpus() if gpus is None else gpus
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for row in rows:
+        result = run_row(row, gpus, out, timeout_s)
+        with (out / RESULTS_FILE).open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        progress(result)
+        results.append(result)
+    write_report(out, out)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fitplan.validation.runner", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for rows.jsonl, runs/ and the report")
+    parser.add_argument("--kind", help="only the rows of this device kind, e.g. nvidia-h200-x2")
+    parser.add_argument("--rows", help="comma-separated row names or glob patterns")
+    parser.add_argument("--timeout", type=float, default=ROW_TIMEOUT_S, help="seconds per row")
+    args = parser.parse_args(argv)
+    try:
+        rows = select(MATRIX, args.kind, args.rows.split(",") if args.rows else None)
+    except FitplanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run(rows, args.out, timeout_s=args.timeout, progress=lambda r: print(f"{r['status']:8} {r['name']}  {r.get('reason', '')}", flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
