@@ -195,6 +195,8 @@ def fit(
             for change, new_spec in options(parent.spec, parent.job):
                 joined = "; ".join(c for c in (parent.change, change) if c)
                 cand = _candidate(new_spec, rung, joined, estimate_fn)
+                if fits(parent) and not (fits(cand) and cand.time.step_s < parent.time.step_s):
+                    continue  # a plan that fits is only worth changing to get faster
                 trail.append(_entry(cand, original, fits(cand)))
                 (fitting if fits(cand) else failing).append(cand)
     if fitting:

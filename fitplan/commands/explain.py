@@ -1,0 +1,57 @@
+"""fitplan explain: decode a CUDA OOM log, and with the job's config name the culprit and the fix."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from fitplan.commands.common import clean_errors, spec_flags
+from fitplan.commands.fit import FROM_SPECFORGE_HELP, MARGIN_HELP, job_spec, margin_fraction
+from fitplan.errors import FitplanError
+from fitplan.explain import config_lines, describe, parse_ooms
+from fitplan.ladder import fit
+
+
+def read_log(log: Optional[str]) -> str:
+    if log in (None, "-"):
+        if sys.stdin.isatty():
+            raise FitplanError("no log given: pass a file (fitplan explain oom.log) or pipe it on stdin")
+        return sys.stdin.read()
+    path = Path(log)
+    if not path.is_file():
+        raise FitplanError(f"log file {log!r} does not exist")
+    return path.read_text(errors="replace")
+
+
+@clean_errors
+@spec_flags
+def explain_command(
+    log: Optional[str] = typer.Argument(None, help="Log file holding the OOM message ('-' or omitted: stdin)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="The job's YAML config (or plan) file."),
+    from_specforge: Optional[str] = typer.Option(None, "--from-specforge", help=FROM_SPECFORGE_HELP),
+    margin: float = typer.Option(0.05, "--margin", help=MARGIN_HELP),
+    *,
+    flags: dict,
+) -> None:
+    """Explain a CUDA out-of-memory error: large request, fragmentation or another process, and the fix."""
+    events = parse_ooms(read_log(log))
+    event = events[0]
+    console = Console(highlight=False)
+    if len(events) > 1:
+        console.print(f"{len(events)} OOM messages in the log; explaining the first.")
+    for line in describe(event):
+        console.print(line)
+    if config is not None or from_specforge is not None or "model" in flags:
+        spec, warnings = job_spec(config, flags, from_specforge)
+        for w in warnings:
+            console.print(f"[yellow]warning:[/] {w}")
+        for line in config_lines(event, fit(spec, margin_fraction(margin))):
+            console.print(line)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("explain")(explain_command)
