@@ -1,0 +1,108 @@
+"""SpecForge launch scripts read into the same job as the equivalent fitplan flags."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from fitplan.cli import app
+from fitplan.config import RunSpec
+from fitplan.errors import FitplanError
+from fitplan.estimator import estimate_spec
+from fitplan.specforge import flag_changes, parse_command
+
+SCRIPT = r"""#!/bin/bash
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT_DIR=$(dirname $SCRIPT_DIR)
+# train eagle3 for llama3.1-8b
+NUM_GPUS=${1:-8}
+torchrun \
+    --standalone \
+    --nproc_per_node 8 \
+    $ROOT_DIR/scripts/train_eagle3.py \
+    --target-model-path meta-llama/Llama-3.1-8B-Instruct \
+    --draft-model-config $ROOT_DIR/configs/llama3-8B-eagle3.json \
+    --train-data-path $ROOT_DIR/cache/dataset/sharegpt.jsonl \
+    --output-dir $ROOT_DIR/outputs/llama3-8b-eagle3 \
+    --num-epochs 10 \
+    --batch-size 1 \
+    --learning-rate 1e-4 \
+    --max-length 4096 \
+    --chat-template llama3 \
+    --cache-dir $ROOT_DIR/cache \
+    --tp-size 8 \
+    --attention-backend flex_attention \
+    --some-new-flag 3
+"""
+
+EQUIVALENT = RunSpec(
+    model="llama-3.1-8b", draft="llama3-8b", gpus="8xH100", runtime="specforge", target_backend="sglang",
+    tp=8, micro_batch=1, seq=4096, ttt=7, accum=1, attention="flex", sharding="zero2", precision="bf16-master",
+)
+
+
+def test_script_round_trips_to_the_same_estimate_as_the_flags():
+    command = parse_command(SCRIPT)
+    assert command.spec() == EQUIVALENT
+    assert estimate_spec(command.spec()).to_json() == estimate_spec(EQUIVALENT).to_json()
+
+
+def test_unknown_flags_are_reported_and_ignored():
+    assert parse_command(SCRIPT).warnings == ("SpecForge flag --some-new-flag is not modelled; ignored",)
+
+
+def test_script_from_a_file_with_equals_flags_and_two_nodes(tmp_path):
+    path = tmp_path / "run.sh"
+    path.write_text(
+        "torchrun --nnodes=2 --nproc-per-node=8 scripts/train_eagle3.py --target-model-path openai/gpt-oss-120b "
+        "--tp-size=8 --batch-size=2 --max-length=8192 --shard-target-output --draft-accumulation-steps 4 "
+        "--attention-backend fa --target-model-backend hf --ttt-length 6\n"
+    )
+    spec = parse_command(str(path)).spec()
+    assert (spec.model, spec.gpus, spec.tp, spec.micro_batch, spec.seq) == ("gpt-oss-120b", "2x8xH100", 8, 2, 8192)
+    assert (spec.output_sharding, spec.accum, spec.attention, spec.target_backend, spec.ttt) == (
+        "all-to-all", 4, "sdpa", "hf", 6)
+
+
+def test_fitplan_flags_override_the_command_line():
+    spec = parse_command(SCRIPT).spec({"gpus": "8xH200", "seq": 2048})
+    assert (spec.gpus, spec.seq) == ("8xH200", 2048)
+
+
+@pytest.mark.parametrize("text, named", [
+    ("torchrun scripts/train_eagle3.py --target-model-path /nowhere/my-model --tp-size 1", "/nowhere/my-model"),
+    ("torchrun scripts/train_eagle3.py --target-model-path Qwen/Qwen3-8B --draft-model-config x/mine.json", "x/mine.json"),
+    ("torchrun scripts/train_eagle3.py --target-model-path Qwen/Qwen3-8B --attention-backend xformers", "xformers"),
+    ("torchrun scripts/train_eagle3.py --target-model-path Qwen/Qwen3-8B --batch-size two", "two"),
+    ("python train.py --lr 1", "train_eagle3"),
+])
+def test_bad_command_lines_name_the_problem(text, named):
+    with pytest.raises(FitplanError, match=named.replace("/", ".")):
+        parse_command(text)
+
+
+def test_cli_bad_specforge_path_is_one_line_exit_2():
+    result = CliRunner().invoke(app, ["fit", "--from-specforge",
+                                      "torchrun scripts/train_eagle3.py --target-model-path /nowhere/m"])
+    assert result.exit_code == 2
+    assert "/nowhere/m" in result.output and "Traceback" not in result.output
+
+
+def test_fit_answers_with_specforge_flags():
+    # Qwen3-8B (V = 151936) at tp 8, B = 1, S = 8192 with the gather cascade: 12·T_g·V bytes with
+    # T_g = 8·8192 is 12 x 65536 x 151936 B = 111 GiB of logits alone (memory-anatomy.md §4), more
+    # than an H100; sharding the output divides it by tp = 8.
+    text = ("torchrun --nproc_per_node 8 scripts/train_eagle3.py --target-model-path Qwen/Qwen3-8B "
+            "--tp-size 8 --batch-size 1 --max-length 8192")
+    result = CliRunner().invoke(app, ["fit", "--from-specforge", text])
+    assert result.exit_code == 0, result.output
+    assert "add --shard-target-output" in result.output
+
+
+def test_flag_changes_name_specforge_flags():
+    after = EQUIVALENT.replace(micro_batch=1, accum=4, output_sharding="all-to-all", expandable_segments=True)
+    assert flag_changes(EQUIVALENT.replace(accum=2), after) == [
+        "set --draft-accumulation-steps 4",
+        "add --shard-target-output",
+        "launch with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+    ]
