@@ -1,0 +1,95 @@
+"""fitplan validate: measure the validation matrix on the local GPUs, or rebuild its report.
+
+    fitplan validate --kind nvidia-h200-x2 --out results/        # run the rows for this machine
+    fitplan validate --from-results results/ --calibrate          # tables, plot, constants (no GPU)
+    fitplan validate --list                                        # the matrix and its fit/check split
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from fitplan.commands.common import clean_errors
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("validate")
+    @clean_errors
+    def validate(
+        out: Path = typer.Option(Path("validation-results"), "--out", "-o", help="Folder for rows.jsonl, runs/ and the report."),
+        kind: Optional[str] = typer.Option(None, "--kind", help="Only the rows of one device kind, e.g. nvidia-h200-x2."),
+        rows: Optional[str] = typer.Option(None, "--rows", help="Comma-separated row names or glob patterns."),
+        from_results: Optional[Path] = typer.Option(None, "--from-results", help="Rebuild the report from rows*.jsonl under this folder; runs nothing."),
+        calibrate: bool = typer.Option(False, "--calibrate", help="Fit the runtime constants on the calibration rows and check them on the rest."),
+        timeout: float = typer.Option(300.0, "--timeout", help="Seconds allowed per row."),
+        list_rows: bool = typer.Option(False, "--list", help="Print the matrix rows and exit."),
+    ) -> None:
+        """Measure predicted vs actual peaks over the validation matrix (docs/validation-method.md)."""
+        from rich.console import Console
+
+        from fitplan.validation import matrix
+
+        console = Console(highlight=False)
+        chosen = matrix.select(matrix.MATRIX, kind, rows.split(",") if rows else None)
+        if list_rows:
+            _print_rows(console, chosen)
+            return
+        if from_results is None:
+            from fitplan.validation.runner import run
+
+            run(chosen, out, timeout_s=timeout, progress=lambda r: console.print(_progress_line(r)))
+        results = from_results or out
+        _report(console, results, out, calibrate)
+
+
+def _progress_line(result: dict) -> str:
+    colour = {"ran": "green", "skipped": "yellow", "oom": "magenta"}.get(result["status"], "red")
+    reason = f"  {result['reason']}" if result.get("reason") else ""
+    return f"[{colour}]{result['status']:8}[/] {result['name']}{reason}"
+
+
+def _print_rows(console, chosen) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"validation matrix: {len(chosen)} rows")
+    table.add_column("row", overflow="fold")
+    for column in ("kind", "split", "sequence"):
+        table.add_column(column)
+    for row in chosen:
+        split = "fit (calibration)" if row.calibration else "check"
+        size = f"{row.intent}: {row.search} chosen by the estimator" if row.search else str(row.spec["seq"])
+        table.add_row(row.name, row.kind, split, size)
+    console.print(table)
+
+
+def _report(console, results: Path, out: Path, calibrate: bool) -> None:
+    from rich.table import Table
+
+    from fitplan.validation import report
+
+    paths = report.write_report(results, out)
+    frame = report.load_results(results)
+    table = Table(title="summary (every measured row, step >= 2)")
+    for column in ("figure", "value", "target", "rows", ""):
+        table.add_column(column)
+    for f in report.summary(frame):
+        state = {True: "[green]met[/]", False: "[bold red]MISSED[/]", None: "[dim]no data[/]"}[f.met]
+        value = "" if f.value is None else f"{f.value:.1f}"
+        limit = ("≥ " if f.target.at_least else "≤ ") + f"{f.target.limit:g}"
+        table.add_row(f.target.label, value, limit, str(f.rows), state)
+    console.print(table)
+    if calibrate:
+        from fitplan.validation import calibrate as cal
+
+        constants = cal.fit(frame)
+        checked = cal.check(frame, constants)
+        fitted_on = int((frame["calibration"].astype(bool) & (frame["status"] == "ran")).sum())
+        text = cal.markdown(constants, checked, fitted_on)
+        paths["calibration"] = out / "calibration.md"
+        paths["calibration"].write_text(text)
+        console.print(text)
+    for name, path in paths.items():
+        console.print(f"{name}: {path}")
