@@ -101,15 +101,14 @@ def _compiled_flex():
 
 
 def flex(q, k, v, seq: int):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
         return ttt_mask(q_idx, kv_idx, seq)
 
     block = create_block_mask(mask_mod, None, None, seq, k.shape[2], device=q.device)
-    # Compiled on GPU (the fused kernel never materialises scores); eager on CPU for tests.
-    fn = _compiled_flex() if q.is_cuda else flex_attention
-    return fn(q, k, v, block_mask=block, enable_gqa=True)
+    # compiled: the fused kernel never materialises the scores (torch has no flex backward on CPU)
+    return _compiled_flex()(q, k, v, block_mask=block, enable_gqa=True)
 
 
 def _dense_mask(seq: int, kv_len: int, device) -> torch.Tensor:
@@ -154,7 +153,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        keys, values = torch.cat(past_k + [k], dim=2), torch.cat(past_v + [v], dim=2)
+        keys, values = torch.cat((*past_k, k), dim=2), torch.cat((*past_v, v), dim=2)
         out = self.kernel(q, keys, values, s)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
 
@@ -222,8 +221,9 @@ class Eagle3Draft(nn.Module):
             with torch.no_grad():
                 emb = self.embed_tokens(input_ids[:, k + 1 : k + 1 + seq]).to(hidden.dtype)
             if self.checkpoint_layer:
+                # tuples: the recomputation in backward must see the caches as they were here
                 hidden, key, value = checkpoint(
-                    self.midlayer, emb, hidden, cos, sin, past_k, past_v, use_reentrant=False
+                    self.midlayer, emb, hidden, cos, sin, tuple(past_k), tuple(past_v), use_reentrant=False
                 )
             else:
                 hidden, key, value = self.midlayer(emb, hidden, cos, sin, past_k, past_v)

@@ -22,6 +22,21 @@ class Teacher:
     valid: torch.Tensor  # [B, S + L] bool: position counts in the loss
 
 
+@torch.no_grad()
+def make_teacher(logits: torch.Tensor, loss_mask: torch.Tensor, draft_ids: torch.Tensor, t2d: torch.Tensor, ttt: int) -> Teacher:
+    """Target logits [B, S, V] -> the draft's targets.
+
+    The target's prediction at position j is of token j + 1: it is trained on when that token
+    is an assistant token and the target's top choice is in the draft vocab.
+    """
+    b, s, _ = logits.shape
+    probs = torch.zeros(b, s + ttt, len(draft_ids), dtype=torch.float32, device=logits.device)
+    probs[:, :s] = torch.softmax(logits.index_select(-1, draft_ids), dim=-1, dtype=torch.float32)
+    valid = torch.zeros(b, s + ttt, dtype=torch.bool, device=logits.device)
+    valid[:, : s - 1] = loss_mask[:, 1:] & t2d[logits[:, : s - 1].argmax(-1)]
+    return Teacher(probs, valid)
+
+
 def step_loss(logits: torch.Tensor, teacher: Teacher, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean soft CE over valid positions, number of top-1 agreements) for TTT step k."""
     seq = logits.shape[1]

@@ -59,6 +59,7 @@ class Meter:
     def __init__(self, device: torch.device):
         self.device = device
         self.step: dict[str, dict[str, int]] = {}
+        self.current: str | None = None  # the phase running now (named in an OOM report)
         self.tracker = LiveStorageTracker() if device.type == "cpu" else None
 
     def __enter__(self):
@@ -76,6 +77,7 @@ class Meter:
 
     @contextlib.contextmanager
     def phase(self, name: str):
+        self.current = name
         self._start()
         yield
         record = self._read()
@@ -99,19 +101,3 @@ class Meter:
             "reserved": torch.cuda.max_memory_reserved(self.device),
             "device_used": total - free,
         }
-
-
-# ------------------------------------------------------------------ throughput
-
-
-def target_flops(model_params: int, layers: int, heads: int, head_dim: int, batch: int, seq: int) -> float:
-    """Forward FLOPs: 2 per weight per token, plus causal attention (QK^T and PV, half the square)."""
-    return 2.0 * model_params * batch * seq + 2.0 * layers * batch * seq * seq * heads * head_dim
-
-
-def draft_flops(trainable_matmul_params: int, heads: int, head_dim: int, batch: int, seq: int, ttt: int) -> float:
-    """Forward + backward (3x forward) over the unroll; step k attends to ~S/2 + k keys per query."""
-    total = 0.0
-    for k in range(ttt):
-        total += 2.0 * trainable_matmul_params * batch * seq + 4.0 * batch * seq * (seq / 2 + k) * heads * head_dim
-    return 3.0 * total

@@ -33,20 +33,26 @@ def autocast(precision: str, device: torch.device):
 class MasterWeightAdamW(torch.optim.Optimizer):
     """AdamW on fp32 master copies of bf16 parameters (SpecForge's BF16Optimizer recipe).
 
-    At each step the bf16 grads are copied to fp32, the master weights are updated, and the
-    result is rounded back into the bf16 parameters.
+    The masters are made inside the first step (like Adam's moments), so step 1's forward and
+    backward run without them. At each step the bf16 grads are copied to fp32, the masters are
+    updated, and the result is rounded back into the bf16 parameters.
     """
 
     def __init__(self, params, lr: float):
-        params = list(params)
-        self.masters = [p.detach().float() for p in params]
-        self.inner = torch.optim.AdamW(self.masters, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
-        super().__init__(params, {"lr": lr})
-        self.param_groups = self.inner.param_groups  # the scheduler sets lr on the real groups
-        self.model_params = params
+        self.model_params = list(params)
+        super().__init__(self.model_params, {"lr": lr})
+        self.masters: list[torch.Tensor] = []
+        self.inner: torch.optim.AdamW | None = None
+
+    def _make_masters(self) -> None:
+        self.masters = [p.detach().float() for p in self.model_params]
+        self.inner = torch.optim.AdamW(self.masters, lr=self.param_groups[0]["lr"], betas=BETAS, weight_decay=WEIGHT_DECAY)
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self.inner is None:
+            self._make_masters()
+        self.inner.param_groups[0]["lr"] = self.param_groups[0]["lr"]  # the scheduler sets the outer lr
         for p, master in zip(self.model_params, self.masters):
             master.grad = p.grad.float() if p.grad is not None else None
         self.inner.step()
@@ -55,9 +61,12 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             p.copy_(master)
 
     def state_dict(self):
-        return {"inner": self.inner.state_dict(), "masters": list(self.masters)}
+        return {"inner": self.inner.state_dict() if self.inner else None, "masters": list(self.masters)}
 
     def load_state_dict(self, state):
+        if state["inner"] is None:
+            return
+        self._make_masters()
         with torch.no_grad():
             for master, saved, p in zip(self.masters, state["masters"], self.model_params):
                 master.copy_(saved)

@@ -6,7 +6,6 @@ the LM head's logits cover every position. Nothing here keeps a graph: the targe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -41,7 +40,7 @@ def load_target(model_ref: str, random_weights: bool, device: torch.device) -> t
     if random_weights:
         config = hf_config(model_ref)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     else:
         path = Path(model_ref).expanduser()
         if not path.is_dir():
@@ -50,7 +49,7 @@ def load_target(model_ref: str, random_weights: bool, device: torch.device) -> t
             )
         if not _has_weights(path):
             raise FitplanError(f"{path}: no weights (*.safetensors or *.bin); use --random-weights for a memory check")
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16, device_map={"": device})
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": device})
     model.requires_grad_(False)
     return model.eval()
 
@@ -88,9 +87,6 @@ class TappedTarget:
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(input_ids=input_ids, use_cache=False).logits
-        aux = torch.cat([self.captured.pop(i) for i in self.aux_layers], dim=-1)
+        aux = torch.cat([self.captured[i] for i in self.aux_layers], dim=-1)
+        self.captured.clear()
         return aux, logits
-
-
-def model_config_dict(model: torch.nn.Module) -> dict:
-    return json.loads(model.config.to_json_string())

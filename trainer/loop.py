@@ -1,0 +1,314 @@
+"""The Eagle3 training loop, measured phase by phase.
+
+    load -> for each step: [target_forward -> draft_forward -> backward] x accum
+            -> optimizer_step -> (checkpoint)
+
+One process is the world-1 case of the multi-GPU layout: the trainer.parallel calls
+(group_batch, collect_target_outputs, shard_draft) are identities there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fitplan.errors import FitplanError
+from fitplan.layout import Job, resolve
+from trainer import checkpoint, compare, data, optim, parallel, vocab
+from trainer.draft import DraftConfig, Eagle3Draft
+from trainer.loss import Teacher, make_teacher, unroll_loss
+from trainer.measure import Meter
+from trainer.options import TrainOptions
+from trainer.target import TappedTarget, hf_config, load_target, load_tokenizer
+
+VOCAB_SAMPLES_SYNTHETIC = 64  # synthetic data: the draft vocab is counted over this many samples
+
+
+@dataclass
+class Run:
+    opts: TrainOptions
+    job: Job
+    ctx: parallel.DistContext
+    device: torch.device
+    target: TappedTarget
+    draft: Eagle3Draft
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: data.Batches
+    draft_ids: torch.Tensor  # target ids of the draft vocab, on the device
+    skipped_lines: int = 0
+
+
+# ------------------------------------------------------------------ building
+
+
+def resolve_job(spec) -> Job:
+    from fitplan.estimator import target_weight_bytes
+
+    return resolve(spec, target_weight_bytes)
+
+
+def draft_config(job: Job, hf) -> DraftConfig:
+    shape = job.draft
+    if shape.hidden != job.model.hidden:
+        raise FitplanError(
+            f"draft hidden size {shape.hidden} differs from the target's {job.model.hidden}: "
+            "the draft's embedding is a frozen copy of the target's"
+        )
+    rope = getattr(hf, "rope_parameters", None) or {}
+    return DraftConfig(
+        hidden=shape.hidden, intermediate=shape.intermediate, heads=shape.heads, kv_heads=shape.kv_heads,
+        head_dim=shape.head_dim, vocab=shape.vocab, draft_vocab=shape.draft_vocab,
+        target_hidden=shape.target_hidden, aux_layers=tuple(shape.aux_layers),
+        rms_eps=getattr(hf, "rms_norm_eps", 1e-6),
+        rope_theta=float(getattr(hf, "rope_theta", None) or rope.get("rope_theta", 10000.0)),
+        max_positions=getattr(hf, "max_position_embeddings", None) or 131072,
+    )
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build parameters directly in the recipe's dtype (no fp32 copy at load)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def build_draft(job: Job, hf, target: torch.nn.Module, draft_ids: torch.Tensor, device: torch.device) -> Eagle3Draft:
+    spec = job.spec
+    with torch.device(device), default_dtype(optim.param_dtype(spec.precision)):
+        draft = Eagle3Draft(draft_config(job, hf), spec.attention_impl, checkpoint_layer=spec.ac)
+    with torch.no_grad():
+        # the frozen embedding stays in the target's bf16 whatever the recipe
+        draft.embed_tokens.to(torch.bfloat16)
+        draft.embed_tokens.weight.copy_(target.get_input_embeddings().weight)
+        d2t, t2d = vocab.mapping(draft_ids.cpu(), draft.cfg.vocab)
+        draft.d2t.copy_(d2t)
+        draft.t2d.copy_(t2d)
+    return draft
+
+
+def load_samples(opts: TrainOptions, job: Job):
+    """(Batches, draft vocab target ids, skipped lines)."""
+    spec, shape = job.spec, job.draft
+    if opts.synthetic_data:
+        batches = data.Batches([], spec.micro_batch, opts.seed, synthetic=(spec.seq, shape.vocab))
+        counted = (data.synthetic_sample(i, spec.seq, shape.vocab, opts.seed) for i in range(VOCAB_SAMPLES_SYNTHETIC))
+        return batches, vocab.top_tokens(counted, shape.vocab, shape.draft_vocab), 0
+    if opts.data is None:
+        raise FitplanError("give --data FILE.jsonl, or --synthetic-data for a memory check")
+    loaded = data.load_jsonl(opts.data, load_tokenizer(spec.model), spec.seq)
+    cache = vocab.cache_path(opts.data, shape.vocab, shape.draft_vocab, spec.seq)
+    ids = vocab.load_or_build(loaded.samples, shape.vocab, shape.draft_vocab, cache)
+    return data.Batches(loaded.samples, spec.micro_batch, opts.seed), ids, loaded.skipped
+
+
+def fingerprint(opts: TrainOptions) -> dict:
+    """What a resumed run must share with the checkpoint it continues (not the step count)."""
+    return {**opts.spec.to_dict(), "lr": opts.lr, "warmup": opts.warmup, "seed": opts.seed,
+            "data": str(opts.data) if opts.data else None, "synthetic_data": opts.synthetic_data}
+
+
+def build(opts: TrainOptions, meter: Meter, job: Job, ctx) -> Run:
+    spec = job.spec
+    torch.manual_seed(opts.seed)
+    batches, draft_ids, skipped = load_samples(opts, job)
+    hf = hf_config(spec.model)
+    with meter.phase("load"):
+        model = load_target(spec.model, opts.random_weights, meter.device)
+        model = parallel.parallelize_target(model, ctx)
+        target = TappedTarget(model, tuple(job.draft.aux_layers))
+        draft = build_draft(job, hf, model, draft_ids, meter.device)
+        if ctx.distributed:
+            draft = parallel.shard_draft(draft, ctx, spec.sharding)
+        optimizer = optim.build_optimizer(draft.trainable(), spec.precision, opts.lr)
+        scheduler = optim.cosine_with_warmup(optimizer, opts.warmup, opts.steps)
+    return Run(opts, job, ctx, meter.device, target, draft, optimizer, scheduler, batches,
+               draft_ids.to(meter.device), skipped)
+
+
+# ------------------------------------------------------------------ one step
+
+
+def teach(run: Run, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Teacher]:
+    """Target forward: (aux hidden, input ids padded by ttt, teacher). The full logits die here."""
+    spec = run.job.spec
+    group_ids, _ = parallel.group_batch(ids, mask, run.ctx)
+    aux, logits = run.target(group_ids)
+    logits, aux = parallel.collect_target_outputs(logits, aux, run.ctx, spec.output_sharding)
+    teacher = make_teacher(logits, mask, run.draft_ids, run.draft.t2d, spec.ttt)
+    return aux, F.pad(ids, (0, spec.ttt)), teacher
+
+
+def train_step(run: Run, meter: Meter) -> dict:
+    spec, accum = run.job.spec, run.job.accum
+    losses, accuracy, tokens, seqs = [], [], 0, []
+    for micro in range(accum):
+        ids, mask = (t.to(run.device) for t in run.batches.next())
+        tokens += ids.numel()
+        seqs.append(ids.shape[1])
+        parallel.set_micro_step(run.draft, final=micro == accum - 1)
+        with meter.phase("target_forward"):
+            aux, ids_ext, teacher = teach(run, ids, mask)
+        with meter.phase("draft_forward"), optim.autocast(spec.precision, run.device):
+            loss, acc = unroll_loss(run.draft.unroll(aux, ids_ext, spec.ttt), teacher, spec.ttt)
+        with meter.phase("backward"):
+            (loss / accum).backward()
+        losses.append(float(loss.detach()))
+        accuracy.append(acc)
+        del aux, ids_ext, teacher, loss  # nothing of this micro-step outlives it
+    with meter.phase("optimizer_step"):
+        grad_norm = optim.clip(run.draft.trainable(), run.opts.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.draft.zero_grad(set_to_none=True)
+    return {
+        "loss": sum(losses) / accum,
+        "acc": [sum(a[k] for a in accuracy) / accum for k in range(spec.ttt)],
+        "grad_norm": grad_norm,
+        "lr": run.scheduler.get_last_lr()[0],
+        "tokens": tokens,
+        "seq": max(seqs),
+    }
+
+
+def step_flops(job: Job, seq: int) -> float:
+    """Target forward + draft forward/backward FLOPs of one optimizer step at this padded length."""
+    from fitplan.steptime import draft_flops, target_forward_flops
+
+    at = resolve(job.spec.replace(seq=seq, tp=job.tp))
+    return job.accum * (target_forward_flops(at) + draft_flops(at))
+
+
+# ------------------------------------------------------------------ the run
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM set a flag; the loop saves a checkpoint and stops after the step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def predict(job: Job) -> dict | None:
+    from fitplan.estimator import estimate
+
+    return estimate(job).to_json()
+
+
+def suggestion(spec) -> str | None:
+    """What `fitplan fit` would change to make this job fit, for an OOM report."""
+    from fitplan.ladder import fit
+
+    best = fit(spec).best
+    return best.change if best is not None else None
+
+
+def run(opts: TrainOptions, progress: bool = False) -> dict:
+    """Train; returns the report (also written to OUTPUT/report.json)."""
+    job = resolve_job(opts.spec)
+    cpu = opts.device == "cpu" or (opts.device is None and not torch.cuda.is_available())
+    ctx = parallel.init_distributed(
+        job.tp, plan_world=job.world, gpus_per_node=None if cpu else job.cluster.gpus_per_node,
+        model_config=hf_config(opts.spec.model),
+    )
+    device = torch.device("cpu") if cpu else ctx.device
+    if cpu and opts.spec.attention_impl == "flex":
+        raise FitplanError("flex attention has no backward on CPU; use --attention sdpa or eager there")
+    opts.output.mkdir(parents=True, exist_ok=True)
+    snapshot = device.type == "cuda" and opts.snapshot_on_miss
+    if snapshot:
+        torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+    report = {"config": opts.spec.to_dict(), "world": ctx.world, "device": _device_name(device), "steps": []}
+    prediction = predict(job)
+    report["prediction"] = prediction
+    with Meter(device) as meter, StopRequest() as stop:
+        try:
+            r = build(opts, meter, job, ctx)
+            report["load"] = meter.new_step()
+            report["skipped_lines"] = r.skipped_lines
+            first = 1
+            if opts.resume:
+                done, r.batches.position = checkpoint.resume(opts.output, r.draft, r.optimizer, r.scheduler, fingerprint(opts))
+                first = done + 1
+            _loop(r, meter, stop, first, report, progress)
+        except torch.OutOfMemoryError as exc:
+            report["oom"] = {"step": len(report["steps"]) + 1, "phase": meter.current,
+                             "message": str(exc).splitlines()[0], "fit_suggestion": suggestion(opts.spec)}
+    report["comparison"] = compare.rows(report["steps"], report.get("load", {}), prediction)
+    if snapshot:
+        if compare.missed(report["comparison"]) or "oom" in report:
+            path = opts.output / "memory_snapshot.pickle"
+            torch.cuda.memory._dump_snapshot(str(path))
+            report["snapshot"] = str(path)
+        torch.cuda.memory._record_memory_history(enabled=None)
+    _write_json(opts.output / "report.json", report)
+    return report
+
+
+def _loop(r: Run, meter: Meter, stop: StopRequest, first: int, report: dict, progress: bool) -> None:
+    opts, job = r.opts, r.job
+    peak = job.cluster.gpu.bf16_tflops * 1e12 if r.device.type == "cuda" else None
+    bar = _progress(progress)
+    task = bar.add_task("training", total=opts.steps, completed=first - 1)
+    with bar:
+        for step in range(first, opts.steps + 1):
+            start = time.perf_counter()
+            record = train_step(r, meter)
+            seconds = time.perf_counter() - start
+            save = step == opts.steps or stop.requested or (opts.save_every and step % opts.save_every == 0)
+            if save and r.ctx.rank == 0:
+                with meter.phase("checkpoint"):
+                    report["checkpoint"] = str(checkpoint.save(
+                        opts.output, step, r.draft, r.optimizer, r.scheduler, r.batches.position, fingerprint(opts)))
+            flops = step_flops(job, record.pop("seq"))
+            record.update(step=step, phases=meter.new_step(), seconds=seconds,
+                          tokens_per_s=record["tokens"] / seconds, mfu=flops / seconds / peak if peak else None)
+            report["steps"].append(record)
+            bar.update(task, advance=1, description=f"loss {record['loss']:.4f} acc0 {record['acc'][0]:.3f}")
+            if stop.requested:
+                report["stopped_at"] = step
+                break
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    disable=not enabled)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    tmp.replace(path)
