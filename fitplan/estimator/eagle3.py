@@ -37,13 +37,12 @@ def compute_params(state: TrainedState) -> int:
     return state.full_params() - state.params()
 
 
-def backward_grads(job: Job, state: TrainedState) -> dict[str, int]:
-    """Grads at the end of backward: replicated (plus DDP's bucket copy with sharding none on
-    several ranks), or the sharded accumulation plus the unsharded grads being reduce-scattered."""
-    if job.spec.sharding in ("none", "zero1"):
-        buckets = state.full_grads() if job.spec.sharding == "none" and job.world > 1 else 0
-        return {"draft.grads": state.full_grads(), "comm.buffers": buckets}
-    return {"draft.grads": state.grads(), "comm.buffers": state.full_grads()}
+def backward_grads(state: TrainedState) -> dict[str, int]:
+    """Grads at the end of backward: replicated, or the sharded accumulation plus the unsharded
+    grads of the (single-unit) draft being reduce-scattered."""
+    if state.sharded_grads():
+        return {"draft.grads": state.grads(), "comm.buffers": state.full_grads()}
+    return {"draft.grads": state.full_grads()}
 
 
 def timeline(job: Job) -> Timeline:
@@ -52,6 +51,7 @@ def timeline(job: Job) -> Timeline:
     base = phase(
         target__weights=target_terms.weights_per_rank(job),
         draft__params=state.params(),
+        comm__buffers=state.ddp_buckets(),
         runtime__workspace=CUBLAS_WORKSPACE_BYTES,
     )
     # Between micro-steps of an accumulation the grads stay; with accum 1 zero_grad(set_to_none).
@@ -76,7 +76,7 @@ def timeline(job: Job) -> Timeline:
                 ),
             ),
             "draft_forward": merge(base, opt, carried, outputs, casts_and_gather, saved),
-            "backward": merge(base, opt, outputs, casts_and_gather, saved, backward_extra, backward_grads(job, state)),
+            "backward": merge(base, opt, outputs, casts_and_gather, saved, backward_extra, backward_grads(state)),
             "optimizer_step": merge(
                 base, optimizer_state(state, steady=True),
                 phase(draft__grads=state.grads(), optimizer__grad_copy=state.grad_copy()),

@@ -91,6 +91,17 @@ class TrainedState:
     def grad_copy(self) -> int:
         return self._optimizer_state(self.recipe.grad_copy)
 
+    def ddp_buckets(self) -> int:
+        """Unsharded grads on several ranks go through DDP (ZeroRedundancyOptimizer wraps DDP for
+        zero1), whose reducer keeps gradient buckets as large as the grads for its lifetime
+        (gradient_as_bucket_view=False, the default)."""
+        replicated = self.spec.sharding in ("none", "zero1")
+        return self.full_grads() if replicated and self.ranks > 1 else 0
+
+    def sharded_grads(self) -> bool:
+        """Grads are reduce-scattered (zero2/zero3 over several ranks), not all-reduced."""
+        return self.spec.sharding in ("zero2", "zero3") and self.ranks > 1
+
     def casts(self) -> int:
         """bf16 weight casts under autocast, live from forward through backward."""
         return self.trainable * self.recipe.cast

@@ -28,8 +28,10 @@ def _root_and_layer_params(job: Job) -> tuple[int, int]:
 
 def unsharded_bytes(job: Job, state: TrainedState, per_param: int) -> int:
     """Units FSDP holds unsharded during forward/backward, at `per_param` bytes (params or grads)."""
-    if job.spec.sharding != "zero3":
-        return state.trainable * per_param if job.spec.sharding == "zero2" and job.world > 1 else 0
+    if job.world == 1 or job.spec.sharding in ("none", "zero1"):
+        return 0
+    if job.spec.sharding == "zero2":
+        return state.trainable * per_param
     root, layer = _root_and_layer_params(job)
     return (root + min(2, job.model.layers) * layer) * per_param
 
@@ -41,23 +43,23 @@ def _reduce_unit_bytes(job: Job, state: TrainedState) -> int:
 
 
 def _grads_at_backward_end(job: Job, state: TrainedState) -> dict[str, int]:
-    if job.spec.sharding in ("none", "zero1"):
-        buckets = state.full_grads() if job.spec.sharding == "none" and job.world > 1 else 0
-        return phase(model__grads=state.full_grads(), comm__buffers=buckets)
-    return phase(model__grads=state.grads(), comm__buffers=_reduce_unit_bytes(job, state))
+    if state.sharded_grads():
+        return phase(model__grads=state.grads(), comm__buffers=_reduce_unit_bytes(job, state))
+    return phase(model__grads=state.full_grads())
 
 
 def _backward(job: Job, state: TrainedState, before: dict[str, int]) -> dict[str, int]:
     """Backward frees activations layer by layer while grads appear layer by layer: their sum
     moves linearly, so the peak is at one end. Start: every saved activation plus the logits'
-    gradient buffers; end: all grads plus one layer's recompute and gradient working set."""
+    gradient buffers; end: all grads plus the first layer's saved (or recomputed) activations
+    and its gradient working set."""
     carried = phase(model__grads=state.grads() if job.accum > 1 else 0)
     start = merge(before, carried, phase(
         activations__model=sft_terms.activation_bytes(job),
         logits__model=sft_terms.backward_logits_bytes(job),
     ))
     end = merge(before, _grads_at_backward_end(job, state), phase(
-        activations__model=sft_terms.recompute_bytes(job) + sft_terms.layer_grad_working_bytes(job),
+        activations__model=sft_terms.first_layer_bytes(job) + sft_terms.layer_grad_working_bytes(job),
     ))
     return max(start, end, key=lambda p: sum(p.values()))
 
@@ -65,7 +67,9 @@ def _backward(job: Job, state: TrainedState, before: dict[str, int]) -> dict[str
 def timeline(job: Job) -> Timeline:
     t = Timeline()
     state = TrainedState(job.spec, count_params(job.model).total, 0, job.world)
-    base = phase(model__params=state.params(), runtime__workspace=CUBLAS_WORKSPACE_BYTES)
+    base = phase(
+        model__params=state.params(), comm__buffers=state.ddp_buckets(), runtime__workspace=CUBLAS_WORKSPACE_BYTES
+    )
     in_compute = phase(comm__buffers=unsharded_bytes(job, state, state.recipe.param), model__params=state.casts())
     carried = phase(model__grads=state.grads() if job.accum > 1 else 0)
 

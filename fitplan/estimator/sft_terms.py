@@ -52,9 +52,10 @@ def activation_bytes(job: Job) -> int:
     return layer_saved_bytes_per_token(job) * tokens * m.layers + final_norm
 
 
-def recompute_bytes(job: Job) -> int:
-    """Backward with checkpointing re-runs one layer at a time: its saved tensors come back."""
-    return layer_saved_bytes_per_token(job) * _tokens(job) if job.spec.ac else 0
+def first_layer_bytes(job: Job) -> int:
+    """At the end of backward the first layer's saved tensors are live: still saved without
+    checkpointing, recomputed with it (its input is the embedding output, counted here too)."""
+    return layer_saved_bytes_per_token(job) * _tokens(job)
 
 
 def layer_grad_working_bytes(job: Job) -> int:

@@ -68,7 +68,7 @@ def _target_weights(job: Job) -> int:
 
 
 def timeline(job: Job) -> Timeline:
-    t = Timeline(notes=["specforge runtime: BF16Optimizer (bf16 params, fp32 master + moments) whatever precision says"])
+    t = Timeline()
     n, trainable = job.world, job.draft.trainable_params()
     flat = BF16 * (trainable + job.draft.frozen_params())  # the one FSDP flat parameter
     shard = _ceil_div(flat, n)

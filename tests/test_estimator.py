@@ -1,0 +1,211 @@
+"""The analytic estimator against hand calculations and published figures (written out here)."""
+
+import json
+
+import pytest
+
+from fitplan.config import RunSpec
+from fitplan.estimator import estimate, estimate_spec, target_weight_bytes
+from fitplan.estimator.params import count_params, weight_bytes
+from fitplan.estimator.recipes import TrainedState
+from fitplan.estimator import runtime, target_terms
+from fitplan.layout import resolve
+from fitplan.profiles import _json_files, load_draft, load_model
+
+GIB = 2**30
+MIB = 2**20
+
+
+def job_of(**kw):
+    return resolve(RunSpec(**kw), target_weight_bytes)
+
+
+# ---------------------------------------------------------------- parameter counts
+
+
+def test_llama_31_8b_param_count_by_hand():
+    h, layers, V, I, kv = 4096, 32, 128256, 14336, 8 * 128
+    embed_and_head = 2 * V * h  # untied: 1,050,673,152
+    attention = h * (h + 2 * kv) + h * h  # q, k, v, o: 41,943,040
+    mlp = 3 * h * I  # gate, up, down: 176,160,768
+    norms = 2 * h
+    total = embed_and_head + layers * (attention + mlp + norms) + h
+    assert total == 8_030_261_248  # Meta's published "8B"; exact count
+    assert count_params(load_model("llama-3.1-8b")).total == total
+
+
+def test_qwen25_7b_qkv_biases_counted():
+    # 7,615,616,512: the published Qwen2.5-7B parameter count (7.61B in the model card)
+    assert count_params(load_model("qwen2.5-7b")).total == 7_615_616_512
+
+
+def test_gpt_oss_120b_total_and_packed_size():
+    m = load_model("gpt-oss-120b")
+    c = count_params(m)
+    # gpt-oss model card (arXiv:2508.10925): 116.83B total parameters
+    assert abs(c.total / 1e9 - 116.83) < 0.01
+    # expert weights: 36 layers x 128 experts x 3 x 2880 x 2880
+    assert c.expert_weights == 36 * 128 * 3 * 2880 * 2880
+    # published checkpoint size: 60.8 GiB with MXFP4 experts (params_stated_breakdown)
+    assert abs(weight_bytes(m, packed=True) / GIB - 60.8) < 0.1
+    # dequantized: ~218 GiB (memory-anatomy §2): 116.83e9 x 2 bytes
+    assert abs(weight_bytes(m, packed=False) / GIB - 116.83e9 * 2 / GIB) < 0.1
+
+
+def test_deepseek_v3_mla_count_matches_published_671b():
+    # DeepSeek-V3 README: 671B main-model parameters (MTP module excluded)
+    assert abs(count_params(load_model("deepseek-v3")).total / 1e9 - 671.0) < 0.1
+
+
+@pytest.mark.parametrize("name", sorted(_json_files("drafts")))
+def test_draft_param_counts_match_cited_derivations(name):
+    """profiles/drafts/*.json derived_param_counts cite SpecForge's LlamaForCausalLMEagle3."""
+    profile = json.loads(_json_files("drafts")[name].read_text())
+    cited = profile["derived_param_counts"]
+    target = next(load_model(m) for m in sorted(_json_files("models")) if load_draft("auto", load_model(m)).name == name)
+    draft = load_draft(name, target)
+    assert draft.trainable_params() == cited["trainable_excl_frozen_embedding"]
+    assert draft.trainable_params() + draft.frozen_params() == cited["total_incl_embedding"]
+
+
+# ---------------------------------------------------------------- recipes and sharding
+
+
+@pytest.mark.parametrize(
+    "precision, per_param",
+    [("mixed", 18), ("fp32-autocast", 16), ("bf16-master", 16), ("bf16", 8)],
+)
+def test_recipe_bytes_per_param(precision, per_param):
+    s = TrainedState(RunSpec(model="x", precision=precision, sharding="none"), trainable=1000, frozen=0, ranks=1)
+    assert s.full_params() + s.full_grads() + s.master() + s.moments() == per_param * 1000
+
+
+def test_bf16_master_grad_copy_and_8bit_moments():
+    spec = RunSpec(model="x", precision="bf16-master", sharding="none")
+    assert TrainedState(spec, 1000, 0, 1).grad_copy() == 4000
+    spec8 = spec.replace(optimizer="adamw-8bit")
+    assert TrainedState(spec8, 1000, 0, 1).moments() == 2000  # one byte per moment
+
+
+def test_zero_levels_divide_state_by_ranks():
+    base = RunSpec(model="x", precision="bf16-master")
+    P, N = 8000, 8
+    z1 = TrainedState(base.replace(sharding="zero1"), P, 0, N)
+    assert (z1.moments(), z1.master(), z1.full_grads(), z1.params()) == (8 * P // N, 4 * P // N, 2 * P, 2 * P)
+    z2 = TrainedState(base.replace(sharding="zero2"), P, 0, N)
+    assert (z2.grads(), z2.params()) == (2 * P // N, 2 * P)
+    z3 = TrainedState(base.replace(sharding="zero3"), P, 0, N)
+    assert z3.params() == 2 * P // N
+    off = TrainedState(base.replace(sharding="zero3", offload="params"), P, 0, N)
+    assert (off.params(), off.moments(), off.master()) == (0, 0, 0)
+
+
+# ---------------------------------------------------------------- eagle3 terms
+
+
+def test_tp_fold_logits_gather_vs_all_to_all_by_hand():
+    kw = dict(model="qwen3-8b", gpus="8xH100", tp=8, seq=4096, micro_batch=1)
+    gather = target_terms.logits_bytes(job_of(**kw))
+    a2a = target_terms.logits_bytes(job_of(**kw, output_sharding="all-to-all"))
+    T_g, V = 8 * 1 * 4096, 151936
+    shard = 2 * T_g * V // 8  # this rank's bf16 vocab shard [T_g, V/8]: 1,244,659,712
+    assert gather == shard + 2 * T_g * V == 11_201_937_408
+    assert a2a == shard + 2 * 4096 * V == 2_489_319_424
+    assert gather / a2a == pytest.approx((1 + 8) / 2)  # (1 + tp) / 2
+
+
+def test_specforge_cascade_is_about_56_gib_for_qwen3_8b_tp8():
+    # memory-anatomy §4: Qwen3-8B, tp 8, B 1, S 4096: ~56 GiB of logits on every rank (12*T_g*V)
+    est = estimate_spec(RunSpec(model="qwen3-8b", gpus="8xH100", tp=8, runtime="specforge"))
+    logits = est.phases["target_forward"]["logits.target"]
+    assert logits == 12 * 8 * 4096 * 151936
+    assert abs(logits / GIB - 56) < 0.5
+    sharded = estimate_spec(RunSpec(model="qwen3-8b", gpus="8xH100", tp=8, runtime="specforge",
+                                    output_sharding="all-to-all"))
+    assert sharded.phases["target_forward"]["logits.target"] * 8 == logits
+
+
+def test_gpt_oss_120b_gathered_logits_exceed_an_h100():
+    # memory-anatomy §4: ~74 GiB for gpt-oss-120b (V = 201088) at tp 8 in SpecForge's cascade
+    est = estimate_spec(RunSpec(model="gpt-oss-120b", gpus="8xH100", tp=8, runtime="specforge",
+                                target_weights="mxfp4"))
+    assert est.phases["target_forward"]["logits.target"] == 12 * 8 * 4096 * 201088  # 73.6 GiB
+    assert not est.fits
+    assert est.dominant_component == "logits.target"
+    assert est.largest_allocation_bytes == 4 * 8 * 4096 * 201088  # fp32 [tp*B*S, V]
+
+
+def test_adam_moments_lazy_step1_vs_steady():
+    est = estimate_spec(RunSpec(model="llama-3.1-8b", gpus="1xH100", seq=2048, precision="bf16-master"))
+    P = 424_689_664  # trainable draft params (SpecForge derivation, profiles/drafts/llama3-8b.json)
+    for phase in ("target_forward", "draft_forward", "backward"):
+        missing = est.phase_allocated(phase) - est.phase_allocated(phase, step1=True)
+        assert missing == 12 * P  # fp32 master (4) + Adam moments (8), built in the first step
+    assert est.phase_allocated("optimizer_step") == est.phase_allocated("optimizer_step", step1=True)
+
+
+def test_mxfp4_target_weights_per_rank():
+    job = job_of(model="gpt-oss-120b", gpus="8xH100", tp=4, target_weights="mxfp4")
+    packed = 114_661_785_600 * 4.25 / 8 + (116_829_156_672 - 114_661_785_600) * 2
+    assert target_terms.weights_per_rank(job) == pytest.approx(packed / 4, abs=1)
+
+
+def test_outside_allocator_terms_by_hand():
+    one = job_of(model="llama-3.1-8b", gpus="1xH100")
+    assert runtime.outside_allocator_bytes(one) == 554_500_096 + 76 * MIB  # context + first kernels
+    eight = job_of(model="qwen3-8b", gpus="8xH100", tp=4, output_sharding="all-to-all")
+    # world communicator (840 MiB) + a TP group of 4 (486 MiB) + kernels after NCCL init (92 MiB)
+    # + the first all-to-all on 4 ranks (1214 MiB)
+    expected = 554_500_096 + 76 * MIB + 840 * MIB + 486 * MIB + 92 * MIB + 1214 * MIB
+    assert runtime.outside_allocator_bytes(eight) == expected
+
+
+def test_device_peak_adds_reserve_and_outside():
+    est = estimate_spec(RunSpec(model="llama-3.2-1b", gpus="1xH100", seq=1024))
+    assert est.peak_reserved_bytes == est.peak_allocated_bytes + est.allocator_reserve_bytes + est.outside_allocator_bytes
+    assert est.allocator_reserve_bytes == int(0.05 * est.peak_allocated_bytes) + 256 * MIB
+
+
+# ---------------------------------------------------------------- sft
+
+
+def test_sft_llama_8b_activations_by_hand():
+    job = job_of(model="llama-3.1-8b", gpus="1xH200", workload="sft", seq=8192, precision="bf16")
+    h, H, d, I, layers, T = 4096, 32, 128, 14336, 32, 8192
+    norms = 2 * (4 * h + 2 * h + 2 * h)  # fp32 upcast, normalized bf16, output: 65,536
+    attention = 4 * 2 * H * d + 4 * H + 2 * H * d  # sdpa q,k,v,out + fp32 lse + o_proj input: 41,088
+    mlp = 8 * I  # 114,688
+    per_layer = norms + attention + mlp  # 221,312 B per token
+    final_norm = 8 * h * T
+    est = estimate(job)
+    assert est.phases["forward"]["activations.model"] == per_layer * T * layers + final_norm  # 54.28 GiB
+    # logits at the loss: bf16 [T, V] + fp32 upcast + fp32 log-softmax = 10 B per entry
+    assert est.phases["forward"]["logits.model"] == 10 * T * 128256
+    ac = estimate(job_of(model="llama-3.1-8b", gpus="1xH200", workload="sft", seq=8192, precision="bf16", ac=True))
+    assert ac.phases["forward"]["activations.model"] == 2 * h * T * layers + final_norm  # layer inputs
+
+
+def test_sft_bf16_state_is_8_bytes_per_param():
+    est = estimate_spec(RunSpec(model="llama-3.1-8b", gpus="1xH200", workload="sft", precision="bf16", seq=512))
+    step = est.phases["optimizer_step"]
+    P = 8_030_261_248
+    assert step["model.params"] + step["model.grads"] + step["optimizer.moments"] == 8 * P
+
+
+def test_sft_zero3_holds_root_and_two_layers_unsharded():
+    est = estimate_spec(RunSpec(model="llama-3.1-8b", gpus="8xH100", workload="sft", sharding="zero3",
+                                precision="bf16", seq=1024))
+    root = 2 * 128256 * 4096 + 4096
+    layer = (8_030_261_248 - root) // 32  # 218,112,000
+    assert est.phases["forward"]["comm.buffers"] == 2 * (root + 2 * layer)
+    assert est.phases["optimizer_step"]["model.params"] == -(-2 * 8_030_261_248 // 8)
+
+
+def test_json_contract_keys():
+    out = estimate_spec(RunSpec(model="llama-3.2-1b", gpus="1xH100")).to_json()
+    for key in ("fits", "peak_allocated_bytes", "peak_reserved_bytes", "gpu_total_bytes",
+                "largest_allocation_bytes", "peak_phase", "phases", "components"):
+        assert key in out
+    assert out["fits"] is (out["peak_reserved_bytes"] <= out["gpu_total_bytes"])
+    assert set(out["phases"]) == {"load", "target_forward", "draft_forward", "backward", "optimizer_step", "checkpoint"}
+    assert out["components"] == out["phase_components"][out["peak_phase"]]
