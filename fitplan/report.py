@@ -39,7 +39,7 @@ def breakdown_table(est: Estimate, title: str = "") -> Table:
     table.add_column("component", no_wrap=True)
     for p in est.phases:
         header = p.replace("_", "\n") + (" *" if p == peak else "")
-        table.add_column(header, justify="right", style="bold" if p == peak else None, min_width=7, overflow="fold")
+        table.add_column(header, justify="right", style="bold" if p == peak else None, min_width=6, overflow="fold")
     for name in component_names(est):
         table.add_row(name, *(_cell(est.phases[p].get(name, 0)) for p in est.phases))
     table.add_section()
@@ -96,7 +96,7 @@ def profile_tables() -> list[Table]:
 
     models = Table(title="Models", title_justify="left")
     for col in ("name", "params", "layers", "hidden", "heads (kv)", "vocab", "MoE experts (active)", "packed"):
-        models.add_column(col, justify="left" if col == "name" else "right")
+        models.add_column(col, no_wrap=col == "name", justify="left" if col == "name" else "right")
     loaded = {name: load_model(name) for name in model_names()}
     for name, m in loaded.items():
         moe = f"{m.experts} ({m.experts_per_token})" if m.is_moe else "-"
@@ -105,7 +105,7 @@ def profile_tables() -> list[Table]:
 
     drafts = Table(title="Eagle3 drafts (--draft)", title_justify="left")
     for col in ("name", "for model", "hidden", "MLP", "draft vocab", "trainable", "frozen embedding"):
-        drafts.add_column(col, justify="left" if col in ("name", "for model") else "right")
+        drafts.add_column(col, no_wrap=col == "name", justify="left" if col in ("name", "for model") else "right")
     for name in draft_names():
         target = next((m for m in loaded.values() if load_draft("auto", m).name == name), None)
         if target is None:
@@ -116,7 +116,7 @@ def profile_tables() -> list[Table]:
 
     gpus = Table(title="GPUs (--gpus COUNTxNAME)", title_justify="left")
     for col in ("name", "memory (GiB, as torch reports)", "bf16 dense TFLOPs", "memory TB/s", "aliases"):
-        gpus.add_column(col, justify="left" if col in ("name", "aliases") else "right")
+        gpus.add_column(col, no_wrap=col == "name", justify="left" if col in ("name", "aliases") else "right")
     for name in gpu_names():
         g = load_gpu(name)
         gpus.add_row(g.id, gib(g.total_bytes), f"{g.bf16_tflops:.0f}", f"{g.memory_tbps:.2f}", ", ".join(dict.fromkeys(a for a in g.aliases if a != g.id)))
