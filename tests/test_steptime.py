@@ -1,0 +1,71 @@
+"""Step-time model on a tiny dense model whose FLOPs and bytes are worked out by hand.
+
+Model: h = 64, 2 layers, 4 heads (= KV heads) of 16, I = 128, V = 100, untied embeddings.
+Per layer: attention 64·(64 + 2·64) + 64·64 = 16384, MLP 3·64·128 = 24576, norms 2·64.
+Multiplied per token: 2·(16384 + 24576 + 128) + 64 (final norm) + 6400 (lm_head) = 88640
+(the 6400-entry embedding lookup multiplies nothing).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fitplan.config import RunSpec
+from fitplan.layout import resolve
+from fitplan.steptime import matmul_params, sft_flops, step_time, target_comm
+
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "head_dim": 16, "vocab_size": 100, "intermediate_size": 128, "model_type": "llama"}
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY))
+    return str(path)
+
+
+def test_matmul_params(tiny):
+    assert matmul_params(resolve(RunSpec(model=tiny, workload="sft")).model) == 88640
+
+
+def test_sft_flops(tiny):
+    job = resolve(RunSpec(model=tiny, workload="sft", seq=8, micro_batch=1))
+    # forward: 2·88640·8 = 1,418,240 + causal attention 2 layers x 2·1·8²·4·16 (8192) = 1,434,624
+    assert sft_flops(job) == 3 * 1_434_624
+    with_ac = resolve(RunSpec(model=tiny, workload="sft", seq=8, micro_batch=1, ac=True))
+    assert sft_flops(with_ac) == 4 * 1_434_624  # checkpointing recomputes one forward
+
+
+def test_target_comm_gather_vs_all_to_all(tiny):
+    spec = RunSpec(model=tiny, gpus="2xH100", tp=2, seq=8, micro_batch=1, aux_layers=(0, 1, 1))
+    # TP group: 2 ranks x 8 tokens = 16 rows. 4 all-reduces of 16·64·2 B = 2048 B, each 2 ring
+    # passes receiving half: 4·2·1024 = 8192 B. Outputs per row: 100 bf16 logits + 3·64 bf16 aux
+    # = 584 B; gather: half of 16 rows -> 4672 B; all-to-all: half of this rank's 8 rows -> 2336 B.
+    assert target_comm(resolve(spec)) == (8192 + 4672, 4 + 2)
+    assert target_comm(resolve(spec.replace(output_sharding="all-to-all"))) == (8192 + 2336, 4 + 2)
+
+
+def test_specforge_sglang_moves_fp32_logits(tiny):
+    spec = RunSpec(model=tiny, gpus="2xH100", tp=2, seq=8, runtime="specforge", aux_layers=(0, 1, 1))
+    # Logits in fp32: 100·4 + 384 = 784 B per row, half of 16 rows -> 6272 B.
+    assert target_comm(resolve(spec))[0] == 8192 + 6272
+
+
+def test_orderings_the_ladder_relies_on():
+    base = RunSpec(model="llama-3.1-8b", gpus="8xH100", tp=8, seq=8192, micro_batch=2, global_batch=16)
+    t = lambda **kw: step_time(resolve(base.replace(**kw))).step_s  # noqa: E731
+    assert t(output_sharding="all-to-all") < t()  # fewer bytes moved
+    assert t(ac=True) > t()  # recompute
+    assert t(micro_batch=1) > t()  # same tokens, twice the collectives
+    assert t(offload="optimizer") > t()  # PCIe traffic
+    assert t(sharding="zero3") > t()  # an extra parameter gather per micro-step
+
+
+def test_tokens_per_s_counts_the_whole_global_batch():
+    job = resolve(RunSpec(model="llama-3.1-8b", gpus="8xH100", tp=8, seq=4096, micro_batch=1, global_batch=32))
+    st = step_time(job)
+    assert st.tokens_per_step == 32 * 4096
+    assert st.tokens_per_s == pytest.approx(32 * 4096 / st.step_s)
