@@ -96,7 +96,29 @@ def tp_target_job(rank: int) -> dict:
             "logits": (got.logits, want.logits[..., own_vocab]),
             "hidden": (torch.stack(got.hidden_states), torch.stack(want.hidden_states)),
         }
+    result["meta-shapes"] = _meta_build_shapes(ctx)
     return result
+
+
+def _meta_build_shapes(ctx) -> dict:
+    """A target too big for one GPU is built on meta, split, then materialized shard by shard."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.parallel import parallelize_target
+
+    config, _ = _tiny_models()["qwen3-moe"]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    parallelize_target(model, ctx)
+    model.to_empty(device="cpu")
+    layer = model.model.layers[0]
+    return {
+        "q_proj": tuple(layer.self_attn.q_proj.weight.to_local().shape),
+        "gate_up": tuple(layer.mlp.experts.gate_up_proj.shape),
+        "down": tuple(layer.mlp.experts.down_proj.shape),
+        "lm_head": tuple(model.lm_head.weight.to_local().shape),
+        "embed": tuple(model.model.embed_tokens.weight.to_local().shape),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +134,14 @@ def test_tp_target_matches_unsharded_model(tp_results, name):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         got, want = rank_result[name]["hidden"]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_meta_built_target_materializes_only_its_shard(tp_results):
+    # tp 2 of TINY (4 heads x 16, hidden 64, vocab 128) and 4 experts of intermediate 32:
+    want = {"q_proj": (2 * 16, 64), "gate_up": (4, 2 * 16, 64), "down": (4, 64, 16),
+            "lm_head": (64, 64), "embed": (64, 64)}
+    for rank_result in tp_results:
+        assert rank_result["meta-shapes"] == want
 
 
 # ------------------------------------------- world 4, tp 2: outputs, FSDP2 draft, measurements
