@@ -57,7 +57,7 @@ class Figure:
 
 
 def load_results(folder: Path) -> pd.DataFrame:
-    """Every rows*.jsonl under the folder; a row measured twice keeps its latest result."""
+    """Every rows*.jsonl under the folder; a row run twice keeps its latest result."""
     files = sorted(Path(folder).rglob("rows*.jsonl"))
     if not files:
         raise FitplanError(f"{folder}: no rows*.jsonl results (write them with `fitplan validate --out DIR`)")
@@ -70,6 +70,8 @@ def load_results(folder: Path) -> pd.DataFrame:
                 except json.JSONDecodeError:
                     raise FitplanError(f"{path}:{number}: not a JSON line") from None
     frame = pd.DataFrame.from_records(records).drop(columns=["estimate"], errors="ignore")
+    if "finished" in frame:  # the runner's time stamp orders results gathered from several calls
+        frame = frame.sort_values("finished", kind="stable", na_position="first")
     return with_errors(frame.drop_duplicates("name", keep="last").reset_index(drop=True))
 
 

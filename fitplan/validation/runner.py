@@ -229,7 +229,7 @@ def run(rows: list[Row], out: Path, gpus: LocalGpus | None = None, timeout_s: fl
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for row in rows:
-        result = run_row(row, gpus, out, timeout_s)
+        result = {**run_row(row, gpus, out, timeout_s), "finished": time.time()}
         with (out / RESULTS_FILE).open("a") as f:
             f.write(json.dumps(result) + "\n")
         progress(result)
