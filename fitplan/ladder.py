@@ -265,8 +265,9 @@ def smallest_fitting_gpus(spec: RunSpec, margin: float, estimate_fn: EstimateFn)
         if world <= job.world or job.global_batch % world:
             continue
         label = f"{per_node}x{gpu}" if nodes == 1 else f"{nodes}x{per_node}x{gpu}"
-        tp = _divisors_tp(job.model, per_node)[-1] if spec.workload == "eagle3" else spec.tp
-        trial = spec.replace(gpus=label, tp=tp, micro_batch=1, accum=job.global_batch // world)
+        trial = spec.replace(gpus=label, micro_batch=1, accum=job.global_batch // world)
+        if spec.workload == "eagle3":  # the most TP, with its logits sharded
+            trial = trial.replace(tp=_divisors_tp(job.model, per_node)[-1], output_sharding="all-to-all")
         if _fits(trial, margin, estimate_fn):
             return label
     return None

@@ -1,0 +1,45 @@
+"""Time the whole fix-ladder search (`fitplan.ladder.fit`) for representative jobs.
+
+Run: python benchmarks/bench_fit.py   (prints a markdown table: the first run pays for reading
+the profiles, as one `fitplan fit` call does; then the best of 5)
+The requirement (issue 3) is under 1 s per job on the 2-core CPU machine.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fitplan.config import RunSpec
+from fitplan.ladder import fit
+
+JOBS = {
+    "gpt-oss-120b 8xH100 seq 8192 mb 2 tp 8": RunSpec(
+        model="gpt-oss-120b", gpus="8xH100", seq=8192, micro_batch=2, global_batch=64, tp=8),
+    "qwen3-8b specforge 8xH100 seq 16384 mb 2": RunSpec(
+        model="qwen3-8b", gpus="8xH100", seq=16384, micro_batch=2, tp=8, runtime="specforge"),
+    "llama-3.1-8b 1xH100 seq 32768 eager mb 4": RunSpec(
+        model="llama-3.1-8b", gpus="1xH100", seq=32768, micro_batch=4, attention="eager"),
+    "llama-3.1-70b sft 2xH100 (nothing fits)": RunSpec(
+        model="llama-3.1-70b", gpus="2xH100", workload="sft", seq=8192, global_batch=8),
+    "deepseek-v3 8xH200 seq 4096 mb 4": RunSpec(
+        model="deepseek-v3", gpus="8xH200", seq=4096, micro_batch=4, global_batch=64),
+}
+
+
+def main() -> None:
+    print("| job | trail entries | fits | first run (ms) | best of 5 (ms) |")
+    print("|---|---|---|---|---|")
+    for name, spec in JOBS.items():
+        start = time.perf_counter()
+        fit(spec)
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            result = fit(spec)
+            times.append(time.perf_counter() - start)
+        print(f"| {name} | {len(result.trail)} | {'yes' if result.chosen else 'no'} | {first * 1000:.1f} | {min(times) * 1000:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
