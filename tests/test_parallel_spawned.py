@@ -29,7 +29,8 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, job, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      CUDA_VISIBLE_DEVICES="")  # gloo on CPU, also on a GPU machine
     torch.set_num_threads(1)
     try:
         result = job(rank)
