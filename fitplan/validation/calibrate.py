@@ -24,6 +24,7 @@ import pandas as pd
 from fitplan.errors import FitplanError
 
 MIB = 1 << 20
+GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,12 @@ def fit(frame: pd.DataFrame) -> RuntimeConstants:
             f"calibration needs at least 3 measured calibration rows on both one and several GPUs; "
             f"got {len(rows)} ({int(multi.sum())} multi-GPU)"
         )
-    allocated = rows["meas_alloc"].astype(float)
+    # in GiB, so the three columns have comparable scales (bytes would ill-condition the solve)
+    allocated = rows["meas_alloc"].astype(float) / GIB
     design = np.column_stack([np.ones(len(rows)), multi, allocated])
-    above = rows["meas_device"].astype(float) - allocated
+    above = rows["meas_device"].astype(float) / GIB - allocated
     (context, nccl, fraction), *_ = np.linalg.lstsq(design, above.to_numpy(), rcond=None)
-    return RuntimeConstants(float(context), float(nccl), float(fraction))
+    return RuntimeConstants(float(context) * GIB, float(nccl) * GIB, float(fraction))
 
 
 def check(frame: pd.DataFrame, constants: RuntimeConstants) -> pd.DataFrame:
