@@ -32,12 +32,13 @@ def test_two_bf16_steps_report_every_phase(tmp_path):
     code, report = _run(tmp_path, precision="bf16", ac=True)
     assert code == 0
     step1, step2 = report["steps"]
-    assert list(step1["phases"]) == ["load", "forward", "backward", "optimizer_step"]
-    assert list(step2["phases"]) == ["forward", "backward", "optimizer_step"]
+    assert list(report["load"]) == ["load"]
+    assert list(step1["phases"]) == list(step2["phases"]) == ["forward", "backward", "optimizer_step"]
+    assert step2["seconds"] > 0 and step2["tokens_per_s"] > 0
     # random init: the logits are nearly uniform, so the loss is close to ln(vocab) = ln 512 = 6.238
     assert abs(step1["loss"] - math.log(512)) < 0.3
     # load holds the bf16 parameters (2 B each) plus the rotary inv_freq buffers (tens of bytes)
-    assert 2 * PARAMS <= step1["phases"]["load"]["allocated"] <= 2 * PARAMS + 1024
+    assert 2 * PARAMS <= report["load"]["load"]["allocated"] <= 2 * PARAMS + 1024
     # Adam creates its bf16 moments (2 x 2 B/param) inside step 1's optimizer step, so step 2's forward
     # holds them and step 1's did not (plus a scalar step count per parameter tensor)
     grown = step2["phases"]["forward"]["allocated"] - step1["phases"]["forward"]["allocated"]

@@ -60,7 +60,7 @@ def test_cli_bad_filters_exit_2(tmp_path):
 
 
 def _report(steps):
-    return {"steps": [{"step": n, "phases": phases, "step_time_s": t} for n, phases, t in steps], "device": "gpu0"}
+    return {"steps": [{"step": n, "phases": phases, "seconds": t} for n, phases, t in steps], "device": "gpu0"}
 
 
 def test_measured_figures_are_the_steady_state_peaks(tmp_path):
@@ -100,12 +100,17 @@ def _fake_child(monkeypatch, script: str):
 
 def test_a_row_runs_in_a_fresh_process_and_is_read_back(tmp_path, monkeypatch):
     report = _report([(2, {"forward": {"allocated": 3 * GIB, "reserved": 4 * GIB, "device_used": 5 * GIB}}, 1.5)])
-    _fake_child(monkeypatch, f"import sys, pathlib; pathlib.Path(sys.argv[1]).write_text({json.dumps(report)!r})")
+    script = (f"import sys, pathlib; p = pathlib.Path(sys.argv[1]); p.write_text({json.dumps(report)!r}); "
+              "(p.parent / 'checkpoint').mkdir(); (p.parent / 'memory_snapshot.pickle').write_bytes(b'x')")
+    _fake_child(monkeypatch, script)
     got = run_row(H100_ROW, LocalGpus("NVIDIA H100 80GB HBM3", 1), tmp_path)
     assert got["status"] == "ran", got
     assert (got["meas_alloc"], got["meas_device"], got["meas_step_s"]) == (3 * GIB, 5 * GIB, 1.5)
-    plan = (tmp_path / "runs" / H100_ROW.name / "plan.yaml").read_text()
+    workdir = tmp_path / "runs" / H100_ROW.name
+    plan = (workdir / "plan.yaml").read_text()
     assert "fitplan_plan: 1" in plan and "model: llama-3.1-8b" in plan
+    # checkpoints and snapshots are dropped; plan, report and output stay
+    assert sorted(p.name for p in workdir.iterdir()) == ["plan.yaml", "report.json", "stderr.txt", "stdout.txt"]
 
 
 def test_a_row_that_hangs_times_out(tmp_path, monkeypatch):

@@ -153,19 +153,21 @@ def run(spec: RunSpec, steps: int, ranks: Ranks) -> dict[str, Any]:
     where = {"step": 1, "phase": "load"}  # how far the run got, for the OOM entry
     try:
         with Meter(ranks.device) as meter:
-            train(spec, steps, ranks, meter, report["steps"], where)
+            train(spec, steps, ranks, meter, report, where)
     except torch.OutOfMemoryError as exc:
         report["oom"] = {**where, "rank": ranks.rank, "message": str(exc).splitlines()[0]}
     return report
 
 
-def train(spec: RunSpec, steps: int, ranks: Ranks, meter: Meter, records: list, where: dict) -> None:
+def train(spec: RunSpec, steps: int, ranks: Ranks, meter: Meter, report: dict, where: dict) -> None:
+    """The load phase goes to report["load"], each step to report["steps"] (the trainer's layout)."""
     accum = spec.accum or 1
     with meter.phase("load"):
         model = build_model(spec, ranks.device)
         shard(model, spec, ranks)
         optimizer = build_optimizer(model, spec, ranks.device)
         generator = torch.Generator(ranks.device).manual_seed(1234 + ranks.rank)
+    report["load"] = max_over_ranks(meter.new_step(), ranks)
     for step in range(1, steps + 1):
         where["step"] = step
         start = time.perf_counter()
@@ -184,14 +186,14 @@ def train(spec: RunSpec, steps: int, ranks: Ranks, meter: Meter, records: list, 
         with meter.phase("optimizer_step"):
             optimizer.step()
             optimizer.zero_grad()
-        step_time = time.perf_counter() - start
-        records.append(
+        seconds = time.perf_counter() - start
+        report["steps"].append(
             {
                 "step": step,
                 "phases": max_over_ranks(meter.new_step(), ranks),
                 "loss": total_loss,
-                "step_time_s": step_time,
-                "tokens_per_s": spec.micro_batch * spec.seq * accum * ranks.world / step_time,
+                "seconds": seconds,
+                "tokens_per_s": spec.micro_batch * spec.seq * accum * ranks.world / seconds,
             }
         )
 

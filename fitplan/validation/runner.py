@@ -5,7 +5,7 @@
 A row that needs GPUs this machine lacks (none, another kind, fewer) is skipped with the reason.
 Results are appended to OUT/rows.jsonl as each row ends, so a run cut short keeps what it
 measured; the tables and the plot are rebuilt from that file at the end (fitplan.validation.report).
-Eagle3 rows run `fitplan train --plan ... --random-weights --synthetic-data`, sft rows
+Eagle3 rows run `fitplan train --plan ... --random-weights --synthetic-data --output DIR`, sft rows
 `python -m trainer.sft_step`; rows over several GPUs go through torchrun. This module never
 imports torch: the measuring happens in the child processes.
 """
@@ -111,8 +111,9 @@ def command(spec: RunSpec, world: int, plan: Path, report: Path) -> list[str]:
     if spec.workload == "sft":
         job = ["-m", "trainer.sft_step", "--config", str(plan), "--steps", str(STEPS), "--report", str(report)]
     else:
+        # the trainer writes OUTPUT/report.json (trainer/loop.py), OUTPUT being the row's folder
         job = ["-m", "fitplan.cli", "train", "--plan", str(plan), "--random-weights", "--synthetic-data",
-               "--steps", str(STEPS), "--report", str(report)]  # fmt: skip
+               "--steps", str(STEPS), "--output", str(report.parent)]  # fmt: skip
     if world == 1:
         return [sys.executable, *job]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", *job]
@@ -148,6 +149,7 @@ def run_row(row: Row, gpus: LocalGpus, out: Path, timeout_s: float = ROW_TIMEOUT
     start = time.monotonic()
     returncode = run_child(command(spec, row.world, plan, report), child_env(spec), workdir, timeout_s)
     result["wall_s"] = round(time.monotonic() - start, 1)
+    prune(workdir)
     if returncode is None:
         return {**result, "status": "timeout", "reason": f"no result within {timeout_s:.0f} s"}
     return {**result, **outcome(returncode, (workdir / "stderr.txt").read_text(), workdir)}
@@ -179,6 +181,17 @@ def describe(row: Row) -> dict[str, Any]:
     }  # fmt: skip
 
 
+KEEP = ("plan.yaml", "report*.json", "stdout.txt", "stderr.txt")
+
+
+def prune(workdir: Path) -> None:
+    """Drop what a row leaves besides its plan, reports and output (draft checkpoints, memory
+    snapshots): gigabytes per row on a machine with a small disk, and OUT travels back."""
+    for path in workdir.iterdir():
+        if not any(path.match(pattern) for pattern in KEEP):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 # ---------------------------------------------------------------- reading what a child left
 
 
@@ -200,7 +213,7 @@ def measured(report: dict[str, Any]) -> dict[str, Any]:
     """Peaks over every phase of steps >= 2 (steady state) and the median step time."""
     steady = [s for s in report["steps"] if s["step"] >= 2] or report["steps"]
     phases = [p for s in steady for p in s["phases"].values()]
-    times = [s["step_time_s"] for s in steady if s.get("step_time_s") is not None]
+    times = [s["seconds"] for s in steady if s.get("seconds") is not None]
     return {
         "meas_alloc": max(p["allocated"] for p in phases),
         "meas_reserved": max(p["reserved"] for p in phases),
