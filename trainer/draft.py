@@ -36,6 +36,17 @@ class DraftConfig:
     rope_theta: float = 500000.0
     max_positions: int = 131072
 
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "DraftConfig":
+        """Read back an exported config.json."""
+        return cls(
+            hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"], heads=cfg["num_attention_heads"],
+            kv_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"], vocab=cfg["vocab_size"],
+            draft_vocab=cfg["draft_vocab_size"], target_hidden=cfg["target_hidden_size"],
+            aux_layers=tuple(cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"]), rms_eps=cfg["rms_norm_eps"],
+            rope_theta=cfg["rope_theta"], max_positions=cfg["max_position_embeddings"],
+        )
+
     def to_hf(self) -> dict:
         """config.json of the exported draft (the keys SGLang/vLLM read for Eagle3)."""
         return {
@@ -60,6 +71,35 @@ class DraftConfig:
         }
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm that saves only its input and an fp32 rstd per row, on every device.
+
+    torch's own rms_norm decomposes into several saved fp32 temporaries on some devices; one
+    known saved set keeps the draft's activation memory the same on CPU and GPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = _upcast(x)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = _upcast(x) * rstd
+        g = _upcast(grad)
+        grad_weight = (g * x_hat).sum(dim=tuple(range(g.dim() - 1))).to(weight.dtype)
+        gx = g * _upcast(weight)
+        grad_x = rstd * (gx - x_hat * (gx * x_hat).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, width: int, eps: float):
         super().__init__()
@@ -67,10 +107,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 for stability, return the input's dtype (as Llama does).
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def _make_masters(self) -> None:
         self.masters = [p.detach().float() for p in self.model_params]
-        self.inner = torch.optim.AdamW(self.masters, lr=self.param_groups[0]["lr"], betas=BETAS, weight_decay=WEIGHT_DECAY)
+        self.inner = torch.optim.AdamW(
+            self.masters, lr=self.param_groups[0]["lr"], betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -61,9 +63,11 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             p.copy_(master)
 
     def state_dict(self):
-        return {"inner": self.inner.state_dict() if self.inner else None, "masters": list(self.masters)}
+        return {"inner": self.inner.state_dict() if self.inner else None, "masters": list(self.masters),
+                "lr": self.param_groups[0]["lr"]}
 
     def load_state_dict(self, state):
+        self.param_groups[0]["lr"] = state["lr"]
         if state["inner"] is None:
             return
         self._make_masters()
@@ -77,7 +81,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 def build_optimizer(params, precision: str, lr: float) -> torch.optim.Optimizer:
     if precision == "bf16-master":
         return MasterWeightAdamW(params, lr)
-    return torch.optim.AdamW(params, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
+    return torch.optim.AdamW(params, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True)
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int):

@@ -1,0 +1,224 @@
+"""The embedded Eagle3 trainer on CPU: a tiny Llama target built from a config, sdpa/eager attention."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fitplan.config import RunSpec  # noqa: E402
+from fitplan.errors import FitplanError  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from trainer import checkpoint, data, vocab  # noqa: E402
+from trainer.draft import ATTENTION, DraftConfig, Eagle3Draft, _RMSNormFn, ttt_mask  # noqa: E402
+from trainer.loop import run  # noqa: E402
+from trainer.options import TrainOptions  # noqa: E402
+
+TARGET = dict(
+    model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128,
+    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
+    max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+    initializer_range=0.5,  # a peaked random target: its next-token distributions are learnable
+)
+DRAFT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             vocab_size=512, draft_vocab_size=128)
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory) -> tuple[str, str]:
+    d = tmp_path_factory.mktemp("configs")
+    (d / "target.json").write_text(json.dumps(TARGET))
+    (d / "draft.json").write_text(json.dumps(DRAFT))
+    return str(d / "target.json"), str(d / "draft.json")
+
+
+WORDS = [str(i) for i in range(40)] + ["count", "from", "to", "please", "a", "b", "c", "d"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A target directory with config.json and a word-level tokenizer with a chat template (no weights)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("model")
+    (d / "config.json").write_text(json.dumps(TARGET))
+    specials = ["<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", chat_template=CHAT_TEMPLATE).save_pretrained(d)
+    return d
+
+
+def counting_data(path: Path, bad_lines: list[str] = ()) -> Path:
+    """Conversations whose replies count upwards: a structured, learnable next-token pattern."""
+    lines = []
+    for start in range(4):
+        reply = " ".join(str(i) for i in range(start, start + 24))
+        lines.append(json.dumps({"conversations": [
+            {"from": "human", "value": f"count from {start}"}, {"from": "gpt", "value": reply}]}))
+    path.write_text("\n".join(lines + list(bad_lines)) + "\n")
+    return path
+
+
+def options(configs, output: Path, **spec_changes) -> TrainOptions:
+    target, draft = configs
+    spec_values = dict(model=target, draft=draft, seq=32, micro_batch=2, ttt=3, tp=1, attention="sdpa")
+    spec_values.update(spec_changes)
+    return TrainOptions(spec=RunSpec(**spec_values), output=output, steps=6, random_weights=True,
+                        synthetic_data=True, device="cpu", lr=3e-3, save_every=3)
+
+
+# ------------------------------------------------------------------ pieces
+
+
+def test_rmsnorm_gradient_and_value():
+    torch.manual_seed(0)
+    w = torch.empty(8, dtype=torch.double).uniform_(0.5, 1.5).requires_grad_()
+    x = torch.randn(3, 5, 8, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFn.apply(x, w, 1e-6), (x, w))
+    # x / sqrt(mean(x^2) + eps) * w, written out
+    expected = x / torch.sqrt((x * x).sum(-1, keepdim=True) / 8 + 1e-6) * w
+    assert torch.allclose(_RMSNormFn.apply(x, w, 1e-6), expected)
+
+
+def test_ttt_mask_step0_causal_later_steps_diagonal():
+    seq = 3
+    q = torch.arange(seq)[:, None]
+    kv = torch.arange(2 * seq)[None, :]
+    expected = torch.tensor([
+        [1, 0, 0, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],
+        [1, 1, 1, 0, 0, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(ttt_mask(q, kv, seq), expected)
+
+
+def test_sdpa_and_eager_attention_agree():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 5, 8)
+    k, v = torch.randn(2, 2, 15, 8), torch.randn(2, 2, 15, 8)  # 3 TTT steps of 5 keys, 2 KV heads
+    assert torch.allclose(ATTENTION["sdpa"](q, k, v, 5), ATTENTION["eager"](q, k, v, 5), atol=1e-5)
+
+
+def test_top_tokens_and_mapping():
+    ids = torch.tensor([5, 5, 5, 2, 2, 7, 9])
+    mask = torch.tensor([1, 1, 1, 1, 1, 1, 0], dtype=torch.bool)  # the 9 is not a loss token
+    top = vocab.top_tokens([(ids, mask)], vocab=10, draft_vocab=3)
+    # counts: 5 -> 3, 2 -> 2, 7 -> 1; sorted by id
+    assert top.tolist() == [2, 5, 7]
+    d2t, t2d = vocab.mapping(top, 10)
+    assert d2t.tolist() == [2 - 0, 5 - 1, 7 - 2]
+    assert t2d.nonzero().flatten().tolist() == [2, 5, 7]
+
+
+# ------------------------------------------------------------------ training runs
+
+
+def test_assistant_mask_covers_the_reply_and_its_end_token(model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    messages = data.parse_line(json.dumps({"messages": [
+        {"role": "user", "content": "a b"}, {"role": "assistant", "content": "c d"}]}))
+    ids, mask = data.tokenize(messages, tokenizer, max_length=64)
+    words = tokenizer.convert_ids_to_tokens(ids.tolist())
+    assert words == ["<|user|>", "a", "b", "<|end|>", "<|assistant|>", "c", "d", "<|end|>"]
+    assert [w for w, m in zip(words, mask.tolist()) if m] == ["c", "d", "<|end|>"]
+    ids, mask = data.tokenize(messages, tokenizer, max_length=6)  # truncation keeps the first 6
+    assert len(ids) == 6 and mask.tolist() == [False] * 5 + [True]
+
+
+@pytest.mark.parametrize("line", [
+    "not json", "[1, 2]", json.dumps({"conversations": [{"from": "human", "value": "hi"}]}),
+    json.dumps({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+    json.dumps({"text": "no turns"}),
+])
+def test_unusable_lines_are_rejected(line):
+    assert data.parse_line(line) is None
+
+
+def test_bad_lines_are_skipped_and_counted_all_bad_is_an_error(model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    loaded = data.load_jsonl(counting_data(tmp_path / "d.jsonl", ["{broken", '{"messages": []}']), tokenizer, 64)
+    assert (len(loaded.samples), loaded.skipped) == (4, 2)
+    (tmp_path / "bad.jsonl").write_text("{broken\n[]\n")
+    with pytest.raises(FitplanError, match="no usable line"):
+        data.load_jsonl(tmp_path / "bad.jsonl", tokenizer, 64)
+
+
+def test_loss_decreases_on_structured_data(model_dir, tmp_path):
+    spec = RunSpec(model=str(model_dir), draft=str(model_dir.parent / "draft.json"), seq=64, micro_batch=2,
+                   ttt=3, tp=1, attention="eager")
+    (model_dir.parent / "draft.json").write_text(json.dumps(DRAFT))
+    opts = TrainOptions(spec=spec, output=tmp_path / "run", steps=16, data=counting_data(tmp_path / "d.jsonl"),
+                        random_weights=True, device="cpu", lr=1e-2)
+    report = run(opts)
+    losses = [s["loss"] for s in report["steps"]]
+    # the four conversations come round every two steps: a draft that learns halves its loss
+    assert sum(losses[-2:]) / 2 < 0.5 * sum(losses[:2]) / 2, losses
+    assert report["steps"][-1]["acc"][0] > report["steps"][0]["acc"][0]
+    assert report["skipped_lines"] == 0
+
+
+def test_resume_continues_with_identical_loss(configs, tmp_path):
+    full = run(options(configs, tmp_path / "full"))
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "full" / "step-000003", resumed_dir / "step-000003")
+    opts = options(configs, resumed_dir)
+    opts.resume = True
+    resumed = run(opts)
+    assert [s["step"] for s in resumed["steps"]] == [4, 5, 6]
+    assert [s["loss"] for s in resumed["steps"]] == [s["loss"] for s in full["steps"][3:]]
+
+
+def test_resume_from_another_config_is_a_one_line_error(configs, tmp_path):
+    run(options(configs, tmp_path / "a"))
+    opts = options(configs, tmp_path / "a", ttt=2)
+    opts.resume = True
+    with pytest.raises(FitplanError, match="ttt"):
+        run(opts)
+
+
+def test_export_reloads_with_matching_outputs(configs, tmp_path):
+    report = run(options(configs, tmp_path / "run"))
+    exported = Path(report["checkpoint"])
+    config = json.loads((exported / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"]
+    assert config["draft_vocab_size"] == 128
+    weights = load_file(exported / "model.safetensors")
+    assert {"d2t", "t2d", "fc.weight", "lm_head.weight", "embed_tokens.weight", "midlayer.self_attn.q_proj.weight"} <= set(weights)
+    assert weights["lm_head.weight"].shape == (128, 64)
+    # the d2t offsets point at the target ids the t2d mask keeps
+    assert torch.equal(torch.arange(128) + weights["d2t"], weights["t2d"].nonzero().flatten())
+
+    torch.manual_seed(1)
+    aux = torch.randn(1, 16, 3 * 64, dtype=torch.bfloat16)
+    ids = torch.randint(512, (1, 16 + 2))
+    outputs = []
+    for _ in range(2):
+        with torch.device("cpu"):
+            draft = Eagle3Draft(DraftConfig.from_hf(config), "eager").to(torch.bfloat16)
+        checkpoint.load_export(exported, draft)
+        outputs.append([t.detach() for t in draft.unroll(aux, ids, 2)])
+        if len(outputs) == 1:  # a second, differently initialised copy must load to the same function
+            torch.manual_seed(2)
+    for a, b in zip(*outputs):
+        assert torch.equal(a, b)
+
+
+def test_flex_on_cpu_is_a_clean_error(configs, tmp_path):
+    with pytest.raises(FitplanError, match="flex"):
+        run(options(configs, tmp_path / "run", attention="flex"))
