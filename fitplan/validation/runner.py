@@ -139,9 +139,9 @@ def run_row(row: Row, gpus: LocalGpus, out: Path, timeout_s: float = ROW_TIMEOUT
         return {**result, "status": "skipped", "reason": reason}
     try:
         spec = resolve_row(row, estimator())
-    except FitplanError as exc:
+        result.update(seq=spec.seq, micro_batch=spec.micro_batch, **predict(spec))
+    except FitplanError as exc:  # the estimator refuses the row: nothing to compare it with
         return {**result, "status": "skipped", "reason": str(exc)}
-    result.update(seq=spec.seq, micro_batch=spec.micro_batch, **predict(spec))
     workdir = out / "runs" / row.name
     workdir.mkdir(parents=True, exist_ok=True)
     plan, report = workdir / "plan.yaml", workdir / "report.json"
