@@ -37,13 +37,12 @@ def parallelize_target(model: nn.Module, ctx: DistContext) -> nn.Module:
     if ctx.tp == 1:
         return model
     check_tp_for_model(model.config, ctx.tp)
-    tp_mesh = ctx.tp_mesh
     for layer in model.model.layers:
         _parallelize_attention(layer.self_attn, ctx)
         _parallelize_mlp(layer.mlp, ctx)
     parallelize_module(
         model,
-        tp_mesh,
+        ctx.tp_mesh,
         {
             "model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
             "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=True),
@@ -72,17 +71,10 @@ def _parallelize_mlp(mlp: nn.Module, ctx: DistContext) -> None:
         parallelize_module(mlp, ctx.tp_mesh, _linear_plan(mlp))
         return
     _shard_experts(experts, ctx)
-    shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
-    if shared is not None:
-        parallelize_module(shared, ctx.tp_mesh, _linear_plan(shared))
 
 
 def _shard_experts(experts: nn.Module, ctx: DistContext) -> None:
     """Keep this rank's slice of every expert's intermediate dimension; sum outputs over TP."""
-    if isinstance(experts, nn.ModuleList):  # older layout: one MLP module per expert
-        for expert in experts:
-            parallelize_module(expert, ctx.tp_mesh, _linear_plan(expert))
-        return
     kind = type(experts).__name__
     if kind == "GptOssExperts":
         # gate_up_proj [E, H, 2I] interleaves gate and up columns: contiguous chunks keep the pairs.
