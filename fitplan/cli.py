@@ -27,7 +27,7 @@ app = typer.Typer(
 
 # Command modules, in the order `fitplan --help` lists them.
 COMMAND_MODULES = (
-    "estimate", "fit", "check", "explain", "validate",
+    "estimate", "fit", "check", "explain", "validate", "train",
 )
 
 for _name in COMMAND_MODULES:

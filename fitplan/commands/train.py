@@ -1,0 +1,161 @@
+"""`fitplan train`: run a job with the embedded Eagle3 trainer and compare measured memory with the prediction.
+
+    fitplan train --plan plan.yaml --steps 50 --output runs/exp1
+    fitplan train --auto --model llama-3.1-8b --random-weights --synthetic-data --steps 5
+
+torch and the trainer are imported only here, inside the command.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from fitplan.commands.common import clean_errors, spec_flags
+from fitplan.errors import FitplanError
+
+
+def local_gpus() -> str:
+    """COUNTxNAME of this machine's GPUs, for --auto without --gpus."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise FitplanError("--auto plans for the local GPUs but none is visible; give --gpus or run on CPU with --device cpu")
+    return f"{torch.cuda.device_count()}x{torch.cuda.get_device_name(0)}"
+
+
+def check_gpus_present(cluster, device: Optional[str]) -> None:
+    """Refuse a plan for GPUs this machine does not have, before anything is launched or loaded."""
+    import torch
+
+    if device == "cpu":
+        if cluster.world > 1:
+            raise FitplanError(f"--device cpu runs one process; the plan is for {cluster.label()}")
+        return
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < cluster.gpus_per_node:
+        raise FitplanError(
+            f"the plan is for {cluster.label()} but this machine has {visible} GPU(s); "
+            "re-plan with --auto or --gpus, or use --device cpu for a one-process check"
+        )
+
+
+def choose_spec(config: Optional[Path], plan: Optional[Path], auto: bool, flags: dict):
+    from fitplan.config import load_spec
+
+    if config is not None and plan is not None:
+        raise FitplanError("give a config file or --plan, not both")
+    spec = load_spec(plan or config, flags)
+    if not auto:
+        return spec
+    from fitplan.ladder import fit
+
+    if "gpus" not in flags and plan is None and config is None:
+        spec = spec.replace(gpus=local_gpus())
+    result = fit(spec)
+    if result.best is None:
+        raise FitplanError(
+            f"no layout of {spec.model} fits {spec.gpus} (largest fitting seq: {result.max_seq}, "
+            f"smallest fitting GPUs: {result.min_gpus}); see `fitplan fit`"
+        )
+    return result.best.spec
+
+
+def train_command(
+    config: Optional[Path] = typer.Argument(None, help="YAML config (keys = flag names with underscores)."),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="A plan written by `fitplan fit -o plan.yaml`."),
+    auto: bool = typer.Option(False, "--auto", help="Fit a plan for these GPUs first (the fix ladder), then train it."),
+    data: Optional[Path] = typer.Option(None, "--data", help="ShareGPT-style JSONL (conversations or messages)."),
+    steps: int = typer.Option(10, "--steps", min=1, help="Optimizer steps to run."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: runs/<time>)."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Random target weights built on the GPU (no download)."),
+    synthetic_data: bool = typer.Option(False, "--synthetic-data", help="Random token sequences of exactly --seq tokens."),
+    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (cosine decay after warmup)."),
+    warmup: int = typer.Option(0, "--warmup", min=0, help="Linear warmup steps."),
+    save_every: int = typer.Option(0, "--save-every", min=0, help="Checkpoint every N steps (0: only at the end)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --output."),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialisation and data order."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, or cuda (default: cuda when present)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report JSON instead of tables."),
+    *,
+    flags: dict,
+) -> None:
+    """Train an Eagle3 draft with the embedded trainer; measure memory per phase against the prediction."""
+    if data is None and not synthetic_data:
+        raise FitplanError("give --data FILE.jsonl, or --synthetic-data for a memory check")
+    if device not in (None, "cpu", "cuda"):
+        raise FitplanError(f"--device {device!r} is not one of: cpu, cuda")
+    spec = choose_spec(config, plan, auto, flags)
+    if spec.workload != "eagle3":
+        raise FitplanError("fitplan train runs the eagle3 workload (sft runs are measured by trainer.sft_step)")
+    from fitplan.layout import resolve
+
+    job = resolve(spec)
+    check_gpus_present(job.cluster, device)
+    from trainer import parallel
+
+    if job.world > 1 and not parallel.inside_worker():
+        if job.cluster.nodes > 1:
+            raise FitplanError("multi-node plans are launched with torchrun on every node; run this under torchrun")
+        sys.exit(parallel.launch_workers(["-m", "fitplan.cli", *sys.argv[1:]], job.cluster.gpus_per_node))
+    from trainer.loop import run
+    from trainer.options import TrainOptions
+
+    opts = TrainOptions(
+        spec=spec, output=output or Path("runs") / time.strftime("%Y%m%d-%H%M%S"), steps=steps, data=data,
+        synthetic_data=synthetic_data, random_weights=random_weights, lr=lr, warmup=warmup,
+        save_every=save_every, resume=resume, seed=seed, device=device,
+    )
+    report = run(opts, progress=not as_json)
+    if _rank() != 0:  # one rank speaks for a multi-GPU run
+        return
+    if as_json:
+        print(json.dumps(report, default=float))
+    else:
+        show(report, opts.output)
+    if "oom" in report:
+        raise typer.Exit(1)
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", 0))
+
+
+def show(report: dict, output: Path) -> None:
+    from rich.console import Console
+
+    from trainer.compare import render
+
+    console = Console(highlight=False)
+    steps = report["steps"]
+    if steps:
+        last = steps[-1]
+        mfu = f", MFU {100 * last['mfu']:.1f}%" if last.get("mfu") else ""
+        acc = " ".join(f"{a:.2f}" for a in last["acc"])
+        console.print(f"step {last['step']}: loss {last['loss']:.4f}, acc by depth [{acc}], "
+                      f"{last['tokens_per_s']:.0f} tokens/s{mfu}")
+    if report.get("skipped_lines"):
+        console.print(f"[yellow]{report['skipped_lines']} data line(s) skipped (not JSON or no assistant turn)[/]")
+    console.print(render(report["comparison"]))
+    if "oom" in report:
+        oom = report["oom"]
+        console.print(f"[bold red]out of memory[/] at step {oom['step']}, phase {oom['phase']}: {oom['message']}")
+        if report.get("prediction"):
+            console.print(f"predicted device peak {report['prediction']['peak_reserved_bytes'] / (1 << 30):.2f} GiB")
+        if oom.get("fit_suggestion"):
+            console.print(f"`fitplan fit` would change: {oom['fit_suggestion']}")
+    if report.get("snapshot"):
+        console.print(f"[red]a phase missed its prediction by more than 10%[/]: allocator snapshot at {report['snapshot']} "
+                      "(open it at https://pytorch.org/memory_viz)")
+    console.print(f"report: {output / 'report.json'}" + (f", checkpoint: {report['checkpoint']}" if report.get("checkpoint") else ""))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(clean_errors(spec_flags(train_command)))
