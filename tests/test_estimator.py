@@ -171,18 +171,19 @@ def test_device_peak_adds_reserve_and_outside():
 
 def test_sft_llama_8b_activations_by_hand():
     job = job_of(model="llama-3.1-8b", gpus="1xH200", workload="sft", seq=8192, precision="bf16")
-    h, H, d, I, layers, T = 4096, 32, 128, 14336, 32, 8192
-    norms = 2 * (4 * h + 2 * h + 2 * h)  # fp32 upcast, normalized bf16, output: 65,536
-    attention = 4 * 2 * H * d + 4 * H + 2 * H * d  # sdpa q,k,v,out + fp32 lse + o_proj input: 41,088
+    h, H, Hkv, d, I, layers, S = 4096, 32, 8, 128, 14336, 32, 8192
+    T = S  # micro-batch 1
+    norm = 4 * h + 4 + 2 * h + 2 * h  # fp32 upcast, fp32 rstd, normalized bf16, output: 32,772
+    attention = 2 * H * d + 2 * 2 * Hkv * d + 2 * H * d + 4 * H  # q, k, v, output, fp32 lse: 20,608
     mlp = 8 * I  # 114,688
-    per_layer = norms + attention + mlp  # 221,312 B per token
-    final_norm = 8 * h * T
+    per_layer = 2 * norm + attention + mlp  # 200,840 B per token
+    once = (norm + 8 + 8) * T + 2 * 2 * S * d  # final norm, int64 ids and labels, rotary cos/sin
     est = estimate(job)
-    assert est.phases["forward"]["activations.model"] == per_layer * T * layers + final_norm  # 54.28 GiB
+    assert est.phases["forward"]["activations.model"] == per_layer * T * layers + once == 52_921_794_560
     # logits at the loss: bf16 [T, V] + fp32 upcast + fp32 log-softmax = 10 B per entry
     assert est.phases["forward"]["logits.model"] == 10 * T * 128256
     ac = estimate(job_of(model="llama-3.1-8b", gpus="1xH200", workload="sft", seq=8192, precision="bf16", ac=True))
-    assert ac.phases["forward"]["activations.model"] == 2 * h * T * layers + final_norm  # layer inputs
+    assert ac.phases["forward"]["activations.model"] == 2 * h * T * layers + once  # layer inputs
 
 
 def test_sft_bf16_state_is_8_bytes_per_param():

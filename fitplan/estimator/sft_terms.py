@@ -1,13 +1,16 @@
 """Activation and logits terms of the sft workload: an HF Llama/Qwen-style decoder in bf16.
 
-Counted from what autograd saves in transformers' LlamaDecoderLayer with SDPA on GPU
-(flash / memory-efficient kernels: no [S, S] matrix), per token, in bytes:
-- each RMSNorm (2 per layer): its fp32 upcast of the input (4h), the bf16 normalized tensor
-  the weight multiply saves (2h), and its output that the next linears save (2h): 8h
-- attention: SDPA saves q, k, v (k/v repeated to all H heads by repeat_kv) and its output
-  (4 x 2*H*d) plus the fp32 logsumexp (4*H); o_proj saves its contiguous input (2*H*d)
+Counted from what autograd saves in transformers' LlamaDecoderLayer with SDPA (flash-style
+kernels: no [S, S] matrix; GQA passed to SDPA, K/V not repeated), per token, in bytes, and
+checked against the saved tensors of the real code (tests/test_estimator_sft_saved.py):
+- each RMSNorm (2 per layer): its fp32 upcast of the input (4h), fp32 rstd (4), the bf16
+  normalized tensor the weight multiply saves (2h), its output that the next linears save (2h)
+- attention: SDPA saves q (2*H*d), k and v (2 x 2*Hkv*d), its output, which is o_proj's input
+  (2*H*d), and the fp32 logsumexp (4*H)
+- Qwen3 / Gemma 3 per-head q/k RMSNorms: fp32 upcast + bf16 normalized + fp32 rstd of q and k
 - SwiGLU MLP: SiLU's input, its output, up_proj's output, the product down_proj saves: 8*I
-Dropout is 0 in these models, so it saves nothing.
+Dropout is 0 in these models, so it saves nothing. Once per model: input ids and labels
+(int64), the final norm, and the rotary cos/sin [S, d] (bf16).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from fitplan.layout import Job
 
 BF16 = 2
 FP32 = 4
+INT64 = 8
 
 
 def _tokens(job: Job) -> int:
@@ -30,10 +34,16 @@ def _mlp_width(job: Job) -> int:
     return m.intermediate
 
 
+def _norm_bytes_per_token(job: Job) -> int:
+    return 8 * job.model.hidden + FP32
+
+
 def layer_saved_bytes_per_token(job: Job) -> int:
     m = job.model
-    norms = 2 * 8 * m.hidden
-    attention = 5 * BF16 * m.heads * m.head_dim + FP32 * m.heads
+    norms = 2 * _norm_bytes_per_token(job)
+    attention = BF16 * (2 * m.heads + 2 * m.kv_heads) * m.head_dim + FP32 * m.heads
+    if m.model_type.startswith(("qwen3", "gemma3")):
+        attention += (FP32 + BF16) * (m.heads + m.kv_heads) * m.head_dim + FP32 * (m.heads + m.kv_heads)
     mlp = 8 * _mlp_width(job)
     router = FP32 * m.experts * 2 if m.is_moe else 0  # fp32 router logits and softmax
     return norms + attention + mlp + router
@@ -46,10 +56,10 @@ def activation_bytes(job: Job) -> int:
     bf16 input hidden state.
     """
     m, tokens = job.model, _tokens(job)
-    final_norm = 8 * m.hidden * tokens
+    once = (_norm_bytes_per_token(job) + 2 * INT64) * tokens + 2 * BF16 * job.spec.seq * m.head_dim
     if job.spec.ac:
-        return BF16 * m.hidden * tokens * m.layers + final_norm
-    return layer_saved_bytes_per_token(job) * tokens * m.layers + final_norm
+        return BF16 * m.hidden * tokens * m.layers + once
+    return layer_saved_bytes_per_token(job) * tokens * m.layers + once
 
 
 def first_layer_bytes(job: Job) -> int:
