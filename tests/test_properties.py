@@ -90,11 +90,19 @@ def test_estimate_never_crashes_and_is_consistent(job):
     assert est.peak_reserved_bytes > est.peak_allocated_bytes
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(jobs())
 def test_more_sharding_never_costs_memory(job):
-    peaks = [peak(with_spec(job, sharding=level)) for level in SHARDING]
-    assert peaks == sorted(peaks, reverse=True), dict(zip(SHARDING, peaks))
+    peaks = dict(zip(SHARDING, (peak(with_spec(job, sharding=level)) for level in SHARDING)))
+    assert peaks["none"] >= peaks["zero1"] and peaks["zero2"] >= peaks["zero3"], peaks
+    # zero1 -> zero2 trades DDP's replicated grads and buckets (2 x grads in backward) for FSDP's
+    # gathered params plus a grad shard and one unit's unsharded grads. The draft's frozen
+    # embedding is gathered too but has no grads, and its lm_head unit is a large share of its
+    # grads, so on 2 GPUs zero2 can truly cost a little more; from 4 GPUs on it cannot while the
+    # frozen params do not outweigh the trainable ones (P/4 + G/4 + unit <= 2G).
+    draft = job.draft
+    if draft is None or (job.world >= 4 and draft.frozen_params() <= draft.trainable_params()):
+        assert peaks["zero1"] >= peaks["zero2"], peaks
 
 
 @settings(max_examples=150, deadline=None)

@@ -32,16 +32,35 @@ def optimizer_state(state: TrainedState, steady: bool) -> dict[str, int]:
     return phase(optimizer__master=master, optimizer__moments=state.moments() if steady else 0)
 
 
-def compute_params(state: TrainedState) -> int:
-    """zero3 / offloaded params: the draft (one FSDP unit) is unsharded for forward and backward."""
-    return state.full_params() - state.params()
+def draft_units(job: Job) -> dict[str, tuple[int, bool]]:
+    """The FSDP units of the fitplan trainer's draft (one per child module): params, trainable."""
+    d = job.draft
+    attention = 2 * d.hidden * (d.heads + 2 * d.kv_heads) * d.head_dim + d.heads * d.head_dim * d.hidden
+    return {
+        "embedding": (d.frozen_params(), False),
+        "fc": (3 * d.target_hidden * d.hidden, True),
+        "midlayer": (attention + 3 * d.hidden * d.intermediate + 3 * d.hidden, True),
+        "lm_head": (d.hidden * d.draft_vocab, True),
+    }
 
 
-def backward_grads(state: TrainedState) -> dict[str, int]:
-    """Grads at the end of backward: replicated, or the sharded accumulation plus the unsharded
-    grads of the (single-unit) draft being reduce-scattered."""
+def gathered_params(job: Job, state: TrainedState) -> int:
+    """Unsharded params during the draft's forward/backward: every unit with zero2 (kept from
+    forward until backward ends), the two largest with zero3 (the current and the prefetched)."""
+    if not state.fsdp():
+        return 0
+    if job.spec.sharding == "zero3":
+        sizes = sorted(n for n, _ in draft_units(job).values())
+        return sum(sizes[-2:]) * state.recipe.param
+    return state.full_params()
+
+
+def backward_grads(job: Job, state: TrainedState) -> dict[str, int]:
+    """Grads at the end of backward: replicated, or the sharded accumulation plus the largest
+    unit's unsharded grads (FSDP reduce-scatters unit by unit)."""
     if state.sharded_grads():
-        return {"draft.grads": state.grads(), "comm.buffers": state.full_grads()}
+        largest = max(n for n, trainable in draft_units(job).values() if trainable)
+        return {"draft.grads": state.grads(), "comm.buffers": largest * state.recipe.grad}
     return {"draft.grads": state.full_grads()}
 
 
@@ -57,7 +76,7 @@ def timeline(job: Job) -> Timeline:
     # Between micro-steps of an accumulation the grads stay; with accum 1 zero_grad(set_to_none).
     carried = phase(draft__grads=state.grads() if job.accum > 1 else 0)
     outputs = phase(target__outputs=target_terms.aux_outputs_bytes(job), logits__teacher=draft_terms.teacher_bytes(job))
-    casts_and_gather = phase(draft__params=state.casts(), comm__buffers=compute_params(state))
+    casts_and_gather = phase(draft__params=state.casts(), comm__buffers=gathered_params(job, state))
     saved = phase(
         activations__draft=draft_terms.draft_activation_bytes(job),
         logits__draft=draft_terms.draft_logits_bytes(job),
@@ -76,12 +95,12 @@ def timeline(job: Job) -> Timeline:
                 ),
             ),
             "draft_forward": merge(base, opt, carried, outputs, casts_and_gather, saved),
-            "backward": merge(base, opt, outputs, casts_and_gather, saved, backward_extra, backward_grads(state)),
+            "backward": merge(base, opt, outputs, casts_and_gather, saved, backward_extra, backward_grads(job, state)),
             "optimizer_step": merge(
                 base, optimizer_state(state, steady=True),
                 phase(draft__grads=state.grads(), optimizer__grad_copy=state.grad_copy()),
             ),
-            "checkpoint": merge(base, optimizer_state(state, steady=True), phase(comm__buffers=compute_params(state))),
+            "checkpoint": merge(base, optimizer_state(state, steady=True), phase(comm__buffers=gathered_params(job, state))),
         }
 
     t.steady, t.step1 = phases(steady=True), phases(steady=False)

@@ -45,7 +45,10 @@ def moment_bytes_per_param(spec: RunSpec) -> int:
 
 @dataclass(frozen=True)
 class TrainedState:
-    """Bytes one rank holds for a trained model of `trainable` (+ `frozen`) parameters."""
+    """Bytes one rank holds for a trained model of `trainable` (+ `frozen`) parameters.
+
+    ZeRO levels over the ranks: zero1 shards the optimizer state, zero2 also grads and (FSDP)
+    the stored params, zero3 also reshards params after forward (see `params`)."""
 
     spec: RunSpec
     trainable: int
@@ -58,7 +61,7 @@ class TrainedState:
         return RECIPES[self.spec.precision]
 
     def _split(self, nbytes: int, level: int) -> int:
-        """Divide by the ranks when the ZeRO level shards this state (1 opt, 2 grads, 3 params)."""
+        """Divide by the ranks when the ZeRO level shards this state (1 optimizer, 2 grads/params)."""
         zero = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3}[self.spec.sharding]
         return -(-nbytes // self.ranks) if zero >= level else nbytes
 
@@ -66,10 +69,16 @@ class TrainedState:
         return self.trainable * self.recipe.param + self.frozen * self.frozen_bytes_per_param
 
     def params(self) -> int:
-        """Resident params between uses (zero3: this rank's shard; offload params: none on GPU)."""
+        """Resident params between uses. FSDP (zero2 and zero3) stores only this rank's shard and
+        gathers units for compute (zero2 keeps them gathered from forward until backward ends,
+        zero3 one unit at a time); offloaded params live on the CPU."""
         if self.spec.offload == "params":
             return 0
-        return self._split(self.full_params(), 3)
+        return self._split(self.full_params(), 2)
+
+    def fsdp(self) -> bool:
+        """Parameters are sharded and gathered (zero2/zero3 over several ranks, or offloaded)."""
+        return self.sharded_grads() or self.spec.offload == "params"
 
     def full_grads(self) -> int:
         return self.trainable * self.recipe.grad

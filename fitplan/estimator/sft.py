@@ -10,13 +10,14 @@ several ranks is DDP, whose gradient buckets are a second copy of the grads.
 from __future__ import annotations
 
 from fitplan.estimator import sft_terms
-from fitplan.estimator.eagle3 import FP32, optimizer_state
+from fitplan.estimator.eagle3 import optimizer_state
 from fitplan.estimator.params import count_params
 from fitplan.estimator.recipes import TrainedState
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
 from fitplan.estimator.timeline import Timeline, merge, phase
 from fitplan.layout import Job
 
+FP32 = 4
 
 def _root_and_layer_params(job: Job) -> tuple[int, int]:
     """(root unit params: embedding, lm_head, final norm; params of one decoder layer unit)."""
@@ -26,9 +27,10 @@ def _root_and_layer_params(job: Job) -> tuple[int, int]:
     return root, (total - root) // m.layers
 
 
-def unsharded_bytes(job: Job, state: TrainedState, per_param: int) -> int:
-    """Units FSDP holds unsharded during forward/backward, at `per_param` bytes (params or grads)."""
-    if job.world == 1 or job.spec.sharding in ("none", "zero1"):
+def unsharded_bytes(job: Job, state: TrainedState) -> int:
+    """Params FSDP holds unsharded (in the compute dtype) during forward and backward."""
+    per_param = state.recipe.param
+    if not state.fsdp():
         return 0
     if job.spec.sharding == "zero2":
         return state.trainable * per_param
@@ -70,7 +72,7 @@ def timeline(job: Job) -> Timeline:
     base = phase(
         model__params=state.params(), comm__buffers=state.ddp_buckets(), runtime__workspace=CUBLAS_WORKSPACE_BYTES
     )
-    in_compute = phase(comm__buffers=unsharded_bytes(job, state, state.recipe.param), model__params=state.casts())
+    in_compute = phase(comm__buffers=unsharded_bytes(job, state), model__params=state.casts())
     carried = phase(model__grads=state.grads() if job.accum > 1 else 0)
 
     def phases(steady: bool) -> dict[str, dict[str, int]]:

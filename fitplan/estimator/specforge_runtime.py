@@ -17,12 +17,12 @@ What differs from fitplan's trainer:
 from __future__ import annotations
 
 from fitplan.estimator import draft_terms, target_terms
-from fitplan.estimator.eagle3 import FP32
 from fitplan.estimator.params import BF16
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
 from fitplan.estimator.timeline import Timeline, merge, phase
 from fitplan.layout import Job
 
+FP32 = 4
 # SGLang logits cascade, bytes per (row x vocab entry): fp32 gathered logits (4), fp32 upcast
 # copy (4), cat copy (4) at the peak; 4 (one fp32 copy) stays referenced (memory-anatomy §4).
 SGLANG_LOGITS_PEAK = 12
@@ -117,12 +117,14 @@ def timeline(job: Job) -> Timeline:
         }
 
     t.steady, t.step1 = phases(steady=True), phases(steady=False)
-    rows = target_terms.received_tokens(job)
-    dtype, size = ("bf16", BF16) if job.spec.target_backend == "hf" else ("fp32", FP32)
-    shape = "B*S" if rows == target_terms.own_tokens(job) else "tp*B*S"
-    t.candidate(size * rows * job.model.vocab, f"gathered target logits [{shape}, V] {dtype}")
+    if job.spec.offline:
+        t.candidate(FP32 * target_terms.own_tokens(job) * job.model.vocab, "offline teacher logits [B*S, V] fp32")
+    else:
+        rows = target_terms.received_tokens(job)
+        dtype, size = ("bf16", BF16) if job.spec.target_backend == "hf" else ("fp32", FP32)
+        shape = "B*S" if rows == target_terms.own_tokens(job) else "tp*B*S"
+        t.candidate(size * rows * job.model.vocab, f"gathered target logits [{shape}, V] {dtype}")
+        t.candidate(*target_terms.largest_weight(job))
     t.candidate(flat, "draft FSDP flat parameter (bf16, embedding included)")
     t.candidate(draft_terms.teacher_bytes(job), "teacher probabilities [B, S+L, Vd] fp32")
-    if not job.spec.offline:
-        t.candidate(*target_terms.largest_weight(job))
     return t
