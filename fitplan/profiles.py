@@ -36,8 +36,16 @@ def _profile_dirs() -> list[Path]:
     extra = os.environ.get("FITPLAN_PROFILES")
     if extra:
         dirs.append(Path(extra))
-    dirs.append(Path(str(resources.files("fitplan.profiles_data"))))
+    dirs.append(_packaged_profiles())
     return dirs
+
+
+def _packaged_profiles() -> Path:
+    """Installed: the wheel's fitplan.profiles_data. Run from a source tree: ../profiles."""
+    try:
+        return Path(str(resources.files("fitplan.profiles_data")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "profiles"
 
 
 def _json_files(kind: str) -> dict[str, Path]:
