@@ -1,9 +1,20 @@
-"""Eagle3 draft-side memory terms: bytes per GPU for ONE micro-batch.
+"""Eagle3 draft-side memory terms of the fitplan trainer (trainer/draft.py, trainer/loss.py).
 
-First version from memory-anatomy.md §4 (bf16 draft, flex attention by default). The trainer's
-author calibrates these against the real trainer with a live-tensor tracker; the constants here
-are the anatomy's hypotheses until then. Notation: B micro-batch, S seq, L TTT unroll, h draft
-hidden, H/Hkv heads, d head_dim, I draft MLP width, Vd draft vocab.
+Bytes per GPU for ONE micro-batch. Each term counts what the trainer's code keeps alive, found
+by enumerating autograd's saved tensors (torch.autograd.graph.saved_tensors_hooks) and checked
+against a live-storage tracker on CPU (tests/test_trainer_estimator.py). Notation: B micro-batch,
+S seq, T = B*S tokens, L TTT unroll, h draft hidden, H/Hkv heads, d head_dim, I draft MLP width,
+Vd draft vocab. bf16 draft (the bf16-master / bf16 recipes).
+
+Saved per token and TTT step k (no activation checkpointing):
+  decoder layer: embedding 2h, cat(emb, hidden) 4h, hidden after attention 2h, MLP input 2h,
+    layer output 2h, final-norm output 2h (= 14h); one fp32 rstd per RMSNorm (4 x 4 B);
+    roped q 2Hd and o_proj input 2Hd; SwiGLU gate, silu, up, product 8I
+  attention (flex): keys and values of steps 0..k, 4*Hkv*d*(k+1); output 2Hd; fp32 logsumexp 4H
+  attention (eager): keys and values repeated to all heads 4*H*d*(k+1); fp32 softmax and bf16
+    probabilities 6*H*S*(k+1); a bool mask S*S*(k+1) per step
+  loss: fp32 log-softmax 4*Vd
+plus the fc output 2h once and the bf16 RoPE tables 2*S*d*2 once.
 """
 
 from __future__ import annotations
@@ -12,60 +23,64 @@ from fitplan.layout import Job
 
 BF16 = 2
 FP32 = 4
-
-# Eager attention materializes [B, H, S, S + k] scores each TTT step: memory-anatomy §4 gives
-# ~110 B x B*H*S^2 over L = 7 steps, i.e. ~16 B per score element per step (fp32 scores,
-# fp32 softmax saved for backward, the bf16 cast).
-EAGER_SCORE_BYTES_PER_STEP = 16
+NORMS_PER_STEP = 4  # input, hidden, post-attention and final RMSNorm: one fp32 rstd per token each
 
 
 def _tokens(job: Job) -> int:
     return job.spec.micro_batch * job.spec.seq
 
 
-def _saved_per_token_per_step(job: Job) -> int:
-    """Bytes autograd saves per token per TTT step inside the decoder layer (anatomy §4).
+def _rope_bytes(job: Job) -> int:
+    """cos and sin tables [S, d] in bf16, shared by the batch and the steps."""
+    return 2 * BF16 * job.spec.seq * job.draft.head_dim
 
-    14h (norms, fc, residuals, the 2h-wide attention input) + 6*H*d (q, attention output,
-    o_proj input) + 8*I (SwiGLU gate, up, act, product). The logits' 2*Vd is in draft_logits_bytes.
-    """
+
+def _layer_saved_per_token(job: Job) -> int:
+    """Saved inside the decoder layer per token per step, attention kernel excluded."""
     d = job.draft
-    return 14 * d.hidden + 6 * d.heads * d.head_dim + 8 * d.intermediate
+    # seven h-wide bf16 tensors (embedding, cat of two, three hiddens, final-norm output)
+    return 7 * BF16 * d.hidden + NORMS_PER_STEP * FP32 + 4 * d.heads * d.head_dim + 8 * d.intermediate
 
 
-def _kv_cache_bytes(job: Job) -> int:
-    """K/V of every earlier step stay referenced: step k attends to k+1 chunks of [B,S,Hkv,d]."""
-    d, L = job.draft, job.spec.ttt
-    return 2 * job.spec.micro_batch * job.spec.seq * d.kv_heads * d.head_dim * L * (L + 1)
-
-
-def _attention_scores_bytes(job: Job) -> int:
-    """Materialized score matrices: eager keeps them for backward; sdpa keeps only a bf16 mask."""
-    d, B, S, L = job.draft, job.spec.micro_batch, job.spec.seq, job.spec.ttt
+def _kernel_saved_bytes(job: Job, k: int) -> int:
+    """What the attention kernel of step k saves (step k attends to k+1 chunks of S keys)."""
+    d, T, S = job.draft, _tokens(job), job.spec.seq
     impl = job.spec.attention_impl
     if impl == "eager":
-        return EAGER_SCORE_BYTES_PER_STEP * B * d.heads * S * S * L
-    if impl == "sdpa":
-        return BF16 * B * S * S  # one [B, 1, S, S] additive mask shared by the steps
-    return 0
+        per_token = 4 * d.heads * d.head_dim * (k + 1) + (FP32 + BF16) * d.heads * S * (k + 1)
+        return per_token * T + S * S * (k + 1)
+    kv = 2 * BF16 * d.kv_heads * d.head_dim * (k + 1)
+    out_and_lse = BF16 * d.heads * d.head_dim + FP32 * d.heads
+    mask = S * S * (k + 1) if impl == "sdpa" else 0  # sdpa is given a dense bool mask
+    return (kv + out_and_lse) * T + mask
+
+
+def _kv_lists_bytes(job: Job) -> int:
+    """Each step's roped keys and values, held by the unroll until it ends (freed before backward)."""
+    d = job.draft
+    return 2 * BF16 * d.kv_heads * d.head_dim * job.spec.ttt * _tokens(job)
 
 
 def draft_activation_bytes(job: Job) -> int:
-    """Saved for backward over the TTT unroll, at the end of the draft forward.
+    """Saved for backward over the TTT unroll at the end of the draft forward (loss excluded).
 
-    With activation checkpointing each step keeps only its inputs (embedding + hidden, and the
-    step's output hidden that feeds the next step: ~3h bf16 per token) and the K/V cache.
+    With activation checkpointing a step keeps only its inputs and outputs: the embedding, the
+    output hidden (with the final norm's rstd and output: 6h + 4 per token), and the keys and
+    values of steps 0..L-2, which later steps' checkpoints hold as inputs.
     """
-    tokens, L = _tokens(job), job.spec.ttt
+    d, T, L = job.draft, _tokens(job), job.spec.ttt
+    fc_out = BF16 * d.hidden * T
     if job.spec.ac:
-        per_step = 3 * BF16 * job.draft.hidden * tokens
-        return per_step * L + _kv_cache_bytes(job)
-    return _saved_per_token_per_step(job) * tokens * L + _kv_cache_bytes(job) + _attention_scores_bytes(job)
+        per_step = (3 * BF16 * d.hidden + FP32) * T
+        held_kv = 2 * BF16 * d.kv_heads * d.head_dim * (L - 1) * T
+        return per_step * L + held_kv + fc_out + _rope_bytes(job)
+    steps = sum(_layer_saved_per_token(job) * T + _kernel_saved_bytes(job, k) for k in range(L))
+    return steps + fc_out + _rope_bytes(job)
 
 
 def draft_logits_bytes(job: Job) -> int:
-    """Per TTT step: bf16 logits [B,S,Vd] and the fp32 log-softmax the soft-label CE saves."""
-    return (BF16 + FP32) * _tokens(job) * job.draft.draft_vocab * job.spec.ttt
+    """The fp32 log-softmax [B, S, Vd] each step's soft-label cross-entropy saves."""
+    return FP32 * _tokens(job) * job.draft.draft_vocab * job.spec.ttt
 
 
 def teacher_bytes(job: Job) -> int:
@@ -74,17 +89,31 @@ def teacher_bytes(job: Job) -> int:
     return FP32 * B * (S + L) * job.draft.draft_vocab
 
 
-def draft_backward_extra_bytes(job: Job) -> int:
-    """Transient peak in backward beyond saved activations and grads.
+def draft_forward_extra_bytes(job: Job) -> int:
+    """Peak of the draft forward beyond what it saves, reached in the last TTT step.
 
-    One step's logits gradient (fp32 + its bf16 cast) and one decoder layer's gradient working
-    set (SwiGLU grads 6*I, q/k/v grads, residual grads); with checkpointing also one step's
-    recomputed activations.
+    The steps' keys and values held by the unroll, and the last step's bf16 logits with the
+    fp32 product the soft-label cross-entropy sums (6*Vd per token). With checkpointing the
+    last step also holds its own full working set until it returns.
     """
-    d, tokens = job.draft, _tokens(job)
-    logits_grad = (FP32 + BF16) * tokens * d.draft_vocab
-    layer_grad = BF16 * tokens * (3 * d.intermediate + (d.heads + 2 * d.kv_heads) * d.head_dim + 2 * d.hidden)
-    recompute = 0
+    T = _tokens(job)
+    extra = _kv_lists_bytes(job) + (BF16 + FP32) * job.draft.draft_vocab * T
     if job.spec.ac:
-        recompute = _saved_per_token_per_step(job) * tokens + _attention_scores_bytes(job) // job.spec.ttt
-    return logits_grad + layer_grad + recompute
+        extra += _layer_saved_per_token(job) * T + _kernel_saved_bytes(job, job.spec.ttt - 1)
+    return extra
+
+
+def draft_backward_extra_bytes(job: Job) -> int:
+    """Transient peak at the start of backward beyond the saved tensors.
+
+    The last step's loss backward holds the fp32 gradient of the log-softmax and its fp32 input
+    gradient (8*Vd per token) before any saved tensor is released. With checkpointing the last
+    step's layer is recomputed once those are freed: its saved set comes back for its backward,
+    and the larger of the two is the peak.
+    """
+    T = _tokens(job)
+    logits_grads = 2 * FP32 * job.draft.draft_vocab * T
+    if not job.spec.ac:
+        return logits_grads
+    recomputed = _layer_saved_per_token(job) * T + _kernel_saved_bytes(job, job.spec.ttt - 1)
+    return max(logits_grads, recomputed)
