@@ -92,15 +92,25 @@ def teacher_bytes(job: Job) -> int:
 def draft_forward_extra_bytes(job: Job) -> int:
     """Peak of the draft forward beyond what it saves, reached in the last TTT step.
 
-    The steps' keys and values held by the unroll, and the last step's bf16 logits with the
-    fp32 product the soft-label cross-entropy sums (6*Vd per token). With checkpointing the
-    last step also holds its own full working set until it returns.
+    The last step's bf16 logits and the fp32 product the soft-label cross-entropy sums
+    (6*Vd per token), and the steps' roped keys and values, which the unroll holds until it
+    ends. A checkpointed step saves nothing inside, but while it runs its working set is alive:
+    eager attention's fp32 scores, masked scores and softmax with the bf16 probabilities
+    (10*H*K for K = S*L keys), the repeated and concatenated keys and values, the 2h-wide
+    input with its two normed halves (8h) and q (2Hd); for fused kernels the MLP (8I + 4h).
     """
-    T = _tokens(job)
-    extra = _kv_lists_bytes(job) + (BF16 + FP32) * job.draft.draft_vocab * T
-    if job.spec.ac:
-        extra += _layer_saved_per_token(job) * T + _kernel_saved_bytes(job, job.spec.ttt - 1)
-    return extra
+    d, T, S, L = job.draft, _tokens(job), job.spec.seq, job.spec.ttt
+    tail = (BF16 + FP32) * d.draft_vocab * T
+    if not job.spec.ac:
+        return _kv_lists_bytes(job) + tail
+    last_kv = 2 * BF16 * d.kv_heads * d.head_dim * T  # earlier steps' k/v are saved inputs already
+    if job.spec.attention_impl == "eager":
+        per_token = (10 * d.heads * S * L + 4 * (d.heads + d.kv_heads) * d.head_dim * L
+                     + 8 * d.hidden + BF16 * d.heads * d.head_dim)
+        working = per_token * T + 2 * S * S * L  # and the bool mask with its negation
+    else:
+        working = (8 * d.intermediate + 4 * d.hidden) * T
+    return last_kv + max(tail, working)
 
 
 def draft_backward_extra_bytes(job: Job) -> int:
