@@ -222,3 +222,66 @@ def test_export_reloads_with_matching_outputs(configs, tmp_path):
 def test_flex_on_cpu_is_a_clean_error(configs, tmp_path):
     with pytest.raises(FitplanError, match="flex"):
         run(options(configs, tmp_path / "run", attention="flex"))
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def test_cli_bad_input_is_exit_code_2_without_traceback(configs, tmp_path):
+    from typer.testing import CliRunner
+
+    from fitplan.cli import app
+
+    target, draft = configs
+    runner = CliRunner()
+    no_data = runner.invoke(app, ["train", "--model", target, "--device", "cpu", "-o", str(tmp_path / "a")])
+    assert no_data.exit_code == 2 and "--synthetic-data" in no_data.output
+    missing_gpus = runner.invoke(app, ["train", "--model", target, "--synthetic-data", "--random-weights",
+                                       "--gpus", "8xH100", "-o", str(tmp_path / "b")])
+    if not torch.cuda.is_available():
+        assert missing_gpus.exit_code == 2 and "8xH100" in missing_gpus.output
+    assert "Traceback" not in no_data.output + missing_gpus.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
+
+
+def test_cli_trains_and_writes_a_report(configs, tmp_path):
+    from typer.testing import CliRunner
+
+    from fitplan.cli import app
+
+    target, draft = configs
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "train", "--model", target, "--draft", draft, "--random-weights", "--synthetic-data", "--device", "cpu",
+        "--attention", "eager", "--seq", "16", "--ttt", "2", "--tp", "1", "--steps", "2", "-o", str(out), "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert [s["step"] for s in report["steps"]] == [1, 2]
+    assert json.loads((out / "report.json").read_text())["steps"][1]["loss"] == report["steps"][1]["loss"]
+    assert (out / "step-000002" / "model.safetensors").is_file()
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(configs, tmp_path):
+    import os
+    import signal
+    import threading
+
+    opts = options(configs, tmp_path / "run")
+    opts.steps, opts.save_every = 500, 0
+    threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    report = run(opts)
+    stopped = report["stopped_at"]
+    assert stopped < 500 and [s["step"] for s in report["steps"]][-1] == stopped
+    assert (tmp_path / "run" / f"step-{stopped:06d}" / "training_state.pt").is_file()
+
+
+def test_auto_picks_a_fitting_plan_with_the_same_global_batch():
+    from fitplan.commands.train import choose_spec
+    from fitplan.estimator import estimate_spec
+
+    flags = {"model": "llama-3.1-8b", "gpus": "1xH100", "seq": 32768, "micro_batch": 4}
+    assert not estimate_spec(RunSpec(**flags)).fits  # the starting point does not fit ...
+    spec = choose_spec(None, None, True, flags)
+    assert estimate_spec(spec).fits  # ... the plan does, and trains on as many samples per step
+    assert spec.micro_batch * spec.accum == 4 and spec.seq == 32768

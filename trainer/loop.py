@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import threading
 import time
@@ -226,8 +225,8 @@ def suggestion(spec) -> str | None:
     """What `fitplan fit` would change to make this job fit, for an OOM report."""
     from fitplan.ladder import fit
 
-    best = fit(spec).best
-    return best.change if best is not None else None
+    chosen = fit(spec).chosen
+    return chosen.change if chosen is not None else None
 
 
 def run(opts: TrainOptions, progress: bool = False) -> dict:

@@ -58,12 +58,12 @@ def choose_spec(config: Optional[Path], plan: Optional[Path], auto: bool, flags:
     if "gpus" not in flags and plan is None and config is None:
         spec = spec.replace(gpus=local_gpus())
     result = fit(spec)
-    if result.best is None:
+    if result.chosen is None:
         raise FitplanError(
             f"no layout of {spec.model} fits {spec.gpus} (largest fitting seq: {result.max_seq}, "
             f"smallest fitting GPUs: {result.min_gpus}); see `fitplan fit`"
         )
-    return result.best.spec
+    return result.chosen.spec
 
 
 def train_command(
