@@ -285,3 +285,20 @@ def test_auto_picks_a_fitting_plan_with_the_same_global_batch():
     spec = choose_spec(None, None, True, flags)
     assert estimate_spec(spec).fits  # ... the plan does, and trains on as many samples per step
     assert spec.micro_batch * spec.accum == 4 and spec.seq == 32768
+
+
+def test_model_directory_without_weights_or_tokenizer_is_a_clean_error(tmp_path):
+    from trainer.target import load_target, load_tokenizer
+
+    (tmp_path / "config.json").write_text(json.dumps(TARGET))
+    with pytest.raises(FitplanError, match="no weights"):
+        load_target(str(tmp_path), random_weights=False, device=torch.device("cpu"))
+    with pytest.raises(FitplanError, match="tokenizer"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_gradient_accumulation_takes_accum_micro_batches_per_step(configs, tmp_path):
+    opts = options(configs, tmp_path / "run", micro_batch=1, accum=3)
+    opts.steps, opts.save_every = 2, 0
+    report = run(opts)
+    assert [s["tokens"] for s in report["steps"]] == [3 * 32, 3 * 32]  # 3 micro-batches of 1 x 32 tokens

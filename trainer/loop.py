@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -232,6 +233,8 @@ def suggestion(spec) -> str | None:
 def run(opts: TrainOptions, progress: bool = False) -> dict:
     """Train; returns the report (also written to OUTPUT/report.json)."""
     job = resolve_job(opts.spec)
+    if opts.spec.expandable_segments:  # read when CUDA's allocator starts, i.e. before the first allocation
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     cpu = opts.device == "cpu" or (opts.device is None and not torch.cuda.is_available())
     ctx = parallel.init_distributed(
         job.tp, plan_world=job.world, gpus_per_node=None if cpu else job.cluster.gpus_per_node,
@@ -240,7 +243,6 @@ def run(opts: TrainOptions, progress: bool = False) -> dict:
     device = torch.device("cpu") if cpu else ctx.device
     if cpu and opts.spec.attention_impl == "flex":
         raise FitplanError("flex attention has no backward on CPU; use --attention sdpa or eager there")
-    opts.output.mkdir(parents=True, exist_ok=True)
     snapshot = device.type == "cuda" and opts.snapshot_on_miss
     if snapshot:
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
@@ -263,10 +265,12 @@ def run(opts: TrainOptions, progress: bool = False) -> dict:
     report["comparison"] = compare.rows(report["steps"], report.get("load", {}), prediction)
     if snapshot:
         if compare.missed(report["comparison"]) or "oom" in report:
+            opts.output.mkdir(parents=True, exist_ok=True)
             path = opts.output / "memory_snapshot.pickle"
             torch.cuda.memory._dump_snapshot(str(path))
             report["snapshot"] = str(path)
         torch.cuda.memory._record_memory_history(enabled=None)
+    opts.output.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves nothing behind
     _write_json(opts.output / "report.json", report)
     return report
 
