@@ -319,3 +319,27 @@ def test_flex_matches_eager_with_gradients_on_gpu():
     assert torch.allclose(outs[0], outs[1], atol=2e-2, rtol=2e-2)
     for a, b in zip(*grads):
         assert torch.allclose(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("precision", ["mixed", "fp32-autocast", "bf16"])
+def test_other_precision_recipes_resume_identically(configs, tmp_path, precision):
+    full = run(options(configs, tmp_path / "full", precision=precision, attention="eager"))
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "step-000003", tmp_path / "resumed" / "step-000003")
+    opts = options(configs, tmp_path / "resumed", precision=precision, attention="eager")
+    opts.resume = True
+    assert [s["loss"] for s in run(opts)["steps"]] == [s["loss"] for s in full["steps"][3:]]
+
+
+def test_mixed_keeps_fp32_gradients_only_on_the_masters():
+    from trainer.optim import build_optimizer
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3, bias=False).to(torch.bfloat16)
+    opt = build_optimizer(list(layer.parameters()), "mixed", lr=0.1)
+    for _ in range(2):  # two accumulated micro-steps
+        layer(torch.ones(2, 4, dtype=torch.bfloat16)).sum().backward()
+    assert layer.weight.grad is None
+    (master,) = opt.grad_tensors()
+    # d(sum(W x))/dW = sum over the 2 rows of x = 2 per entry, twice accumulated = 4
+    assert master.grad.dtype == torch.float32 and torch.equal(master.grad, torch.full((3, 4), 4.0))

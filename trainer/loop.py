@@ -170,7 +170,7 @@ def train_step(run: Run, meter: Meter) -> dict:
         accuracy.append(acc)
         del aux, ids_ext, teacher, loss  # nothing of this micro-step outlives it
     with meter.phase("optimizer_step"):
-        grad_norm = optim.clip(run.draft.trainable(), run.opts.max_grad_norm)
+        grad_norm = optim.clip(run.optimizer, run.opts.max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
         run.draft.zero_grad(set_to_none=True)

@@ -1,10 +1,13 @@
 """Precision recipes (RunSpec.precision), AdamW, clipping and the cosine schedule.
 
-| recipe        | draft params | grads | optimizer state                       |
-| mixed         | fp32         | fp32  | fp32 moments; autocast keeps one bf16 weight copy for the step |
-| fp32-autocast | fp32         | fp32  | fp32 moments; bf16 casts made per use, not cached |
-| bf16-master   | bf16         | bf16  | fp32 master + fp32 moments (+ an fp32 grad copy during the step) |
-| bf16          | bf16         | bf16  | bf16 moments (torch AdamW takes the param dtype) |
+| recipe        | draft params | grads | optimizer state                                   | B/param |
+| mixed         | bf16         | fp32  | fp32 master + fp32 moments, made at the start     | 18 |
+| fp32-autocast | fp32         | fp32  | fp32 moments; autocast caches one bf16 weight copy through forward and backward | 16 + 2 |
+| bf16-master   | bf16         | bf16  | fp32 master + fp32 moments made in the first step, an fp32 grad copy during it | 16 + 4 |
+| bf16          | bf16         | bf16  | bf16 moments (torch AdamW takes the param dtype)  | 8 |
+
+In `mixed` each bf16 gradient is added to its master's fp32 gradient as soon as autograd has
+accumulated it, and freed: the fp32 gradients are the only ones that stay.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import math
 
 import torch
 
-BF16_PARAM_RECIPES = ("bf16-master", "bf16")
+BF16_PARAM_RECIPES = ("mixed", "bf16-master", "bf16")
+MASTER_RECIPES = ("mixed", "bf16-master")
 BETAS = (0.9, 0.95)
 WEIGHT_DECAY = 0.0
 
@@ -27,7 +31,7 @@ def autocast(precision: str, device: torch.device):
     """The forward's autocast region: on for the fp32-parameter recipes only."""
     if precision in BF16_PARAM_RECIPES:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=precision == "mixed")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class MasterWeightAdamW(torch.optim.Optimizer):
@@ -38,11 +42,31 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     updated, and the result is rounded back into the bf16 parameters.
     """
 
-    def __init__(self, params, lr: float):
+    def __init__(self, params, lr: float, fp32_grads: bool = False):
         self.model_params = list(params)
         super().__init__(self.model_params, {"lr": lr})
         self.masters: list[torch.Tensor] = []
         self.inner: torch.optim.AdamW | None = None
+        self.fp32_grads = fp32_grads
+        if fp32_grads:
+            self._make_masters()
+            for p, master in zip(self.model_params, self.masters):
+                p.register_post_accumulate_grad_hook(self._move_grad_to(master))
+
+    @staticmethod
+    def _move_grad_to(master: torch.Tensor):
+        def hook(p: torch.Tensor) -> None:
+            if master.grad is None:
+                master.grad = p.grad.float()
+            else:
+                master.grad.add_(p.grad)
+            p.grad = None
+
+        return hook
+
+    def grad_tensors(self) -> list[torch.Tensor]:
+        """The tensors whose .grad the step uses (for clipping)."""
+        return self.masters if self.fp32_grads else self.model_params
 
     def _make_masters(self) -> None:
         self.masters = [p.detach().float() for p in self.model_params]
@@ -55,8 +79,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if self.inner is None:
             self._make_masters()
         self.inner.param_groups[0]["lr"] = self.param_groups[0]["lr"]  # the scheduler sets the outer lr
-        for p, master in zip(self.model_params, self.masters):
-            master.grad = p.grad.float() if p.grad is not None else None
+        if not self.fp32_grads:
+            for p, master in zip(self.model_params, self.masters):
+                master.grad = p.grad.float() if p.grad is not None else None
         self.inner.step()
         for p, master in zip(self.model_params, self.masters):
             master.grad = None
@@ -70,7 +95,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self.param_groups[0]["lr"] = state["lr"]
         if state["inner"] is None:
             return
-        self._make_masters()
+        if self.inner is None:
+            self._make_masters()
         with torch.no_grad():
             for master, saved, p in zip(self.masters, state["masters"], self.model_params):
                 master.copy_(saved)
@@ -79,8 +105,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
 
 def build_optimizer(params, precision: str, lr: float) -> torch.optim.Optimizer:
-    if precision == "bf16-master":
-        return MasterWeightAdamW(params, lr)
+    if precision in MASTER_RECIPES:
+        return MasterWeightAdamW(params, lr, fp32_grads=precision == "mixed")
     return torch.optim.AdamW(params, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True)
 
 
@@ -94,5 +120,8 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def clip(params, max_norm: float) -> float:
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+def clip(optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    """Clip the gradients the optimizer will step with (the fp32 masters' in `mixed`)."""
+    holders = optimizer.grad_tensors() if isinstance(optimizer, MasterWeightAdamW) else [
+        p for group in optimizer.param_groups for p in group["params"]]
+    return float(torch.nn.utils.clip_grad_norm_(holders, max_norm))
