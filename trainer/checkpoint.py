@@ -30,8 +30,8 @@ def step_dir(output: Path, step: int) -> Path:
 def export_tensors(draft: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in draft.state_dict().items():
-        t = t.detach()
-        out[name] = (t.to(torch.bfloat16) if t.is_floating_point() else t).contiguous().cpu()
+        t = t.detach().cpu()  # cast on the host: no bf16 copy of fp32 weights on the GPU
+        out[name] = (t.to(torch.bfloat16) if t.is_floating_point() else t).contiguous()
     return out
 
 
