@@ -343,3 +343,20 @@ def test_mixed_keeps_fp32_gradients_only_on_the_masters():
     (master,) = opt.grad_tensors()
     # d(sum(W x))/dW = sum over the 2 rows of x = 2 per entry, twice accumulated = 4
     assert master.grad.dtype == torch.float32 and torch.equal(master.grad, torch.full((3, 4), 4.0))
+
+
+def test_cli_trains_a_plan_file(configs, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from fitplan.cli import app
+
+    target, draft = configs
+    config = dict(model=target, draft=draft, seq=16, micro_batch=1, ttt=2, tp=1, accum=1, attention="eager")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"fitplan_plan": 1, "config": config, "prediction": {}, "trail": []}))
+    result = CliRunner().invoke(app, ["train", "--plan", str(plan), "--random-weights", "--synthetic-data",
+                                      "--device", "cpu", "--steps", "1", "-o", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["config"]["seq"] == 16 and report["config"]["ttt"] == 2
