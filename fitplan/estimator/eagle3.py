@@ -2,14 +2,17 @@
 
 Timeline (memory-anatomy §1, §4): the target forward builds the aux hidden states, the logits
 and the teacher; the fitplan trainer drops the full-vocab logits once the teacher exists, so
-the draft forward holds outputs + teacher + the TTT unroll's saved tensors; backward adds the
-gradients; the optimizer step holds grads + optimizer state; the checkpoint holds the state.
+the draft forward holds outputs + teacher + the TTT unroll's saved tensors and peaks in its last
+step; backward peaks at its start, before any gradient exists; the optimizer step holds grads +
+optimizer state; the checkpoint holds the state. Each phase lists what is live at the instant
+of its peak, measured against the trainer in tests/test_trainer_estimator.py (CPU) and
+tests/data/gpu/*.json (H100).
 """
 
 from __future__ import annotations
 
 from fitplan.estimator import draft_terms, target_terms
-from fitplan.estimator.recipes import RECIPES, TrainedState
+from fitplan.estimator.recipes import TrainedState
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
 from fitplan.estimator.timeline import Timeline, merge, phase
 from fitplan.layout import Job
@@ -18,11 +21,9 @@ FP32 = 4
 
 
 def draft_state(job: Job) -> TrainedState:
-    """The draft's state; its frozen embedding is stored in the recipe's parameter dtype."""
-    return TrainedState(
-        job.spec, job.draft.trainable_params(), job.draft.frozen_params(), job.world,
-        frozen_bytes_per_param=RECIPES[job.spec.precision].param,
-    )
+    """The draft's state; the trainer keeps its frozen embedding in the target's bf16 whatever
+    the recipe (trainer/loop.py build_draft), TrainedState's default."""
+    return TrainedState(job.spec, job.draft.trainable_params(), job.draft.frozen_params(), job.world)
 
 
 def optimizer_state(state: TrainedState, steady: bool) -> dict[str, int]:
@@ -57,11 +58,31 @@ def gathered_params(job: Job, state: TrainedState) -> int:
 
 def backward_grads(job: Job, state: TrainedState) -> dict[str, int]:
     """Grads at the end of backward: replicated, or the sharded accumulation plus the largest
-    unit's unsharded grads (FSDP reduce-scatters unit by unit)."""
+    unit's unsharded grads (FSDP reduce-scatters unit by unit). The saved tensors are gone by
+    then, so this instant is the backward peak only when grads outweigh the activations."""
     if state.sharded_grads():
         largest = max(n for n, trainable in draft_units(job).values() if trainable)
         return {"draft.grads": state.grads(), "comm.buffers": largest * state.recipe.grad}
     return {"draft.grads": state.full_grads()}
+
+
+def target_forward_instants(job: Job) -> list[dict[str, int]]:
+    """What is live at the three candidate peaks of the target forward (trainer/target.py,
+    trainer/loss.py make_teacher); the layers' working set and the logits never coexist:
+    - inside a layer: the captured aux states and one layer's working set;
+    - after the forward: the three captured aux states, their concatenation and the logits;
+    - building the teacher: aux, logits, the fp32 teacher and one gathered bf16 chunk."""
+    aux, logits = target_terms.aux_outputs_bytes(job), target_terms.logits_bytes(job)
+    return [
+        phase(target__outputs=aux, target__activations=target_terms.forward_working_bytes(job)),
+        phase(target__outputs=2 * aux, logits__target=logits),
+        phase(target__outputs=aux, logits__target=logits + draft_terms.teacher_chunk_bytes(job),
+              logits__teacher=draft_terms.teacher_bytes(job)),
+    ]
+
+
+def _largest_instant(instants: list[dict[str, int]]) -> dict[str, int]:
+    return max(instants, key=lambda components: sum(components.values()))
 
 
 def timeline(job: Job) -> Timeline:
@@ -81,21 +102,20 @@ def timeline(job: Job) -> Timeline:
         activations__draft=draft_terms.draft_activation_bytes(job),
         logits__draft=draft_terms.draft_logits_bytes(job),
     )
+    forward_extra = phase(activations__draft=draft_terms.draft_forward_extra_bytes(job))
     backward_extra = phase(activations__draft=draft_terms.draft_backward_extra_bytes(job))
+    target_peak = _largest_instant(target_forward_instants(job))
 
     def phases(steady: bool) -> dict[str, dict[str, int]]:
         opt = optimizer_state(state, steady)
         return {
             "load": merge(base, optimizer_state(state, steady=False)),
-            "target_forward": merge(
-                base, opt, carried, outputs,
-                phase(
-                    target__activations=target_terms.forward_working_bytes(job),
-                    logits__target=target_terms.logits_bytes(job),
-                ),
-            ),
-            "draft_forward": merge(base, opt, carried, outputs, casts_and_gather, saved),
-            "backward": merge(base, opt, outputs, casts_and_gather, saved, backward_extra, backward_grads(job, state)),
+            "target_forward": merge(base, opt, carried, target_peak),
+            "draft_forward": merge(base, opt, carried, outputs, casts_and_gather, saved, forward_extra),
+            "backward": _largest_instant([
+                merge(base, opt, carried, outputs, casts_and_gather, saved, backward_extra),
+                merge(base, opt, outputs, casts_and_gather, backward_grads(job, state)),
+            ]),
             "optimizer_step": merge(
                 base, optimizer_state(state, steady=True),
                 phase(draft__grads=state.grads(), optimizer__grad_copy=state.grad_copy()),
@@ -119,7 +139,7 @@ def _largest(job: Job, t: Timeline) -> None:
     t.candidate(*target_terms.largest_weight(job))
     t.candidate(draft_terms.teacher_bytes(job), "teacher probabilities [B, S+L, Vd] fp32")
     t.candidate(FP32 * target_terms.own_tokens(job) * Vd, "draft log-softmax [B, S, Vd] fp32")
-    t.candidate(job.draft.frozen_params() * draft_state(job).recipe.param, "draft embedding [V, h]")
+    t.candidate(job.draft.frozen_params() * draft_state(job).frozen_bytes_per_param, "draft embedding [V, h] bf16")
     if job.spec.attention_impl == "eager":
         B, S, L = job.spec.micro_batch, job.spec.seq, job.spec.ttt
         t.candidate(FP32 * B * job.draft.heads * S * (S + L), "draft attention scores [B, H, S, S+L] fp32")
