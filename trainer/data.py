@@ -100,33 +100,42 @@ def pad_batch(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
 
 
 class Batches:
-    """Micro-batches in a reproducible order; `position` (micro-batches taken) is the resume point."""
+    """Micro-batches in a reproducible order; `position` (micro-batches taken) is the resume point.
 
-    def __init__(self, samples, micro_batch: int, seed: int, synthetic: tuple[int, int] | None = None):
+    With several data-parallel ranks, micro-step p's global batch is the world*B samples a
+    single process with micro_batch world*B would take at p; rank r gets rows r*B..r*B+B-1.
+    """
+
+    def __init__(self, samples, micro_batch: int, seed: int, synthetic: tuple[int, int] | None = None,
+                 rank: int = 0, world: int = 1):
         self.samples, self.micro_batch, self.seed = samples, micro_batch, seed
         self.synthetic = synthetic  # (seq, vocab): generate sample i on demand
+        self.rank, self.world = rank, world
         self.position = 0
-        if synthetic is None and len(samples) < micro_batch:
-            raise FitplanError(f"the data holds {len(samples)} usable samples, fewer than micro_batch {micro_batch}")
+        if synthetic is None and len(samples) < micro_batch * world:
+            raise FitplanError(f"the data holds {len(samples)} usable samples, fewer than micro_batch {micro_batch} "
+                               f"x {world} ranks")
 
     def _epoch_order(self, epoch: int) -> list[int]:
         n = len(self.samples)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
         if epoch == 0:  # longest first: the peak shows in the first steps
-            longest = sorted(range(n), key=lambda i: -len(self.samples[i][0]))[: self.micro_batch]
+            longest = sorted(range(n), key=lambda i: -len(self.samples[i][0]))[: self.micro_batch * self.world]
             chosen = set(longest)
             order = longest + [i for i in order if i not in chosen]
         return order
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self.micro_batch
+        b, wide = self.micro_batch, self.micro_batch * self.world
         if self.synthetic is not None:
             seq, vocab = self.synthetic
-            picked = [synthetic_sample(self.position * b + r, seq, vocab, self.seed) for r in range(b)]
+            picked = [synthetic_sample(self.position * wide + r, seq, vocab, self.seed) for r in range(wide)]
         else:
-            per_epoch = len(self.samples) // b
+            per_epoch = len(self.samples) // wide
             epoch, index = divmod(self.position, per_epoch)
-            order = self._epoch_order(epoch)
-            picked = [self.samples[i] for i in order[index * b : (index + 1) * b]]
+            picked = [self.samples[i] for i in self._epoch_order(epoch)[index * wide : (index + 1) * wide]]
         self.position += 1
-        return pad_batch(picked)
+        # padded as one global batch: the ranks of a TP group must pass the same length to the target
+        ids, mask = pad_batch(picked)
+        rows = slice(self.rank * b, (self.rank + 1) * b)
+        return ids[rows], mask[rows]

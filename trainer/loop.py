@@ -4,7 +4,10 @@
             -> optimizer_step -> (checkpoint)
 
 One process is the world-1 case of the multi-GPU layout: the trainer.parallel calls
-(group_batch, collect_target_outputs, shard_draft) are identities there.
+(group_batch, collect_target_outputs, shard_draft) are identities there. Under torchrun every
+rank runs this loop on its own B samples: the TP group runs the target on all its ranks'
+samples, the draft is FSDP2-sharded over every rank, and rank 0 writes the report with each
+memory figure's max over ranks.
 """
 
 from __future__ import annotations
@@ -87,24 +90,26 @@ def default_dtype(dtype: torch.dtype):
 
 
 def build_draft(job: Job, hf, target: torch.nn.Module, draft_ids: torch.Tensor, device: torch.device) -> Eagle3Draft:
+    """The draft, whole on this rank (the same on every rank: same seed); sharding comes after."""
     spec = job.spec
     with torch.device(device), default_dtype(optim.param_dtype(spec.precision)):
         draft = Eagle3Draft(draft_config(job, hf), spec.attention_impl, checkpoint_layer=spec.ac)
     with torch.no_grad():
         # the frozen embedding stays in the target's bf16 whatever the recipe
         draft.embed_tokens.to(torch.bfloat16)
-        draft.embed_tokens.weight.copy_(target.get_input_embeddings().weight)
+        draft.embed_tokens.weight.copy_(parallel.full_tensor(target.get_input_embeddings().weight))
         d2t, t2d = vocab.mapping(draft_ids.cpu(), draft.cfg.vocab)
         draft.d2t.copy_(d2t)
         draft.t2d.copy_(t2d)
     return draft
 
 
-def load_samples(opts: TrainOptions, job: Job):
-    """(Batches, draft vocab target ids, skipped lines)."""
+def load_samples(opts: TrainOptions, job: Job, ctx) -> tuple[data.Batches, torch.Tensor, int]:
+    """(Batches of this rank, draft vocab target ids, skipped lines)."""
     spec, shape = job.spec, job.draft
+    ranks = dict(rank=ctx.rank, world=ctx.world)
     if opts.synthetic_data:
-        batches = data.Batches([], spec.micro_batch, opts.seed, synthetic=(spec.seq, shape.vocab))
+        batches = data.Batches([], spec.micro_batch, opts.seed, synthetic=(spec.seq, shape.vocab), **ranks)
         counted = (data.synthetic_sample(i, spec.seq, shape.vocab, opts.seed) for i in range(VOCAB_SAMPLES_SYNTHETIC))
         return batches, vocab.top_tokens(counted, shape.vocab, shape.draft_vocab), 0
     if opts.data is None:
@@ -112,7 +117,7 @@ def load_samples(opts: TrainOptions, job: Job):
     loaded = data.load_jsonl(opts.data, load_tokenizer(spec.model), spec.seq)
     cache = vocab.cache_path(opts.data, shape.vocab, shape.draft_vocab, spec.seq)
     ids = vocab.load_or_build(loaded.samples, shape.vocab, shape.draft_vocab, cache)
-    return data.Batches(loaded.samples, spec.micro_batch, opts.seed), ids, loaded.skipped
+    return data.Batches(loaded.samples, spec.micro_batch, opts.seed, **ranks), ids, loaded.skipped
 
 
 def fingerprint(opts: TrainOptions) -> dict:
@@ -124,15 +129,15 @@ def fingerprint(opts: TrainOptions) -> dict:
 def build(opts: TrainOptions, meter: Meter, job: Job, ctx) -> Run:
     spec = job.spec
     torch.manual_seed(opts.seed)
-    batches, draft_ids, skipped = load_samples(opts, job)
+    batches, draft_ids, skipped = load_samples(opts, job, ctx)
     hf = hf_config(spec.model)
     with meter.phase("load"):
-        model = load_target(spec.model, opts.random_weights, meter.device)
-        model = parallel.parallelize_target(model, ctx)
+        model = load_target(spec.model, opts.random_weights, meter.device, ctx)
         target = TappedTarget(model, tuple(job.draft.aux_layers))
         draft = build_draft(job, hf, model, draft_ids, meter.device)
         if ctx.distributed:
             draft = parallel.shard_draft(draft, ctx, spec.sharding)
+        # after sharding: the optimizer's state is made from (and sharded like) the sharded parameters
         optimizer = optim.build_optimizer(draft.trainable(), spec.precision, opts.lr)
         scheduler = optim.cosine_with_warmup(optimizer, opts.warmup, opts.steps)
     return Run(opts, job, ctx, meter.device, target, draft, optimizer, scheduler, batches,
@@ -174,14 +179,27 @@ def train_step(run: Run, meter: Meter) -> dict:
         run.optimizer.step()
         run.scheduler.step()
         run.draft.zero_grad(set_to_none=True)
+    loss, *acc = _mean_over_ranks([sum(losses) / accum] + [sum(a[k] for a in accuracy) / accum for k in range(spec.ttt)],
+                                  run.ctx)
     return {
-        "loss": sum(losses) / accum,
-        "acc": [sum(a[k] for a in accuracy) / accum for k in range(spec.ttt)],
+        "loss": loss,
+        "acc": acc,
         "grad_norm": grad_norm,
         "lr": run.scheduler.get_last_lr()[0],
-        "tokens": tokens,
+        "tokens": tokens * run.ctx.world,  # the global batch: every rank trains on its own samples
         "seq": max(seqs),
     }
+
+
+def _mean_over_ranks(values: list[float], ctx) -> list[float]:
+    """The global batch's loss and accuracies (each rank's are over its own samples)."""
+    if not ctx.distributed:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t)
+    return (t / ctx.world).tolist()
 
 
 def step_flops(job: Job, seq: int) -> float:
@@ -231,8 +249,11 @@ def suggestion(spec) -> str | None:
 
 
 def run(opts: TrainOptions, progress: bool = False) -> dict:
-    """Train; returns the report (also written to OUTPUT/report.json)."""
+    """Train; returns the report (rank 0 also writes it to OUTPUT/report.json)."""
     job = resolve_job(opts.spec)
+    if job.world > 1 and opts.spec.sharding not in parallel.FSDP_SHARDINGS:
+        raise FitplanError(f"sharding {opts.spec.sharding!r} on {job.world} ranks: the trainer shards the draft with "
+                           f"FSDP2; accepted: {', '.join(parallel.FSDP_SHARDINGS)}")
     if opts.spec.expandable_segments:  # read when CUDA's allocator starts, i.e. before the first allocation
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     cpu = opts.device == "cpu" or (opts.device is None and not torch.cuda.is_available())
@@ -243,7 +264,7 @@ def run(opts: TrainOptions, progress: bool = False) -> dict:
     device = torch.device("cpu") if cpu else ctx.device
     if cpu and opts.spec.attention_impl == "flex":
         raise FitplanError("flex attention has no backward on CPU; use --attention sdpa or eager there")
-    snapshot = device.type == "cuda" and opts.snapshot_on_miss
+    snapshot = device.type == "cuda" and opts.snapshot_on_miss and ctx.rank == 0
     if snapshot:
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     report = {"config": opts.spec.to_dict(), "world": ctx.world, "device": _device_name(device), "steps": []}
@@ -256,12 +277,35 @@ def run(opts: TrainOptions, progress: bool = False) -> dict:
             report["skipped_lines"] = r.skipped_lines
             first = 1
             if opts.resume:
-                done, r.batches.position = checkpoint.resume(opts.output, r.draft, r.optimizer, r.scheduler, fingerprint(opts))
+                done, r.batches.position = checkpoint.resume(
+                    opts.output, r.draft, r.optimizer, r.scheduler, fingerprint(opts), ctx)
                 first = done + 1
             _loop(r, meter, stop, first, report, progress)
         except torch.OutOfMemoryError as exc:
             report["oom"] = {"step": len(report["steps"]) + 1, "phase": meter.current,
                              "message": str(exc).splitlines()[0], "fit_suggestion": suggestion(opts.spec)}
+            if ctx.distributed:
+                # the other ranks wait in a collective: write this rank's report, then fail so torchrun stops them
+                _finish(report, opts, prediction, snapshot, name=f"report-rank{ctx.rank}.json")
+                raise
+    if ctx.distributed:
+        _fold_ranks(report, ctx)
+    _finish(report, opts, prediction, snapshot, name="report.json" if ctx.rank == 0 else None)
+    return report
+
+
+def _fold_ranks(report: dict, ctx) -> None:
+    """Each phase's memory becomes its max over ranks; a spread over 5% is listed under "imbalanced"."""
+    peaks = {"load": report["load"], "steps": {str(i): s["phases"] for i, s in enumerate(report["steps"])}}
+    gathered = parallel.gather_measurements(peaks, ctx)
+    report["load"] = gathered.max["load"]
+    for i, step in enumerate(report["steps"]):
+        step["phases"] = gathered.max["steps"][str(i)]
+    report["imbalanced"] = gathered.imbalanced
+    report["per_rank"] = gathered.per_rank
+
+
+def _finish(report: dict, opts: TrainOptions, prediction, snapshot: bool, name: str | None) -> None:
     report["comparison"] = compare.rows(report["steps"], report.get("load", {}), prediction)
     if snapshot:
         if compare.missed(report["comparison"]) or "oom" in report:
@@ -270,34 +314,45 @@ def run(opts: TrainOptions, progress: bool = False) -> dict:
             torch.cuda.memory._dump_snapshot(str(path))
             report["snapshot"] = str(path)
         torch.cuda.memory._record_memory_history(enabled=None)
-    opts.output.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves nothing behind
-    _write_json(opts.output / "report.json", report)
-    return report
+    if name is not None:
+        opts.output.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves nothing behind
+        _write_json(opts.output / name, report)
 
 
 def _loop(r: Run, meter: Meter, stop: StopRequest, first: int, report: dict, progress: bool) -> None:
     opts, job = r.opts, r.job
     peak = job.cluster.gpu.bf16_tflops * 1e12 if r.device.type == "cuda" else None
-    bar = _progress(progress)
+    bar = _progress(progress and r.ctx.rank == 0)
     task = bar.add_task("training", total=opts.steps, completed=first - 1)
     with bar:
         for step in range(first, opts.steps + 1):
             start = time.perf_counter()
             record = train_step(r, meter)
             seconds = time.perf_counter() - start
-            save = step == opts.steps or stop.requested or (opts.save_every and step % opts.save_every == 0)
-            if save and r.ctx.rank == 0:
+            stopping = _any_rank(stop.requested, r.ctx)  # every rank must take the same path (collectives)
+            if step == opts.steps or stopping or (opts.save_every and step % opts.save_every == 0):
                 with meter.phase("checkpoint"):
                     report["checkpoint"] = str(checkpoint.save(
-                        opts.output, step, r.draft, r.optimizer, r.scheduler, r.batches.position, fingerprint(opts)))
+                        opts.output, step, r.draft, r.optimizer, r.scheduler, r.batches.position, fingerprint(opts),
+                        r.ctx))
             flops = step_flops(job, record.pop("seq"))
             record.update(step=step, phases=meter.new_step(), seconds=seconds,
                           tokens_per_s=record["tokens"] / seconds, mfu=flops / seconds / peak if peak else None)
             report["steps"].append(record)
             bar.update(task, advance=1, description=f"loss {record['loss']:.4f} acc0 {record['acc'][0]:.3f}")
-            if stop.requested:
+            if stopping:
                 report["stopped_at"] = step
                 break
+
+
+def _any_rank(flag: bool, ctx) -> bool:
+    if not ctx.distributed:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _progress(enabled: bool):

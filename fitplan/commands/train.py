@@ -111,7 +111,12 @@ def train_command(
         synthetic_data=synthetic_data, random_weights=random_weights, lr=lr, warmup=warmup,
         save_every=save_every, resume=resume, seed=seed, device=device,
     )
-    report = run(opts, progress=not as_json)
+    if parallel.inside_worker():
+        # torchrun's error recorder: a failing rank's traceback reaches the launcher's summary
+        report = parallel.record(run)(opts, progress=not as_json)
+        parallel.shutdown_distributed()
+    else:
+        report = run(opts, progress=not as_json)
     if _rank() != 0:  # one rank speaks for a multi-GPU run
         return
     if as_json:

@@ -21,6 +21,7 @@ from fitplan.errors import FitplanError
 from trainer.parallel.context import DistContext
 
 RESHARD_AFTER_FORWARD = {"zero2": False, "zero3": True}
+FSDP_SHARDINGS = tuple(RESHARD_AFTER_FORWARD)
 
 
 def shard_draft(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from trainer.parallel.context import DistContext, check_tp_for_model
@@ -38,8 +38,22 @@ def parallelize_target(model: nn.Module, ctx: DistContext) -> nn.Module:
         return model
     check_tp_for_model(model.config, ctx.tp)
     for layer in model.model.layers:
-        _parallelize_attention(layer.self_attn, ctx)
-        _parallelize_mlp(layer.mlp, ctx)
+        parallelize_layer(layer, ctx)
+    return parallelize_root(model, ctx)
+
+
+def parallelize_layer(layer: nn.Module, ctx: DistContext) -> None:
+    """Split one decoder layer (a target can be materialized and split layer by layer)."""
+    if ctx.tp == 1:
+        return
+    _parallelize_attention(layer.self_attn, ctx)
+    _parallelize_mlp(layer.mlp, ctx)
+
+
+def parallelize_root(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """Split the embedding and lm_head over the vocabulary (after the layers)."""
+    if ctx.tp == 1:
+        return model
     parallelize_module(
         model,
         ctx.tp_mesh,
@@ -124,3 +138,8 @@ def _keep_packed_slice(module: nn.Module, name: str, dim: int, ctx: DistContext)
     gate, up = full.data.chunk(2, dim=dim)
     local = torch.cat([_slice(gate, dim, ctx), _slice(up, dim, ctx)], dim=dim)
     setattr(module, name, nn.Parameter(local, requires_grad=full.requires_grad))
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a TP-split parameter (a collective); a plain tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
