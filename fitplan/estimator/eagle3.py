@@ -51,8 +51,9 @@ def gathered_params(job: Job, state: TrainedState) -> int:
     if not state.fsdp():
         return 0
     if job.spec.sharding == "zero3":
-        sizes = sorted(n for n, _ in draft_units(job).values())
-        return sum(sizes[-2:]) * state.recipe.param
+        per_param = {True: state.recipe.param, False: state.frozen_bytes_per_param}
+        sizes = sorted(n * per_param[trainable] for n, trainable in draft_units(job).values())
+        return sum(sizes[-2:])
     return state.full_params()
 
 
