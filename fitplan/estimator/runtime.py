@@ -49,6 +49,8 @@ CUBLAS_WORKSPACE_BYTES = 32 * MIB
 # - with flex attention 4.7 B per entry of the last TTT step's dense [S, S*L] mask:
 #   create_block_mask materialises the dense boolean mask and its temporaries, and the freed
 #   blocks, of a different size every step, stay cached.
+#   Commit f6a6628 (after these reports) builds the block mask once per shape, compiled on
+#   CUDA: re-fit, or drop this term, on reports of that trainer.
 # With checkpointing llama-8k-mb1-ac.json measured 6.79 GiB where this gives 4.03: the
 # recompute's per-step transients fragment further. One measurement, and a term for it would
 # let checkpointing cost memory on small shapes (tests/test_properties.py), so it is left out.
