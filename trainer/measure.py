@@ -12,7 +12,7 @@ import contextlib
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 
@@ -34,12 +34,10 @@ class LiveStorageTracker(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         # outputs aliasing an input (views, in-place ops) allocate nothing, even when the
         # input's storage predates the tracker
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                storage = t.untyped_storage()
-                if storage.data_ptr() not in inputs:
-                    self._track(storage)
+        inputs = {s.data_ptr() for s in _storages(tree_flatten((args, kwargs))[0])}
+        for storage in _storages(tree_flatten(out)[0]):
+            if storage.data_ptr() not in inputs:
+                self._track(storage)
         return out
 
     def _track(self, storage: torch.UntypedStorage) -> None:
@@ -56,6 +54,20 @@ class LiveStorageTracker(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         self.peak = self.current
+
+
+def _storages(values: list) -> list[torch.UntypedStorage]:
+    """The storages behind tensors; a wrapper subclass (DTensor: the mode sees it before it
+    dispatches to its local shard) has none of its own, its inner tensors hold the memory."""
+    found = []
+    for t in values:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            continue
+        if is_traceable_wrapper_subclass(t):
+            found.extend(_storages([getattr(t, name) for name in t.__tensor_flatten__()[0]]))
+        else:
+            found.append(t.untyped_storage())
+    return found
 
 
 class Meter:

@@ -1,0 +1,125 @@
+"""The Eagle3 trainer under several ranks on CPU (gloo): TP target, output modes, FSDP2 draft.
+
+Every rank runs trainer.loop.run as torchrun would start it (spawned processes with the
+torchrun environment). The references are the same trainer run in one process over the same
+global batch (micro_batch = world * B): the name-seeded random target and the seeded draft
+are the same there, so only the split differs.
+
+Tolerances: the target and the draft compute in bf16 (8 significant bits, a relative rounding
+step of 2**-8 = 0.39%). A TP split changes the order of the bf16 sums (o_proj/down_proj
+partial sums, the vocab-parallel embedding) and the target's batch shape, and FSDP2 averages
+bf16 gradients over ranks where one process accumulates them micro-step by micro-step, so
+values agree to a few rounding steps, not bitwise: losses within 0.5%, gradients within 3% of
+their norm (about eight rounding steps). The two output modes move the same bits, so they
+must agree exactly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fitplan.config import RunSpec  # noqa: E402
+from test_parallel_spawned import run_spawned  # noqa: E402
+from trainer.options import TrainOptions  # noqa: E402
+
+TARGET = dict(
+    model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=64, intermediate_size=128,
+    num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, head_dim=16, vocab_size=512,
+    max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+    initializer_range=0.02,
+)
+DRAFT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             vocab_size=512, draft_vocab_size=128)
+STEPS = 3
+LOSS_RTOL = 0.005
+GRAD_RTOL = 0.03
+
+
+def write_configs(folder) -> tuple[str, str]:
+    (folder / "target.json").write_text(json.dumps(TARGET))
+    (folder / "draft.json").write_text(json.dumps(DRAFT))
+    return str(folder / "target.json"), str(folder / "draft.json")
+
+
+def options(folder, output, world: int, tp: int, micro_batch: int, **changes) -> TrainOptions:
+    target, draft = write_configs(folder)
+    spec = RunSpec(model=target, draft=draft, gpus=f"{world}xH100", seq=32, micro_batch=micro_batch, ttt=3, tp=tp,
+                   attention="sdpa", **changes)
+    return TrainOptions(spec=spec, output=output, steps=STEPS, random_weights=True, synthetic_data=True,
+                        device="cpu", lr=3e-3)
+
+
+def record_grads(monkeypatch_target: list) -> None:
+    """Wrap the loop's clip so every step's whole draft gradients are kept (before clipping)."""
+    from trainer import loop, parallel
+
+    clip = loop.optim.clip
+
+    def recording(optimizer, max_norm):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        monkeypatch_target.append([parallel.full_tensor(p.grad).float().clone() for p in params])
+        return clip(optimizer, max_norm)
+
+    loop.optim.clip = recording
+
+
+def train(opts: TrainOptions) -> dict:
+    from trainer.loop import run
+
+    grads: list = []
+    record_grads(grads)
+    report = run(opts)
+    return {"loss": [s["loss"] for s in report["steps"]], "grads": grads, "report": report}
+
+
+# ---------------------------------------------------------------- spawned jobs (module level: picklable)
+
+class ModesJob:
+    """Both output modes on one layout, each run from scratch."""
+
+    def __init__(self, folder, world: int, tp: int):
+        self.folder, self.world, self.tp = folder, world, tp
+
+    def __call__(self, rank: int) -> dict:
+        return {mode: train(options(self.folder, self.folder / f"out-{mode}", self.world, self.tp, 1,
+                                    output_sharding=mode))
+                for mode in ("gather", "all-to-all")}
+
+
+def single_process(folder, world: int) -> dict:
+    """The reference: one process over the global batch of `world` ranks with B = 1, as `world`
+    accumulation micro-steps of B = 1 (the draft sees the same shapes as on each rank)."""
+    return train(options(folder, folder / "out-single", 1, 1, 1, accum=world))
+
+
+def assert_close_step_for_step(got: dict, want: dict) -> None:
+    assert len(got["loss"]) == len(want["loss"]) == STEPS
+    for step, (a, b) in enumerate(zip(got["loss"], want["loss"]), 1):
+        assert a == pytest.approx(b, rel=LOSS_RTOL), f"step {step}: loss {a} vs {b}"
+    for step, (ga, gb) in enumerate(zip(got["grads"], want["grads"]), 1):
+        for i, (a, b) in enumerate(zip(ga, gb)):
+            assert a.shape == b.shape
+            err = (a - b).norm() / b.norm()
+            assert err < GRAD_RTOL, f"step {step}, param {i}: relative gradient difference {err:.4f}"
+
+
+@pytest.mark.parametrize("world,tp", [(2, 2), (4, 2)], ids=["tp2", "tp2xdp2"])
+def test_output_modes_agree_and_match_one_process(tmp_path, world, tp):
+    ranks = run_spawned(ModesJob(tmp_path, world, tp), world, tmp_path)
+    reference = single_process(tmp_path, world)
+    for rank, result in enumerate(ranks):
+        # the loss is the global batch's on every rank; gradients are the whole (gathered) ones
+        assert result["all-to-all"]["loss"] == result["gather"]["loss"]
+        for got, want in zip(result["all-to-all"]["grads"], result["gather"]["grads"]):
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert_close_step_for_step(result["gather"], reference)
+    # the loss moves: a test of equal numbers that could be equal by standing still would prove little
+    assert reference["loss"][-1] < reference["loss"][0]
+    report = json.loads((tmp_path / "out-gather" / "report.json").read_text())
+    assert report["world"] == world and len(report["per_rank"]) == world
+    assert set(report["steps"][1]["phases"]) >= {"target_forward", "draft_forward", "backward", "optimizer_step"}
+    assert not list((tmp_path / "out-gather").glob("report-rank*"))  # only rank 0 writes, no OOM
