@@ -8,7 +8,7 @@ from fitplan.config import RunSpec
 from fitplan.estimator import estimate, estimate_spec, target_weight_bytes
 from fitplan.estimator.params import count_params, weight_bytes
 from fitplan.estimator.recipes import TrainedState
-from fitplan.estimator import runtime, target_terms
+from fitplan.estimator import runtime, sft_terms, target_terms
 from fitplan.layout import resolve
 from fitplan.profiles import _json_files, load_draft, load_model
 
@@ -169,7 +169,24 @@ def test_device_peak_adds_reserve_and_outside():
     # fitplan trainer, flex: 8.1 B x 1024 tokens x 32000 draft vocab + 4.7 B x 1024 x 1024 x 7 TTT steps
     assert est.allocator_reserve_bytes == int(8.1 * 1024 * 32000 + 4.7 * 1024 * 1024 * 7)
     sft = estimate_spec(RunSpec(model="llama-3.2-1b", gpus="1xH100", seq=1024, workload="sft"))
-    assert sft.allocator_reserve_bytes == int(0.05 * sft.peak_allocated_bytes) + 256 * MIB
+    # 5% + 256 MiB, plus 8.5 B per cached logits entry: 1024 tokens x 128256 vocab
+    cached_logits = int(8.5 * 1024 * 128256)
+    assert sft.allocator_reserve_bytes == int(0.05 * sft.peak_allocated_bytes) + 256 * MIB + cached_logits
+    expandable = estimate_spec(RunSpec(model="llama-3.2-1b", gpus="1xH100", seq=1024, workload="sft",
+                                       expandable_segments=True))
+    assert expandable.allocator_reserve_bytes == int(0.02 * expandable.peak_allocated_bytes) + 64 * MIB
+
+
+def test_sft_near_limit_says_fragmentation_decides():
+    """qwen3-8b sft b4 ac on one H200: at seq 9984 the tensors (~126 GiB) fit in 139.8 GiB but
+    not with the cached logits blocks on top (8.5 B x 39936 x 151936 = 48 GiB): the note says so;
+    at 1024 it fits with room and with expandable segments the reserve is small, so no note."""
+    spec = RunSpec(model="qwen3-8b", gpus="1xH200", workload="sft", seq=9984, micro_batch=4, ac=True,
+                   precision="bf16")
+    edge = estimate_spec(spec)
+    assert not edge.fits and any("fragmentation" in n for n in edge.notes)
+    assert not any("fragmentation" in n for n in estimate_spec(spec.replace(seq=1024)).notes)
+    assert not any("fragmentation" in n for n in estimate_spec(spec.replace(expandable_segments=True)).notes)
 
 
 # ---------------------------------------------------------------- sft
@@ -190,6 +207,13 @@ def test_sft_llama_8b_activations_by_hand():
     assert est.phases["forward"]["logits.model"] == 10 * T * 128256
     ac = estimate(job_of(model="llama-3.1-8b", gpus="1xH200", workload="sft", seq=8192, precision="bf16", ac=True))
     assert ac.phases["forward"]["activations.model"] == 2 * h * T * layers + once  # layer inputs
+
+
+def test_sft_backward_logits_by_hand():
+    """Start of backward, the model output dropped: saved fp32 log-softmax, its incoming fp32
+    gradient and the fp32 gradient of its input, 12 B per [B*S, V] entry (no bf16 logits)."""
+    job = job_of(model="llama-3.1-8b", gpus="1xH200", workload="sft", seq=2048, micro_batch=2, precision="bf16")
+    assert sft_terms.backward_logits_bytes(job) == 12 * 2 * 2048 * 128256
 
 
 def test_sft_bf16_state_is_8_bytes_per_param():
@@ -216,3 +240,18 @@ def test_json_contract_keys():
     assert out["fits"] is (out["peak_reserved_bytes"] <= out["gpu_total_bytes"])
     assert set(out["phases"]) == {"load", "target_forward", "draft_forward", "backward", "optimizer_step", "checkpoint"}
     assert out["components"] == out["phase_components"][out["peak_phase"]]
+
+
+def test_gpt_oss_target_eager_attention_scores_by_hand():
+    """gpt-oss has no SDPA path in transformers: eager attention holds 3 bf16 [B, H, S, S+1]
+    score tensors plus two bf16 [B, 1, S, S] masks (full and sliding window) at once.
+    gpt-oss-20b: 64 heads; B 2, S 4096 -> 3*2*2*64*4096*4097 + 2*2*2*4096*4096 B."""
+    job = job_of(model="gpt-oss-20b", gpus="1xH200", seq=4096, micro_batch=2)
+    assert target_terms.eager_attention_bytes(job) == 12_888_047_616 + 134_217_728
+    est = estimate(job)
+    working = est.phases["target_forward"]["target.activations"]
+    assert working == target_terms.forward_working_bytes(job) + 13_022_265_344
+    # tp 2: the group's 2 micro-batches, half the heads each: the same bytes per rank
+    tp2 = job_of(model="gpt-oss-20b", gpus="2xH200", seq=4096, micro_batch=1, tp=2)
+    assert target_terms.eager_attention_bytes(tp2) == 3 * 2 * 2 * 32 * 4096 * 4097 + 2 * 2 * 2 * 4096 * 4096
+    assert target_terms.eager_attention_bytes(job_of(model="llama-3.1-8b", gpus="1xH200", seq=4096)) == 0

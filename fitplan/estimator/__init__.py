@@ -41,16 +41,19 @@ def estimate(job: Job) -> Estimate:
     t = _timeline(job)
     peak_allocated = max(sum(components.values()) for components in t.steady.values())
     largest_bytes, largest_name = max(t.largest)
+    reserve = runtime.allocator_reserve_bytes(job, peak_allocated)
+    outside = runtime.outside_allocator_bytes(job)
+    edge = runtime.fragmentation_note(job, peak_allocated, reserve, outside, job.cluster.gpu.total_bytes)
     return Estimate(
         phases=t.steady,
         step1_phases=t.step1,
         gpu_total_bytes=job.cluster.gpu.total_bytes,
-        allocator_reserve_bytes=runtime.allocator_reserve_bytes(job, peak_allocated),
-        outside_allocator_bytes=runtime.outside_allocator_bytes(job),
+        allocator_reserve_bytes=reserve,
+        outside_allocator_bytes=outside,
         largest_allocation_bytes=largest_bytes,
         largest_allocation_name=largest_name,
         world=job.world,
-        notes=tuple(job.warnings) + tuple(t.notes),
+        notes=tuple(job.warnings) + tuple(t.notes) + ((edge,) if edge else ()),
         layout=_layout(job),
     )
 

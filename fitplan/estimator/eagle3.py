@@ -70,12 +70,14 @@ def backward_grads(job: Job, state: TrainedState) -> dict[str, int]:
 def target_forward_instants(job: Job) -> list[dict[str, int]]:
     """What is live at the three candidate peaks of the target forward (trainer/target.py,
     trainer/loss.py make_teacher); the layers' working set and the logits never coexist:
-    - inside a layer: the captured aux states and one layer's working set;
+    - inside a layer: the captured aux states and one layer's working set (with eager
+      attention, its [B, H, S, S] scores);
     - after the forward: the three captured aux states, their concatenation and the logits;
     - building the teacher: aux, logits, the fp32 teacher and one gathered bf16 chunk."""
     aux, logits = target_terms.aux_outputs_bytes(job), target_terms.logits_bytes(job)
     return [
-        phase(target__outputs=aux, target__activations=target_terms.forward_working_bytes(job)),
+        phase(target__outputs=aux, target__activations=target_terms.forward_working_bytes(job)
+              + target_terms.eager_attention_bytes(job)),
         phase(target__outputs=2 * aux, logits__target=logits),
         phase(target__outputs=aux, logits__target=logits + draft_terms.teacher_chunk_bytes(job),
               logits__teacher=draft_terms.teacher_bytes(job)),
@@ -138,6 +140,8 @@ def _largest(job: Job, t: Timeline) -> None:
     else:
         t.candidate(2 * target_terms.own_tokens(job) * V, "target logits [B*S, V] bf16")
     t.candidate(*target_terms.largest_weight(job))
+    if target_terms.eager_attention_bytes(job):
+        t.candidate(target_terms.eager_scores_tensor_bytes(job), "target eager attention scores [B, H, S, S+1] bf16")
     t.candidate(draft_terms.teacher_bytes(job), "teacher probabilities [B, S+L, Vd] fp32")
     t.candidate(FP32 * target_terms.own_tokens(job) * Vd, "draft log-softmax [B, S, Vd] fp32")
     t.candidate(job.draft.frozen_params() * draft_state(job).frozen_bytes_per_param, "draft embedding [V, h] bf16")

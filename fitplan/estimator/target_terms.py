@@ -55,6 +55,37 @@ def forward_working_bytes(job: Job) -> int:
     return BF16 * per_token * group_tokens(job)
 
 
+# transformers has no SDPA path for these models (gpt-oss: attention sinks; GptOssPreTrainedModel
+# sets _supports_sdpa = False), and the trainer builds the target without choosing an attention
+# implementation (trainer/target.py), so their attention runs eager_attention_forward.
+EAGER_ATTENTION_MODEL_TYPES = frozenset({"gpt_oss"})
+# Under no_grad, eager_attention_forward (gpt-oss) holds three [B, H, S, S(+1)] bf16 score
+# tensors at once: the masked scores (still named attn_weights), their concatenation with the
+# sinks, and the max-subtracted copy while softmax writes the fourth over the freed third.
+EAGER_SCORE_COPIES = 3
+# The float causal masks [B, 1, S, S] in bf16, one per layer type (full and sliding window),
+# built once per forward and kept to its end.
+EAGER_MASKS = 2
+
+
+def eager_attention_bytes(job: Job) -> int:
+    """The target layer's eager attention transient on this rank's heads (0 with SDPA/flash).
+
+    Checked against the H200 reports' target_forward peaks (gpt-oss-20b 4k b2 and 8k b1, same
+    8192 tokens): measured minus predicted before this term was 8.3 and 20.5 GiB, a slope of
+    6.1 B per score entry (3 bf16 copies: 6 B) over B*H*S^2 of 2.1e9 and 4.3e9 entries."""
+    if job.model.model_type not in EAGER_ATTENTION_MODEL_TYPES:
+        return 0
+    batch, seq = job.tp * job.spec.micro_batch, job.spec.seq
+    return EAGER_SCORE_COPIES * eager_scores_tensor_bytes(job) + EAGER_MASKS * BF16 * batch * seq * seq
+
+
+def eager_scores_tensor_bytes(job: Job) -> int:
+    """One [B, H/tp, S, S+1] bf16 score tensor of eager attention (the sink column included)."""
+    seq = job.spec.seq
+    return BF16 * job.tp * job.spec.micro_batch * (job.model.heads // job.tp) * seq * (seq + 1)
+
+
 def aux_outputs_bytes(job: Job) -> int:
     """Captured hidden states [rows, 3h] bf16 kept for the draft (exchanged like the logits)."""
     return BF16 * len(job.draft.aux_layers) * job.model.hidden * received_tokens(job)
