@@ -79,9 +79,10 @@ def test_each_missed_target_is_flagged_on_its_row(results):
 
 
 def test_files_are_written(results, tmp_path):
-    paths = write_report(results, tmp_path / "out")
+    paths = write_report(load_results(results), tmp_path / "out", caveats=("measured before the fix",))
     text = paths["markdown"].read_text()
     assert "**MISSED**" in text and "verdict wrong" in text and "no GPU on this machine" in text
+    assert text.index("measured before the fix") < text.index("## Summary")
     assert len(paths["csv"].read_text().splitlines()) == 1 + len(ROWS)
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
 

@@ -27,7 +27,7 @@ def test_no_gpu_skips_every_row_and_still_writes_the_table(tmp_path):
     results = run(rows, tmp_path, gpus=LocalGpus("", 0))
     assert [r["status"] for r in results] == ["skipped"] * len(rows)
     assert {r["reason"] for r in results} == {"no GPU on this machine"}
-    table = (tmp_path / "validation.md").read_text()
+    table = (tmp_path / "validation-matrix.md").read_text()
     assert all(r.name in table for r in rows)
     assert len((tmp_path / "validation.csv").read_text().splitlines()) == len(rows) + 1
     assert (tmp_path / "validation.png").stat().st_size > 0

@@ -2,13 +2,14 @@
 
     fitplan validate --kind nvidia-h200-x2 --out results/        # run the rows for this machine
     fitplan validate --from-results results/ --calibrate          # tables, plot, constants (no GPU)
+    fitplan validate --from-results tests/data/gpu/validation --trainer-reports tests/data/gpu --out docs/
     fitplan validate --list                                        # the matrix and its fit/check split
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -22,7 +23,10 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("validation-results"), "--out", "-o", help="Folder for rows.jsonl, runs/ and the report."),
         kind: Optional[str] = typer.Option(None, "--kind", help="Only the rows of one device kind, e.g. nvidia-h200-x2."),
         rows: Optional[str] = typer.Option(None, "--rows", help="Comma-separated row names or glob patterns."),
-        from_results: Optional[Path] = typer.Option(None, "--from-results", help="Rebuild the report from rows*.jsonl under this folder; runs nothing."),
+        from_results: Optional[Path] = typer.Option(None, "--from-results", help="Rebuild the report from *rows*.jsonl under this folder; runs nothing."),
+        trainer_reports: Optional[Path] = typer.Option(None, "--trainer-reports", help="Also read the `fitplan train` report.json files in this folder as rows (e.g. tests/data/gpu)."),
+        repredict: bool = typer.Option(True, "--repredict/--no-repredict", help="With --from-results: predict every row again with the current estimator (else: as predicted at run time)."),
+        caveat: Optional[List[str]] = typer.Option(None, "--caveat", help="A line the report must show first (repeatable)."),
         calibrate: bool = typer.Option(False, "--calibrate", help="Fit the runtime constants on the calibration rows and check them on the rest."),
         timeout: float = typer.Option(300.0, "--timeout", help="Seconds allowed per row."),
         list_rows: bool = typer.Option(False, "--list", help="Print the matrix rows and exit."),
@@ -30,19 +34,20 @@ def register(app: typer.Typer) -> None:
         """Measure predicted vs actual peaks over the validation matrix (docs/validation-method.md)."""
         from rich.console import Console
 
-        from fitplan.validation import matrix
+        from fitplan.validation import matrix, report
 
         console = Console(highlight=False)
         chosen = matrix.select(matrix.MATRIX, kind, rows.split(",") if rows else None)
         if list_rows:
             _print_rows(console, chosen)
             return
-        if from_results is None:
+        if from_results is None and trainer_reports is None:
             from fitplan.validation.runner import run
 
             run(chosen, out, timeout_s=timeout, progress=lambda r: console.print(_progress_line(r)))
-        results = from_results or out
-        _report(console, results, out, calibrate)
+            from_results, repredict = out, False  # just predicted by the estimator as it is
+        frame = report.load_results(from_results, trainer_reports, repredict=repredict)
+        _report(console, frame, out, calibrate, tuple(caveat or ()))
 
 
 def _progress_line(result: dict) -> str:
@@ -65,13 +70,12 @@ def _print_rows(console, chosen) -> None:
     console.print(table)
 
 
-def _report(console, results: Path, out: Path, calibrate: bool) -> None:
+def _report(console, frame, out: Path, calibrate: bool, caveats: tuple[str, ...]) -> None:
     from rich.table import Table
 
     from fitplan.validation import report
 
-    paths = report.write_report(results, out)
-    frame = report.load_results(results)
+    paths = report.write_report(frame, out, caveats)
     table = Table(title="summary (every measured row, step >= 2)")
     for column in ("figure", "value", "target", "rows", ""):
         table.add_column(column)

@@ -1,13 +1,16 @@
 """Predicted vs measured: the validation table (CSV, markdown), its summary figures and the scatter plot.
 
-Input: the rows.jsonl files the runner wrote (any number, e.g. one per device call, gathered in
-one folder). Errors are signed, (predicted - measured) / measured: a negative device-level error
+Input: the *rows*.jsonl files the runner wrote (any number, e.g. one per device call, gathered in
+one folder), and optionally a folder of `fitplan train` reports (fitplan.validation.trainer_reports);
+with `repredict`, every row the matrix or its config describes is estimated again by the current
+estimator (fitplan.validation.repredict). Errors are signed, (predicted - measured) / measured: a negative device-level error
 is an under-prediction, i.e. an OOM the user was told would not happen.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,12 +59,18 @@ class Figure:
 # ---------------------------------------------------------------- the table
 
 
-def load_results(folder: Path) -> pd.DataFrame:
-    """Every rows*.jsonl under the folder; a row run twice keeps its latest result."""
-    files = sorted(Path(folder).rglob("rows*.jsonl"))
-    if not files:
-        raise FitplanError(f"{folder}: no rows*.jsonl results (write them with `fitplan validate --out DIR`)")
-    records = []
+def load_results(folder: Path | None, trainer_reports: Path | None = None, repredict: bool = False) -> pd.DataFrame:
+    """Every *rows*.jsonl under the folder, plus the trainer reports directly in `trainer_reports`;
+    a row run twice keeps its latest result."""
+    from fitplan.validation.repredict import repredict as current_predictions
+    from fitplan.validation.trainer_reports import load_reports
+
+    files = sorted(Path(folder).rglob("*rows*.jsonl")) if folder is not None else []
+    if folder is not None and not files:
+        raise FitplanError(f"{folder}: no *rows*.jsonl results (write them with `fitplan validate --out DIR`)")
+    records = load_reports(trainer_reports) if trainer_reports is not None else []
+    if not files and not records:
+        raise FitplanError("no results: give a folder of *rows*.jsonl and/or one of trainer reports")
     for path in files:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
@@ -72,7 +81,8 @@ def load_results(folder: Path) -> pd.DataFrame:
     frame = pd.DataFrame.from_records(records).drop(columns=["estimate"], errors="ignore")
     if "finished" in frame:  # the runner's time stamp orders results gathered from several calls
         frame = frame.sort_values("finished", kind="stable", na_position="first")
-    return with_errors(frame.drop_duplicates("name", keep="last").reset_index(drop=True))
+    frame = frame.drop_duplicates("name", keep="last").reset_index(drop=True)
+    return with_errors(current_predictions(frame) if repredict else frame)
 
 
 def _pct(predicted: pd.Series, measured: pd.Series) -> pd.Series:
@@ -144,6 +154,13 @@ def _verdict(value) -> str:
     return "" if value is None or pd.isna(value) else ("fits" if bool(value) else "OOM")
 
 
+def _short(reason: str, limit: int = 90) -> str:
+    """A reason short enough for a table cell; of an OOM, the size of the failed request."""
+    request = re.search(r"Tried to allocate [\d.]+ [KMG]iB", reason)
+    text = request.group(0) if request else reason
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
@@ -164,7 +181,8 @@ def rows_markdown(frame: pd.DataFrame) -> str:
               "meas device GiB", "err %", "pred step s", "meas step s", "err %", "verdict pred/obs", "missed"]  # fmt: skip
     rows = []
     for _, r in frame.iterrows():
-        status = r["status"] if pd.isna(r.get("reason")) or not r.get("reason") else f"{r['status']}: {r['reason']}"
+        reason = r.get("reason")
+        status = r["status"] if pd.isna(reason) or not reason else f"{r['status']}: {_short(reason)}"
         rows.append([
             r["name"], "fit" if r["calibration"] else "check", status, _num(r["seq"], "{:.0f}"),
             _gib(r["pred_alloc"]), _gib(r["meas_alloc"]), _num(r["alloc_err_pct"]),
@@ -175,14 +193,21 @@ def rows_markdown(frame: pd.DataFrame) -> str:
     return md_table(header, rows)
 
 
-def markdown(frame: pd.DataFrame) -> str:
+def markdown(frame: pd.DataFrame, caveats: tuple[str, ...] = ()) -> str:
     held_out = frame[~frame["calibration"].astype(bool)]
     counts = frame["status"].value_counts().to_dict()
+    predicted = frame["prediction"].value_counts().to_dict() if "prediction" in frame else {"run time": len(frame)}
+    per_workload = []
+    for workload, rows in frame.groupby("workload") if "workload" in frame else ():
+        per_workload += [f"## Summary, {workload} rows", summary_markdown(summary(rows))]
     return "\n\n".join([
+        *(["## Read first", "\n".join(f"- {c}" for c in caveats)] if caveats else []),
+        "Predictions: " + ", ".join(f"{k} estimator {v} rows" for k, v in sorted(predicted.items())) + ".",
         "## Summary, every row measured at step >= 2",
         summary_markdown(summary(frame)),
         "## Summary, check rows only (not used to fit the runtime constants)",
         summary_markdown(summary(held_out)),
+        *per_workload,
         "## Rows",
         "Status counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ". "
         "Errors are (predicted - measured) / measured; negative device-level errors are under-predictions.",
@@ -218,12 +243,12 @@ def scatter(frame: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: Path, dest: Path) -> dict[str, Path]:
-    """validation.csv, validation.md and validation.png in dest, from the results under `results`."""
-    frame = load_results(results)
+def write_report(frame: pd.DataFrame, dest: Path, caveats: tuple[str, ...] = ()) -> dict[str, Path]:
+    """validation.csv, validation-matrix.md and validation.png in dest (validation-matrix.md, so
+    that `--out docs/` leaves the hand-written docs/validation.md alone)."""
     dest.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": dest / "validation.csv", "markdown": dest / "validation.md", "png": dest / "validation.png"}
-    frame.to_csv(paths["csv"], index=False)
-    paths["markdown"].write_text(markdown(frame))
+    paths = {"csv": dest / "validation.csv", "markdown": dest / "validation-matrix.md", "png": dest / "validation.png"}
+    frame.drop(columns=["config"], errors="ignore").to_csv(paths["csv"], index=False)
+    paths["markdown"].write_text(markdown(frame, caveats))
     scatter(frame, paths["png"])
     return paths

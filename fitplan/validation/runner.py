@@ -236,7 +236,7 @@ def _last_line(text: str, containing: str = "") -> str:
 def run(rows: list[Row], out: Path, gpus: LocalGpus | None = None, timeout_s: float = ROW_TIMEOUT_S,
         progress: Callable[[dict[str, Any]], None] = lambda result: None) -> list[dict[str, Any]]:  # fmt: skip
     """Run (or skip) every row, appending each result to OUT/rows.jsonl, then write the report."""
-    from fitplan.validation.report import write_report
+    from fitplan.validation.report import load_results, write_report
 
     gpus = local_gpus() if gpus is None else gpus
     out.mkdir(parents=True, exist_ok=True)
@@ -247,7 +247,7 @@ def run(rows: list[Row], out: Path, gpus: LocalGpus | None = None, timeout_s: fl
             f.write(json.dumps(result) + "\n")
         progress(result)
         results.append(result)
-    write_report(out, out)
+    write_report(load_results(out), out)
     return results
 
 

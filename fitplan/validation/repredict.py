@@ -1,0 +1,45 @@
+"""Re-predict stored result rows with the estimator as it is now (deterministic, no GPU).
+
+A row's prediction in rows.jsonl is the estimator's at run time; after calibration the published
+accuracy must be the committed estimator's. Each row's RunSpec is rebuilt from its `config`
+(trainer reports) or from its matrix row with the sequence length and micro-batch it ran with
+(near-limit rows keep the value chosen at run time), then estimated again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from fitplan.config import RunSpec, spec_from_mapping
+from fitplan.validation.matrix import MATRIX
+from fitplan.validation.runner import predict
+
+PREDICTED = ("pred_alloc", "pred_device", "pred_reserve", "pred_outside", "gpu_total", "pred_fits", "pred_step_s")
+
+
+def spec_of(record: dict[str, Any]) -> RunSpec | None:
+    """The RunSpec a stored row ran; None when it cannot be rebuilt (unknown row, never sized)."""
+    config = record.get("config")
+    if isinstance(config, dict):
+        return spec_from_mapping(config, source=str(record.get("source", record["name"])))
+    row = next((r for r in MATRIX if r.name == record["name"]), None)
+    if row is None or pd.isna(record.get("seq")) or pd.isna(record.get("micro_batch")):
+        return None
+    return row.base_spec().replace(seq=int(record["seq"]), micro_batch=int(record["micro_batch"]))
+
+
+def repredict(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows with their predicted columns from the current estimator; `prediction` says which."""
+    frame = frame.copy().astype({c: object for c in PREDICTED if c in frame})
+    frame["prediction"] = "run time"
+    for index, record in frame.iterrows():
+        spec = spec_of(record.to_dict())
+        if spec is None:
+            continue
+        fresh = predict(spec)
+        for column in PREDICTED:
+            frame.at[index, column] = fresh[column]
+        frame.at[index, "prediction"] = "current"
+    return frame
