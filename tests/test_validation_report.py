@@ -98,7 +98,7 @@ def test_latest_result_of_a_row_wins(results):
 
 
 def test_bad_results_are_clean_errors(tmp_path):
-    with pytest.raises(FitplanError, match="no rows"):
+    with pytest.raises(FitplanError, match=r"no \*rows\*.jsonl"):
         load_results(tmp_path)
     (tmp_path / "rows.jsonl").write_text("{not json\n")
     with pytest.raises(FitplanError, match="rows.jsonl:1: not a JSON line"):
