@@ -32,7 +32,9 @@ def spec_of(record: dict[str, Any]) -> RunSpec | None:
 
 def repredict(frame: pd.DataFrame) -> pd.DataFrame:
     """The rows with their predicted columns from the current estimator; `prediction` says which."""
-    frame = frame.copy().astype({c: object for c in PREDICTED if c in frame})
+    frame = frame.copy()
+    for column in PREDICTED:
+        frame[column] = frame[column].astype(object) if column in frame else None
     frame["prediction"] = "run time"
     for index, record in frame.iterrows():
         spec = spec_of(record.to_dict())
