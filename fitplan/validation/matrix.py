@@ -63,6 +63,8 @@ class Row:
             parts.append(s.get("sharding", "zero2"))
             if s.get("workload", "eagle3") == "eagle3":
                 parts += [f"tp{s.get('tp', 1)}", s.get("output_sharding", "gather")]
+        if s.get("expandable_segments"):
+            parts.append("expandable")
         if self.intent != "measure":
             parts.append(self.intent)
         return "-".join(str(p) for p in parts)
@@ -116,6 +118,10 @@ MATRIX: tuple[Row, ...] = (
     _sft("H200", 1, L8, 2 * K, ac=False, precision="bf16"),
     _near(_sft("H200", 1, Q8, 0, mb=4, precision="bf16"), "near-fit"),
     _near(_sft("H200", 1, Q8, 0, mb=4, precision="bf16"), "near-oom"),
+    # the same edge with expandable_segments (the fix ladder's rung): without it, fragmentation
+    # decided (seq 8960 OOMed, 9984 ran; fitplan/estimator/runtime.py)
+    _near(_sft("H200", 1, Q8, 0, mb=4, precision="bf16", expandable_segments=True), "near-fit"),
+    _near(_sft("H200", 1, Q8, 0, mb=4, precision="bf16", expandable_segments=True), "near-oom"),
     _near(_eagle3("H200", 1, OSS20, 0, mb=4), "near-fit"),
     _near(_eagle3("H200", 1, OSS20, 0, mb=4), "near-oom"),
     # ---- 2 x H200: TP target, gather vs all-to-all, zero2 vs zero3
