@@ -46,7 +46,7 @@ def write_configs(folder) -> tuple[str, str]:
 
 
 def options(folder, output, world: int, tp: int, micro_batch: int, **changes) -> TrainOptions:
-    target, draft = write_configs(folder)
+    target, draft = str(folder / "target.json"), str(folder / "draft.json")  # written by the test, before spawning
     spec = RunSpec(model=target, draft=draft, gpus=f"{world}xH100", seq=32, micro_batch=micro_batch, ttt=3, tp=tp,
                    attention="sdpa", **changes)
     return TrainOptions(spec=spec, output=output, steps=STEPS, random_weights=True, synthetic_data=True,
@@ -96,11 +96,14 @@ def single_process(folder, world: int) -> dict:
     return train(options(folder, folder / "out-single", 1, 1, 1, accum=world))
 
 
-def assert_close_step_for_step(got: dict, want: dict) -> None:
+def assert_matches_one_process(got: dict, want: dict) -> None:
+    """Losses step for step; gradients at step 1, where both start from the same weights (Adam's
+    first update is about lr * sign(g), so a gradient element that rounds to the other sign
+    moves its weight by 2 lr and later gradients drift by more than rounding)."""
     assert len(got["loss"]) == len(want["loss"]) == STEPS
     for step, (a, b) in enumerate(zip(got["loss"], want["loss"]), 1):
         assert a == pytest.approx(b, rel=LOSS_RTOL), f"step {step}: loss {a} vs {b}"
-    for step, (ga, gb) in enumerate(zip(got["grads"], want["grads"]), 1):
+    for step, (ga, gb) in enumerate(zip(got["grads"][:1], want["grads"][:1]), 1):
         for i, (a, b) in enumerate(zip(ga, gb)):
             assert a.shape == b.shape
             err = (a - b).norm() / b.norm()
@@ -109,6 +112,7 @@ def assert_close_step_for_step(got: dict, want: dict) -> None:
 
 @pytest.mark.parametrize("world,tp", [(2, 2), (4, 2)], ids=["tp2", "tp2xdp2"])
 def test_output_modes_agree_and_match_one_process(tmp_path, world, tp):
+    write_configs(tmp_path)
     ranks = run_spawned(ModesJob(tmp_path, world, tp), world, tmp_path)
     reference = single_process(tmp_path, world)
     for rank, result in enumerate(ranks):
@@ -116,7 +120,7 @@ def test_output_modes_agree_and_match_one_process(tmp_path, world, tp):
         assert result["all-to-all"]["loss"] == result["gather"]["loss"]
         for got, want in zip(result["all-to-all"]["grads"], result["gather"]["grads"]):
             assert all(torch.equal(a, b) for a, b in zip(got, want))
-        assert_close_step_for_step(result["gather"], reference)
+        assert_matches_one_process(result["gather"], reference)
     # the loss moves: a test of equal numbers that could be equal by standing still would prove little
     assert reference["loss"][-1] < reference["loss"][0]
     report = json.loads((tmp_path / "out-gather" / "report.json").read_text())
