@@ -132,7 +132,7 @@ def draft_forward_extra_bytes(job: Job) -> int:
     d, T, S, L = job.draft, _tokens(job), job.spec.seq, job.spec.ttt
     tail = (BF16 + FP32) * d.draft_vocab * T
     if not job.spec.ac:
-        return _kv_lists_bytes(job) + tail
+        return _kv_lists_bytes(job) + max(tail, _eager_unsaved_bytes(job))
     last_kv = 2 * BF16 * d.kv_heads * d.head_dim * T  # earlier steps' k/v are saved inputs already
     if job.spec.attention_impl == "eager":
         per_token = (10 * d.heads * S * L + 4 * (d.heads + d.kv_heads) * d.head_dim * L
@@ -141,6 +141,21 @@ def draft_forward_extra_bytes(job: Job) -> int:
     else:
         working = (8 * d.intermediate + 4 * d.hidden) * T
     return last_kv + max(tail, working)
+
+
+def _eager_unsaved_bytes(job: Job) -> int:
+    """Eager attention's last-step temporaries that backward does not keep (no checkpointing).
+
+    While the mask is applied, the scaled fp32 scores and their masked copy (8*H*K per token)
+    are alive with the bool mask and its negation (2*S*K); softmax then saves its fp32 output
+    and matmul the bf16 probabilities (6*H*K, counted as saved), so the excess is 2*H*K + 2*S*K
+    for the K = S*L keys of the last step.
+    """
+    if job.spec.attention_impl != "eager":
+        return 0
+    d, T, S, L = job.draft, _tokens(job), job.spec.seq, job.spec.ttt
+    keys = S * L
+    return 2 * d.heads * keys * T + 2 * S * keys
 
 
 def draft_backward_extra_bytes(job: Job) -> int:
