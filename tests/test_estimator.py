@@ -166,8 +166,11 @@ def test_outside_allocator_terms_by_hand():
 def test_device_peak_adds_reserve_and_outside():
     est = estimate_spec(RunSpec(model="llama-3.2-1b", gpus="1xH100", seq=1024))
     assert est.peak_reserved_bytes == est.peak_allocated_bytes + est.allocator_reserve_bytes + est.outside_allocator_bytes
-    # fitplan trainer, flex: 8.1 B x 1024 tokens x 32000 draft vocab + 4.7 B x 1024 x 1024 x 7 TTT steps
-    assert est.allocator_reserve_bytes == int(8.1 * 1024 * 32000 + 4.7 * 1024 * 1024 * 7)
+    # fitplan trainer, one GPU: 9.7 B x 1024 tokens x 32000 draft vocab (no S^2 mask term since f6a6628)
+    assert est.allocator_reserve_bytes == int(9.7 * 1024 * 32000)
+    tp4 = estimate_spec(RunSpec(model="qwen3-8b", gpus="4xH200", tp=4, seq=8192))
+    # + (2.5 + 0.75 x 3 extra gathered blocks) x own rows [8192, 151936] bf16
+    assert tp4.allocator_reserve_bytes == int(9.7 * 8192 * 32000 + 4.75 * 2 * 8192 * 151936)
     sft = estimate_spec(RunSpec(model="llama-3.2-1b", gpus="1xH100", seq=1024, workload="sft"))
     # 5% + 256 MiB, plus 8.5 B per cached logits entry: 1024 tokens x 128256 vocab
     cached_logits = int(8.5 * 1024 * 128256)

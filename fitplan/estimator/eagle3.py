@@ -72,13 +72,14 @@ def target_forward_instants(job: Job) -> list[dict[str, int]]:
     trainer/loss.py make_teacher); the layers' working set and the logits never coexist:
     - inside a layer: the captured aux states and one layer's working set (with eager
       attention, its [B, H, S, S] scores);
-    - after the forward: the three captured aux states, their concatenation and the logits;
+    - after the forward: the three captured aux states, their concatenation and the logits,
+      with TP while the exchange holds its buffer and the reordered copy of the received rows;
     - building the teacher: aux, logits, the fp32 teacher and one gathered bf16 chunk."""
     aux, logits = target_terms.aux_outputs_bytes(job), target_terms.logits_bytes(job)
     return [
         phase(target__outputs=aux, target__activations=target_terms.forward_working_bytes(job)
               + target_terms.eager_attention_bytes(job)),
-        phase(target__outputs=2 * aux, logits__target=logits),
+        phase(target__outputs=2 * aux, logits__target=logits + target_terms.exchange_copy_bytes(job)),
         phase(target__outputs=aux, logits__target=logits + draft_terms.teacher_chunk_bytes(job),
               logits__teacher=draft_terms.teacher_bytes(job)),
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fitplan.layout import Job
 
 MIB = 1 << 20
+BF16 = 2
 GIB = 1 << 30
 
 # --- outside the allocator -----------------------------------------------------------------
@@ -41,21 +42,29 @@ CUBLAS_WORKSPACE_BYTES = 32 * MIB
 # blocks cached that later shapes do not fit; published planners that compare with allocated
 # memory miss 8-33% (memory-anatomy §6).
 #
-# fitplan's Eagle3 trainer: least-squares fit of reserved - peak allocated (steady state) over
-# the four H100 reports without checkpointing, tests/data/gpu/{llama-2k-mb1,llama-2k-mb2,
-# gptoss-2k-mb1,qwen3-8k-mb1}.json (0.56, 1.15, 0.59, 4.03 GiB; residuals within 0.06 GiB):
-# - 8.1 B per token and draft-vocab entry: about one more per-step logits tail (bf16 logits +
-#   fp32 cross-entropy product, 6*Vd per token) that stays cached beside the live one;
-# - with flex attention 4.7 B per entry of the last TTT step's dense [S, S*L] mask:
-#   create_block_mask materialises the dense boolean mask and its temporaries, and the freed
-#   blocks, of a different size every step, stay cached.
-#   Commit f6a6628 (after these reports) builds the block mask once per shape, compiled on
-#   CUDA: re-fit, or drop this term, on reports of that trainer.
-# With checkpointing llama-8k-mb1-ac.json measured 6.79 GiB where this gives 4.03: the
-# recompute's per-step transients fragment further. One measurement, and a term for it would
-# let checkpointing cost memory on small shapes (tests/test_properties.py), so it is left out.
-TRAINER_RESERVE_PER_TOKEN_VOCAB = 8.1
-TRAINER_RESERVE_PER_MASK_ENTRY = 4.7
+# fitplan's Eagle3 trainer, calibration round 2 (after commit f6a6628 stopped trainer/draft.py
+# materialising the dense TTT mask, the S^2*L term of round 1 is gone):
+# - 9.7 B per token and draft-vocab entry: about one more per-step logits tail (bf16 logits +
+#   fp32 cross-entropy product, 6*Vd per token) that stays cached beside the live one. Fitted,
+#   as the largest ratio, on the three H100 reports whose mask term was small (<= 0.13 GiB),
+#   tests/data/gpu/{llama-2k-mb1,llama-2k-mb2,gptoss-2k-mb1}.json: reserved - allocated 0.56,
+#   1.15, 0.59 GiB = 9.2, 9.4, 9.7 B per entry. These predate f6a6628, so the fit is an upper
+#   bound; no single-GPU report of the current trainer exists yet. Not re-checked: qwen3-8k-mb1
+#   (4.03 GiB, 16.5 B, its 8k dense mask included) and llama-8k-mb1-ac (6.79 GiB, checkpointing).
+# - With TP the output exchange (trainer/parallel/outputs.py) frees, each step, full-vocab blocks
+#   that the draft's tensors fit only in part, so they stay cached: 2.5 own-rows blocks
+#   [B*S, V] bf16 in either mode, and in gather mode 0.75 more per extra gathered block
+#   ((tp-1)*[B*S, V]: the all-gather buffer and its row-ordered copy are tp*[B*S, V] each).
+#   Reserved - allocated per rank = measured device - measured peak allocated - outside the
+#   allocator (below), tests/data/gpu/multi_train_x{2,4}.jsonl, less the draft term above, in
+#   own-rows blocks: all-to-all 2.36 / 1.91 / 1.39 (qwen3-8b tp2 S4096, tp2 S8192, tp4 S8192),
+#   1.90 (gpt-oss-120b tp4 S4096); gather 2.84 / 2.13 / 2.13 (tp2 b2 S4096) / 4.42, 5.37 (gpt-oss).
+#   Fitted on the qwen3-8b runs: 2.5 covers every all-to-all run, 0.75 covers (4.42 - 2.5) / 3 of
+#   tp4 gather with room; checked on gpt-oss-120b (another model, vocab and MoE target):
+#   all-to-all 2.5 >= 1.90, gather 2.5 + 3 * 0.75 = 4.75 < 5.37, i.e. 0.95 GiB under on 82 GiB.
+TRAINER_RESERVE_PER_TOKEN_VOCAB = 9.7
+EXCHANGE_RESERVE_OWN_BLOCKS = 2.5
+GATHER_RESERVE_PER_EXTRA_BLOCK = 0.75
 # Other runtimes (not measured yet): 5% of the peak allocated bytes plus 256 MiB of rounding,
 # and 2% + 64 MiB with expandable_segments (which maps pages instead of caching whole segments).
 RESERVE_FRACTION = 0.05
@@ -120,8 +129,10 @@ def trainer_reserve_bytes(job: Job) -> int:
     spec = job.spec
     tokens = spec.micro_batch * spec.seq
     reserve = TRAINER_RESERVE_PER_TOKEN_VOCAB * tokens * job.draft.draft_vocab
-    if spec.attention_impl == "flex":
-        reserve += TRAINER_RESERVE_PER_MASK_ENTRY * spec.seq * spec.seq * spec.ttt
+    if job.tp > 1:
+        own_block = BF16 * tokens * job.model.vocab
+        extra_blocks = job.tp - 1 if spec.output_sharding == "gather" else 0
+        reserve += own_block * (EXCHANGE_RESERVE_OWN_BLOCKS + GATHER_RESERVE_PER_EXTRA_BLOCK * extra_blocks)
     return int(reserve)
 
 

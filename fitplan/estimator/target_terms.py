@@ -102,6 +102,16 @@ def logits_bytes(job: Job) -> int:
     return shard + BF16 * received_tokens(job) * V
 
 
+def exchange_copy_bytes(job: Job) -> int:
+    """The second full-vocab block alive while the exchange runs (trainer/parallel/outputs.py):
+    gather's all-gather buffer [T_g, V] beside its row-ordered copy, all-to-all's receive buffer
+    [B*S, V] beside its reordered copy; 0 with tp 1. Measured target_forward (steady) minus the
+    prediction without it, tests/data/gpu/multi_train_x{2,4}.jsonl: gather 2.96 / 4.79 / 9.43 /
+    6.74 GiB for blocks of 2.32 / 4.64 / 9.27 / 6.14 (qwen3-8b tp2 S4096, S8192, tp4 S8192,
+    gpt-oss-120b tp4); all-to-all 1.89 / 2.66 / 3.04 / 1.02 for 1.16 / 2.32 / 2.32 / 1.53."""
+    return BF16 * received_tokens(job) * job.model.vocab if job.tp > 1 else 0
+
+
 def largest_weight(job: Job) -> tuple[int, str]:
     c = count_params(job.model)
     packed = c.largest_is_expert and job.spec.target_weights == "mxfp4"
