@@ -1,7 +1,7 @@
 """Step-time model: how long one optimizer step of a Job takes, from FLOPs and bytes moved.
 
 Used by the fix ladder to rank the configurations that fit by predicted throughput. Three
-kinds of time, each from a GPU profile rate (GpuSpec) derated by one named efficiency:
+kinds of time, each from a GPU profile rate (GpuSpec) derated by a named efficiency:
 - compute: target forward (2·active params·tokens + causal attention), the draft's forward and
   backward over the TTT unroll (or the sft forward+backward, 6·P·tokens + attention), and the
   recompute forward that activation checkpointing adds;
@@ -21,10 +21,26 @@ from fitplan.estimator.params import count_params
 from fitplan.layout import Job
 from fitplan.profiles import ModelShape
 
-# Achievable fractions of the profile peaks. Typical public figures for large-model training
-# (40% MFU, ~70% of NVLink / PCIe bandwidth); placeholders until calibrated on our GPUs with
-# `fitplan train` measurements.
-COMPUTE_EFFICIENCY = 0.40
+# Achievable fractions of the bf16 peak, per compute path, calibrated (round 2) on steady step
+# times of `fitplan train` / the sft job: tests/data/gpu/multi_train_x{2,4}.jsonl (current
+# trainer) and tests/data/gpu/validation/h200_rows.jsonl (meas_step_s; eagle3 rows predate
+# commit f6a6628). The efficiency each run implies is FLOPs / (peak * (measured - comm)).
+# - Dense GEMMs (dense targets and every draft): fitted on the qwen3-8b tp2 runs (0.397-0.421);
+#   checked on qwen3-8b tp4 (0.392: predicted 7% fast) and the one-GPU H200 dense eagle3 rows
+#   (0.453-0.476: predicted 8-13% slow; pre-f6a6628 trainer).
+DENSE_EFFICIENCY = 0.42
+# - MoE targets in transformers' eager expert loop (gpt-oss, Qwen-MoE: one bf16 GEMM per routed
+#   expert in a Python loop): fitted on gpt-oss-120b tp4 S4096, gather and all-to-all, whose
+#   target forward runs at 0.045 with the draft at DENSE_EFFICIENCY (whole step 8% MFU);
+#   checked on the H200 gpt-oss-20b rows: 0.037 (S8192 b1, eager attention's S^2 share larger)
+#   and 0.065 (S4096 b2). No Qwen-MoE measurement: assumed the same loop.
+MOE_EXPERT_LOOP_EFFICIENCY = 0.045
+# - sft (plain transformers, SDPA, fused AdamW): fitted on the qwen3-8b sft rows (0.473, 0.491);
+#   checked on llama-3.1-8b s4k b2 ac (0.520: predicted 8% slow) and s2k b1 no ac (0.405:
+#   predicted 16% fast). Dense models only; an MoE model's sft uses the expert-loop figure.
+SFT_EFFICIENCY = 0.48
+# Interconnect and PCIe: typical public figure (~70% of NVLink / PCIe bandwidth), not calibrated
+# (comm is 2-15% of the measured multi-GPU steps).
 LINK_EFFICIENCY = 0.70
 # Fixed cost of one collective (launch + ring latency): makes many small micro-steps slower
 # than few large ones. Placeholder to calibrate, like the efficiencies above.
@@ -155,10 +171,25 @@ def offload_bytes(job: Job) -> tuple[float, float]:
 # ---------------------------------------------------------------- the step
 
 
+def runs_expert_loop(job: Job) -> bool:
+    """The target's (or sft model's) layers run transformers' MoE expert loop; an offline target
+    only multiplies through its dense lm_head."""
+    return job.model.is_moe and not job.spec.offline
+
+
+def compute_seconds(job: Job) -> float:
+    """Per micro-step: each path's FLOPs at its own achievable fraction of the bf16 peak."""
+    peak = job.cluster.gpu.bf16_tflops * 1e12
+    if job.draft is None:
+        efficiency = MOE_EXPERT_LOOP_EFFICIENCY if runs_expert_loop(job) else SFT_EFFICIENCY
+        return sft_flops(job) / (peak * efficiency)
+    target = MOE_EXPERT_LOOP_EFFICIENCY if runs_expert_loop(job) else DENSE_EFFICIENCY
+    return target_forward_flops(job) / (peak * target) + draft_flops(job) / (peak * DENSE_EFFICIENCY)
+
+
 def step_time(job: Job) -> StepTime:
     gpu = job.cluster.gpu
-    flops = sft_flops(job) if job.draft is None else target_forward_flops(job) + draft_flops(job)
-    compute = job.accum * flops / (gpu.bf16_tflops * 1e12 * COMPUTE_EFFICIENCY)
+    compute = job.accum * compute_seconds(job)
     link = gpu.interconnect_gbps * 1e9 * LINK_EFFICIENCY
     target_bytes, target_calls = target_comm(job) if job.draft is not None else (0.0, 0)
     shard_micro, shard_step = sharding_comm(job)
