@@ -127,3 +127,110 @@ def test_output_modes_agree_and_match_one_process(tmp_path, world, tp):
     assert report["world"] == world and len(report["per_rank"]) == world
     assert set(report["steps"][1]["phases"]) >= {"target_forward", "draft_forward", "backward", "optimizer_step"}
     assert not list((tmp_path / "out-gather").glob("report-rank*"))  # only rank 0 writes, no OOM
+
+
+# ---------------------------------------------------------------- pure data parallel (tp 1)
+
+class DataParallelJob:
+    """tp 1 on every rank: the whole target per rank, only the draft is sharded (zero2 and zero3)."""
+
+    def __init__(self, folder, world: int):
+        self.folder, self.world = folder, world
+
+    def __call__(self, rank: int) -> dict:
+        return {sharding: train(options(self.folder, self.folder / f"out-{sharding}", self.world, 1, 1,
+                                        sharding=sharding))
+                for sharding in ("zero2", "zero3")}
+
+
+def test_pure_data_parallel_matches_one_process(tmp_path):
+    write_configs(tmp_path)
+    ranks = run_spawned(DataParallelJob(tmp_path, 2), 2, tmp_path)
+    reference = single_process(tmp_path, 2)
+    for result in ranks:
+        for sharding in ("zero2", "zero3"):
+            assert_matches_one_process(result[sharding], reference)
+    assert reference["loss"][-1] < reference["loss"][0]
+
+
+# ---------------------------------------------------------------- checkpoints under several ranks
+
+def draft_from_export(folder):
+    """A one-process draft built from an exported config.json, with the export's weights loaded."""
+    from safetensors.torch import load_file
+
+    from trainer.draft import DraftConfig, Eagle3Draft
+
+    cfg = DraftConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    draft = Eagle3Draft(cfg, "sdpa").to(torch.bfloat16)
+    tensors = load_file(folder / "model.safetensors")
+    draft.load_state_dict(tensors)  # strict: every tensor present, at full shape
+    return draft, tensors
+
+
+class CheckpointJob:
+    """Run 1: three steps, saving at step 2 and 3. Run 2: resume from a copy holding only step 2.
+
+    At each save every rank also gathers the whole draft itself (full_tensor of each shard), for a
+    one-process export of the same weights to compare the multi-rank export with.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __call__(self, rank: int) -> dict:
+        import shutil
+
+        import torch.distributed as dist
+
+        from trainer import loop, parallel
+
+        save, whole = loop.checkpoint.save, {}
+
+        def recording_save(output, step, draft, *args, **kwargs):
+            whole[step] = {n: parallel.full_tensor(t).detach().clone() for n, t in draft.state_dict().items()}
+            return save(output, step, draft, *args, **kwargs)
+
+        loop.checkpoint.save = recording_save
+        first = self.folder / "out-full"
+        opts = options(self.folder, first, 2, 2, 1, sharding="zero2")
+        opts.save_every = 2
+        full = train(opts)
+        resumed_dir = self.folder / "out-resumed"
+        if rank == 0:
+            shutil.copytree(first / "step-000002", resumed_dir / "step-000002")
+        dist.barrier()
+        opts = options(self.folder, resumed_dir, 2, 2, 1, sharding="zero2")
+        opts.resume = True
+        resumed = train(opts)
+        return {"full": full["loss"], "resumed": resumed["loss"], "whole": whole[3]}
+
+
+def test_checkpoint_resume_and_export_under_two_ranks(tmp_path):
+    from trainer.checkpoint import export_tensors
+
+    write_configs(tmp_path)
+    ranks = run_spawned(CheckpointJob(tmp_path), 2, tmp_path)
+    for result in ranks:
+        # step 3 after a resume from step 2 is the uninterrupted run's step 3 (same ranks, same order)
+        assert result["resumed"] == result["full"][2:]
+    exported = tmp_path / "out-full" / "step-000003"
+    assert not list(exported.parent.glob(".tmp-*"))
+    draft, tensors = draft_from_export(exported)
+    # every draft tensor whole: the shapes a one-process draft of this config has
+    assert {n: tuple(t.shape) for n, t in tensors.items()} == {n: tuple(t.shape) for n, t in draft.state_dict().items()}
+    cfg = draft.cfg
+    assert tensors["d2t"].shape == (cfg.draft_vocab,) and tensors["t2d"].shape == (cfg.vocab,)
+    assert int(tensors["t2d"].sum()) == cfg.draft_vocab  # each draft id maps to one distinct target id
+    # the one-process export of the weights each rank gathered itself
+    reference, _ = draft_from_export(exported)
+    reference.load_state_dict(ranks[0]["whole"])
+    single = export_tensors(reference)
+    assert single.keys() == tensors.keys()
+    assert all(torch.equal(single[n], tensors[n]) for n in single)
+    # and the reloaded export computes what the one-process draft computes
+    torch.manual_seed(0)
+    aux = torch.randn(1, 8, 3 * cfg.target_hidden, dtype=torch.bfloat16)
+    ids = torch.randint(cfg.vocab, (1, 8 + 3))
+    for got, want in zip(draft.unroll(aux, ids, 3), reference.unroll(aux, ids, 3)):
+        assert torch.equal(got, want)

@@ -259,7 +259,7 @@ def run(opts: TrainOptions, progress: bool = False) -> dict:
     cpu = opts.device == "cpu" or (opts.device is None and not torch.cuda.is_available())
     ctx = parallel.init_distributed(
         job.tp, plan_world=job.world, gpus_per_node=None if cpu else job.cluster.gpus_per_node,
-        model_config=hf_config(opts.spec.model),
+        model_config=hf_config(opts.spec.model), cpu=cpu,
     )
     device = torch.device("cpu") if cpu else ctx.device
     if cpu and opts.spec.attention_impl == "flex":

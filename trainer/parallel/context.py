@@ -84,10 +84,10 @@ def _check_layout(world: int, tp: int, plan_world: Optional[int]) -> None:
         raise FitplanError(f"tp {tp} does not divide the world size {world}; accepted: divisors of {world}")
 
 
-def _pick_device(local_rank: int, local_world: int, gpus_per_node: Optional[int]) -> tuple[torch.device, str]:
-    """CUDA + NCCL when the plan names GPUs or CUDA is there; CPU + gloo otherwise (tests)."""
+def _pick_device(local_rank: int, local_world: int, gpus_per_node: Optional[int], cpu: bool) -> tuple[torch.device, str]:
+    """CUDA + NCCL when the plan names GPUs or CUDA is there; CPU + gloo when asked or without CUDA."""
     wants_gpu = gpus_per_node is not None
-    if not torch.cuda.is_available():
+    if cpu or not torch.cuda.is_available():
         if wants_gpu:
             raise FitplanError(f"the plan needs {gpus_per_node} GPUs per node but no CUDA GPU is visible")
         return torch.device("cpu"), "gloo"
@@ -106,11 +106,13 @@ def init_distributed(
     plan_world: Optional[int] = None,
     gpus_per_node: Optional[int] = None,
     model_config: Any = None,
+    cpu: bool = False,
 ) -> DistContext:
     """Check the layout, then join the process group (if any) and build the ("dp", "tp") mesh.
 
     plan_world / gpus_per_node come from the plan's cluster; model_config (an HF config) lets
-    the TP size be checked against the heads before any weight is loaded.
+    the TP size be checked against the heads before any weight is loaded. cpu: gloo on the host
+    even where CUDA is visible (`fitplan train --device cpu`).
     """
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -119,7 +121,7 @@ def init_distributed(
     _check_layout(world, tp, plan_world)
     if model_config is not None:
         check_tp_for_model(model_config, tp)
-    device, backend = _pick_device(local_rank, local_world, gpus_per_node)
+    device, backend = _pick_device(local_rank, local_world, gpus_per_node, cpu)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dp = world // tp
