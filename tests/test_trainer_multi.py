@@ -234,3 +234,51 @@ def test_checkpoint_resume_and_export_under_two_ranks(tmp_path):
     ids = torch.randint(cfg.vocab, (1, 8 + 3))
     for got, want in zip(draft.unroll(aux, ids, 3), reference.unroll(aux, ids, 3)):
         assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------- a failing rank, through torchrun
+
+FAILING_WORKER = '''
+"""fitplan train, with rank 1 running out of memory in its second step's target forward."""
+import os
+import torch
+from trainer import loop
+
+real_teach = loop.teach
+calls = []
+
+def teach(run, ids, mask):
+    calls.append(1)
+    if run.ctx.rank == 1 and len(calls) == 2:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB (injected on rank 1)")
+    return real_teach(run, ids, mask)
+
+loop.teach = teach
+from fitplan.cli import app
+app(prog_name="fitplan")
+'''
+
+
+def test_a_failing_rank_stops_the_job_and_its_error_is_shown(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    target, draft = write_configs(tmp_path)
+    worker = tmp_path / "worker.py"
+    worker.write_text(FAILING_WORKER)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--max-restarts=0",
+           "--standalone", str(worker), "train", "--model", target, "--draft", draft, "--gpus", "2xH100", "--tp", "1",
+           "--seq", "32", "--ttt", "3", "--attention", "sdpa", "--random-weights", "--synthetic-data",
+           "--steps", "3", "--device", "cpu", "--output", str(out), "--json"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode != 0
+    # torchrun's summary names the failing rank and shows its own error, not the peer's "Connection closed"
+    root = done.stderr.split("Root Cause")[-1]
+    assert "rank      : 1" in root and "injected on rank 1" in root, done.stderr[-3000:]
+    report = json.loads((out / "report-rank1.json").read_text())
+    assert report["oom"]["step"] == 2 and report["oom"]["phase"] == "target_forward"
+    assert "injected on rank 1" in report["oom"]["message"]
+    assert not (out / "report.json").exists()
