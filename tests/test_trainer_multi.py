@@ -282,3 +282,54 @@ def test_a_failing_rank_stops_the_job_and_its_error_is_shown(tmp_path):
     assert report["oom"]["step"] == 2 and report["oom"]["phase"] == "target_forward"
     assert "injected on rank 1" in report["oom"]["message"]
     assert not (out / "report.json").exists()
+
+
+# ---------------------------------------------------------------- eight ranks, tp 8 (issue 7's CPU fallback)
+
+class EightRanksJob:
+    """Both output modes at tp 8, recording the storage behind the logits each rank keeps."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __call__(self, rank: int) -> dict:
+        from trainer import loop
+
+        collect, held = loop.parallel.collect_target_outputs, []
+
+        def recording(logits_local, aux, ctx, mode):
+            logits, own_aux = collect(logits_local, aux, ctx, mode)
+            held.append(logits.untyped_storage().nbytes())
+            return logits, own_aux
+
+        loop.parallel.collect_target_outputs = recording
+        results = {}
+        for mode in ("gather", "all-to-all"):
+            held.clear()
+            results[mode] = train(options(self.folder, self.folder / f"out-{mode}", 8, 8, 1, output_sharding=mode))
+            results[mode]["held_bytes"] = max(held)
+            results[mode]["report"] = {k: results[mode]["report"][k] for k in ("per_rank", "steps")}
+        return results
+
+
+def test_eight_ranks_tp8_output_modes(tmp_path):
+    write_configs(tmp_path)
+    ranks = run_spawned(EightRanksJob(tmp_path), 8, tmp_path)
+    reference = single_process(tmp_path, 8)
+    # by hand: B = 1, S = 32, V = 512, bf16: a rank's own rows are 1*32*512*2 = 32 KiB; gather keeps
+    # the whole TP group's [8*32, 512] alive behind its view, 8 * 32 KiB = 256 KiB
+    for rank, result in enumerate(ranks):
+        assert result["all-to-all"]["loss"] == result["gather"]["loss"]
+        for got, want in zip(result["all-to-all"]["grads"], result["gather"]["grads"]):
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert result["all-to-all"]["held_bytes"] == 1 * 32 * 512 * 2
+        assert result["gather"]["held_bytes"] == 8 * 1 * 32 * 512 * 2
+        # losses only: at step 1 the bf16 gradients of eight ranks differed from one process's by up to 5% of
+        # a parameter's gradient norm (measured), over the 3% that two and four ranks stay within
+        for step, (a, b) in enumerate(zip(result["gather"]["loss"], reference["loss"]), 1):
+            assert a == pytest.approx(b, rel=LOSS_RTOL), f"rank {rank}, step {step}: loss {a} vs {b}"
+    print("EIGHT", json.dumps({mode: {"loss": ranks[0][mode]["loss"], "held_bytes": ranks[0][mode]["held_bytes"],
+                                     "target_forward_peak_per_rank": [
+                                         r["steps"]["1"]["target_forward"]["allocated"]
+                                         for r in ranks[0][mode]["report"]["per_rank"]]}
+                               for mode in ("gather", "all-to-all")}))
