@@ -61,38 +61,23 @@ def _kv_lists_bytes(job: Job) -> int:
     return 2 * BF16 * d.kv_heads * d.head_dim * job.spec.ttt * _tokens(job)
 
 
-def flex_saved_under_checkpoint_bytes(job: Job) -> int:
-    """What compiled flex attention saves over the unroll, kept although the layer is checkpointed.
-
-    Measured, not derived: llama-3.1-8b, seq 8k, ac, H100 (tests/data/gpu/llama-8k-mb1-ac.json)
-    allocated 2.1-2.7 GiB more in draft_forward and backward than the checkpointed saved set,
-    which matches the eager kernel on CPU within 5%. The torch.compile'd kernel's own saved
-    tensors (roped q, output, fp32 logsumexp and the concatenated keys and values of steps
-    0..k: 1.76 GiB there) surviving the non-reentrant checkpoint explain most of it; not yet
-    confirmed by a memory snapshot.
-    """
-    if not (job.spec.ac and job.spec.attention_impl == "flex"):
-        return 0
-    d, L = job.draft, job.spec.ttt
-    per_step = 2 * BF16 * d.heads * d.head_dim + FP32 * d.heads
-    keys_values = 2 * BF16 * d.kv_heads * d.head_dim * L * (L + 1) // 2  # steps 0..k, summed over k
-    return (per_step * L + keys_values) * _tokens(job)
-
-
 def draft_activation_bytes(job: Job) -> int:
     """Saved for backward over the TTT unroll at the end of the draft forward (loss excluded).
 
     With activation checkpointing a step keeps only its inputs and outputs: the embedding, the
     output hidden (with the final norm's rstd and output: 6h + 4 per token), and the keys and
-    values of steps 0..L-2, which later steps' checkpoints hold as inputs; compiled flex
-    attention keeps its own saved tensors besides (flex_saved_under_checkpoint_bytes).
+    values of steps 0..L-2, which later steps' checkpoints hold as inputs. (A term for compiled
+    flex keeping its saved tensors under the checkpoint was dropped: the gap it explained was the
+    dense TTT mask rebuilt in every recompute, fixed in f6a6628; llama-3.1-8b seq 32k with
+    checkpointing on an H200 then measured 67.65 GiB allocated against 67.6 without the term,
+    tests/data/gpu/validation/h200_postfix_rows.jsonl.)
     """
     d, T, L = job.draft, _tokens(job), job.spec.ttt
     fc_out = BF16 * d.hidden * T
     if job.spec.ac:
         per_step = (3 * BF16 * d.hidden + FP32) * T
         held_kv = 2 * BF16 * d.kv_heads * d.head_dim * (L - 1) * T
-        kept = per_step * L + held_kv + flex_saved_under_checkpoint_bytes(job)
+        kept = per_step * L + held_kv
         return kept + fc_out + _rope_bytes(job)
     steps = sum(_layer_saved_per_token(job) * T + _kernel_saved_bytes(job, k) for k in range(L))
     return steps + fc_out + _rope_bytes(job)
