@@ -13,8 +13,6 @@ from fitplan.config import RunSpec
 from fitplan.errors import FitplanError
 from fitplan.profiles import Cluster, DraftShape, ModelShape, load_draft, load_model, parse_gpus
 
-GIB = 1 << 30
-
 
 @dataclass(frozen=True)
 class Job:
@@ -54,15 +52,12 @@ def _divisors_tp(model: ModelShape, gpus_per_node: int) -> list[int]:
 
 
 def check_tp(model: ModelShape, cluster: Cluster, tp: int) -> None:
+    accepted = ", ".join(map(str, _divisors_tp(model, cluster.gpus_per_node)))
     if cluster.gpus_per_node % tp:
-        raise FitplanError(
-            f"tp {tp} does not divide the {cluster.gpus_per_node} GPUs per node; "
-            f"accepted: {', '.join(map(str, _divisors_tp(model, cluster.gpus_per_node)))}"
-        )
+        raise FitplanError(f"tp {tp} does not divide the {cluster.gpus_per_node} GPUs per node; accepted: {accepted}")
     if model.heads % tp:
         raise FitplanError(
-            f"tp {tp} does not divide the {model.heads} attention heads of {model.name}; "
-            f"accepted: {', '.join(map(str, _divisors_tp(model, cluster.gpus_per_node)))}"
+            f"tp {tp} does not divide the {model.heads} attention heads of {model.name}; accepted: {accepted}"
         )
     if model.kv_heads % tp and tp % model.kv_heads:
         raise FitplanError(
