@@ -93,12 +93,17 @@ def causal_attention_flops(batch: int, seq: int, heads: int, head_dim: int) -> f
     return 2 * batch * seq * seq * heads * head_dim
 
 
+def model_forward_flops(job: Job) -> float:
+    """Forward of the whole model over one micro-batch of B samples."""
+    b, s, m = job.spec.micro_batch, job.spec.seq, job.model
+    return 2 * matmul_params(m) * b * s + m.layers * causal_attention_flops(b, s, m.heads, m.head_dim)
+
+
 def target_forward_flops(job: Job) -> float:
     """Per GPU: the TP group runs tp·B samples split tp ways, i.e. B samples' worth each."""
-    b, s, m = job.spec.micro_batch, job.spec.seq, job.model
     if job.spec.offline:  # precomputed hidden states: only the frozen lm_head for the teacher
-        return 2 * m.vocab * m.hidden * b * s
-    return 2 * matmul_params(m) * b * s + m.layers * causal_attention_flops(b, s, m.heads, m.head_dim)
+        return 2 * job.model.vocab * job.model.hidden * job.spec.micro_batch * job.spec.seq
+    return model_forward_flops(job)
 
 
 def draft_flops(job: Job) -> float:
@@ -112,8 +117,7 @@ def draft_flops(job: Job) -> float:
 
 
 def sft_flops(job: Job) -> float:
-    b, s, m = job.spec.micro_batch, job.spec.seq, job.model
-    forward = 2 * matmul_params(m) * b * s + m.layers * causal_attention_flops(b, s, m.heads, m.head_dim)
+    forward = model_forward_flops(job)
     return 3 * forward + (forward if job.spec.ac else 0)
 
 
