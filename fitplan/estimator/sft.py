@@ -19,6 +19,7 @@ from fitplan.layout import Job
 
 FP32 = 4
 
+
 def _root_and_layer_params(job: Job) -> tuple[int, int]:
     """(root unit params: embedding, lm_head, final norm; params of one decoder layer unit)."""
     m = job.model
@@ -50,12 +51,11 @@ def _grads_at_backward_end(job: Job, state: TrainedState) -> dict[str, int]:
     return phase(model__grads=state.full_grads())
 
 
-def _backward(job: Job, state: TrainedState, before: dict[str, int]) -> dict[str, int]:
+def _backward(job: Job, state: TrainedState, before: dict[str, int], carried: dict[str, int]) -> dict[str, int]:
     """Backward frees activations layer by layer while grads appear layer by layer: their sum
     moves linearly, so the peak is at one end. Start: every saved activation plus the logits'
     gradient buffers; end: all grads plus the first layer's saved (or recomputed) activations
     and its gradient working set."""
-    carried = phase(model__grads=state.grads() if job.accum > 1 else 0)
     start = merge(before, carried, phase(
         activations__model=sft_terms.activation_bytes(job),
         logits__model=sft_terms.backward_logits_bytes(job),
@@ -83,7 +83,7 @@ def timeline(job: Job) -> Timeline:
                 activations__model=sft_terms.activation_bytes(job),
                 logits__model=sft_terms.forward_logits_bytes(job),
             )),
-            "backward": _backward(job, state, merge(base, opt, in_compute)),
+            "backward": _backward(job, state, merge(base, opt, in_compute), carried),
             "optimizer_step": merge(base, optimizer_state(state, steady=True), phase(
                 model__grads=state.grads(), optimizer__grad_copy=state.grad_copy(),
             )),
