@@ -158,12 +158,11 @@ def _default_weight_bytes(model, spec):
     return target_weight_bytes(model, spec)
 
 
-def resolved_spec(spec: RunSpec, weight_fn=_default_weight_bytes) -> tuple[RunSpec, Job]:
+def resolved_spec(spec: RunSpec, weight_fn=_default_weight_bytes) -> RunSpec:
     """The spec with tp, accum and global batch written out, so every rung keeps them fixed."""
     job = resolve(spec, weight_fn)
     tp = job.tp if spec.workload == "eagle3" else spec.tp
-    full = spec.replace(tp=tp, accum=job.accum, global_batch=job.global_batch)
-    return full, resolve(full)
+    return spec.replace(tp=tp, accum=job.accum, global_batch=job.global_batch)
 
 
 def _candidate(spec: RunSpec, rung: str, change: str, estimate_fn: EstimateFn) -> Candidate:
@@ -177,7 +176,7 @@ def fit(
     estimate_fn: EstimateFn = _default_estimate,
     weight_fn=_default_weight_bytes,
 ) -> FitResult:
-    base_spec, _ = resolved_spec(spec, weight_fn)
+    base_spec = resolved_spec(spec, weight_fn)
     original = _candidate(base_spec, "original", "", estimate_fn)
 
     def fits(cand: Candidate) -> bool:
