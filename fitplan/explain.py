@@ -92,8 +92,9 @@ class OomEvent:
 
 def parse_ooms(text: str) -> list[OomEvent]:
     """Every OOM message in a log, in order; a log with none (or unreadable ones) is an error."""
-    events = [_new_event(m) for m in NEW_FORMAT.finditer(_one_line(text))]
-    events += [_old_event(m) for m in OLD_FORMAT.finditer(_one_line(text))]
+    joined = _one_line(text)
+    events = [_new_event(m) for m in NEW_FORMAT.finditer(joined)]
+    events += [_old_event(m) for m in OLD_FORMAT.finditer(joined)]
     if events:
         return events
     if OOM_MARKER.search(text):
