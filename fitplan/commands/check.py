@@ -68,8 +68,9 @@ def check_command(
     if output_format not in FORMATS:
         raise FitplanError(f"--format {output_format!r} is not one of: {', '.join(FORMATS)}")
     rows = check_configs(configs, flags, margin_fraction(margin), against)
+    passed = all(r.passed for r in rows)
     if output_format == "json":
-        print(json.dumps({"passed": all(r.passed for r in rows), "rows": [r.to_json() for r in rows]}, indent=2))
+        print(json.dumps({"passed": passed, "rows": [r.to_json() for r in rows]}, indent=2))
     else:
         cells = [row_cells(r) for r in rows]
         failed = sum(not r.passed for r in rows)
@@ -78,7 +79,7 @@ def check_command(
             print(f"### fitplan check: {verdict}\n\n{markdown_table(COLUMNS, cells)}")
         else:
             Console(highlight=False).print(rich_table(COLUMNS, cells, f"fitplan check: {verdict}"))
-    sys.exit(0 if all(r.passed for r in rows) else 1)
+    sys.exit(0 if passed else 1)
 
 
 @clean_errors
