@@ -136,10 +136,10 @@ def resolve_target(path: str) -> str:
     candidates.append(re.sub(r"(?i)-instruct.*$", "", candidates[-1]))
     for ref in candidates:
         try:
-            load_model_config(ref)
-            return ref if Path(ref).expanduser().exists() else load_model_config(ref)[0]
+            profile = load_model_config(ref)[0]
         except FitplanError:
             continue
+        return ref if Path(ref).expanduser().exists() else profile
     raise FitplanError(
         f"SpecForge --target-model-path {path!r} resolves to no model profile and no local config.json; "
         "give a profile name (fitplan profiles), an HF repo id with a profile, or a local model directory"
