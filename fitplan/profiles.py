@@ -236,7 +236,10 @@ def load_model_config(ref: str) -> tuple[str, dict[str, Any], str]:
     files = _json_files("models")
     key = ref.lower()
     by_lower = {k.lower(): k for k in files}
-    name = by_lower.get(key) or _repo_ids().get(key) or _repo_ids().get(key.split("/")[-1])
+    name = by_lower.get(key)
+    if name is None:  # an HF repo id, read from the profiles only when the name is not one
+        repo_ids = _repo_ids()
+        name = repo_ids.get(key) or repo_ids.get(key.split("/")[-1])
     if name is None:
         name = by_lower.get(key.split("/")[-1])
     if name is None:
@@ -428,25 +431,6 @@ def _norm(s: str) -> str:
 
 def gpu_names() -> list[str]:
     return [g.id for g in _gpu_table()]
-
-
-def gpu_profiles_raw() -> list[dict]:
-    """The GPU entries as stored (for listing with their sources)."""
-    out = []
-    for d in reversed(_profile_dirs()):
-        p = d / "gpus.json"
-        if p.is_file():
-            out.extend(_read_json(p).get("gpus", []))
-    return out
-
-
-def runtime_overheads_raw() -> dict:
-    """The measured outside-the-allocator overheads stored beside the GPUs (with evidence)."""
-    for d in _profile_dirs():
-        p = d / "gpus.json"
-        if p.is_file() and "runtime_overheads" in (data := _read_json(p)):
-            return data["runtime_overheads"]
-    return {}
 
 
 def load_gpu(name: str) -> GpuSpec:
