@@ -234,7 +234,7 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def predict(job: Job) -> dict | None:
+def predict(job: Job) -> dict:
     from fitplan.estimator import estimate
 
     return estimate(job).to_json()
