@@ -30,12 +30,12 @@ def rows(steps: list[dict], load: dict, prediction: dict | None) -> list[dict]:
             predicted = prediction[key].get(name) if prediction else None
             measured = max(values)
             out.append({"phase": name, "when": label, "predicted": predicted, "measured": measured,
-                        "error_pct": _error(measured, predicted) if predicted else None})
+                        "error_pct": _error(measured, predicted)})
     device = [p["device_used"] for s in steady for p in s["phases"].values() if p.get("device_used")]
     if device:
         predicted = prediction["peak_reserved_bytes"] if prediction else None
         out.append({"phase": "device peak", "when": "steady", "predicted": predicted, "measured": max(device),
-                    "error_pct": _error(max(device), predicted) if predicted else None})
+                    "error_pct": _error(max(device), predicted)})
     return out
 
 
