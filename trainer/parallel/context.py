@@ -139,4 +139,8 @@ def init_distributed(
 
 def shutdown_distributed() -> None:
     if dist.is_initialized():
+        # Every rank reaches the end before any tears down: a rank that destroys its group (or exits,
+        # taking rank 0's store with it) while a peer is still in a collective aborts that peer
+        # ("Connection closed by peer", or gloo's "terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
