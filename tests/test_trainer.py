@@ -308,12 +308,13 @@ def test_gradient_accumulation_takes_accum_micro_batches_per_step(configs, tmp_p
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_flex_matches_eager_with_gradients_on_gpu():
     torch.manual_seed(0)
-    q = torch.randn(2, 4, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(2, 2, 3 * 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(2, 2, 3 * 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    # seq 384 = 3 flex blocks, 3 TTT copies of the keys: full, partial and empty tiles all occur
+    q = torch.randn(2, 4, 384, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 2, 3 * 384, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, 2, 3 * 384, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     outs, grads = [], []
     for kernel in ("flex", "eager"):
-        out = ATTENTION[kernel](q, k, v, 128)
+        out = ATTENTION[kernel](q, k, v, 384)
         outs.append(out.float())
         grads.append(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
     assert torch.allclose(outs[0], outs[1], atol=2e-2, rtol=2e-2)

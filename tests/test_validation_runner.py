@@ -164,3 +164,46 @@ def test_near_limit_out_of_range_is_a_clean_error():
     tiny = lambda spec: SimpleNamespace(peak_reserved_bytes=spec.seq, gpu_total_bytes=100 * GIB)  # noqa: E731
     with pytest.raises(FitplanError, match="no seq in 256..32768 runs out of memory"):
         near_limit_value(RunSpec(model="llama-3.1-8b"), "seq", "near-oom", tiny)
+
+
+def test_parallel_rows_get_disjoint_gpus_and_overlap(tmp_path, monkeypatch):
+    # each fake child records the GPUs it was given and when it ran, then sleeps a little
+    script = ("import json, os, sys, time, pathlib; t0 = time.time(); time.sleep(1.5); "
+              "pathlib.Path(sys.argv[1]).write_text(json.dumps({'device': os.environ['CUDA_VISIBLE_DEVICES'], "
+              "'window': [t0, time.time()], 'steps': [{'step': 2, 'seconds': 1.0, 'phases': {'forward': "
+              "{'allocated': 1, 'reserved': 1, 'device_used': 1}}}]}))")  # fmt: skip
+    _fake_child(monkeypatch, script)
+    x4, x2 = select(MATRIX, "nvidia-h200-x4")[0], select(MATRIX, "nvidia-h200-x2")[:2]
+    x1 = select(MATRIX, "nvidia-h200")[:3]
+    rows = [x4, *x2, *x1]
+    results = run(rows, tmp_path, gpus=LocalGpus("NVIDIA H200", 4), parallel=True)
+    assert [r["status"] for r in results].count("ran") == 6
+    by_name = {r["name"]: r for r in results}
+    assert by_name[x4.name]["gpu_ids"] == [0, 1, 2, 3]
+    windows = {}
+    for row in rows:
+        report = json.loads((tmp_path / "runs" / row.name / "report.json").read_text())
+        assert report["device"] == ",".join(map(str, by_name[row.name]["gpu_ids"]))
+        windows[row.name] = (report["window"], set(by_name[row.name]["gpu_ids"]))
+    # the two 2-GPU rows ran at the same time on different GPUs, after the 4-GPU row ended
+    (a, ga), (b, gb) = windows[x2[0].name], windows[x2[1].name]
+    assert ga.isdisjoint(gb) and a[0] < b[1] and b[0] < a[1]
+    assert min(a[0], b[0]) >= windows[x4.name][0][1]
+    # rows that overlapped in time never shared a GPU
+    for name, (w, g) in windows.items():
+        for other, (w2, g2) in windows.items():
+            if name != other and w[0] < w2[1] and w2[0] < w[1]:
+                assert g.isdisjoint(g2), (name, other)
+
+
+def test_parallel_on_a_gpu_less_machine_skips_and_returns(tmp_path):
+    rows = select(MATRIX, "nvidia-h200-x4")[:2] + select(MATRIX, "nvidia-h200")[:1]
+    results = run(rows, tmp_path, gpus=LocalGpus("", 0), parallel=True)
+    assert [r["reason"] for r in results] == ["no GPU on this machine"] * 3
+
+
+def test_timeout_with_an_oom_in_stderr_is_an_oom(tmp_path, monkeypatch):
+    # rank 1 ran out of memory, rank 0 hangs in a collective until the row's time is up
+    _fake_child(monkeypatch, "import sys, time; print('torch.OutOfMemoryError: CUDA out of memory.', file=sys.stderr, flush=True); time.sleep(60)")
+    got = run_row(H100_ROW, LocalGpus("NVIDIA H100 80GB HBM3", 1), tmp_path, timeout_s=2)
+    assert got["status"] == "oom" and got["wall_s"] < 30

@@ -1,8 +1,9 @@
 """A plain transformers fine-tuning job, measured phase by phase: the sft rows of `fitplan validate`.
 
 This is deliberately NOT our trainer: it is the job most users run (AutoModelForCausalLM with
-random weights, SDPA, the model's own loss on `labels`, torch.optim.AdamW), so that comparing it
-with `fitplan.estimator` shows whether the memory anatomy holds for code we did not write.
+random weights, SDPA or flex attention where the model has no SDPA path, the model's own loss on
+`labels`, torch.optim.AdamW), so that comparing it with `fitplan.estimator` shows whether the
+memory anatomy holds for code we did not write.
 
     python -m trainer.sft_step --config row.yaml --steps 3 --report report.json
     torchrun --nproc-per-node 4 -m trainer.sft_step --config row.yaml --report report.json
@@ -73,13 +74,30 @@ def build_model(spec: RunSpec, device: torch.device) -> torch.nn.Module:
     """Random weights created directly on the device (no CPU copy, no download)."""
     from transformers import AutoModelForCausalLM
 
+    config = hf_config(spec)
     with device:
-        model = AutoModelForCausalLM.from_config(hf_config(spec), dtype=param_dtype(spec.precision), attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=param_dtype(spec.precision), attn_implementation=attention_kernel(config, device)
+        )
     if spec.ac:
         enable_checkpointing(model)
     model.config.use_cache = False
     model.train()
     return model
+
+
+def attention_kernel(config, device: torch.device) -> str:
+    """SDPA where the model class takes it; otherwise (gpt-oss: its attention sinks) flex attention.
+
+    Both are fused (no [S, S] scores kept for backward), which is what the estimator's sft terms
+    assume. torch has no flex backward on CPU, so there those models run eager.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    if getattr(model_class, "_supports_sdpa", False):
+        return "sdpa"
+    return "flex_attention" if device.type == "cuda" else "eager"
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:

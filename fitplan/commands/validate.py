@@ -29,6 +29,7 @@ def register(app: typer.Typer) -> None:
         caveat: Optional[List[str]] = typer.Option(None, "--caveat", help="A line the report must show first (repeatable)."),
         calibrate: bool = typer.Option(False, "--calibrate", help="Fit the runtime constants on the calibration rows and check them on the rest."),
         timeout: float = typer.Option(300.0, "--timeout", help="Seconds allowed per row."),
+        parallel: bool = typer.Option(False, "--parallel", help="Run rows side by side, each on its own GPUs (widest rows first): four 1-GPU rows at once on 4 GPUs."),
         list_rows: bool = typer.Option(False, "--list", help="Print the matrix rows and exit."),
     ) -> None:
         """Measure predicted vs actual peaks over the validation matrix (docs/validation-method.md)."""
@@ -44,7 +45,7 @@ def register(app: typer.Typer) -> None:
         if from_results is None and trainer_reports is None:
             from fitplan.validation.runner import run
 
-            run(chosen, out, timeout_s=timeout, progress=lambda r: console.print(_progress_line(r)))
+            run(chosen, out, timeout_s=timeout, parallel=parallel, progress=lambda r: console.print(_progress_line(r)))
             from_results, repredict = out, False  # just predicted by the estimator as it is
         frame = report.load_results(from_results, trainer_reports, repredict=repredict)
         _report(console, frame, out, calibrate, tuple(caveat or ()))

@@ -1,6 +1,10 @@
 """Run matrix rows on the local GPUs, each in a fresh process, and collect one result row each.
 
     python -m fitplan.validation.runner --kind nvidia-h200 --out $OUT [--rows 'h200x1-sft-*']
+    python -m fitplan.validation.runner --rows 'h200x*' --parallel --out $OUT   # on 4 H200s
+
+With --parallel, rows share the machine: a 4-GPU machine runs four 1-GPU rows, or two 2-GPU rows,
+side by side, each child seeing only its GPUs (CUDA_VISIBLE_DEVICES).
 
 A row that needs GPUs this machine lacks (none, another kind, fewer) is skipped with the reason.
 Results are appended to OUT/rows.jsonl as each row ends, so a run cut short keeps what it
@@ -132,7 +136,32 @@ def child_env(spec: RunSpec) -> dict[str, str]:
     return env
 
 
+@dataclass
+class Launched:
+    """A row whose child process is running on some of this machine's GPUs."""
+
+    row: Row
+    result: dict[str, Any]
+    workdir: Path
+    child: subprocess.Popen
+    gpu_ids: tuple[int, ...]
+    started: float
+
+
 def run_row(row: Row, gpus: LocalGpus, out: Path, timeout_s: float = ROW_TIMEOUT_S) -> dict[str, Any]:
+    """One row, start to end, on this machine's GPUs as they are visible."""
+    launched = launch(row, gpus, out, gpu_ids=None)
+    if isinstance(launched, dict):
+        return launched
+    try:
+        launched.child.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+    return finish(launched, timeout_s)
+
+
+def launch(row: Row, gpus: LocalGpus, out: Path, gpu_ids: tuple[int, ...] | None) -> Launched | dict[str, Any]:
+    """Start the row's child (on `gpu_ids` only, when given); a skipped row's result instead."""
     result = describe(row)
     reason = skip_reason(row, gpus)
     if reason is not None:
@@ -146,28 +175,34 @@ def run_row(row: Row, gpus: LocalGpus, out: Path, timeout_s: float = ROW_TIMEOUT
     workdir.mkdir(parents=True, exist_ok=True)
     plan, report = workdir / "plan.yaml", workdir / "report.json"
     write_plan(spec, result, plan)
-    start = time.monotonic()
-    returncode = run_child(command(spec, row.world, plan, report), child_env(spec), workdir, timeout_s)
-    result["wall_s"] = round(time.monotonic() - start, 1)
-    prune(workdir)
-    if returncode is None:
-        return {**result, "status": "timeout", "reason": f"no result within {timeout_s:.0f} s"}
-    return {**result, **outcome(returncode, (workdir / "stderr.txt").read_text(), workdir)}
+    env = child_env(spec)
+    if gpu_ids is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
+        result["gpu_ids"] = list(gpu_ids)
+    child = start_child(command(spec, row.world, plan, report), env, workdir)
+    return Launched(row, result, workdir, child, gpu_ids or (), time.monotonic())
 
 
-def run_child(cmd: list[str], env: dict[str, str], workdir: Path, timeout_s: float) -> int | None:
-    """Exit code of the child (None on timeout); its output goes to workdir/stdout.txt, stderr.txt.
-
-    The child gets its own process group so a timeout also ends torchrun's workers.
-    """
+def start_child(cmd: list[str], env: dict[str, str], workdir: Path) -> subprocess.Popen:
+    """The child writes to workdir/stdout.txt and stderr.txt; it gets its own process group so a
+    timeout also ends torchrun's workers."""
     with (workdir / "stdout.txt").open("w") as stdout, (workdir / "stderr.txt").open("w") as stderr:
-        child = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
-        try:
-            return child.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
-            return None
+        return subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+
+
+def finish(launched: Launched, timeout_s: float) -> dict[str, Any]:
+    """The row's result once its child ended, or after killing it when it ran out of time."""
+    timed_out = launched.child.poll() is None
+    if timed_out:
+        os.killpg(launched.child.pid, signal.SIGKILL)
+        launched.child.wait()
+    result = {**launched.result, "wall_s": round(time.monotonic() - launched.started, 1)}
+    prune(launched.workdir)
+    stderr = (launched.workdir / "stderr.txt").read_text(errors="replace")
+    got = outcome(launched.child.returncode, stderr, launched.workdir)
+    if timed_out and got["status"] != "oom":  # a rank that ran out of memory can leave the others hanging
+        return {**result, "status": "timeout", "reason": f"no result within {timeout_s:.0f} s"}
+    return {**result, **got}
 
 
 def describe(row: Row) -> dict[str, Any]:
@@ -234,21 +269,58 @@ def _last_line(text: str, containing: str = "") -> str:
 
 
 def run(rows: list[Row], out: Path, gpus: LocalGpus | None = None, timeout_s: float = ROW_TIMEOUT_S,
-        progress: Callable[[dict[str, Any]], None] = lambda result: None) -> list[dict[str, Any]]:  # fmt: skip
-    """Run (or skip) every row, appending each result to OUT/rows.jsonl, then write the report."""
+        progress: Callable[[dict[str, Any]], None] = lambda result: None, parallel: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """Run (or skip) every row, appending each result to OUT/rows.jsonl, then write the report.
+
+    parallel: rows share the machine, each on its own GPUs (CUDA_VISIBLE_DEVICES), widest first
+    as GPUs come free; otherwise one row at a time in the order given, on every GPU.
+    """
     from fitplan.validation.report import load_results, write_report
 
     gpus = local_gpus() if gpus is None else gpus
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for row in rows:
-        result = {**run_row(row, gpus, out, timeout_s), "finished": time.time()}
+    results: list[dict[str, Any]] = []
+
+    def record(result: dict[str, Any]) -> None:
+        result = {**result, "finished": time.time()}
         with (out / RESULTS_FILE).open("a") as f:
             f.write(json.dumps(result) + "\n")
         progress(result)
         results.append(result)
+
+    if parallel:
+        run_packed(rows, out, gpus, timeout_s, record)
+    else:
+        for row in rows:
+            record(run_row(row, gpus, out, timeout_s))
     write_report(load_results(out), out)
     return results
+
+
+def run_packed(rows: list[Row], out: Path, gpus: LocalGpus, timeout_s: float,
+               record: Callable[[dict[str, Any]], None], poll_s: float = 1.0) -> None:  # fmt: skip
+    """Start rows, widest first, whenever enough GPUs are free; the next row waits for its GPUs
+    (no overtaking, so a 4-GPU row is never starved by 1-GPU rows behind it)."""
+    free = list(range(gpus.count))
+    pending, running = sorted(rows, key=lambda row: -row.world), []  # stable: given order within a width
+    while pending or running:
+        while pending and pending[0].world <= len(free):
+            row = pending.pop(0)
+            gpu_ids, rest = tuple(free[: row.world]), free[row.world :]
+            launched = launch(row, gpus, out, gpu_ids)
+            if isinstance(launched, dict):
+                record(launched)
+                continue
+            free = rest
+            running.append(launched)
+        if pending and not running and pending[0].world > len(free):  # more GPUs than the machine has
+            record(run_row(pending.pop(0), gpus, out, timeout_s))  # skipped with the reason
+            continue
+        time.sleep(poll_s)
+        for launched in [r for r in running if r.child.poll() is not None or time.monotonic() - r.started > timeout_s]:
+            running.remove(launched)
+            record(finish(launched, timeout_s))
+            free = sorted(free + list(launched.gpu_ids))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,13 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", help="only the rows of this device kind, e.g. nvidia-h200-x2")
     parser.add_argument("--rows", help="comma-separated row names or glob patterns")
     parser.add_argument("--timeout", type=float, default=ROW_TIMEOUT_S, help="seconds per row")
+    parser.add_argument("--parallel", action="store_true",
+                        help="run rows side by side, each on its own GPUs, widest rows first")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         rows = select(MATRIX, args.kind, args.rows.split(",") if args.rows else None)
     except FitplanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run(rows, args.out, timeout_s=args.timeout, progress=lambda r: print(f"{r['status']:8} {r['name']}  {r.get('reason', '')}", flush=True))
+    run(rows, args.out, timeout_s=args.timeout, parallel=args.parallel,
+        progress=lambda r: print(f"{r['status']:8} {r['name']}  {r.get('reason', '')}", flush=True))  # fmt: skip
     return 0
 
 
