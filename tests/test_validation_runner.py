@@ -207,3 +207,35 @@ def test_timeout_with_an_oom_in_stderr_is_an_oom(tmp_path, monkeypatch):
     _fake_child(monkeypatch, "import sys, time; print('torch.OutOfMemoryError: CUDA out of memory.', file=sys.stderr, flush=True); time.sleep(60)")
     got = run_row(H100_ROW, LocalGpus("NVIDIA H100 80GB HBM3", 1), tmp_path, timeout_s=2)
     assert got["status"] == "oom" and got["wall_s"] < 30
+
+
+def test_kill_tree_reaches_workers_in_their_own_session(tmp_path):
+    # like torchrun: the child starts a worker in a new session, so killing the child's process
+    # group would leave the worker running
+    import os
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    script = ("import subprocess, sys, time; w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+              f"start_new_session=True); open({str(pid_file)!r}, 'w').write(str(w.pid)); time.sleep(60)")  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    assert worker in runner.descendants(child.pid)
+    runner.kill_tree(child.pid)
+    child.wait(timeout=10)
+    for _ in range(100):  # the worker is reaped by init once killed
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        state = open(f"/proc/{worker}/stat").read().rsplit(")", 1)[1].split()[0]
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the worker survived")

@@ -250,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1))
+    if "oom" in report and ranks.world > 1:
+        # the other ranks wait in a collective that will never complete, and a normal exit waits
+        # on them in NCCL's teardown (seen on 4 H200s: the job hung until killed); leave now so
+        # torchrun sees the failure and stops them
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(1)
     return 1 if "oom" in report else 0
 
 

@@ -58,6 +58,33 @@ def local_gpus() -> LocalGpus:
     return LocalGpus(names[0] if names else "", len(names))
 
 
+IDLE_GPU_MIB = 1024  # a GPU using more than this before a row starts still holds someone's memory
+IDLE_WAIT_S = 120
+
+
+def gpu_memory_used_mib() -> dict[int, int]:
+    """Memory in use on each GPU by index, from nvidia-smi (empty without it)."""
+    if shutil.which("nvidia-smi") is None:
+        return {}
+    done = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    pairs = (line.split(",") for line in done.stdout.splitlines() if "," in line)
+    return {int(index): int(used) for index, used in pairs} if done.returncode == 0 else {}
+
+
+def wait_until_idle(gpu_ids: tuple[int, ...] | None, timeout_s: float = IDLE_WAIT_S) -> int:
+    """Wait for the row's GPUs to be free of other processes' memory (a previous row's workers can
+    still be exiting); returns the most MiB in use on one of them when the row starts, which goes
+    into its result: device-level readings are per GPU, so anything left there counts against it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        used = gpu_memory_used_mib()
+        busiest = max((mib for index, mib in used.items() if gpu_ids is None or index in gpu_ids), default=0)
+        if busiest <= IDLE_GPU_MIB or time.monotonic() > deadline:
+            return busiest
+        time.sleep(2)
+
+
 def skip_reason(row: Row, gpus: LocalGpus) -> str | None:
     if gpus.count == 0:
         return "no GPU on this machine"
@@ -179,6 +206,7 @@ def launch(row: Row, gpus: LocalGpus, out: Path, gpu_ids: tuple[int, ...] | None
     if gpu_ids is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
         result["gpu_ids"] = list(gpu_ids)
+    result["gpu_used_at_start_mib"] = wait_until_idle(gpu_ids)
     child = start_child(command(spec, row.world, plan, report), env, workdir)
     return Launched(row, result, workdir, child, gpu_ids or (), time.monotonic())
 
@@ -190,11 +218,39 @@ def start_child(cmd: list[str], env: dict[str, str], workdir: Path) -> subproces
         return subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a child and every process below it. torchrun starts its workers in sessions of
+    their own, so killing its process group leaves them alive, holding GPU memory (seen on 4
+    H200s: a hung rank kept 81 GiB and spoiled every later row on its GPUs)."""
+    for victim in [pid, *descendants(pid)]:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs below `pid`, from /proc (empty where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
 def finish(launched: Launched, timeout_s: float) -> dict[str, Any]:
     """The row's result once its child ended, or after killing it when it ran out of time."""
     timed_out = launched.child.poll() is None
     if timed_out:
-        os.killpg(launched.child.pid, signal.SIGKILL)
+        kill_tree(launched.child.pid)
         launched.child.wait()
     result = {**launched.result, "wall_s": round(time.monotonic() - launched.started, 1)}
     prune(launched.workdir)
