@@ -80,3 +80,16 @@ def test_attention_kernel_follows_what_the_model_class_supports(model, cuda, cpu
     config = sft_step.hf_config(spec_from_mapping({"model": model, "workload": "sft", "gpus": "1xH200"}, source="test"))
     assert sft_step.attention_kernel(config, torch.device("cuda")) == cuda
     assert sft_step.attention_kernel(config, torch.device("cpu")) == cpu
+
+
+def test_mixed_precision_runs_the_mixed_recipe(tmp_path):
+    # `mixed` = bf16 params, fp32 masters, fp32 grads accumulated beside them, fp32 Adam (18 B/param);
+    # before this was checked it silently ran plain bf16 AdamW (8 B/param)
+    from trainer.optim import MasterWeightAdamW
+
+    code, report = _run(tmp_path, precision="mixed")
+    assert code == 0 and all(math.isfinite(s["loss"]) for s in report["steps"])
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    spec = sft_step.load_spec(tmp_path / "row.yaml")
+    optimizer = sft_step.build_optimizer(model, spec, torch.device("cpu"))
+    assert isinstance(optimizer, MasterWeightAdamW) and optimizer.fp32_grads

@@ -33,7 +33,8 @@ from fitplan.config import RunSpec, load_spec
 from fitplan.errors import FitplanError
 from fitplan.profiles import load_model_config
 from trainer.measure import Meter
-from trainer.optim import MasterWeightAdamW, autocast, param_dtype
+from trainer.optim import MASTER_RECIPES, autocast, param_dtype
+from trainer.optim import build_optimizer as build_recipe_optimizer
 
 # Keys of a profile that are documentation or belong to a checkpoint format, not to the model
 # class: from_config builds plain bf16/fp32 weights, never a quantized layout.
@@ -128,8 +129,8 @@ def build_optimizer(model: torch.nn.Module, spec: RunSpec, device: torch.device,
     if spec.optimizer != "adamw":
         raise FitplanError(f"sft_step runs torch.optim.AdamW only; optimizer {spec.optimizer!r} is not supported")
     params = [p for p in model.parameters() if p.requires_grad]
-    if spec.precision == "bf16-master":
-        return MasterWeightAdamW(params, lr)
+    if spec.precision in MASTER_RECIPES:  # fp32 masters; `mixed` also accumulates fp32 grads
+        return build_recipe_optimizer(params, spec.precision, lr)
     return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
 
 
