@@ -50,6 +50,7 @@ def estimate(job: Job) -> Estimate:
         gpu_total_bytes=job.cluster.gpu.total_bytes,
         allocator_reserve_bytes=reserve,
         outside_allocator_bytes=outside,
+        reserve_floor_bytes=runtime.reserve_floor_bytes(job, peak_allocated),
         largest_allocation_bytes=largest_bytes,
         largest_allocation_name=largest_name,
         world=job.world,

@@ -29,6 +29,8 @@ class Estimate:
     largest_allocation_bytes: int
     largest_allocation_name: str
     world: int = 1
+    # the part of the reserve the allocator cannot hand back when memory runs short (None: all of it)
+    reserve_floor_bytes: int | None = None
     notes: tuple[str, ...] = ()
     # resolved layout the numbers are for (tp, dp, accum, ...), for reports and plans
     layout: dict[str, Any] = field(default_factory=dict)
@@ -51,9 +53,23 @@ class Estimate:
         return max(self.phase_allocated(p, step1=True) for p in self.step1_phases)
 
     @property
+    def required_bytes(self) -> int:
+        """What the job cannot run without: allocated + the reserve floor + memory outside the allocator."""
+        floor = self.allocator_reserve_bytes if self.reserve_floor_bytes is None else self.reserve_floor_bytes
+        return self.peak_allocated_bytes + min(floor, self.allocator_reserve_bytes) + self.outside_allocator_bytes
+
+    @property
     def peak_reserved_bytes(self) -> int:
-        """Device-level peak: allocated + allocator reserve + memory outside the allocator."""
-        return self.peak_allocated_bytes + self.allocator_reserve_bytes + self.outside_allocator_bytes
+        """Device-level peak: allocated + allocator reserve + memory outside the allocator.
+
+        Near the device limit the reserve shrinks: before failing a request the caching allocator
+        frees its cached blocks and retries, so a job that needs no more than `required_bytes` runs
+        with its cached blocks squeezed to what is left of the device (the peak is then the total).
+        One that needs more fails; its figure is what it needs."""
+        unconstrained = self.peak_allocated_bytes + self.allocator_reserve_bytes + self.outside_allocator_bytes
+        if self.required_bytes > self.gpu_total_bytes:
+            return self.required_bytes
+        return min(unconstrained, self.gpu_total_bytes)
 
     @property
     def headroom_bytes(self) -> int:
@@ -92,6 +108,7 @@ class Estimate:
             "step1_peak_allocated_bytes": self.step1_peak_allocated_bytes,
             "step1_phases": {p: self.phase_allocated(p, step1=True) for p in self.step1_phases},
             "allocator_reserve_bytes": self.allocator_reserve_bytes,
+            "required_bytes": self.required_bytes,
             "outside_allocator_bytes": self.outside_allocator_bytes,
             "phase_components": self.phases,
             "world": self.world,
