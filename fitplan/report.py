@@ -53,11 +53,22 @@ def summary_lines(est: Estimate) -> list[str]:
     return [
         f"peak phase: {est.peak_phase} (marked *); step-1 peak allocated {gib(est.step1_peak_allocated_bytes)} GiB",
         f"largest allocation: {gib(est.largest_allocation_bytes)} GiB ({escape(est.largest_allocation_name)})",
-        f"device peak {gib(est.peak_reserved_bytes)} GiB = allocated {gib(est.peak_allocated_bytes)}"
-        f" + allocator reserve {gib(est.allocator_reserve_bytes)} + outside allocator {gib(est.outside_allocator_bytes)}",
+        device_peak_line(est),
         f"device total {gib(est.gpu_total_bytes)} GiB, headroom {gib(est.headroom_bytes)} GiB",
         f"[bold {color}]{verdict(est)}[/]",
     ]
+
+
+def device_peak_line(est: Estimate) -> str:
+    parts = (f"allocated {gib(est.peak_allocated_bytes)} + allocator reserve {gib(est.allocator_reserve_bytes)}"
+             f" + outside allocator {gib(est.outside_allocator_bytes)}")  # fmt: skip
+    unconstrained = est.peak_allocated_bytes + est.allocator_reserve_bytes + est.outside_allocator_bytes
+    if est.peak_reserved_bytes == unconstrained:
+        return f"device peak {gib(est.peak_reserved_bytes)} GiB = {parts}"
+    if est.fits:  # squeezed: the allocator gives cached blocks back before it fails
+        return (f"device peak {gib(est.peak_reserved_bytes)} GiB (the device, full: {parts} = {gib(unconstrained)},"
+                f" and the allocator frees cached blocks first; the job needs {gib(est.required_bytes)})")  # fmt: skip
+    return f"device peak {gib(est.peak_reserved_bytes)} GiB needed = allocated + the reserve's floor + outside ({parts} with room)"
 
 
 def render(est: Estimate, console: Console | None = None) -> None:
