@@ -182,7 +182,7 @@ def test_device_peak_adds_reserve_and_outside():
 
 def test_sft_near_limit_says_fragmentation_decides():
     """qwen3-8b sft b4 ac on one H200: at seq 9984 the tensors (~126 GiB) fit in 139.8 GiB but
-    not with the cached logits blocks on top (8.5 B x 39936 x 151936 = 48 GiB). Measured, it ran
+    not with the cached logits blocks on top (8.5 B x 39936 x 151936, capped at 13.5 GiB). Measured, it ran
     (125.84 GiB allocated, 133.77 GiB device: the allocator gave cached blocks back), so the
     verdict is "fits" with the device squeezed full, and the note says fragmentation decides;
     at 1024 it fits with room and with expandable segments the reserve is small, so no note."""

@@ -87,6 +87,14 @@ EXPANDABLE_ROUNDING_BYTES = 64 * MIB
 # one request (qwen3-8b b4 ac: seq 8960 OOMed on a 20.29 GiB request with 23.6 GiB cached, seq
 # 9984 ran with 7.2 GiB cached). Only expandable_segments makes that edge predictable.
 SFT_CACHED_LOGITS_BYTES_PER_ENTRY = 8.5
+# The cache stops growing with the logits: once they are large the next step's logits reuse the
+# freed segments of the same size. Session-2 rows (tests/data/gpu/validation/h200x4*_rows.jsonl),
+# cache = measured device - allocated - outside - (5% + 256 MiB): up to ~2e9 entries the line
+# above holds (check rows: llama 4k b2 8.2 GiB vs 8.3, llama 16k fp32-autocast 16.2 vs 16.6);
+# beyond, it does not (calibration row llama 8k b2 zero3, 2.1e9 entries: 12.2 GiB where the line
+# says 16.6; check rows with 2.5e9-6.1e9 entries: 13.7, 9.2, 3.2, 0.8 GiB). Capped at the largest
+# cache of an sft calibration row: 13.5 GiB (gpt-oss-20b zero3 4k, flex attention).
+SFT_CACHED_LOGITS_MAX_BYTES = int(13.5 * GIB)
 
 
 def all_to_all_bytes(group: int) -> int:
@@ -141,7 +149,8 @@ def trainer_reserve_bytes(job: Job) -> int:
 def sft_cached_logits_bytes(job: Job) -> int:
     """Freed logits blocks the sft job keeps cached without expandable segments (fitted above)."""
     spec = job.spec
-    return int(SFT_CACHED_LOGITS_BYTES_PER_ENTRY * spec.micro_batch * spec.seq * job.model.vocab)
+    cached = int(SFT_CACHED_LOGITS_BYTES_PER_ENTRY * spec.micro_batch * spec.seq * job.model.vocab)
+    return min(cached, SFT_CACHED_LOGITS_MAX_BYTES)
 
 
 def allocator_reserve_bytes(job: Job, peak_allocated: int) -> int:
