@@ -103,3 +103,16 @@ def test_bad_results_are_clean_errors(tmp_path):
     (tmp_path / "rows.jsonl").write_text("{not json\n")
     with pytest.raises(FitplanError, match="rows.jsonl:1: not a JSON line"):
         load_results(tmp_path)
+
+
+def test_a_row_started_on_a_busy_gpu_is_set_aside(tmp_path):
+    # F measured 43 GiB of someone else's memory on its GPU: no figures, no verdict from it
+    busy = _row("F", pred_alloc=50 * GIB, meas_alloc=50 * GIB, pred_device=60 * GIB, meas_device=103 * GIB,
+                pred_step_s=1.0, meas_step_s=1.0, gpu_used_at_start_mib=44_150)  # fmt: skip
+    idle = _row("G", pred_alloc=50 * GIB, meas_alloc=50 * GIB, pred_device=60 * GIB, meas_device=60 * GIB,
+                pred_step_s=1.0, meas_step_s=1.0, gpu_used_at_start_mib=52)  # fmt: skip
+    (tmp_path / "rows.jsonl").write_text(json.dumps(busy) + "\n" + json.dumps(idle) + "\n")
+    frame = load_results(tmp_path).set_index("name")
+    assert frame.loc["F", "status"] == "spoiled" and "44150 MiB" in frame.loc["F", "reason"]
+    assert frame.loc["F", ["meas_device", "observed_fits"]].isna().all()
+    assert frame.loc["G", "status"] == "ran" and frame.loc["G", "meas_device"] == 60 * GIB

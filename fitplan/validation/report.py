@@ -82,7 +82,26 @@ def load_results(folder: Path | None, trainer_reports: Path | None = None, repre
     if "finished" in frame:  # the runner's time stamp orders results gathered from several calls
         frame = frame.sort_values("finished", kind="stable", na_position="first")
     frame = frame.drop_duplicates("name", keep="last").reset_index(drop=True)
-    return with_errors(current_predictions(frame) if repredict else frame)
+    return with_errors(set_aside_busy(current_predictions(frame) if repredict else frame))
+
+
+def set_aside_busy(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows that started on a GPU still holding another process's memory measured that memory too
+    (device-level readings are per GPU): status `spoiled`, no measured figures, no verdict."""
+    from fitplan.validation.runner import IDLE_GPU_MIB
+
+    if "gpu_used_at_start_mib" not in frame:
+        return frame
+    frame = frame.copy()
+    used = pd.to_numeric(frame["gpu_used_at_start_mib"], errors="coerce")
+    busy = used > IDLE_GPU_MIB
+    measured = [c for c in ("meas_alloc", "meas_reserved", "meas_device", "meas_step_s", "observed_fits") if c in frame]
+    for column in [*measured, "reason"]:
+        frame[column] = frame[column].astype(object) if column in frame else None  # None-able
+        frame.loc[busy, column] = None
+    frame.loc[busy, "status"] = "spoiled"
+    frame.loc[busy, "reason"] = [f"{mib:.0f} MiB of another process on its GPU at start" for mib in used[busy]]
+    return frame
 
 
 def _pct(predicted: pd.Series, measured: pd.Series) -> pd.Series:
