@@ -14,7 +14,12 @@ export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 
 collect() {
     cp "$WORK/rows.jsonl" "$WORK/runner.log" "$OUT/" 2>/dev/null
-    tar czf "$OUT/reports.tgz" -C "$WORK" --exclude='*.pickle' runs 2>/dev/null
+    # reports and plans whole, the children's output as its last 200 lines: a hung rank's
+    # warnings once made the tarball too large to come back (16 MiB a file)
+    (cd "$WORK" && for f in runs/*/stdout.txt runs/*/stderr.txt; do
+        [ -f "$f" ] && tail -n 200 "$f" > "$f.tail"; done
+     find runs \( -name 'report*.json' -o -name plan.yaml -o -name '*.txt.tail' \) -print0 |
+        tar czf "$OUT/reports.tgz" --null -T - 2>/dev/null)
     nvidia-smi --query-gpu=index,memory.used --format=csv,noheader > "$OUT/gpus.txt" 2>/dev/null
 }
 
