@@ -37,8 +37,14 @@ DENSE_EFFICIENCY = 0.42
 MOE_EXPERT_LOOP_EFFICIENCY = 0.045
 # - sft (plain transformers, SDPA, fused AdamW): fitted on the qwen3-8b sft rows (0.473, 0.491);
 #   checked on llama-3.1-8b s4k b2 ac (0.520: predicted 8% slow) and s2k b1 no ac (0.405:
-#   predicted 16% fast). Dense models only; an MoE model's sft uses the expert-loop figure.
+#   predicted 16% fast). Dense models only; MoE sft below.
 SFT_EFFICIENCY = 0.48
+# - MoE sft (gpt-oss in plain transformers, flex attention, FSDP2): fitted on the calibration row
+#   h200x4-sft-gpt-oss-20b-s4k-b1-ac-bf16-zero3 (0.87 s measured, 0.30 s of it predicted comm:
+#   0.233; tests/data/gpu/validation/h200x4_rows.jsonl); checked on its bf16-master twin (0.89 s,
+#   predicted 0.88 s). Five times the eagle3 target's expert-loop figure above; why is not
+#   checked (that target runs without grad, eager attention, on one GPU).
+MOE_SFT_EFFICIENCY = 0.23
 # Interconnect and PCIe: typical public figure (~70% of NVLink / PCIe bandwidth), not calibrated
 # (comm is 2-15% of the measured multi-GPU steps).
 LINK_EFFICIENCY = 0.70
@@ -176,8 +182,8 @@ def offload_bytes(job: Job) -> tuple[float, float]:
 
 
 def runs_expert_loop(job: Job) -> bool:
-    """The target's (or sft model's) layers run transformers' MoE expert loop; an offline target
-    only multiplies through its dense lm_head."""
+    """The eagle3 target's layers run transformers' MoE expert loop; an offline target only
+    multiplies through its dense lm_head."""
     return job.model.is_moe and not job.spec.offline
 
 
@@ -185,7 +191,7 @@ def compute_seconds(job: Job) -> float:
     """Per micro-step: each path's FLOPs at its own achievable fraction of the bf16 peak."""
     peak = job.cluster.gpu.bf16_tflops * 1e12
     if job.draft is None:
-        efficiency = MOE_EXPERT_LOOP_EFFICIENCY if runs_expert_loop(job) else SFT_EFFICIENCY
+        efficiency = MOE_SFT_EFFICIENCY if job.model.is_moe else SFT_EFFICIENCY
         return sft_flops(job) / (peak * efficiency)
     target = MOE_EXPERT_LOOP_EFFICIENCY if runs_expert_loop(job) else DENSE_EFFICIENCY
     return target_forward_flops(job) / (peak * target) + draft_flops(job) / (peak * DENSE_EFFICIENCY)
