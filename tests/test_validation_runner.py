@@ -148,7 +148,7 @@ def r_world(spec: RunSpec) -> int:
 
 def _linear_estimate(spec: RunSpec):
     """A stand-in estimator: 10 MiB per token of seq on a 100 GiB device."""
-    return SimpleNamespace(peak_reserved_bytes=spec.seq * 10 * MIB, gpu_total_bytes=100 * GIB)
+    return SimpleNamespace(required_bytes=spec.seq * 10 * MIB, gpu_total_bytes=100 * GIB)
 
 
 def test_near_limit_seq_by_hand():
@@ -161,7 +161,7 @@ def test_near_limit_seq_by_hand():
 
 
 def test_near_limit_out_of_range_is_a_clean_error():
-    tiny = lambda spec: SimpleNamespace(peak_reserved_bytes=spec.seq, gpu_total_bytes=100 * GIB)  # noqa: E731
+    tiny = lambda spec: SimpleNamespace(required_bytes=spec.seq, gpu_total_bytes=100 * GIB)  # noqa: E731
     with pytest.raises(FitplanError, match="no seq in 256..32768 runs out of memory"):
         near_limit_value(RunSpec(model="llama-3.1-8b"), "seq", "near-oom", tiny)
 

@@ -5,9 +5,11 @@ flag: the runtime constants (fitplan/validation/calibrate.py) are fitted on the 
 only, and accuracy is reported on the others. The split is fixed here, in writing, before any
 measurement, so the reported figures are on jobs the constants were not fitted to.
 
-Near-limit rows have no fixed sequence length: it is chosen by the estimator so the predicted
-device-level peak sits just under (near-fit) or just over (near-oom) the device total. They test
-the fit/OOM verdict where it is hardest, and they follow the estimator when it is recalibrated.
+Near-limit rows have no fixed sequence length: it is chosen by the estimator so the bytes the job
+needs (`required_bytes`: allocated + the reserve's floor + memory outside the allocator) sit just
+under (near-fit) or just over (near-oom) the device total. They test the fit/OOM verdict where it
+is hardest, and they follow the estimator when it is recalibrated. (Rows measured before the
+reserve floor existed were placed by the device-level peak instead.)
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ KINDS: dict[str, tuple[str, int]] = {
     "nvidia-h200-x4": ("H200", 4),
 }
 
-# A near-limit row's predicted device-level peak is this fraction under (near-fit) or over
-# (near-oom) the device total: the issue's bound on under-prediction is 3%, so an estimator that
+# A near-limit row's required bytes are this fraction under (near-fit) or over (near-oom) the
+# device total: the issue's bound on under-prediction is 3%, so an estimator that
 # meets it gets both verdicts right, and one that misses it shows up here.
 NEAR_LIMIT_MARGIN = 0.03
 SEQ_GRID = tuple(range(256, 32768 + 1, 256))
@@ -166,17 +168,18 @@ Predict = Callable[[RunSpec], Any]  # RunSpec -> Estimate (fitplan.estimator.est
 
 
 def near_limit_value(spec: RunSpec, knob: str, intent: str, predict: Predict, margin: float = NEAR_LIMIT_MARGIN) -> int:
-    """The knob value whose predicted device-level peak is just under / just over the device total.
+    """The knob value whose required bytes (the verdict's measure) are just under / just over the
+    device total.
 
-    near-fit: the largest value predicted at most (1 - margin) of the total; near-oom: the
-    smallest predicted at least (1 + margin). Memory grows with seq and micro-batch (a property
+    near-fit: the largest value needing at most (1 - margin) of the total; near-oom: the
+    smallest needing at least (1 + margin). Memory grows with seq and micro-batch (a property
     the estimator's tests check), so a bisection over the grid finds it.
     """
     grid = _grid(knob)
 
     def load(value: int) -> float:
         est = predict(spec.replace(**{knob: value}))
-        return est.peak_reserved_bytes / est.gpu_total_bytes
+        return est.required_bytes / est.gpu_total_bytes
 
     if intent == "near-fit":
         index = bisect.bisect_right(grid, 1 - margin, key=load) - 1
