@@ -62,7 +62,7 @@ def summary_lines(est: Estimate) -> list[str]:
 def device_peak_line(est: Estimate) -> str:
     parts = (f"allocated {gib(est.peak_allocated_bytes)} + allocator reserve {gib(est.allocator_reserve_bytes)}"
              f" + outside allocator {gib(est.outside_allocator_bytes)}")  # fmt: skip
-    unconstrained = est.peak_allocated_bytes + est.allocator_reserve_bytes + est.outside_allocator_bytes
+    unconstrained = est.unconstrained_peak_bytes
     if est.peak_reserved_bytes == unconstrained:
         return f"device peak {gib(est.peak_reserved_bytes)} GiB = {parts}"
     if est.fits:  # squeezed: the allocator gives cached blocks back before it fails

@@ -66,10 +66,14 @@ class Estimate:
         frees its cached blocks and retries, so a job that needs no more than `required_bytes` runs
         with its cached blocks squeezed to what is left of the device (the peak is then the total).
         One that needs more fails; its figure is what it needs."""
-        unconstrained = self.peak_allocated_bytes + self.allocator_reserve_bytes + self.outside_allocator_bytes
         if self.required_bytes > self.gpu_total_bytes:
             return self.required_bytes
-        return min(unconstrained, self.gpu_total_bytes)
+        return min(self.unconstrained_peak_bytes, self.gpu_total_bytes)
+
+    @property
+    def unconstrained_peak_bytes(self) -> int:
+        """Allocated + the whole reserve + outside: the device-level peak when memory is ample."""
+        return self.peak_allocated_bytes + self.allocator_reserve_bytes + self.outside_allocator_bytes
 
     @property
     def headroom_bytes(self) -> int:

@@ -47,14 +47,20 @@ class LocalGpus:
     count: int
 
 
-def local_gpus() -> LocalGpus:
-    """The GPUs of this machine from nvidia-smi (no CUDA context is created)."""
+def query_gpus(fields: str) -> list[list[str]]:
+    """One row of `fields` per GPU from nvidia-smi (no CUDA context is created); empty without it."""
     if shutil.which("nvidia-smi") is None:
-        return LocalGpus("", 0)
-    done = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, check=False
-    )
-    names = [line.strip() for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else []
+        return []
+    done = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        return []
+    return [[value.strip() for value in line.split(",")] for line in done.stdout.splitlines() if line.strip()]
+
+
+def local_gpus() -> LocalGpus:
+    """The GPUs of this machine."""
+    names = [row[0] for row in query_gpus("name")]
     return LocalGpus(names[0] if names else "", len(names))
 
 
@@ -63,13 +69,8 @@ IDLE_WAIT_S = 120
 
 
 def gpu_memory_used_mib() -> dict[int, int]:
-    """Memory in use on each GPU by index, from nvidia-smi (empty without it)."""
-    if shutil.which("nvidia-smi") is None:
-        return {}
-    done = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
-                          capture_output=True, text=True, check=False)  # fmt: skip
-    pairs = (line.split(",") for line in done.stdout.splitlines() if "," in line)
-    return {int(index): int(used) for index, used in pairs} if done.returncode == 0 else {}
+    """Memory in use on each GPU by index (empty without nvidia-smi)."""
+    return {int(index): int(used) for index, used in query_gpus("index,memory.used")}
 
 
 def wait_until_idle(gpu_ids: tuple[int, ...] | None, timeout_s: float = IDLE_WAIT_S) -> int:
