@@ -37,7 +37,7 @@ class CheckRow:
     @property
     def verdict(self) -> str:
         if not self.estimate.fits:
-            return "OOM"
+            return self.estimate.verdict.upper()
         if not self.estimate.fits_with_margin(self.margin):
             return "TIGHT"
         return "fits"
@@ -65,8 +65,8 @@ class CheckRow:
         moved = self.moved_most
         return {
             "path": self.path,
-            "verdict": self.verdict,
             **self.estimate.to_json(),
+            "verdict": self.verdict,  # the gate's, with TIGHT, over the estimate's
             "baseline_peak_reserved_bytes": self.baseline.peak_reserved_bytes if self.baseline else None,
             "delta_bytes": self.delta_bytes,
             "moved_most": {"component": moved[0], "delta_bytes": moved[1]} if moved else None,

@@ -28,8 +28,12 @@ def component_names(est: Estimate) -> list[str]:
 
 
 def verdict(est: Estimate) -> str:
-    if est.fits:
+    if est.verdict == "fits":
         return f"FITS with {gib(est.headroom_bytes)} GiB headroom"
+    if est.verdict == "at risk":
+        short = est.required_if_fragmented_bytes - est.gpu_total_bytes
+        return (f"AT RISK: fits only if fragmentation spares its largest request ({gib(short)} GiB short if a "
+                f"{gib(est.stranded_block_bytes)} GiB block stays cached); set expandable_segments: true")
     return f"OOM by {gib(-est.headroom_bytes)} GiB: {est.dominant_component} dominates"
 
 
@@ -65,7 +69,7 @@ def device_peak_line(est: Estimate) -> str:
     unconstrained = est.unconstrained_peak_bytes
     if est.peak_reserved_bytes == unconstrained:
         return f"device peak {gib(est.peak_reserved_bytes)} GiB = {parts}"
-    if est.fits:  # squeezed: the allocator gives cached blocks back before it fails
+    if est.required_bytes <= est.gpu_total_bytes:  # squeezed: the allocator gives cached blocks back first
         return (f"device peak {gib(est.peak_reserved_bytes)} GiB (the device, full: {parts} = {gib(unconstrained)},"
                 f" and the allocator frees cached blocks first; the job needs {gib(est.required_bytes)})")  # fmt: skip
     return f"device peak {gib(est.peak_reserved_bytes)} GiB needed = allocated + the reserve's floor + outside ({parts} with room)"

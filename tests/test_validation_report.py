@@ -53,6 +53,8 @@ def test_summary_figures_by_hand(results):
         "device-level under-prediction, max %": (5.0, False),
         # A, B, C right, D wrong -> 3 of 4
         "fit/OOM verdict right, % of rows": (75.0, False),
+        # D was told it fits and ran out of memory: 1 of 4
+        "told it fits, then OOMed, % of rows": (25.0, False),
         # |0|, |10|, |-20| -> median 10
         "step-time error, median abs %": (10.0, True),
     }
@@ -74,7 +76,7 @@ def test_each_missed_target_is_flagged_on_its_row(results):
     assert missed_targets(frame.loc["A"]) == []
     assert missed_targets(frame.loc["B"]) == ["device under-predicted > 3%"]
     assert missed_targets(frame.loc["C"]) == ["allocated > 8%"]
-    assert missed_targets(frame.loc["D"]) == ["verdict wrong"]
+    assert missed_targets(frame.loc["D"]) == ["verdict wrong: OOM after 'fits'"]
     assert missed_targets(frame.loc["E"]) == []
 
 

@@ -147,15 +147,17 @@ def r_world(spec: RunSpec) -> int:
 
 
 def _linear_estimate(spec: RunSpec):
-    """A stand-in estimator: 10 MiB per token of seq on a 100 GiB device."""
-    return SimpleNamespace(required_bytes=spec.seq * 10 * MIB, gpu_total_bytes=100 * GIB)
+    """A stand-in estimator: 10 MiB per token of seq on a 100 GiB device, 1 MiB more per token
+    if fragmentation strands a block of the largest request."""
+    return SimpleNamespace(required_bytes=spec.seq * 10 * MIB, required_if_fragmented_bytes=spec.seq * 11 * MIB,
+                           gpu_total_bytes=100 * GIB)  # fmt: skip
 
 
 def test_near_limit_seq_by_hand():
     spec = RunSpec(model="llama-3.1-8b", gpus="1xH100", seq=256)
-    # load(seq) = seq * 10 MiB / 100 GiB = seq / 10240.
-    # near-fit: largest multiple of 256 with seq / 10240 <= 0.97, i.e. seq <= 9932.8 -> 9728 (9984 is over)
-    assert near_limit_value(spec, "seq", "near-fit", _linear_estimate) == 9728
+    # near-fit, by the fragmented need: seq * 11 MiB <= 0.97 * 100 GiB, i.e. seq <= 9029.8 -> 8960 (9216 is over)
+    assert near_limit_value(spec, "seq", "near-fit", _linear_estimate) == 8960
+    # near-oom, by the plain need: load(seq) = seq * 10 MiB / 100 GiB = seq / 10240.
     # near-oom: smallest multiple of 256 with seq / 10240 >= 1.03, i.e. seq >= 10547.2 -> 10752 (10496 is under)
     assert near_limit_value(spec, "seq", "near-oom", _linear_estimate) == 10752
 

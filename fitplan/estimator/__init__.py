@@ -43,7 +43,6 @@ def estimate(job: Job) -> Estimate:
     largest_bytes, largest_name = max(t.largest)
     reserve = runtime.allocator_reserve_bytes(job, peak_allocated)
     outside = runtime.outside_allocator_bytes(job)
-    edge = runtime.fragmentation_note(job, peak_allocated, reserve, outside, job.cluster.gpu.total_bytes)
     return Estimate(
         phases=t.steady,
         step1_phases=t.step1,
@@ -51,10 +50,11 @@ def estimate(job: Job) -> Estimate:
         allocator_reserve_bytes=reserve,
         outside_allocator_bytes=outside,
         reserve_floor_bytes=runtime.reserve_floor_bytes(job, peak_allocated),
+        stranded_block_bytes=runtime.stranded_block_bytes(job, largest_bytes),
         largest_allocation_bytes=largest_bytes,
         largest_allocation_name=largest_name,
         world=job.world,
-        notes=tuple(job.warnings) + tuple(t.notes) + ((edge,) if edge else ()),
+        notes=tuple(job.warnings) + tuple(t.notes),
         layout=_layout(job),
     )
 

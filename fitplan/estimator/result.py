@@ -31,6 +31,9 @@ class Estimate:
     world: int = 1
     # the part of the reserve the allocator cannot hand back when memory runs short (None: all of it)
     reserve_floor_bytes: int | None = None
+    # a freed block of the largest request's size that fragmentation can keep cached when memory
+    # runs short (0 with expandable segments): the width of the band where the verdict is `at risk`
+    stranded_block_bytes: int = 0
     notes: tuple[str, ...] = ()
     # resolved layout the numbers are for (tp, dp, accum, ...), for reports and plans
     layout: dict[str, Any] = field(default_factory=dict)
@@ -59,6 +62,19 @@ class Estimate:
         return self.peak_allocated_bytes + min(floor, self.allocator_reserve_bytes) + self.outside_allocator_bytes
 
     @property
+    def required_if_fragmented_bytes(self) -> int:
+        """What the job needs when fragmentation strands a block of its largest request's size."""
+        return self.required_bytes + self.stranded_block_bytes
+
+    @property
+    def verdict(self) -> str:
+        """`fits`, `OOM`, or `at risk`: it needs no more than the device, but fragmentation can strand
+        enough cached memory to fail its largest request (runtime.stranded_block_bytes)."""
+        if self.required_bytes > self.gpu_total_bytes:
+            return "OOM"
+        return "at risk" if self.required_if_fragmented_bytes > self.gpu_total_bytes else "fits"
+
+    @property
     def peak_reserved_bytes(self) -> int:
         """Device-level peak: allocated + allocator reserve + memory outside the allocator.
 
@@ -81,10 +97,11 @@ class Estimate:
 
     @property
     def fits(self) -> bool:
-        return self.headroom_bytes >= 0
+        """Runs whatever the allocator's luck: a job `at risk` does not count as fitting."""
+        return self.verdict == "fits"
 
     def fits_with_margin(self, margin_fraction: float) -> bool:
-        return self.headroom_bytes >= margin_fraction * self.gpu_total_bytes
+        return self.fits and self.headroom_bytes >= margin_fraction * self.gpu_total_bytes
 
     @property
     def components(self) -> dict[str, int]:
@@ -100,6 +117,7 @@ class Estimate:
         """The stable JSON interface (docs/cli.md): names here are a public contract."""
         return {
             "fits": self.fits,
+            "verdict": self.verdict,
             "peak_allocated_bytes": self.peak_allocated_bytes,
             "peak_reserved_bytes": self.peak_reserved_bytes,
             "gpu_total_bytes": self.gpu_total_bytes,
@@ -113,6 +131,7 @@ class Estimate:
             "step1_phases": {p: self.phase_allocated(p, step1=True) for p in self.step1_phases},
             "allocator_reserve_bytes": self.allocator_reserve_bytes,
             "required_bytes": self.required_bytes,
+            "required_if_fragmented_bytes": self.required_if_fragmented_bytes,
             "outside_allocator_bytes": self.outside_allocator_bytes,
             "phase_components": self.phases,
             "world": self.world,

@@ -175,13 +175,17 @@ def reserve_floor_bytes(job: Job, peak_allocated: int) -> int:
     return int(RESERVE_FLOOR_FRACTION * peak_allocated) + RESERVE_ROUNDING_BYTES
 
 
-def fragmentation_note(job: Job, peak_allocated: int, reserve: int, outside: int, total: int) -> str | None:
-    """Said when the verdict hangs on the allocator reserve: the job's tensors fit beside the
-    memory outside the allocator, but not with the predicted cached blocks on top."""
-    if job.spec.expandable_segments or not peak_allocated + outside <= total < peak_allocated + outside + reserve:
-        return None
-    return (
-        f"within the allocator reserve ({reserve / GIB:.1f} GiB) of the device limit: without "
-        "expandable_segments whether it runs depends on fragmentation (the allocator frees cached "
-        "blocks and retries before failing); set expandable_segments: true for a predictable reserve"
-    )
+def stranded_block_bytes(job: Job, largest_allocation: int) -> int:
+    """What fragmentation can keep from the job's largest request without expandable segments.
+
+    Near the limit the allocator frees every wholly cached segment and retries before it fails,
+    but a freed block split by a smaller live tensor stays: then the largest request needs a new
+    segment of its own on top. Every near-limit OOM measured failed that way, with about one such
+    block held: requests of 20.29 / 24.34 / 26.29 GiB failed with 23.6 / 22.22 / 26.45 GiB reserved
+    but unallocated (sft qwen3-8b b4 seq 8960 and 10752, eagle3 gpt-oss-20b b4 seq 7424, whose
+    largest requests are the fp32 logits and the target's eager attention scores). It does not
+    always happen: 4 of the 7 rows in this band ran (sft qwen3-8b seq 9984, gpt-oss-120b tp2 7168
+    and tp4 12544, llama-3.1-8b b2 on an H100 seq 9984; tests/data/gpu/validation/*rows*.jsonl).
+    Expandable segments map pages instead of splitting segments (the row at 10752 ran, 12032 did not,
+    as the floor alone predicts)."""
+    return 0 if job.spec.expandable_segments else largest_allocation

@@ -5,11 +5,12 @@ flag: the runtime constants (fitplan/validation/calibrate.py) are fitted on the 
 only, and accuracy is reported on the others. The split is fixed here, in writing, before any
 measurement, so the reported figures are on jobs the constants were not fitted to.
 
-Near-limit rows have no fixed sequence length: it is chosen by the estimator so the bytes the job
-needs (`required_bytes`: allocated + the reserve's floor + memory outside the allocator) sit just
-under (near-fit) or just over (near-oom) the device total. They test the fit/OOM verdict where it
-is hardest, and they follow the estimator when it is recalibrated. (Rows measured before the
-reserve floor existed were placed by the device-level peak instead.)
+Near-limit rows have no fixed sequence length: it is chosen by the estimator so the job sits just
+inside what it is sure fits (near-fit: `required_if_fragmented_bytes` under the device total) or
+just outside what can run (near-oom: `required_bytes`, allocated + the reserve's floor + memory
+outside the allocator, over it); see near_limit_value. They test the fit/OOM verdict where it is
+hardest, and they follow the estimator when it is recalibrated. (Rows measured earlier were placed
+by the estimator of their time: their names carry the sequence they ran.)
 """
 
 from __future__ import annotations
@@ -168,18 +169,20 @@ Predict = Callable[[RunSpec], Any]  # RunSpec -> Estimate (fitplan.estimator.est
 
 
 def near_limit_value(spec: RunSpec, knob: str, intent: str, predict: Predict, margin: float = NEAR_LIMIT_MARGIN) -> int:
-    """The knob value whose required bytes (the verdict's measure) are just under / just over the
-    device total.
+    """The knob value just inside / just outside what the estimator is sure of.
 
-    near-fit: the largest value needing at most (1 - margin) of the total; near-oom: the
-    smallest needing at least (1 + margin). Memory grows with seq and micro-batch (a property
+    near-fit: the largest value needing at most (1 - margin) of the total even when fragmentation
+    strands a block of its largest request (`required_if_fragmented_bytes`); near-oom: the smallest
+    needing at least (1 + margin) without that (`required_bytes`). Between the two the verdict is
+    `at risk`: the allocator's luck decides. Memory grows with seq and micro-batch (a property
     the estimator's tests check), so a bisection over the grid finds it.
     """
     grid = _grid(knob)
 
     def load(value: int) -> float:
         est = predict(spec.replace(**{knob: value}))
-        return est.required_bytes / est.gpu_total_bytes
+        needed = est.required_if_fragmented_bytes if intent == "near-fit" else est.required_bytes
+        return needed / est.gpu_total_bytes
 
     if intent == "near-fit":
         index = bisect.bisect_right(grid, 1 - margin, key=load) - 1

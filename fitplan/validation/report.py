@@ -39,6 +39,8 @@ TARGETS = (
     Target("device-level peak error, max abs %", "device_err_pct", "max_abs", 10.0),
     Target("device-level under-prediction, max %", "device_err_pct", "max_under", 3.0),
     Target("fit/OOM verdict right, % of rows", "verdict_ok", "share_true", 100.0, at_least=True),
+    # the verdict's unsafe side: a job `at risk` counts as not fitting, so a wrong one that ran is not here
+    Target("told it fits, then OOMed, % of rows", "verdict_unsafe", "share_true", 0.0),
     Target("step-time error, median abs %", "step_err_pct", "median_abs", 15.0),
 )
 
@@ -122,6 +124,7 @@ def with_errors(frame: pd.DataFrame) -> pd.DataFrame:
     frame["step_err_pct"] = _pct(numeric["pred_step_s"], numeric["meas_step_s"])
     known = frame["pred_fits"].notna() & frame["observed_fits"].notna()
     frame["verdict_ok"] = (frame["pred_fits"] == frame["observed_fits"]).where(known)
+    frame["verdict_unsafe"] = (frame["pred_fits"].astype(bool) & ~frame["observed_fits"].astype(bool)).where(known)
     return frame
 
 
@@ -154,7 +157,7 @@ def missed_targets(row: pd.Series) -> list[str]:
     if pd.notna(row["device_err_pct"]) and row["device_err_pct"] < -3.0:
         missed.append("device under-predicted > 3%")
     if pd.notna(row["verdict_ok"]) and not bool(row["verdict_ok"]):
-        missed.append("verdict wrong")
+        missed.append("verdict wrong" + (": OOM after 'fits'" if row["verdict_unsafe"] else ""))
     return missed
 
 
@@ -171,6 +174,12 @@ def _num(value, fmt: str = "{:+.1f}") -> str:
 
 def _verdict(value) -> str:
     return "" if value is None or pd.isna(value) else ("fits" if bool(value) else "OOM")
+
+
+def _predicted_verdict(row: pd.Series) -> str:
+    """fits / OOM / at risk (rows predicted before the verdict had three values: fits / OOM)."""
+    verdict = row.get("pred_verdict")
+    return _verdict(row["pred_fits"]) if verdict is None or pd.isna(verdict) else str(verdict)
 
 
 def _short(reason: str, limit: int = 90) -> str:
@@ -207,7 +216,7 @@ def rows_markdown(frame: pd.DataFrame) -> str:
             _gib(r["pred_alloc"]), _gib(r["meas_alloc"]), _num(r["alloc_err_pct"]),
             _gib(r["pred_device"]), _gib(r["meas_device"]), _num(r["device_err_pct"]),
             _num(r["pred_step_s"], "{:.2f}"), _num(r["meas_step_s"], "{:.2f}"), _num(r["step_err_pct"]),
-            f"{_verdict(r['pred_fits'])}/{_verdict(r['observed_fits'])}", "; ".join(missed_targets(r)),
+            f"{_predicted_verdict(r)}/{_verdict(r['observed_fits'])}", "; ".join(missed_targets(r)),
         ])  # fmt: skip
     return md_table(header, rows)
 

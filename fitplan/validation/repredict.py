@@ -16,7 +16,8 @@ from fitplan.config import RunSpec, spec_from_mapping
 from fitplan.validation.matrix import MATRIX
 from fitplan.validation.runner import predict
 
-PREDICTED = ("pred_alloc", "pred_device", "pred_reserve", "pred_outside", "gpu_total", "pred_fits", "pred_step_s")
+PREDICTED = ("pred_alloc", "pred_device", "pred_reserve", "pred_outside", "gpu_total", "pred_fits", "pred_verdict",
+             "pred_step_s")  # fmt: skip
 
 
 def spec_of(record: dict[str, Any]) -> RunSpec | None:

@@ -125,6 +125,7 @@ def predict(spec: RunSpec) -> dict[str, Any]:
         "pred_outside": est.outside_allocator_bytes,
         "gpu_total": est.gpu_total_bytes,
         "pred_fits": est.fits,
+        "pred_verdict": est.verdict,
         "estimate": est.to_json(),
     }
     from fitplan.estimator import target_weight_bytes
