@@ -182,14 +182,14 @@ def test_device_peak_adds_reserve_and_outside():
 
 def test_sft_near_limit_is_at_risk_without_expandable_segments():
     """qwen3-8b sft b4 ac on one H200 at seq 9984: the tensors (~126 GiB) fit in 139.8 GiB, but
-    not if fragmentation keeps a freed block of the largest request cached, the fp32 logits upcast
-    4 x 9984 x 151936 x 4 B = 22.6 GiB. Measured, seq 9984 ran and seq 8960 and 10752 failed
-    such a request with about that much cached (runtime.stranded_block_bytes): "at risk". With
-    expandable segments nothing is stranded and it fits; at seq 1024 it fits with room."""
+    not if fragmentation keeps two freed blocks of the largest request cached, the fp32 logits
+    upcast 4 x 9984 x 151936 x 4 B = 22.6 GiB each. Measured, seq 9984 ran and seq 8960 and 10752
+    failed such a request with about one block cached (runtime.stranded_block_bytes): "at risk".
+    With expandable segments nothing is stranded and it fits; at seq 1024 it fits with room."""
     spec = RunSpec(model="qwen3-8b", gpus="1xH200", workload="sft", seq=9984, micro_batch=4, ac=True,
                    precision="bf16")
     edge = estimate_spec(spec)
-    assert edge.stranded_block_bytes == 4 * 9984 * 151936 * 4 == edge.largest_allocation_bytes
+    assert edge.stranded_block_bytes == 2 * 4 * 9984 * 151936 * 4 == 2 * edge.largest_allocation_bytes
     assert edge.required_bytes <= edge.gpu_total_bytes < edge.required_if_fragmented_bytes
     assert (edge.verdict, edge.fits, edge.peak_reserved_bytes) == ("at risk", False, edge.gpu_total_bytes)
     assert estimate_spec(spec.replace(seq=1024)).verdict == "fits"

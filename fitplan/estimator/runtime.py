@@ -95,6 +95,8 @@ SFT_CACHED_LOGITS_BYTES_PER_ENTRY = 8.5
 # says 16.6; check rows with 2.5e9-6.1e9 entries: 13.7, 9.2, 3.2, 0.8 GiB). Capped at the largest
 # cache of an sft calibration row: 13.5 GiB (gpt-oss-20b zero3 4k, flex attention).
 SFT_CACHED_LOGITS_MAX_BYTES = int(13.5 * GIB)
+# Blocks of the largest request that fragmentation can strand near the limit (stranded_block_bytes).
+STRANDED_LARGEST_BLOCKS = 2
 
 
 def all_to_all_bytes(group: int) -> int:
@@ -179,13 +181,13 @@ def stranded_block_bytes(job: Job, largest_allocation: int) -> int:
     """What fragmentation can keep from the job's largest request without expandable segments.
 
     Near the limit the allocator frees every wholly cached segment and retries before it fails,
-    but a freed block split by a smaller live tensor stays: then the largest request needs a new
-    segment of its own on top. Every near-limit OOM measured failed that way, with about one such
-    block held: requests of 20.29 / 24.34 / 26.29 GiB failed with 23.6 / 22.22 / 26.45 GiB reserved
-    but unallocated (sft qwen3-8b b4 seq 8960 and 10752, eagle3 gpt-oss-20b b4 seq 7424, whose
-    largest requests are the fp32 logits and the target's eager attention scores). It does not
-    always happen: 4 of the 7 rows in this band ran (sft qwen3-8b seq 9984, gpt-oss-120b tp2 7168
-    and tp4 12544, llama-3.1-8b b2 on an H100 seq 9984; tests/data/gpu/validation/*rows*.jsonl).
-    Expandable segments map pages instead of splitting segments (the row at 10752 ran, 12032 did not,
-    as the floor alone predicts)."""
-    return 0 if job.spec.expandable_segments else largest_allocation
+    but freed blocks split by smaller live tensors stay (the lazily created optimizer state of
+    step 1 is one such tensor: four of the five failures were at step 2), so the largest request
+    needs a new segment on top. Every near-limit OOM of the matrix failed that way; cached but
+    unallocated at the failure, in blocks of the failed request: 1.16 (sft qwen3-8b b4 seq 8960),
+    0.91 (seq 10752), 1.01 (eagle3 gpt-oss-20b b4 seq 7424), 1.85 (seq 6400, 26 GiB under the
+    device total without it); tests/data/gpu/validation/*rows*.jsonl, the OOM messages. Hence two
+    blocks. It does not always happen: 9 rows in that band ran. Expandable segments map pages
+    instead of splitting segments: nothing stranded (sft seq 10752 ran and 12032 did not, as the
+    floor alone predicts; gpt-oss-20b seq 7424 ran)."""
+    return 0 if job.spec.expandable_segments else STRANDED_LARGEST_BLOCKS * largest_allocation
