@@ -84,6 +84,22 @@ def test_repredict_rebuilds_the_row_as_it_ran(folders):
     assert load_results(folders[0]).set_index("name").loc[STORED["name"], "pred_alloc"] == GIB
 
 
+def test_near_limit_rows_at_the_current_placement_are_marked(tmp_path):
+    from fitplan.validation.matrix import MATRIX, resolve_row
+    from fitplan.validation.report import placed_now_markdown
+
+    row = next(r for r in MATRIX if r.name == STORED["name"])
+    now = resolve_row(row, estimate_spec).seq
+    stored = [{**STORED, "name": f"{row.name}-s{seq}", "seq": seq, "intent": "near-fit", "config": None,
+               "status": "ran", "observed_fits": True} for seq in (now, now + 256)]  # fmt: skip
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in stored) + "\n")
+    frame = load_results(tmp_path, repredict=True).set_index("name", drop=False)
+    assert frame.loc[f"{row.name}-s{now}", "placed_now"]
+    assert not frame.loc[f"{row.name}-s{now + 256}", "placed_now"]  # an earlier estimator's choice
+    text = "\n".join(placed_now_markdown(frame))
+    assert "1 measured, verdict right on 1" in text and f"-s{now + 256}" not in text
+
+
 def test_cli_from_results_with_trainer_reports(folders, tmp_path):
     out = tmp_path / "out"
     args = ["validate", "--from-results", str(folders[0]), "--trainer-reports", str(folders[1]), "--out", str(out)]

@@ -221,6 +221,22 @@ def rows_markdown(frame: pd.DataFrame) -> str:
     return md_table(header, rows)
 
 
+def placed_now_markdown(frame: pd.DataFrame) -> list[str]:
+    """The near-limit rows measured where the committed estimator places them, and their verdicts."""
+    if "placed_now" not in frame or not frame["placed_now"].any():
+        return []
+    rows = frame[frame["placed_now"].astype(bool)]
+    right = int(rows["verdict_ok"].fillna(False).astype(bool).sum())
+    table = [[r["name"], str(r["intent"]), _num(r["seq"], "{:.0f}"),
+              f"{_predicted_verdict(r)}/{_verdict(r['observed_fits'])}"] for _, r in rows.iterrows()]  # fmt: skip
+    return [
+        "## Near-limit rows where the committed estimator places them",
+        f"{len(rows)} measured, verdict right on {right}. (The other near-limit rows ran at sequences chosen "
+        "by earlier estimators.)",
+        md_table(["row", "intent", "seq", "verdict pred/obs"], table),
+    ]
+
+
 def markdown(frame: pd.DataFrame, caveats: tuple[str, ...] = ()) -> str:
     held_out = frame[~frame["calibration"].astype(bool)]
     counts = frame["status"].value_counts().to_dict()
@@ -236,6 +252,7 @@ def markdown(frame: pd.DataFrame, caveats: tuple[str, ...] = ()) -> str:
         "## Summary, check rows only (not used to fit the runtime constants)",
         summary_markdown(summary(held_out)),
         *per_workload,
+        *placed_now_markdown(frame),
         "## Rows",
         "Status counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ". "
         "Errors are (predicted - measured) / measured; negative device-level errors are under-predictions.",
