@@ -48,6 +48,18 @@ def test_all_fit_exit_0_and_oom_exit_1(tmp_path):
     assert verdicts == ["fits", "OOM"]
 
 
+def test_a_job_at_risk_fails_the_gate_until_expandable_segments(tmp_path):
+    """sft qwen3-8b b4 at seq 9984 on one H200: fits only if fragmentation does not strand blocks
+    of its 22.6 GiB fp32 logits (measured: this job ran, seq 8960 and 10752 did not)."""
+    config = tmp_path / "sft.yaml"
+    config.write_text("model: qwen3-8b\ngpus: 1xH200\nworkload: sft\nseq: 9984\nmicro_batch: 4\nac: true\n"
+                      "precision: bf16\n")  # fmt: skip
+    risky = invoke("check", str(config), "--format", "json")
+    assert risky.exit_code == 1 and json.loads(risky.output)["rows"][0]["verdict"] == "AT RISK"
+    config.write_text(config.read_text() + "expandable_segments: true\n")
+    assert invoke("check", str(config)).exit_code == 0
+
+
 def test_margin_makes_a_tight_fit_fail(tmp_path):
     (tmp_path / "a.yaml").write_text(SMALL)
     result = invoke("check", str(tmp_path / "a.yaml"), "--format", "json")
