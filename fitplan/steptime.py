@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fitplan.estimator.params import count_params
+from fitplan.estimator.target_terms import runs_eager_attention
 from fitplan.layout import Job
 from fitplan.profiles import ModelShape
 
@@ -30,11 +31,19 @@ from fitplan.profiles import ModelShape
 #   (0.453-0.476: predicted 8-13% slow; pre-f6a6628 trainer).
 DENSE_EFFICIENCY = 0.42
 # - MoE targets in transformers' eager expert loop (gpt-oss, Qwen-MoE: one bf16 GEMM per routed
-#   expert in a Python loop): fitted on gpt-oss-120b tp4 S4096, gather and all-to-all, whose
-#   target forward runs at 0.045 with the draft at DENSE_EFFICIENCY (whole step 8% MFU);
-#   checked on the H200 gpt-oss-20b rows: 0.037 (S8192 b1, eager attention's S^2 share larger)
-#   and 0.065 (S4096 b2). No Qwen-MoE measurement: assumed the same loop.
-MOE_EXPERT_LOOP_EFFICIENCY = 0.045
+#   expert in a Python loop), and the eager attention of gpt-oss (no SDPA path in transformers),
+#   which is memory-bound: its [B, H, S, S+1] scores are written, masked, concatenated with the
+#   sinks, max-subtracted and soft-maxed in bf16/fp32 passes. Target forward time = GEMM FLOPs at
+#   this efficiency + EAGER_ATTENTION_BYTES_PER_SCORE per score entry per layer at the GPU's memory
+#   bandwidth. Least squares over the gpt-oss calibration rows, target time = measured step -
+#   predicted draft and comm (tests/data/gpu/validation: 4xH200 tp4 gather 8k, 2xH200 tp2
+#   gather 2k, 1xH200 gpt-oss-20b b2 4k; multi_train_x4.jsonl tp4 4k gather and all-to-all):
+#   0.179 and 86 B. Checked on the 11 gpt-oss check rows (1xH100 to 4xH200, seq 2k-12.5k):
+#   median error 9.6% (max 21.6%), where one efficiency over GEMMs and attention FLOPs (0.045)
+#   had 25% (max 36%), too slow at 2k and too fast past 8k. No Qwen-MoE measurement: assumed the
+#   same loop.
+MOE_EXPERT_LOOP_EFFICIENCY = 0.18
+EAGER_ATTENTION_BYTES_PER_SCORE = 86
 # - sft (plain transformers, SDPA, fused AdamW): fitted on the qwen3-8b sft rows (0.473, 0.491);
 #   checked on llama-3.1-8b s4k b2 ac (0.520: predicted 8% slow) and s2k b1 no ac (0.405:
 #   predicted 16% fast). Dense models only; MoE sft below.
@@ -193,8 +202,22 @@ def compute_seconds(job: Job) -> float:
     if job.draft is None:
         efficiency = MOE_SFT_EFFICIENCY if job.model.is_moe else SFT_EFFICIENCY
         return sft_flops(job) / (peak * efficiency)
-    target = MOE_EXPERT_LOOP_EFFICIENCY if runs_expert_loop(job) else DENSE_EFFICIENCY
-    return target_forward_flops(job) / (peak * target) + draft_flops(job) / (peak * DENSE_EFFICIENCY)
+    return target_seconds(job) + draft_flops(job) / (peak * DENSE_EFFICIENCY)
+
+
+def target_seconds(job: Job) -> float:
+    """The frozen target's forward: its FLOPs at the path's efficiency, or, with eager attention,
+    its GEMMs at that efficiency and the attention as memory traffic over the scores."""
+    gpu = job.cluster.gpu
+    efficiency = MOE_EXPERT_LOOP_EFFICIENCY if runs_expert_loop(job) else DENSE_EFFICIENCY
+    if not runs_eager_attention(job):
+        return target_forward_flops(job) / (gpu.bf16_tflops * 1e12 * efficiency)
+    b, s, m = job.spec.micro_batch, job.spec.seq, job.model
+    gemms = 2 * matmul_params(m) * b * s
+    # per rank: the TP group's tp*B samples on H/tp heads each, i.e. B*H score rows of length S
+    scores = m.layers * b * m.heads * s * s
+    attention = scores * EAGER_ATTENTION_BYTES_PER_SCORE / (gpu.memory_tbps * 1e12)
+    return gemms / (gpu.bf16_tflops * 1e12 * efficiency) + attention
 
 
 def step_time(job: Job) -> StepTime:

@@ -14,7 +14,7 @@ import pytest
 
 from fitplan.config import RunSpec
 from fitplan.layout import resolve
-from fitplan.steptime import matmul_params, sft_flops, step_time, target_comm
+from fitplan.steptime import matmul_params, sft_flops, step_time, target_comm, target_seconds
 
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
         "head_dim": 16, "vocab_size": 100, "intermediate_size": 128, "model_type": "llama"}
@@ -62,6 +62,18 @@ def test_orderings_the_ladder_relies_on():
     assert t(micro_batch=1) > t()  # same tokens, twice the collectives
     assert t(offload="optimizer") > t()  # PCIe traffic
     assert t(sharding="zero3") > t()  # an extra parameter gather per micro-step
+
+
+def test_eager_attention_of_a_gpt_oss_target_is_memory_traffic_over_the_scores():
+    """gpt-oss-20b in fitplan's trainer runs eager attention: doubling seq doubles the GEMM time and
+    quadruples the scores' traffic, so t(2S) - 2 t(S) is half the attention time at 2S:
+    24 layers x 64 heads x 8192^2 entries x 86 B / 4.8 TB/s (H200) / 2 = 0.0443 s."""
+    spec = RunSpec(model="gpt-oss-20b", gpus="1xH200", seq=4096)
+    t = lambda **kw: target_seconds(resolve(spec.replace(**kw)))  # noqa: E731
+    assert t(seq=8192) - 2 * t() == pytest.approx(24 * 64 * 8192**2 * 86 / 4.8e12 / 2, rel=1e-9)
+    # SpecForge's target (SGLang) and a dense target have no eager term: time grows with FLOPs only
+    specforge = lambda **kw: target_seconds(resolve(spec.replace(runtime="specforge", **kw)))  # noqa: E731
+    assert specforge(seq=8192) - 2 * specforge() < 0.2 * (t(seq=8192) - 2 * t())
 
 
 def test_tokens_per_s_counts_the_whole_global_batch():

@@ -188,7 +188,8 @@ def stranded_block_bytes(job: Job, largest_allocation: int) -> int:
     full, failed that way; cached but unallocated at the failure, in blocks of the failed request:
     1.16 (sft qwen3-8b b4 seq 8960), 0.91 (seq 10752), 1.00 / 1.01 (eagle3 gpt-oss-20b b4 seq 7936 /
     7424), 1.85 (seq 6400, 26 GiB under the device total without it);
-    tests/data/gpu/validation/*rows*.jsonl, the OOM messages and reports. Hence two blocks. It does not always happen: 9 rows in that band ran. Expandable segments map pages
+    tests/data/gpu/validation/*rows*.jsonl, the OOM messages and reports. Hence two blocks. It
+    does not always happen: 9 rows in that band ran. Expandable segments map pages
     instead of splitting segments: nothing stranded (sft seq 10752 ran and 12032 did not, as the
     floor alone predicts; gpt-oss-20b seq 7424 ran)."""
     return 0 if job.spec.expandable_segments else STRANDED_LARGEST_BLOCKS * largest_allocation

@@ -68,13 +68,19 @@ EAGER_SCORE_COPIES = 3
 EAGER_MASKS = 2
 
 
+def runs_eager_attention(job: Job) -> bool:
+    """fitplan's trainer runs this target's attention in eager_attention_forward (no SDPA path)."""
+    spec = job.spec
+    return job.model.model_type in EAGER_ATTENTION_MODEL_TYPES and spec.runtime == "fitplan" and not spec.offline
+
+
 def eager_attention_bytes(job: Job) -> int:
     """The target layer's eager attention transient on this rank's heads (0 with SDPA/flash).
 
     Checked against the H200 reports' target_forward peaks (gpt-oss-20b 4k b2 and 8k b1, same
     8192 tokens): measured minus predicted before this term was 8.3 and 20.5 GiB, a slope of
     6.1 B per score entry (3 bf16 copies: 6 B) over B*H*S^2 of 2.1e9 and 4.3e9 entries."""
-    if job.model.model_type not in EAGER_ATTENTION_MODEL_TYPES:
+    if not runs_eager_attention(job):
         return 0
     batch, seq = job.tp * job.spec.micro_batch, job.spec.seq
     return EAGER_SCORE_COPIES * eager_scores_tensor_bytes(job) + EAGER_MASKS * BF16 * batch * seq * seq
