@@ -44,7 +44,8 @@ class TrailEntry:
     rung: str
     change: str
     peak_reserved_bytes: int
-    fits: bool
+    fits: bool  # with the margin
+    verdict: str  # the estimate's: fits, at risk or OOM
     slowdown: float  # predicted step time / the original's, minus 1
 
     def to_json(self) -> dict:
@@ -222,6 +223,7 @@ def _entry(cand: Candidate, original: Candidate, fits: bool) -> TrailEntry:
         change=cand.change or "(as given)",
         peak_reserved_bytes=cand.estimate.peak_reserved_bytes,
         fits=fits,
+        verdict=cand.estimate.verdict,
         slowdown=cand.time.step_s / original.time.step_s - 1,
     )
 

@@ -46,8 +46,9 @@ def trail_table(result: FitResult) -> Table:
     table = Table(title="fix ladder", title_justify="left")
     for col in ("rung", "change", "peak (GiB)", "fits", "slowdown"):
         table.add_column(col, justify="right" if col in ("peak (GiB)", "slowdown") else "left")
+    marks = {"fits": "[yellow]tight[/]", "at risk": "[yellow]at risk[/]", "OOM": "[red]no[/]"}
     for e in result.trail:
-        mark = "[green]yes[/]" if e.fits else "[red]no[/]"
+        mark = "[green]yes[/]" if e.fits else marks[e.verdict]  # not fitting: short of margin, or worse
         table.add_row(e.rung, e.change, f"{e.peak_reserved_bytes / GIB:.1f}", mark, f"{e.slowdown:+.1%}")
     return table
 
