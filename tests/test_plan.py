@@ -45,7 +45,18 @@ def test_estimate_reads_the_plan(tmp_path):
 def test_fit_json_has_plan_and_trail():
     out = json.loads(CliRunner().invoke(app, [*ARGS, "--json"]).output)
     assert out["fits"] is True and out["plan"]["config"]["seq"] == 8192
-    assert out["trail"] and {"rung", "change", "peak_reserved_bytes", "fits", "slowdown"} <= set(out["trail"][0])
+    assert out["trail"] and {"rung", "change", "peak_reserved_bytes", "fits", "verdict", "slowdown"} <= set(out["trail"][0])
+    assert out["trail"][0]["verdict"] == "OOM"  # 98 GiB of gathered logits alone, on 79 GiB
+
+
+def test_fit_takes_a_job_at_risk_to_a_plan_that_fits():
+    """sft qwen3-8b b4 seq 9984 on one H200 ran once, but seq 8960 and 10752 failed on fragmentation:
+    at risk, so fit does not keep it as given; expandable segments or a smaller micro-batch fit."""
+    args = ["fit", "-m", "qwen3-8b", "--gpus", "1xH200", "--workload", "sft", "--seq", "9984", "--micro-batch", "4",
+            "--ac", "--precision", "bf16", "--json"]  # fmt: skip
+    out = json.loads(CliRunner().invoke(app, args).output)
+    assert (out["trail"][0]["verdict"], out["trail"][0]["fits"]) == ("at risk", False)
+    assert out["fits"] is True and out["changes"]
     assert out["peak_reserved_bytes"] == out["plan"]["prediction"]["peak_reserved_bytes"]
 
 
