@@ -45,7 +45,8 @@ def test_estimate_reads_the_plan(tmp_path):
 def test_fit_json_has_plan_and_trail():
     out = json.loads(CliRunner().invoke(app, [*ARGS, "--json"]).output)
     assert out["fits"] is True and out["plan"]["config"]["seq"] == 8192
-    assert out["trail"] and {"rung", "change", "peak_reserved_bytes", "fits", "verdict", "slowdown"} <= set(out["trail"][0])
+    keys = {"rung", "change", "peak_reserved_bytes", "fits", "verdict", "slowdown"}
+    assert out["trail"] and keys <= set(out["trail"][0])
     assert out["trail"][0]["verdict"] == "OOM"  # 98 GiB of gathered logits alone, on 79 GiB
 
 
