@@ -69,7 +69,7 @@ def device_peak_line(est: Estimate) -> str:
     unconstrained = est.unconstrained_peak_bytes
     if est.peak_reserved_bytes == unconstrained:
         return f"device peak {gib(est.peak_reserved_bytes)} GiB = {parts}"
-    if est.required_bytes <= est.gpu_total_bytes:  # squeezed: the allocator gives cached blocks back first
+    if est.verdict != "OOM":  # squeezed: the allocator gives cached blocks back first
         return (f"device peak {gib(est.peak_reserved_bytes)} GiB (the device, full: {parts} = {gib(unconstrained)},"
                 f" and the allocator frees cached blocks first; the job needs {gib(est.required_bytes)})")  # fmt: skip
     return f"device peak {gib(est.peak_reserved_bytes)} GiB needed = allocated + the reserve's floor + outside ({parts} with room)"

@@ -51,8 +51,8 @@ SFT_EFFICIENCY = 0.48
 # - MoE sft (gpt-oss in plain transformers, flex attention, FSDP2): fitted on the calibration row
 #   h200x4-sft-gpt-oss-20b-s4k-b1-ac-bf16-zero3 (0.87 s measured, 0.30 s of it predicted comm:
 #   0.233; tests/data/gpu/validation/h200x4_rows.jsonl); checked on its bf16-master twin (0.89 s,
-#   predicted 0.88 s). Five times the eagle3 target's expert-loop figure above; why is not
-#   checked (that target runs without grad, eager attention, on one GPU).
+#   predicted 0.88 s). Near the eagle3 target's expert-loop figure above (0.18), once that
+#   target's eager attention is priced apart.
 MOE_SFT_EFFICIENCY = 0.23
 # Interconnect and PCIe: typical public figure (~70% of NVLink / PCIe bandwidth), not calibrated
 # (comm is 2-15% of the measured multi-GPU steps).
@@ -108,10 +108,15 @@ def causal_attention_flops(batch: int, seq: int, heads: int, head_dim: int) -> f
     return 2 * batch * seq * seq * heads * head_dim
 
 
+def model_gemm_flops(job: Job) -> float:
+    """The model's weight GEMMs over one micro-batch of B samples (no attention)."""
+    return 2 * matmul_params(job.model) * job.spec.micro_batch * job.spec.seq
+
+
 def model_forward_flops(job: Job) -> float:
     """Forward of the whole model over one micro-batch of B samples."""
     b, s, m = job.spec.micro_batch, job.spec.seq, job.model
-    return 2 * matmul_params(m) * b * s + m.layers * causal_attention_flops(b, s, m.heads, m.head_dim)
+    return model_gemm_flops(job) + m.layers * causal_attention_flops(b, s, m.heads, m.head_dim)
 
 
 def target_forward_flops(job: Job) -> float:
@@ -213,7 +218,7 @@ def target_seconds(job: Job) -> float:
     if not runs_eager_attention(job):
         return target_forward_flops(job) / (gpu.bf16_tflops * 1e12 * efficiency)
     b, s, m = job.spec.micro_batch, job.spec.seq, job.model
-    gemms = 2 * matmul_params(m) * b * s
+    gemms = model_gemm_flops(job)
     # per rank: the TP group's tp*B samples on H/tp heads each, i.e. B*H score rows of length S
     scores = m.layers * b * m.heads * s * s
     attention = scores * EAGER_ATTENTION_BYTES_PER_SCORE / (gpu.memory_tbps * 1e12)

@@ -41,14 +41,12 @@ def estimate(job: Job) -> Estimate:
     t = _timeline(job)
     peak_allocated = max(sum(components.values()) for components in t.steady.values())
     largest_bytes, largest_name = max(t.largest)
-    reserve = runtime.allocator_reserve_bytes(job, peak_allocated)
-    outside = runtime.outside_allocator_bytes(job)
     return Estimate(
         phases=t.steady,
         step1_phases=t.step1,
         gpu_total_bytes=job.cluster.gpu.total_bytes,
-        allocator_reserve_bytes=reserve,
-        outside_allocator_bytes=outside,
+        allocator_reserve_bytes=runtime.allocator_reserve_bytes(job, peak_allocated),
+        outside_allocator_bytes=runtime.outside_allocator_bytes(job),
         reserve_floor_bytes=runtime.reserve_floor_bytes(job, peak_allocated),
         stranded_block_bytes=runtime.stranded_block_bytes(job, largest_bytes),
         largest_allocation_bytes=largest_bytes,

@@ -31,7 +31,7 @@ class Estimate:
     world: int = 1
     # the part of the reserve the allocator cannot hand back when memory runs short (None: all of it)
     reserve_floor_bytes: int | None = None
-    # a freed block of the largest request's size that fragmentation can keep cached when memory
+    # freed blocks of the largest request's size that fragmentation can keep cached when memory
     # runs short (0 with expandable segments): the width of the band where the verdict is `at risk`
     stranded_block_bytes: int = 0
     notes: tuple[str, ...] = ()
@@ -63,7 +63,7 @@ class Estimate:
 
     @property
     def required_if_fragmented_bytes(self) -> int:
-        """What the job needs when fragmentation strands a block of its largest request's size."""
+        """What the job needs when fragmentation strands blocks of its largest request's size."""
         return self.required_bytes + self.stranded_block_bytes
 
     @property

@@ -155,11 +155,16 @@ def sft_cached_logits_bytes(job: Job) -> int:
     return min(cached, SFT_CACHED_LOGITS_MAX_BYTES)
 
 
+def expandable_reserve_bytes(peak_allocated: int) -> int:
+    """The reserve with expandable_segments, which maps pages instead of caching whole segments."""
+    return int(EXPANDABLE_RESERVE_FRACTION * peak_allocated) + EXPANDABLE_ROUNDING_BYTES
+
+
 def allocator_reserve_bytes(job: Job, peak_allocated: int) -> int:
-    if runs_fitplan_trainer(job) and not job.spec.expandable_segments:
-        return trainer_reserve_bytes(job)
     if job.spec.expandable_segments:
-        return int(EXPANDABLE_RESERVE_FRACTION * peak_allocated) + EXPANDABLE_ROUNDING_BYTES
+        return expandable_reserve_bytes(peak_allocated)
+    if runs_fitplan_trainer(job):
+        return trainer_reserve_bytes(job)
     general = int(RESERVE_FRACTION * peak_allocated) + RESERVE_ROUNDING_BYTES
     return general + (sft_cached_logits_bytes(job) if job.spec.workload == "sft" else 0)
 
@@ -173,7 +178,7 @@ def reserve_floor_bytes(job: Job, peak_allocated: int) -> int:
     (sft qwen3-8b b4 seq 10752). tests/data/gpu/validation/*rows*.jsonl. Not a guarantee: the sft
     job at seq 8960 failed a 20.29 GiB request with 23.6 GiB cached in split segments."""
     if job.spec.expandable_segments:
-        return int(EXPANDABLE_RESERVE_FRACTION * peak_allocated) + EXPANDABLE_ROUNDING_BYTES
+        return expandable_reserve_bytes(peak_allocated)
     return int(RESERVE_FLOOR_FRACTION * peak_allocated) + RESERVE_ROUNDING_BYTES
 
 

@@ -9,6 +9,7 @@ activations replicated over the group and weights split. Its vocab-parallel lm_h
 from __future__ import annotations
 
 from fitplan.estimator.params import BF16, MXFP4_BYTES_PER_PARAM, count_params, weight_bytes
+from fitplan.estimator.runtime import runs_fitplan_trainer
 from fitplan.layout import Job
 
 FP32 = 4
@@ -70,8 +71,7 @@ EAGER_MASKS = 2
 
 def runs_eager_attention(job: Job) -> bool:
     """fitplan's trainer runs this target's attention in eager_attention_forward (no SDPA path)."""
-    spec = job.spec
-    return job.model.model_type in EAGER_ATTENTION_MODEL_TYPES and spec.runtime == "fitplan" and not spec.offline
+    return job.model.model_type in EAGER_ATTENTION_MODEL_TYPES and runs_fitplan_trainer(job) and not job.spec.offline
 
 
 def eager_attention_bytes(job: Job) -> int:

@@ -13,8 +13,9 @@ from typing import Any
 import pandas as pd
 
 from fitplan.config import RunSpec, spec_from_mapping
+from fitplan.estimator import estimate_spec
 from fitplan.validation.matrix import MATRIX, resolve_row
-from fitplan.validation.runner import estimator, predict
+from fitplan.validation.runner import predict
 
 PREDICTED = ("pred_alloc", "pred_device", "pred_reserve", "pred_outside", "gpu_total", "pred_fits", "pred_verdict",
              "pred_step_s")  # fmt: skip
@@ -52,5 +53,4 @@ def repredict(frame: pd.DataFrame) -> pd.DataFrame:
 def near_limit_names_now() -> set[str]:
     """Names a measured near-limit row has (`<row>-s<seq>`) when it ran at the sequence the current
     estimator chooses: the rows that test the committed estimator's verdict at its edges."""
-    predict_spec = estimator()
-    return {f"{row.name}-s{resolve_row(row, predict_spec).seq}" for row in MATRIX if row.search == "seq"}
+    return {f"{row.name}-s{resolve_row(row, estimate_spec).seq}" for row in MATRIX if row.search == "seq"}
