@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fitplan.config import RunSpec
-from fitplan.estimator import estimate, target_weight_bytes
+from fitplan.estimator import estimate
 from fitplan.layout import resolve
 
 CASES = {
@@ -57,13 +57,13 @@ def function_seconds(args: list[str]) -> tuple[float, float]:
     flags = {a[2:].replace("-", "_"): b for a, b in zip(args, args[1:]) if a.startswith("--") and not b.startswith("--")}
     spec = RunSpec(**{k: int(v) if k in ("seq", "tp") else v for k, v in flags.items()},
                    ac="--ac" in args)
-    job = resolve(spec, target_weight_bytes)
+    job = resolve(spec)
     times, with_resolve = [], []
     for _ in range(FUNCTION_RUNS):
         start = time.perf_counter()
         estimate(job)
         mid = time.perf_counter()
-        estimate(resolve(spec, target_weight_bytes))
+        estimate(resolve(spec))
         end = time.perf_counter()
         times.append(mid - start)
         with_resolve.append(end - mid)

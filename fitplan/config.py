@@ -10,26 +10,26 @@ where the spec is resolved against the profiles.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin, get_type_hints
 
 from fitplan.errors import FitplanError
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "workload": ("eagle3", "sft"),
-    "sharding": ("none", "zero1", "zero2", "zero3"),
-    "output_sharding": ("gather", "all-to-all"),
-    "precision": ("mixed", "fp32-autocast", "bf16-master", "bf16"),
-    "optimizer": ("adamw", "adamw-8bit"),
-    "attention": ("flex", "sdpa", "eager"),
-    "target_weights": ("bf16", "mxfp4"),
-    "offload": ("none", "optimizer", "params"),
-    "runtime": ("fitplan", "specforge"),
-    "target_backend": ("sglang", "hf"),
-}
+Workload = Literal["eagle3", "sft"]
+Sharding = Literal["none", "zero1", "zero2", "zero3"]
+OutputSharding = Literal["gather", "all-to-all"]
+Precision = Literal["mixed", "fp32-autocast", "bf16-master", "bf16"]
+Optimizer = Literal["adamw", "adamw-8bit"]
+Attention = Literal["flex", "sdpa", "eager"]
+TargetWeights = Literal["bf16", "mxfp4"]
+Offload = Literal["none", "optimizer", "params"]
+Runtime = Literal["fitplan", "specforge"]
+TargetBackend = Literal["sglang", "hf"]
 
 POSITIVE_INTS = ("seq", "micro_batch", "global_batch", "accum", "tp", "ttt")
+# Beyond any real job, and far below what makes arithmetic on sizes slow or overflow floats.
+MAX_INT = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -37,30 +37,41 @@ class RunSpec:
     """A training job as the user describes it (before profiles are resolved)."""
 
     model: str
+    """Target model: profile name, HF repo id, config.json or model directory."""
     draft: str = "auto"
+    """Eagle3 draft: 'auto', a draft profile name, or a config path."""
     gpus: str = "1xH100"
-    workload: str = "eagle3"
+    """COUNTxTYPE (8xH100) or NODESxCOUNTxTYPE (2x8xH100)."""
+    workload: Workload = "eagle3"
     seq: int = 4096
     micro_batch: int = 1
-    global_batch: int | None = None  # None: micro_batch x data-parallel ranks x accum
-    accum: int | None = None  # None: derived from global_batch, else 1
-    tp: int | None = None  # None: chosen when the spec is resolved (see fitplan.layout)
-    sharding: str = "zero2"
-    output_sharding: str = "gather"
-    precision: str = "bf16-master"
-    optimizer: str = "adamw"
+    global_batch: Optional[int] = None
+    """None: micro_batch x data-parallel ranks x accum."""
+    accum: Optional[int] = None
+    """None: derived from global_batch, else 1."""
+    tp: Optional[int] = None
+    """None: chosen when the spec is resolved (fitplan.layout)."""
+    sharding: Sharding = "zero2"
+    output_sharding: OutputSharding = "gather"
+    precision: Precision = "bf16-master"
+    optimizer: Optimizer = "adamw"
     ac: bool = False
-    attention: str | None = None  # None: flex for eagle3, sdpa for sft
+    attention: Optional[Attention] = None
+    """None: flex for eagle3, sdpa for sft."""
     ttt: int = 7
-    target_weights: str = "bf16"
-    offload: str = "none"
+    target_weights: TargetWeights = "bf16"
+    offload: Offload = "none"
     expandable_segments: bool = False
-    aux_layers: tuple[int, ...] | None = None  # None: the draft's or [1, n/2-1, n-4]
-    # How the job is run. "specforge" models SpecForge's classic train_eagle3.py runtime.
-    runtime: str = "fitplan"
-    target_backend: str = "sglang"  # specforge runtime only
-    sglang_mem_fraction: float | None = None  # specforge runtime only
-    offline: bool = False  # specforge runtime: precomputed hidden states, no live target
+    aux_layers: Optional[tuple[int, ...]] = None
+    """None: the draft's, else [1, n/2-1, n-4]."""
+    runtime: Runtime = "fitplan"
+    """fitplan: the embedded trainer. specforge: SpecForge's classic train_eagle3.py."""
+    target_backend: TargetBackend = "sglang"
+    """specforge runtime only."""
+    sglang_mem_fraction: Optional[float] = None
+    """specforge runtime only."""
+    offline: bool = False
+    """specforge runtime: precomputed hidden states, no live target."""
 
     def __post_init__(self) -> None:
         validate(self)
@@ -81,23 +92,32 @@ class RunSpec:
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(RunSpec))
+_HINTS = get_type_hints(RunSpec)
+
+
+def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    args = get_args(hint)
+    if get_origin(hint) is Union and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return hint, False
+
+
+def field_type(name: str) -> tuple[Any, bool]:
+    """(the field's type without Optional, whether None is allowed)."""
+    return _unwrap_optional(_HINTS[name])
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    name: get_args(field_type(name)[0]) for name in FIELD_NAMES if get_origin(field_type(name)[0]) is Literal
+}
 
 
 def validate(spec: RunSpec) -> None:
     if not isinstance(spec.model, str) or not spec.model:
         raise FitplanError("model is required: a profile name, a repo id, or a path to a config.json")
-    for name, allowed in CHOICES.items():
-        value = getattr(spec, name)
-        if value is None and name == "attention":
-            continue
-        if value not in allowed:
-            raise FitplanError(f"{name} {value!r} is not one of: {', '.join(allowed)}")
-    for name in POSITIVE_INTS:
-        value = getattr(spec, name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise FitplanError(f"{name} must be a positive integer, got {value!r}")
+    for name in FIELD_NAMES:
+        _check_type(name, getattr(spec, name))
     if spec.sglang_mem_fraction is not None and not 0 < spec.sglang_mem_fraction < 1:
         raise FitplanError(f"sglang_mem_fraction must be in (0, 1), got {spec.sglang_mem_fraction}")
     if spec.global_batch is not None and spec.global_batch % spec.micro_batch:
@@ -110,52 +130,107 @@ def validate(spec: RunSpec) -> None:
         raise FitplanError("output_sharding all-to-all applies to the eagle3 workload's TP target only")
 
 
+def _check_type(name: str, value: Any) -> None:
+    """Strict types: a boolean key takes a boolean, a choice one of its values, a size an integer."""
+    kind, optional = field_type(name)
+    if value is None:
+        if optional:
+            return
+        raise FitplanError(f"{name} must be given a value, got null")
+    if name in CHOICES:
+        if value not in CHOICES[name]:
+            raise FitplanError(f"{name} {value!r} is not one of: {', '.join(CHOICES[name])}")
+    elif kind is bool:
+        if not isinstance(value, bool):
+            raise FitplanError(f"{name} must be true or false (a YAML boolean), got {value!r}")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INT:
+            raise FitplanError(f"{name} must be a positive integer, got {value!r}")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise FitplanError(f"{name} must be a number, got {value!r}")
+    elif kind is str:
+        if not isinstance(value, str) or not value.strip():
+            raise FitplanError(f"{name} must be a non-empty string, got {value!r}")
+    elif name == "aux_layers":
+        if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise FitplanError(f"aux_layers must be a list of layer indices, got {value!r}")
+
+
 def _coerce(name: str, value: Any) -> Any:
-    """YAML gives ints/bools/lists already; CLI strings are converted by typer."""
+    """The one conversion YAML and flags need: aux_layers as a list or '1,17,33'."""
     if name == "aux_layers" and value is not None:
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            raise FitplanError(f"aux_layers must be a list of layer indices, got {value!r}")
         try:
-            return tuple(int(v) for v in value)
+            return tuple(_layer_index(v) for v in value)
         except (TypeError, ValueError):
             raise FitplanError(f"aux_layers must be a list of layer indices, got {value!r}") from None
-    if name in POSITIVE_INTS and isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            raise FitplanError(f"{name} must be a positive integer, got {value!r}") from None
     return value
+
+
+def _layer_index(value: Any) -> int:
+    if isinstance(value, bool) or isinstance(value, float):
+        raise ValueError(value)
+    return int(value)
 
 
 def spec_from_mapping(values: Mapping[str, Any], source: str = "config") -> RunSpec:
     """Build a RunSpec from YAML-style keys; an unknown key is an error naming it."""
-    unknown = sorted(set(values) - set(FIELD_NAMES))
+    unknown = sorted(str(k) for k in set(values) - set(FIELD_NAMES))
     if unknown:
         raise FitplanError(
             f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(FIELD_NAMES)}"
         )
     if "model" not in values or values["model"] in (None, ""):
         raise FitplanError(f"{source}: 'model' is required")
-    kwargs = {k: _coerce(k, v) for k, v in values.items()}
+    try:
+        kwargs = {k: _coerce(k, v) for k, v in values.items()}
+    except FitplanError as exc:
+        raise FitplanError(f"{source}: {exc}") from None
     try:
         return RunSpec(**kwargs)
-    except TypeError as exc:  # wrong value types that dataclasses cannot catch
-        raise FitplanError(f"{source}: {exc}") from None
+    except FitplanError as exc:
+        raise FitplanError(str(exc) if source == "flags" else f"{source}: {exc}") from None
+
+
+def read_text(path: Path) -> str:
+    """A text input file as UTF-8 (a BOM is dropped); anything else is a one-line error."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise FitplanError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        hint = " (it looks like UTF-16, e.g. PowerShell's '>')" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise FitplanError(f"{path}: not UTF-8 text{hint}; save it as UTF-8") from None
+
+
+def yaml_or_error(text: str, source: Path | str) -> Any:
+    """yaml.safe_load with every failure as a one-line error naming the source."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise FitplanError(f"{source}: not valid YAML{where}") from None
+    except RecursionError:
+        raise FitplanError(f"{source}: YAML nested too deeply to be a config") from None
 
 
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping; errors name the file."""
-    import yaml
-
     p = Path(path)
+    if p.is_dir():
+        raise FitplanError(f"{p} is a directory; give a config file (YAML)")
     if not p.is_file():
         raise FitplanError(f"config file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise FitplanError(f"{p}: not valid YAML{where}") from None
+    data = yaml_or_error(read_text(p), p)
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from fitplan.config import CHOICES, RunSpec
+from fitplan.errors import FitplanError
 from fitplan.estimator.result import Estimate
-from fitplan.layout import Job, _divisors_tp, resolve
+from fitplan.layout import Job, resolve, tp_options
 from fitplan.steptime import StepTime, step_time
 
 EstimateFn = Callable[[Job], Estimate]
@@ -60,6 +61,8 @@ class FitResult:
     margin: float
     max_seq: int | None = None  # suggestions when nothing fits
     min_gpus: str | None = None
+    # Rung options the job's rules refuse (change, reason), e.g. knobs the trainer cannot run.
+    refused: tuple[tuple[str, str], ...] = ()
 
     @property
     def changes(self) -> list[str]:
@@ -108,7 +111,7 @@ def _sharding(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
 
 def _tp(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
     if spec.workload == "eagle3" and not spec.offline:
-        for tp in _divisors_tp(job.model, job.cluster.gpus_per_node):
+        for tp in tp_options(job.model, job.cluster.gpus_per_node, spec.runtime):
             if tp > job.tp:
                 yield f"tp {tp}", spec.replace(tp=tp)
 
@@ -153,15 +156,9 @@ def _default_estimate(job: Job) -> Estimate:
     return estimate(job)
 
 
-def _default_weight_bytes(model, spec):
-    from fitplan.estimator import target_weight_bytes
-
-    return target_weight_bytes(model, spec)
-
-
-def resolved_spec(spec: RunSpec, weight_fn=_default_weight_bytes) -> RunSpec:
+def resolved_spec(spec: RunSpec) -> RunSpec:
     """The spec with tp, accum and global batch written out, so every rung keeps them fixed."""
-    job = resolve(spec, weight_fn)
+    job = resolve(spec)
     tp = job.tp if spec.workload == "eagle3" else spec.tp
     return spec.replace(tp=tp, accum=job.accum, global_batch=job.global_batch)
 
@@ -175,9 +172,8 @@ def fit(
     spec: RunSpec,
     margin: float = 0.05,
     estimate_fn: EstimateFn = _default_estimate,
-    weight_fn=_default_weight_bytes,
 ) -> FitResult:
-    base_spec = resolved_spec(spec, weight_fn)
+    base_spec = resolved_spec(spec)
     original = _candidate(base_spec, "original", "", estimate_fn)
 
     def fits(cand: Candidate) -> bool:
@@ -187,6 +183,7 @@ def fit(
         return FitResult(original, original, (_entry(original, original, True),), margin)
     trail = [_entry(original, original, False)]
     fitting, failing = [], [original]
+    refused: dict[str, str] = {}
     for rung, options in rungs_for(base_spec):
         # Extend the configurations closest to fitting, and the fastest that fit already (a
         # later rung can make one faster: all-to-all output sharding moves fewer bytes).
@@ -194,18 +191,23 @@ def fit(
         for parent in frontier:
             for change, new_spec in options(parent.spec, parent.job):
                 joined = "; ".join(c for c in (parent.change, change) if c)
-                cand = _candidate(new_spec, rung, joined, estimate_fn)
+                try:  # the job's rules, as every command checks them: fit proposes nothing train refuses
+                    cand = _candidate(new_spec, rung, joined, estimate_fn)
+                except FitplanError as exc:
+                    refused.setdefault(change, str(exc))
+                    continue
                 if fits(parent) and not (fits(cand) and cand.time.step_s < parent.time.step_s):
                     continue  # a plan that fits is only worth changing to get faster
                 trail.append(_entry(cand, original, fits(cand)))
                 (fitting if fits(cand) else failing).append(cand)
     if fitting:
-        return FitResult(original, _fastest(fitting)[0], tuple(trail), margin)
+        return FitResult(original, _fastest(fitting)[0], tuple(trail), margin, refused=tuple(refused.items()))
     deepest = _lowest_peaks(failing)[0]
     return FitResult(
         original, None, tuple(trail), margin,
         max_seq=largest_fitting_seq(deepest.spec, margin, estimate_fn),
         min_gpus=smallest_fitting_gpus(deepest.spec, margin, estimate_fn),
+        refused=tuple(refused.items()),
     )
 
 
@@ -232,7 +234,11 @@ def _entry(cand: Candidate, original: Candidate, fits: bool) -> TrailEntry:
 
 
 def _fits(spec: RunSpec, margin: float, estimate_fn: EstimateFn) -> bool:
-    return estimate_fn(resolve(spec)).fits_with_margin(margin)
+    try:
+        job = resolve(spec)
+    except FitplanError:  # a suggestion the job's rules refuse is no suggestion
+        return False
+    return estimate_fn(job).fits_with_margin(margin)
 
 
 def largest_fitting_seq(spec: RunSpec, margin: float, estimate_fn: EstimateFn, step: int = 256) -> int | None:
@@ -268,7 +274,7 @@ def smallest_fitting_gpus(spec: RunSpec, margin: float, estimate_fn: EstimateFn)
         label = f"{per_node}x{gpu}" if nodes == 1 else f"{nodes}x{per_node}x{gpu}"
         trial = spec.replace(gpus=label, micro_batch=1, accum=job.global_batch // world)
         if spec.workload == "eagle3":  # the most TP, with its logits sharded
-            trial = trial.replace(tp=_divisors_tp(job.model, per_node)[-1], output_sharding="all-to-all")
+            trial = trial.replace(tp=tp_options(job.model, per_node, spec.runtime)[-1], output_sharding="all-to-all")
         if _fits(trial, margin, estimate_fn):
             return label
     return None

@@ -1,8 +1,13 @@
-"""Resolve a RunSpec against the profiles into a Job: shapes, GPUs and the parallel layout.
+"""Resolve a RunSpec against the profiles into a Job, checking the job's rules once.
 
-This is where checks that need the model or the GPUs live (tp must divide the heads and the
-GPUs of a node, the global batch must split over the data-parallel ranks, ...). Everything
-downstream (estimator, step-time model, ladder, trainer) takes a Job.
+Every command (estimate, fit, check, diff, explain, train) builds its Job here, so a layout
+or knob one of them refuses, all of them refuse, with the same one-line message, before
+anything is computed, loaded or launched. The rules that need the model, the draft or the
+GPUs live here; fitplan.config checks what needs no profiles.
+
+The rules of the `fitplan` runtime are what the embedded trainer runs (trainer/): a layout
+this module accepts, `fitplan train` carries out; the fix ladder builds every candidate
+through `resolve`, so `fitplan fit` never proposes a plan the trainer would refuse.
 """
 
 from __future__ import annotations
@@ -12,6 +17,16 @@ from dataclasses import dataclass
 from fitplan.config import RunSpec
 from fitplan.errors import FitplanError
 from fitplan.profiles import Cluster, DraftShape, ModelShape, load_draft, load_model, parse_gpus
+
+# Model families whose decoder layers the trainer's tensor parallelism splits (q/k/v/o and a
+# gate/up/down MLP or fused experts). DeepSeek's latent attention has other projections.
+TRAINER_TP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gpt_oss", "gemma2", "gemma3", "gemma3_text")
+# Draft sharding the trainer does with FSDP2 when several ranks train the draft.
+TRAINER_SHARDINGS = ("zero2", "zero3")
+# Knobs the embedded trainer does not carry out yet, with the value it runs instead.
+TRAINER_KNOBS = {"optimizer": "adamw", "offload": "none", "target_weights": "bf16"}
+# The Eagle3 draft's fc layer reads three target layers concatenated (3h -> h).
+AUX_LAYER_COUNT = 3
 
 
 @dataclass(frozen=True)
@@ -42,39 +57,116 @@ class Job:
         return self.global_batch * self.spec.seq
 
 
-def _divisors_tp(model: ModelShape, gpus_per_node: int) -> list[int]:
-    """TP sizes that are valid for this model on one node, smallest first."""
-    return [
-        t
-        for t in range(1, gpus_per_node + 1)
-        if gpus_per_node % t == 0 and model.heads % t == 0 and (model.kv_heads % t == 0 or t % model.kv_heads == 0)
-    ]
+# ---------------------------------------------------------------- tensor parallelism
 
 
-def check_tp(model: ModelShape, cluster: Cluster, tp: int) -> None:
-    accepted = ", ".join(map(str, _divisors_tp(model, cluster.gpus_per_node)))
-    if cluster.gpus_per_node % tp:
-        raise FitplanError(f"tp {tp} does not divide the {cluster.gpus_per_node} GPUs per node; accepted: {accepted}")
+def tp_problem(model: ModelShape, gpus_per_node: int, tp: int, runtime: str) -> str | None:
+    """Why `tp` cannot split this model's target in this runtime, or None when it can."""
+    if gpus_per_node % tp:
+        return f"does not divide the {gpus_per_node} GPUs per node"
     if model.heads % tp:
-        raise FitplanError(
-            f"tp {tp} does not divide the {model.heads} attention heads of {model.name}; accepted: {accepted}"
-        )
-    if model.kv_heads % tp and tp % model.kv_heads:
-        raise FitplanError(
-            f"tp {tp} neither divides nor is a multiple of the {model.kv_heads} KV heads of {model.name}"
-        )
+        return f"does not divide the {model.heads} attention heads of {model.name}"
+    if runtime == "specforge":  # SGLang replicates KV heads when tp exceeds them
+        if model.kv_heads % tp and tp % model.kv_heads:
+            return f"neither divides nor is a multiple of the {model.kv_heads} KV heads of {model.name}"
+        return None
+    if tp == 1:
+        return None
+    if model.kv_heads % tp:
+        return (f"does not divide the {model.kv_heads} KV heads of {model.name} "
+                "(fitplan's trainer gives each rank whole KV heads; it does not replicate them)")
+    if model.model_type not in TRAINER_TP_FAMILIES:
+        return f"splits no {model.model_type} target: fitplan's trainer splits {', '.join(TRAINER_TP_FAMILIES)}"
+    widths = {"vocabulary": model.vocab, "intermediate size": model.expert_intermediate if model.is_moe else model.intermediate}
+    if model.is_moe and model.dense_layers:
+        widths["dense intermediate size"] = model.intermediate
+    for what, size in widths.items():
+        if size % tp:
+            return f"does not divide the {what} {size} of {model.name}"
+    return None
 
 
-def auto_tp(model: ModelShape, cluster: Cluster, weight_bytes: int) -> int:
+def tp_options(model: ModelShape, gpus_per_node: int, runtime: str) -> list[int]:
+    """The TP sizes that can split this model on one node, smallest first."""
+    return [t for t in _divisors(gpus_per_node) if tp_problem(model, gpus_per_node, t, runtime) is None]
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def check_tp(model: ModelShape, cluster: Cluster, tp: int, runtime: str) -> None:
+    problem = tp_problem(model, cluster.gpus_per_node, tp, runtime)
+    if problem:
+        accepted = ", ".join(map(str, tp_options(model, cluster.gpus_per_node, runtime)))
+        raise FitplanError(f"tp {tp} {problem}; accepted: {accepted}")
+
+
+def auto_tp(model: ModelShape, cluster: Cluster, weight_bytes_total: int, runtime: str) -> int:
     """Smallest valid TP that keeps the frozen target weights under half of one GPU.
 
     Half leaves room for logits, the draft and its optimizer; the fix ladder can raise it.
     """
-    options = _divisors_tp(model, cluster.gpus_per_node)
+    options = tp_options(model, cluster.gpus_per_node, runtime)
     for t in options:
-        if weight_bytes / t <= cluster.gpu.total_bytes / 2:
+        if weight_bytes_total / t <= cluster.gpu.total_bytes / 2:
             return t
     return options[-1]
+
+
+def target_weight_bytes(model: ModelShape, spec: RunSpec) -> int:
+    """Full, unsharded frozen target weight bytes (MXFP4-packed experts when asked)."""
+    from fitplan.estimator.params import weight_bytes
+
+    return weight_bytes(model, packed=spec.target_weights == "mxfp4")
+
+
+# ---------------------------------------------------------------- the draft
+
+
+def check_draft(draft: DraftShape, model: ModelShape) -> None:
+    layers = draft.aux_layers
+    if len(layers) != AUX_LAYER_COUNT:
+        raise FitplanError(
+            f"aux_layers {list(layers)}: the Eagle3 draft reads exactly {AUX_LAYER_COUNT} target layers "
+            f"(its fc is {AUX_LAYER_COUNT}h -> h); default for {model.name}: {list(model.default_aux_layers())}"
+        )
+    if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
+        raise FitplanError(f"aux_layers {list(layers)} must be distinct and in increasing order")
+    bad = [i for i in layers if not 0 <= i < model.layers]
+    if bad:
+        raise FitplanError(f"aux_layers {bad} outside the {model.layers} layers of {model.name} (accepted: 0-{model.layers - 1})")
+    if draft.hidden != model.hidden:
+        raise FitplanError(
+            f"draft {draft.name} has hidden size {draft.hidden} but {model.name} has {model.hidden}: "
+            "the draft's embedding is a frozen copy of the target's"
+        )
+
+
+# ---------------------------------------------------------------- knobs per runtime
+
+
+def check_runtime(spec: RunSpec, world: int) -> None:
+    if spec.runtime == "specforge":
+        if spec.workload != "eagle3":
+            raise FitplanError("runtime specforge runs the eagle3 workload only; for sft use runtime fitplan")
+        return
+    for knob, runs in TRAINER_KNOBS.items():
+        value = getattr(spec, knob)
+        if value != runs:
+            raise FitplanError(f"{knob} {value}: fitplan's trainer does not run it yet (accepted: {runs})")
+    if spec.offline or spec.sglang_mem_fraction is not None or spec.target_backend != "sglang":
+        raise FitplanError("offline, target_backend and sglang_mem_fraction describe the specforge runtime; "
+                           "add --runtime specforge, or drop them")
+    if world > 1 and spec.sharding not in TRAINER_SHARDINGS:
+        raise FitplanError(
+            f"sharding {spec.sharding} on {world} GPUs: fitplan's trainer shards the trained model with FSDP2; "
+            f"accepted: {', '.join(TRAINER_SHARDINGS)}"
+        )
+
+
+# ---------------------------------------------------------------- the whole job
 
 
 def resolve_accum(spec: RunSpec, dp: int) -> int:
@@ -95,8 +187,20 @@ def resolve_accum(spec: RunSpec, dp: int) -> int:
     return accum
 
 
-def resolve(spec: RunSpec, target_weight_bytes=None) -> Job:
-    """RunSpec -> Job. `target_weight_bytes(model, spec)` sizes the target for auto TP."""
+def _target_tp(spec: RunSpec, model: ModelShape, cluster: Cluster) -> int:
+    if spec.workload == "sft":
+        if spec.tp not in (None, 1):
+            raise FitplanError("tp applies to the eagle3 workload's frozen target; for sft use --sharding")
+        return 1
+    tp = spec.tp
+    if tp is None:
+        tp = auto_tp(model, cluster, target_weight_bytes(model, spec), spec.runtime)
+    check_tp(model, cluster, tp, spec.runtime)
+    return tp
+
+
+def resolve(spec: RunSpec) -> Job:
+    """RunSpec -> Job: every rule of the job checked, tp and accum chosen."""
     model = load_model(spec.model)
     cluster = parse_gpus(spec.gpus)
     warnings = []
@@ -104,22 +208,12 @@ def resolve(spec: RunSpec, target_weight_bytes=None) -> Job:
         warnings.append(f"seq {spec.seq} exceeds {model.name}'s max_position_embeddings {model.max_positions}")
     if spec.target_weights == "mxfp4" and model.packed_format != "mxfp4":
         raise FitplanError(f"target_weights mxfp4: {model.name} has no MXFP4-packed weights (accepted: bf16)")
+    check_runtime(spec, cluster.world)
     draft = None
     if spec.workload == "eagle3":
         draft = load_draft(spec.draft, model, spec.aux_layers)
-        bad = [i for i in draft.aux_layers if not 0 <= i < model.layers]
-        if bad:
-            raise FitplanError(f"aux_layers {bad} outside the {model.layers} layers of {model.name}")
-        if spec.tp is None:
-            size = target_weight_bytes(model, spec) if target_weight_bytes else 0
-            tp = auto_tp(model, cluster, size)
-        else:
-            tp = spec.tp
-        check_tp(model, cluster, tp)
-    else:
-        if spec.tp not in (None, 1):
-            raise FitplanError("tp applies to the eagle3 workload's frozen target; for sft use --sharding")
-        tp = 1
+        check_draft(draft, model)
+    tp = _target_tp(spec, model, cluster)
     if spec.output_sharding == "all-to-all" and tp == 1:
         warnings.append("output_sharding all-to-all has no effect with tp 1")
     accum = resolve_accum(spec, cluster.world)

@@ -119,9 +119,14 @@ class ModelShape:
         return self.layers - self.dense_layers if self.is_moe else 0
 
     def default_aux_layers(self) -> tuple[int, int, int]:
-        """Eagle3's captured layers: [1, n/2 - 1, n - 4] (memory-anatomy.md §4)."""
+        """Eagle3's captured layers: [1, n/2 - 1, n - 4], as SpecForge picks them.
+
+        A target too shallow for those to be distinct (fewer than 7 layers) gets its first,
+        middle and last layers instead.
+        """
         n = self.layers
-        return (1, n // 2 - 1, n - 4)
+        usual = (1, n // 2 - 1, n - 4)
+        return usual if usual[0] < usual[1] < usual[2] else (0, n // 2, n - 1)
 
 
 def _int(d: dict, *keys: str, default: int | None = None) -> int | None:
@@ -198,13 +203,27 @@ def model_names() -> list[str]:
     return sorted(_json_files("models"))
 
 
+# Checkpoint variants with the base model's shapes: chat/instruction tuning, pre-trained, base.
+_VARIANT = re.compile(r"-(instruct|it|pt|base|chat)(?=-|$)")
+
+
+def same_shape_key(ref: str) -> str:
+    """A model's name without its org or variant: 'meta-llama/Llama-3.1-8B-Instruct' -> 'llama-3.1-8b'.
+
+    Older Meta repos spell the name 'Meta-Llama-3.1-8B-Instruct'.
+    """
+    name = ref.rstrip("/").split("/")[-1].lower()
+    return _VARIANT.sub("", re.sub(r"^meta-(?=llama)", "", name))
+
+
 def _repo_ids() -> dict[str, str]:
-    """HF repo id (lower case) -> profile name, from each profile's hf_repo field."""
+    """Same-shape key of every HF repo a profile names (hf_repo field) and of its name -> profile."""
     ids: dict[str, str] = {}
     for name, path in _json_files("models").items():
+        ids[same_shape_key(name)] = name
         repo = str(_cached_json(path).get("hf_repo", ""))
         for token in re.findall(r"[\w.-]+/[\w.-]+", repo):
-            ids[token.lower()] = name
+            ids[same_shape_key(token)] = name
     return ids
 
 
@@ -237,11 +256,8 @@ def load_model_config(ref: str) -> tuple[str, dict[str, Any], str]:
     key = ref.lower()
     by_lower = {k.lower(): k for k in files}
     name = by_lower.get(key)
-    if name is None:  # an HF repo id, read from the profiles only when the name is not one
-        repo_ids = _repo_ids()
-        name = repo_ids.get(key) or repo_ids.get(key.split("/")[-1])
-    if name is None:
-        name = by_lower.get(key.split("/")[-1])
+    if name is None:  # an HF repo id or a variant of one (-Instruct, -it, -pt, -Base)
+        name = _repo_ids().get(same_shape_key(ref))
     if name is None:
         raise FitplanError(
             f"unknown model {ref!r}: {_suggest(ref.split('/')[-1], list(files))} "
@@ -375,6 +391,11 @@ class GpuSpec:
     interconnect_gbps: float  # NVLink-class, per GPU, one direction
     pcie_gbps: float  # host link, one direction
     aliases: tuple[str, ...] = ()
+
+    @property
+    def peer_gbps(self) -> float:
+        """GPU-to-GPU bandwidth, one direction: NVLink-class, or PCIe on GPUs without it."""
+        return self.interconnect_gbps or self.pcie_gbps
 
 
 @dataclass(frozen=True)

@@ -131,15 +131,12 @@ def _world(launcher: list[str]) -> tuple[int, int]:
 
 def resolve_target(path: str) -> str:
     """--target-model-path -> a profile name or a local config; an unresolvable path is an error."""
-    name = path.rstrip("/").split("/")[-1]
-    candidates = [path, re.sub(r"(?i)-instruct.*$", "", name), re.sub(r"(?i)^meta-", "", name)]
-    candidates.append(re.sub(r"(?i)-instruct.*$", "", candidates[-1]))
-    for ref in candidates:
-        try:
-            profile = load_model_config(ref)[0]
-        except FitplanError:
-            continue
-        return ref if Path(ref).expanduser().exists() else profile
+    try:
+        profile = load_model_config(path)[0]
+    except FitplanError:
+        profile = None
+    if profile is not None:
+        return path if Path(path).expanduser().exists() else profile
     raise FitplanError(
         f"SpecForge --target-model-path {path!r} resolves to no model profile and no local config.json; "
         "give a profile name (fitplan profiles), an HF repo id with a profile, or a local model directory"

@@ -228,7 +228,7 @@ def target_seconds(job: Job) -> float:
 def step_time(job: Job) -> StepTime:
     gpu = job.cluster.gpu
     compute = job.accum * compute_seconds(job)
-    link = gpu.interconnect_gbps * 1e9 * LINK_EFFICIENCY
+    link = gpu.peer_gbps * 1e9 * LINK_EFFICIENCY
     target_bytes, target_calls = target_comm(job) if job.draft is not None else (0.0, 0)
     shard_micro, shard_step = sharding_comm(job)
     calls = job.accum * (target_calls + (2 if shard_micro else 0)) + (1 if shard_step else 0)

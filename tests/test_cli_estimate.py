@@ -78,6 +78,7 @@ def test_profiles_lists_models_drafts_gpus():
         (["--model", "llama-3.1-8b", "--workload", "sft", "--output-sharding", "all-to-all"], "all-to-all"),
         (["--model", "llama-3.1-8b", "--precision", "fp8"], "precision 'fp8' is not one of"),
         (["--model", "llama-3.1-8b", "--target-weights", "mxfp4"], "no MXFP4"),
+        (["--model", "gpt-oss-20b", "--target-weights", "mxfp4"], "trainer does not run it yet"),
     ],
 )
 def test_bad_flags_one_line_exit_2(args, needle):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fitplan.config import RunSpec
-from fitplan.estimator import estimate, estimate_spec, target_weight_bytes
+from fitplan.estimator import estimate, estimate_spec
 from fitplan.estimator.params import count_params, weight_bytes
 from fitplan.estimator.recipes import TrainedState
 from fitplan.estimator import runtime, sft_terms, target_terms
@@ -17,7 +17,7 @@ MIB = 2**20
 
 
 def job_of(**kw):
-    return resolve(RunSpec(**kw), target_weight_bytes)
+    return resolve(RunSpec(**kw))
 
 
 # ---------------------------------------------------------------- parameter counts
@@ -145,7 +145,7 @@ def test_adam_moments_lazy_step1_vs_steady():
 
 
 def test_mxfp4_target_weights_per_rank():
-    job = job_of(model="gpt-oss-120b", gpus="8xH100", tp=4, target_weights="mxfp4")
+    job = job_of(model="gpt-oss-120b", gpus="8xH100", tp=4, target_weights="mxfp4", runtime="specforge")
     packed = 114_661_785_600 * 4.25 / 8 + (116_829_156_672 - 114_661_785_600) * 2
     assert target_terms.weights_per_rank(job) == pytest.approx(packed / 4, abs=1)
 

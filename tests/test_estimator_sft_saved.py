@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from fitplan.config import RunSpec  # noqa: E402
-from fitplan.estimator import sft_terms, target_weight_bytes  # noqa: E402
+from fitplan.estimator import sft_terms  # noqa: E402
 from fitplan.layout import resolve  # noqa: E402
 
 TINY = {
@@ -44,8 +44,7 @@ def saved_bytes(model, ids) -> int:
 def test_saved_activations_match_estimate(tmp_path, family, batch, seq):
     cfg = TINY[family]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    job = resolve(RunSpec(model=str(tmp_path), workload="sft", seq=seq, micro_batch=batch, precision="bf16"),
-                  target_weight_bytes)
+    job = resolve(RunSpec(model=str(tmp_path), workload="sft", seq=seq, micro_batch=batch, precision="bf16"))
     torch.manual_seed(0)
     hf_cfg = transformers.AutoConfig.for_model(**cfg)
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16, attn_implementation="sdpa")

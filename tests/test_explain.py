@@ -131,7 +131,7 @@ def fake_estimate(job) -> Estimate:
 
 def test_with_config_names_the_component_and_the_cheapest_fix():
     spec = RunSpec(model="llama-3.1-8b", gpus="8xH100", tp=8, micro_batch=2, global_batch=16, seq=9216)
-    result = fit(spec, estimate_fn=fake_estimate, weight_fn=None)
+    result = fit(spec, estimate_fn=fake_estimate)
     (event,) = parse_ooms(LARGE)
     # logits.target = 8 x 2 x 9216 x 0.5 MiB = 72 GiB, nearest the 73.63 GiB request (weights 16,
     # activations 18). Cheapest rung that fits: micro_batch 1 (16 + 36 + 9 = 61 GiB <= 75.22).

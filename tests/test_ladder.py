@@ -49,7 +49,7 @@ def job_spec(**changes) -> RunSpec:
 
 
 def run_fit(spec: RunSpec, weights_gib: float = 16, margin: float = 0.05):
-    return fit(spec, margin=margin, estimate_fn=fake_estimator(weights_gib), weight_fn=None)
+    return fit(spec, margin=margin, estimate_fn=fake_estimator(weights_gib))
 
 
 def test_profile_total_is_the_measured_h100_capacity():

@@ -4,19 +4,18 @@ import pytest
 
 from fitplan.config import RunSpec
 from fitplan.errors import FitplanError
-from fitplan.estimator import target_weight_bytes
 from fitplan.layout import resolve
 
 
 def job(**kw):
-    return resolve(RunSpec(**kw), target_weight_bytes)
+    return resolve(RunSpec(**kw))
 
 
 def test_auto_tp_keeps_weights_under_half_a_gpu():
     # Llama-3.1-70B: 70.55e9 x 2 B = 131.4 GiB; half an H100 is 39.6 GiB -> tp 4 (32.9 GiB)
     assert job(model="llama-3.1-70b", gpus="8xH100").tp == 4
     # gpt-oss-120b packed: 60.8 GiB -> tp 2 (30.4 GiB); bf16 (217.6 GiB) -> tp 8 (27.2 GiB)
-    assert job(model="gpt-oss-120b", gpus="8xH100", target_weights="mxfp4").tp == 2
+    assert job(model="gpt-oss-120b", gpus="8xH100", target_weights="mxfp4", runtime="specforge").tp == 2
     assert job(model="gpt-oss-120b", gpus="8xH100").tp == 8
     assert job(model="llama-3.1-8b", gpus="8xH100").tp == 1  # 15 GiB fits one GPU
 

@@ -54,12 +54,6 @@ class Run:
 # ------------------------------------------------------------------ building
 
 
-def resolve_job(spec) -> Job:
-    from fitplan.estimator import target_weight_bytes
-
-    return resolve(spec, target_weight_bytes)
-
-
 def draft_config(job: Job, hf) -> DraftConfig:
     shape = job.draft
     if shape.hidden != job.model.hidden:
@@ -250,10 +244,7 @@ def suggestion(spec) -> str | None:
 
 def run(opts: TrainOptions, progress: bool = False) -> dict:
     """Train; returns the report (rank 0 also writes it to OUTPUT/report.json)."""
-    job = resolve_job(opts.spec)
-    if job.world > 1 and opts.spec.sharding not in parallel.FSDP_SHARDINGS:
-        raise FitplanError(f"sharding {opts.spec.sharding!r} on {job.world} ranks: the trainer shards the draft with "
-                           f"FSDP2; accepted: {', '.join(parallel.FSDP_SHARDINGS)}")
+    job = resolve(opts.spec)
     if opts.spec.expandable_segments:  # read when CUDA's allocator starts, i.e. before the first allocation
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     cpu = opts.device == "cpu" or (opts.device is None and not torch.cuda.is_available())

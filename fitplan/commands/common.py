@@ -15,7 +15,9 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from fitplan.config import CHOICES, FIELD_NAMES
+import dataclasses
+
+from fitplan.config import CHOICES, FIELD_NAMES, RunSpec
 from fitplan.errors import FitplanError
 
 HELP: dict[str, str] = {
@@ -45,6 +47,8 @@ HELP: dict[str, str] = {
     "offline": "specforge runtime: offline mode (precomputed hidden states, no live target).",
 }
 
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(RunSpec)}
+
 _TYPES: dict[str, Any] = {
     "seq": int, "micro_batch": int, "global_batch": int, "accum": int, "tp": int, "ttt": int,
     "sglang_mem_fraction": float, "ac": bool, "expandable_segments": bool, "offline": bool,
@@ -56,7 +60,12 @@ def _option(name: str) -> inspect.Parameter:
     kind = _TYPES.get(name, str)
     help_text = HELP.get(name, "")
     if name in CHOICES:
-        help_text += f" [{'|'.join(CHOICES[name])}]"
+        help_text += f" Choices: {', '.join(CHOICES[name])}."
+    default = DEFAULTS.get(name)
+    if default is not None and kind is not bool:
+        help_text += f" Default: {default}."
+    elif kind is bool:
+        help_text += f" Default: {'on' if default else 'off'}."
     decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
     if name == "model":
         decls.append("-m")

@@ -20,11 +20,11 @@ def estimate_command(
 ) -> None:
     """Predict per-GPU peak memory of a training job, phase by phase, and whether it fits."""
     from fitplan.config import load_spec
-    from fitplan.estimator import estimate, target_weight_bytes
+    from fitplan.estimator import estimate
     from fitplan.layout import resolve
 
     spec = load_spec(config, flags)
-    job = resolve(spec, target_weight_bytes)
+    job = resolve(spec)
     est = estimate(job)
     if plot is not None:
         from fitplan.plot import plot_estimate

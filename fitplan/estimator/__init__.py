@@ -10,10 +10,9 @@ from __future__ import annotations
 from fitplan.config import RunSpec
 from fitplan.estimator import eagle3, runtime, sft, specforge_runtime
 from fitplan.estimator.result import Estimate
-from fitplan.estimator.target_terms import target_weight_bytes
 from fitplan.layout import Job, resolve
 
-__all__ = ["Estimate", "estimate", "estimate_spec", "target_weight_bytes"]
+__all__ = ["Estimate", "estimate", "estimate_spec"]
 
 
 def _timeline(job: Job):
@@ -58,4 +57,4 @@ def estimate(job: Job) -> Estimate:
 
 
 def estimate_spec(spec: RunSpec) -> Estimate:
-    return estimate(resolve(spec, target_weight_bytes))
+    return estimate(resolve(spec))

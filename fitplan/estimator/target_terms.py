@@ -10,14 +10,9 @@ from __future__ import annotations
 
 from fitplan.estimator.params import BF16, MXFP4_BYTES_PER_PARAM, count_params, weight_bytes
 from fitplan.estimator.runtime import runs_fitplan_trainer
-from fitplan.layout import Job
+from fitplan.layout import Job, target_weight_bytes
 
 FP32 = 4
-
-
-def target_weight_bytes(model, spec) -> int:
-    """Full, unsharded frozen target weight bytes (MXFP4-packed experts when asked)."""
-    return weight_bytes(model, packed=spec.target_weights == "mxfp4")
 
 
 def weights_per_rank(job: Job) -> int:

@@ -128,11 +128,10 @@ def predict(spec: RunSpec) -> dict[str, Any]:
         "pred_verdict": est.verdict,
         "estimate": est.to_json(),
     }
-    from fitplan.estimator import target_weight_bytes
     from fitplan.layout import resolve
     from fitplan.steptime import step_time
 
-    out["pred_step_s"] = step_time(resolve(spec, target_weight_bytes)).step_s
+    out["pred_step_s"] = step_time(resolve(spec)).step_s
     return out
 
 
