@@ -103,9 +103,12 @@ def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
+_FIELD_TYPES = {name: _unwrap_optional(_HINTS[name]) for name in FIELD_NAMES}
+
+
 def field_type(name: str) -> tuple[Any, bool]:
     """(the field's type without Optional, whether None is allowed)."""
-    return _unwrap_optional(_HINTS[name])
+    return _FIELD_TYPES[name]
 
 
 CHOICES: dict[str, tuple[str, ...]] = {

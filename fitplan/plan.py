@@ -34,8 +34,24 @@ def plan_dict(result: FitResult) -> dict[str, Any]:
     }
 
 
+def check_writable(path: str | Path) -> None:
+    """Refuse an output path that cannot take a file, before any work is done."""
+    p = Path(path)
+    if p.is_dir():
+        raise FitplanError(f"-o {p}: is a directory; give a file name such as {p / 'plan.yaml'}")
+    parent = p.parent
+    if not parent.exists():
+        raise FitplanError(f"-o {p}: directory {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise FitplanError(f"-o {p}: {parent} is not a directory")
+
+
 def write_plan(result: FitResult, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(plan_dict(result), sort_keys=False))
+    check_writable(path)
+    try:
+        Path(path).write_text(yaml.safe_dump(plan_dict(result), sort_keys=False))
+    except OSError as exc:
+        raise FitplanError(f"cannot write the plan to {path}: {exc.strerror}") from None
 
 
 def read_plan(path: str | Path) -> tuple[RunSpec, dict[str, Any]]:

@@ -50,13 +50,19 @@ def _packaged_profiles() -> Path:
 
 def _json_files(kind: str) -> dict[str, Path]:
     """name -> path for every profile of a kind ("models" or "drafts"); user files win."""
+    folders = tuple(d / kind for d in reversed(_profile_dirs()))
+    # A folder's mtime changes when a file is added or removed: the listing is cached until then.
+    return dict(_listing(tuple((f, f.stat().st_mtime_ns if f.is_dir() else None) for f in folders)))
+
+
+@lru_cache(maxsize=64)
+def _listing(folders: tuple[tuple[Path, int | None], ...]) -> tuple[tuple[str, Path], ...]:
     found: dict[str, Path] = {}
-    for d in reversed(_profile_dirs()):
-        sub = d / kind
-        if sub.is_dir():
-            for p in sorted(sub.glob("*.json")):
+    for folder, mtime in folders:
+        if mtime is not None:
+            for p in sorted(folder.glob("*.json")):
                 found[p.stem] = p
-    return found
+    return tuple(found.items())
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -268,7 +274,15 @@ def load_model_config(ref: str) -> tuple[str, dict[str, Any], str]:
 
 def load_model(ref: str) -> ModelShape:
     name, cfg, source = load_model_config(ref)
-    return model_shape_from_config(cfg, name, source)
+    if _config_path(ref) is not None:  # a user's file: read as it is now
+        return model_shape_from_config(cfg, name, source)
+    return _shape(name, source)
+
+
+@lru_cache(maxsize=None)
+def _shape(name: str, source: str) -> ModelShape:
+    """A profile's shape, read once per process (the ladder resolves the same model many times)."""
+    return model_shape_from_config(_cached_json(Path(source)), name, source)
 
 
 # ---------------------------------------------------------------- Eagle3 drafts
@@ -454,6 +468,7 @@ def gpu_names() -> list[str]:
     return [g.id for g in _gpu_table()]
 
 
+@lru_cache(maxsize=256)
 def load_gpu(name: str) -> GpuSpec:
     wanted = _norm(name)
     for g in _gpu_table():

@@ -14,6 +14,7 @@ from fitplan.commands.fit import FROM_SPECFORGE_HELP, MARGIN_HELP, job_spec, mar
 from fitplan.errors import FitplanError
 from fitplan.explain import config_lines, describe, parse_ooms
 from fitplan.ladder import fit
+from fitplan.layout import resolve
 
 
 def read_log(log: Optional[str]) -> str:
@@ -40,16 +41,20 @@ def explain_command(
     """Explain a CUDA out-of-memory error: large request, fragmentation or another process, and the fix."""
     events = parse_ooms(read_log(log))
     event = events[0]
+    spec, warnings = None, []
+    if config is not None or from_specforge is not None or "model" in flags:
+        spec, warnings = job_spec(config, flags, from_specforge)
+        resolve(spec)  # the job's rules refuse a bad job before anything is printed
+    fraction = margin_fraction(margin)
     console = Console(highlight=False)
     if len(events) > 1:
         console.print(f"{len(events)} OOM messages in the log; explaining the first.")
     for line in describe(event):
         console.print(line)
-    if config is not None or from_specforge is not None or "model" in flags:
-        spec, warnings = job_spec(config, flags, from_specforge)
+    if spec is not None:
         for w in warnings:
             console.print(f"[yellow]warning:[/] {w}")
-        for line in config_lines(event, fit(spec, margin_fraction(margin))):
+        for line in config_lines(event, fit(spec, fraction)):
             console.print(line)
 
 

@@ -9,13 +9,14 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fitplan.config import RunSpec, load_spec
 from fitplan.errors import FitplanError
 from fitplan.commands.common import clean_errors, spec_flags
 from fitplan.ladder import FitResult, fit
-from fitplan.plan import plan_dict, prediction, write_plan
+from fitplan.plan import check_writable, plan_dict, prediction, write_plan
 from fitplan.specforge import flag_changes, parse_command
 
 GIB = 1 << 30
@@ -61,7 +62,7 @@ def summary_lines(result: FitResult) -> list[str]:
         lines.append(f"Smallest GPU count that would fit: {result.min_gpus}" if result.min_gpus
                      else "No larger GPU count of this type fits either.")
         lines.append("(suggestions only: both change the job, so fit does not apply them)")
-        return lines
+        return lines + refused_lines(result)
     c = result.chosen
     changes = "; ".join(result.changes) or "none (fits as given)"
     lines = [
@@ -75,7 +76,13 @@ def summary_lines(result: FitResult) -> list[str]:
     if c.spec.runtime == "specforge":
         flags = flag_changes(result.original.spec, c.spec)
         lines.append("SpecForge: " + ("; ".join(flags) if flags else "no flag changes"))
-    return lines
+    return lines + refused_lines(result)
+
+
+def refused_lines(result: FitResult) -> list[str]:
+    """Rungs the job's rules ruled out, so the user knows why a known remedy was not tried."""
+    reasons = dict.fromkeys(reason for _, reason in result.refused)
+    return [f"[dim]not tried: {escape(reason)}[/]" for reason in reasons]
 
 
 def result_json(result: FitResult) -> dict:
@@ -87,6 +94,7 @@ def result_json(result: FitResult) -> dict:
         "trail": [e.to_json() for e in result.trail],
         "changes": result.changes,
         "suggestions": {"max_seq": result.max_seq, "min_gpus": result.min_gpus},
+        "refused": [{"change": change, "reason": reason} for change, reason in result.refused],
     }
     if shown.spec.runtime == "specforge":
         out["specforge_flags"] = flag_changes(result.original.spec, shown.spec)
@@ -106,6 +114,8 @@ def fit_command(
 ) -> None:
     """Find the fastest configuration that fits: walk the fix ladder, never changing what is learned."""
     spec, warnings = job_spec(config, flags, from_specforge)
+    if output is not None:
+        check_writable(output)
     result = fit(spec, margin_fraction(margin))
     if output is not None and result.chosen is not None:
         write_plan(result, output)

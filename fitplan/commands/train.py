@@ -91,6 +91,9 @@ def train_command(
     spec = choose_spec(config, plan, auto, flags)
     if spec.workload != "eagle3":
         raise FitplanError("fitplan train runs the eagle3 workload (sft runs are measured by trainer.sft_step)")
+    if spec.runtime != "fitplan":
+        raise FitplanError(f"runtime {spec.runtime}: this job is planned for SpecForge's trainer; "
+                           "fitplan train runs runtime fitplan (drop --runtime or set it to fitplan)")
     from fitplan.layout import resolve
 
     job = resolve(spec)
