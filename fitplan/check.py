@@ -7,6 +7,7 @@ component and per phase. Rendering lives in fitplan/commands/check.py.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -102,9 +103,40 @@ def spec_from_text(text: str, source: str, overrides: dict) -> RunSpec:
 
 def spec_from_file(path: str, overrides: dict) -> RunSpec:
     p = Path(path)
+    if p.is_dir():
+        raise FitplanError(f"{path} is a directory, not a config file")
     if not p.is_file():
         raise FitplanError(f"config file {path!r} does not exist")
-    return spec_from_text(p.read_text(), path, overrides)
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise FitplanError(f"cannot read config file {path}: {reason}") from None
+    return spec_from_text(text, path, overrides)
+
+
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+def expand_config_paths(paths: list[str]) -> list[str]:
+    """The config files to check: files as given, a directory as its *.yaml and *.yml files (sorted,
+    not recursive, hidden ones skipped, like the shell's glob); each file once. Every path is
+    checked before any estimate runs, so a typo fails at once."""
+    files: list[str] = []
+    for path in paths:
+        p = Path(path)
+        if p.is_dir():
+            found = sorted(f.name for f in p.iterdir()
+                           if f.suffix in CONFIG_SUFFIXES and not f.name.startswith(".") and f.is_file())
+            if not found:
+                raise FitplanError(f"{path} is a directory with no *.yaml or *.yml files; pass the config files "
+                                   f"(YAML, plans or SpecForge launch scripts), e.g. {os.path.join(path, '*.yaml')}")
+            files += [os.path.join(path, name) for name in found]
+        elif not p.exists():
+            raise FitplanError(f"config file {path!r} does not exist")
+        else:
+            files.append(path)
+    return list(dict.fromkeys(files))
 
 
 def text_at_revision(path: str, rev: str) -> str | None:
@@ -128,9 +160,9 @@ def check_configs(
     estimate_fn: EstimateSpecFn = _default_estimate_spec,
 ) -> list[CheckRow]:
     if not paths:
-        raise FitplanError("no config files given; usage: fitplan check configs/*.yaml")
+        raise FitplanError("no config files given; usage: fitplan check configs/*.yaml (or a directory of them)")
     rows = []
-    for path in paths:
+    for path in expand_config_paths(paths):
         estimate = estimate_fn(spec_from_file(path, overrides))
         baseline = None
         if against is not None:

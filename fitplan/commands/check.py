@@ -9,12 +9,15 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 from fitplan.check import CheckRow, check_configs, component_deltas, phase_deltas, spec_from_file
 from fitplan.commands.common import clean_errors, spec_flags
 from fitplan.commands.fit import MARGIN_HELP, margin_fraction
 from fitplan.errors import FitplanError
+from fitplan.report import fit_columns
 
 GIB = 1 << 30
 FORMATS = ("table", "markdown", "json")
@@ -45,13 +48,39 @@ def markdown_table(header: tuple[str, ...], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def rich_table(header: tuple[str, ...], rows: list[list[str]], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
+def rich_table(header: tuple[str, ...], rows: list[list[str]], title: str, no_wrap: tuple[str, ...] = ()) -> Table:
+    """Cells are shown verbatim (a path with [brackets] is not markup)."""
+    table = Table(title=Text(title), title_justify="left")
     for col in header:
-        table.add_column(col)
+        numeric = "(GiB)" in col or col in ("old", "new", "delta")
+        table.add_column(col, no_wrap=col in no_wrap, justify="right" if numeric else "left")
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*(cell if isinstance(cell, Text) else Text(cell) for cell in r))
     return table
+
+
+def verdict_text(row: CheckRow) -> Text:
+    return Text(row.verdict, style="green" if row.passed else "bold red")
+
+
+def print_check_table(rows: list[CheckRow], title: str, with_deltas: bool, console: Console) -> None:
+    """One row per config, its path whole on one line: the other columns wrap to make room; when
+    they cannot (a long path on a narrow terminal), one block per config instead of the table."""
+    columns = COLUMNS if with_deltas else COLUMNS[:4]
+    cells = [[Text(c) for c in row_cells(r)[: len(columns)]] for r in rows]
+    for cell, r in zip(cells, rows):
+        cell[1] = verdict_text(r)
+    table = rich_table(columns, cells, title, no_wrap=("config",))
+    if fit_columns(table, console.width):
+        console.print(table)
+        return
+    console.print(Text(title))
+    for r, cell in zip(rows, cells):
+        console.print(Text(r.path), soft_wrap=True)  # whole, even past the terminal's edge
+        details = cell[1].copy().append(f": peak {cell[2].plain} GiB, headroom {cell[3].plain} GiB")
+        if with_deltas:
+            details.append(f", delta {cell[4].plain} GiB, moved most {cell[5].plain}")
+        console.print(Padding(details, (0, 0, 0, 2)))
 
 
 @clean_errors
@@ -78,7 +107,7 @@ def check_command(
         if output_format == "markdown":
             print(f"### fitplan check: {verdict}\n\n{markdown_table(COLUMNS, cells)}")
         else:
-            Console(highlight=False).print(rich_table(COLUMNS, cells, f"fitplan check: {verdict}"))
+            print_check_table(rows, f"fitplan check: {verdict}", against is not None, Console(highlight=False))
     sys.exit(0 if passed else 1)
 
 

@@ -102,7 +102,10 @@ def clean_errors(func: Callable) -> Callable:
 
 
 def fail(message: str, code: int = 2) -> None:
+    """`error: MESSAGE` on stderr, one line, the message verbatim (not rich markup: text such as
+    'fitplan[plot]' keeps its brackets), then exit `code`."""
     from rich.console import Console
+    from rich.text import Text
 
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    Console(stderr=True, highlight=False).print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
     sys.exit(code)
