@@ -22,7 +22,12 @@ FP32 = 4
 
 def draft_state(job: Job) -> TrainedState:
     """The draft's state; the trainer keeps its frozen embedding in the target's bf16 whatever
-    the recipe (trainer/loop.py build_draft), TrainedState's default."""
+    the recipe (trainer/loop.py build_draft), TrainedState's default.
+
+    That embedding is a copy (build_draft copy_'s the target's embed_tokens into the draft's own
+    nn.Embedding), not a view: a second [V, h] beside target.weights, for a tied target too. The
+    target's own [V, h] is counted once in target.weights whether or not lm_head is tied to it
+    (params.lm_head_params); the draft's copy is counted once here, in draft.params."""
     return TrainedState(job.spec, job.draft.trainable_params(), job.draft.frozen_params(), job.world)
 
 

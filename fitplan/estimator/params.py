@@ -64,9 +64,22 @@ def _router(m: ModelShape) -> int:
     return m.hidden * m.experts + bias
 
 
+def embedding_params(m: ModelShape) -> int:
+    """The input embedding [V, h]."""
+    return m.vocab * m.hidden
+
+
+def lm_head_params(m: ModelShape) -> int:
+    """The LM head's own parameters: none when tied (tie_word_embeddings), where lm_head.weight
+    *is* the embedding tensor, one [V, h] allocation. This is the one place the tie is decided:
+    count_params (target.weights, model.params, their optimizer state) and the sft root unit
+    read it, so a tied [V, h] is counted once in every phase."""
+    return 0 if m.tie_embeddings else m.vocab * m.hidden
+
+
 def count_params(m: ModelShape) -> ParamCounts:
-    embed = m.vocab * m.hidden
-    head = 0 if m.tie_embeddings else embed
+    embed = embedding_params(m)
+    head = lm_head_params(m)
     norms = _norms_per_layer(m) * m.hidden * m.layers + m.hidden
     dense_mlp = 3 * m.hidden * m.intermediate
     expert_w, expert_b = _expert_mlp(m) if m.is_moe else (0, 0)

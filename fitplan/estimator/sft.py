@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fitplan.estimator import sft_terms
 from fitplan.estimator.eagle3 import optimizer_state
-from fitplan.estimator.params import count_params
+from fitplan.estimator.params import count_params, embedding_params, lm_head_params
 from fitplan.estimator.recipes import TrainedState
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
 from fitplan.estimator.timeline import Timeline, merge, phase
@@ -21,10 +21,11 @@ FP32 = 4
 
 
 def _root_and_layer_params(job: Job) -> tuple[int, int]:
-    """(root unit params: embedding, lm_head, final norm; params of one decoder layer unit)."""
+    """(root unit params: embedding, lm_head (none of its own when tied), final norm; params of
+    one decoder layer unit)."""
     m = job.model
     total = count_params(m).total
-    root = m.vocab * m.hidden * (1 if m.tie_embeddings else 2) + m.hidden
+    root = embedding_params(m) + lm_head_params(m) + m.hidden
     return root, (total - root) // m.layers
 
 
