@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from fitplan.records import read_measurement
+
 GIB = 1 << 30
 
 # name: (model, seq, micro_batch, ac)
@@ -47,7 +49,7 @@ def run_one(name: str, out: Path, gpus: str, steps: int, scratch: Path) -> dict 
         print(proc.stderr[-3000:], flush=True)
         return None
     shutil.copy(report_path, out / f"{name}.json")
-    return json.loads(report_path.read_text())
+    return read_measurement(report_path).raw
 
 
 def summary(name: str, report: dict) -> dict:

@@ -11,14 +11,13 @@ measured device_used). Error = (measured - predicted) / predicted, as in docs/va
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from fitplan.config import spec_from_mapping
+from fitplan.records import read_measurement
 from fitplan.estimator import estimate_spec
 
 GIB = 1 << 30
@@ -36,10 +35,11 @@ def _error(measured: int, predicted: int) -> str:
 
 
 def repredict(path: Path) -> list[str] | None:
-    report = json.loads(path.read_text())
-    if "steps" not in report:  # a multi-GPU collection, not a single-GPU trainer report
+    measurement = read_measurement(path)
+    if measurement is None:  # a multi-GPU collection, not a single-GPU trainer report
         return None
-    est = estimate_spec(spec_from_mapping(report["config"], source=str(path)))
+    report = measurement.raw
+    est = estimate_spec(measurement.config)
     steady = {}
     for step in report["steps"]:
         steady.update(step["phases"])  # the last step that ran each phase

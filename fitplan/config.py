@@ -250,9 +250,11 @@ def load_spec(path: str | Path | None = None, overrides: Mapping[str, Any] | Non
     source = "flags"
     if path is not None:
         values = load_yaml_mapping(path)
-        if "config" in values and isinstance(values["config"], dict):
-            values = dict(values["config"])
         source = str(path)
+        if "fitplan_plan" in values:
+            from fitplan.records import plan_from_mapping  # records build on this module
+
+            values = plan_from_mapping(values, source).config.to_dict()
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value

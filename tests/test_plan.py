@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from fitplan.cli import app
 from fitplan.config import FIELD_NAMES, load_spec
 from fitplan.estimator import estimate_spec
-from fitplan.plan import read_plan
+from fitplan.records import read_plan
 
 # gpt-oss-120b at tp 8, micro-batch 2, seq 8192 gathers tp·B·S = 131072 rows of V = 201088
 # logits on every rank (52.7 G elements; 98 GiB in bf16 alone): over an H100, so fit must change it.
@@ -28,7 +28,7 @@ def test_fit_writes_a_complete_plan_that_reads_back(tmp_path):
     assert plan["config"]["tp"] == 8 and plan["config"]["accum"] is not None
     assert (plan["config"]["seq"], plan["config"]["global_batch"]) == (8192, 64)
     assert plan["trail"][0]["rung"] == "original" and plan["trail"][0]["fits"] is False
-    spec, _ = read_plan(path)
+    spec = read_plan(path).config
     assert spec == load_spec(path)
     # The plan's prediction is what estimating its config gives now.
     assert estimate_spec(spec).peak_reserved_bytes == plan["prediction"]["peak_reserved_bytes"]
@@ -75,10 +75,18 @@ def test_malformed_plans_exit_2(tmp_path):
         "no_config.yaml": "fitplan_plan: 1\nprediction: {}\n",
         "bad_key.yaml": "fitplan_plan: 1\nconfig: {model: llama-3.1-8b, sequence: 3}\n",
         "list.yaml": "- 1\n- 2\n",
+        "future.yaml": "fitplan_plan: 2\nconfig: {model: llama-3.1-8b}\n",
+        "unversioned.yaml": "fitplan_plan: null\nconfig: {model: llama-3.1-8b}\n",
+        "bad_trail.yaml": "fitplan_plan: 1\nconfig: {model: llama-3.1-8b}\ntrail: 3\n",
     }
     for name, text in bad.items():
         path = tmp_path / name
         path.write_text(text)
-        result = CliRunner().invoke(app, ["fit", str(path)])
-        assert result.exit_code == 2, (name, result.output)
-        assert "Traceback" not in result.output
+        for command in (["fit", str(path)], ["train", "--plan", str(path), "--synthetic-data", "--device", "cpu"]):
+            if name == "bad_trail.yaml" and command[0] == "fit":
+                continue  # fit reads a plan as a config: its trail is not read
+            result = CliRunner().invoke(app, command)
+            assert result.exit_code == 2, (name, command[0], result.output)
+            assert len(result.output.strip().splitlines()) == 1, result.output
+    future = CliRunner().invoke(app, ["estimate", str(tmp_path / "future.yaml")])
+    assert "plan version 2 is not one this fitplan reads (accepted: fitplan_plan: 1)" in future.output

@@ -60,7 +60,8 @@ def test_cli_bad_filters_exit_2(tmp_path):
 
 
 def _report(steps):
-    return {"steps": [{"step": n, "phases": phases, "seconds": t} for n, phases, t in steps], "device": "gpu0"}
+    return {"config": {"model": "llama-3.1-8b"}, "device": "gpu0",
+            "steps": [{"step": n, "phases": phases, "seconds": t} for n, phases, t in steps]}
 
 
 def test_measured_figures_are_the_steady_state_peaks(tmp_path):
@@ -82,7 +83,7 @@ def test_measured_figures_are_the_steady_state_peaks(tmp_path):
 
 
 def test_oom_from_a_rank_report_or_from_stderr(tmp_path):
-    (tmp_path / "report.rank1.json").write_text(json.dumps({"steps": [], "oom": {"message": "CUDA out of memory."}}))
+    (tmp_path / "report.rank1.json").write_text(json.dumps({**_report([]), "oom": {"message": "CUDA out of memory."}}))
     assert outcome(1, "", tmp_path)["status"] == "oom"
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -171,7 +172,8 @@ def test_near_limit_out_of_range_is_a_clean_error():
 def test_parallel_rows_get_disjoint_gpus_and_overlap(tmp_path, monkeypatch):
     # each fake child records the GPUs it was given and when it ran, then sleeps a little
     script = ("import json, os, sys, time, pathlib; t0 = time.time(); time.sleep(1.5); "
-              "pathlib.Path(sys.argv[1]).write_text(json.dumps({'device': os.environ['CUDA_VISIBLE_DEVICES'], "
+              "pathlib.Path(sys.argv[1]).write_text(json.dumps({'config': {'model': 'llama-3.1-8b'}, "
+              "'device': os.environ['CUDA_VISIBLE_DEVICES'], "
               "'window': [t0, time.time()], 'steps': [{'step': 2, 'seconds': 1.0, 'phases': {'forward': "
               "{'allocated': 1, 'reserved': 1, 'device_used': 1}}}]}))")  # fmt: skip
     _fake_child(monkeypatch, script)

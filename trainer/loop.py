@@ -13,19 +13,18 @@ memory figure's max over ranks.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from fitplan.errors import FitplanError
 from fitplan.layout import Job, resolve
+from fitplan.records import write_measurement
 from trainer import checkpoint, compare, data, optim, parallel, vocab
 from trainer.draft import DraftConfig, Eagle3Draft
 from trainer.loss import Teacher, make_teacher, unroll_loss
@@ -274,7 +273,8 @@ def run(opts: TrainOptions, progress: bool = False) -> dict:
             _loop(r, meter, stop, first, report, progress)
         except torch.OutOfMemoryError as exc:
             report["oom"] = {"step": len(report["steps"]) + 1, "phase": meter.current,
-                             "message": str(exc).splitlines()[0], "fit_suggestion": suggestion(opts.spec)}
+                             "message": str(exc).splitlines()[0], "fit_suggestion": suggestion(opts.spec),
+                             "allocator": meter.allocator_events()}
             if ctx.distributed:
                 # the other ranks wait in a collective: write this rank's report, then fail so torchrun stops them
                 _finish(report, opts, prediction, snapshot, name=f"report-rank{ctx.rank}.json")
@@ -307,7 +307,7 @@ def _finish(report: dict, opts: TrainOptions, prediction, snapshot: bool, name: 
         torch.cuda.memory._record_memory_history(enabled=None)
     if name is not None:
         opts.output.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves nothing behind
-        _write_json(opts.output / name, report)
+        write_measurement(opts.output / name, report)
 
 
 def _loop(r: Run, meter: Meter, stop: StopRequest, first: int, report: dict, progress: bool) -> None:
@@ -327,7 +327,7 @@ def _loop(r: Run, meter: Meter, stop: StopRequest, first: int, report: dict, pro
                         opts.output, step, r.draft, r.optimizer, r.scheduler, r.batches.position, fingerprint(opts),
                         r.ctx))
             flops = step_flops(job, record.pop("seq"))
-            record.update(step=step, phases=meter.new_step(), seconds=seconds,
+            record.update(step=step, phases=meter.new_step(), allocator=meter.allocator_events(), seconds=seconds,
                           tokens_per_s=record["tokens"] / seconds, mfu=flops / seconds / peak if peak else None)
             report["steps"].append(record)
             bar.update(task, advance=1, description=f"loss {record['loss']:.4f} acc0 {record['acc'][0]:.3f}")
@@ -356,8 +356,3 @@ def _progress(enabled: bool):
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
-    tmp.replace(path)

@@ -101,6 +101,15 @@ class Meter:
         previous = self.step.get(name)
         self.step[name] = record if previous is None else {k: max(v, previous[k]) for k, v in record.items()}
 
+    def allocator_events(self) -> dict[str, int]:
+        """Since the process started: requests the caching allocator only served after freeing
+        its cache and retrying (a sign of fragmentation near the limit), and OOMs it raised.
+        CPU has no caching allocator: both 0."""
+        if self.tracker is not None:
+            return {"alloc_retries": 0, "ooms": 0}
+        stats = torch.cuda.memory_stats(self.device)
+        return {"alloc_retries": int(stats.get("num_alloc_retries", 0)), "ooms": int(stats.get("num_ooms", 0))}
+
     def _start(self) -> None:
         if self.tracker is not None:
             self.tracker.reset_peak()

@@ -29,7 +29,7 @@ def estimate_command(
     if plot is not None:
         from fitplan.plot import plot_estimate
 
-        plot_estimate(est, plot)
+        plot_estimate(est, plot, spec=spec)
     if as_json:
         config_out = {**spec.to_dict(), "tp": job.tp, "accum": job.accum}
         print(json.dumps({**est.to_json(), "config": config_out}))

@@ -16,12 +16,24 @@ from fitplan.config import RunSpec, load_spec
 from fitplan.errors import FitplanError
 from fitplan.commands.common import clean_errors, spec_flags
 from fitplan.ladder import FitResult, fit
-from fitplan.plan import check_writable, plan_dict, prediction, write_plan
+from fitplan.ladder import Candidate
+from fitplan.records import Plan, check_writable, write_plan
 from fitplan.specforge import flag_changes, parse_command
 
 GIB = 1 << 30
 FROM_SPECFORGE_HELP = "A SpecForge train_eagle3.py launch command (or a file holding the script) to read the job from."
 MARGIN_HELP = "Safety margin of device memory: a fraction (0.05) or a percentage (5)."
+
+
+def prediction(cand: Candidate) -> dict:
+    """What a plan records as predicted: the estimate and the step time."""
+    return {**cand.estimate.to_json(), **cand.time.to_json()}
+
+
+def plan_of(result: FitResult) -> Plan:
+    if result.chosen is None:
+        raise FitplanError("no configuration fits, so there is no plan to write")
+    return Plan(result.chosen.spec, prediction(result.chosen), tuple(e.to_json() for e in result.trail))
 
 
 def margin_fraction(value: float) -> float:
@@ -90,7 +102,7 @@ def result_json(result: FitResult) -> dict:
     out = {
         **prediction(shown),
         "fits": result.chosen is not None,
-        "plan": plan_dict(result) if result.chosen else None,
+        "plan": plan_of(result).to_dict() if result.chosen else None,
         "trail": [e.to_json() for e in result.trail],
         "changes": result.changes,
         "suggestions": {"max_seq": result.max_seq, "min_gpus": result.min_gpus},
@@ -118,7 +130,7 @@ def fit_command(
         check_writable(output)
     result = fit(spec, margin_fraction(margin))
     if output is not None and result.chosen is not None:
-        write_plan(result, output)
+        write_plan(plan_of(result), output)
     if as_json:
         print(json.dumps(result_json(result), indent=2))
     else:

@@ -48,6 +48,10 @@ def choose_spec(config: Optional[Path], plan: Optional[Path], auto: bool, flags:
 
     if config is not None and plan is not None:
         raise FitplanError("give a config file or --plan, not both")
+    if plan is not None:
+        from fitplan.records import read_plan
+
+        read_plan(plan)  # a plan must be one: versioned, with its config, prediction and trail
     spec = load_spec(plan or config, flags)
     if not auto:
         return spec

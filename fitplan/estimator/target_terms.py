@@ -8,7 +8,7 @@ activations replicated over the group and weights split. Its vocab-parallel lm_h
 
 from __future__ import annotations
 
-from fitplan.estimator.params import BF16, MXFP4_BYTES_PER_PARAM, count_params, weight_bytes
+from fitplan.estimator.params import BF16, MXFP4_BYTES_PER_PARAM, count_params
 from fitplan.estimator.runtime import runs_fitplan_trainer
 from fitplan.layout import Job, target_weight_bytes
 

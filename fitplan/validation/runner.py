@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 from fitplan.config import RunSpec
+from fitplan import records
 from fitplan.errors import FitplanError
 from fitplan.profiles import load_gpu
 from fitplan.validation.matrix import MATRIX, Row, resolve_row, select
@@ -153,8 +153,7 @@ def command(spec: RunSpec, world: int, plan: Path, report: Path) -> list[str]:
 
 def write_plan(spec: RunSpec, prediction: dict[str, Any], path: Path) -> None:
     """The plan file of docs/architecture.md: the complete config and what was predicted."""
-    plan = {"fitplan_plan": 1, "config": spec.to_dict(), "prediction": prediction.get("estimate", {}), "trail": []}
-    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    records.write_plan(records.Plan(spec, prediction.get("estimate", {})), path)
 
 
 def child_env(spec: RunSpec) -> dict[str, str]:
@@ -289,7 +288,7 @@ def prune(workdir: Path) -> None:
 
 def outcome(returncode: int, stderr: str, workdir: Path) -> dict[str, Any]:
     """status ran / oom / failed, and the measured figures at steps >= 2 from the report(s)."""
-    reports = [json.loads(p.read_text()) for p in sorted(workdir.glob("report*.json"))]
+    reports = [m.raw for p in sorted(workdir.glob("report*.json")) if (m := records.read_measurement(p)) is not None]
     oom = next((r["oom"] for r in reports if r.get("oom")), None)
     if oom is None and "out of memory" in stderr.lower():
         oom = {"message": _last_line(stderr, "out of memory")}

@@ -9,13 +9,12 @@ fitplan/estimator/runtime.py were read off these reports.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from fitplan.config import spec_from_mapping
 from fitplan.errors import FitplanError
 from fitplan.profiles import load_gpu
+from fitplan.records import read_measurement
 from fitplan.validation.matrix import KINDS
 from fitplan.validation.runner import measured
 
@@ -31,16 +30,12 @@ def kind_of(device: str, world: int) -> str:
 
 def result_row(path: Path) -> dict[str, Any] | None:
     """One report as a result row; None for a JSON file that is not a trainer report."""
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise FitplanError(f"{path}: not JSON") from None
-    if not isinstance(report, dict) or "steps" not in report or "config" not in report:
+    measurement = read_measurement(path)
+    if measurement is None:
         return None
-    spec = spec_from_mapping(report["config"], source=str(path))
-    world = int(report.get("world", 1))
-    kind = kind_of(report["device"], world)
-    predicted = report.get("prediction") or {}
+    report, spec, world = measurement.raw, measurement.config, measurement.world
+    kind = kind_of(measurement.device, world)
+    predicted = measurement.prediction or {}
     row = {
         "name": f"{KINDS[kind][0].lower()}x{world}-{spec.workload}-{path.stem}", "kind": kind,
         "gpu": KINDS[kind][0], "world": world, "workload": spec.workload, "model": spec.model, "seq": spec.seq,
