@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 from fitplan.records import read_measurement
-
-GIB = 1 << 30
+from fitplan.units import GIB
 
 # name: (model, seq, micro_batch, ac)
 MATRIX = {

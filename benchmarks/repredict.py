@@ -17,10 +17,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fitplan.records import read_measurement
 from fitplan.estimator import estimate_spec
+from fitplan.records import read_measurement
+from fitplan.units import GIB
 
-GIB = 1 << 30
 REPORTS = Path(__file__).resolve().parent.parent / "tests" / "data" / "gpu"
 PHASES = ("target_forward", "draft_forward", "backward", "optimizer_step", "checkpoint")
 

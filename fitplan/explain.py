@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 from fitplan.errors import FitplanError
 from fitplan.estimator.result import Estimate
+from fitplan.units import GIB
 
 UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 _SIZE = r"([\d.]+) ?(B|bytes|KiB|MiB|GiB|TiB)"
-GIB = 1 << 30
 
 NEW_FORMAT = re.compile(
     rf"Tried to allocate {_SIZE}\. GPU (\d+) has a total capac?ity of {_SIZE} of which {_SIZE} is free\."

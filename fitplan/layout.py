@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from fitplan.config import RunSpec
 from fitplan.errors import FitplanError
-from fitplan.profiles import Cluster, DraftShape, ModelShape, load_draft, load_model, parse_gpus
+from fitplan.profiles import Cluster, load_draft, load_model, parse_gpus
+from fitplan.shapes import DraftShape, ModelShape, weight_bytes
 
 # Model families whose decoder layers the trainer's tensor parallelism splits (q/k/v/o and a
 # gate/up/down MLP or fused experts). DeepSeek's latent attention has other projections.
@@ -117,8 +118,6 @@ def auto_tp(model: ModelShape, cluster: Cluster, weight_bytes_total: int, runtim
 
 def target_weight_bytes(model: ModelShape, spec: RunSpec) -> int:
     """Full, unsharded frozen target weight bytes (MXFP4-packed experts when asked)."""
-    from fitplan.estimator.params import weight_bytes
-
     return weight_bytes(model, packed=spec.target_weights == "mxfp4")
 
 

@@ -12,13 +12,15 @@ import difflib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fitplan.errors import FitplanError
+from fitplan.shapes import DraftShape, ModelShape
+from fitplan.units import GIB
 
 REQUIRED_MODEL_KEYS = (
     "hidden_size",
@@ -86,53 +88,6 @@ def _suggest(name: str, known: list[str]) -> str:
 
 
 # ---------------------------------------------------------------- models
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of a transformer that memory and FLOPs depend on."""
-
-    name: str
-    model_type: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    intermediate: int  # dense MLP width (also the dense layers of an MoE model)
-    max_positions: int | None = None
-    tie_embeddings: bool = False
-    attention_bias: bool = False
-    # Mixture of experts (0 experts: dense)
-    experts: int = 0
-    experts_per_token: int = 0
-    expert_intermediate: int = 0
-    shared_experts: int = 0
-    dense_layers: int = 0  # leading dense layers of an MoE model (DeepSeek's first_k_dense_replace)
-    # Quantized checkpoint format of the expert weights ("mxfp4" for gpt-oss), None if plain
-    packed_format: str | None = None
-    # Multi-head latent attention (DeepSeek): per-layer attention parameter count override
-    mla_attention_params: int | None = None
-    raw: dict = field(default_factory=dict, repr=False, compare=False, hash=False)
-
-    @property
-    def is_moe(self) -> bool:
-        return self.experts > 0
-
-    @property
-    def moe_layers(self) -> int:
-        return self.layers - self.dense_layers if self.is_moe else 0
-
-    def default_aux_layers(self) -> tuple[int, int, int]:
-        """Eagle3's captured layers: [1, n/2 - 1, n - 4], as SpecForge picks them.
-
-        A target too shallow for those to be distinct (fewer than 7 layers) gets its first,
-        middle and last layers instead.
-        """
-        n = self.layers
-        usual = (1, n // 2 - 1, n - 4)
-        return usual if usual[0] < usual[1] < usual[2] else (0, n // 2, n - 1)
 
 
 def _int(d: dict, *keys: str, default: int | None = None) -> int | None:
@@ -288,32 +243,6 @@ def _shape(name: str, source: str) -> ModelShape:
 # ---------------------------------------------------------------- Eagle3 drafts
 
 
-@dataclass(frozen=True)
-class DraftShape:
-    """An Eagle3 draft: one Llama-style decoder layer over target features."""
-
-    name: str
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int  # the target's vocab (the frozen embedding's rows)
-    draft_vocab: int
-    target_hidden: int  # fc input is 3 x this
-    aux_layers: tuple[int, ...]
-
-    def trainable_params(self) -> int:
-        """fc + attention (2h-wide input) + MLP + norms + lm_head (memory-anatomy.md §4)."""
-        h, d = self.hidden, self.head_dim
-        fc = 3 * self.target_hidden * h
-        attn = 2 * h * (self.heads + 2 * self.kv_heads) * d + self.heads * d * h
-        mlp = 3 * h * self.intermediate
-        norms = 4 * h
-        return fc + attn + mlp + norms + h * self.draft_vocab
-
-    def frozen_params(self) -> int:
-        return self.vocab * self.hidden
 
 
 DEFAULT_DRAFT_VOCAB = 32000
@@ -427,7 +356,6 @@ class Cluster:
         return f"{prefix}{self.gpus_per_node}x{self.gpu.id}"
 
 
-GIB = 1 << 30
 
 
 def _gpu_from_profile(entry: dict) -> GpuSpec:

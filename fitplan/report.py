@@ -11,8 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fitplan.estimator.result import Estimate
-
-GIB = 1 << 30
+from fitplan.units import GIB
 
 
 def gib(nbytes: int) -> str:
@@ -193,8 +192,15 @@ def fit_columns(table: Table, width: int) -> bool:
 def profile_tables(width: int | None = None) -> list[Table]:
     """`fitplan profiles`: the models, drafts and GPUs the profiles hold, wrapped (never cut) to
     `width`, the terminal's when not given."""
-    from fitplan.estimator.params import count_params
-    from fitplan.profiles import draft_names, gpu_names, load_draft, load_gpu, load_model, model_names
+    from fitplan.shapes import count_params
+    from fitplan.profiles import (
+        draft_names,
+        gpu_names,
+        load_draft,
+        load_gpu,
+        load_model,
+        model_names,
+    )
 
     loaded = {name: load_model(name) for name in model_names()}
     packed: dict[str, list[str]] = {}

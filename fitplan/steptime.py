@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fitplan.estimator.params import count_params
 from fitplan.estimator.target_terms import runs_eager_attention
 from fitplan.layout import Job
-from fitplan.profiles import ModelShape
+from fitplan.shapes import ModelShape, count_params
+from fitplan.units import BF16, FP32
 
 # Achievable fractions of the bf16 peak, per compute path, calibrated (round 2) on steady step
 # times of `fitplan train` / the sft job: tests/data/gpu/multi_train_x{2,4}.jsonl (current
@@ -61,8 +61,6 @@ LINK_EFFICIENCY = 0.70
 # than few large ones. Placeholder to calibrate, like the efficiencies above.
 COLLECTIVE_LATENCY_S = 20e-6
 
-BF16 = 2
-FP32 = 4
 
 
 @dataclass(frozen=True)

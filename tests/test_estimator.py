@@ -6,7 +6,7 @@ import pytest
 
 from fitplan.config import RunSpec
 from fitplan.estimator import estimate, estimate_spec
-from fitplan.estimator.params import count_params, weight_bytes
+from fitplan.shapes import count_params, weight_bytes
 from fitplan.estimator.recipes import TrainedState
 from fitplan.estimator import runtime, sft_terms, target_terms
 from fitplan.layout import resolve

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -18,8 +17,8 @@ from fitplan.commands.common import clean_errors, spec_flags
 from fitplan.commands.fit import MARGIN_HELP, margin_fraction
 from fitplan.errors import FitplanError
 from fitplan.report import fit_columns
+from fitplan.units import GIB
 
-GIB = 1 << 30
 FORMATS = ("table", "markdown", "json")
 COLUMNS = ("config", "verdict", "peak (GiB)", "headroom (GiB)", "delta (GiB)", "moved most")
 

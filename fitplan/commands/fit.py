@@ -12,15 +12,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fitplan.commands.common import clean_errors, spec_flags
 from fitplan.config import RunSpec, load_spec
 from fitplan.errors import FitplanError
-from fitplan.commands.common import clean_errors, spec_flags
-from fitplan.ladder import FitResult, fit
-from fitplan.ladder import Candidate
+from fitplan.ladder import Candidate, FitResult, fit
 from fitplan.records import Plan, check_writable, write_plan
 from fitplan.specforge import flag_changes, parse_command
+from fitplan.units import GIB
 
-GIB = 1 << 30
 FROM_SPECFORGE_HELP = "A SpecForge train_eagle3.py launch command (or a file holding the script) to read the job from."
 MARGIN_HELP = "Safety margin of device memory: a fraction (0.05) or a percentage (5)."
 

@@ -20,9 +20,8 @@ plus the fc output 2h once and the bf16 RoPE tables 2*S*d*2 once.
 from __future__ import annotations
 
 from fitplan.layout import Job
+from fitplan.units import BF16, FP32
 
-BF16 = 2
-FP32 = 4
 NORMS_PER_STEP = 4  # input, hidden, post-attention and final RMSNorm: one fp32 rstd per token each
 
 

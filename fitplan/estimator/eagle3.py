@@ -16,8 +16,7 @@ from fitplan.estimator.recipes import TrainedState
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
 from fitplan.estimator.timeline import Timeline, merge, phase
 from fitplan.layout import Job
-
-FP32 = 4
+from fitplan.units import FP32
 
 
 def draft_state(job: Job) -> TrainedState:

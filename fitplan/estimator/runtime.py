@@ -7,10 +7,7 @@ driver 580.159.04, NCCL 2.28.9, NVLink multicast off) and the literature cited t
 from __future__ import annotations
 
 from fitplan.layout import Job
-
-MIB = 1 << 20
-BF16 = 2
-GIB = 1 << 30
+from fitplan.units import BF16, GIB, MIB
 
 # --- outside the allocator -----------------------------------------------------------------
 # CUDA context with lazy module loading: 554,500,096 B measured on H100 80GB HBM3 (528.8 MiB),

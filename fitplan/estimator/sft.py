@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from fitplan.estimator import sft_terms
 from fitplan.estimator.eagle3 import optimizer_state
-from fitplan.estimator.params import count_params, embedding_params, lm_head_params
+from fitplan.shapes import count_params, embedding_params, lm_head_params
 from fitplan.estimator.recipes import TrainedState
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
 from fitplan.estimator.timeline import Timeline, merge, phase
 from fitplan.layout import Job
-
-FP32 = 4
+from fitplan.units import FP32
 
 
 def _root_and_layer_params(job: Job) -> tuple[int, int]:

@@ -16,9 +16,8 @@ Dropout is 0 in these models, so it saves nothing. Once per model: input ids and
 from __future__ import annotations
 
 from fitplan.layout import Job
+from fitplan.units import BF16, FP32
 
-BF16 = 2
-FP32 = 4
 INT64 = 8
 
 

@@ -17,12 +17,12 @@ What differs from fitplan's trainer:
 from __future__ import annotations
 
 from fitplan.estimator import draft_terms, target_terms
-from fitplan.estimator.params import BF16
+from fitplan.shapes import BF16
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
 from fitplan.estimator.timeline import Timeline, merge, phase
 from fitplan.layout import Job
+from fitplan.units import FP32
 
-FP32 = 4
 # SGLang logits cascade, bytes per (row x vocab entry): fp32 gathered logits (4), fp32 upcast
 # copy (4), cat copy (4) at the peak; 4 (one fp32 copy) stays referenced (memory-anatomy §4).
 SGLANG_LOGITS_PEAK = 12

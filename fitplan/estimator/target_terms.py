@@ -8,11 +8,10 @@ activations replicated over the group and weights split. Its vocab-parallel lm_h
 
 from __future__ import annotations
 
-from fitplan.estimator.params import BF16, MXFP4_BYTES_PER_PARAM, count_params
+from fitplan.shapes import BF16, MXFP4, count_params
 from fitplan.estimator.runtime import runs_fitplan_trainer
 from fitplan.layout import Job, target_weight_bytes
-
-FP32 = 4
+from fitplan.units import FP32
 
 
 def weights_per_rank(job: Job) -> int:
@@ -116,5 +115,5 @@ def exchange_copy_bytes(job: Job) -> int:
 def largest_weight(job: Job) -> tuple[int, str]:
     c = count_params(job.model)
     packed = c.largest_is_expert and job.spec.target_weights == "mxfp4"
-    per_param = MXFP4_BYTES_PER_PARAM if packed else BF16
+    per_param = MXFP4 if packed else BF16
     return int(c.largest_tensor * per_param) // job.tp, f"target {c.largest_tensor_name} (TP shard)"

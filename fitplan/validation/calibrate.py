@@ -22,9 +22,7 @@ import numpy as np
 import pandas as pd
 
 from fitplan.errors import FitplanError
-
-MIB = 1 << 20
-GIB = 1 << 30
+from fitplan.units import GIB, MIB
 
 
 @dataclass(frozen=True)

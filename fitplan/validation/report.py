@@ -17,8 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from fitplan.errors import FitplanError
-
-GIB = 1 << 30
+from fitplan.units import GIB
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,99 @@
-"""Parameter counts and weight bytes of a target model (dense, MoE, MLA), from its shape.
+"""What a model's memory and FLOPs depend on: its shape, and the parameters that shape holds.
 
-Counts follow the HF modeling code of each family: Llama/Qwen/Mistral (SwiGLU MLP, GQA,
-RMSNorm), Qwen2 (q/k/v biases), Qwen3 (q/k RMSNorm per head), gpt-oss (attention and expert
-biases, attention sinks, router bias), DeepSeek-V3 (MLA attention, shared experts, leading dense
-layers, router correction bias).
+`ModelShape` is a target transformer (dense, MoE, multi-head latent attention, tied embeddings,
+MXFP4-packed experts), `DraftShape` an Eagle3 draft. Parameter counts follow the HF modeling
+code of each family: Llama/Qwen/Mistral (SwiGLU MLP, GQA, RMSNorm), Qwen2 (q/k/v biases), Qwen3
+(q/k RMSNorm per head), Gemma 2/3 (norms before and after each block), gpt-oss (attention and
+expert biases, attention sinks, router bias), DeepSeek-V3 (MLA attention, shared experts,
+leading dense layers, router correction bias).
+
+Profiles and config files become shapes in fitplan.profiles; the layout rules, the estimator,
+the step-time model and the trainer all read these.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from fitplan.profiles import ModelShape
+from fitplan.units import BF16, MXFP4
 
-BF16 = 2
-# OCP MXFP4: 4-bit E2M1 values + one 8-bit E8M0 scale per 32 values = 4.25 bits per parameter
-# (gpt-oss model card, arXiv:2508.10925). Applies to the MoE expert weight matrices only.
-MXFP4_BYTES_PER_PARAM = 4.25 / 8
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a transformer that memory and FLOPs depend on."""
+
+    name: str
+    model_type: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    intermediate: int  # dense MLP width (also the dense layers of an MoE model)
+    max_positions: int | None = None
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    # Mixture of experts (0 experts: dense)
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    shared_experts: int = 0
+    dense_layers: int = 0  # leading dense layers of an MoE model (DeepSeek's first_k_dense_replace)
+    # Quantized checkpoint format of the expert weights ("mxfp4" for gpt-oss), None if plain
+    packed_format: str | None = None
+    # Multi-head latent attention (DeepSeek): per-layer attention parameter count override
+    mla_attention_params: int | None = None
+    raw: dict = field(default_factory=dict, repr=False, compare=False, hash=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts > 0
+
+    @property
+    def moe_layers(self) -> int:
+        return self.layers - self.dense_layers if self.is_moe else 0
+
+    def default_aux_layers(self) -> tuple[int, int, int]:
+        """Eagle3's captured layers: [1, n/2 - 1, n - 4], as SpecForge picks them.
+
+        A target too shallow for those to be distinct (fewer than 7 layers) gets its first,
+        middle and last layers instead.
+        """
+        n = self.layers
+        usual = (1, n // 2 - 1, n - 4)
+        return usual if usual[0] < usual[1] < usual[2] else (0, n // 2, n - 1)
+
+
+@dataclass(frozen=True)
+class DraftShape:
+    """An Eagle3 draft: one Llama-style decoder layer over target features."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int  # the target's vocab (the frozen embedding's rows)
+    draft_vocab: int
+    target_hidden: int  # fc input is 3 x this
+    aux_layers: tuple[int, ...]
+
+    def trainable_params(self) -> int:
+        """fc + attention (2h-wide input) + MLP + norms + lm_head (memory-anatomy.md §4)."""
+        h, d = self.hidden, self.head_dim
+        fc = 3 * self.target_hidden * h
+        attn = 2 * h * (self.heads + 2 * self.kv_heads) * d + self.heads * d * h
+        mlp = 3 * h * self.intermediate
+        norms = 4 * h
+        return fc + attn + mlp + norms + h * self.draft_vocab
+
+    def frozen_params(self) -> int:
+        return self.vocab * self.hidden
+
+
+# ---------------------------------------------------------------- parameter counts
 
 
 @dataclass(frozen=True)
@@ -95,7 +173,7 @@ def count_params(m: ModelShape) -> ParamCounts:
     if m.is_moe:
         fused = m.experts * 2 * m.expert_intermediate * m.hidden
         per_tensor = fused if m.model_type == "gpt_oss" else m.expert_intermediate * m.hidden
-        if per_tensor * MXFP4_BYTES_PER_PARAM > embed * BF16 or per_tensor > embed:
+        if per_tensor * MXFP4 > embed * BF16 or per_tensor > embed:
             return ParamCounts(experts, other, per_tensor, "expert gate_up weight", True)
     return ParamCounts(experts, other, embed, "embedding [V, h]", False)
 
@@ -103,5 +181,5 @@ def count_params(m: ModelShape) -> ParamCounts:
 def weight_bytes(m: ModelShape, packed: bool) -> int:
     """Frozen target weight bytes, unsharded: bf16, or MXFP4 experts when `packed`."""
     c = count_params(m)
-    expert_bytes = c.expert_weights * (MXFP4_BYTES_PER_PARAM if packed else BF16)
+    expert_bytes = c.expert_weights * (MXFP4 if packed else BF16)
     return int(expert_bytes) + c.other * BF16
