@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from fitplan.estimator.result import PHASES
+from fitplan.units import GIB
 
 MISS_FRACTION = 0.10  # beyond this the report flags the phase in red and dumps a snapshot
-GIB = 1 << 30
 
 
 def _error(measured: int, predicted: int) -> float | None:
