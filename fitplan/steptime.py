@@ -22,13 +22,13 @@ from fitplan.layout import Job
 from fitplan.shapes import ModelShape, count_params
 from fitplan.units import BF16, FP32
 
-# Achievable fractions of the bf16 peak, per compute path, calibrated (round 2) on steady step
-# times of `fitplan train` / the sft job: tests/data/gpu/multi_train_x{2,4}.jsonl (current
-# trainer) and tests/data/gpu/validation/h200_rows.jsonl (meas_step_s; eagle3 rows predate
-# commit f6a6628). The efficiency each run implies is FLOPs / (peak * (measured - comm)).
+# Achievable fractions of the bf16 peak, per compute path, calibrated on steady step times of
+# `fitplan train` / the sft job: tests/data/gpu/multi_train_x{2,4}.jsonl and
+# tests/data/gpu/validation/h200_rows.jsonl (meas_step_s; its eagle3 rows ran on a trainer that
+# still built the dense TTT mask). The efficiency each run implies is FLOPs / (peak * (measured - comm)).
 # - Dense GEMMs (dense targets and every draft): fitted on the qwen3-8b tp2 runs (0.397-0.421);
 #   checked on qwen3-8b tp4 (0.392: predicted 7% fast) and the one-GPU H200 dense eagle3 rows
-#   (0.453-0.476: predicted 8-13% slow; pre-f6a6628 trainer).
+#   (0.453-0.476: predicted 8-13% slow; the trainer with the dense TTT mask).
 DENSE_EFFICIENCY = 0.42
 # - MoE targets in transformers' eager expert loop (gpt-oss, Qwen-MoE: one bf16 GEMM per routed
 #   expert in a Python loop), and the eager attention of gpt-oss (no SDPA path in transformers),

@@ -65,10 +65,9 @@ def draft_activation_bytes(job: Job) -> int:
 
     With activation checkpointing a step keeps only its inputs and outputs: the embedding, the
     output hidden (with the final norm's rstd and output: 6h + 4 per token), and the keys and
-    values of steps 0..L-2, which later steps' checkpoints hold as inputs. (A term for compiled
-    flex keeping its saved tensors under the checkpoint was dropped: the gap it explained was the
-    dense TTT mask rebuilt in every recompute, fixed in f6a6628; llama-3.1-8b seq 32k with
-    checkpointing on an H200 then measured 67.65 GiB allocated against 67.6 without the term,
+    values of steps 0..L-2, which later steps' checkpoints hold as inputs. (Compiled flex keeps
+    none of its saved tensors under the checkpoint: llama-3.1-8b seq 32k with checkpointing on an
+    H200 measured 67.65 GiB allocated against 67.6 predicted without such a term,
     tests/data/gpu/validation/h200_postfix_rows.jsonl.)
     """
     d, T, L = job.draft, _tokens(job), job.spec.ttt

@@ -37,16 +37,15 @@ CUBLAS_WORKSPACE_BYTES = 32 * MIB
 # --- between allocated and reserved --------------------------------------------------------
 # The caching allocator rounds blocks up (2 MiB segments for large allocations) and keeps freed
 # blocks cached that later shapes do not fit; published planners that compare with allocated
-# memory miss 8-33% (memory-anatomy §6).
+# memory miss 8-33% (docs/estimate.md, "Runtime").
 #
-# fitplan's Eagle3 trainer, calibration round 2 (after commit f6a6628 stopped trainer/draft.py
-# materialising the dense TTT mask, the S^2*L term of round 1 is gone):
+# fitplan's Eagle3 trainer (trainer/draft.py builds no dense TTT mask, so no S^2*L term):
 # - 9.7 B per token and draft-vocab entry: about one more per-step logits tail (bf16 logits +
 #   fp32 cross-entropy product, 6*Vd per token) that stays cached beside the live one. Fitted,
 #   as the largest ratio, on the three H100 reports whose mask term was small (<= 0.13 GiB),
 #   tests/data/gpu/{llama-2k-mb1,llama-2k-mb2,gptoss-2k-mb1}.json: reserved - allocated 0.56,
-#   1.15, 0.59 GiB = 9.2, 9.4, 9.7 B per entry. These predate f6a6628, so the fit is an upper
-#   bound; no single-GPU report of the current trainer exists yet. Not re-checked: qwen3-8k-mb1
+#   1.15, 0.59 GiB = 9.2, 9.4, 9.7 B per entry. Those runs still materialised the dense TTT
+#   mask, so the fit is an upper bound. Not re-checked: qwen3-8k-mb1
 #   (4.03 GiB, 16.5 B, its 8k dense mask included) and llama-8k-mb1-ac (6.79 GiB, checkpointing).
 # - With TP the output exchange (trainer/parallel/outputs.py) frees, each step, full-vocab blocks
 #   that the draft's tensors fit only in part, so they stay cached: 2.5 own-rows blocks
