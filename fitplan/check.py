@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from fitplan.config import RunSpec, load_spec
 from fitplan.errors import FitplanError
-from fitplan.estimator.result import Estimate
+from fitplan.estimator.result import Estimate, Verdict
 from fitplan.specforge import parse_command
 
 EstimateSpecFn = Callable[[RunSpec], Estimate]
@@ -37,15 +37,16 @@ class CheckRow:
 
     @property
     def verdict(self) -> str:
+        """The estimate's verdict in capitals when it fails, TIGHT under the margin, else fits."""
         if not self.estimate.fits:
             return self.estimate.verdict.upper()
         if not self.estimate.fits_with_margin(self.margin):
             return "TIGHT"
-        return "fits"
+        return Verdict.FITS
 
     @property
     def passed(self) -> bool:
-        return self.verdict == "fits"
+        return self.verdict == Verdict.FITS
 
     @property
     def delta_bytes(self) -> int | None:
@@ -67,7 +68,7 @@ class CheckRow:
         return {
             "path": self.path,
             **self.estimate.to_json(),
-            "verdict": self.verdict,  # the gate's, with TIGHT, over the estimate's
+            "verdict": str(self.verdict),  # the gate's, with TIGHT, over the estimate's
             "baseline_peak_reserved_bytes": self.baseline.peak_reserved_bytes if self.baseline else None,
             "delta_bytes": self.delta_bytes,
             "moved_most": {"component": moved[0], "delta_bytes": moved[1]} if moved else None,

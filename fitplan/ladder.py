@@ -225,7 +225,7 @@ def _entry(cand: Candidate, original: Candidate, fits: bool) -> TrailEntry:
         change=cand.change or "(as given)",
         peak_reserved_bytes=cand.estimate.peak_reserved_bytes,
         fits=fits,
-        verdict=cand.estimate.verdict,
+        verdict=cand.estimate.verdict.value,
         slowdown=cand.time.step_s / original.time.step_s - 1,
     )
 

@@ -10,7 +10,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from fitplan.estimator.result import Estimate
+from fitplan.estimator.result import Estimate, Verdict
 from fitplan.units import GIB
 
 
@@ -31,9 +31,9 @@ def component_names(est: Estimate) -> list[str]:
 
 
 def verdict(est: Estimate) -> str:
-    if est.verdict == "fits":
+    if est.verdict == Verdict.FITS:
         return f"FITS with {gib(est.headroom_bytes)} GiB headroom"
-    if est.verdict == "at risk":
+    if est.verdict == Verdict.AT_RISK:
         short = est.required_if_fragmented_bytes - est.gpu_total_bytes
         return (f"AT RISK: fits only if fragmentation spares its largest request ({gib(short)} GiB short if a "
                 f"{gib(est.stranded_block_bytes)} GiB block stays cached); set expandable_segments: true")
@@ -108,7 +108,7 @@ def device_peak_line(est: Estimate) -> str:
     unconstrained = est.unconstrained_peak_bytes
     if est.peak_reserved_bytes == unconstrained:
         return f"device peak {gib(est.peak_reserved_bytes)} GiB = {parts}"
-    if est.verdict != "OOM":  # squeezed: the allocator gives cached blocks back first
+    if est.verdict != Verdict.OOM:  # squeezed: the allocator gives cached blocks back first
         return (f"device peak {gib(est.peak_reserved_bytes)} GiB (the device, full: {parts} = {gib(unconstrained)},"
                 f" and the allocator frees cached blocks first; the job needs {gib(est.required_bytes)})")  # fmt: skip
     return f"device peak {gib(est.peak_reserved_bytes)} GiB needed = allocated + the reserve's floor + outside ({parts} with room)"

@@ -15,6 +15,7 @@ from rich.table import Table
 from fitplan.commands.common import clean_errors, spec_flags
 from fitplan.config import RunSpec, load_spec
 from fitplan.errors import FitplanError
+from fitplan.estimator.result import Verdict
 from fitplan.ladder import Candidate, FitResult, fit
 from fitplan.records import Plan, check_writable, write_plan
 from fitplan.specforge import flag_changes, parse_command
@@ -58,7 +59,7 @@ def trail_table(result: FitResult) -> Table:
     table = Table(title="fix ladder", title_justify="left")
     for col in ("rung", "change", "peak (GiB)", "fits", "slowdown"):
         table.add_column(col, justify="right" if col in ("peak (GiB)", "slowdown") else "left")
-    marks = {"fits": "[yellow]tight[/]", "at risk": "[yellow]at risk[/]", "OOM": "[red]no[/]"}
+    marks = {Verdict.FITS: "[yellow]tight[/]", Verdict.AT_RISK: "[yellow]at risk[/]", Verdict.OOM: "[red]no[/]"}
     for e in result.trail:
         mark = "[green]yes[/]" if e.fits else marks[e.verdict]  # not fitting: short of margin, or worse
         table.add_row(e.rung, e.change, f"{e.peak_reserved_bytes / GIB:.1f}", mark, f"{e.slowdown:+.1%}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from fitplan.estimator import draft_terms, target_terms
 from fitplan.estimator.recipes import TrainedState
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
-from fitplan.estimator.timeline import Timeline, merge, phase
+from fitplan.estimator.timeline import Component, Timeline, merge, phase
 from fitplan.layout import Job
 from fitplan.units import FP32
 
@@ -67,8 +67,8 @@ def backward_grads(job: Job, state: TrainedState) -> dict[str, int]:
     then, so this instant is the backward peak only when grads outweigh the activations."""
     if state.sharded_grads():
         largest = max(n for n, trainable in draft_units(job).values() if trainable)
-        return {"draft.grads": state.grads(), "comm.buffers": largest * state.recipe.grad}
-    return {"draft.grads": state.full_grads()}
+        return {Component.DRAFT_GRADS: state.grads(), Component.COMM_BUFFERS: largest * state.recipe.grad}
+    return {Component.DRAFT_GRADS: state.full_grads()}
 
 
 def target_forward_instants(job: Job) -> list[dict[str, int]]:

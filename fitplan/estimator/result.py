@@ -8,6 +8,7 @@ reports measured peaks under the same phase names, so comparing is a join.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 # Phases of one training step, in time order, after `load`. The estimator predicts each for
@@ -15,6 +16,17 @@ from typing import Any
 # steady state (step >= 2); `phases` holds the steady-state ones, `step1_phases` step 1's.
 PHASES = ("load", "target_forward", "draft_forward", "backward", "optimizer_step", "checkpoint")
 SFT_PHASES = ("load", "forward", "backward", "optimizer_step", "checkpoint")
+
+
+class Verdict(str, Enum):
+    """Whether a job fits: the values compare and serialize as their strings."""
+
+    FITS = "fits"
+    AT_RISK = "at risk"
+    OOM = "OOM"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
 
 
 @dataclass(frozen=True)
@@ -67,12 +79,12 @@ class Estimate:
         return self.required_bytes + self.stranded_block_bytes
 
     @property
-    def verdict(self) -> str:
+    def verdict(self) -> Verdict:
         """`fits`, `OOM`, or `at risk`: it needs no more than the device, but fragmentation can strand
         enough cached memory to fail its largest request (runtime.stranded_block_bytes)."""
         if self.required_bytes > self.gpu_total_bytes:
-            return "OOM"
-        return "at risk" if self.required_if_fragmented_bytes > self.gpu_total_bytes else "fits"
+            return Verdict.OOM
+        return Verdict.AT_RISK if self.required_if_fragmented_bytes > self.gpu_total_bytes else Verdict.FITS
 
     @property
     def peak_reserved_bytes(self) -> int:
@@ -98,7 +110,7 @@ class Estimate:
     @property
     def fits(self) -> bool:
         """Runs whatever the allocator's luck: a job `at risk` does not count as fitting."""
-        return self.verdict == "fits"
+        return self.verdict == Verdict.FITS
 
     def fits_with_margin(self, margin_fraction: float) -> bool:
         return self.fits and self.headroom_bytes >= margin_fraction * self.gpu_total_bytes
@@ -117,7 +129,7 @@ class Estimate:
         """The stable JSON interface (docs/cli.md): names here are a public contract."""
         return {
             "fits": self.fits,
-            "verdict": self.verdict,
+            "verdict": self.verdict.value,
             "peak_allocated_bytes": self.peak_allocated_bytes,
             "peak_reserved_bytes": self.peak_reserved_bytes,
             "gpu_total_bytes": self.gpu_total_bytes,
