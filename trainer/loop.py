@@ -241,6 +241,16 @@ def suggestion(spec) -> str | None:
     return chosen.change if chosen is not None else None
 
 
+def run_here(opts: TrainOptions, progress: bool = False) -> dict:
+    """`run` in this process; in a torchrun worker, with torch's error recorder (a failing rank's
+    traceback reaches the launcher's summary) and the process group shut down after."""
+    if not parallel.inside_worker():
+        return run(opts, progress)
+    report = parallel.record(run)(opts, progress=progress)
+    parallel.shutdown_distributed()
+    return report
+
+
 def run(opts: TrainOptions, progress: bool = False) -> dict:
     """Train; returns the report (rank 0 also writes it to OUTPUT/report.json)."""
     job = resolve(opts.spec)

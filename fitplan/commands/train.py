@@ -104,11 +104,10 @@ def train_command(
     check_gpus_present(job.cluster, device)
     from trainer import parallel
 
-    if job.world > 1 and not parallel.inside_worker():
-        if job.cluster.nodes > 1:
-            raise FitplanError("multi-node plans are launched with torchrun on every node; run this under torchrun")
-        sys.exit(parallel.launch_workers(["-m", "fitplan.cli", *sys.argv[1:]], job.cluster.gpus_per_node))
-    from trainer.loop import run
+    code = parallel.relaunch(job.world, job.cluster.nodes, job.cluster.gpus_per_node, ["-m", "fitplan.cli", *sys.argv[1:]])
+    if code is not None:
+        sys.exit(code)
+    from trainer.loop import run_here
     from trainer.options import TrainOptions
 
     opts = TrainOptions(
@@ -116,12 +115,7 @@ def train_command(
         synthetic_data=synthetic_data, random_weights=random_weights, lr=lr, warmup=warmup,
         save_every=save_every, resume=resume, seed=seed, device=device,
     )
-    if parallel.inside_worker():
-        # torchrun's error recorder: a failing rank's traceback reaches the launcher's summary
-        report = parallel.record(run)(opts, progress=not as_json)
-        parallel.shutdown_distributed()
-    else:
-        report = run(opts, progress=not as_json)
+    report = run_here(opts, progress=not as_json)
     if _rank() != 0:  # one rank speaks for a multi-GPU run
         return
     if as_json:

@@ -11,7 +11,7 @@
 
 from trainer.parallel.context import DistContext, check_tp_for_model, init_distributed, shutdown_distributed
 from trainer.parallel.draft_sharding import FSDP_SHARDINGS, set_micro_step, shard_draft
-from trainer.parallel.launch import inside_worker, launch_workers, record, torchrun_command
+from trainer.parallel.launch import inside_worker, launch_workers, record, relaunch, torchrun_command
 from trainer.parallel.measurements import Gathered, gather_measurements
 from trainer.parallel.outputs import MODES, collect_target_outputs, group_batch
 from trainer.parallel.tensor_parallel import full_tensor, parallelize_layer, parallelize_root, parallelize_target
@@ -19,6 +19,6 @@ from trainer.parallel.tensor_parallel import full_tensor, parallelize_layer, par
 __all__ = [
     "DistContext", "FSDP_SHARDINGS", "Gathered", "full_tensor", "MODES", "check_tp_for_model", "collect_target_outputs", "gather_measurements",
     "group_batch", "init_distributed", "inside_worker", "launch_workers", "parallelize_layer", "parallelize_root",
-    "parallelize_target", "record",
+    "parallelize_target", "record", "relaunch",
     "set_micro_step", "shard_draft", "shutdown_distributed", "torchrun_command",
 ]

@@ -20,12 +20,22 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from fitplan.errors import FitplanError
 
-__all__ = ["launch_workers", "torchrun_command", "inside_worker", "record"]
+__all__ = ["launch_workers", "relaunch", "torchrun_command", "inside_worker", "record"]
 
 
 def inside_worker() -> bool:
     """True in a process torchrun started: it must train, not launch again."""
     return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def relaunch(world: int, nodes: int, gpus_per_node: int, argv: Sequence[str]) -> Optional[int]:
+    """Start torchrun's workers for a job of several ranks and return its exit code; None when
+    this process trains the job itself (one rank, or already a worker)."""
+    if world == 1 or inside_worker():
+        return None
+    if nodes > 1:
+        raise FitplanError("multi-node plans are launched with torchrun on every node; run this under torchrun")
+    return launch_workers(argv, gpus_per_node)
 
 
 def torchrun_command(
