@@ -197,13 +197,11 @@ def near_limit_value(spec: RunSpec, knob: str, intent: str, predict: Predict, ma
     return grid[index]
 
 
-def resolve_row(row: Row, predict: Predict | None) -> RunSpec:
+def resolve_row(row: Row, predict: Predict) -> RunSpec:
     """The RunSpec a row runs: its own, or with the near-limit knob set by the estimator."""
     spec = row.base_spec()
     if row.search is None:
         return spec
-    if predict is None:
-        raise FitplanError("near-limit row needs the estimator (fitplan.estimator.estimate_spec), not in this checkout")
     return spec.replace(**{row.search: near_limit_value(spec, row.search, row.intent, predict)})
 
 

@@ -89,7 +89,7 @@ def load_results(folder: Path | None, trainer_reports: Path | None = None, repre
 def set_aside_busy(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows that started on a GPU still holding another process's memory measured that memory too
     (device-level readings are per GPU): status `spoiled`, no measured figures, no verdict."""
-    from fitplan.validation.runner import IDLE_GPU_MIB
+    from fitplan.validation.figures import IDLE_GPU_MIB
 
     if "gpu_used_at_start_mib" not in frame:
         return frame

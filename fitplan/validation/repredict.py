@@ -14,8 +14,8 @@ import pandas as pd
 
 from fitplan.config import RunSpec, spec_from_mapping
 from fitplan.estimator import estimate_spec
+from fitplan.validation.figures import predict
 from fitplan.validation.matrix import MATRIX, resolve_row
-from fitplan.validation.runner import predict
 
 PREDICTED = ("pred_alloc", "pred_device", "pred_reserve", "pred_outside", "gpu_total", "pred_fits", "pred_verdict",
              "pred_step_s")  # fmt: skip

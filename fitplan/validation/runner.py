@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -29,11 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-
-from fitplan.config import RunSpec
 from fitplan import records
+from fitplan.config import RunSpec
 from fitplan.errors import FitplanError
+from fitplan.estimator import estimate_spec
 from fitplan.profiles import load_gpu
+from fitplan.validation.figures import IDLE_GPU_MIB, measured, predict
 from fitplan.validation.matrix import MATRIX, Row, resolve_row, select
 
 STEPS = 3  # steps 1-3: step 1 has no optimizer state yet, steps >= 2 are steady state
@@ -64,7 +64,6 @@ def local_gpus() -> LocalGpus:
     return LocalGpus(names[0] if names else "", len(names))
 
 
-IDLE_GPU_MIB = 1024  # a GPU using more than this before a row starts still holds someone's memory
 IDLE_WAIT_S = 120
 
 
@@ -99,43 +98,6 @@ def skip_reason(row: Row, gpus: LocalGpus) -> str | None:
     if gpus.count < row.world:
         return f"needs {row.world} GPUs; this machine has {gpus.count}"
     return None
-
-
-# ---------------------------------------------------------------- prediction
-
-
-def estimator() -> Callable[[RunSpec], Any] | None:
-    try:
-        from fitplan.estimator import estimate_spec
-    except ImportError:  # the estimator is being written in parallel; rows still run without it
-        return None
-    return estimate_spec
-
-
-def predict(spec: RunSpec) -> dict[str, Any]:
-    """Predicted figures of one row (empty when the estimator is not in this checkout)."""
-    estimate_spec = estimator()
-    if estimate_spec is None:
-        return {}
-    est = estimate_spec(spec)
-    out = {
-        "pred_alloc": est.peak_allocated_bytes,
-        "pred_device": est.peak_reserved_bytes,
-        "pred_reserve": est.allocator_reserve_bytes,
-        "pred_outside": est.outside_allocator_bytes,
-        "gpu_total": est.gpu_total_bytes,
-        "pred_fits": est.fits,
-        "pred_verdict": est.verdict,
-        "estimate": est.to_json(),
-    }
-    from fitplan.layout import resolve
-    from fitplan.steptime import step_time
-
-    out["pred_step_s"] = step_time(resolve(spec)).step_s
-    return out
-
-
-# ---------------------------------------------------------------- one row
 
 
 def command(spec: RunSpec, world: int, plan: Path, report: Path) -> list[str]:
@@ -194,7 +156,7 @@ def launch(row: Row, gpus: LocalGpus, out: Path, gpu_ids: tuple[int, ...] | None
     if reason is not None:
         return {**result, "status": "skipped", "reason": reason}
     try:
-        spec = resolve_row(row, estimator())
+        spec = resolve_row(row, estimate_spec)
         result.update(seq=spec.seq, micro_batch=spec.micro_batch, **predict(spec))
     except FitplanError as exc:  # the estimator refuses the row: nothing to compare it with
         return {**result, "status": "skipped", "reason": str(exc)}
@@ -298,22 +260,6 @@ def outcome(returncode: int, stderr: str, workdir: Path) -> dict[str, Any]:
     if returncode != 0 or main is None:
         return {"status": "failed", "reason": f"exit {returncode}: {_last_line(stderr)}"[:300]}
     return {"status": "ran", "observed_fits": True, "device_name": main.get("device"), **measured(main)}
-
-
-def measured(report: dict[str, Any]) -> dict[str, Any]:
-    """Peaks over every phase of steps >= 2 (steady state) and the median step time."""
-    steady = [s for s in report["steps"] if s["step"] >= 2] or report["steps"]
-    phases = [p for s in steady for p in s["phases"].values()]
-    times = [s["seconds"] for s in steady if s.get("seconds") is not None]
-    return {
-        "meas_alloc": max(p["allocated"] for p in phases),
-        "meas_reserved": max(p["reserved"] for p in phases),
-        # device_used at each phase end: the allocator only grows within a run, so the largest
-        # phase-end reading is the device-level peak (context and NCCL buffers included)
-        "meas_device": max(p["device_used"] for p in phases),
-        "meas_step_s": statistics.median(times) if times else None,
-        "steps_measured": len(report["steps"]),
-    }
 
 
 def _last_line(text: str, containing: str = "") -> str:

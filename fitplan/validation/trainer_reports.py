@@ -15,8 +15,8 @@ from typing import Any
 from fitplan.errors import FitplanError
 from fitplan.profiles import load_gpu
 from fitplan.records import read_measurement
+from fitplan.validation.figures import measured
 from fitplan.validation.matrix import KINDS
-from fitplan.validation.runner import measured
 
 
 def kind_of(device: str, world: int) -> str:
