@@ -13,17 +13,16 @@ memory anatomy holds for code we did not write.
 Each phase (load, forward, backward, optimizer_step) of steps 1..N is measured on CUDA with
 max_memory_allocated / max_memory_reserved after reset_peak_memory_stats at the phase start, and
 `device_used` = total - free at the phase end; on CPU only wall times and the loss are reported.
-The report is the measurement JSON of docs/architecture.md plus the estimator's prediction.
+The report is fitplan's measurement record (fitplan/records.py) plus the estimator's prediction;
+the job's rules and the distributed setup are the trainer's (fitplan.layout, trainer.parallel).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,33 +30,17 @@ import torch
 
 from fitplan.config import RunSpec, load_spec
 from fitplan.errors import FitplanError
+from fitplan.layout import resolve
+from fitplan.records import write_measurement
 from fitplan.profiles import load_model_config
 from trainer.measure import Meter
+from trainer.parallel import DistContext, init_distributed
 from trainer.optim import MASTER_RECIPES, autocast, param_dtype
 from trainer.optim import build_optimizer as build_recipe_optimizer
 
 # Keys of a profile that are documentation or belong to a checkpoint format, not to the model
 # class: from_config builds plain bf16/fp32 weights, never a quantized layout.
 _NOT_MODEL_CONFIG = ("quantization_config", "mxfp4_format", "torch_dtype", "dtype")
-
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int
-    world: int
-    device: torch.device
-
-
-def init_ranks() -> Ranks:
-    """World 1 without torchrun; under torchrun one process group (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(rank=int(os.environ.get("RANK", "0")), world=world, device=device)
 
 
 # ---------------------------------------------------------------- model, sharding, optimizer
@@ -110,12 +93,10 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def shard(model: torch.nn.Module, spec: RunSpec, ranks: Ranks) -> None:
+def shard(model: torch.nn.Module, spec: RunSpec, ranks: DistContext) -> None:
     """FSDP2 per decoder layer, then the root (embedding, final norm, lm_head) as its own unit."""
     if ranks.world == 1:
         return
-    if spec.sharding not in ("zero2", "zero3"):
-        raise FitplanError(f"sft_step on {ranks.world} ranks needs sharding zero2 or zero3, got {spec.sharding}")
     from torch.distributed.fsdp import fully_shard
 
     reshard = spec.sharding == "zero3"
@@ -126,15 +107,13 @@ def shard(model: torch.nn.Module, spec: RunSpec, ranks: Ranks) -> None:
 
 def build_optimizer(model: torch.nn.Module, spec: RunSpec, device: torch.device, lr: float = 1e-5):
     """The recipes of trainer/optim.py; plain AdamW is the fused kernel users run on GPUs."""
-    if spec.optimizer != "adamw":
-        raise FitplanError(f"sft_step runs torch.optim.AdamW only; optimizer {spec.optimizer!r} is not supported")
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.precision in MASTER_RECIPES:  # fp32 masters; `mixed` also accumulates fp32 grads
         return build_recipe_optimizer(params, spec.precision, lr)
     return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
 
 
-def max_over_ranks(phases: dict[str, dict[str, Any]], ranks: Ranks) -> dict[str, dict[str, Any]]:
+def max_over_ranks(phases: dict[str, dict[str, Any]], ranks: DistContext) -> dict[str, dict[str, Any]]:
     """The busiest rank's figure for each phase and field (what decides an OOM)."""
     if ranks.world == 1:
         return phases
@@ -144,10 +123,8 @@ def max_over_ranks(phases: dict[str, dict[str, Any]], ranks: Ranks) -> dict[str,
 
 
 def prediction(spec: RunSpec) -> dict[str, Any]:
-    try:
-        from fitplan.estimator import estimate_spec
-    except ImportError:
-        return {"unavailable": "fitplan.estimator.estimate_spec is not in this checkout"}
+    from fitplan.estimator import estimate_spec
+
     return estimate_spec(spec).to_json()
 
 
@@ -159,7 +136,7 @@ def synthetic_batch(spec: RunSpec, vocab: int, device: torch.device, generator: 
     return torch.randint(0, vocab, (spec.micro_batch, spec.seq), device=device, generator=generator)
 
 
-def run(spec: RunSpec, steps: int, ranks: Ranks) -> dict[str, Any]:
+def run(spec: RunSpec, steps: int, ranks: DistContext) -> dict[str, Any]:
     """Train `steps` steps; returns the report. A CUDA OOM ends the run with an `oom` entry."""
     report: dict[str, Any] = {
         "config": spec.to_dict(),
@@ -178,7 +155,7 @@ def run(spec: RunSpec, steps: int, ranks: Ranks) -> dict[str, Any]:
     return report
 
 
-def train(spec: RunSpec, steps: int, ranks: Ranks, meter: Meter, report: dict, where: dict) -> None:
+def train(spec: RunSpec, steps: int, ranks: DistContext, meter: Meter, report: dict, where: dict) -> None:
     """The load phase goes to report["load"], each step to report["steps"] (the trainer's layout)."""
     accum = spec.accum or 1
     with meter.phase("load"):
@@ -210,6 +187,7 @@ def train(spec: RunSpec, steps: int, ranks: Ranks, meter: Meter, report: dict, w
             {
                 "step": step,
                 "phases": max_over_ranks(meter.new_step(), ranks),
+                "allocator": meter.allocator_events(),
                 "loss": total_loss,
                 "seconds": seconds,
                 "tokens_per_s": spec.micro_batch * spec.seq * accum * ranks.world / seconds,
@@ -223,7 +201,7 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def report_path(path: Path, ranks: Ranks, oom: bool) -> Path | None:
+def report_path(path: Path, ranks: DistContext, oom: bool) -> Path | None:
     """Rank 0 writes the report; a rank that hit an OOM writes its own (the others may hang)."""
     if oom and ranks.rank != 0:
         return path.with_name(f"{path.stem}.rank{ranks.rank}{path.suffix}")
@@ -240,17 +218,18 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.config)
         if spec.workload != "sft":
             raise FitplanError(f"{args.config}: trainer.sft_step runs workload sft, got {spec.workload}")
+        resolve(spec)  # the job's rules, as every fitplan command checks them, before loading
+        ranks = init_distributed(1, cpu=not torch.cuda.is_available())
     except FitplanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ranks = init_ranks()
     report = run(spec, args.steps, ranks)
     if ranks.rank == 0:
         report["prediction"] = prediction(spec)
     path = report_path(args.report, ranks, "oom" in report)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1))
+        write_measurement(path, report)
     if "oom" in report and ranks.world > 1:
         # the other ranks wait in a collective that will never complete, and a normal exit waits
         # on them in NCCL's teardown (seen on 4 H200s: the job hung until killed); leave now so
