@@ -88,11 +88,12 @@ def summary_lines(result: FitResult) -> list[str]:
     if c.spec.runtime == "specforge":
         flags = flag_changes(result.original.spec, c.spec)
         lines.append("SpecForge: " + ("; ".join(flags) if flags else "no flag changes"))
-    return lines + refused_lines(result)
+    return lines
 
 
 def refused_lines(result: FitResult) -> list[str]:
-    """Rungs the job's rules ruled out, so the user knows why a known remedy was not tried."""
+    """Rungs the job's rules ruled out: when nothing fits, the user learns why a known remedy
+    was not tried (when a plan fits, they would only have been slower)."""
     reasons = dict.fromkeys(reason for _, reason in result.refused)
     return [f"[dim]not tried: {escape(reason)}[/]" for reason in reasons]
 
