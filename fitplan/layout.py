@@ -26,6 +26,9 @@ TRAINER_TP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gpt_o
 TRAINER_SHARDINGS = ("zero2", "zero3")
 # Knobs the embedded trainer does not carry out yet, with the value it runs instead.
 TRAINER_KNOBS = {"optimizer": "adamw", "offload": "none", "target_weights": "bf16"}
+# What SpecForge's classic train_eagle3.py runs whatever it is told: one FSDP SHARD_GRAD_OP unit
+# and its BF16Optimizer (bf16 parameters, fp32 master and moments), no offload.
+SPECFORGE_KNOBS = {"sharding": "zero2", "precision": "bf16-master", "optimizer": "adamw", "offload": "none"}
 # The Eagle3 draft's fc layer reads three target layers concatenated (3h -> h).
 AUX_LAYER_COUNT = 3
 
@@ -150,6 +153,10 @@ def check_runtime(spec: RunSpec, world: int) -> None:
     if spec.runtime == "specforge":
         if spec.workload != "eagle3":
             raise FitplanError("runtime specforge runs the eagle3 workload only; for sft use runtime fitplan")
+        for knob, runs in SPECFORGE_KNOBS.items():
+            if getattr(spec, knob) != runs:
+                raise FitplanError(f"{knob} {getattr(spec, knob)}: SpecForge's train_eagle3.py runs {knob} {runs} "
+                                   f"whatever it is told (accepted with --runtime specforge: {runs})")
         return
     for knob, runs in TRAINER_KNOBS.items():
         value = getattr(spec, knob)

@@ -160,12 +160,6 @@ def test_trainer_state_phases_match_untied(tmp_path):
     assert all(abs(e) <= 0.05 for e in errors.values()), errors
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "trainer/target.py build_random unties a tied target: to_empty() gives embed_tokens a new "
-    "Parameter and lm_head is materialized on its own, so --random-weights runs hold [V, h] twice "
-    "(+36% load on this tiny model; +0.73 GiB, +9.8% load, on llama-3.2-3b 1xH200). "
-    "from_pretrained keeps the tie. Drop this mark once the trainer re-ties (model.tie_weights())."
-))
 def test_trainer_state_phases_match_tied(tmp_path):
     errors = _trainer_errors(tmp_path, tied=True)
     assert all(abs(e) <= 0.05 for e in errors.values()), errors

@@ -75,9 +75,7 @@ def test_cuda_device_level_is_above_reserved_is_above_allocated(tmp_path):
 @pytest.mark.parametrize("model,cuda,cpu", [("llama-3.1-8b", "sdpa", "sdpa"), ("gpt-oss-20b", "flex_attention", "eager")])
 def test_attention_kernel_follows_what_the_model_class_supports(model, cuda, cpu):
     # transformers refuses sdpa for gpt-oss (attention sinks); flex has no backward on CPU
-    from fitplan.config import spec_from_mapping
-
-    config = sft_step.hf_config(spec_from_mapping({"model": model, "workload": "sft", "gpus": "1xH200"}, source="test"))
+    config = sft_step.hf_config(model)
     assert sft_step.attention_kernel(config, torch.device("cuda")) == cuda
     assert sft_step.attention_kernel(config, torch.device("cpu")) == cpu
 

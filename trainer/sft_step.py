@@ -32,33 +32,20 @@ from fitplan.config import RunSpec, load_spec
 from fitplan.errors import FitplanError
 from fitplan.layout import resolve
 from fitplan.records import write_measurement
-from fitplan.profiles import load_model_config
 from trainer.measure import Meter
 from trainer.parallel import DistContext, init_distributed
+from trainer.target import hf_config
 from trainer.optim import MASTER_RECIPES, autocast, param_dtype
 from trainer.optim import build_optimizer as build_recipe_optimizer
 
-# Keys of a profile that are documentation or belong to a checkpoint format, not to the model
-# class: from_config builds plain bf16/fp32 weights, never a quantized layout.
-_NOT_MODEL_CONFIG = ("quantization_config", "mxfp4_format", "torch_dtype", "dtype")
-
-
 # ---------------------------------------------------------------- model, sharding, optimizer
-
-
-def hf_config(spec: RunSpec):
-    from transformers import AutoConfig
-
-    _, raw, _ = load_model_config(spec.model)
-    values = {k: v for k, v in raw.items() if v is not None and k not in _NOT_MODEL_CONFIG}
-    return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
 def build_model(spec: RunSpec, device: torch.device) -> torch.nn.Module:
     """Random weights created directly on the device (no CPU copy, no download)."""
     from transformers import AutoModelForCausalLM
 
-    config = hf_config(spec)
+    config = hf_config(spec.model)
     with device:
         model = AutoModelForCausalLM.from_config(
             config, dtype=param_dtype(spec.precision), attn_implementation=attention_kernel(config, device)

@@ -145,6 +145,9 @@ def build_random(config, device: torch.device, ctx=None, seed: int = 0) -> torch
     rest = [(n, m) for n, m in model.named_modules() if any(p.is_meta for p in m.parameters(recurse=False))]
     for name, module in rest:
         _materialize(module, f"{name}.", device, std, seed, init_buffers, recurse=False)
+    if getattr(config, "tie_word_embeddings", False):
+        # to_empty gave embed_tokens and lm_head tensors of their own: tie them again (one [V, h])
+        model.tie_weights()
     if ctx is not None:
         parallel.parallelize_root(model, ctx)
     _rebuild_rotary(model, device)

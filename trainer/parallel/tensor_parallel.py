@@ -62,6 +62,10 @@ def parallelize_root(model: nn.Module, ctx: DistContext) -> nn.Module:
             "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=True),
         },
     )
+    if getattr(model.config, "tie_word_embeddings", False):
+        # Both styles shard the [V, h] weight over the vocabulary (dim 0) alike, but each made its
+        # own DTensor: share one again, so a tied target holds its embedding once, as before.
+        model.lm_head.weight = model.get_input_embeddings().weight
     return model
 
 
