@@ -1,6 +1,6 @@
 """The fix ladder: the cheapest changes that make a job fit, tried in cost order.
 
-Rungs follow memory-anatomy.md §7: micro-batch down with accumulation up; all-to-all output
+Rungs (docs/fit.md): micro-batch down with accumulation up; all-to-all output
 sharding for a TP target; activation checkpointing; expandable segments; memory-efficient
 attention; more sharding and more TP within the GPUs given; 8-bit optimizer; CPU offload.
 None of them changes what is learned: global batch, sequence length, model and draft stay as

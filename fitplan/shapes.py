@@ -81,7 +81,7 @@ class DraftShape:
     aux_layers: tuple[int, ...]
 
     def trainable_params(self) -> int:
-        """fc + attention (2h-wide input) + MLP + norms + lm_head (memory-anatomy.md §4)."""
+        """fc + attention (2h-wide input) + MLP + norms + lm_head (docs/estimate.md, "Trained state")."""
         h, d = self.hidden, self.head_dim
         fc = 3 * self.target_hidden * h
         attn = 2 * h * (self.heads + 2 * self.kv_heads) * d + self.heads * d * h

@@ -1,7 +1,7 @@
 """SpecForge command lines: a `torchrun ... scripts/train_eagle3.py --flags` launch as a RunSpec.
 
 Many users already have a SpecForge launch script. This module reads the classic
-`train_eagle3.py` flags (memory-anatomy.md §4) into RunSpec values with `runtime: specforge`,
+`train_eagle3.py` flags (docs/fit.md, "SpecForge jobs") into RunSpec values with `runtime: specforge`,
 so the estimator models the job as SpecForge runs it, and turns the fix ladder's changes back
 into SpecForge flags. Flags that do not change memory are accepted quietly; flags it does not
 know are reported and ignored.

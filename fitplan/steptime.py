@@ -58,7 +58,7 @@ MOE_SFT_EFFICIENCY = 0.23
 # (comm is 2-15% of the measured multi-GPU steps).
 LINK_EFFICIENCY = 0.70
 # Fixed cost of one collective (launch + ring latency): makes many small micro-steps slower
-# than few large ones. Placeholder to calibrate, like the efficiencies above.
+# than few large ones. An assumed figure, not measured (the efficiencies above are fitted).
 COLLECTIVE_LATENCY_S = 20e-6
 
 

@@ -2,7 +2,7 @@
 
 Verdicts need no exact figures: a 1xH100 Llama-3.1-8B Eagle3 job at seq 4096 with flex
 attention is the small case; the same job with eager attention at seq 32768 materializes
-[B, H, S, S+k] fp32 scores: 110 B x 32 heads x 32768² ≈ 3.5 TiB (memory-anatomy.md §4),
+[B, H, S, S+k] fp32 scores: 110 B x 32 heads x 32768² ≈ 3.5 TiB (docs/estimate.md, "Draft"),
 far beyond 79 GiB.
 """
 

@@ -48,7 +48,7 @@ def test_gpt_oss_120b_total_and_packed_size():
     assert c.expert_weights == 36 * 128 * 3 * 2880 * 2880
     # published checkpoint size: 60.8 GiB with MXFP4 experts (params_stated_breakdown)
     assert abs(weight_bytes(m, packed=True) / GIB - 60.8) < 0.1
-    # dequantized: ~218 GiB (memory-anatomy §2): 116.83e9 x 2 bytes
+    # dequantized: ~218 GiB (docs/estimate.md): 116.83e9 x 2 bytes
     assert abs(weight_bytes(m, packed=False) / GIB - 116.83e9 * 2 / GIB) < 0.1
 
 
@@ -115,7 +115,7 @@ def test_tp_fold_logits_gather_vs_all_to_all_by_hand():
 
 
 def test_specforge_cascade_is_about_56_gib_for_qwen3_8b_tp8():
-    # memory-anatomy §4: Qwen3-8B, tp 8, B 1, S 4096: ~56 GiB of logits on every rank (12*T_g*V)
+    # docs/estimate.md, SpecForge worked example: Qwen3-8B, tp 8, B 1, S 4096: ~56 GiB of logits on every rank (12*T_g*V)
     est = estimate_spec(RunSpec(model="qwen3-8b", gpus="8xH100", tp=8, runtime="specforge"))
     logits = est.phases["target_forward"]["logits.target"]
     assert logits == 12 * 8 * 4096 * 151936
@@ -126,7 +126,7 @@ def test_specforge_cascade_is_about_56_gib_for_qwen3_8b_tp8():
 
 
 def test_gpt_oss_120b_gathered_logits_exceed_an_h100():
-    # memory-anatomy §4: ~74 GiB for gpt-oss-120b (V = 201088) at tp 8 in SpecForge's cascade
+    # docs/estimate.md, SpecForge worked example: ~74 GiB for gpt-oss-120b (V = 201088) at tp 8 in SpecForge's cascade
     est = estimate_spec(RunSpec(model="gpt-oss-120b", gpus="8xH100", tp=8, runtime="specforge",
                                 target_weights="mxfp4"))
     assert est.phases["target_forward"]["logits.target"] == 12 * 8 * 4096 * 201088  # 73.6 GiB

@@ -32,7 +32,7 @@ def test_unknown_model_suggests_close_names():
 def test_gpu_strings():
     c = parse_gpus("8xH100")
     assert (c.nodes, c.gpus_per_node, c.world) == (1, 8, 8)
-    # H100 80GB as torch reports it: 79.18 GiB (memory-anatomy §1)
+    # H100 80GB as torch reports it: 79.18 GiB (docs/estimate.md)
     assert round(c.gpu.total_bytes / GIB, 2) == 79.18
     two = parse_gpus("2x8xH100")
     assert (two.nodes, two.world) == (2, 16)

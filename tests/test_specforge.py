@@ -90,7 +90,7 @@ def test_cli_bad_specforge_path_is_one_line_exit_2():
 
 def test_fit_answers_with_specforge_flags():
     # Qwen3-8B (V = 151936) at tp 8, B = 1, S = 8192 with the gather cascade: 12·T_g·V bytes with
-    # T_g = 8·8192 is 12 x 65536 x 151936 B = 111 GiB of logits alone (memory-anatomy.md §4), more
+    # T_g = 8·8192 is 12 x 65536 x 151936 B = 111 GiB of logits alone (docs/estimate.md), more
     # than an H100; sharding the output divides it by tp = 8.
     text = ("torchrun --nproc_per_node 8 scripts/train_eagle3.py --target-model-path Qwen/Qwen3-8B "
             "--tp-size 8 --batch-size 1 --max-length 8192")

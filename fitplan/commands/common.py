@@ -47,7 +47,9 @@ HELP: dict[str, str] = {
     "offline": "specforge runtime: offline mode (precomputed hidden states, no live target).",
 }
 
-DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(RunSpec)}
+DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(RunSpec) if f.default is not dataclasses.MISSING
+}
 
 _TYPES: dict[str, Any] = {
     "seq": int, "micro_batch": int, "global_batch": int, "accum": int, "tp": int, "ttt": int,

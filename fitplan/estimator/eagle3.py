@@ -1,6 +1,6 @@
 """The Eagle3 step on one rank with fitplan's trainer: frozen TP target + trainable draft.
 
-Timeline (memory-anatomy §1, §4): the target forward builds the aux hidden states, the logits
+Timeline (docs/estimate.md, "Phases"): the target forward builds the aux hidden states, the logits
 and the teacher; the fitplan trainer drops the full-vocab logits once the teacher exists, so
 the draft forward holds outputs + teacher + the TTT unroll's saved tensors and peaks in its last
 step; backward peaks at its start, before any gradient exists; the optimizer step holds grads +

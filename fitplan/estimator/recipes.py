@@ -1,4 +1,4 @@
-"""Training state per parameter (precision recipes, memory-anatomy §2) and how sharding splits it.
+"""Training state per parameter (precision recipes, docs/estimate.md "Trained state") and how sharding splits it.
 
 A `TrainedState` answers "how many bytes of params / grads / master / moments does this rank
 hold" for a trained model (the Eagle3 draft or the sft model), given the recipe, the optimizer,

@@ -1,6 +1,6 @@
 """The sft step on one rank: a full fine-tune of an HF causal LM with fused AdamW.
 
-Sharding follows the usual FSDP2 layout (memory-anatomy §5): `fully_shard` on every decoder
+Sharding follows the usual FSDP2 layout (docs/estimate.md, "Trained state"): `fully_shard` on every decoder
 layer, then on the root (embedding, final norm, lm_head). zero3 reshards after forward, so
 forward and backward hold the root unit plus two layer units unsharded (the current one and the
 prefetched next); zero2 keeps every unit unsharded from forward until backward ends. `none` on

@@ -1,4 +1,5 @@
-"""SpecForge's classic `scripts/train_eagle3.py` runtime on one rank (memory-anatomy §4).
+"""SpecForge's classic `scripts/train_eagle3.py` runtime on one rank (docs/estimate.md,
+"SpecForge's classic runtime").
 
 What differs from fitplan's trainer:
 - the target runs inside SGLang (fp32 logits for every position; gather, fp32 upcast, per-request
@@ -24,7 +25,7 @@ from fitplan.layout import Job
 from fitplan.units import FP32
 
 # SGLang logits cascade, bytes per (row x vocab entry): fp32 gathered logits (4), fp32 upcast
-# copy (4), cat copy (4) at the peak; 4 (one fp32 copy) stays referenced (memory-anatomy §4).
+# copy (4), cat copy (4) at the peak; 4 (one fp32 copy) stays referenced (docs/estimate.md).
 SGLANG_LOGITS_PEAK = 12
 SGLANG_LOGITS_ALIVE = 4
 # HF backend: bf16 logits gathered by the lm_head plus a shifted bf16 copy, both referenced.

@@ -3,7 +3,7 @@
 With TP the target runs every rank's micro-batch of its TP group: T_g = tp*B*S tokens, with
 activations replicated over the group and weights split. Its vocab-parallel lm_head yields
 [T_g, V/tp] per rank; `gather` leaves every rank holding [T_g, V] (tp times what it needs),
-`all-to-all` only its own [B*S, V] rows (memory-anatomy §4).
+`all-to-all` only its own [B*S, V] rows (docs/estimate.md, "Target forward").
 """
 
 from __future__ import annotations
