@@ -141,6 +141,7 @@ def model_shape_from_config(cfg: dict[str, Any], name: str, source: str) -> Mode
         shared_experts=_int(cfg, "n_shared_experts", default=0) or 0,
         dense_layers=_int(cfg, "first_k_dense_replace", default=0) or 0,
         packed_format=quant.get("quant_method") if quant.get("quant_method") == "mxfp4" else None,
+        final_logit_softcap=cfg.get("final_logit_softcapping") is not None,
         mla_attention_params=_mla_params(cfg, hidden, heads) if mla or cfg.get("kv_lora_rank") else None,
         raw=cfg,
         **values,

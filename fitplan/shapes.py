@@ -42,6 +42,8 @@ class ModelShape:
     dense_layers: int = 0  # leading dense layers of an MoE model (DeepSeek's first_k_dense_replace)
     # Quantized checkpoint format of the expert weights ("mxfp4" for gpt-oss), None if plain
     packed_format: str | None = None
+    # Gemma 2 soft-caps its output logits (tanh(logits / c) * c): a transient copy of them
+    final_logit_softcap: bool = False
     # Multi-head latent attention (DeepSeek): per-layer attention parameter count override
     mla_attention_params: int | None = None
     raw: dict = field(default_factory=dict, repr=False, compare=False, hash=False)

@@ -78,9 +78,12 @@ def target_forward_instants(job: Job) -> list[dict[str, int]]:
       attention, its [B, H, S, S] scores);
     - after the forward: the three captured aux states, their concatenation and the logits,
       with TP while the exchange holds its buffer and the reordered copy of the received rows;
-    - building the teacher: aux, logits, the fp32 teacher and one gathered bf16 chunk."""
+    - building the teacher: aux, logits, the fp32 teacher and one gathered bf16 chunk;
+    - a soft-capped head (Gemma 2): the captured aux states and two copies of this rank's logits
+      shard, while tanh(logits / c) * c writes each step into a new tensor."""
     aux, logits = target_terms.aux_outputs_bytes(job), target_terms.logits_bytes(job)
-    return [
+    softcap = [phase(target__outputs=aux, logits__target=2 * target_terms.logits_shard_bytes(job))]
+    return softcap * job.model.final_logit_softcap + [
         phase(target__outputs=aux, target__activations=target_terms.forward_working_bytes(job)
               + target_terms.eager_attention_bytes(job)),
         phase(target__outputs=2 * aux, logits__target=logits + target_terms.exchange_copy_bytes(job)),
@@ -146,7 +149,7 @@ def _largest(job: Job, t: Timeline) -> None:
         t.candidate(2 * target_terms.own_tokens(job) * V, "target logits [B*S, V] bf16")
     t.candidate(*target_terms.largest_weight(job))
     if target_terms.eager_attention_bytes(job):
-        t.candidate(target_terms.eager_scores_tensor_bytes(job), "target eager attention scores [B, H, S, S+1] bf16")
+        t.candidate(target_terms.eager_scores_tensor_bytes(job), "target eager attention scores [B, H, S, S]")
     t.candidate(draft_terms.teacher_bytes(job), "teacher probabilities [B, S+L, Vd] fp32")
     t.candidate(FP32 * target_terms.own_tokens(job) * Vd, "draft log-softmax [B, S, Vd] fp32")
     t.candidate(job.draft.frozen_params() * draft_state(job).frozen_bytes_per_param, "draft embedding [V, h] bf16")

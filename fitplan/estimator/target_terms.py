@@ -50,14 +50,21 @@ def forward_working_bytes(job: Job) -> int:
     return BF16 * per_token * group_tokens(job)
 
 
-# transformers has no SDPA path for these models (gpt-oss: attention sinks; GptOssPreTrainedModel
-# sets _supports_sdpa = False), and the trainer builds the target without choosing an attention
-# implementation (trainer/target.py), so their attention runs eager_attention_forward.
-EAGER_ATTENTION_MODEL_TYPES = frozenset({"gpt_oss"})
-# Under no_grad, eager_attention_forward (gpt-oss) holds three [B, H, S, S(+1)] bf16 score
-# tensors at once: the masked scores (still named attn_weights), their concatenation with the
-# sinks, and the max-subtracted copy while softmax writes the fourth over the freed third.
-EAGER_SCORE_COPIES = 3
+# transformers has no SDPA path for these models (gpt-oss: attention sinks; Gemma 2: logit
+# soft-capping; their PreTrainedModel sets _supports_sdpa = False), and the trainer builds the
+# target without choosing an attention implementation (trainer/target.py), so their attention
+# runs the family's eager_attention_forward. Bytes per [B, H, S, S] score entry at its peak under
+# no_grad, read off that function:
+# - gpt_oss: three bf16 score tensors (with a sink column): the masked scores (still named
+#   attn_weights), their concatenation with the sinks, and the max-subtracted copy while softmax
+#   writes the fourth over the freed third;
+# - gemma2: the soft-capped, masked bf16 scores, softmax's fp32 cast of them
+#   (softmax(..., dtype=float32) casts its input first) and its fp32 output: 2 + 4 + 4.
+EAGER_SCORE_BYTES = {"gpt_oss": 3 * BF16, "gemma2": BF16 + 2 * FP32}
+EAGER_SINK_COLUMNS = {"gpt_oss": 1}
+# The largest single tensor of that working set: a bf16 score tensor (gpt-oss), the fp32 softmax
+# (gemma2).
+EAGER_LARGEST_BYTES = {"gpt_oss": BF16, "gemma2": FP32}
 # The float causal masks [B, 1, S, S] in bf16, one per layer type (full and sliding window),
 # built once per forward and kept to its end.
 EAGER_MASKS = 2
@@ -65,7 +72,7 @@ EAGER_MASKS = 2
 
 def runs_eager_attention(job: Job) -> bool:
     """fitplan's trainer runs this target's attention in eager_attention_forward (no SDPA path)."""
-    return job.model.model_type in EAGER_ATTENTION_MODEL_TYPES and runs_fitplan_trainer(job) and not job.spec.offline
+    return job.model.model_type in EAGER_SCORE_BYTES and runs_fitplan_trainer(job) and not job.spec.offline
 
 
 def eager_attention_bytes(job: Job) -> int:
@@ -77,13 +84,19 @@ def eager_attention_bytes(job: Job) -> int:
     if not runs_eager_attention(job):
         return 0
     batch, seq = job.tp * job.spec.micro_batch, job.spec.seq
-    return EAGER_SCORE_COPIES * eager_scores_tensor_bytes(job) + EAGER_MASKS * BF16 * batch * seq * seq
+    per_entry = EAGER_SCORE_BYTES[job.model.model_type]
+    return per_entry * _score_entries(job) + EAGER_MASKS * BF16 * batch * seq * seq
+
+
+def _score_entries(job: Job) -> int:
+    """[B, H/tp, S, S(+sink)] on this rank, for the TP group's micro-batches."""
+    seq, sinks = job.spec.seq, EAGER_SINK_COLUMNS.get(job.model.model_type, 0)
+    return job.tp * job.spec.micro_batch * (job.model.heads // job.tp) * seq * (seq + sinks)
 
 
 def eager_scores_tensor_bytes(job: Job) -> int:
-    """One [B, H/tp, S, S+1] bf16 score tensor of eager attention (the sink column included)."""
-    seq = job.spec.seq
-    return BF16 * job.tp * job.spec.micro_batch * (job.model.heads // job.tp) * seq * (seq + 1)
+    """The largest tensor of eager attention: one score tensor (bf16, or gemma2's fp32 softmax)."""
+    return EAGER_LARGEST_BYTES[job.model.model_type] * _score_entries(job)
 
 
 def aux_outputs_bytes(job: Job) -> int:
@@ -98,8 +111,12 @@ def logits_bytes(job: Job) -> int:
     V = job.model.vocab
     if job.tp == 1:
         return BF16 * own_tokens(job) * V
-    shard = BF16 * group_tokens(job) * V // job.tp
-    return shard + BF16 * received_tokens(job) * V
+    return logits_shard_bytes(job) + BF16 * received_tokens(job) * V
+
+
+def logits_shard_bytes(job: Job) -> int:
+    """What the target's lm_head returns on this rank: [T_g, V/tp] bf16 ([B*S, V] with tp 1)."""
+    return BF16 * group_tokens(job) * job.model.vocab // job.tp
 
 
 def exchange_copy_bytes(job: Job) -> int:
