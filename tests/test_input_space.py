@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from fitplan.check import CheckRow, component_deltas, phase_deltas
 from fitplan.cli import app
-from fitplan.commands.fit import result_json, summary_lines
+from fitplan.commands.fit import result_json
+from fitplan.render.fit import summary_lines
 from fitplan.config import RunSpec
 from fitplan.errors import FitplanError
 from fitplan.estimator import estimate

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from fitplan.cli import app
 from fitplan.config import load_spec
 from fitplan.estimator import estimate_spec
-from fitplan.report import ABBREVIATIONS, GIB, component_names, gib, phase_header
+from fitplan.render.estimate import ABBREVIATIONS, GIB, component_names, gib, phase_header
 
 WIDTH = 80
 SMALL = "model: llama-3.1-8b\ngpus: 1xH100\nseq: 4096\n"
@@ -213,7 +213,7 @@ def test_plot_names_the_job_keeps_its_titles_inside_and_colours_apart(flags, wit
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from fitplan.plot import DPI, RESERVE_LABEL, figure
+    from fitplan.render.plot import DPI, RESERVE_LABEL, figure
 
     spec = load_spec(None, flags)
     est = estimate_spec(spec)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fitplan.estimator.result import PHASES
-from fitplan.units import GIB
 
 MISS_FRACTION = 0.10  # beyond this the report flags the phase in red and dumps a snapshot
 
@@ -43,17 +42,3 @@ def missed(table: list[dict]) -> bool:
     return any(r["error_pct"] is not None and abs(r["error_pct"]) > 100 * MISS_FRACTION for r in table)
 
 
-def render(table: list[dict]):
-    from rich.table import Table
-
-    t = Table(title="memory: predicted vs measured (allocated; device peak = total - free)")
-    for col in ("phase", "when", "predicted GiB", "measured GiB", "error"):
-        t.add_column(col, justify="left" if col in ("phase", "when") else "right")
-    for r in table:
-        err = r["error_pct"]
-        text = "-" if err is None else f"{err:+.1f}%"
-        if err is not None and abs(err) > 100 * MISS_FRACTION:
-            text = f"[bold red]{text}[/]"
-        pred = "-" if r["predicted"] is None else f"{r['predicted'] / GIB:.3f}"
-        t.add_row(r["phase"], r["when"], pred, f"{r['measured'] / GIB:.3f}", text)
-    return t

@@ -27,14 +27,14 @@ def estimate_command(
     job = resolve(spec)
     est = estimate(job)
     if plot is not None:
-        from fitplan.plot import plot_estimate
+        from fitplan.render.plot import plot_estimate
 
         plot_estimate(est, plot, spec=spec)
     if as_json:
         config_out = {**spec.to_dict(), "tp": job.tp, "accum": job.accum}
         print(json.dumps({**est.to_json(), "config": config_out}))
         return
-    from fitplan.report import render
+    from fitplan.render.estimate import render
 
     render(est)
     if plot is not None:
@@ -45,7 +45,7 @@ def profiles_command() -> None:
     """List the models, Eagle3 drafts and GPUs fitplan knows."""
     from rich.console import Console
 
-    from fitplan.report import profile_tables
+    from fitplan.render.profiles import profile_tables
 
     console = Console(highlight=False)
     for table in profile_tables():

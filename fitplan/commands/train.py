@@ -121,7 +121,9 @@ def train_command(
     if as_json:
         print(json.dumps(report, default=float))
     else:
-        show(report, opts.output)
+        from fitplan.render.train import show_report
+
+        show_report(report, opts.output)
     if "oom" in report:
         raise typer.Exit(1)
 
@@ -130,35 +132,6 @@ def _rank() -> int:
     import os
 
     return int(os.environ.get("RANK", 0))
-
-
-def show(report: dict, output: Path) -> None:
-    from rich.console import Console
-
-    from trainer.compare import render
-
-    console = Console(highlight=False)
-    steps = report["steps"]
-    if steps:
-        last = steps[-1]
-        mfu = f", MFU {100 * last['mfu']:.1f}%" if last.get("mfu") else ""
-        acc = " ".join(f"{a:.2f}" for a in last["acc"])
-        console.print(f"step {last['step']}: loss {last['loss']:.4f}, acc by depth [{acc}], "
-                      f"{last['tokens_per_s']:.0f} tokens/s{mfu}")
-    if report.get("skipped_lines"):
-        console.print(f"[yellow]{report['skipped_lines']} data line(s) skipped (not JSON or no assistant turn)[/]")
-    console.print(render(report["comparison"]))
-    if "oom" in report:
-        oom = report["oom"]
-        console.print(f"[bold red]out of memory[/] at step {oom['step']}, phase {oom['phase']}: {oom['message']}")
-        if report.get("prediction"):
-            console.print(f"predicted device peak {report['prediction']['peak_reserved_bytes'] / (1 << 30):.2f} GiB")
-        if oom.get("fit_suggestion"):
-            console.print(f"`fitplan fit` would change: {oom['fit_suggestion']}")
-    if report.get("snapshot"):
-        console.print(f"[red]a phase missed its prediction by more than 10%[/]: allocator snapshot at {report['snapshot']} "
-                      "(open it at https://pytorch.org/memory_viz)")
-    console.print(f"report: {output / 'report.json'}" + (f", checkpoint: {report['checkpoint']}" if report.get("checkpoint") else ""))
 
 
 def register(app: typer.Typer) -> None:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from rich.cells import cell_len
 from rich.console import Console
-from rich.errors import MarkupError
 from rich.markup import escape
-from rich.measure import Measurement
 from rich.table import Table
-from rich.text import Text
 
 from fitplan.estimator.result import Estimate, Verdict
+from fitplan.render.tables import natural_width
 from fitplan.units import GIB
 
 
@@ -67,12 +64,6 @@ def breakdown_table(est: Estimate, title: str = "", width: int | None = None) ->
     names = table.columns[0]
     names.width = max(6, max(map(len, component_names(est)), default=0) - excess)
     return table
-
-
-def natural_width(renderable: Table) -> int:
-    """The width a table takes when nothing has to wrap."""
-    console = Console(width=10_000)
-    return Measurement.get(console, console.options, renderable).maximum
 
 
 def _breakdown_table(est: Estimate, title: str, level: int) -> Table:
@@ -143,99 +134,3 @@ def markdown(est: Estimate) -> str:
                       f"of {gib(est.gpu_total_bytes)} GiB)"])
 
 
-def _plain(cell) -> str:
-    if isinstance(cell, Text):
-        return cell.plain
-    try:
-        return Text.from_markup(str(cell)).plain
-    except MarkupError:
-        return str(cell)
-
-
-def fit_columns(table: Table, width: int) -> bool:
-    """Fix the table's column widths so that it fits `width` characters without cutting a word:
-    headers wrap first, then the cells with the most room to wrap, none below its longest word
-    (all of a no_wrap column). False, with the table left as it was, when even that is too wide."""
-    mins, cells, maxs = [], [], []
-    for column in table.columns:
-        header = _plain(column.header).splitlines() or [""]
-        body = [line for cell in column.cells for line in _plain(cell).splitlines()] or [""]
-        floor = column.min_width or 0
-        longest = max(max(cell_len(line) for line in header + body), floor)
-        words = [cell_len(word) for line in header + body for word in line.split()] or [0]
-        maxs.append(longest)
-        cells.append(longest if column.no_wrap else max(max(cell_len(line) for line in body), max(words), floor))
-        mins.append(longest if column.no_wrap else max(max(words), floor))
-    n = len(table.columns)
-    _, right, _, left = table.padding
-    overhead = (left + right) * n - (0 if table.pad_edge else left + right)
-    if table.box:
-        overhead += n - 1 + (2 if table.show_edge else 0)
-    room = width - overhead
-    if sum(maxs) <= room:
-        return True
-    if sum(mins) > room:
-        return False
-    widths = list(maxs)
-    for floors in (cells, mins):  # wrap the headers before any cell
-        for _ in range(max(0, sum(widths) - room)):
-            slack = [w - f for w, f in zip(widths, floors)]
-            if max(slack) <= 0:
-                break
-            i = max(range(n), key=lambda k: (slack[k], widths[k]))
-            widths[i] -= 1
-    for column, w in zip(table.columns, widths):
-        column.width = w
-    return True
-
-
-def profile_tables(width: int | None = None) -> list[Table]:
-    """`fitplan profiles`: the models, drafts and GPUs the profiles hold, wrapped (never cut) to
-    `width`, the terminal's when not given."""
-    from fitplan.shapes import count_params
-    from fitplan.profiles import (
-        draft_names,
-        gpu_names,
-        load_draft,
-        load_gpu,
-        load_model,
-        model_names,
-    )
-
-    loaded = {name: load_model(name) for name in model_names()}
-    packed: dict[str, list[str]] = {}
-    for name, m in loaded.items():
-        if m.packed_format:
-            packed.setdefault(m.packed_format, []).append(name)
-    caption = "; ".join(f"{fmt}-packed weights (--target-weights {fmt}): {', '.join(names)}"
-                        for fmt, names in packed.items())
-    models = Table(title="Models", title_justify="left", caption=caption or None, caption_justify="left")
-    for col in ("name", "params", "layers", "hidden", "heads (kv)", "vocab", "MoE experts (active)"):
-        models.add_column(col, no_wrap=col == "name", justify="left" if col == "name" else "right")
-    for name, m in loaded.items():
-        moe = f"{m.experts} ({m.experts_per_token})" if m.is_moe else "-"
-        models.add_row(name, f"{count_params(m).total / 1e9:.2f}B", str(m.layers), str(m.hidden),
-                       f"{m.heads} ({m.kv_heads})", str(m.vocab), moe)
-
-    drafts = Table(title="Eagle3 drafts (--draft)", title_justify="left")
-    for col in ("name", "for model", "hidden", "MLP", "draft vocab", "params: trainable + frozen embedding"):
-        drafts.add_column(col, no_wrap=col == "name", justify="left" if col in ("name", "for model") else "right")
-    for name in draft_names():
-        target = next((m for m in loaded.values() if load_draft("auto", m).name == name), None)
-        if target is None:
-            continue  # a draft whose target has no model profile cannot be sized
-        d = load_draft(name, target)
-        drafts.add_row(name, target.name, str(d.hidden), str(d.intermediate), str(d.draft_vocab),
-                       f"{d.trainable_params() / 1e6:.0f}M + {d.frozen_params() / 1e6:.0f}M")
-
-    gpus = Table(title="GPUs (--gpus COUNTxNAME)", title_justify="left")
-    for col in ("name", "memory (GiB, as torch reports)", "bf16 dense TFLOPs", "memory TB/s", "aliases"):
-        gpus.add_column(col, no_wrap=col == "name", justify="left" if col in ("name", "aliases") else "right")
-    for name in gpu_names():
-        g = load_gpu(name)
-        gpus.add_row(g.id, gib(g.total_bytes), f"{g.bf16_tflops:.0f}", f"{g.memory_tbps:.2f}", ", ".join(dict.fromkeys(a for a in g.aliases if a != g.id)))
-    tables = [models, drafts, gpus]
-    width = width or Console().width
-    for table in tables:
-        fit_columns(table, width)
-    return tables

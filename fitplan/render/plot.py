@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from fitplan.errors import FitplanError
 from fitplan.estimator.result import Estimate
-from fitplan.report import GIB, component_names, gib, verdict
+from fitplan.render.estimate import GIB, component_names, gib, verdict
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
