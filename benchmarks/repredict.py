@@ -1,6 +1,6 @@
 """Re-predict the committed single-GPU trainer reports with the current estimator.
 
-Reads tests/data/gpu/*.json (reports of `fitplan train`, benchmarks/gpu_single.py), rebuilds each
+Reads tests/data/gpu/*.json (reports of `fitplan train`, fitplan/validation/single_gpu_runs.py), rebuilds each
 report's RunSpec from its `config`, estimates it again and prints, per run, the error of the
 predicted allocated bytes per phase (measured steady state: the last step) and at the peak, and of
 the device level (peak allocated + allocator reserve + outside the allocator against the largest

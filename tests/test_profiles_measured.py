@@ -1,5 +1,5 @@
 """The estimator against one-GPU measurements of targets the validation matrix never listed
-(tests/data/gpu/profiles/, benchmarks/gpu_profiles.py on an H200): tied-embedding Llamas,
+(tests/data/gpu/profiles/, fitplan/validation/profile_runs.py on an H200): tied-embedding Llamas,
 qwen2.5 (no head_dim), Mistral, Gemma 2 (soft-capping, sliding window, eager attention).
 
 Blind for the estimator except Gemma 2's target forward: the soft-capped logits term

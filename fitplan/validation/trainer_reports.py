@@ -1,4 +1,4 @@
-"""Reports of `fitplan train` (benchmarks/gpu_single.py, tests/data/gpu/*.json) as validation rows.
+"""Reports of `fitplan train` (fitplan/validation/single_gpu_runs.py, tests/data/gpu/*.json) as validation rows.
 
 The single-GPU runs of the trainer issues were measured before the matrix runner existed; their
 report.json has the same per-step, per-phase readings, the RunSpec (`config`) and the prediction

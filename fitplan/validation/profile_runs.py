@@ -7,7 +7,7 @@ context and allocator). The script stops starting jobs before `--budget` seconds
 report lands in OUT/reports/ as it finishes; OUT/profiles.jsonl holds one line per job with the
 per-phase comparison (steady state, step >= 2) and the allocator's retries.
 
-    PYTHONUNBUFFERED=1 python benchmarks/gpu_profiles.py --out $OUT --budget 480
+    PYTHONUNBUFFERED=1 python -m fitplan.validation.profile_runs --out $OUT --budget 480
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Multi-GPU layer checks under NCCL: run with torchrun, one process per GPU.
 
-    torchrun --standalone --nproc-per-node 2 benchmarks/gpu_multi.py --out gpu_multi.json
+    torchrun --standalone --nproc-per-node 2 -m fitplan.validation.multi_gpu_layers --out multi_gpu_layers.json
 
 1. TP correctness on the GPUs: a small fp32 Qwen3 split over the TP group against the same
    model unsharded on each GPU (max abs difference of local logits and of hidden states).

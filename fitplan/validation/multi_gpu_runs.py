@@ -6,7 +6,7 @@ stops itself before `--budget` seconds: a config is skipped when less than 60 s 
 JSON line per config goes to OUT/multi.jsonl as soon as it finishes (partial results survive
 a timeout): the report's numbers (max over ranks), the estimate, and the step-time model.
 
-    PYTHONUNBUFFERED=1 python benchmarks/gpu_multi_train.py --out $OUT --set x2 --budget 320
+    PYTHONUNBUFFERED=1 python -m fitplan.validation.multi_gpu_runs --out $OUT --set x2 --budget 320
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from gpu_single import summary  # same columns as the single-GPU table
+# same columns as the single-GPU table
+from fitplan.validation.single_gpu_runs import summary
 
 MIN_LEFT_S = 60
 # name: (model, gpus, tp, seq, micro_batch, output_sharding), in priority order

@@ -5,7 +5,7 @@ context and allocator), so device-level numbers are comparable with the estimate
 copied to OUT/<run>.json and a table is printed: peak allocated and device-level at step >= 2,
 predicted and measured, with tokens/s and MFU.
 
-    PYTHONUNBUFFERED=1 python benchmarks/gpu_single.py --out $OUT [--only llama-2k-mb1]
+    PYTHONUNBUFFERED=1 python -m fitplan.validation.single_gpu_runs --out $OUT [--only llama-2k-mb1]
 """
 
 from __future__ import annotations
