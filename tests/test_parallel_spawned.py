@@ -53,7 +53,8 @@ def run_spawned(job, world: int, tmp_path) -> list[dict]:
 # ---------------------------------------------------------------- world 2, tp 2: HF targets
 
 def _tiny_models():
-    from transformers import GptOssConfig, LlamaConfig, Qwen3Config, Qwen3MoeConfig
+    from transformers import (Gemma2Config, Gemma3TextConfig, GptOssConfig, LlamaConfig, MistralConfig, Qwen2Config,
+                              Qwen3Config, Qwen3MoeConfig)
 
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=96)
     return {
@@ -64,6 +65,12 @@ def _tiny_models():
         "qwen3-moe": (Qwen3MoeConfig(mlp_only_layers=[1], norm_topk_prob=True, **moe, **TINY), "eager"),
         "gpt-oss": (GptOssConfig(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
                                  sliding_window=4, **TINY), "eager"),
+        # every other family the job rules let fitplan's trainer split (fitplan.layout.TRAINER_TP_FAMILIES)
+        "llama-tied": (LlamaConfig(intermediate_size=96, tie_word_embeddings=True, **TINY), "sdpa"),
+        "mistral": (MistralConfig(intermediate_size=96, sliding_window=None, **TINY), "sdpa"),
+        "qwen2": (Qwen2Config(intermediate_size=96, **TINY), "sdpa"),  # q/k/v biases
+        "gemma2": (Gemma2Config(intermediate_size=96, sliding_window=4, **TINY), "eager"),  # soft-capping
+        "gemma3": (Gemma3TextConfig(intermediate_size=96, sliding_window=4, **TINY), "sdpa"),  # q/k norms
     }
 
 
@@ -96,6 +103,7 @@ def tp_target_job(rank: int) -> dict:
         result[name] = {
             "logits": (got.logits, want.logits[..., own_vocab]),
             "hidden": (torch.stack(got.hidden_states), torch.stack(want.hidden_states)),
+            "one_embedding": model.lm_head.weight is model.get_input_embeddings().weight,
         }
     result["meta-shapes"] = _meta_build_shapes(ctx)
     return result
@@ -127,7 +135,8 @@ def tp_results(tmp_path_factory):
     return run_spawned(tp_target_job, 2, tmp_path_factory.mktemp("tp"))
 
 
-@pytest.mark.parametrize("name", ["llama-sdpa", "qwen3-sdpa", "qwen3-eager", "qwen3-moe", "gpt-oss"])
+@pytest.mark.parametrize("name", ["llama-sdpa", "qwen3-sdpa", "qwen3-eager", "qwen3-moe", "gpt-oss", "llama-tied",
+                                  "mistral", "qwen2", "gemma2", "gemma3"])
 def test_tp_target_matches_unsharded_model(tp_results, name):
     for rank_result in tp_results:
         got, want = rank_result[name]["logits"]
@@ -135,6 +144,12 @@ def test_tp_target_matches_unsharded_model(tp_results, name):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         got, want = rank_result[name]["hidden"]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_tied_target_keeps_one_embedding_shard(tp_results):
+    for rank_result in tp_results:
+        assert rank_result["llama-tied"]["one_embedding"] is True
+        assert rank_result["llama-sdpa"]["one_embedding"] is False
 
 
 def test_meta_built_target_materializes_only_its_shard(tp_results):
