@@ -11,9 +11,13 @@ one node, reachable from all) and the same rdzv_id; ranks are assigned at rendez
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from typing import Optional, Sequence
 
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -78,4 +82,46 @@ def launch_workers(
     reach every worker.
     """
     command = torchrun_command(argv, nproc, nnodes, rdzv_endpoint, rdzv_id)
-    return subprocess.run(command, check=False).returncode
+    # Its own session: torchrun and its workers can be stopped as one group, nothing left behind.
+    proc = subprocess.Popen(command, start_new_session=True)
+    with _forwarded_stops(proc):
+        return _wait(proc)
+
+
+# After a stop is forwarded, torchrun and its workers finish or abandon the current step, save
+# and report; past this, what is left of them is killed so nothing outlives the launcher.
+STOP_GRACE_S = 120
+
+
+@contextlib.contextmanager
+def _forwarded_stops(proc: subprocess.Popen):
+    """SIGTERM / SIGINT to the launcher (a container stop, a scheduler, `kill`) go to torchrun,
+    which passes them to every worker; the launcher then waits for them to stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopped_at: list[float] = []
+
+    def forward(signum, frame):
+        stopped_at.append(time.monotonic())
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    proc.stopped_at = stopped_at  # read by _wait
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    while True:
+        try:
+            return proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            stopped_at = getattr(proc, "stopped_at", [])
+            if stopped_at and time.monotonic() - stopped_at[0] > STOP_GRACE_S:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
