@@ -18,6 +18,7 @@ from typing import Any
 from fitplan.config import RunSpec, spec_from_mapping
 from fitplan.errors import FitplanError
 from fitplan.profiles import _cached_json, _json_files, load_model_config
+from fitplan.shell_vars import expand_script, strip_unset, unset_variable
 
 # --attention-backend values -> RunSpec.attention. SpecForge's "fa" (flash attention) saves
 # no score matrix, like SDPA, which is how the estimator models it.
@@ -58,6 +59,14 @@ DEFAULT_GPU_TYPE = "H100"
 
 
 @dataclass(frozen=True)
+class Unresolved:
+    """A value the script takes from a variable it does not set: needed only if no flag gives it."""
+
+    variable: str
+    script_flag: str
+
+
+@dataclass(frozen=True)
 class SpecForgeCommand:
     """RunSpec values read from a SpecForge launch, and what was ignored on the way."""
 
@@ -67,6 +76,13 @@ class SpecForgeCommand:
     def spec(self, overrides: dict[str, Any] | None = None) -> RunSpec:
         """The RunSpec; fitplan flags given (e.g. --gpus 8xH200) override the command line."""
         values = {**self.values, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+        for field, value in values.items():
+            if isinstance(value, Unresolved):
+                flag = "--gpus COUNTxTYPE" if field == "gpus" else f"--{field.replace('_', '-')}"
+                raise FitplanError(
+                    f"SpecForge script: {value.script_flag} uses ${value.variable}, which the script does not set "
+                    f"(it comes from the environment or a command); set it in the script, or pass {flag}"
+                )
         return spec_from_mapping(values, "SpecForge command line")
 
 
@@ -114,12 +130,19 @@ def _split_flags(tokens: list[str], switches: set[str]) -> list[tuple[str, str |
     return pairs
 
 
-def _world(launcher: list[str]) -> tuple[int, int]:
+def _world(launcher: list[str]) -> tuple[int | Unresolved, int | Unresolved]:
     """(nodes, GPUs per node) from torchrun's flags; a plain `python script.py` is one GPU."""
     nodes, per_node = 1, 1
     for flag, value in _split_flags(launcher, set()):
         name = flag.replace("_", "-")
         if name in ("--nproc-per-node", "--nnodes") and value is not None:
+            variable = unset_variable(value)
+            if variable is not None:
+                if name == "--nnodes":
+                    nodes = Unresolved(variable, flag)
+                else:
+                    per_node = Unresolved(variable, flag)
+                continue
             if not value.isdigit() or int(value) < 1:
                 raise FitplanError(f"SpecForge command line: torchrun {flag} {value!r} must be a positive integer")
             if name == "--nnodes":
@@ -159,7 +182,7 @@ def resolve_draft(path: str) -> str:
 
 def parse_command(text_or_file: str) -> SpecForgeCommand:
     """Read a SpecForge train_eagle3.py launch (a string or a file holding the script)."""
-    tokens = _launch_tokens(read_command(text_or_file))
+    tokens = _launch_tokens(expand_script(read_command(text_or_file)))
     script_at = next(i for i, tok in enumerate(tokens) if "train_eagle3" in tok)
     nodes, per_node = _world(tokens[:script_at])
     values: dict[str, Any] = {**SPECFORGE_FIXED, **SPECFORGE_DEFAULTS}
@@ -177,8 +200,10 @@ def parse_command(text_or_file: str) -> SpecForgeCommand:
             warnings.append(f"SpecForge flag {flag} is not modelled; ignored")
     if "model" not in values:
         raise FitplanError("SpecForge command line: --target-model-path is missing")
-    gpus = f"{per_node}x{DEFAULT_GPU_TYPE}" if nodes == 1 else f"{nodes}x{per_node}x{DEFAULT_GPU_TYPE}"
-    values["gpus"] = gpus
+    if isinstance(nodes, Unresolved) or isinstance(per_node, Unresolved):
+        values["gpus"] = nodes if isinstance(nodes, Unresolved) else per_node
+    else:
+        values["gpus"] = f"{per_node}x{DEFAULT_GPU_TYPE}" if nodes == 1 else f"{nodes}x{per_node}x{DEFAULT_GPU_TYPE}"
     return SpecForgeCommand(values=values, warnings=tuple(warnings))
 
 
@@ -186,6 +211,16 @@ def _value(flag: str, value: str | None) -> dict[str, Any]:
     field, convert = VALUE_FLAGS[flag]
     if value is None:
         raise FitplanError(f"SpecForge flag {flag} needs a value")
+    variable = unset_variable(value)
+    if variable is not None:
+        # $ROOT_DIR/configs/llama3-8B-eagle3.json: the file's name may still name a profile
+        rest = strip_unset(value).lstrip("/")
+        if field in ("model", "draft") and rest:
+            try:
+                return _value(flag, rest)
+            except FitplanError:
+                pass
+        return {field: Unresolved(variable, flag)}
     if field == "model":
         return {"model": resolve_target(value)}
     if field == "draft":

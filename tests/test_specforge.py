@@ -106,3 +106,45 @@ def test_flag_changes_name_specforge_flags():
         "add --shard-target-output",
         "launch with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
     ]
+
+
+# ---------------------------------------------------------------- launch scripts with variables
+
+VARIABLES_SCRIPT = """#!/bin/bash
+SCRIPT_DIR=$( cd -- "$( dirname -- "${BASH_SOURCE[0]}" )" &> /dev/null && pwd )
+ROOT_DIR=$(dirname $SCRIPT_DIR)
+NUM_GPUS=${1:-8}
+TP_SIZE=${2:-2}
+export MAX_LEN="8192"
+torchrun \\
+    --standalone \\
+    --nproc_per_node $NUM_GPUS \\
+    $ROOT_DIR/scripts/train_eagle3.py \\
+    --target-model-path meta-llama/Llama-3.1-8B-Instruct \\
+    --draft-model-config $ROOT_DIR/configs/llama3-8B-eagle3.json \\
+    --train-data-path $ROOT_DIR/cache/dataset/sharegpt_train.jsonl \\
+    --batch-size ${BATCH:-2} \\
+    --tp-size $TP_SIZE \\
+    --max-length ${MAX_LEN}
+"""
+
+
+def test_script_variables_expand_from_the_scripts_own_assignments(tmp_path):
+    path = tmp_path / "run.sh"
+    path.write_text(VARIABLES_SCRIPT)
+    spec = parse_command(str(path)).spec()
+    # ${1:-8} -> 8 GPUs; ${2:-2} -> tp 2; ${BATCH:-2} (unset) -> 2; "${MAX_LEN}" quoted -> 8192;
+    # the draft config under $ROOT_DIR (set from a command) still names its profile by file name
+    assert (spec.gpus, spec.tp, spec.micro_batch, spec.seq) == ("8xH100", 2, 2, 8192)
+    assert (spec.model, spec.draft) == ("llama-3.1-8b", "llama3-8b")
+
+
+def test_a_variable_the_script_does_not_set_is_named_with_the_flag_to_pass(tmp_path):
+    path = tmp_path / "run.sh"
+    path.write_text(VARIABLES_SCRIPT.replace("NUM_GPUS=${1:-8}", "NUM_GPUS=$(nvidia-smi -L | wc -l)"))
+    with pytest.raises(FitplanError, match=r"--nproc_per_node uses \$NUM_GPUS.*pass --gpus COUNTxTYPE"):
+        parse_command(str(path)).spec()
+    assert parse_command(str(path)).spec({"gpus": "4xH100"}).gpus == "4xH100"  # the flag gives it
+    path.write_text(VARIABLES_SCRIPT.replace("--batch-size ${BATCH:-2}", "--batch-size $BATCH"))
+    with pytest.raises(FitplanError, match=r"--batch-size uses \$BATCH.*pass --micro-batch"):
+        parse_command(str(path)).spec()
