@@ -102,56 +102,97 @@ def teacher_chunk_bytes(job: Job) -> int:
     return BF16 * job.spec.micro_batch * min(job.spec.seq, TEACHER_CHUNK) * job.draft.draft_vocab
 
 
+def _post_attention_saved_per_token(job: Job) -> int:
+    """What a step saves after its attention, per token: the o_proj input 2Hd, the hidden after
+    attention, the MLP input, the layer output and the final-norm output (8h), two fp32 rstds
+    and the SwiGLU 8I. None of it exists yet while the step's attention runs."""
+    d = job.draft
+    return 4 * BF16 * d.hidden + 2 * FP32 + BF16 * d.heads * d.head_dim + 8 * d.intermediate
+
+
+def _step_outputs_per_token(job: Job) -> int:
+    """What a checkpointed step keeps of its own making: the output hidden and the final norm's
+    output and rstd (4h + 4; its third kept tensor, the embedding, is an input)."""
+    return 2 * BF16 * job.draft.hidden + FP32
+
+
 def draft_forward_extra_bytes(job: Job) -> int:
     """Peak of the draft forward beyond what it saves, reached in the last TTT step.
 
-    The last step's bf16 logits and the fp32 product the soft-label cross-entropy sums
-    (6*Vd per token), and the steps' roped keys and values, which the unroll holds until it
-    ends. A checkpointed step saves nothing inside, but while it runs its working set is alive:
-    eager attention's fp32 scores, masked scores and softmax with the bf16 probabilities
-    (10*H*K for K = S*L keys), the repeated and concatenated keys and values, the 2h-wide
-    input with its two normed halves (8h) and q (2Hd); for fused kernels the MLP (8I + 4h).
+    The larger of two instants of the last step. Its loss (the tail): the bf16 logits and the
+    fp32 product the soft-label cross-entropy sums (6*Vd per token), with the steps' roped keys
+    and values, which the unroll holds until it ends. Its attention (eager, or the MLP of a
+    checkpointed step with a fused kernel): the step's log-softmax and what it saves after the
+    attention do not exist yet, so they come off the saved set counted in `saved`.
+    A checkpointed step saves nothing inside, but while it runs its working set is alive: with
+    eager attention, at the cast of the probabilities, the fp32 masked scores (the trainer's
+    `scores` holds them until eager() returns), the fp32 softmax and the bf16 probabilities
+    (10*H*K for K = S*L keys; the bool masks are freed by then), the repeated and the
+    concatenated keys and values, the 2h-wide input and q (2Hd); for fused kernels the MLP
+    (8I + 4h).
     """
-    d, T, S, L = job.draft, _tokens(job), job.spec.seq, job.spec.ttt
+    d, T, L = job.draft, _tokens(job), job.spec.ttt
     tail = (BF16 + FP32) * d.draft_vocab * T
     if not job.spec.ac:
         return _kv_lists_bytes(job) + max(tail, _eager_unsaved_bytes(job))
     last_kv = 2 * BF16 * d.kv_heads * d.head_dim * T  # earlier steps' k/v are saved inputs already
     if job.spec.attention_impl == "eager":
-        per_token = (10 * d.heads * S * L + 4 * (d.heads + d.kv_heads) * d.head_dim * L
-                     + 8 * d.hidden + BF16 * d.heads * d.head_dim)
-        working = per_token * T + 2 * S * S * L  # and the bool mask with its negation
+        per_token = (10 * d.heads * job.spec.seq * L + 4 * (d.heads + d.kv_heads) * d.head_dim * L
+                     + 2 * BF16 * d.hidden + BF16 * d.heads * d.head_dim)
+        not_yet = _step_outputs_per_token(job) + FP32 * d.draft_vocab
+        working = (per_token - not_yet) * T
     else:
         working = (8 * d.intermediate + 4 * d.hidden) * T
     return last_kv + max(tail, working)
 
 
 def _eager_unsaved_bytes(job: Job) -> int:
-    """Eager attention's last-step temporaries that backward does not keep (no checkpointing).
+    """Eager attention's last-step excess over the saved set at its peak (no checkpointing).
 
-    While the mask is applied, the scaled fp32 scores and their masked copy (8*H*K per token)
-    are alive with the bool mask and its negation (2*S*K); softmax then saves its fp32 output
-    and matmul the bf16 probabilities (6*H*K, counted as saved), so the excess is 2*H*K + 2*S*K
-    for the K = S*L keys of the last step.
+    The peak is at `probs @ v`: softmax has saved its fp32 output and matmul the bf16
+    probabilities (6*H*K per token, counted as saved), and the fp32 masked scores (4*H*K) are
+    still alive, held by the trainer's `scores` until eager() returns, as are the concatenated
+    keys and values (4*Hkv*d*L) the repeats were made from; K = S*L keys. The step's
+    log-softmax and what it saves after the attention do not exist yet (`saved` counts them).
     """
     if job.spec.attention_impl != "eager":
         return 0
     d, T, S, L = job.draft, _tokens(job), job.spec.seq, job.spec.ttt
-    keys = S * L
-    return 2 * d.heads * keys * T + 2 * S * keys
+    live = FP32 * d.heads * S * L + 2 * BF16 * d.kv_heads * d.head_dim * L
+    not_yet = _post_attention_saved_per_token(job) + FP32 * d.draft_vocab
+    return (live - not_yet) * T
+
+
+def _eager_backward_bytes(job: Job) -> int:
+    """Eager attention's backward in the last step, per token, beyond that step's saved set
+    before its post-attention part was consumed: softmax's backward holds the fp32 gradient
+    of its output and the fp32 gradient of its input beside the saved fp32 output, while the
+    bf16 probabilities are already released (8*H*K - 2*H*K), with the gradient of the repeated
+    values (2*H*d*L) and of the hidden stream (2 x 2h). 0 for the fused kernels."""
+    if job.spec.attention_impl != "eager":
+        return 0
+    d, S, L = job.draft, job.spec.seq, job.spec.ttt
+    return 6 * d.heads * S * L + BF16 * d.heads * d.head_dim * L + 2 * BF16 * d.hidden
 
 
 def draft_backward_extra_bytes(job: Job) -> int:
-    """Transient peak at the start of backward beyond the saved tensors.
+    """Transient peak of backward beyond the saved tensors: the larger of two instants.
 
-    The last step's loss backward holds the fp32 gradient of the log-softmax and its fp32 input
-    gradient (8*Vd per token) before any saved tensor is released. With checkpointing the last
-    step's layer is recomputed once those are freed: its saved set comes back for its backward,
-    and the larger of the two is the peak.
+    Its start: the last step's loss backward holds the fp32 gradient of the log-softmax and its
+    fp32 input gradient (8*Vd per token) before any saved tensor is released. The last step's
+    layer: by then its log-softmax and what it saved after the attention have been released
+    (`_post_attention_saved_per_token`); with eager attention softmax's backward then adds
+    `_eager_backward_bytes`. With checkpointing that layer is first recomputed: its saved set
+    comes back beside the kept inputs (its embedding is the kept one, not a second copy) while
+    the step's own outputs are gone. Checkpointing therefore never adds to this instant: the
+    recomputed set is what the step would have saved anyway.
     """
-    T = _tokens(job)
-    logits_grads = 2 * FP32 * job.draft.draft_vocab * T
+    d, T = job.draft, _tokens(job)
+    logits_grads = 2 * FP32 * d.draft_vocab * T
+    released = (_post_attention_saved_per_token(job) + FP32 * d.draft_vocab) * T
+    attention = _eager_backward_bytes(job) * T
     if not job.spec.ac:
-        return logits_grads
+        return max(logits_grads, attention - released)
     recomputed = _layer_saved_per_token(job) * T + _kernel_saved_bytes(job, job.spec.ttt - 1)
-    return max(logits_grads, recomputed)
+    kept_by_last_step = (BF16 * d.hidden + _step_outputs_per_token(job)) * T
+    return max(logits_grads, recomputed - kept_by_last_step - released + attention)

@@ -61,6 +61,22 @@ def gathered_params(job: Job, state: TrainedState) -> int:
     return state.full_params()
 
 
+def checkpoint_gather_bytes(job: Job, state: TrainedState) -> int:
+    """The checkpoint of a sharded draft gathers its full state dict one tensor at a time straight
+    to the host (trainer/checkpoint.py: get_model_state_dict(full_state_dict=True,
+    cpu_offload=True)), so the GPU holds the largest full weight at once, not every unit.
+    Measured (checkpoint phase less resident state, tests/data/gpu/validation/h200x4): 1.01 GiB
+    for llama-3.1-8b zero2 on 2 H200 (h200x2-...-zero2-tp2-gather-near-fit-s9472), whose [V, h]
+    embedding is 0.98 GiB; 1.19 GiB for qwen3-8b zero3 on 4 (h200x4-...-zero3-tp4-gather),
+    embedding 1.16 GiB. Counting every gathered unit had predicted 1.77 and 1.57 GiB."""
+    if not state.fsdp():
+        return 0
+    d, p = job.draft, state.recipe.param
+    trainable = max(d.draft_vocab * d.hidden, 3 * d.target_hidden * d.hidden, d.intermediate * d.hidden,
+                    2 * d.hidden * d.heads * d.head_dim)
+    return max(d.vocab * d.hidden * state.frozen_bytes_per_param, trainable * p)
+
+
 def backward_grads(job: Job, state: TrainedState) -> dict[str, int]:
     """Grads at the end of backward: replicated, or the sharded accumulation plus the largest
     unit's unsharded grads (FSDP reduce-scatters unit by unit). The saved tensors are gone by
@@ -131,7 +147,8 @@ def timeline(job: Job) -> Timeline:
                 base, optimizer_state(state, steady=True),
                 phase(draft__grads=state.grads(), optimizer__grad_copy=state.grad_copy()),
             ),
-            "checkpoint": merge(base, optimizer_state(state, steady=True), phase(comm__buffers=gathered_params(job, state))),
+            "checkpoint": merge(base, optimizer_state(state, steady=True),
+                                phase(comm__buffers=checkpoint_gather_bytes(job, state))),
         }
 
     t.steady, t.step1 = phases(steady=True), phases(steady=False)
@@ -155,4 +172,5 @@ def _largest(job: Job, t: Timeline) -> None:
     t.candidate(job.draft.frozen_params() * draft_state(job).frozen_bytes_per_param, "draft embedding [V, h] bf16")
     if job.spec.attention_impl == "eager":
         B, S, L = job.spec.micro_batch, job.spec.seq, job.spec.ttt
-        t.candidate(FP32 * B * job.draft.heads * S * (S + L), "draft attention scores [B, H, S, S+L] fp32")
+        # the last TTT step attends to the keys of all L steps: [B, H, S, L*S]
+        t.candidate(FP32 * B * job.draft.heads * S * S * L, "draft attention scores [B, H, S, L*S] fp32")
