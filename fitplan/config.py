@@ -30,6 +30,16 @@ TargetBackend = Literal["sglang", "hf"]
 POSITIVE_INTS = ("seq", "micro_batch", "global_batch", "accum", "tp", "ttt")
 # Beyond any real job, and far below what makes arithmetic on sizes slow or overflow floats.
 MAX_INT = 1 << 40
+# The estimator sums the draft's saved tensors step by step: an unroll of 1e8 takes minutes.
+# Eagle3 trains with 7; 1024 is far past any draft and sums in microseconds.
+MAX_TTT = 1024
+# A config is about 1 KiB and a plan (fitplan fit -o) about 4 KiB. PyYAML reads roughly 50 KiB/s of
+# the worst text in pure Python (5 MB/s with libyaml): the cap keeps reading a file under a second.
+MAX_YAML_BYTES = 64 * 1024
+# Values a config may hold once YAML aliases are expanded: a config has about 25 and a plan a few
+# hundred. An alias bomb (a: &a [x, x], b: &b [*a, *a], ...) loads instantly as shared lists but
+# expands to billions of values for anything that walks it (a repr in an error message).
+MAX_YAML_VALUES = 10_000
 
 
 @dataclass(frozen=True)
@@ -117,8 +127,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def validate(spec: RunSpec) -> None:
-    if not isinstance(spec.model, str) or not spec.model:
-        raise FitplanError("model is required: a profile name, a repo id, or a path to a config.json")
+    if not isinstance(spec.model, str) or not spec.model.strip():
+        given = "" if spec.model is None or spec.model == "" else f", got {show(spec.model)}"
+        raise FitplanError(f"model is required: a profile name, a repo id, or a path to a config.json{given}")
     for name in FIELD_NAMES:
         _check_type(name, getattr(spec, name))
     if spec.sglang_mem_fraction is not None and not 0 < spec.sglang_mem_fraction < 1:
@@ -147,17 +158,20 @@ def _check_type(name: str, value: Any) -> None:
         if not isinstance(value, bool):
             raise FitplanError(f"{name} must be true or false (a YAML boolean), got {value!r}")
     elif kind is int:
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INT:
-            raise FitplanError(f"{name} must be a positive integer, got {value!r}")
+        top = MAX_TTT if name == "ttt" else MAX_INT
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+            raise FitplanError(f"{name} must be a positive integer (at most {top}), got {show(value)}")
     elif kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise FitplanError(f"{name} must be a number, got {value!r}")
+            raise FitplanError(f"{name} must be a number, got {show(value)}")
     elif kind is str:
         if not isinstance(value, str) or not value.strip():
-            raise FitplanError(f"{name} must be a non-empty string, got {value!r}")
+            raise FitplanError(f"{name} must be a non-empty string, got {show(value)}")
     elif name == "aux_layers":
-        if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise FitplanError(f"aux_layers must be a list of layer indices, got {value!r}")
+        if not isinstance(value, tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT for v in value
+        ):
+            raise FitplanError(f"aux_layers must be a list of layer indices (0 or more), got {show(value)}")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -166,28 +180,41 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
         if not isinstance(value, (list, tuple)):
-            raise FitplanError(f"aux_layers must be a list of layer indices, got {value!r}")
+            raise FitplanError(f"aux_layers must be a list of layer indices, got {show(value)}")
         try:
             return tuple(_layer_index(v) for v in value)
         except (TypeError, ValueError):
-            raise FitplanError(f"aux_layers must be a list of layer indices, got {value!r}") from None
+            raise FitplanError(f"aux_layers must be a list of layer indices, got {show(value)}") from None
     return value
 
 
 def _layer_index(value: Any) -> int:
     if isinstance(value, bool) or isinstance(value, float):
         raise ValueError(value)
+    if isinstance(value, str) and len(value.strip()) > 12:  # int() of a huge digit string is slow or refused
+        raise ValueError(value)
     return int(value)
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """A value for an error message: its repr, cut short (a value can be a 10 MB string or an alias bomb)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = limit
+    r.maxlevel = 2
+    return r.repr(value)
 
 
 def spec_from_mapping(values: Mapping[str, Any], source: str = "config") -> RunSpec:
     """Build a RunSpec from YAML-style keys; an unknown key is an error naming it."""
-    unknown = sorted(str(k) for k in set(values) - set(FIELD_NAMES))
+    if not isinstance(values, Mapping):
+        raise FitplanError(f"{source}: expected a mapping of keys (model: ..., seq: ...), got {type(values).__name__}")
+    unknown = sorted(show(k, 40)[1:-1] if isinstance(k, str) else show(k, 40) for k in values if k not in FIELD_NAMES)
     if unknown:
-        raise FitplanError(
-            f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(FIELD_NAMES)}"
-        )
-    if "model" not in values or values["model"] in (None, ""):
+        named = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        raise FitplanError(f"{source}: unknown key(s) {named}; known keys: {', '.join(FIELD_NAMES)}")
+    if "model" not in values or values["model"] is None or (isinstance(values["model"], str) and not values["model"]):
         raise FitplanError(f"{source}: 'model' is required")
     try:
         kwargs = {k: _coerce(k, v) for k, v in values.items()}
@@ -213,15 +240,57 @@ def read_text(path: Path) -> str:
 
 
 def yaml_or_error(text: str, source: Path | str) -> Any:
-    """yaml.safe_load with every failure as a one-line error naming the source."""
+    """yaml.safe_load with every failure as a one-line error naming the source; bounded in time and
+    size (MAX_YAML_BYTES of text, MAX_YAML_VALUES values once aliases are expanded)."""
     import yaml
 
+    if len(text) > MAX_YAML_BYTES:
+        raise FitplanError(f"{source}: {len(text)} characters is too long for a config "
+                           f"(at most {MAX_YAML_BYTES // 1024} KiB); give the job's YAML config or plan")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when installed: 100x faster
     try:
-        return yaml.safe_load(text)
+        data = yaml.load(text, Loader=loader)  # a safe loader: plain values only
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise FitplanError(f"{source}: not valid YAML{where}") from None
+    except RecursionError:
+        raise FitplanError(f"{source}: YAML nested too deeply to be a config") from None
+    except (ValueError, OverflowError, TypeError):  # a timestamp or a number out of range (2024-99-99)
+        raise FitplanError(f"{source}: a value YAML cannot read (an integer thousands of digits long, "
+                           "or an impossible date such as 2024-99-99)") from None
+    _expanded_size(data, source)
+    return data
+
+
+def _expanded_size(data: Any, source: Path | str) -> int:
+    """How many values `data` holds with every alias expanded, each shared object counted once per
+    use but walked once; more than MAX_YAML_VALUES (or a self-reference) is an error."""
+    sizes: dict[int, int] = {}
+    walking: set[int] = set()
+
+    def size(obj: Any) -> int:
+        if not isinstance(obj, (list, dict)):
+            return 1
+        key = id(obj)
+        if key in sizes:
+            return sizes[key]
+        if key in walking:
+            raise FitplanError(f"{source}: a YAML alias refers to itself; a config holds plain values")
+        walking.add(key)
+        children = list(obj.keys()) + list(obj.values()) if isinstance(obj, dict) else obj
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_YAML_VALUES:
+                raise FitplanError(f"{source}: holds more than {MAX_YAML_VALUES} values once YAML aliases are "
+                                   "expanded; a config holds a few dozen (is it an alias bomb?)")
+        walking.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        return size(data)
     except RecursionError:
         raise FitplanError(f"{source}: YAML nested too deeply to be a config") from None
 
@@ -232,7 +301,16 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if p.is_dir():
         raise FitplanError(f"{p} is a directory; give a config file (YAML)")
     if not p.is_file():
+        if p.exists():
+            raise FitplanError(f"{p} is not a regular file; give a config file (YAML)")
         raise FitplanError(f"config file {str(p)!r} does not exist")
+    try:
+        too_big = p.stat().st_size > 4 * MAX_YAML_BYTES  # UTF-8: at most 4 bytes a character
+    except OSError as exc:
+        raise FitplanError(f"{p}: cannot be read ({exc.strerror})") from None
+    if too_big:
+        raise FitplanError(f"{p}: {p.stat().st_size} bytes is too large for a config "
+                           f"(at most {MAX_YAML_BYTES // 1024} KiB); give the job's YAML config or plan")
     data = yaml_or_error(read_text(p), p)
     if data is None:
         data = {}

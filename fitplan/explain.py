@@ -27,16 +27,16 @@ UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "Ti
 _SIZE = r"([\d.]+) ?(B|bytes|KiB|MiB|GiB|TiB)"
 
 NEW_FORMAT = re.compile(
-    rf"Tried to allocate {_SIZE}\. GPU (\d+) has a total capac?ity of {_SIZE} of which {_SIZE} is free\."
-    rf"(?P<procs>(?: Process \d+ has {_SIZE} memory in use\.)*)"
+    rf"Tried to allocate {_SIZE}\. GPU (\d{{1,6}}) has a total capac?ity of {_SIZE} of which {_SIZE} is free\."
+    rf"(?P<procs>(?: Process \d{{1,12}} has {_SIZE} memory in use\.)*)"
     rf"(?: Including non-PyTorch memory, this process has {_SIZE} memory in use\.)?"
     rf" Of the allocated memory {_SIZE} is allocated by PyTorch, and {_SIZE} is reserved by PyTorch but unallocated"
 )
 OLD_FORMAT = re.compile(
-    rf"Tried to allocate {_SIZE} \(GPU (\d+); {_SIZE} total capacity; {_SIZE} already allocated; "
+    rf"Tried to allocate {_SIZE} \(GPU (\d{{1,6}}); {_SIZE} total capacity; {_SIZE} already allocated; "
     rf"{_SIZE} free; {_SIZE} reserved in total by PyTorch\)"
 )
-PROCESS = re.compile(rf"Process (\d+) has {_SIZE} memory in use")
+PROCESS = re.compile(rf"Process (\d{{1,12}}) has {_SIZE} memory in use")
 THIS_PROCESS = re.compile(rf"this process has {_SIZE} memory in use")
 OOM_MARKER = re.compile(r"out of memory|OutOfMemoryError", re.IGNORECASE)
 
@@ -46,8 +46,21 @@ LARGE_REQUEST_FRACTION = 0.10  # one request of a tenth of the GPU is a single b
 FRAGMENTATION_FRACTION = 0.02  # cached-but-free memory below this is ordinary allocator slack
 
 
+# No GPU holds a pebibyte: a size beyond it in an OOM message is a corrupted or edited log.
+MAX_BYTES = 1 << 50
+
+
 def _bytes(number: str, unit: str) -> int:
-    return int(float(number) * UNITS[unit])
+    """'73.63', 'GiB' -> bytes; a size that is not one decimal number, or beyond any GPU, is an error."""
+    text = f"{number[:24]}{'...' if len(number) > 24 else ''} {unit}"
+    if not re.fullmatch(r"\d+(?:\.\d*)?|\.\d+", number):
+        raise FitplanError(f"the OOM message has an unreadable size {text!r}; expected a number such as 73.63 GiB")
+    value = float(number) * UNITS[unit] if len(number) <= 40 else math.inf
+    if not value <= MAX_BYTES:
+        raise FitplanError(
+            f"the OOM message has an impossible size {text!r}; accepted: up to 1 PiB (no GPU holds more)"
+        )
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,8 @@ class OomEvent:
     def cause(self) -> str:
         if self.held_elsewhere >= OTHER_PROCESS_FRACTION * self.total:
             return "other-process"
+        if self.requested == 0:  # no size to compare: whatever was live filled the GPU
+            return "exhausted"
         if self.cached_free >= max(self.requested, FRAGMENTATION_FRACTION * self.total):
             return "fragmentation"
         if self.requested >= LARGE_REQUEST_FRACTION * self.total:
@@ -93,8 +108,15 @@ class OomEvent:
 def parse_ooms(text: str) -> list[OomEvent]:
     """Every OOM message in a log, in order; a log with none (or unreadable ones) is an error."""
     joined = _one_line(text)
-    events = [_new_event(m) for m in NEW_FORMAT.finditer(joined)]
-    events += [_old_event(m) for m in OLD_FORMAT.finditer(joined)]
+    found = [(m.start(), _new_event, m) for m in NEW_FORMAT.finditer(joined)]
+    found += [(m.start(), _old_event, m) for m in OLD_FORMAT.finditer(joined)]
+    events = []
+    for number, (_, read, m) in enumerate(sorted(found, key=lambda f: f[0]), 1):
+        try:
+            events.append(_checked(read(m)))
+        except FitplanError as exc:
+            which = f"OOM message {number} of {len(found)}" if len(found) > 1 else "OOM message"
+            raise FitplanError(str(exc).replace("the OOM message", f"the {which}", 1)) from None
     if events:
         return events
     if OOM_MARKER.search(text):
@@ -103,6 +125,28 @@ def parse_ooms(text: str) -> list[OomEvent]:
             "'Tried to allocate X GiB. GPU 0 has a total capacity of ...' or '(GPU 0; X GiB total capacity; ...)'"
         )
     raise FitplanError("no CUDA out-of-memory message in the log; expected PyTorch's 'CUDA out of memory. Tried to allocate ...'")
+
+
+def _checked(event: OomEvent) -> OomEvent:
+    """Refuse numbers no GPU can report: they come from an edited log or another tool's message."""
+    def problem() -> str | None:
+        if event.total <= 0:
+            return "a total capacity of 0"
+        if event.free > event.total:
+            return f"{gib(event.free)} free of a {gib(event.total)} total"
+        if event.reserved > event.total:
+            return f"{gib(event.reserved)} reserved by PyTorch on a {gib(event.total)} GPU"
+        if event.allocated > event.reserved:
+            return f"{gib(event.allocated)} allocated but only {gib(event.reserved)} reserved"
+        if event.this_process is not None and event.this_process > event.total:
+            return f"this process using {gib(event.this_process)} of a {gib(event.total)} GPU"
+        return None
+
+    found = problem()
+    if found:
+        raise FitplanError(f"the OOM message has impossible numbers ({found}); "
+                           "expected PyTorch's message as printed, with free and in-use memory within the total")
+    return event
 
 
 def _one_line(text: str) -> str:
@@ -156,6 +200,8 @@ def describe(event: OomEvent) -> list[str]:
         f"PyTorch held {gib(event.reserved)}: {gib(event.allocated)} in live tensors, "
         f"{gib(event.cached_free)} cached but unallocated.",
     ]
+    if event.requested == 0:
+        lines.append("The failed request is 0 B: its size says nothing about the cause; the other numbers do.")
     if event.held_elsewhere:
         lines.append(f"{gib(event.held_elsewhere)} is used outside this process's allocator "
                      "(CUDA context, NCCL, or other processes).")
@@ -192,7 +238,11 @@ def matching_component(event: OomEvent, estimate: Estimate) -> tuple[str, int]:
         for name, size in phase.items():
             if size > 0:
                 sizes[name] = max(size, sizes.get(name, 0))
-    name = min(sizes, key=lambda n: abs(math.log(sizes[n] / event.requested)))
+    sizes = {n: b for n, b in sizes.items() if b > 0}
+    if not sizes:
+        return estimate.largest_allocation_name, 0
+    wanted = max(event.requested, 1)  # a 0 B request: the smallest component is nearest
+    name = min(sizes, key=lambda n: abs(math.log(sizes[n] / wanted)))
     return name, sizes[name]
 
 
@@ -203,11 +253,12 @@ def config_lines(event: OomEvent, result) -> list[str]:
     """
     estimate = result.original.estimate
     name, size = matching_component(event, estimate)
-    lines = [
-        f"Predicted for this job: peak {gib(estimate.peak_reserved_bytes)} of {gib(estimate.gpu_total_bytes)} "
-        f"({estimate.peak_phase}); the failing {gib(event.requested)} request best matches "
-        f"{name} ({gib(size)})."
-    ]
+    predicted = (f"Predicted for this job: peak {gib(estimate.peak_reserved_bytes)} of "
+                 f"{gib(estimate.gpu_total_bytes)} ({estimate.peak_phase})")
+    if event.requested == 0:
+        lines = [f"{predicted}; the failing request is 0 B, so it matches no component."]
+    else:
+        lines = [f"{predicted}; the failing {gib(event.requested)} request best matches {name} ({gib(size)})."]
     if event.cause == "other-process":
         lines.append("No config change needed if the GPU is freed; the ladder below assumes a GPU of its own.")
     if event.cause == "fragmentation" and not result.original.spec.expandable_segments:

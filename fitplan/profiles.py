@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fitplan.config import show as _show
 from fitplan.errors import FitplanError
 from fitplan.shapes import DraftShape, ModelShape
 from fitplan.units import GIB
@@ -90,11 +91,26 @@ def _suggest(name: str, known: list[str]) -> str:
 # ---------------------------------------------------------------- models
 
 
-def _int(d: dict, *keys: str, default: int | None = None) -> int | None:
+# The largest size a config field may hold. Real models stay far below (hidden 16384, vocab 262144,
+# 126 layers, positions 10M); the bound keeps a typo such as 1e12 layers from making the estimator's
+# arithmetic huge, while leaving room for any model that could exist.
+MAX_DIM = 1 << 31
+
+
+def _int(d: dict, *keys: str, default: int | None = None, source: str = "config", minimum: int = 1) -> int | None:
+    """The first of `keys` that is set (not missing, not null), as an integer in [minimum, MAX_DIM].
+
+    A field set to anything else (a float such as 64.5 or 1e400, a bool, a string, a negative size)
+    is an error naming the field: a guess would estimate some other model.
+    """
     for k in keys:
         v = d.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return int(v)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= MAX_DIM:
+            sign = "must be positive: an integer" if minimum == 1 else "must be an integer"
+            raise FitplanError(f"{source}: {k} {sign} from {minimum} to {MAX_DIM}, got {_show(v)}")
+        return v
     return default
 
 
@@ -103,59 +119,95 @@ def _first_set(d: dict, *keys: str):
 
 
 def model_shape_from_config(cfg: dict[str, Any], name: str, source: str) -> ModelShape:
-    """Read an HF config.json (or a profile with the same keys) into a ModelShape."""
+    """Read an HF config.json (or a profile with the same keys) into a ModelShape.
+
+    Every size must be a positive integer (at most MAX_DIM), and the attention heads must fit
+    together (KV heads dividing the heads, heads dividing hidden when head_dim is not given):
+    anything else is a FitplanError naming the field.
+    """
+    if not isinstance(cfg, dict):
+        raise FitplanError(f"{source}: expected a JSON object of config fields, got {type(cfg).__name__}")
     if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers (Gemma 3): the LM part
-        cfg = {**cfg["text_config"], **{k: v for k, v in cfg.items() if k in REQUIRED_MODEL_KEYS}}
-    missing = [k for k in REQUIRED_MODEL_KEYS if _int(cfg, k) is None]
+        outer = {k: v for k, v in cfg.items() if k in REQUIRED_MODEL_KEYS and v is not None}
+        cfg = {**cfg["text_config"], **outer}
+
+    def num(*keys: str, default: int | None = None, minimum: int = 1) -> int | None:
+        return _int(cfg, *keys, default=default, source=source, minimum=minimum)
+
+    missing = [k for k in REQUIRED_MODEL_KEYS if num(k) is None]
     if missing:
         raise FitplanError(f"{source}: missing required field(s) {', '.join(missing)}")
-    hidden = _int(cfg, "hidden_size")
-    heads = _int(cfg, "num_attention_heads")
+    hidden, heads = num("hidden_size"), num("num_attention_heads")
+    kv_heads = num("num_key_value_heads", default=heads)
+    if kv_heads > heads or heads % kv_heads:
+        raise FitplanError(
+            f"{source}: num_key_value_heads {kv_heads} must divide num_attention_heads {heads} "
+            "(each KV head serves a whole group of query heads)"
+        )
+    head_dim = num("head_dim", "head_dim_effective")
+    if head_dim is None:
+        if hidden % heads:
+            raise FitplanError(
+                f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}; "
+                "give head_dim when the heads do not split hidden evenly"
+            )
+        head_dim = hidden // heads
     values = dict(
         hidden=hidden,
-        layers=_int(cfg, "num_hidden_layers"),
+        layers=num("num_hidden_layers"),
         heads=heads,
-        kv_heads=_int(cfg, "num_key_value_heads", default=heads),
-        head_dim=_int(cfg, "head_dim", "head_dim_effective", default=hidden // heads if heads else 0),
-        vocab=_int(cfg, "vocab_size"),
-        intermediate=_int(cfg, "intermediate_size", default=4 * hidden),
-        max_positions=_int(cfg, "max_position_embeddings"),
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab=num("vocab_size"),
+        intermediate=num("intermediate_size", default=4 * hidden),
+        max_positions=num("max_position_embeddings"),
     )
-    bad = [k for k, v in values.items() if k != "max_positions" and (v is None or v <= 0)]
-    if bad:
-        raise FitplanError(f"{source}: field(s) {', '.join(bad)} must be positive integers")
-    experts = _int(cfg, "num_local_experts", "n_routed_experts", "num_experts", default=0) or 0
-    quant = cfg.get("quantization_config") or {}
+    # Counts where 0 means "none" (a dense model has 0 experts).
+    experts = num("num_local_experts", "n_routed_experts", "num_experts", default=0, minimum=0)
+    per_token = num("num_experts_per_tok", "experts_per_token", default=0, minimum=0)
+    if experts and per_token > experts:
+        raise FitplanError(f"{source}: num_experts_per_tok {per_token} exceeds the {experts} experts")
+    dense_layers = num("first_k_dense_replace", default=0, minimum=0)
+    if dense_layers > values["layers"]:
+        raise FitplanError(
+            f"{source}: first_k_dense_replace {dense_layers} exceeds num_hidden_layers {values['layers']}"
+        )
+    model_type = cfg.get("model_type", "unknown")
+    if not isinstance(model_type, str):
+        raise FitplanError(f"{source}: model_type must be a string, got {_show(model_type)}")
+    quant = cfg.get("quantization_config") if isinstance(cfg.get("quantization_config"), dict) else {}
     mla = cfg.get("mla") if isinstance(cfg.get("mla"), dict) else None
     return ModelShape(
         name=name,
-        model_type=str(cfg.get("model_type", "unknown")),
+        model_type=model_type,
         # Research profiles record HF's default (tied for Gemma) as tie_word_embeddings_effective.
         tie_embeddings=bool(_first_set(cfg, "tie_word_embeddings", "tie_word_embeddings_effective")),
         attention_bias=bool(cfg.get("attention_bias", False)),
         experts=experts,
-        experts_per_token=_int(cfg, "num_experts_per_tok", "experts_per_token", default=0) or 0,
-        expert_intermediate=(
-            _int(cfg, "moe_intermediate_size", default=None) or values["intermediate"] if experts else 0
-        ),
-        shared_experts=_int(cfg, "n_shared_experts", default=0) or 0,
-        dense_layers=_int(cfg, "first_k_dense_replace", default=0) or 0,
+        experts_per_token=per_token,
+        expert_intermediate=(num("moe_intermediate_size") or values["intermediate"] if experts else 0),
+        shared_experts=num("n_shared_experts", default=0, minimum=0),
+        dense_layers=dense_layers,
         packed_format=quant.get("quant_method") if quant.get("quant_method") == "mxfp4" else None,
         final_logit_softcap=cfg.get("final_logit_softcapping") is not None,
-        mla_attention_params=_mla_params(cfg, hidden, heads) if mla or cfg.get("kv_lora_rank") else None,
+        mla_attention_params=_mla_params(cfg, hidden, heads, source) if mla or cfg.get("kv_lora_rank") else None,
         raw=cfg,
         **values,
     )
 
 
-def _mla_params(cfg: dict, hidden: int, heads: int) -> int:
+def _mla_params(cfg: dict, hidden: int, heads: int, source: str = "config") -> int:
     """DeepSeek multi-head latent attention: parameters of one layer's attention block."""
-    src = {**cfg, **(cfg.get("mla") or {})}
-    q_rank = _int(src, "q_lora_rank", default=1536)
-    kv_rank = _int(src, "kv_lora_rank", default=512)
-    nope = _int(src, "qk_nope_head_dim", default=128)
-    rope = _int(src, "qk_rope_head_dim", default=64)
-    v_dim = _int(src, "v_head_dim", default=128)
+    src = {**cfg, **(cfg.get("mla") if isinstance(cfg.get("mla"), dict) else {})}
+
+    def num(key: str, default: int) -> int:
+        return _int(src, key, default=default, source=source)
+
+    q_rank = num("q_lora_rank", 1536)
+    kv_rank = num("kv_lora_rank", 512)
+    nope = num("qk_nope_head_dim", 128)
+    rope = num("qk_rope_head_dim", 64)
+    v_dim = num("v_head_dim", 128)
     q = hidden * q_rank + q_rank + q_rank * heads * (nope + rope)
     kv = hidden * (kv_rank + rope) + kv_rank + kv_rank * heads * (nope + v_dim)
     return q + kv + heads * v_dim * hidden
@@ -195,6 +247,18 @@ def _cached_json(path: Path) -> dict[str, Any]:
 
 
 def _config_path(ref: str) -> Path | None:
+    """The config.json `ref` names when it is a path (a file or a model directory), else None."""
+    try:
+        return _existing_config(ref)
+    except RuntimeError:  # Path.expanduser: '~nouser/...' names no user
+        raise FitplanError(f"{ref}: {ref.split('/')[0]!r} is not a user's home folder; give the path in full") from None
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a folder it may not read
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise FitplanError(f"{_show(ref)}: cannot be read as a path ({reason}); give a profile name, "
+                           "a repo id, a config.json or a model directory") from None
+
+
+def _existing_config(ref: str) -> Path | None:
     p = Path(ref).expanduser()
     if p.is_dir():
         cfg = p / "config.json"
@@ -290,24 +354,44 @@ def draft_from_config(
     profile: dict, name: str, source: str, target: ModelShape, aux_layers: tuple[int, ...] | None = None
 ) -> DraftShape:
     cfg = profile.get("config", profile)
+    if not isinstance(cfg, dict):
+        raise FitplanError(f"{source}: draft config must be a JSON object, got {type(cfg).__name__}")
+
+    def num(key: str, default: int | None = None) -> int | None:
+        return _int(cfg, key, default=default, source=source)
+
     for key in ("hidden_size", "num_attention_heads", "intermediate_size"):
-        if _int(cfg, key) is None:
+        if num(key) is None:
             raise FitplanError(f"{source}: draft config is missing {key}")
-    hidden = _int(cfg, "hidden_size")
-    heads = _int(cfg, "num_attention_heads")
-    eagle = cfg.get("eagle_config") or {}
+    hidden = num("hidden_size")
+    heads = num("num_attention_heads")
+    kv_heads = num("num_key_value_heads", default=heads)
+    if kv_heads > heads or heads % kv_heads:
+        raise FitplanError(f"{source}: num_key_value_heads {kv_heads} must divide num_attention_heads {heads}")
+    head_dim = num("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise FitplanError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}; "
+                               "give head_dim")
+        head_dim = hidden // heads
+    eagle = cfg.get("eagle_config") if isinstance(cfg.get("eagle_config"), dict) else {}
     layers = aux_layers or eagle.get("eagle_aux_hidden_state_layer_ids") or target.default_aux_layers()
+    if not isinstance(layers, (list, tuple)) or not all(
+        isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_DIM for x in layers
+    ):
+        raise FitplanError(f"{source}: eagle_aux_hidden_state_layer_ids must be a list of layer indices, "
+                           f"got {_show(layers)}")
     return DraftShape(
         name=name,
         hidden=hidden,
-        intermediate=_int(cfg, "intermediate_size"),
+        intermediate=num("intermediate_size"),
         heads=heads,
-        kv_heads=_int(cfg, "num_key_value_heads", default=heads),
-        head_dim=_int(cfg, "head_dim", default=hidden // heads),
-        vocab=_int(cfg, "vocab_size", default=target.vocab),
-        draft_vocab=_int(cfg, "draft_vocab_size", default=DEFAULT_DRAFT_VOCAB),
-        target_hidden=_int(cfg, "target_hidden_size", default=target.hidden),
-        aux_layers=tuple(int(x) for x in layers),
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab=num("vocab_size", default=target.vocab),
+        draft_vocab=num("draft_vocab_size", default=DEFAULT_DRAFT_VOCAB),
+        target_hidden=num("target_hidden_size", default=target.hidden),
+        aux_layers=tuple(layers),
     )
 
 
@@ -383,8 +467,16 @@ def _gpu_table() -> tuple[GpuSpec, ...]:
     for d in reversed(_profile_dirs()):
         p = d / "gpus.json"
         if p.is_file():
-            for entry in _read_json(p).get("gpus", []):
-                spec = _gpu_from_profile(entry)
+            entries = _read_json(p).get("gpus", [])
+            for number, entry in enumerate(entries if isinstance(entries, list) else [entries], 1):
+                try:
+                    spec = _gpu_from_profile(entry)
+                except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                    what = _show(exc.args[0] if exc.args else "")
+                    raise FitplanError(
+                        f"{p}: GPU entry {number} is incomplete ({type(exc).__name__}: {what}); each needs id, "
+                        "torch_total_memory (bytes or GiB), bf16_dense_tflops and memory_bandwidth_TBps"
+                    ) from None
                 gpus[spec.id] = spec
     return tuple(gpus.values())
 
@@ -407,23 +499,54 @@ def load_gpu(name: str) -> GpuSpec:
     raise FitplanError(f"unknown GPU {name!r}: {_suggest(name, accepted)}")
 
 
-_GPUS_RE = re.compile(r"^\s*(?:(\d+)\s*[xX×]\s*)?(?:(\d+)\s*[xX×]\s*)?(.+?)\s*$")
+# Bounds on the counts of --gpus. One node's GPUs share a fast domain; the largest sold today is
+# 72 (GB200 NVL72) and announced ones reach 576, so 1024 leaves room while keeping the TP search
+# (the divisors of the per-node count) instant. 100000 nodes is beyond any cluster built, and keeps
+# the world size and the batch arithmetic small.
+MAX_GPUS_PER_NODE = 1024
+MAX_NODES = 100_000
+MAX_GPUS_TEXT = 200  # characters: '2x8xNVIDIA H100 80GB HBM3' is 25
+_X = r"\s*[xX×]\s*"
+_GPUS_RE = re.compile(rf"^\s*(?:([+-]?\d+){_X})?(?:([+-]?\d+){_X})?(.*?)\s*$", re.ASCII | re.DOTALL)
+_GPUS_FORM = "expected COUNTxTYPE such as 8xH100, or NODESxCOUNTxTYPE such as 2x8xH100"
+
+
+def _count(digits: str, what: str, maximum: int, text: str, hint: str = "") -> int:
+    """A count of --gpus, in [1, maximum]; huge digit strings are refused before int() reads them."""
+    value = int(digits) if len(digits.lstrip("+-").lstrip("0")) <= 9 else maximum + 1
+    if not 1 <= value <= maximum:
+        shown = digits if len(digits) <= 24 else digits[:20] + "..."
+        raise FitplanError(
+            f"--gpus {_show(text)}: {what} {shown} is out of range: accepted at least 1, at most {maximum}{hint}"
+        )
+    return value
 
 
 def parse_gpus(text: str) -> Cluster:
     """'8xH100', '1xH200', '4xA100-80GB', '2x8xH100' (nodes x GPUs per node x type), 'H100'."""
-    m = _GPUS_RE.match(text or "")
-    if not m or not m.group(3):
-        raise FitplanError(f"cannot read GPUs {text!r}: expected COUNTxTYPE such as 8xH100 or 2x8xH100")
-    first, second, kind = m.groups()
+    if not isinstance(text, str) or not text.strip():
+        raise FitplanError(f"no GPUs given; {_GPUS_FORM}")
+    if len(text) > MAX_GPUS_TEXT:
+        raise FitplanError(f"--gpus is {len(text)} characters long (at most {MAX_GPUS_TEXT}); {_GPUS_FORM}")
+    first, second, kind = _GPUS_RE.match(text).groups()  # every string matches (all parts optional)
+    if not kind or re.fullmatch(r"[+-]?\d+", kind, re.ASCII):
+        raise FitplanError(f"cannot read GPUs {text!r}: no GPU type; {_GPUS_FORM}")
+    if re.match(r"[+-]?\d+" + _X, kind, re.ASCII):
+        raise FitplanError(f"cannot read GPUs {text!r}: more than two counts; {_GPUS_FORM}")
+    if re.match(_X, kind) and first is None:
+        raise FitplanError(f"cannot read GPUs {text!r}: no count before 'x'; {_GPUS_FORM}")
     if second is not None:
-        nodes, per_node = int(first), int(second)
+        nodes = _count(first, "node count", MAX_NODES, text)
+        per_node = _count(second, "GPUs per node", MAX_GPUS_PER_NODE, text)
     else:
-        nodes, per_node = 1, int(first) if first is not None else 1
-    if nodes < 1 or per_node < 1:
-        raise FitplanError(f"GPU count in {text!r} must be at least 1")
+        nodes = 1
+        per_node = 1 if first is None else _count(
+            first, "GPU count", MAX_GPUS_PER_NODE, text, " per node (NODESxCOUNTxTYPE for several nodes, e.g. 2x8xH100)"
+        )
     try:
         gpu = load_gpu(kind)
     except FitplanError as exc:
+        if re.search(_X + r"[+-]?\d+$", kind, re.ASCII):
+            raise FitplanError(f"cannot read GPUs {text!r}: counts go before the GPU type; {_GPUS_FORM}") from None
         raise FitplanError(f"in --gpus {text!r}: {exc}") from None
     return Cluster(gpu=gpu, nodes=nodes, gpus_per_node=per_node)

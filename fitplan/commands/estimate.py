@@ -14,7 +14,9 @@ from fitplan.commands.common import clean_errors, spec_flags
 def estimate_command(
     config: Optional[Path] = typer.Argument(None, help="YAML config (keys = flag names with underscores)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the breakdown to this PNG file."),
+    plot: Optional[Path] = typer.Option(
+        None, "--plot", help="Also draw the breakdown to this PNG file (.svg, .pdf, .jpg too; no suffix: .png is added)."
+    ),
     *,
     flags: dict,
 ) -> None:
@@ -23,13 +25,17 @@ def estimate_command(
     from fitplan.estimator import estimate
     from fitplan.layout import resolve
 
+    if plot is not None:  # a path it cannot write is refused before anything is computed
+        from fitplan.render.plot import output_path
+
+        plot = output_path(plot)
     spec = load_spec(config, flags)
     job = resolve(spec)
     est = estimate(job)
     if plot is not None:
         from fitplan.render.plot import plot_estimate
 
-        plot_estimate(est, plot, spec=spec)
+        plot = plot_estimate(est, plot, spec=spec)
     if as_json:
         config_out = {**spec.to_dict(), "tp": job.tp, "accum": job.accum}
         print(json.dumps({**est.to_json(), "config": config_out}))

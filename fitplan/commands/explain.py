@@ -23,9 +23,14 @@ def read_log(log: Optional[str]) -> str:
             raise FitplanError("no log given: pass a file (fitplan explain oom.log) or pipe it on stdin")
         return sys.stdin.read()
     path = Path(log)
+    if path.is_dir():
+        raise FitplanError(f"{log} is a directory; give the log file holding the OOM message")
     if not path.is_file():
         raise FitplanError(f"log file {log!r} does not exist")
-    return path.read_text(errors="replace")
+    try:
+        return path.read_text(errors="replace")
+    except OSError as exc:
+        raise FitplanError(f"log file {log!r} cannot be read ({exc.strerror})") from None
 
 
 @clean_errors

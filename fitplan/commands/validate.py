@@ -42,6 +42,7 @@ def register(app: typer.Typer) -> None:
         if list_rows:
             _print_rows(console, chosen)
             return
+        _writable_folder(out)  # before any row runs or any result is read
         if from_results is None and trainer_reports is None:
             from fitplan.validation.runner import run
 
@@ -49,6 +50,24 @@ def register(app: typer.Typer) -> None:
             from_results, repredict = out, False  # just predicted by the estimator as it is
         frame = report.load_results(from_results, trainer_reports, repredict=repredict)
         _report(console, frame, out, calibrate, tuple(caveat or ()))
+
+
+def _writable_folder(out: Path) -> None:
+    """--out must be a folder fitplan can write, or one it can make: else one line, before any work
+    (nothing is made here; the report makes the folder when it writes)."""
+    import os
+
+    from fitplan.errors import FitplanError
+
+    if out.exists() and not out.is_dir():
+        raise FitplanError(f"--out {out} is a file; give a folder for the results and the report")
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FitplanError(f"--out {out}: cannot make the folder ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FitplanError(f"--out {out}: {existing} is not writable")
 
 
 def _progress_line(result: dict) -> str:

@@ -116,12 +116,47 @@ def figure(est: Estimate, spec: RunSpec | None = None) -> Figure:
     return fig
 
 
-def plot_estimate(est: Estimate, path: str | Path, spec: RunSpec | None = None) -> None:
+# Image formats --plot writes (by the file's suffix): what matplotlib writes with no extra software.
+FORMATS = ("png", "svg", "pdf", "jpg", "jpeg")
+
+
+def output_path(path: str | Path) -> Path:
+    """The file `--plot PATH` will write, checked before anything is computed: PATH itself, or
+    PATH.png when it has no suffix (as matplotlib names it). A folder, a missing or unwritable
+    folder, or a suffix matplotlib cannot write is a one-line error."""
+    import os
+
+    _matplotlib()  # without matplotlib, say so before the estimate runs
+    given = Path(path)
+    if str(path).strip() == "":
+        raise FitplanError("--plot needs a file name, e.g. --plot estimate.png")
+    if given.is_dir():
+        raise FitplanError(f"--plot {path} is a folder; give an image file name, e.g. {given / 'estimate.png'}")
+    out = given if given.suffix else given.with_name(given.name + ".png")
+    fmt = out.suffix[1:].lower()
+    if fmt not in FORMATS:
+        raise FitplanError(f"--plot {path}: cannot write a {out.suffix!r} image; accepted suffixes: "
+                           + ", ".join("." + f for f in FORMATS))
+    if out.is_dir():
+        raise FitplanError(f"--plot {path}: {out} is a folder; give an image file name")
+    folder = out.parent
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise FitplanError(f"--plot {path}: the folder {folder} {what}")
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise FitplanError(f"--plot {path}: {out if out.exists() else folder} is not writable")
+    return out
+
+
+def plot_estimate(est: Estimate, path: str | Path, spec: RunSpec | None = None) -> Path:
+    """Draw the breakdown to the file output_path(path) names; returns that file."""
+    out = output_path(path)
     plt = _matplotlib()
     fig = figure(est, spec)
     try:
-        fig.savefig(path, dpi=DPI)
+        fig.savefig(out, dpi=DPI, format=out.suffix[1:].lower())
     except OSError as exc:
-        raise FitplanError(f"--plot {path}: cannot write ({exc.strerror})") from None
+        raise FitplanError(f"--plot {out}: cannot write ({exc.strerror})") from None
     finally:
         plt.close(fig)
+    return out

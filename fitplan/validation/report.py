@@ -66,24 +66,75 @@ def load_results(folder: Path | None, trainer_reports: Path | None = None, repre
     from fitplan.validation.repredict import repredict as current_predictions
     from fitplan.validation.trainer_reports import load_reports
 
-    files = sorted(Path(folder).rglob("*rows*.jsonl")) if folder is not None else []
+    if folder is not None and not Path(folder).exists():
+        raise FitplanError(f"--from-results {folder}: no such folder (give the --out folder of `fitplan validate`)")
+    if folder is not None and Path(folder).is_file():
+        files = [Path(folder)]  # one rows file given directly
+    else:
+        files = sorted(Path(folder).rglob("*rows*.jsonl")) if folder is not None else []
     if folder is not None and not files:
         raise FitplanError(f"{folder}: no *rows*.jsonl results (write them with `fitplan validate --out DIR`)")
     records = load_reports(trainer_reports) if trainer_reports is not None else []
     if not files and not records:
         raise FitplanError("no results: give a folder of *rows*.jsonl and/or one of trainer reports")
+    for number, record in enumerate(records, 1):
+        _check_row(record, str(record.get("source", f"{trainer_reports}: trainer report {number}")))
     for path in files:
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            text = path.read_text(errors="replace")
+        except OSError as exc:
+            raise FitplanError(f"{path}: cannot be read ({exc.strerror})") from None
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, RecursionError, ValueError):
                     raise FitplanError(f"{path}:{number}: not a JSON line") from None
+                records.append(_check_row(record, f"{path}:{number}"))
     frame = pd.DataFrame.from_records(records).drop(columns=["estimate"], errors="ignore")
+    for column in OPTIONAL_FIELDS:
+        if column not in frame:
+            frame[column] = None
     if "finished" in frame:  # the runner's time stamp orders results gathered from several calls
-        frame = frame.sort_values("finished", kind="stable", na_position="first")
+        order = pd.to_numeric(frame["finished"], errors="coerce")
+        frame = frame.loc[order.sort_values(kind="stable", na_position="first").index]
     frame = frame.drop_duplicates("name", keep="last").reset_index(drop=True)
     return with_errors(set_aside_busy(current_predictions(frame) if repredict else frame))
+
+
+# What every result row needs, with the JSON types accepted (the runner writes them all).
+REQUIRED_FIELDS: dict[str, tuple[type, ...]] = {
+    "name": (str,), "kind": (str,), "status": (str,), "calibration": (bool,),
+}
+# Columns the report reads that a row may leave out (a skipped row has no sequence).
+OPTIONAL_FIELDS = ("seq", "micro_batch")
+# Fields the report computes with or prints, when a row has them (null: not measured).
+NUMBER_FIELDS = ("seq", "micro_batch", "pred_alloc", "meas_alloc", "pred_device", "meas_device", "pred_step_s",
+                 "meas_step_s", "pred_reserve", "pred_outside", "meas_reserved", "gpu_total", "gpu_used_at_start_mib",
+                 "finished")  # fmt: skip
+BOOL_FIELDS = ("pred_fits", "observed_fits")
+TEXT_FIELDS = ("workload", "reason", "intent", "pred_verdict")
+
+
+def _check_row(record, where: str) -> dict:
+    """A result row as the report reads it; anything else is a one-line error naming the row and field."""
+    if not isinstance(record, dict):
+        raise FitplanError(f"{where}: a result row must be a JSON object, got {type(record).__name__}")
+    for field, types in REQUIRED_FIELDS.items():
+        if field not in record or record[field] is None:
+            raise FitplanError(f"{where}: the row has no {field!r}; every row needs {', '.join(REQUIRED_FIELDS)} "
+                               "(as `fitplan validate --out` writes them)")
+        value = record[field]
+        if not isinstance(value, types) or (types == (str,) and not value.strip()):
+            kind = "true or false" if bool in types else "a non-empty string"
+            raise FitplanError(f"{where}: {field} must be {kind}, got {type(value).__name__}")
+    for fields, types, kind in ((NUMBER_FIELDS, (int, float), "a number"), (BOOL_FIELDS, (bool,), "true or false"),
+                                (TEXT_FIELDS, (str,), "a string")):  # fmt: skip
+        for field in fields:
+            value = record.get(field)
+            if value is not None and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
+                raise FitplanError(f"{where}: {field} must be {kind} or null, got {type(value).__name__}")
+    return record
 
 
 def set_aside_busy(frame: pd.DataFrame) -> pd.DataFrame:
