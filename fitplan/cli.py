@@ -8,7 +8,9 @@ need them, so `fitplan estimate` stays fast.
 from __future__ import annotations
 
 import importlib
+import sys
 
+import click
 import typer
 
 app = typer.Typer(
@@ -34,5 +36,21 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"fitplan.commands.{_name}").register(app)
 
 
+def main() -> None:
+    """The `fitplan` program: a bad flag is one line and exit 2, like every other bad input."""
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()  # `fitplan` alone: the help
+        sys.exit(2)
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "fitplan"
+        print(f"error: {exc.format_message()} (see '{command} --help')", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -215,7 +215,9 @@ def spec_from_mapping(values: Mapping[str, Any], source: str = "config") -> RunS
         named = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
         raise FitplanError(f"{source}: unknown key(s) {named}; known keys: {', '.join(FIELD_NAMES)}")
     if "model" not in values or values["model"] is None or (isinstance(values["model"], str) and not values["model"]):
-        raise FitplanError(f"{source}: 'model' is required")
+        where = "give --model" if source == "flags" else f"{source}: add 'model:'"
+        raise FitplanError(f"the target model is required: {where} (a profile name from `fitplan profiles`, "
+                           "an HF repo id, or a config.json)")
     try:
         kwargs = {k: _coerce(k, v) for k, v in values.items()}
     except FitplanError as exc:

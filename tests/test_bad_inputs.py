@@ -335,7 +335,7 @@ def _alias_bomb_in_a_field() -> str:
 
 
 HOSTILE_FILES = [
-    (b"", ["'model' is required"]),
+    (b"", ["the target model is required"]),
     (b"- model: llama-3.1-8b\n- seq: 1\n", ["expected a mapping", "got list"]),
     (b"42\n", ["expected a mapping", "got int"]),
     (b"just a sentence\n", ["expected a mapping", "got str"]),

@@ -23,7 +23,7 @@ def test_plan_file_config_section(tmp_path):
     "values, needle",
     [
         ({"model": "x", "sead": 1}, "unknown key(s) sead"),
-        ({"seq": 4}, "'model' is required"),
+        ({"seq": 4}, "the target model is required"),
         ({"model": "x", "seq": 0}, "seq must be a positive integer"),
         ({"model": "x", "micro_batch": True}, "micro_batch must be a positive integer"),
         ({"model": "x", "sharding": "zero4"}, "sharding 'zero4' is not one of"),
