@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from fitplan.config import RunSpec, load_spec
+from fitplan.config import RunSpec, load_spec, spec_from_text
 from fitplan.errors import FitplanError
 from fitplan.estimator.result import Estimate, Verdict
-from fitplan.specforge import parse_command
 
 EstimateSpecFn = Callable[[RunSpec], Estimate]
 
@@ -89,31 +87,8 @@ def phase_deltas(old: Estimate, new: Estimate) -> dict[str, int]:
     }
 
 
-def spec_from_text(text: str, source: str, overrides: dict) -> RunSpec:
-    """A config, plan or SpecForge script given as text (e.g. a file at a git revision)."""
-    if "train_eagle3" in text:
-        return parse_command(text).spec(overrides)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as tmp:
-        tmp.write(text)
-        tmp.flush()
-        try:
-            return load_spec(tmp.name, overrides)
-        except FitplanError as exc:
-            raise FitplanError(str(exc).replace(tmp.name, source)) from None
-
-
 def spec_from_file(path: str, overrides: dict) -> RunSpec:
-    p = Path(path)
-    if p.is_dir():
-        raise FitplanError(f"{path} is a directory, not a config file")
-    if not p.is_file():
-        raise FitplanError(f"config file {path!r} does not exist")
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise FitplanError(f"cannot read config file {path}: {reason}") from None
-    return spec_from_text(text, path, overrides)
+    return load_spec(path, overrides)
 
 
 CONFIG_SUFFIXES = (".yaml", ".yml")

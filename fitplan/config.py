@@ -297,11 +297,12 @@ def _expanded_size(data: Any, source: Path | str) -> int:
         raise FitplanError(f"{source}: YAML nested too deeply to be a config") from None
 
 
-def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file that must hold a mapping; errors name the file."""
+def read_job_file(path: str | Path) -> str:
+    """The text of a job file (a YAML config, a plan or a launch script): a missing, special, huge
+    or non-UTF-8 file is a one-line error naming it."""
     p = Path(path)
     if p.is_dir():
-        raise FitplanError(f"{p} is a directory; give a config file (YAML)")
+        raise FitplanError(f"{p} is a directory; give a config file (YAML, a plan or a SpecForge launch script)")
     if not p.is_file():
         if p.exists():
             raise FitplanError(f"{p} is not a regular file; give a config file (YAML)")
@@ -312,25 +313,49 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
         raise FitplanError(f"{p}: cannot be read ({exc.strerror})") from None
     if too_big:
         raise FitplanError(f"{p}: {p.stat().st_size} bytes is too large for a config "
-                           f"(at most {MAX_YAML_BYTES // 1024} KiB); give the job's YAML config or plan")
-    data = yaml_or_error(read_text(p), p)
+                           f"(at most {MAX_YAML_BYTES // 1024} KiB); give the job's YAML config, plan or launch script")
+    return read_text(p)
+
+
+def yaml_mapping(text: str, source: str | Path) -> dict[str, Any]:
+    data = yaml_or_error(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise FitplanError(f"{p}: expected a mapping of keys (model: ..., seq: ...), got {type(data).__name__}")
+        raise FitplanError(f"{source}: expected a mapping of keys (model: ..., seq: ...), got {type(data).__name__}")
     return data
+
+
+def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; errors name the file."""
+    return yaml_mapping(read_job_file(path), Path(path))
+
+
+def is_launch_script(text: str) -> bool:
+    """A SpecForge `train_eagle3.py` launch (a command line or a shell script), not YAML."""
+    return "train_eagle3" in text
 
 
 def load_spec(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunSpec:
     """File values, then overrides (CLI flags that were given; None means not given).
 
-    A plan file (fitplan fit -o) holds the configuration under ``config:``; it is accepted too.
+    A plan file (fitplan fit -o) holds the configuration under ``config:``, and a SpecForge
+    launch script its command line: both are read here too, so every command takes them alike.
     """
+    if path is None:
+        return spec_from_text(None, "flags", overrides)
+    return spec_from_text(read_job_file(path), str(path), overrides)
+
+
+def spec_from_text(text: str | None, source: str, overrides: Mapping[str, Any] | None = None) -> RunSpec:
+    """A config, plan or launch script given as text (a file's, or a file's at a git revision)."""
     values: dict[str, Any] = {}
-    source = "flags"
-    if path is not None:
-        values = load_yaml_mapping(path)
-        source = str(path)
+    if text is not None and is_launch_script(text):
+        from fitplan.specforge import parse_command  # reads launches into this module's RunSpec
+
+        return parse_command(text).spec(overrides)
+    if text is not None:
+        values = yaml_mapping(text, source)
         if "fitplan_plan" in values:
             from fitplan.records import plan_from_mapping  # records build on this module
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fitplan.config import RunSpec, spec_from_mapping
+from fitplan.config import MAX_YAML_BYTES, RunSpec, read_job_file, spec_from_mapping
 from fitplan.errors import FitplanError
 from fitplan.profiles import _cached_json, _json_files, load_model_config
 from fitplan.shell_vars import expand_script, strip_unset, unset_variable
@@ -91,7 +91,9 @@ def read_command(text_or_file: str) -> str:
     if "\n" not in text_or_file and len(text_or_file) < 4096:
         path = Path(text_or_file).expanduser()
         if path.is_file():
-            return path.read_text()
+            return read_job_file(path)
+    if len(text_or_file) > MAX_YAML_BYTES:
+        raise FitplanError(f"SpecForge command line: {len(text_or_file)} characters is too long for a launch command")
     return text_or_file
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -148,3 +150,20 @@ def test_a_variable_the_script_does_not_set_is_named_with_the_flag_to_pass(tmp_p
     path.write_text(VARIABLES_SCRIPT.replace("--batch-size ${BATCH:-2}", "--batch-size $BATCH"))
     with pytest.raises(FitplanError, match=r"--batch-size uses \$BATCH.*pass --micro-batch"):
         parse_command(str(path)).spec()
+
+
+def test_a_script_reads_alike_in_every_command(tmp_path):
+    """Positional CONFIG and --from-specforge, in estimate, fit, check and explain: one job."""
+    path = tmp_path / "run.sh"
+    path.write_text(VARIABLES_SCRIPT)
+    runner = CliRunner()
+    peaks = set()
+    for args in (["estimate", str(path), "--json"], ["estimate", "--from-specforge", str(path), "--json"],
+                 ["fit", str(path), "--json"], ["fit", "--from-specforge", str(path), "--json"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code in (0, 1), result.output
+        peaks.add(json.loads(result.stdout)["peak_reserved_bytes"] if args[0] == "estimate"
+                  else json.loads(result.stdout)["trail"][0]["peak_reserved_bytes"])
+    assert len(peaks) == 1
+    check = runner.invoke(app, ["check", str(path), "--format", "json"])
+    assert json.loads(check.stdout)["rows"][0]["peak_reserved_bytes"] in peaks

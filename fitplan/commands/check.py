@@ -11,7 +11,7 @@ from rich.console import Console
 
 from fitplan.check import check_configs, component_deltas, phase_deltas, spec_from_file
 from fitplan.commands.common import clean_errors, spec_flags
-from fitplan.commands.fit import MARGIN_HELP, margin_fraction
+from fitplan.commands.common import MARGIN_HELP, margin_fraction
 from fitplan.errors import FitplanError
 from fitplan.render.check import check_markdown, print_check_table, print_diff
 

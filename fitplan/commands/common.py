@@ -8,14 +8,14 @@ spec with `fitplan.config.load_spec(config_path, flags)`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import sys
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
-
-import dataclasses
 
 from fitplan.config import CHOICES, FIELD_NAMES, RunSpec
 from fitplan.errors import FitplanError
@@ -88,6 +88,33 @@ def spec_flags(func: Callable) -> Callable:
     params = own + [_option(name) for name in FIELD_NAMES if name not in sig.parameters]
     wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
     return wrapper
+
+
+FROM_SPECFORGE_HELP = "A SpecForge train_eagle3.py launch command (or a file holding the script) to read the job from."
+MARGIN_HELP = "Safety margin of device memory: a fraction (0.05) or a percentage (5)."
+
+
+def margin_fraction(value: float) -> float:
+    """--margin as a fraction: 0.05 and 5 both mean 5%."""
+    if 0 <= value < 1:
+        return value
+    if 1 <= value < 100:
+        return value / 100
+    raise FitplanError(f"--margin {value} is out of range; accepted: a fraction in [0, 1) or a percentage in [1, 100)")
+
+
+def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str]) -> tuple[RunSpec, list[str]]:
+    """The job from a config file (YAML, plan or launch script), flags, or a SpecForge command
+    line (flags override each), and what reading it ignored."""
+    from fitplan.config import is_launch_script, load_spec, read_job_file
+    from fitplan.specforge import parse_command
+
+    if from_specforge is not None and config is not None:
+        raise FitplanError("give either a CONFIG file or --from-specforge, not both")
+    if from_specforge is None and (config is None or not is_launch_script(read_job_file(config))):
+        return load_spec(config, flags), []
+    command = parse_command(from_specforge if from_specforge is not None else str(config))
+    return command.spec(flags), list(command.warnings)
 
 
 def clean_errors(func: Callable) -> Callable:

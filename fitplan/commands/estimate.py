@@ -8,20 +8,22 @@ from typing import Optional
 
 import typer
 
-from fitplan.commands.common import clean_errors, spec_flags
+from fitplan.commands.common import FROM_SPECFORGE_HELP, clean_errors, job_spec, spec_flags
 
 
 def estimate_command(
-    config: Optional[Path] = typer.Argument(None, help="YAML config (keys = flag names with underscores)."),
+    config: Optional[Path] = typer.Argument(
+        None, help="YAML config (keys = flag names with underscores), a plan, or a SpecForge launch script."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
     plot: Optional[Path] = typer.Option(
         None, "--plot", help="Also draw the breakdown to this PNG file (.svg, .pdf, .jpg too; no suffix: .png is added)."
     ),
+    from_specforge: Optional[str] = typer.Option(None, "--from-specforge", help=FROM_SPECFORGE_HELP),
     *,
     flags: dict,
 ) -> None:
     """Predict per-GPU peak memory of a training job, phase by phase, and whether it fits."""
-    from fitplan.config import load_spec
     from fitplan.estimator import estimate
     from fitplan.layout import resolve
 
@@ -29,8 +31,10 @@ def estimate_command(
         from fitplan.render.plot import output_path
 
         plot = output_path(plot)
-    spec = load_spec(config, flags)
+    spec, warnings = job_spec(config, flags, from_specforge)
     job = resolve(spec)
+    for w in warnings:  # on stderr: --json prints one JSON object and nothing else
+        typer.echo(f"warning: {w}", err=True)
     est = estimate(job)
     if plot is not None:
         from fitplan.render.plot import plot_estimate

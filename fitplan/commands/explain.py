@@ -9,8 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from fitplan.commands.common import clean_errors, spec_flags
-from fitplan.commands.fit import FROM_SPECFORGE_HELP, MARGIN_HELP, job_spec, margin_fraction
+from fitplan.commands.common import FROM_SPECFORGE_HELP, MARGIN_HELP, clean_errors, job_spec, margin_fraction, spec_flags
 from fitplan.errors import FitplanError
 from fitplan.explain import config_lines, describe, parse_ooms
 from fitplan.ladder import fit

@@ -10,16 +10,14 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from fitplan.commands.common import clean_errors, spec_flags
-from fitplan.config import RunSpec, load_spec
+from fitplan.commands.common import FROM_SPECFORGE_HELP, MARGIN_HELP, clean_errors, job_spec, margin_fraction, spec_flags
 from fitplan.errors import FitplanError
 from fitplan.ladder import Candidate, FitResult, fit
 from fitplan.records import Plan, check_writable, write_plan
 from fitplan.render.fit import summary_lines, trail_table
-from fitplan.specforge import flag_changes, parse_command
+from fitplan.specforge import flag_changes
 
-FROM_SPECFORGE_HELP = "A SpecForge train_eagle3.py launch command (or a file holding the script) to read the job from."
-MARGIN_HELP = "Safety margin of device memory: a fraction (0.05) or a percentage (5)."
+
 
 
 def prediction(cand: Candidate) -> dict:
@@ -33,23 +31,10 @@ def plan_of(result: FitResult) -> Plan:
     return Plan(result.chosen.spec, prediction(result.chosen), tuple(e.to_json() for e in result.trail))
 
 
-def margin_fraction(value: float) -> float:
-    """--margin as a fraction: 0.05 and 5 both mean 5%."""
-    if 0 <= value < 1:
-        return value
-    if 1 <= value < 100:
-        return value / 100
-    raise FitplanError(f"--margin {value} is out of range; accepted: a fraction in [0, 1) or a percentage in [1, 100)")
 
 
-def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str]) -> tuple[RunSpec, list[str]]:
-    """The job from a config file, flags, or a SpecForge command line (flags override both)."""
-    if from_specforge is None:
-        return load_spec(config, flags), []
-    if config is not None:
-        raise FitplanError("give either a CONFIG file or --from-specforge, not both")
-    command = parse_command(from_specforge)
-    return command.spec(flags), list(command.warnings)
+
+
 
 
 def result_json(result: FitResult) -> dict:
