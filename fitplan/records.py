@@ -15,6 +15,7 @@ A record of another version is refused with the versions this fitplan reads.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,8 +154,19 @@ def read_measurement(path: str | Path) -> Measurement | None:
 
 
 def write_measurement(path: Path, report: dict[str, Any]) -> None:
-    """Atomically: a run stopped while writing leaves the previous report whole."""
+    """Atomically: a run stopped while writing, or a write that fails (disk full, read-only),
+    leaves the previous report whole and no partial file; OSError names the file."""
     payload = {"fitplan_report": REPORT_VERSION, **report}
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
-    tmp.replace(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(payload, indent=2, default=float))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise OSError(exc.errno, exc.strerror, str(path)) from None

@@ -8,16 +8,25 @@ One process is the world-1 case of the multi-GPU layout: the trainer.parallel ca
 rank runs this loop on its own B samples: the TP group runs the target on all its ranks'
 samples, the draft is FSDP2-sharded over every rank, and rank 0 writes the report with each
 memory figure's max over ranks.
+
+The output folder is claimed (created, write-tested, locked) before anything loads; a resume
+picks its checkpoint (the newest intact one) before the model loads too. OUTPUT/report.json
+holds every step of every segment of a run (a segment: one start or resume) and is rewritten
+at each checkpoint. A write that fails mid-run stops the run with one line naming the file and
+the last checkpoint kept (checkpoint.OutputError).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +57,7 @@ class Run:
     batches: data.Batches
     draft_ids: torch.Tensor  # target ids of the draft vocab, on the device
     skipped_lines: int = 0
+    last_checkpoint: Path | None = None  # the newest checkpoint on disk (written, or resumed from)
 
 
 # ------------------------------------------------------------------ building
@@ -169,6 +179,7 @@ def train_step(run: Run, meter: Meter) -> dict:
         del aux, ids_ext, teacher, loss  # nothing of this micro-step outlives it
     with meter.phase("optimizer_step"):
         grad_norm = optim.clip(run.optimizer, run.opts.max_grad_norm)
+        lr = run.optimizer.param_groups[0]["lr"]  # the rate this step trains with
         run.optimizer.step()
         run.scheduler.step()
         run.draft.zero_grad(set_to_none=True)
@@ -178,7 +189,7 @@ def train_step(run: Run, meter: Meter) -> dict:
         "loss": loss,
         "acc": acc,
         "grad_norm": grad_norm,
-        "lr": run.scheduler.get_last_lr()[0],
+        "lr": lr,
         "tokens": tokens * run.ctx.world,  # the global batch: every rank trains on its own samples
         "seq": max(seqs),
     }
@@ -264,35 +275,141 @@ def run(opts: TrainOptions, progress: bool = False) -> dict:
     device = torch.device("cpu") if cpu else ctx.device
     if cpu and opts.spec.attention_impl == "flex":
         raise FitplanError("flex attention has no backward on CPU; use --attention sdpa or eager there")
+    say = opts.notice if ctx.rank == 0 else _silent
+    with _claim(opts, ctx, say):
+        found, change = None, None
+        if opts.resume:  # before the model loads: a broken or foreign checkpoint costs no load
+            found = checkpoint.find(opts.output, fingerprint(opts), ctx, say)
+            if found.step >= opts.steps:
+                raise FitplanError(f"--resume: {found.path} is at step {found.step} and --steps is {opts.steps}; "
+                                   f"give --steps above {found.step} to train further")
+            change = checkpoint.schedule_change(found, opts.steps)
+            say(f"--resume: continuing from {found.path} after step {found.step}" + (f"; {change}" if change else ""))
+        ledger = Ledger(opts.output, found, opts.steps, change, say, lead=ctx.rank == 0)
+        return _train(opts, job, ctx, device, found, ledger, progress)
+
+
+def _train(opts: TrainOptions, job: Job, ctx, device: torch.device, found, ledger: "Ledger", progress: bool) -> dict:
     snapshot = device.type == "cuda" and opts.snapshot_on_miss and ctx.rank == 0
     if snapshot:
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     report = {"config": opts.spec.to_dict(), "world": ctx.world, "device": _device_name(device), "steps": []}
     prediction = predict(job)
     report["prediction"] = prediction
+    r = None
     with Meter(device) as meter, StopRequest() as stop:
         try:
             r = build(opts, meter, job, ctx)
             report["load"] = meter.new_step()
             report["skipped_lines"] = r.skipped_lines
             first = 1
-            if opts.resume:
-                done, r.batches.position = checkpoint.resume(
-                    opts.output, r.draft, r.optimizer, r.scheduler, fingerprint(opts), ctx)
-                first = done + 1
-            _loop(r, meter, stop, first, report, progress)
+            if found is not None:
+                done, r.batches.position = checkpoint.restore(found, r.draft, r.optimizer, r.scheduler, ctx)
+                r.last_checkpoint, first = found.path, done + 1
+            _loop(r, meter, stop, first, report, progress, ledger)
         except torch.OutOfMemoryError as exc:
             report["oom"] = {"step": len(report["steps"]) + 1, "phase": meter.current,
                              "message": str(exc).splitlines()[0], "fit_suggestion": suggestion(opts.spec),
                              "allocator": meter.allocator_events()}
             if ctx.distributed:
                 # the other ranks wait in a collective: write this rank's report, then fail so torchrun stops them
-                _finish(report, opts, prediction, snapshot, name=f"report-rank{ctx.rank}.json")
+                _finish(report, opts, prediction, snapshot, f"report-rank{ctx.rank}.json", ledger, None)
                 raise
     if ctx.distributed:
         _fold_ranks(report, ctx)
-    _finish(report, opts, prediction, snapshot, name="report.json" if ctx.rank == 0 else None)
-    return report
+    return _finish(report, opts, prediction, snapshot, "report.json" if ctx.rank == 0 else None, ledger,
+                   r.last_checkpoint if r is not None else None)
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def _claim(opts: TrainOptions, ctx, say) -> checkpoint.Claim:
+    """Rank 0 claims the output folder (a no-op where `fitplan train` or its launcher holds it);
+    every rank fails with it."""
+    claim, error = checkpoint.Claim(opts.output), None
+    if ctx.rank == 0:
+        try:
+            claim = checkpoint.claim_output(opts.output, say)
+        except FitplanError as exc:
+            error = exc
+    if _any_rank(error is not None, ctx):
+        raise error or FitplanError(f"--output {opts.output}: rank 0 cannot use it")
+    return claim
+
+
+class Ledger:
+    """report.json over every segment of a run (a segment: one start, or one resume).
+
+    A resume keeps the steps up to the checkpoint it continues from (each with its step number
+    and its segment's index), moves any later ones (trained after that checkpoint, then lost)
+    to "replaced_steps", and appends its segment to "segments": first and last step, the
+    checkpoint it resumed from, the schedule's length, the broken checkpoints it skipped."""
+
+    def __init__(self, output: Path, found, steps: int, change: str | None, say, lead: bool):
+        self.path = output / "report.json"
+        self.steps: list[dict] = []
+        self.segments: list[dict] = []
+        self.replaced: list[dict] = []
+        if found is not None and lead:
+            self._load(found.step, say)
+        self.segment = {
+            "segment": len(self.segments), "first_step": found.step + 1 if found else 1, "last_step": None,
+            "resumed_from": str(found.path) if found else None, "schedule_steps": steps, "schedule_change": change,
+            "skipped_checkpoints": list(found.skipped) if found else [],
+        }
+
+    def _load(self, done: int, say) -> None:
+        if not self.path.is_file():
+            return
+        try:
+            old = json.loads(self.path.read_text())
+            if not isinstance(old, dict) or not isinstance(old.get("steps"), list):
+                raise ValueError("not a trainer report")
+        except (OSError, ValueError) as exc:
+            aside = self.path.with_name("report.unreadable.json")
+            with contextlib.suppress(OSError):
+                self.path.replace(aside)
+            say(f"--resume: {self.path} is unreadable ({str(exc)[:80]}); kept as {aside}, the report starts anew")
+            return
+        steps = [s for s in old["steps"] if isinstance(s, dict)]
+        for s in steps:
+            s.setdefault("segment", 0)
+        self.steps = [s for s in steps if s.get("step", 0) <= done]
+        self.replaced = list(old.get("replaced_steps") or []) + [s for s in steps if s.get("step", 0) > done]
+        self.segments = list(old.get("segments") or [])
+        if not self.segments and steps:  # a report written before segments were recorded
+            self.segments = [{"segment": 0, "first_step": steps[0].get("step", 1), "last_step": steps[-1].get("step"),
+                              "resumed_from": None}]
+
+    def compose(self, report: dict) -> dict:
+        """The whole run's report: earlier segments' steps, then this one's."""
+        own = report["steps"]
+        segment = {**self.segment, "last_step": own[-1]["step"] if own else None,
+                   **{k: report[k] for k in ("stopped_at", "stopped_by") if k in report}}
+        if "oom" in report:
+            segment["oom_step"] = report["oom"]["step"]
+        out = {**report, "steps": self.steps + own, "segments": self.segments + [segment]}
+        if self.replaced:
+            out["replaced_steps"] = self.replaced
+        return out
+
+    def write(self, report: dict, name: str = "report.json") -> None:
+        write_measurement(self.path.with_name(name), self.compose(report))
+
+
+def _stopped_by_storage(exc: OSError, r: Run, step: int, report: dict, ledger: Ledger) -> checkpoint.OutputError:
+    """The one-line error of a write that failed mid-run; the report gets what it can."""
+    what = exc.filename or str(r.opts.output)
+    kept = (f"the last checkpoint kept is {r.last_checkpoint} (continue from it with --resume once the disk "
+            f"has room and is writable)" if r.last_checkpoint else "no checkpoint was kept")
+    message = f"cannot write {what} ({exc.strerror or exc}): the run stopped after step {step}; {kept}"
+    report["stopped_by"] = message
+    if r.ctx.rank == 0:
+        with contextlib.suppress(OSError):
+            ledger.write(report)  # best effort: the report of the last checkpoint stays if this fails too
+    return checkpoint.OutputError(message)
 
 
 def _fold_ranks(report: dict, ctx) -> None:
@@ -306,21 +423,31 @@ def _fold_ranks(report: dict, ctx) -> None:
     report["per_rank"] = gathered.per_rank
 
 
-def _finish(report: dict, opts: TrainOptions, prediction, snapshot: bool, name: str | None) -> None:
+def _finish(report: dict, opts: TrainOptions, prediction, snapshot: bool, name: str | None, ledger: Ledger,
+            last_checkpoint: Path | None) -> dict:
+    report = ledger.compose(report)
     report["comparison"] = compare.rows(report["steps"], report.get("load", {}), prediction)
     if snapshot:
         if compare.missed(report["comparison"]) or "oom" in report:
-            opts.output.mkdir(parents=True, exist_ok=True)
             path = opts.output / "memory_snapshot.pickle"
-            torch.cuda.memory._dump_snapshot(str(path))
-            report["snapshot"] = str(path)
+            try:
+                torch.cuda.memory._dump_snapshot(str(path))
+                report["snapshot"] = str(path)
+            except OSError as exc:
+                report["snapshot_error"] = f"cannot write {path} ({exc.strerror})"
         torch.cuda.memory._record_memory_history(enabled=None)
     if name is not None:
-        opts.output.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves nothing behind
-        write_measurement(opts.output / name, report)
+        try:
+            write_measurement(opts.output / name, report)
+        except OSError as exc:
+            kept = f"the last checkpoint kept is {last_checkpoint}" if last_checkpoint else "no checkpoint was kept"
+            steps = report["steps"][-1]["step"] if report["steps"] else 0
+            raise checkpoint.OutputError(f"cannot write {exc.filename or opts.output / name} ({exc.strerror or exc}): "
+                                         f"the run stopped after step {steps}; {kept}") from None
+    return report
 
 
-def _loop(r: Run, meter: Meter, stop: StopRequest, first: int, report: dict, progress: bool) -> None:
+def _loop(r: Run, meter: Meter, stop: StopRequest, first: int, report: dict, progress: bool, ledger: Ledger) -> None:
     opts, job = r.opts, r.job
     peak = job.cluster.gpu.bf16_tflops * 1e12 if r.device.type == "cuda" else None
     bar = _progress(progress and r.ctx.rank == 0)
@@ -331,16 +458,32 @@ def _loop(r: Run, meter: Meter, stop: StopRequest, first: int, report: dict, pro
             record = train_step(r, meter)
             seconds = time.perf_counter() - start
             stopping = _any_rank(stop.requested, r.ctx)  # every rank must take the same path (collectives)
-            if step == opts.steps or stopping or (opts.save_every and step % opts.save_every == 0):
+            saved, failure = None, None
+            due = step == opts.steps or stopping or bool(opts.save_every and step % opts.save_every == 0)
+            if due:
                 with meter.phase("checkpoint"):
-                    report["checkpoint"] = str(checkpoint.save(
-                        opts.output, step, r.draft, r.optimizer, r.scheduler, r.batches.position, fingerprint(opts),
-                        r.ctx))
+                    try:
+                        saved = checkpoint.save(opts.output, step, r.draft, r.optimizer, r.scheduler,
+                                                r.batches.position, fingerprint(opts), r.ctx, schedule_steps=opts.steps)
+                    except OSError as exc:  # every rank gets it (checkpoint.save agrees over ranks)
+                        failure = exc
+                if saved is not None:
+                    r.last_checkpoint = saved
+                    report["checkpoint"] = str(saved)
             flops = step_flops(job, record.pop("seq"))
-            record.update(step=step, phases=meter.new_step(), allocator=meter.allocator_events(), seconds=seconds,
+            record.update(step=step, segment=ledger.segment["segment"], phases=meter.new_step(),
+                          allocator=meter.allocator_events(), seconds=seconds,
                           tokens_per_s=record["tokens"] / seconds, mfu=flops / seconds / peak if peak else None)
             report["steps"].append(record)
             bar.update(task, advance=1, description=f"loss {record['loss']:.4f} acc0 {record['acc'][0]:.3f}")
+            if saved is not None and r.ctx.rank == 0 and step < opts.steps and not stopping:
+                try:
+                    ledger.write(report)  # the report as of this checkpoint (the last one is written by _finish)
+                except OSError as exc:
+                    failure = exc
+            if due and _any_rank(failure is not None, r.ctx):
+                raise _stopped_by_storage(failure or OSError(errno.EIO, "rank 0 could not write the report"),
+                                          r, step, report, ledger)
             if stopping:
                 report["stopped_at"] = step
                 break

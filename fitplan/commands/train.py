@@ -4,11 +4,18 @@
     fitplan train --auto --model llama-3.1-8b --random-weights --synthetic-data --steps 5
 
 torch and the trainer are imported only here, inside the command.
+
+Before anything is loaded or launched: the numeric flags are range-checked, and `--output` is
+created, write-tested and locked (trainer.checkpoint.claim_output); the launcher of a
+multi-GPU run holds the lock for its torchrun workers. A run stopped by its storage (disk
+full, read-only) ends with one line naming the file and the last checkpoint kept, exit code 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,7 +23,7 @@ from typing import Optional
 
 import typer
 
-from fitplan.commands.common import clean_errors, spec_flags
+from fitplan.commands.common import clean_errors, fail, spec_flags
 from fitplan.errors import FitplanError
 
 
@@ -73,21 +80,24 @@ def train_command(
     plan: Optional[Path] = typer.Option(None, "--plan", help="A plan written by `fitplan fit -o plan.yaml`."),
     auto: bool = typer.Option(False, "--auto", help="Fit a plan for these GPUs first (the fix ladder), then train it."),
     data: Optional[Path] = typer.Option(None, "--data", help="ShareGPT-style JSONL (conversations or messages)."),
-    steps: int = typer.Option(10, "--steps", min=1, help="Optimizer steps to run."),
+    steps: int = typer.Option(10, "--steps", help="Optimizer steps to run (with --resume: the total, past ones included)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: runs/<time>)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Random target weights built on the GPU (no download)."),
     synthetic_data: bool = typer.Option(False, "--synthetic-data", help="Random token sequences of exactly --seq tokens."),
     lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (cosine decay after warmup)."),
-    warmup: int = typer.Option(0, "--warmup", min=0, help="Linear warmup steps."),
-    save_every: int = typer.Option(0, "--save-every", min=0, help="Checkpoint every N steps (0: only at the end)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --output."),
-    seed: int = typer.Option(0, "--seed", help="Seed for initialisation and data order."),
+    warmup: int = typer.Option(0, "--warmup", help="Linear warmup steps (0 to --steps)."),
+    save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps (0: only at the end)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest intact checkpoint in --output."),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialisation and data order (0 to 2**32-1)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, or cuda (default: cuda when present)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report JSON instead of tables."),
     *,
     flags: dict,
 ) -> None:
     """Train an Eagle3 draft with the embedded trainer; measure memory per phase against the prediction."""
+    from trainer.options import check_numbers
+
+    check_numbers(steps, lr, warmup, seed, save_every)  # before anything loads or launches
     if data is None and not synthetic_data:
         raise FitplanError("give --data FILE.jsonl, or --synthetic-data for a memory check")
     if device not in (None, "cpu", "cuda"):
@@ -102,20 +112,36 @@ def train_command(
 
     job = resolve(spec)
     check_gpus_present(job.cluster, device)
-    from trainer import parallel
+    from trainer import checkpoint, parallel
 
-    code = parallel.relaunch(job.world, job.cluster.nodes, job.cluster.gpus_per_node, ["-m", "fitplan.cli", *sys.argv[1:]])
-    if code is not None:
-        sys.exit(code)
-    from trainer.loop import run_here
-    from trainer.options import TrainOptions
+    say = _to_stderr if as_json else print  # one-line notices; with --json stdout carries the report only
+    argv = ["-m", "fitplan.cli", *sys.argv[1:]]
+    if output is None:  # the workers must write where the launcher claimed, not at their own time
+        output = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        argv += ["--output", str(output)]
+    if _rank() == 0:
+        claim = checkpoint.claim_output(output, say)
+    else:  # the other ranks of a torchrun started outside fitplan: rank 0 holds the lock
+        checkpoint.check_writable_folder(output)
+        claim = checkpoint.Claim(output)
+    with claim, _environment(checkpoint.lock_env(claim)):
+        code = parallel.relaunch(job.world, job.cluster.nodes, job.cluster.gpus_per_node, argv)
+        if code is not None:
+            sys.exit(code)
+        from trainer.loop import run_here
+        from trainer.options import TrainOptions
 
-    opts = TrainOptions(
-        spec=spec, output=output or Path("runs") / time.strftime("%Y%m%d-%H%M%S"), steps=steps, data=data,
-        synthetic_data=synthetic_data, random_weights=random_weights, lr=lr, warmup=warmup,
-        save_every=save_every, resume=resume, seed=seed, device=device,
-    )
-    report = run_here(opts, progress=not as_json)
+        opts = TrainOptions(
+            spec=spec, output=output, steps=steps, data=data,
+            synthetic_data=synthetic_data, random_weights=random_weights, lr=lr, warmup=warmup,
+            save_every=save_every, resume=resume, seed=seed, device=device, say=say,
+        )
+        try:
+            report = run_here(opts, progress=not as_json)
+        except checkpoint.OutputError as exc:  # not bad input: the storage failed under the run
+            if _rank() == 0:
+                fail(str(exc), code=1)
+            sys.exit(1)
     if _rank() != 0:  # one rank speaks for a multi-GPU run
         return
     if as_json:
@@ -128,9 +154,26 @@ def train_command(
         raise typer.Exit(1)
 
 
-def _rank() -> int:
-    import os
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
+
+@contextlib.contextmanager
+def _environment(values: dict):
+    """Set `values` in os.environ (inherited by torchrun and its workers) for the block."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
