@@ -88,3 +88,33 @@ def test_a_stop_to_any_process_stops_every_rank_and_keeps_the_work(tmp_path, tar
     last = report["steps"][-1]["step"]
     assert report["stopped_at"] == last
     assert (out / f"step-{last:06d}").is_dir()  # a checkpoint of the last step that completed
+
+
+LATE_STOP = '''
+import os, signal, sys
+from trainer import loop
+finish = loop._finish
+def stopped_then_finish(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # the stop arrives after the last step, before the report
+    return finish(*args, **kwargs)
+loop._finish = stopped_then_finish
+from fitplan.cli import main
+sys.argv = ["fitplan", *sys.argv[1:]]
+main()
+'''
+
+
+def test_a_stop_after_the_last_step_still_writes_the_report(tmp_path):
+    (tmp_path / "target.json").write_text(json.dumps(TARGET))
+    (tmp_path / "draft.json").write_text(json.dumps(DRAFT))
+    script = tmp_path / "late_stop.py"
+    script.write_text(LATE_STOP)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(script), "train", "--model", str(tmp_path / "target.json"), "--draft",
+         str(tmp_path / "draft.json"), "--seq", "32", "--ttt", "2", "--attention", "sdpa", "--random-weights",
+         "--synthetic-data", "--steps", "2", "--device", "cpu", "--output", str(out), "--json"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [s["step"] for s in report["steps"]] == [1, 2] and report["comparison"]

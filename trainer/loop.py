@@ -315,10 +315,11 @@ def _train(opts: TrainOptions, job: Job, ctx, device: torch.device, found, ledge
                 # the other ranks wait in a collective: write this rank's report, then fail so torchrun stops them
                 _finish(report, opts, prediction, snapshot, f"report-rank{ctx.rank}.json", ledger, None)
                 raise
-    if ctx.distributed:
-        _fold_ranks(report, ctx)
-    return _finish(report, opts, prediction, snapshot, "report.json" if ctx.rank == 0 else None, ledger,
-                   r.last_checkpoint if r is not None else None)
+        # still under StopRequest: a stop that comes after the last step waits for the report
+        if ctx.distributed:
+            _fold_ranks(report, ctx)
+        return _finish(report, opts, prediction, snapshot, "report.json" if ctx.rank == 0 else None, ledger,
+                       r.last_checkpoint if r is not None else None)
 
 
 def _silent(message: str) -> None:
