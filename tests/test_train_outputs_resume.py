@@ -349,3 +349,24 @@ def test_a_rewritten_step_folder_survives_a_failed_rewrite(configs, base, tmp_pa
         checkpoint.save(out, 4, r.draft, r.optimizer, r.scheduler, 0, loop.fingerprint(opts))
     assert sorted((p.name, p.stat().st_size) for p in (out / "step-000004").iterdir()) == before
     assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
+
+
+def test_a_multi_rank_resume_that_cannot_work_is_refused_before_torchrun(configs, base, tmp_path, monkeypatch):
+    """One line from the launcher, not a traceback from every rank: a 2-rank resume of a 1-rank
+    run (rank 1's state is missing), of another config's run, or of nothing."""
+    from trainer import parallel
+
+    def no_torchrun(*args, **kwargs):
+        raise AssertionError("torchrun was started")
+
+    monkeypatch.setattr(parallel, "relaunch", no_torchrun)
+    output = copy_of(base, tmp_path)
+    two_ranks = ["--gpus", "2xH100", "--steps", "8", "--resume", "--lr", "0.001"]
+    line = one_error_line(cli(configs, *two_ranks, "--output", str(output)))
+    assert "step-000004: training_state-rank1.pt missing" in line, line
+    for step in checkpoint.step_dirs(output):  # every rank's file there, but written by a 1-GPU job
+        shutil.copy(step / checkpoint.STATE, step / "training_state-rank1.pt")
+    line = one_error_line(cli(configs, *two_ranks, "--output", str(output)))
+    assert "was trained with a different config" in line and "gpus" in line, line
+    line = one_error_line(cli(configs, *two_ranks, "--output", str(tmp_path / "empty")))
+    assert "no checkpoint under" in line, line

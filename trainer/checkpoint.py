@@ -396,6 +396,27 @@ def find(output: Path, fingerprint: dict, ctx=None, notice: Callable[[str], None
     raise FitplanError(f"--resume: no checkpoint under {output}")
 
 
+def check_before_launch(output: Path, fingerprint: dict, world: int) -> None:
+    """What `find` decides in every worker, decided once by the launcher before torchrun starts,
+    so a resume that cannot work is one line here instead of one traceback per rank: some
+    checkpoint holds every rank's state file, and rank 0's is intact and of this config."""
+    skipped = []
+    for path in step_dirs(output):
+        missing = [f"training_state-rank{r}.pt" for r in range(1, world) if not (path / f"training_state-rank{r}.pt").is_file()]
+        problem, state = _state_problem(path, path / STATE)
+        problem = problem or (f"{', '.join(missing)} missing (written by fewer ranks?)" if missing else None)
+        if problem is not None:
+            skipped.append(f"{path.name}: {problem}")
+            continue
+        if state["fingerprint"] != fingerprint:
+            changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
+            raise FitplanError(f"--resume: {path} was trained with a different config ({', '.join(changed)} differ)")
+        return
+    if skipped:
+        raise FitplanError(f"--resume: no intact checkpoint under {output} ({'; '.join(skipped)})")
+    raise FitplanError(f"--resume: no checkpoint under {output}")
+
+
 def schedule_change(found: Found, steps: int) -> str | None:
     """The one-line notice when the resumed run's --steps changes the LR schedule's length."""
     before = found.schedule_steps

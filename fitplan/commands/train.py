@@ -124,18 +124,20 @@ def train_command(
     else:  # the other ranks of a torchrun started outside fitplan: rank 0 holds the lock
         checkpoint.check_writable_folder(output)
         claim = checkpoint.Claim(output)
+    from trainer.loop import fingerprint, run_here
+    from trainer.options import TrainOptions
+
+    opts = TrainOptions(
+        spec=spec, output=output, steps=steps, data=data,
+        synthetic_data=synthetic_data, random_weights=random_weights, lr=lr, warmup=warmup,
+        save_every=save_every, resume=resume, seed=seed, device=device, say=say,
+    )
     with claim, _environment(checkpoint.lock_env(claim)):
+        if resume and job.world > 1 and not parallel.inside_worker():
+            checkpoint.check_before_launch(output, fingerprint(opts), job.world)
         code = parallel.relaunch(job.world, job.cluster.nodes, job.cluster.gpus_per_node, argv)
         if code is not None:
             sys.exit(code)
-        from trainer.loop import run_here
-        from trainer.options import TrainOptions
-
-        opts = TrainOptions(
-            spec=spec, output=output, steps=steps, data=data,
-            synthetic_data=synthetic_data, random_weights=random_weights, lr=lr, warmup=warmup,
-            save_every=save_every, resume=resume, seed=seed, device=device, say=say,
-        )
         try:
             report = run_here(opts, progress=not as_json)
         except checkpoint.OutputError as exc:  # not bad input: the storage failed under the run
