@@ -90,6 +90,8 @@ def check_writable(path: str | Path) -> None:
         raise FitplanError(f"-o {p}: directory {parent} does not exist; create it first")
     if not parent.is_dir():
         raise FitplanError(f"-o {p}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise FitplanError(f"-o {p}: cannot write there (permission denied); give another path")
 
 
 # ---------------------------------------------------------------- measurements
