@@ -1,4 +1,8 @@
-"""fitplan explain: decode a CUDA OOM log, and with the job's config name the culprit and the fix."""
+"""fitplan explain: decode a CUDA OOM log, and with the job's config name the culprit and the fix.
+
+What only looks like an OOM (Triton's shared-memory limit, an asynchronous kernel fault, the host's
+OOM killer) gets its own explanation; the first failure in the log is the one explained.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fitplan.commands.common import FROM_SPECFORGE_HELP, MARGIN_HELP, clean_errors, job_spec, margin_fraction, spec_flags
 from fitplan.errors import FitplanError
-from fitplan.explain import config_lines, describe, parse_ooms
+from fitplan.explain import config_lines, describe_failure, job_lines, parse_failures, summary_line
 from fitplan.ladder import fit
 from fitplan.layout import resolve
 
@@ -42,24 +47,36 @@ def explain_command(
     *,
     flags: dict,
 ) -> None:
-    """Explain a CUDA out-of-memory error: large request, fragmentation or another process, and the fix."""
-    events = parse_ooms(read_log(log))
-    event = events[0]
+    """Explain a CUDA out-of-memory error (large request, fragmentation or another process) and the fix;
+    also Triton's shared-memory limit, a kernel fault and a host-memory kill, which only look like one."""
+    failures = parse_failures(read_log(log))
+    first = next(f for f in failures if f.kind != "cuda-oom-unread")
     spec, warnings = None, []
     if config is not None or from_specforge is not None or "model" in flags:
         spec, warnings = job_spec(config, flags, from_specforge)
         resolve(spec)  # the job's rules refuse a bad job before anything is printed
     fraction = margin_fraction(margin)
     console = Console(highlight=False)
-    if len(events) > 1:
-        console.print(f"{len(events)} OOM messages in the log; explaining the first.")
-    for line in describe(event):
-        console.print(line)
+    summary = summary_line(failures)
+    if first.kind == "cuda-oom":
+        if summary:
+            console.print(summary, markup=False, soft_wrap=True)
+        for line in describe_failure(first):
+            console.print(line)
+        if spec is not None:
+            for w in warnings:
+                console.print(f"[yellow]warning:[/] {w}")
+            for line in config_lines(first.detail, fit(spec, fraction)):
+                console.print(line)
+        return
+    # Lines that quote the log (a traceback frame, a process name) are printed as plain text.
+    for line in ([summary] if summary else []) + describe_failure(first):
+        console.print(line, markup=False, soft_wrap=True)
     if spec is not None:
         for w in warnings:
-            console.print(f"[yellow]warning:[/] {w}")
-        for line in config_lines(event, fit(spec, fraction)):
-            console.print(line)
+            console.print(f"[yellow]warning:[/] {escape(w)}")
+        for line in job_lines(first, spec):
+            console.print(line, markup=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
