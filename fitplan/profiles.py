@@ -159,7 +159,8 @@ def model_shape_from_config(cfg: dict[str, Any], name: str, source: str) -> Mode
         kv_heads=kv_heads,
         head_dim=head_dim,
         vocab=num("vocab_size"),
-        intermediate=num("intermediate_size", default=4 * hidden),
+        # without intermediate_size, the usual 4h, within the same bound as a given size
+        intermediate=num("intermediate_size", default=min(4 * hidden, MAX_DIM)),
         max_positions=num("max_position_embeddings"),
     )
     # Counts where 0 means "none" (a dense model has 0 experts).
