@@ -332,15 +332,21 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
 
 
 def is_launch_script(text: str) -> bool:
-    """A SpecForge `train_eagle3.py` launch (a command line or a shell script), not YAML."""
-    return "train_eagle3" in text
+    """A SpecForge `train_eagle3.py` launch (a command line or a shell script), not YAML (a SpecForge
+    v0.3 run config may mention train_eagle3 in a path or a comment: it is not a launch)."""
+    if "train_eagle3" not in text:
+        return False
+    from fitplan.specforge_yaml import v03_mapping
+
+    return v03_mapping(text) is None
 
 
 def load_spec(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunSpec:
     """File values, then overrides (CLI flags that were given; None means not given).
 
-    A plan file (fitplan fit -o) holds the configuration under ``config:``, and a SpecForge
-    launch script its command line: both are read here too, so every command takes them alike.
+    A plan file (fitplan fit -o) holds the configuration under ``config:``, a SpecForge launch
+    script its command line, and a SpecForge v0.3 run config (fitplan/specforge_yaml.py) its trainer
+    job: all are read here too, so every command takes them alike.
     """
     if path is None:
         return spec_from_text(None, "flags", overrides)
@@ -355,6 +361,11 @@ def spec_from_text(text: str | None, source: str, overrides: Mapping[str, Any] |
 
         return parse_command(text).spec(overrides)
     if text is not None:
+        from fitplan.specforge_yaml import read_text  # SpecForge v0.3 YAML, before fitplan's own keys
+
+        run = read_text(text, source, overrides)
+        if run is not None:
+            return run.spec
         values = yaml_mapping(text, source)
         if "fitplan_plan" in values:
             from fitplan.records import plan_from_mapping  # records build on this module

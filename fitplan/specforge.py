@@ -154,8 +154,9 @@ def _world(launcher: list[str]) -> tuple[int | Unresolved, int | Unresolved]:
     return nodes, per_node
 
 
-def resolve_target(path: str) -> str:
-    """--target-model-path -> a profile name or a local config; an unresolvable path is an error."""
+def resolve_target(path: str, key: str = "--target-model-path") -> str:
+    """--target-model-path -> a profile name or a local config; an unresolvable path is an error
+    naming `key` (a v0.3 config's model.target_model_path goes through here too)."""
     try:
         profile = load_model_config(path)[0]
     except FitplanError:
@@ -163,12 +164,12 @@ def resolve_target(path: str) -> str:
     if profile is not None:
         return path if Path(path).expanduser().exists() else profile
     raise FitplanError(
-        f"SpecForge --target-model-path {path!r} resolves to no model profile and no local config.json; "
+        f"SpecForge {key} {path!r} resolves to no model profile and no local config.json; "
         "give a profile name (fitplan profiles), an HF repo id with a profile, or a local model directory"
     )
 
 
-def resolve_draft(path: str) -> str:
+def resolve_draft(path: str, key: str = "--draft-model-config") -> str:
     """--draft-model-config -> a local file, or the draft profile made from that SpecForge config."""
     if Path(path).expanduser().is_file():
         return path
@@ -177,8 +178,9 @@ def resolve_draft(path: str) -> str:
         if basename and basename in str(_cached_json(profile_path).get("source", "")):
             return name
     raise FitplanError(
-        f"SpecForge --draft-model-config {path!r} is not a local file and matches no draft profile's "
-        "SpecForge config; give the file's path, or drop the flag to use the target's draft"
+        f"SpecForge {key} {path!r} is not a local file and matches no draft profile's "
+        f"SpecForge config; give the file's path, or drop {'the flag' if key.startswith('--') else key} "
+        "to use the target's draft"
     )
 
 

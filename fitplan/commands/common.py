@@ -90,7 +90,11 @@ def spec_flags(func: Callable) -> Callable:
     return wrapper
 
 
-FROM_SPECFORGE_HELP = "A SpecForge train_eagle3.py launch command (or a file holding the script) to read the job from."
+FROM_SPECFORGE_HELP = (
+    "A SpecForge train_eagle3.py launch command (or a file holding the script), or a SpecForge v0.3 "
+    "run config followed by its section.field=value overrides in one quoted value "
+    "(\"run.yaml training.batch_size=2\"), to read the job from."
+)
 MARGIN_HELP = "Safety margin of device memory: a fraction (0.05) or a percentage (5)."
 
 
@@ -104,16 +108,30 @@ def margin_fraction(value: float) -> float:
 
 
 def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str]) -> tuple[RunSpec, list[str]]:
-    """The job from a config file (YAML, plan or launch script), flags, or a SpecForge command
-    line (flags override each), and what reading it ignored."""
-    from fitplan.config import is_launch_script, load_spec, read_job_file
+    """The job from a config file (YAML, plan, launch script or SpecForge v0.3 run config), flags,
+    or --from-specforge (a launch command line, or a v0.3 run config and its overrides: "run.yaml
+    training.batch_size=2"); flags override each. Also what reading it ignored or assumed."""
+    from fitplan.config import is_launch_script, read_job_file, spec_from_text
     from fitplan.specforge import parse_command
+    from fitplan.specforge_yaml import from_specforge_value, read_text
 
     if from_specforge is not None and config is not None:
         raise FitplanError("give either a CONFIG file or --from-specforge, not both")
-    if from_specforge is None and (config is None or not is_launch_script(read_job_file(config))):
-        return load_spec(config, flags), []
-    command = parse_command(from_specforge if from_specforge is not None else str(config))
+    if from_specforge is not None:
+        run = from_specforge_value(from_specforge, flags)
+        if run is not None:
+            return run.spec, list(run.warnings)
+        command = parse_command(from_specforge)
+        return command.spec(flags), list(command.warnings)
+    if config is None:
+        return spec_from_text(None, "flags", flags), []
+    text = read_job_file(config)
+    run = read_text(text, str(config), flags)
+    if run is not None:
+        return run.spec, list(run.warnings)
+    if not is_launch_script(text):
+        return spec_from_text(text, str(config), flags), []
+    command = parse_command(str(config))
     return command.spec(flags), list(command.warnings)
 
 
