@@ -219,7 +219,7 @@ def model_names() -> list[str]:
 
 
 # Checkpoint variants with the base model's shapes: chat/instruction tuning, pre-trained, base.
-_VARIANT = re.compile(r"-(instruct|it|pt|base|chat)(?=-|$)")
+_VARIANT = re.compile(r"-(instruct|it|pt|base|chat|thinking)(?=-|$)")
 
 
 def same_shape_key(ref: str) -> str:
@@ -228,7 +228,8 @@ def same_shape_key(ref: str) -> str:
     Older Meta repos spell the name 'Meta-Llama-3.1-8B-Instruct'.
     """
     name = ref.rstrip("/").split("/")[-1].lower()
-    return _VARIANT.sub("", re.sub(r"^meta-(?=llama)", "", name))
+    name = _VARIANT.sub("", re.sub(r"^meta-(?=llama)", "", name))
+    return re.sub(r"-\d{4}$", "", name)  # a dated release (Qwen3-235B-A22B-Instruct-2507): same shapes
 
 
 def _repo_ids() -> dict[str, str]:

@@ -154,6 +154,8 @@ VARIANTS = {
     "Qwen/Qwen3-8B-Base": "qwen3-8b",
     "mistralai/Mistral-7B-Instruct-v0.3": "mistral-7b-v0.3",
     "deepseek-ai/DeepSeek-V3-Base": "deepseek-v3",
+    "Qwen/Qwen3-235B-A22B-Instruct-2507": "qwen3-235b-a22b",
+    "Qwen/Qwen3-30B-A3B-Thinking-2507": "qwen3-30b-a3b",
 }
 
 
