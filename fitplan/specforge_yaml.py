@@ -735,3 +735,19 @@ def from_specforge_value(value: str, flags: Mapping[str, Any] | None = None) -> 
             )
         return None  # e.g. scripts/train_eagle3.py of a SpecForge checkout: a launch command
     return read_config(mapping, str(first), words[1:], flags)
+
+
+# fitplan field -> the run config key a user sets for it (`specforge train -c run.yaml KEY=VALUE`)
+KEY_OF_FIELD = {"micro_batch": "training.batch_size", "accum": "training.accumulation_steps"}
+ATTENTION_VALUE = {"flex": "flex_attention", "sdpa": "sdpa", "eager": "eager"}
+
+
+def key_changes(before: RunSpec, after: RunSpec) -> list[str]:
+    """How to make a v0.3 run config run `after` instead of `before`: its own keys, as overrides."""
+    out = [f"{key}={getattr(after, field)}" for field, key in KEY_OF_FIELD.items()
+           if getattr(before, field) != getattr(after, field) and getattr(after, field) is not None]
+    if before.attention_impl != after.attention_impl:
+        out.append(f"training.attention_backend={ATTENTION_VALUE[after.attention_impl]}")
+    if after.expandable_segments and not before.expandable_segments:
+        out.append("launch with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    return out

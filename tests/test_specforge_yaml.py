@@ -316,3 +316,16 @@ def test_check_side_by_side_with_a_fitplan_config(tmp_path, offline):
 def test_errors_are_fitplan_errors_in_the_api(offline):
     with pytest.raises(FitplanError, match="unknown key model.bogus"):
         spec_from_text(OFFLINE_YAML.replace("model:\n", "model:\n  bogus: 1\n"), "run.yaml")
+
+
+def test_fit_answers_a_run_config_in_its_own_keys(offline):
+    # B 8 x S 16384 with eager attention (fp32 [B, H, S, S] scores per TTT step) is far over one
+    # H100; the ladder's answer must read as overrides of the run config, not launch flags.
+    value = f"{offline} training.batch_size=8 data.max_length=16384 training.attention_backend=eager"
+    result = CliRunner().invoke(app, ["fit", "--from-specforge", value, "--json"])
+    out = json.loads(result.stdout)
+    assert out["fits"], result.output
+    changes = out["specforge_changes"]
+    assert "training.attention_backend=flex_attention" in changes
+    assert "training.batch_size=1" in changes and "training.accumulation_steps=8" in changes
+    assert not any(c.startswith("--") or " --" in c for c in changes)  # no train_eagle3.py flags

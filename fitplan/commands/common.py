@@ -13,7 +13,7 @@ import functools
 import inspect
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import typer
 
@@ -107,7 +107,15 @@ def margin_fraction(value: float) -> float:
     raise FitplanError(f"--margin {value} is out of range; accepted: a fraction in [0, 1) or a percentage in [1, 100)")
 
 
-def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str]) -> tuple[RunSpec, list[str]]:
+class JobInput(NamedTuple):
+    spec: RunSpec
+    warnings: list[str]
+    # how the user wrote the job: fitplan's keys, a SpecForge launch script, a SpecForge v0.3 run
+    # config; answers (fit's changes) are given in the same terms
+    dialect: str = "fitplan"
+
+
+def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str]) -> JobInput:
     """The job from a config file (YAML, plan, launch script or SpecForge v0.3 run config), flags,
     or --from-specforge (a launch command line, or a v0.3 run config and its overrides: "run.yaml
     training.batch_size=2"); flags override each. Also what reading it ignored or assumed."""
@@ -120,19 +128,19 @@ def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str])
     if from_specforge is not None:
         run = from_specforge_value(from_specforge, flags)
         if run is not None:
-            return run.spec, list(run.warnings)
+            return JobInput(run.spec, list(run.warnings), "specforge-yaml")
         command = parse_command(from_specforge)
-        return command.spec(flags), list(command.warnings)
+        return JobInput(command.spec(flags), list(command.warnings), "specforge-script")
     if config is None:
-        return spec_from_text(None, "flags", flags), []
+        return JobInput(spec_from_text(None, "flags", flags), [])
     text = read_job_file(config)
     run = read_text(text, str(config), flags)
     if run is not None:
-        return run.spec, list(run.warnings)
+        return JobInput(run.spec, list(run.warnings), "specforge-yaml")
     if not is_launch_script(text):
-        return spec_from_text(text, str(config), flags), []
+        return JobInput(spec_from_text(text, str(config), flags), [])
     command = parse_command(str(config))
-    return command.spec(flags), list(command.warnings)
+    return JobInput(command.spec(flags), list(command.warnings), "specforge-script")
 
 
 def clean_errors(func: Callable) -> Callable:

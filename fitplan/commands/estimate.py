@@ -31,7 +31,7 @@ def estimate_command(
         from fitplan.render.plot import output_path
 
         plot = output_path(plot)
-    spec, warnings = job_spec(config, flags, from_specforge)
+    spec, warnings, _ = job_spec(config, flags, from_specforge)
     job = resolve(spec)
     for w in warnings:  # on stderr: --json prints one JSON object and nothing else
         typer.echo(f"warning: {w}", err=True)

@@ -53,7 +53,7 @@ def explain_command(
     first = next(f for f in failures if f.kind != "cuda-oom-unread")
     spec, warnings = None, []
     if config is not None or from_specforge is not None or "model" in flags:
-        spec, warnings = job_spec(config, flags, from_specforge)
+        spec, warnings, _ = job_spec(config, flags, from_specforge)
         resolve(spec)  # the job's rules refuse a bad job before anything is printed
     fraction = margin_fraction(margin)
     console = Console(highlight=False)

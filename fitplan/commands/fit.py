@@ -16,6 +16,7 @@ from fitplan.ladder import Candidate, FitResult, fit
 from fitplan.records import Plan, check_writable, write_plan
 from fitplan.render.fit import summary_lines, trail_table
 from fitplan.specforge import flag_changes
+from fitplan.specforge_yaml import key_changes
 
 
 
@@ -37,7 +38,17 @@ def plan_of(result: FitResult) -> Plan:
 
 
 
-def result_json(result: FitResult) -> dict:
+def specforge_changes(result: FitResult, dialect: str) -> list[str] | None:
+    """The chosen plan's changes in the terms the job was written in (None: a fitplan job)."""
+    if dialect == "fitplan":
+        return None
+    shown = result.chosen or result.original
+    if dialect == "specforge-yaml":
+        return key_changes(result.original.spec, shown.spec)
+    return flag_changes(result.original.spec, shown.spec)
+
+
+def result_json(result: FitResult, dialect: str = "fitplan") -> dict:
     shown = result.chosen or result.original
     out = {
         **prediction(shown),
@@ -48,8 +59,9 @@ def result_json(result: FitResult) -> dict:
         "suggestions": {"max_seq": result.max_seq, "min_gpus": result.min_gpus},
         "refused": [{"change": change, "reason": reason} for change, reason in result.refused],
     }
-    if shown.spec.runtime == "specforge":
-        out["specforge_flags"] = flag_changes(result.original.spec, shown.spec)
+    changes = specforge_changes(result, dialect)
+    if changes is not None:  # SpecForge's flags (launch script) or run-config keys (v0.3 YAML)
+        out["specforge_changes"] = changes
     return out
 
 
@@ -65,20 +77,20 @@ def fit_command(
     flags: dict,
 ) -> None:
     """Find the fastest configuration that fits: walk the fix ladder, never changing what is learned."""
-    spec, warnings = job_spec(config, flags, from_specforge)
+    spec, warnings, dialect = job_spec(config, flags, from_specforge)
     if output is not None:
         check_writable(output)
     result = fit(spec, margin_fraction(margin))
     if output is not None and result.chosen is not None:
         write_plan(plan_of(result), output)
     if as_json:
-        print(json.dumps(result_json(result), indent=2))
+        print(json.dumps(result_json(result, dialect), indent=2))
     else:
         console = Console(highlight=False)
         for w in warnings:
             console.print(f"[yellow]warning:[/] {w}")
         console.print(trail_table(result))
-        for line in summary_lines(result):
+        for line in summary_lines(result, specforge_changes(result, dialect)):
             console.print(line)
         if output is not None and result.chosen is not None:
             console.print(f"plan written to {output}")

@@ -7,7 +7,6 @@ from rich.table import Table
 
 from fitplan.estimator.result import Verdict
 from fitplan.ladder import FitResult
-from fitplan.specforge import flag_changes
 from fitplan.units import GIB
 
 
@@ -22,7 +21,9 @@ def trail_table(result: FitResult) -> Table:
     return table
 
 
-def summary_lines(result: FitResult) -> list[str]:
+def summary_lines(result: FitResult, specforge_changes: list[str] | None = None) -> list[str]:
+    """The plan in words; `specforge_changes`: its changes as SpecForge flags or run-config keys,
+    for a job written for SpecForge."""
     gpu_gib = result.original.estimate.gpu_total_bytes / GIB
     if result.chosen is None:
         lines = [f"[bold red]Nothing on the fix ladder fits[/] within a {result.margin:.0%} margin of {gpu_gib:.2f} GiB."]
@@ -41,9 +42,8 @@ def summary_lines(result: FitResult) -> list[str]:
         "(step-time model: median error 8% over the H100/H200 validation matrix, 60% at worst; "
         "docs/validation.md)",
     ]
-    if c.spec.runtime == "specforge":
-        flags = flag_changes(result.original.spec, c.spec)
-        lines.append("SpecForge: " + ("; ".join(flags) if flags else "no flag changes"))
+    if specforge_changes is not None:
+        lines.append("SpecForge: " + ("; ".join(specforge_changes) if specforge_changes else "no changes"))
     return lines
 
 
