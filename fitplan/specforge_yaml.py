@@ -14,8 +14,9 @@ was removed) and receive the hidden states from SGLang capture servers through M
 way a trainer rank holds the draft (one FSDP SHARD_GRAD_OP unit), the BF16Optimizer state, a
 frozen full-vocab lm_head (the TargetHead) and the teacher logits it builds from the target's
 final hidden state -- which is what fitplan's offline SpecForge runtime models. The capture
-servers run the target on GPUs of their own, which this estimate does not cover yet: a warning
-says so.
+servers run the target on GPUs of their own: managed_local servers are read into
+`SpecForgeRun.servers` and estimated apart (fitplan/estimator/capture_server.py); external
+server_urls are not, and a warning says so.
 
 Keys that decide trainer memory are read; keys that cannot change it are accepted quietly; keys
 that would change it but are not modelled are listed once in a warning; settings fitplan cannot
@@ -492,11 +493,29 @@ def _yaml_value(text: str) -> Any:
 
 
 @dataclass(frozen=True)
+class ManagedServer:
+    """One kind of managed_local SGLang capture server, as SpecForge launches it
+    (launch_plan.py's _managed_local_services): `count` servers of `tp` GPUs each, run with
+    --mem-fraction-static `mem_fraction` (the server's own, else model.sglang_mem_fraction_static),
+    --context-length `context_length` (model.sglang_context_length, else data.max_length + 7) and
+    --max-total-tokens `max_total_tokens` (model.sglang_max_total_tokens; None: not passed)."""
+
+    tp: int
+    mem_fraction: float
+    count: int
+    context_length: int
+    max_total_tokens: int | None = None
+
+
+@dataclass(frozen=True)
 class SpecForgeRun:
-    """The RunSpec of a SpecForge v0.3 run's trainer GPUs, and what reading it warned about."""
+    """The RunSpec of a SpecForge v0.3 run's trainer GPUs, and what reading it warned about;
+    `servers`: its managed capture servers, one entry per kind (none offline or with external
+    server_urls)."""
 
     spec: RunSpec
     warnings: tuple[str, ...]
+    servers: tuple[ManagedServer, ...] = ()
 
 
 def _get(raw: dict[str, Any], path: str, source: str) -> Any:
@@ -588,12 +607,43 @@ def _deployment(raw: dict[str, Any], offline: bool, source: str) -> list[str]:
         n = len(tps)
         what = (f"{n} managed, tp {'+'.join(map(str, tps))} on {sum(tps)} GPU{'s' if sum(tps) != 1 else ''}, "
                 f"mem_fraction_static {', '.join(map(str, fractions))}")
+        return [f"capture servers ({what}) run the target outside this estimate of the trainer GPUs; "
+                "they are estimated separately (the capture servers block, \"server\" in --json) from "
+                "SGLang's documented memory sizing, not calibrated against a measurement"]
     else:
         urls = _typed("deployment.disaggregated.server_urls", disaggregated.get("server_urls", []), "list", source)
         what = (f"{len(urls)} external, at deployment.disaggregated.server_urls, tp set where they are launched"
                 if urls else "not named in this config")
     return [f"capture servers ({what}) run the target outside this estimate: "
             "SGLang capture servers are not estimated yet; the estimate is of the trainer GPUs"]
+
+
+def _managed_servers(raw: dict[str, Any], source: str) -> tuple[ManagedServer, ...]:
+    """The managed_local capture servers of an online disaggregated run, grouped by (tp,
+    mem_fraction_static) in first-seen order; () when there are none."""
+    disaggregated = (raw.get("deployment") or {}).get("disaggregated")
+    managed = disaggregated.get("managed_local") if isinstance(disaggregated, dict) else None
+    if not isinstance(managed, dict) or not isinstance(managed.get("capture_servers"), list):
+        return ()
+    default_fraction = _get(raw, "model.sglang_mem_fraction_static", source)
+    context = _get(raw, "model.sglang_context_length", source)
+    if context is None:
+        context = _positive(raw, "data.max_length", source) + 7  # SpecForge's derived --context-length
+    max_total = _get(raw, "model.sglang_max_total_tokens", source)
+    counts: dict[tuple[int, float], int] = {}
+    for i, server in enumerate(managed["capture_servers"]):
+        if not isinstance(server, dict):
+            continue
+        where = f"deployment.disaggregated.managed_local.capture_servers[{i}]"
+        tp = _typed(f"{where}.tp_size", server.get("tp_size", 1), "int", source)
+        fraction = server.get("mem_fraction_static")
+        fraction = default_fraction if fraction is None else _typed(f"{where}.mem_fraction_static", fraction,
+                                                                    "float", source)
+        if tp < 1 or not 0 < fraction <= 1:
+            raise FitplanError(f"{source}: {where}: tp_size must be a positive integer and mem_fraction_static "
+                               f"in (0, 1], got tp_size {tp}, mem_fraction_static {fraction}")
+        counts[(tp, fraction)] = counts.get((tp, fraction), 0) + 1
+    return tuple(ManagedServer(tp, fraction, n, context, max_total) for (tp, fraction), n in counts.items())
 
 
 def _gpus(nodes: int, per_node: int, flag: str | None) -> tuple[str, list[str]]:
@@ -685,7 +735,8 @@ def read_config(mapping: Mapping[str, Any], source: str, overrides: Iterable[str
     if ignored:
         warnings.append(f"ignored (not modelled by fitplan): {', '.join(ignored)}")
     values.update(flags)
-    return SpecForgeRun(spec=spec_from_mapping(values, source), warnings=tuple(warnings))
+    servers = () if offline else _managed_servers(raw, source)
+    return SpecForgeRun(spec=spec_from_mapping(values, source), warnings=tuple(warnings), servers=servers)
 
 
 def _positive(raw: dict[str, Any], path: str, source: str) -> int:

@@ -13,7 +13,7 @@ import functools
 import inspect
 import sys
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 
@@ -107,12 +107,20 @@ def margin_fraction(value: float) -> float:
     raise FitplanError(f"--margin {value} is out of range; accepted: a fraction in [0, 1) or a percentage in [1, 100)")
 
 
-class JobInput(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class JobInput:
     spec: RunSpec
     warnings: list[str]
     # how the user wrote the job: fitplan's keys, a SpecForge launch script, a SpecForge v0.3 run
     # config; answers (fit's changes) are given in the same terms
     dialect: str = "fitplan"
+    # a SpecForge v0.3 run's managed capture servers (fitplan.specforge_yaml.ManagedServer), one
+    # per kind; () for every other job
+    servers: tuple = ()
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpacks as (spec, warnings, dialect), as the commands do; `servers` is read by name."""
+        return iter((self.spec, self.warnings, self.dialect))
 
 
 def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str]) -> JobInput:
@@ -128,7 +136,7 @@ def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str])
     if from_specforge is not None:
         run = from_specforge_value(from_specforge, flags)
         if run is not None:
-            return JobInput(run.spec, list(run.warnings), "specforge-yaml")
+            return JobInput(run.spec, list(run.warnings), "specforge-yaml", run.servers)
         command = parse_command(from_specforge)
         return JobInput(command.spec(flags), list(command.warnings), "specforge-script")
     if config is None:
@@ -136,7 +144,7 @@ def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str])
     text = read_job_file(config)
     run = read_text(text, str(config), flags)
     if run is not None:
-        return JobInput(run.spec, list(run.warnings), "specforge-yaml")
+        return JobInput(run.spec, list(run.warnings), "specforge-yaml", run.servers)
     if not is_launch_script(text):
         return JobInput(spec_from_text(text, str(config), flags), [])
     command = parse_command(str(config))

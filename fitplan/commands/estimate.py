@@ -31,22 +31,33 @@ def estimate_command(
         from fitplan.render.plot import output_path
 
         plot = output_path(plot)
-    spec, warnings, _ = job_spec(config, flags, from_specforge)
+    job_input = job_spec(config, flags, from_specforge)
+    spec, warnings = job_input.spec, job_input.warnings
     job = resolve(spec)
     for w in warnings:  # on stderr: --json prints one JSON object and nothing else
         typer.echo(f"warning: {w}", err=True)
     est = estimate(job)
+    servers = None
+    if job_input.servers:  # a SpecForge v0.3 run's managed capture servers, on the trainers' GPU type
+        from fitplan.estimator.capture_server import estimate_servers
+
+        servers = estimate_servers(job.model, spec, job_input.servers, job.cluster.gpu)
     if plot is not None:
         from fitplan.render.plot import plot_estimate
 
         plot = plot_estimate(est, plot, spec=spec)
     if as_json:
         config_out = {**spec.to_dict(), "tp": job.tp, "accum": job.accum}
-        print(json.dumps({**est.to_json(), "config": config_out}))
+        out = {**est.to_json(), "config": config_out}
+        if servers is not None:
+            out["server"] = servers.to_json()
+        print(json.dumps(out))
         return
-    from fitplan.render.estimate import render
+    from fitplan.render.estimate import render, render_servers
 
     render(est)
+    if servers is not None:
+        render_servers(servers)
     if plot is not None:
         typer.echo(f"plot written to {plot}")
 

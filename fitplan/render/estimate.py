@@ -120,6 +120,30 @@ def render(est: Estimate, console: Console | None = None) -> None:
         console.print(line)
 
 
+def server_lines(servers) -> list[str]:
+    """The capture servers block (fitplan.estimator.capture_server.ServerEstimate): one line per
+    server kind, every GPU of the kind alike."""
+    lines = [f"[bold]capture servers[/] ({servers.gpus} GPU{'s' if servers.gpus != 1 else ''}; SGLang's documented "
+             "sizing, not calibrated against a measurement): per GPU, GiB"]
+    for g in servers.groups:
+        color = "green" if g.fits else "red"
+        verdict_text = f"FITS with {gib(g.gpu_total_bytes - g.peak_reserved_bytes)} GiB headroom" if g.fits \
+            else f"OOM: {g.reason}"
+        lines.append(
+            f"  {g.gpus} GPU{'s' if g.gpus != 1 else ''} ({g.count} server{'s' if g.count != 1 else ''}, tp {g.tp}, "
+            f"mem_fraction_static {g.mem_fraction}): weights {gib(g.weights_bytes)}, KV pool {gib(g.kv_pool_bytes)} "
+            f"({g.kv_pool_tokens} tokens), activations {gib(g.activations_bytes)}, outside {gib(g.outside_bytes)}; "
+            f"peak {gib(g.peak_reserved_bytes)} of {gib(g.gpu_total_bytes)}: [bold {color}]{escape(verdict_text)}[/]"
+        )
+    return lines
+
+
+def render_servers(servers, console: Console | None = None) -> None:
+    console = console or Console(highlight=False)
+    for line in server_lines(servers):
+        console.print(line)
+
+
 def markdown(est: Estimate) -> str:
     """The same breakdown as a markdown table plus the verdict (for docs and reports)."""
     phases = list(est.phases)
