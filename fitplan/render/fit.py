@@ -28,8 +28,10 @@ def summary_lines(result: FitResult, specforge_changes: list[str] | None = None)
     if result.chosen is None:
         lines = [f"[bold red]Nothing on the fix ladder fits[/] within a {result.margin:.0%} margin of {gpu_gib:.2f} GiB."]
         lines.append(f"Largest seq that would fit: {result.max_seq}" if result.max_seq else "No shorter seq fits either.")
+        batch = result.original.job.global_batch
         lines.append(f"Smallest GPU count that would fit: {result.min_gpus}" if result.min_gpus
-                     else "No larger GPU count of this type fits either.")
+                     else f"No larger GPU count of this type fits a global batch of {batch} either "
+                          "(every GPU takes whole samples; --global-batch sets it).")
         lines.append("(suggestions only: both change the job, so fit does not apply them)")
         return lines + refused_lines(result)
     c = result.chosen
