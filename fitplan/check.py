@@ -87,9 +87,6 @@ def phase_deltas(old: Estimate, new: Estimate) -> dict[str, int]:
     }
 
 
-def spec_from_file(path: str, overrides: dict) -> RunSpec:
-    return load_spec(path, overrides)
-
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
@@ -139,7 +136,7 @@ def check_configs(
         raise FitplanError("no config files given; usage: fitplan check configs/*.yaml (or a directory of them)")
     rows = []
     for path in expand_config_paths(paths):
-        estimate = estimate_fn(spec_from_file(path, overrides))
+        estimate = estimate_fn(load_spec(path, overrides))
         baseline = None
         if against is not None:
             old_text = text_at_revision(path, against)

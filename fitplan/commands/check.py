@@ -9,9 +9,14 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from fitplan.check import check_configs, component_deltas, phase_deltas, spec_from_file
-from fitplan.commands.common import clean_errors, spec_flags
-from fitplan.commands.common import MARGIN_HELP, margin_fraction
+from fitplan.check import check_configs, component_deltas, phase_deltas
+from fitplan.commands.common import (
+    MARGIN_HELP,
+    clean_errors,
+    margin_fraction,
+    spec_flags,
+)
+from fitplan.config import load_spec
 from fitplan.errors import FitplanError
 from fitplan.render.check import check_markdown, print_check_table, print_diff
 
@@ -51,7 +56,7 @@ def diff_command(
     """Per-component and per-phase memory deltas between two configs."""
     from fitplan.estimator import estimate_spec
 
-    a, b = estimate_spec(spec_from_file(old, {})), estimate_spec(spec_from_file(new, {}))
+    a, b = estimate_spec(load_spec(old)), estimate_spec(load_spec(new))
     comps, phases = component_deltas(a, b), phase_deltas(a, b)
     peak = b.peak_reserved_bytes - a.peak_reserved_bytes
     if as_json:

@@ -28,10 +28,11 @@ from fitplan.estimator.runtime import (
     KERNELS_AFTER_NCCL_BYTES,
     NCCL_FIRST_COLLECTIVE_BYTES,
 )
+from fitplan.estimator.target_terms import mlp_working_per_token
 from fitplan.layout import AUX_LAYER_COUNT, target_weight_bytes
 from fitplan.profiles import GpuSpec
 from fitplan.shapes import BF16, ModelShape
-from fitplan.units import FP32, GIB
+from fitplan.units import GIB
 
 # SGLang's KV cache dtype is the model's ("auto"): bf16, the default model.torch_dtype.
 KV_BYTES = BF16
@@ -68,16 +69,11 @@ def prefill_working_bytes(model: ModelShape, tp: int, tokens: int) -> int:
     - MoE: each token visits k experts (their input and SwiGLU tensors on the shard) and the router
       keeps fp32 logits over the experts.
     """
-    h, d = model.hidden, model.head_dim
-    per_token = 3 * h
+    d = model.head_dim
+    per_token = 3 * model.hidden
     per_token += 2 * (model.heads // tp) * d  # q and the attention output
-    per_token += 2 * -(-model.kv_heads // tp) * d  # k and v
-    if model.is_moe:
-        per_token += model.experts_per_token * (h + 3 * model.expert_intermediate) // tp
-        per_token += FP32 // BF16 * model.experts
-    else:
-        per_token += 3 * model.intermediate // tp
-    return BF16 * per_token * tokens
+    per_token += 2 * -(-model.kv_heads // tp) * d  # k and v, replicated where tp exceeds them
+    return BF16 * (per_token + mlp_working_per_token(model, tp)) * tokens
 
 
 def captured_bytes(model: ModelShape, tokens: int) -> int:

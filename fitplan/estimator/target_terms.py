@@ -8,7 +8,7 @@ activations replicated over the group and weights split. Its vocab-parallel lm_h
 
 from __future__ import annotations
 
-from fitplan.shapes import BF16, MXFP4, count_params
+from fitplan.shapes import BF16, MXFP4, ModelShape, count_params
 from fitplan.estimator.runtime import runs_fitplan_trainer
 from fitplan.layout import Job, target_weight_bytes
 from fitplan.units import FP32
@@ -41,13 +41,16 @@ def forward_working_bytes(job: Job) -> int:
     keeps fp32 logits over the experts.
     """
     m, tp = job.model, job.tp
-    per_token = 3 * m.hidden + (2 * m.heads + 2 * m.kv_heads) * m.head_dim // tp
-    if m.is_moe:
-        per_token += m.experts_per_token * (m.hidden + 3 * m.expert_intermediate) // tp
-        per_token += FP32 // BF16 * m.experts
-    else:
-        per_token += 3 * m.intermediate // tp
+    per_token = 3 * m.hidden + (2 * m.heads + 2 * m.kv_heads) * m.head_dim // tp + mlp_working_per_token(m, tp)
     return BF16 * per_token * group_tokens(job)
+
+
+def mlp_working_per_token(m: ModelShape, tp: int) -> int:
+    """bf16 elements per token of one layer's MLP on a TP shard: gate, up and their product
+    (3*I/tp), or for MoE the k experts' inputs and SwiGLU tensors and the router's fp32 logits."""
+    if m.is_moe:
+        return m.experts_per_token * (m.hidden + 3 * m.expert_intermediate) // tp + FP32 // BF16 * m.experts
+    return 3 * m.intermediate // tp
 
 
 # transformers has no SDPA path for these models (gpt-oss: attention sinks; Gemma 2: logit
