@@ -516,6 +516,8 @@ class SpecForgeRun:
     spec: RunSpec
     warnings: tuple[str, ...]
     servers: tuple[ManagedServer, ...] = ()
+    # an online run: capture servers stream the features, none are stored
+    online: bool = False
 
 
 def _get(raw: dict[str, Any], path: str, source: str) -> Any:
@@ -736,7 +738,8 @@ def read_config(mapping: Mapping[str, Any], source: str, overrides: Iterable[str
         warnings.append(f"ignored (not modelled by fitplan): {', '.join(ignored)}")
     values.update(flags)
     servers = () if offline else _managed_servers(raw, source)
-    return SpecForgeRun(spec=spec_from_mapping(values, source), warnings=tuple(warnings), servers=servers)
+    return SpecForgeRun(spec=spec_from_mapping(values, source), warnings=tuple(warnings), servers=servers,
+                        online=not offline)
 
 
 def _positive(raw: dict[str, Any], path: str, source: str) -> int:

@@ -234,3 +234,19 @@ def step_time(job: Job) -> StepTime:
     pcie_micro, pcie_step = offload_bytes(job)
     offload = (job.accum * pcie_micro + pcie_step) / (gpu.pcie_gbps * 1e9 * LINK_EFFICIENCY)
     return StepTime(compute_s=compute, comm_s=comm, offload_s=offload, tokens_per_step=job.tokens_per_step)
+
+
+# ---------------------------------------------------------------- prefill (offline feature generation)
+
+# SGLang's prefill of the target when offline features are generated (SpecForge's
+# prepare_hidden_states.py): not measured by fitplan. Assumed the efficiency fitted above on the
+# dense GEMMs of fitplan's own target forward; SGLang runs fused kernels for MoE experts, so the
+# expert-loop figure does not apply.
+PREFILL_EFFICIENCY = DENSE_EFFICIENCY
+
+
+def prefill_flops(m: ModelShape, seq: int) -> float:
+    """One request of `seq` tokens through the whole target, no lm_head (the capture returns
+    hidden states, not logits): 2·(params a token multiplies through, less V·h)·seq + causal attention."""
+    return 2 * (matmul_params(m) - m.vocab * m.hidden) * seq + m.layers * causal_attention_flops(
+        1, seq, m.heads, m.head_dim)

@@ -296,6 +296,53 @@ def test_bad_validate_folders_are_one_line(tmp_path):
                      "cannot make the folder")
 
 
+# ----------------------------------------------------------------------------- offline features
+
+FEATURES = ["estimate", "--model", "llama-3.1-8b", "--runtime", "specforge", "--offline"]
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--samples", "-5"], ["--samples must be a positive integer", "got -5"]),
+    (["--samples", "0"], ["--samples must be a positive integer"]),
+    (["--samples", str(2**41)], ["--samples must be a positive integer (at most"]),
+    (["--tokenizer", "tokenizer.json"], ["--tokenizer counts the tokens of --samples-from"]),
+    (["--samples", "3", "--workload", "sft", "--runtime", "fitplan", "--no-offline"], ["the sft workload stores none"]),
+])
+def test_bad_feature_flags_are_one_line(flags, words):
+    one_line_refusal([*FEATURES, *flags], *words)
+
+
+@pytest.mark.parametrize("text,words", [
+    ("{not json\n", ["c.jsonl:1: not valid JSON", "accepted: one JSON object a line"]),
+    ('{"conversations": []}\n[1, 2]\n', ["c.jsonl:2: no 'conversations' or 'messages' list"]),
+    ('{"text": "hello"}\n', ["c.jsonl:1: no 'conversations' or 'messages' list"]),
+    ('{"messages": [{"role": "user"}]}\n', ["c.jsonl:1: a message without text"]),
+    ('{"conversations": "hi"}\n', ["no 'conversations' or 'messages' list"]),
+    ("[" * 100_000 + "\n", ["c.jsonl:1: not valid JSON"]),
+    ("\n\n", ["holds no conversations"]),
+])
+def test_broken_jsonl_lines_are_one_line(tmp_path, text, words):
+    path = tmp_path / "c.jsonl"
+    path.write_text(text)
+    one_line_refusal([*FEATURES, "--samples-from", str(path)], *words)
+
+
+def test_unreadable_feature_files_are_one_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}\n')
+    one_line_refusal([*FEATURES, "--samples-from", str(path)], "c.jsonl:1: not UTF-8 text")
+    one_line_refusal([*FEATURES, "--samples-from", str(tmp_path / "missing.jsonl")], "does not exist")
+    one_line_refusal([*FEATURES, "--samples-from", str(tmp_path)], "is a directory")
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n' * 2)
+    one_line_refusal([*FEATURES, "--samples-from", str(path), "--samples", "3"], "holds only 2 conversations")
+    pytest.importorskip("tokenizers")
+    bogus = tmp_path / "tokenizer.json"
+    bogus.write_text("{}")
+    one_line_refusal([*FEATURES, "--samples-from", str(path), "--tokenizer", str(bogus)], "not a tokenizer.json")
+    one_line_refusal([*FEATURES, "--samples-from", str(path), "--tokenizer", str(tmp_path / "no.json")],
+                     "not a file; give a local tokenizer.json")
+
+
 # ----------------------------------------------------------------------------- --plot
 
 def test_bad_plot_paths_are_refused_before_anything_is_computed(tmp_path):

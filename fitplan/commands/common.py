@@ -117,6 +117,9 @@ class JobInput:
     # a SpecForge v0.3 run's managed capture servers (fitplan.specforge_yaml.ManagedServer), one
     # per kind; () for every other job
     servers: tuple = ()
+    # a SpecForge v0.3 online run: its capture servers stream the target's features to the
+    # trainers (the trainer job alone looks offline)
+    streams_features: bool = False
 
     def __iter__(self) -> Iterator[Any]:
         """Unpacks as (spec, warnings, dialect), as the commands do; `servers` is read by name."""
@@ -136,7 +139,7 @@ def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str])
     if from_specforge is not None:
         run = from_specforge_value(from_specforge, flags)
         if run is not None:
-            return JobInput(run.spec, list(run.warnings), "specforge-yaml", run.servers)
+            return JobInput(run.spec, list(run.warnings), "specforge-yaml", run.servers, run.online)
         command = parse_command(from_specforge)
         return JobInput(command.spec(flags), list(command.warnings), "specforge-script")
     if config is None:
@@ -144,7 +147,7 @@ def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str])
     text = read_job_file(config)
     run = read_text(text, str(config), flags)
     if run is not None:
-        return JobInput(run.spec, list(run.warnings), "specforge-yaml", run.servers)
+        return JobInput(run.spec, list(run.warnings), "specforge-yaml", run.servers, run.online)
     if not is_launch_script(text):
         return JobInput(spec_from_text(text, str(config), flags), [])
     command = parse_command(str(config))

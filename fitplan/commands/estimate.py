@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from fitplan.commands.common import FROM_SPECFORGE_HELP, clean_errors, job_spec, spec_flags
+from fitplan.errors import FitplanError
 
 
 def estimate_command(
@@ -20,6 +21,14 @@ def estimate_command(
         None, "--plot", help="Also draw the breakdown to this PNG file (.svg, .pdf, .jpg too; no suffix: .png is added)."
     ),
     from_specforge: Optional[str] = typer.Option(None, "--from-specforge", help=FROM_SPECFORGE_HELP),
+    samples: Optional[int] = typer.Option(
+        None, "--samples", help="Also estimate the disk and generation time of an offline run's features for N "
+        "samples (each at --seq tokens, or the first N of --samples-from)."),
+    samples_from: Optional[Path] = typer.Option(
+        None, "--samples-from", help="Conversation JSONL (ShareGPT 'conversations' or 'messages') whose samples' "
+        "features to estimate; token counts approximated as UTF-8 bytes / 4 unless --tokenizer is given."),
+    tokenizer: Optional[Path] = typer.Option(
+        None, "--tokenizer", help="A local tokenizer.json to count the tokens of --samples-from exactly."),
     *,
     flags: dict,
 ) -> None:
@@ -31,9 +40,11 @@ def estimate_command(
         from fitplan.render.plot import output_path
 
         plot = output_path(plot)
+    check_feature_flags(samples, samples_from, tokenizer)
     job_input = job_spec(config, flags, from_specforge)
     spec, warnings = job_input.spec, job_input.warnings
     job = resolve(spec)
+    features = feature_estimate(job, job_input, samples, samples_from, tokenizer)
     for w in warnings:  # on stderr: --json prints one JSON object and nothing else
         typer.echo(f"warning: {w}", err=True)
     est = estimate(job)
@@ -51,15 +62,44 @@ def estimate_command(
         out = {**est.to_json(), "config": config_out}
         if servers is not None:
             out["server"] = servers.to_json()
+        if features is not None:
+            out["features"] = features.to_json()
         print(json.dumps(out))
         return
-    from fitplan.render.estimate import render, render_servers
+    from fitplan.render.estimate import render, render_features, render_servers
 
     render(est)
     if servers is not None:
         render_servers(servers)
+    if features is not None:
+        render_features(features)
     if plot is not None:
         typer.echo(f"plot written to {plot}")
+
+
+def check_feature_flags(samples: Optional[int], samples_from: Optional[Path], tokenizer: Optional[Path]) -> None:
+    """Before anything is read: the feature flags' own values."""
+    from fitplan.config import MAX_INT
+
+    if samples is not None and not 1 <= samples <= MAX_INT:
+        raise FitplanError(f"--samples must be a positive integer (at most {MAX_INT}), got {samples}")
+    if tokenizer is not None and samples_from is None:
+        raise FitplanError("--tokenizer counts the tokens of --samples-from FILE.jsonl; give that file too")
+
+
+def feature_estimate(job, job_input, samples: Optional[int], samples_from: Optional[Path], tokenizer: Optional[Path]):
+    """The offline features of --samples / --samples-from for the job's target, or None."""
+    if samples is None and samples_from is None:
+        return None
+    from fitplan.offline_features import estimate_features, lengths_from_jsonl, lengths_from_samples
+
+    if job.draft is None:
+        raise FitplanError("--samples / --samples-from: the hidden-state features of an Eagle3 offline run; "
+                           "the sft workload stores none (accepted with --workload eagle3)")
+    seq = job.spec.seq
+    lengths = (lengths_from_jsonl(samples_from, seq, samples, tokenizer) if samples_from is not None
+               else lengths_from_samples(samples, seq))
+    return estimate_features(job, lengths, streamed=job_input.streams_features)
 
 
 def profiles_command() -> None:

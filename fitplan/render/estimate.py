@@ -158,3 +158,43 @@ def markdown(est: Estimate) -> str:
                       f"of {gib(est.gpu_total_bytes)} GiB)"])
 
 
+
+
+def disk(nbytes: float) -> str:
+    """Disk sizes in decimal units, as disks are sold (1 TB = 10^12 B)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def duration(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def feature_lines(features) -> list[str]:
+    """The offline features block (fitplan.offline_features.FeatureEstimate)."""
+    a = features.assumed
+    mean = features.stored_tokens / features.samples
+    lines = [
+        "[bold]offline features[/] (SpecForge's prepare_hidden_states.py files: aux states [N, 3h] and last "
+        "hidden state [N, h] in bf16, input_ids and loss_mask int64, one uncompressed torch.save file a sample)",
+        f"  {features.bytes_per_token:,} B per token; {disk(features.bytes_per_sample)} per sample at "
+        f"{mean:,.0f} stored tokens (mean)",
+        f"  {features.samples:,} samples, {features.stored_tokens:,} tokens stored "
+        f"({features.content_tokens:,} before batch padding): [bold]{disk(features.total_bytes)}[/] on disk",
+        f"  generation: {duration(features.generation_seconds)} on {a['gpus']}x{escape(a['gpu'])} (a model: the "
+        f"target's prefill FLOPs at {a['prefill_efficiency']:.0%} of the bf16 peak, not measured)",
+        f"  lengths: {escape(a['lengths'])}",
+    ]
+    return lines + [f"[yellow]warning: {escape(note)}[/]" for note in features.notes]
+
+
+def render_features(features, console: Console | None = None) -> None:
+    console = console or Console(highlight=False)
+    for line in feature_lines(features):
+        console.print(line)
