@@ -30,7 +30,7 @@ import copy
 import difflib
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -518,6 +518,10 @@ class SpecForgeRun:
     servers: tuple[ManagedServer, ...] = ()
     # an online run: capture servers stream the features, none are stored
     online: bool = False
+    # the user's mapping with their overrides applied (before SpecForge's legacy-key migration),
+    # and where it came from: what `fit -o` rewrites
+    mapping: dict = field(default_factory=dict, repr=False, compare=False)
+    source: str = ""
 
 
 def _get(raw: dict[str, Any], path: str, source: str) -> Any:
@@ -738,8 +742,10 @@ def read_config(mapping: Mapping[str, Any], source: str, overrides: Iterable[str
         warnings.append(f"ignored (not modelled by fitplan): {', '.join(ignored)}")
     values.update(flags)
     servers = () if offline else _managed_servers(raw, source)
+    as_given = copy.deepcopy(dict(mapping))
+    apply_overrides(as_given, overrides, source)
     return SpecForgeRun(spec=spec_from_mapping(values, source), warnings=tuple(warnings), servers=servers,
-                        online=not offline)
+                        online=not offline, mapping=as_given, source=source)
 
 
 def _positive(raw: dict[str, Any], path: str, source: str) -> int:

@@ -343,6 +343,14 @@ def test_unreadable_feature_files_are_one_line(tmp_path):
                      "not a file; give a local tokenizer.json")
 
 
+def test_fit_o_of_a_run_config_refuses_what_it_cannot_write(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  target_model_path: Qwen/Qwen3-8B\ndata:\n  hidden_states_path: ./hs\n")
+    out = tmp_path / "run.fitted.yaml"
+    one_line_refusal(["fit", str(config), "--model", "llama-3.1-8b", "-o", str(out)], "given as fitplan flags")
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- --plot
 
 def test_bad_plot_paths_are_refused_before_anything_is_computed(tmp_path):

@@ -329,3 +329,66 @@ def test_fit_answers_a_run_config_in_its_own_keys(offline):
     assert "training.attention_backend=flex_attention" in changes
     assert "training.batch_size=1" in changes and "training.accumulation_steps=8" in changes
     assert not any(c.startswith("--") or " --" in c for c in changes)  # no train_eagle3.py flags
+
+
+# ---------------------------------------------------------------- fit -o writes the run config back
+
+
+def _paths(node, prefix=""):
+    """Dotted path -> value of every leaf of a mapping."""
+    out = {}
+    for key, value in node.items():
+        where = f"{prefix}.{key}" if prefix else key
+        out.update(_paths(value, where) if isinstance(value, dict) else {where: value})
+    return out
+
+
+FAR_OVER = "training.batch_size=8 data.max_length=16384 training.attention_backend=eager"
+
+
+def test_fit_o_writes_the_run_config_with_the_plans_keys(offline, tmp_path):
+    import yaml
+
+    written = tmp_path / "run.fitted.yaml"
+    args = ["fit", "--from-specforge", f"{offline} {FAR_OVER}", "--expandable-segments", "-o", str(written)]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["plan"]["config"]
+    # read back by fitplan (as SpecForge reads it, the launch's allocator setting given alike): the plan's job
+    spec = load_spec(written, {"expandable_segments": True})
+    assert spec == RunSpec(**{**plan, "aux_layers": None, "global_batch": None})
+    assert spec.micro_batch * spec.accum == 8  # the global batch the ladder keeps
+    assert estimate_spec(spec).fits
+    # exactly the user's keys plus what their overrides and the plan changed: the file says batch 1,
+    # flex_attention, no accumulation_steps; the overrides ask for batch 8, eager, 16384 tokens
+    original = _paths(yaml.safe_load(OFFLINE_YAML))
+    after = _paths(yaml.safe_load(written.read_text()))
+    changed = {k for k in after if original.get(k, object()) != after[k]}
+    assert set(after) >= set(original)
+    assert changed == ({"data.max_length"} | ({"training.accumulation_steps"} if spec.accum != 1 else set())
+                       | ({"training.batch_size"} if spec.micro_batch != 1 else set())
+                       | ({"training.attention_backend"} if spec.attention != "flex" else set()))
+    assert after["data.max_length"] == 16384 and after["training.attention_backend"] == "flex_attention"
+    assert after["training.batch_size"] == spec.micro_batch and after.get("training.accumulation_steps", 1) == spec.accum
+    assert "fitplan fit from" in written.read_text().splitlines()[0]  # a comment: SpecForge's loader skips it
+
+
+def test_fit_o_refuses_what_a_run_config_cannot_say(offline, tmp_path):
+    written = tmp_path / "run.fitted.yaml"
+    # the plan needs expandable segments: an environment variable, no run-config key
+    result = CliRunner().invoke(app, ["fit", "--from-specforge", f"{offline} {FAR_OVER}", "-o", str(written)])
+    assert result.exit_code == 2, result.output
+    assert "error: fit -o" in result.output and "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in result.output
+    assert "--expandable-segments" in result.output and "Traceback" not in result.output
+    assert not written.exists()
+    # a fitplan flag that changes what the file says, and that -o does not translate
+    result = CliRunner().invoke(app, ["fit", str(offline), "--model", "llama-3.1-8b", "-o", str(written)])
+    assert result.exit_code == 2 and "model 'llama-3.1-8b': given as fitplan flags" in result.output
+    assert not written.exists()
+
+
+def test_fit_o_keeps_writing_plans_for_fitplan_jobs(tmp_path):
+    written = tmp_path / "plan.yaml"
+    result = CliRunner().invoke(app, ["fit", "--model", "llama-3.2-1b", "-o", str(written)])
+    assert result.exit_code == 0, result.output
+    assert written.read_text().startswith("fitplan_plan: 1")

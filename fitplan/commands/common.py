@@ -120,6 +120,9 @@ class JobInput:
     # a SpecForge v0.3 online run: its capture servers stream the target's features to the
     # trainers (the trainer job alone looks offline)
     streams_features: bool = False
+    # the SpecForge v0.3 run config itself (fitplan.specforge_yaml.SpecForgeRun): what `fit -o`
+    # rewrites; None for every other job
+    run: Any = None
 
     def __iter__(self) -> Iterator[Any]:
         """Unpacks as (spec, warnings, dialect), as the commands do; `servers` is read by name."""
@@ -139,7 +142,7 @@ def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str])
     if from_specforge is not None:
         run = from_specforge_value(from_specforge, flags)
         if run is not None:
-            return JobInput(run.spec, list(run.warnings), "specforge-yaml", run.servers, run.online)
+            return JobInput(run.spec, list(run.warnings), "specforge-yaml", run.servers, run.online, run)
         command = parse_command(from_specforge)
         return JobInput(command.spec(flags), list(command.warnings), "specforge-script")
     if config is None:
@@ -147,7 +150,7 @@ def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str])
     text = read_job_file(config)
     run = read_text(text, str(config), flags)
     if run is not None:
-        return JobInput(run.spec, list(run.warnings), "specforge-yaml", run.servers, run.online)
+        return JobInput(run.spec, list(run.warnings), "specforge-yaml", run.servers, run.online, run)
     if not is_launch_script(text):
         return JobInput(spec_from_text(text, str(config), flags), [])
     command = parse_command(str(config))

@@ -19,8 +19,6 @@ from fitplan.specforge import flag_changes
 from fitplan.specforge_yaml import key_changes
 
 
-
-
 def prediction(cand: Candidate) -> dict:
     """What a plan records as predicted: the estimate and the step time."""
     return {**cand.estimate.to_json(), **cand.time.to_json()}
@@ -32,10 +30,18 @@ def plan_of(result: FitResult) -> Plan:
     return Plan(result.chosen.spec, prediction(result.chosen), tuple(e.to_json() for e in result.trail))
 
 
+def write_output(result: FitResult, job_input, flags: dict, output: Path | None) -> str | None:
+    """-o: a SpecForge v0.3 run config for a job read from one (SpecForge's own keys), else a
+    fitplan plan; what was written, or None (no -o, or nothing fits)."""
+    if output is None or result.chosen is None:
+        return None
+    if job_input.dialect == "specforge-yaml":
+        from fitplan.specforge_write import write_run_config
 
-
-
-
+        write_run_config(job_input.run, result.chosen.spec, flags, output)
+        return "SpecForge run config (PyYAML rewrite: comments not kept)"
+    write_plan(plan_of(result), output)
+    return "plan"
 
 
 def specforge_changes(result: FitResult, dialect: str) -> list[str] | None:
@@ -70,19 +76,21 @@ def result_json(result: FitResult, dialect: str = "fitplan") -> dict:
 def fit_command(
     config: Optional[Path] = typer.Argument(None, help="YAML config (or plan) file; flags override it."),
     margin: float = typer.Option(0.05, "--margin", help=MARGIN_HELP),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the chosen plan YAML here."),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="Write the chosen plan YAML here (for a SpecForge v0.3 run config: the run "
+        "config with the plan's keys changed)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (estimate keys + plan, trail)."),
     from_specforge: Optional[str] = typer.Option(None, "--from-specforge", help=FROM_SPECFORGE_HELP),
     *,
     flags: dict,
 ) -> None:
     """Find the fastest configuration that fits: walk the fix ladder, never changing what is learned."""
-    spec, warnings, dialect = job_spec(config, flags, from_specforge)
+    job_input = job_spec(config, flags, from_specforge)
+    spec, warnings, dialect = job_input
     if output is not None:
         check_writable(output)
     result = fit(spec, margin_fraction(margin))
-    if output is not None and result.chosen is not None:
-        write_plan(plan_of(result), output)
+    written = write_output(result, job_input, flags, output)
     if as_json:
         print(json.dumps(result_json(result, dialect), indent=2))
     else:
@@ -92,8 +100,8 @@ def fit_command(
         console.print(trail_table(result))
         for line in summary_lines(result, specforge_changes(result, dialect)):
             console.print(line)
-        if output is not None and result.chosen is not None:
-            console.print(f"plan written to {output}")
+        if written:
+            console.print(f"{written} written to {output}")
     sys.exit(0 if result.chosen is not None else 1)
 
 
