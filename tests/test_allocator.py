@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import itertools
 import json
 import pickle
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +237,33 @@ def test_expandable_retry_frees_another_streams_pages():
     a.malloc(30 * MIB)  # stream 0 maps two pages: 60 MiB reserved
     a.malloc(15 * MIB)  # 10 MiB free at the end, one more page: 80 > 60 -> unmap stream 1's page, retry
     assert (a.reserved, a.num_alloc_retries, a.num_ooms) == (60 * MIB, 1, 0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_sequences_keep_the_books_straight(seed):
+    """Whatever the sequence: segments tile without gaps, free neighbours are merged, reserved is
+    the mapped bytes and never exceeds the capacity, allocated is the allocated blocks."""
+    rng = random.Random(seed)
+    a = Allocator(rng.choice([300, 2000]) * MIB, expandable=seed % 2 == 0,
+                  max_split_bytes=64 * MIB if seed % 3 == 1 else None)
+    live = []
+    for _ in range(600):
+        if live and rng.random() < 0.45:
+            a.free(live.pop(rng.randrange(len(live))))
+        elif rng.random() < 0.02:
+            a.empty_cache()
+        else:
+            size = rng.choice([rng.randint(1, MIB), rng.randint(MIB, 10 * MIB), rng.randint(10 * MIB, 150 * MIB)])
+            with contextlib.suppress(AllocatorOOM):
+                live.append(a.malloc(size, stream=rng.choice([0, 0, 7])))
+        segments = a.segments()
+        for blocks in segments:
+            for left, right in itertools.pairwise(blocks):
+                assert left.addr + left.size == right.addr
+                assert left.allocated or right.allocated or left.mapped != right.mapped
+        assert sum(b.size for blocks in segments for b in blocks if b.mapped) == a.reserved <= a.capacity
+        assert sum(b.size for blocks in segments for b in blocks if b.allocated) == a.allocated
+    assert a.num_alloc_retries >= a.num_ooms  # every OOM came after a retry
 
 
 # --- replay -----------------------------------------------------------------------------------

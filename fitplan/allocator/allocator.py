@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from fitplan.allocator import expandable
 from fitplan.allocator.addresses import AddressSpace
-from fitplan.allocator.blocks import Block, BlockPool, splice, try_merge
+from fitplan.allocator.blocks import Block, BlockPool, chain, splice, try_merge
 from fitplan.allocator.settings import AllocatorSettings
 from fitplan.allocator.sizes import (
     MIN_BLOCK,
@@ -103,6 +103,14 @@ class Allocator:
 
     def address(self, handle: int) -> int:
         return self._live[handle].addr
+
+    def segments(self) -> list[list[Block]]:
+        """Every segment (for expandable segments, every range) as its blocks in address order."""
+        blocks = list(self._live.values())
+        for pool in self._pools.values():
+            blocks += pool.ordered() + pool.unmapped()
+        heads = sorted((b for b in blocks if b.prev is None), key=lambda b: b.addr)
+        return [chain(head) for head in heads]
 
     # --- finding a block ------------------------------------------------------------------------
 

@@ -91,11 +91,23 @@ class BlockPool:
         del self._unmapped[i]
         del self._unmapped_blocks[block.addr]
 
+    def unmapped(self) -> list[Block]:
+        return list(self._unmapped_blocks.values())
+
     def unmapped_of(self, stream: int) -> list[Block]:
         """Unmapped ranges of one stream in address order (a copy)."""
         lo = bisect_left(self._unmapped, (stream, -1))
         hi = bisect_left(self._unmapped, (stream + 1, -1))
         return [self._unmapped_blocks[key[1]] for key in self._unmapped[lo:hi]]
+
+
+def chain(head: Block) -> list[Block]:
+    """A segment's blocks from its first one, in address order."""
+    blocks = []
+    while head is not None:
+        blocks.append(head)
+        head = head.next
+    return blocks
 
 
 def try_merge(dst: Block, src: Block | None, pool: BlockPool) -> int:
