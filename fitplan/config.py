@@ -26,6 +26,7 @@ TargetWeights = Literal["bf16", "mxfp4"]
 Offload = Literal["none", "optimizer", "params"]
 Runtime = Literal["fitplan", "specforge"]
 TargetBackend = Literal["sglang", "hf"]
+DraftMemory = Literal["lean", "plain"]
 
 POSITIVE_INTS = ("seq", "micro_batch", "global_batch", "accum", "tp", "ttt")
 # Beyond any real job, and far below what makes arithmetic on sizes slow or overflow floats.
@@ -82,6 +83,10 @@ class RunSpec:
     """specforge runtime only."""
     offline: bool = False
     """specforge runtime: precomputed hidden states, no live target."""
+    draft_memory: DraftMemory = "lean"
+    """fitplan runtime. lean: the draft's lm_head is fused with the loss and its SwiGLU recomputed
+    in backward, so no step keeps its logits; plain: torch's own composition, as SpecForge's draft
+    (and fitplan's trainer before the lean draft: what older reports ran)."""
 
     def __post_init__(self) -> None:
         validate(self)
@@ -356,6 +361,8 @@ def load_spec(path: str | Path | None = None, overrides: Mapping[str, Any] | Non
 def spec_from_text(text: str | None, source: str, overrides: Mapping[str, Any] | None = None) -> RunSpec:
     """A config, plan or launch script given as text (a file's, or a file's at a git revision)."""
     values: dict[str, Any] = {}
+    if text is not None:
+        _refuse_speculators(text, source, overrides)
     if text is not None and is_launch_script(text):
         from fitplan.specforge import parse_command  # reads launches into this module's RunSpec
 
@@ -375,3 +382,12 @@ def spec_from_text(text: str | None, source: str, overrides: Mapping[str, Any] |
         if value is not None:
             values[key] = value
     return spec_from_mapping(values, source)
+
+
+def _refuse_speculators(text: str, source: str, overrides: Mapping[str, Any] | None) -> None:
+    """A speculators launch or run.yaml: read and checked (bad input is named), then refused: its
+    trainer is not modelled yet (fitplan/speculators.py)."""
+    from fitplan.speculators import from_text, is_launch, run_yaml_mapping
+
+    if is_launch(text) or run_yaml_mapping(text, source) is not None:
+        raise from_text(text, source, overrides).refuse()

@@ -120,6 +120,15 @@ class Measurement:
         return max((s.get("allocator", {}).get("ooms", 0) for s in self.steps), default=int(self.oom is not None))
 
 
+# Job keys a stored run may predate, with what fitplan's trainer ran before each existed.
+PREDATING_KEYS = {"draft_memory": "plain"}
+
+
+def stored_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored run's config as the job it ran: keys it predates take their historic value."""
+    return {**PREDATING_KEYS, **config}
+
+
 def is_measurement(data: Any) -> bool:
     return isinstance(data, dict) and "steps" in data and "config" in data
 
@@ -133,7 +142,7 @@ def measurement_from_mapping(data: dict[str, Any], source: str) -> Measurement:
     if not isinstance(data["steps"], list) or not isinstance(data.get("load", {}), dict):
         raise FitplanError(f"{source}: a report's 'steps' is a list and 'load' a mapping")
     return Measurement(
-        config=spec_from_mapping(data["config"], source=source),
+        config=spec_from_mapping(stored_config(data["config"]), source=source),
         world=int(data.get("world", 1)),
         device=str(data.get("device", "unknown")),
         steps=tuple(data["steps"]),

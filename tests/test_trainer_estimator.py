@@ -29,7 +29,9 @@ CONFIGS = [  # (micro_batch, ttt, ac)
 def configs(tmp_path_factory):
     d = tmp_path_factory.mktemp("estimator")
     (d / "target.json").write_text(json.dumps(TARGET))
-    (d / "draft.json").write_text(json.dumps({**DRAFT, "draft_vocab_size": 256}))
+    # the draft vocab is the whole vocab, so every position counts in the loss (synthetic data
+    # trains on all tokens): the estimator assumes so, the fused head's chunk follows the count
+    (d / "draft.json").write_text(json.dumps({**DRAFT, "draft_vocab_size": DRAFT["vocab_size"]}))
     return str(d / "target.json"), str(d / "draft.json")
 
 

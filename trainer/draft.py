@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from trainer.head_loss import DraftHead
+from trainer.lean_ops import SwiGLUDown
+
 
 @dataclass(frozen=True)
 class DraftConfig:
@@ -232,26 +235,29 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: DraftConfig):
+    def __init__(self, cfg: DraftConfig, lean: bool):
         super().__init__()
+        self.lean = lean
         self.gate_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=False)
         self.up_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate, cfg.hidden, bias=False)
 
     def forward(self, x):
+        if self.lean:
+            return SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
     """Llama decoder layer whose attention reads cat(normed embedding, normed hidden): 2h wide."""
 
-    def __init__(self, cfg: DraftConfig, kernel: str):
+    def __init__(self, cfg: DraftConfig, kernel: str, lean: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.hidden_norm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.self_attn = Attention(cfg, kernel)
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, lean)
 
     def forward(self, emb, hidden, cos, sin, past_k, past_v):
         x = torch.cat((self.input_layernorm(emb), self.hidden_norm(hidden)), dim=-1)
@@ -262,16 +268,17 @@ class DecoderLayer(nn.Module):
 
 
 class Eagle3Draft(nn.Module):
-    def __init__(self, cfg: DraftConfig, attention: str = "flex", checkpoint_layer: bool = False):
+    def __init__(self, cfg: DraftConfig, attention: str = "flex", checkpoint_layer: bool = False, lean: bool = True):
         super().__init__()
         self.cfg = cfg
+        self.lean = lean  # RunSpec.draft_memory: the fused head + loss and the lean SwiGLU
         self.checkpoint_layer = checkpoint_layer
         self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden)
         self.embed_tokens.weight.requires_grad_(False)  # a frozen copy of the target's
         self.fc = nn.Linear(3 * cfg.target_hidden, cfg.hidden, bias=False)
-        self.midlayer = DecoderLayer(cfg, attention)
+        self.midlayer = DecoderLayer(cfg, attention, lean)
         self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
-        self.lm_head = nn.Linear(cfg.hidden, cfg.draft_vocab, bias=False)
+        self.lm_head = DraftHead(cfg.hidden, cfg.draft_vocab)  # applied inside the loss (trainer/head_loss.py)
         # d2t[i]: target id of draft id i, as an offset (SGLang/vLLM convention); t2d: target ids kept.
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab, dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(cfg.vocab, dtype=torch.bool))
@@ -280,7 +287,8 @@ class Eagle3Draft(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def unroll(self, aux: torch.Tensor, input_ids: torch.Tensor, ttt: int):
-        """Yield draft-vocab logits [B, S, Vd] for TTT steps 0..ttt-1.
+        """Yield the final-norm output [B, S, h] of TTT steps 0..ttt-1: `lm_head` turns it into
+        draft-vocab logits inside the loss, so no step's logits outlive it.
 
         `input_ids` is [B, S + ttt]: step k embeds the tokens at positions t + k + 1.
         """
@@ -302,4 +310,4 @@ class Eagle3Draft(nn.Module):
                 hidden, key, value = self.midlayer(emb, hidden, cos, sin, past_k, past_v)
             past_k.append(key)
             past_v.append(value)
-            yield self.lm_head(self.norm(hidden))
+            yield self.norm(hidden)

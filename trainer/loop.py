@@ -96,7 +96,8 @@ def build_draft(job: Job, hf, target: torch.nn.Module, draft_ids: torch.Tensor, 
     """The draft, whole on this rank (the same on every rank: same seed); sharding comes after."""
     spec = job.spec
     with torch.device(device), default_dtype(optim.param_dtype(spec.precision)):
-        draft = Eagle3Draft(draft_config(job, hf), spec.attention_impl, checkpoint_layer=spec.ac)
+        draft = Eagle3Draft(draft_config(job, hf), spec.attention_impl, checkpoint_layer=spec.ac,
+                            lean=spec.draft_memory == "lean")
     with torch.no_grad():
         # the frozen embedding stays in the target's bf16 whatever the recipe
         draft.embed_tokens.to(torch.bfloat16)
@@ -171,7 +172,8 @@ def train_step(run: Run, meter: Meter) -> dict:
         with meter.phase("target_forward"):
             aux, ids_ext, teacher = teach(run, ids, mask)
         with meter.phase("draft_forward"), optim.autocast(spec.precision, run.device):
-            loss, acc = unroll_loss(run.draft.unroll(aux, ids_ext, spec.ttt), teacher, spec.ttt)
+            loss, acc = unroll_loss(run.draft.unroll(aux, ids_ext, spec.ttt), run.draft.lm_head, teacher,
+                                    lean=run.draft.lean)
         with meter.phase("backward"):
             (loss / accum).backward()
         losses.append(float(loss.detach()))

@@ -47,33 +47,38 @@ def make_teacher(logits: torch.Tensor, loss_mask: torch.Tensor, draft_ids: torch
     return Teacher(probs, valid)
 
 
-def step_loss(logits: torch.Tensor, teacher: Teacher, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean soft CE over valid positions, number of top-1 agreements) for TTT step k."""
-    seq = logits.shape[1]
-    probs = teacher.probs[:, k + 1 : k + 1 + seq]
-    valid = teacher.valid[:, k + 1 : k + 1 + seq]
+def plain_step_loss(normed: torch.Tensor, head, teacher: Teacher, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unfused step (draft_memory plain): full logits and an fp32 log-softmax kept for
+    backward. Same (summed loss, agreements) as the fused head."""
+    seq = normed.shape[1]
+    probs = teacher.probs[:, offset : offset + seq]
+    valid = teacher.valid[:, offset : offset + seq]
+    logits = head.logits(normed)
     logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # upcast inside: no fp32 copy of the logits
-    per_position = -(probs * logp).sum(-1)
-    count = valid.sum().clamp(min=1)
-    loss = (per_position * valid).sum() / count
+    summed = (-(probs * logp).sum(-1) * valid).sum()
     with torch.no_grad():
         agree = ((logits.argmax(-1) == probs.argmax(-1)) & valid).sum()
-    return loss, agree
+    return summed, agree
 
 
-def unroll_loss(step_logits, teacher: Teacher, ttt: int) -> tuple[torch.Tensor, list[float]]:
+def unroll_loss(step_normed, head, teacher: Teacher, lean: bool = True) -> tuple[torch.Tensor, list[float]]:
     """Weighted loss over the unroll and per-step top-1 accuracy.
 
-    `step_logits` is the draft's generator: each step's logits are reduced to a scalar before
-    the next step runs, so only what autograd saves stays alive.
+    `step_normed` is the draft's generator of final-norm outputs; `head` (the draft's lm_head,
+    trainer/head_loss.py) scores step k against teacher positions shifted by k + 1, fused with
+    the loss when `lean`. Each step is reduced to a scalar before the next step runs, so only
+    what autograd saves stays alive.
     """
     total = None
     accuracy = []
-    for k, logits in enumerate(step_logits):
-        loss, agree = step_loss(logits, teacher, k)
-        weighted = loss * STEP_DECAY**k
+    for k, normed in enumerate(step_normed):
+        counted = teacher.valid[:, k + 1 : k + 1 + normed.shape[1]].sum().clamp(min=1)
+        if lean:
+            summed, agree = head(normed, teacher.probs, teacher.valid, k + 1)
+        else:
+            summed, agree = plain_step_loss(normed, head, teacher, k + 1)
+        weighted = summed / counted * STEP_DECAY**k
         total = weighted if total is None else total + weighted
-        valid = teacher.valid[:, k + 1 : k + 1 + logits.shape[1]].sum().clamp(min=1)
-        accuracy.append(agree / valid)
-        del logits  # else this step's logits stay alive through the next step's forward
+        accuracy.append(agree / counted)
+        del normed  # else this step's output stays alive through the next step's forward
     return total, [float(a) for a in accuracy]

@@ -45,6 +45,8 @@ HELP: dict[str, str] = {
     "target_backend": "specforge runtime: sglang or hf target backend.",
     "sglang_mem_fraction": "specforge runtime: SGLang's mem_fraction_static.",
     "offline": "specforge runtime: offline mode (precomputed hidden states, no live target).",
+    "draft_memory": ("fitplan runtime. lean: the draft's lm_head is fused with the loss, SwiGLU recomputed "
+                     "in backward (no step keeps its logits). plain: torch's composition, as SpecForge's draft."),
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -95,6 +97,10 @@ FROM_SPECFORGE_HELP = (
     "run config followed by its section.field=value overrides in one quoted value "
     "(\"run.yaml training.batch_size=2\"), to read the job from."
 )
+FROM_SPECULATORS_HELP = (
+    "A vLLM speculators scripts/train.py command line, or a file holding the launch script or the run.yaml it "
+    "writes beside its checkpoints, to read the job from (read and checked; its trainer is not estimated yet)."
+)
 MARGIN_HELP = "Safety margin of device memory: a fraction (0.05) or a percentage (5)."
 
 
@@ -129,16 +135,25 @@ class JobInput:
         return iter((self.spec, self.warnings, self.dialect))
 
 
-def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str]) -> JobInput:
+def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str],
+             from_speculators: Optional[str] = None) -> JobInput:
     """The job from a config file (YAML, plan, launch script or SpecForge v0.3 run config), flags,
     or --from-specforge (a launch command line, or a v0.3 run config and its overrides: "run.yaml
-    training.batch_size=2"); flags override each. Also what reading it ignored or assumed."""
+    training.batch_size=2"); flags override each. Also what reading it ignored or assumed.
+    A speculators job (--from-speculators, or such a CONFIG) is read and checked, then refused:
+    its trainer is not modelled yet (fitplan/speculators.py)."""
     from fitplan.config import is_launch_script, read_job_file, spec_from_text
     from fitplan.specforge import parse_command
     from fitplan.specforge_yaml import from_specforge_value, read_text
 
-    if from_specforge is not None and config is not None:
-        raise FitplanError("give either a CONFIG file or --from-specforge, not both")
+    given = [name for name, value in (("a CONFIG file", config), ("--from-specforge", from_specforge),
+                                      ("--from-speculators", from_speculators)) if value is not None]
+    if len(given) > 1:
+        raise FitplanError(f"give one of a CONFIG file, --from-specforge or --from-speculators, not {' and '.join(given)}")
+    if from_speculators is not None:
+        from fitplan.speculators import read as read_speculators
+
+        raise read_speculators(from_speculators, flags).refuse()
     if from_specforge is not None:
         run = from_specforge_value(from_specforge, flags)
         if run is not None:

@@ -1,5 +1,8 @@
 """Eagle3 draft-side memory terms of the fitplan trainer (trainer/draft.py, trainer/loss.py).
 
+The specforge runtime reuses them with its own draft's unfused head and MLP (`_lean` false):
+the lm_head's fp32 log-softmax kept per step, and the SwiGLU's four I-wide tensors.
+
 Bytes per GPU for ONE micro-batch. Each term counts what the trainer's code keeps alive, found
 by enumerating autograd's saved tensors (torch.autograd.graph.saved_tensors_hooks) and checked
 against a live-storage tracker on CPU (tests/test_trainer_estimator.py). Notation: B micro-batch,
@@ -9,11 +12,13 @@ Vd draft vocab. bf16 draft (the bf16-master / bf16 recipes).
 Saved per token and TTT step k (no activation checkpointing):
   decoder layer: embedding 2h, cat(emb, hidden) 4h, hidden after attention 2h, MLP input 2h,
     layer output 2h, final-norm output 2h (= 14h); one fp32 rstd per RMSNorm (4 x 4 B);
-    roped q 2Hd and o_proj input 2Hd; SwiGLU gate, silu, up, product 8I
+    roped q 2Hd and o_proj input 2Hd; SwiGLU gate and up 4I (trainer/lean_ops.py SwiGLUDown
+    recomputes silu and the product; unfused: gate, silu, up, product 8I)
   attention (flex): keys and values of steps 0..k, 4*Hkv*d*(k+1); output 2Hd; fp32 logsumexp 4H
   attention (eager): keys and values repeated to all heads 4*H*d*(k+1); fp32 softmax and bf16
     probabilities 6*H*S*(k+1); a bool mask S*S*(k+1) per step
-  loss: fp32 log-softmax 4*Vd
+  loss: two int64 row indices 16 (trainer/head_loss.py recomputes the logits in backward;
+    unfused: the fp32 log-softmax 4*Vd)
 plus the fc output 2h once and the bf16 RoPE tables 2*S*d*2 once.
 """
 
@@ -23,6 +28,32 @@ from fitplan.layout import Job
 from fitplan.units import BF16, FP32
 
 NORMS_PER_STEP = 4  # input, hidden, post-attention and final RMSNorm: one fp32 rstd per token each
+ROW_INDEX_BYTES = 2 * 8  # the fused head's int64 row indices into the hidden and the teacher
+# trainer/head_loss.py CHUNK_BYTES: fp32 logits of one chunk of counted positions. Every
+# position is assumed counted (synthetic data's worst case); a sparse loss mask that leaves
+# fewer counted positions than a chunk's rows makes the real chunk smaller.
+HEAD_CHUNK_BYTES = 64 * 2**20
+
+
+def _lean(job: Job) -> bool:
+    """fitplan's trainer runs the fused head + loss and the lean SwiGLU unless told `plain`;
+    SpecForge's draft never does."""
+    return job.spec.runtime == "fitplan" and job.spec.draft_memory == "lean"
+
+
+def _swiglu_saved_per_token(job: Job) -> int:
+    return (4 if _lean(job) else 8) * job.draft.intermediate
+
+
+def _loss_saved_per_token(job: Job) -> int:
+    """What one step's loss keeps for backward, per token."""
+    return ROW_INDEX_BYTES if _lean(job) else FP32 * job.draft.draft_vocab
+
+
+def head_chunk_rows(job: Job) -> int:
+    """Positions the fused head scores at a time (all of them when fewer)."""
+    rows = max(1, HEAD_CHUNK_BYTES // (FP32 * job.draft.draft_vocab))
+    return min(rows, _tokens(job))
 
 
 def _tokens(job: Job) -> int:
@@ -38,7 +69,7 @@ def _layer_saved_per_token(job: Job) -> int:
     """Saved inside the decoder layer per token per step, attention kernel excluded."""
     d = job.draft
     # seven h-wide bf16 tensors (embedding, cat of two, three hiddens, final-norm output)
-    return 7 * BF16 * d.hidden + NORMS_PER_STEP * FP32 + 4 * d.heads * d.head_dim + 8 * d.intermediate
+    return 7 * BF16 * d.hidden + NORMS_PER_STEP * FP32 + 4 * d.heads * d.head_dim + _swiglu_saved_per_token(job)
 
 
 def _kernel_saved_bytes(job: Job, k: int) -> int:
@@ -82,8 +113,9 @@ def draft_activation_bytes(job: Job) -> int:
 
 
 def draft_logits_bytes(job: Job) -> int:
-    """The fp32 log-softmax [B, S, Vd] each step's soft-label cross-entropy saves."""
-    return FP32 * _tokens(job) * job.draft.draft_vocab * job.spec.ttt
+    """What the steps' losses keep for backward: the fused head's row indices (every position
+    counted, the upper bound), or unfused the fp32 log-softmax [B, S, Vd] of each step."""
+    return _loss_saved_per_token(job) * _tokens(job) * job.spec.ttt
 
 
 def teacher_bytes(job: Job) -> int:
@@ -102,12 +134,33 @@ def teacher_chunk_bytes(job: Job) -> int:
     return BF16 * job.spec.micro_batch * min(job.spec.seq, TEACHER_CHUNK) * job.draft.draft_vocab
 
 
+def _loss_forward_bytes(job: Job) -> int:
+    """The last step's loss while it runs, beyond what it keeps. Fused: one chunk's fp32 logits,
+    the teacher rows gathered for it, their log-softmax and the product summed (16*Vd per row).
+    Unfused: the bf16 logits and the fp32 product over every position (6*Vd per token)."""
+    d = job.draft
+    if _lean(job):
+        return 4 * FP32 * d.draft_vocab * head_chunk_rows(job)
+    return (BF16 + FP32) * d.draft_vocab * _tokens(job)
+
+
+def _loss_backward_bytes(job: Job) -> int:
+    """The last step's loss backward, first in backward. Fused: the hidden's gradient [T, h]
+    bf16, allocated whole, and one chunk's gathered teacher rows, recomputed fp32 logits and
+    their softmax (12*Vd per row). Unfused: the fp32 gradients of the log-softmax's output and
+    input (8*Vd per token)."""
+    d = job.draft
+    if _lean(job):
+        return BF16 * d.hidden * _tokens(job) + 3 * FP32 * d.draft_vocab * head_chunk_rows(job)
+    return 2 * FP32 * d.draft_vocab * _tokens(job)
+
+
 def _post_attention_saved_per_token(job: Job) -> int:
     """What a step saves after its attention, per token: the o_proj input 2Hd, the hidden after
     attention, the MLP input, the layer output and the final-norm output (8h), two fp32 rstds
     and the SwiGLU 8I. None of it exists yet while the step's attention runs."""
     d = job.draft
-    return 4 * BF16 * d.hidden + 2 * FP32 + BF16 * d.heads * d.head_dim + 8 * d.intermediate
+    return 4 * BF16 * d.hidden + 2 * FP32 + BF16 * d.heads * d.head_dim + _swiglu_saved_per_token(job)
 
 
 def _step_outputs_per_token(job: Job) -> int:
@@ -132,14 +185,14 @@ def draft_forward_extra_bytes(job: Job) -> int:
     (8I + 4h).
     """
     d, T, L = job.draft, _tokens(job), job.spec.ttt
-    tail = (BF16 + FP32) * d.draft_vocab * T
+    tail = _loss_forward_bytes(job)
     if not job.spec.ac:
         return _kv_lists_bytes(job) + max(tail, _eager_unsaved_bytes(job))
     last_kv = 2 * BF16 * d.kv_heads * d.head_dim * T  # earlier steps' k/v are saved inputs already
     if job.spec.attention_impl == "eager":
         per_token = (10 * d.heads * job.spec.seq * L + 4 * (d.heads + d.kv_heads) * d.head_dim * L
                      + 2 * BF16 * d.hidden + BF16 * d.heads * d.head_dim)
-        not_yet = _step_outputs_per_token(job) + FP32 * d.draft_vocab
+        not_yet = _step_outputs_per_token(job) + _loss_saved_per_token(job)
         working = (per_token - not_yet) * T
     else:
         working = (8 * d.intermediate + 4 * d.hidden) * T
@@ -159,7 +212,7 @@ def _eager_unsaved_bytes(job: Job) -> int:
         return 0
     d, T, S, L = job.draft, _tokens(job), job.spec.seq, job.spec.ttt
     live = FP32 * d.heads * S * L + 2 * BF16 * d.kv_heads * d.head_dim * L
-    not_yet = _post_attention_saved_per_token(job) + FP32 * d.draft_vocab
+    not_yet = _post_attention_saved_per_token(job) + _loss_saved_per_token(job)
     return (live - not_yet) * T
 
 
@@ -188,11 +241,32 @@ def draft_backward_extra_bytes(job: Job) -> int:
     recomputed set is what the step would have saved anyway.
     """
     d, T = job.draft, _tokens(job)
-    logits_grads = 2 * FP32 * d.draft_vocab * T
-    released = (_post_attention_saved_per_token(job) + FP32 * d.draft_vocab) * T
+    logits_grads = _loss_backward_bytes(job)
+    released = (_post_attention_saved_per_token(job) + _loss_saved_per_token(job)) * T
     attention = _eager_backward_bytes(job) * T
     if not job.spec.ac:
         return max(logits_grads, attention - released)
     recomputed = _layer_saved_per_token(job) * T + _kernel_saved_bytes(job, job.spec.ttt - 1)
     kept_by_last_step = (BF16 * d.hidden + _step_outputs_per_token(job)) * T
     return max(logits_grads, recomputed - kept_by_last_step - released + attention)
+
+
+def last_step_saved_bytes(job: Job) -> int:
+    """What the last TTT step keeps and releases in its own backward, before the step before
+    it starts its backward: its layer's saved set, its kernel's and its loss's (checkpointed:
+    its kept outputs and the keys and values it held of the step before)."""
+    d, T, L = job.draft, _tokens(job), job.spec.ttt
+    loss = _loss_saved_per_token(job) * T
+    if job.spec.ac:
+        return (3 * BF16 * d.hidden + FP32) * T + 2 * BF16 * d.kv_heads * d.head_dim * T + loss
+    return _layer_saved_per_token(job) * T + _kernel_saved_bytes(job, L - 1) + loss
+
+
+def earlier_head_backward_bytes(job: Job) -> int:
+    """Beyond the saved set that is left, while step L-2's loss backward runs: its own transient
+    (`_loss_backward_bytes`), the gradient of the hidden stream coming back from step L-1 (2h)
+    and the gradient of the keys and values step L-1 attended to, one tensor per step L-1's
+    concatenation that its slices for the earlier steps keep whole (4*Hkv*d*L)."""
+    d, T, L = job.draft, _tokens(job), job.spec.ttt
+    pending = BF16 * d.hidden * T + 2 * BF16 * d.kv_heads * d.head_dim * L * T
+    return _loss_backward_bytes(job) + pending

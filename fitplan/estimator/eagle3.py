@@ -87,6 +87,20 @@ def backward_grads(job: Job, state: TrainedState) -> dict[str, int]:
     return {Component.DRAFT_GRADS: state.full_grads()}
 
 
+def earlier_head_backward(job: Job, state: TrainedState) -> dict[str, int]:
+    """The loss backward of step L-2: step L-1 has released what it saved, and every trained
+    unit but fc (which only step 0 reaches) holds its grads. Past the first step's instant when
+    the grads outweigh one step's activations (short sequences)."""
+    if job.spec.ttt < 2:
+        return {}
+    fc_grads = 0 if state.sharded_grads() else draft_units(job)["fc"][0] * state.recipe.grad
+    grads = backward_grads(job, state)
+    grads[Component.DRAFT_GRADS] -= fc_grads
+    kept = draft_terms.draft_activation_bytes(job) + draft_terms.draft_logits_bytes(job)
+    left = kept - draft_terms.last_step_saved_bytes(job)
+    return merge(grads, phase(activations__draft=left + draft_terms.earlier_head_backward_bytes(job)))
+
+
 def target_forward_instants(job: Job) -> list[dict[str, int]]:
     """What is live at the three candidate peaks of the target forward (trainer/target.py,
     trainer/loss.py make_teacher); the layers' working set and the logits never coexist:
@@ -141,6 +155,7 @@ def timeline(job: Job) -> Timeline:
             "draft_forward": merge(base, opt, carried, outputs, casts_and_gather, saved, forward_extra),
             "backward": _largest_instant([
                 merge(base, opt, carried, outputs, casts_and_gather, saved, backward_extra),
+                merge(base, opt, outputs, casts_and_gather, earlier_head_backward(job, state)),
                 merge(base, opt, outputs, casts_and_gather, backward_grads(job, state)),
             ]),
             "optimizer_step": merge(

@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from fitplan.config import RunSpec, spec_from_mapping
+from fitplan.records import stored_config
 from fitplan.estimator import estimate_spec
 from fitplan.validation.figures import predict
 from fitplan.validation.matrix import MATRIX, resolve_row
@@ -25,11 +26,12 @@ def spec_of(record: dict[str, Any]) -> RunSpec | None:
     """The RunSpec a stored row ran; None when it cannot be rebuilt (unknown row, never sized)."""
     config = record.get("config")
     if isinstance(config, dict):
-        return spec_from_mapping(config, source=str(record.get("source", record["name"])))
+        return spec_from_mapping(stored_config(config), source=str(record.get("source", record["name"])))
     row = next((r for r in MATRIX if r.name == record["name"]), None)
     if row is None or pd.isna(record.get("seq")) or pd.isna(record.get("micro_batch")):
         return None
-    return row.base_spec().replace(seq=int(record["seq"]), micro_batch=int(record["micro_batch"]))
+    spec = row.base_spec().replace(seq=int(record["seq"]), micro_batch=int(record["micro_batch"]))
+    return spec_from_mapping(stored_config({k: v for k, v in spec.to_dict().items() if k != "draft_memory"}))
 
 
 def repredict(frame: pd.DataFrame) -> pd.DataFrame:
