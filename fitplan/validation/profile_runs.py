@@ -1,6 +1,7 @@
 """Predicted vs measured on one GPU for targets the validation matrix never listed: tied-embedding
 Llamas and the families that became trainable (qwen2 without head_dim, Gemma 2 soft-capping and
-sliding window, Gemma 3's text decoder, Mistral).
+sliding window, Gemma 3's text decoder, Mistral), and every other profile at a layer count that
+fits one GPU (a copy of its profile with fewer layers, aux layers first, middle and last).
 
 Each job is a fresh `fitplan train --random-weights --synthetic-data` process (a clean CUDA
 context and allocator). The script stops starting jobs before `--budget` seconds run out. Every
@@ -8,6 +9,9 @@ report lands in OUT/reports/ as it finishes; OUT/profiles.jsonl holds one line p
 per-phase comparison (steady state, step >= 2) and the allocator's retries.
 
     PYTHONUNBUFFERED=1 python -m fitplan.validation.profile_runs --out $OUT --budget 480
+    python -m fitplan.validation.profile_runs --out $OUT --jobs "llama-3.1-8b:16384,deepseek-v3@4:2048"
+
+A job is MODEL[@LAYERS]:SEQ[:flag=value...] (flags of `fitplan train`, e.g. micro_batch=2).
 """
 
 from __future__ import annotations
@@ -17,31 +21,71 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from fitplan.records import read_measurement
 from fitplan.units import GIB
 
-# (model, seq): none of these models is a row of the validation matrix.
-JOBS = (
-    ("llama-3.2-3b", 2048),
-    ("llama-3.2-1b", 4096),
-    ("qwen2.5-7b", 2048),
-    ("mistral-7b-v0.3", 2048),
-    ("gemma-2-9b", 2048),
-    ("gemma-3-12b", 2048),
+PROFILES = Path(__file__).resolve().parents[2] / "profiles" / "models"
+# none of these models is a row of the validation matrix
+DEFAULT_JOBS = (
+    "llama-3.2-3b:2048", "llama-3.2-1b:4096", "qwen2.5-7b:2048", "mistral-7b-v0.3:2048", "gemma-2-9b:2048",
+    "gemma-3-12b:2048",
 )
 JOB_TIMEOUT_S = 240
 MIN_LEFT_S = 75  # a job (load, compile, 3 steps) takes about a minute
 
 
-def run_job(model: str, seq: int, out: Path) -> dict:
-    folder = out / "reports" / f"{model}-s{seq}"
-    cmd = [sys.executable, "-m", "fitplan.cli", "train", "--model", model, "--seq", str(seq), "--gpus", "1xH200",
-           "--random-weights", "--synthetic-data", "--steps", "3", "--output", str(folder), "--json"]
+@dataclass(frozen=True)
+class Job:
+    model: str
+    layers: int | None
+    seq: int
+    flags: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def parse(cls, text: str) -> "Job":
+        model_part, seq, *flags = text.split(":")
+        model, _, layers = model_part.partition("@")
+        return cls(model, int(layers) if layers else None, int(seq), tuple(tuple(f.split("=", 1)) for f in flags))
+
+    @property
+    def name(self) -> str:
+        scaled = f"-l{self.layers}" if self.layers else ""
+        extra = "".join(f"-{k}{v}" for k, v in self.flags)
+        return f"{self.model}{scaled}-s{self.seq}{extra}"
+
+
+def scaled_profile(model: str, layers: int, folder: Path) -> Path:
+    """A copy of the profile with `layers` decoder layers (per-layer lists cut to match)."""
+    values = json.loads((PROFILES / f"{model}.json").read_text())
+    values["num_hidden_layers"] = layers
+    for key, value in values.items():
+        if isinstance(value, list) and len(value) > layers and key.endswith("layer_types"):
+            values[key] = value[:layers]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{model}-l{layers}.json"
+    path.write_text(json.dumps(values, indent=1))
+    return path
+
+
+def command(job: Job, out: Path, folder: Path) -> list[str]:
+    model, extra = job.model, []
+    if job.layers:
+        model = str(scaled_profile(job.model, job.layers, out / "configs"))
+        extra = ["--aux-layers", f"0,{job.layers // 2},{job.layers - 1}"]
+    for key, value in job.flags:
+        extra += [f"--{key.replace('_', '-')}", value]
+    return [sys.executable, "-m", "fitplan.cli", "train", "--model", model, "--seq", str(job.seq), "--gpus", "1xH200",
+            "--random-weights", "--synthetic-data", "--steps", "3", "--output", str(folder), "--json", *extra]
+
+
+def run_job(job: Job, out: Path) -> dict:
+    folder = out / "reports" / job.name
     start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
-    line = {"model": model, "seq": seq, "exit": proc.returncode, "wall_s": round(time.time() - start, 1)}
+    proc = subprocess.run(command(job, out, folder), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    line = {"model": job.name, "seq": job.seq, "exit": proc.returncode, "wall_s": round(time.time() - start, 1)}
     measurement = read_measurement(folder / "report.json") if (folder / "report.json").is_file() else None
     if measurement is None:
         return {**line, "error": proc.stderr[-1500:]}
@@ -66,21 +110,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget", type=float, default=480.0, help="seconds; no job starts with less than 75 left")
+    parser.add_argument("--jobs", default=",".join(DEFAULT_JOBS), help="comma-separated MODEL[@LAYERS]:SEQ[:flag=value...]")
     args = parser.parse_args()
     deadline = time.time() + args.budget
     results = []
-    for model, seq in JOBS:
+    for job in map(Job.parse, args.jobs.split(",")):
         if deadline - time.time() < MIN_LEFT_S:
-            print(f"skipped {model} s{seq}: budget", flush=True)
+            print(f"skipped {job.name}: budget", flush=True)
             continue
         try:
-            result = run_job(model, seq, args.out)
+            result = run_job(job, args.out)
         except subprocess.TimeoutExpired:
-            result = {"model": model, "seq": seq, "exit": "timeout"}
+            result = {"model": job.name, "seq": job.seq, "exit": "timeout"}
         results.append(result)
         with (args.out / "profiles.jsonl").open("a") as f:
             f.write(json.dumps(result) + "\n")
-        print(f"{model} s{seq}: exit {result['exit']}", flush=True)
+        print(f"{job.name}: exit {result['exit']}", flush=True)
     print(table(results))
     return 0
 
