@@ -31,8 +31,8 @@ then fitplan, so every finished shape has its ratio.
   alone is skipped and the Eagle3 modules are imported directly; the JSON says so ("stubs").
 - fitplan: the trainer's own objects, as trainer/loop.py builds them (build_draft,
   optim.build_optimizer for the bf16-master recipe, cosine_with_warmup), and one step as
-  train_step runs it, through two adapters: fitplan_teacher (loop.teach for stored features:
-  the target lm_head over the last hidden state, then make_teacher) and fitplan_draft_step
+  train_step runs it, through two adapters: fitplan_teacher (what the trainer's teach does for
+  stored features: the target lm_head over the last hidden state, then make_teacher) and fitplan_draft_step
   (draft forward + loss, backward, clip + optimizer + schedule).
 - Teacher construction (target lm_head over the last hidden state -> draft-vocab soft labels)
   is counted in both tools' time and memory: SpecForge builds it inside its forward.
@@ -59,12 +59,15 @@ Step k's extra keys (the diagonal: 4·B·S·k·H·d) are left out, as in steptim
 MFU = step FLOPs / step time / the GPU's dense bf16 peak from profiles/gpus.json (H200 SXM:
 989 TFLOP/s).
 
-Expected runtime on one H200 (not measured yet): a config is ~10 s of process start and setup,
-then its first step, which compiles flex attention for each of the L key lengths (fitplan,
-static shapes: ~35-45 s) or once static plus once dynamic plus a block mask per TTT step
-(SpecForge: ~40-60 s with a warm inductor cache, up to ~180 s for the first, cold one), then
-~1-2 s per further step at S 16384. About 5 x (60 + 50) = 550 s for all ten configs: with
---budget 420 the last shape may not start; run it in a second call (`--shapes 2x4096`).
+Expected runtime on one H200 (an estimate: nothing here has run on a GPU yet). A config costs
+~10 s of process start and setup, then its first step, which compiles (fitplan: flex attention
+with static shapes for each of the L key lengths, ~35-45 s, as the trainer's first step
+measured; SpecForge: flex once static and once dynamic, a block mask per TTT step, its RMSNorm,
+rotary and teacher functions, ~40 s with a warm inductor cache, up to ~180 s cold), then ~1-2 s
+per further step at S 16384. All ten configs: ~10-11 min, more than one 10-minute device call;
+--budget 420 (hard stop 570 s) ends the call in time with the first three or four shapes. Two
+calls of ~5-7 min cover all five: --shapes 1x2048,1x4096,1x8192, then --shapes 1x16384,2x4096
+(each shape's ratio still comes from one call).
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -218,21 +223,19 @@ def ensure_specforge(wheel: Path) -> str | None:
 
 def run_config(args, tool: str, batch: int, seq: int, timeout: float) -> dict:
     base = {"tool": tool, "batch": batch, "seq": seq, "ok": False}
+    # its own process group: a kill at the hard stop also ends its compile workers
+    child = subprocess.Popen(child_argv(args, tool, batch, seq), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=ROOT, start_new_session=True)
     try:
-        done = subprocess.run(child_argv(args, tool, batch, seq), check=False, capture_output=True, text=True,
-                              timeout=max(1.0, timeout), cwd=ROOT)
-    except subprocess.TimeoutExpired as exc:
-        return {**base, "error": f"killed at the hard stop after {exc.timeout:.0f} s",
-                "stderr_tail": _text(exc.stderr)[-1500:]}
-    for line in done.stdout.splitlines():
+        out, err = child.communicate(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        _, err = child.communicate()
+        return {**base, "error": f"killed at the hard stop after {timeout:.0f} s", "stderr_tail": err[-1500:]}
+    for line in out.splitlines():
         if line.startswith(MARK):
             return json.loads(line[len(MARK):])
-    return {**base, "error": f"child exited {done.returncode} without a result",
-            "stderr_tail": (done.stderr or "")[-1500:]}
-
-
-def _text(raw) -> str:
-    return raw.decode(errors="replace") if isinstance(raw, bytes) else (raw or "")
+    return {**base, "error": f"child exited {child.returncode} without a result", "stderr_tail": err[-1500:]}
 
 
 def say(result: dict, elapsed: float) -> None:

@@ -106,3 +106,12 @@ def test_bad_shape_is_one_line_exit_2(bench, capsys):
         bench.main(["--out", "x", "--shapes", "1x2048,4096"])
     assert exit_.value.code == 2
     assert "'4096' is not BATCHxSEQ" in capsys.readouterr().err
+
+
+def test_child_past_the_hard_stop_is_killed_and_recorded(bench, configs, tmp_path):
+    # a child imports torch, resolves the job and builds the draft: well over 1 s
+    argv = ["--out", str(tmp_path), "--tools", "fitplan", "--shapes", "1x32", *configs, "--attention", "sdpa",
+            "--device", "cpu", "--hard-stop", "1"]
+    assert bench.main(argv) == 0
+    (result,) = json.loads((tmp_path / bench.OUT_JSON).read_text())["results"]
+    assert not result["ok"] and result["error"].startswith("killed at the hard stop")
