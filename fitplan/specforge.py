@@ -97,19 +97,18 @@ def read_command(text_or_file: str) -> str:
     return text_or_file
 
 
-def _launch_tokens(text: str) -> list[str]:
-    """Tokens of the (continued) line that runs a train_eagle3 script."""
+def launch_tokens(text: str, marker: str = "train_eagle3", source: str = "SpecForge command line",
+                  expected: str = "'torchrun --nproc_per_node 8 scripts/train_eagle3.py --target-model-path ...'",
+                  ) -> list[str]:
+    """Tokens of the first (continued, uncommented) line of a script that mentions `marker`."""
     joined = re.sub(r"\\\r?\n", " ", text)
     for line in joined.splitlines():
-        if "train_eagle3" in line and not line.lstrip().startswith("#"):
+        if marker in line and not line.lstrip().startswith("#"):
             try:
                 return shlex.split(line, comments=True)
             except ValueError as exc:
-                raise FitplanError(f"SpecForge command line: cannot split it into words ({exc})") from None
-    raise FitplanError(
-        "SpecForge command line: no train_eagle3 script found; "
-        "expected e.g. 'torchrun --nproc_per_node 8 scripts/train_eagle3.py --target-model-path ...'"
-    )
+                raise FitplanError(f"{source}: cannot split it into words ({exc})") from None
+    raise FitplanError(f"{source}: no {marker} script found; expected e.g. {expected}")
 
 
 def _split_flags(tokens: list[str], switches: set[str]) -> list[tuple[str, str | None]]:
@@ -132,7 +131,8 @@ def _split_flags(tokens: list[str], switches: set[str]) -> list[tuple[str, str |
     return pairs
 
 
-def _world(launcher: list[str]) -> tuple[int | Unresolved, int | Unresolved]:
+def launcher_world(launcher: list[str], source: str = "SpecForge command line",
+                   ) -> tuple[int | Unresolved, int | Unresolved]:
     """(nodes, GPUs per node) from torchrun's flags; a plain `python script.py` is one GPU."""
     nodes, per_node = 1, 1
     for flag, value in _split_flags(launcher, set()):
@@ -146,7 +146,7 @@ def _world(launcher: list[str]) -> tuple[int | Unresolved, int | Unresolved]:
                     per_node = Unresolved(variable, flag)
                 continue
             if not value.isdigit() or int(value) < 1:
-                raise FitplanError(f"SpecForge command line: torchrun {flag} {value!r} must be a positive integer")
+                raise FitplanError(f"{source}: torchrun {flag} {value!r} must be a positive integer")
             if name == "--nnodes":
                 nodes = int(value)
             else:
@@ -154,7 +154,7 @@ def _world(launcher: list[str]) -> tuple[int | Unresolved, int | Unresolved]:
     return nodes, per_node
 
 
-def resolve_target(path: str, key: str = "--target-model-path") -> str:
+def resolve_target(path: str, key: str = "--target-model-path", tool: str = "SpecForge") -> str:
     """--target-model-path -> a profile name or a local config; an unresolvable path is an error
     naming `key` (a v0.3 config's model.target_model_path goes through here too)."""
     try:
@@ -164,7 +164,7 @@ def resolve_target(path: str, key: str = "--target-model-path") -> str:
     if profile is not None:
         return path if Path(path).expanduser().exists() else profile
     raise FitplanError(
-        f"SpecForge {key} {path!r} resolves to no model profile and no local config.json; "
+        f"{tool} {key} {path!r} resolves to no model profile and no local config.json; "
         "give a profile name (fitplan profiles), an HF repo id with a profile, or a local model directory"
     )
 
@@ -186,9 +186,9 @@ def resolve_draft(path: str, key: str = "--draft-model-config") -> str:
 
 def parse_command(text_or_file: str) -> SpecForgeCommand:
     """Read a SpecForge train_eagle3.py launch (a string or a file holding the script)."""
-    tokens = _launch_tokens(expand_script(read_command(text_or_file)))
+    tokens = launch_tokens(expand_script(read_command(text_or_file)))
     script_at = next(i for i, tok in enumerate(tokens) if "train_eagle3" in tok)
-    nodes, per_node = _world(tokens[:script_at])
+    nodes, per_node = launcher_world(tokens[:script_at])
     values: dict[str, Any] = {**SPECFORGE_FIXED, **SPECFORGE_DEFAULTS}
     values["offline"] = "offline" in tokens[script_at]
     warnings: list[str] = []

@@ -667,15 +667,20 @@ def _gpus(nodes: int, per_node: int, flag: str | None) -> tuple[str, list[str]]:
                         f"(give another with --gpus, e.g. --gpus {world}xH200)")
     else:
         cluster = parse_gpus(flag)
-        counts = re.match(r"\s*((?:[+-]?\d+\s*[xX×]\s*){0,2})(.*)", flag, re.DOTALL)
-        gpu_type = counts.group(2).strip()
-        if counts.group(1) and (cluster.nodes, cluster.gpus_per_node) != (nodes, per_node):
+        gpu_type = gpu_type_of(flag)
+        if gpu_type != flag.strip() and (cluster.nodes, cluster.gpus_per_node) != (nodes, per_node):
             warnings.append(
                 f"--gpus {flag}: its count is ignored; the config trains on {world} GPU{'s' if world != 1 else ''} "
                 f"(deployment.trainer.nnodes {nodes} x nproc_per_node {per_node}; change them with "
                 f"deployment.trainer.nproc_per_node=N)"
             )
     return (f"{per_node}x{gpu_type}" if nodes == 1 else f"{nodes}x{per_node}x{gpu_type}"), warnings
+
+
+def gpu_type_of(gpus: str) -> str:
+    """The GPU type of a --gpus value: `H200` of `8xH200`, `2x8xH200` or `H200`."""
+    counts = re.match(r"\s*((?:[+-]?\d+\s*[xX×]\s*){0,2})(.*)", gpus, re.DOTALL)
+    return counts.group(2).strip()
 
 
 def read_config(mapping: Mapping[str, Any], source: str, overrides: Iterable[str] = (),

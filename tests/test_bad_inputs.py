@@ -351,6 +351,41 @@ def test_fit_o_of_a_run_config_refuses_what_it_cannot_write(tmp_path):
     assert not out.exists()
 
 
+# ----------------------------------------------------------------------------- speculators commands
+
+SPEC_TRAIN = "torchrun --nproc_per_node 2 scripts/train.py --verifier-name-or-path Qwen/Qwen3-8B"
+
+
+@pytest.mark.parametrize("value,words", [
+    (f"{SPEC_TRAIN} --no-such-flag 3", ["unknown flag --no-such-flag"]),
+    (f"{SPEC_TRAIN} --total-seq-len 8k", ["--total-seq-len must be an integer, got '8k'"]),
+    (f"{SPEC_TRAIN} --total-seq-len -8", ["--total-seq-len must be a positive integer"]),
+    (f"{SPEC_TRAIN} --draft-attn-impl flash", ["'flash' is not one of: simple_flex_attention, sdpa, eager"]),
+    (f"{SPEC_TRAIN} --speculator-type mtp", ["--speculator-type mtp", "accepted: eagle3"]),
+    (f"{SPEC_TRAIN} --target-layer-ids", ["--target-layer-ids needs a value"]),
+    (f"{SPEC_TRAIN} --target-layer-ids 1 x 3", ["--target-layer-ids must be an integer, got 'x'"]),
+    (f"{SPEC_TRAIN} --fsdp-shard=true", ["--fsdp-shard takes no value"]),
+    (f"{SPEC_TRAIN} 'unclosed", ["cannot split it into words"]),
+    ("torchrun --nproc_per_node two scripts/train.py --verifier-name-or-path Qwen/Qwen3-8B",
+     ["--nproc_per_node 'two' must be a positive integer"]),
+    ("torchrun --nproc_per_node $N scripts/train.py --verifier-name-or-path Qwen/Qwen3-8B",
+     ["$N, which the script does not set", "--gpus"]),
+    ("python scripts/train.py --verifier-name-or-path ./nowhere", ["resolves to no model profile"]),
+    ("python scripts/prepare_data.py --model x", ["no speculators script found"]),
+    (f"{SPEC_TRAIN} --config missing.yaml", ["config file 'missing.yaml' does not exist"]),
+])
+def test_bad_speculators_commands_are_one_line(value, words):
+    one_line_refusal(["estimate", "--from-speculators", value], *words)
+
+
+def test_bad_speculators_run_yamls_are_one_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  verifier:\n    verifier_name_or_path: Qwen/Qwen3-8B\n  data:\n    total_seq_len: [1]\n")
+    one_line_refusal(["check", str(path)], "data.total_seq_len must be an integer")
+    path.write_text("train:\n  verifier:\n    verifier_name_or_path: Qwen/Qwen3-8B\n  trainer:\n    fsdp_shard: 2\n")
+    one_line_refusal(["estimate", "--from-speculators", str(path)], "trainer.fsdp_shard must be true or false")
+
+
 # ----------------------------------------------------------------------------- --plot
 
 def test_bad_plot_paths_are_refused_before_anything_is_computed(tmp_path):

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from fitplan.commands.common import FROM_SPECFORGE_HELP, clean_errors, job_spec, spec_flags
+from fitplan.commands.common import FROM_SPECFORGE_HELP, FROM_SPECULATORS_HELP, clean_errors, job_spec, spec_flags
 from fitplan.errors import FitplanError
 
 
@@ -21,6 +21,7 @@ def estimate_command(
         None, "--plot", help="Also draw the breakdown to this PNG file (.svg, .pdf, .jpg too; no suffix: .png is added)."
     ),
     from_specforge: Optional[str] = typer.Option(None, "--from-specforge", help=FROM_SPECFORGE_HELP),
+    from_speculators: Optional[str] = typer.Option(None, "--from-speculators", help=FROM_SPECULATORS_HELP),
     samples: Optional[int] = typer.Option(
         None, "--samples", help="Also estimate the disk and generation time of an offline run's features for N "
         "samples (each at --seq tokens, or the first N of --samples-from)."),
@@ -41,7 +42,7 @@ def estimate_command(
 
         plot = output_path(plot)
     check_feature_flags(samples, samples_from, tokenizer)
-    job_input = job_spec(config, flags, from_specforge)
+    job_input = job_spec(config, flags, from_specforge, from_speculators)
     spec, warnings = job_input.spec, job_input.warnings
     job = resolve(spec)
     features = feature_estimate(job, job_input, samples, samples_from, tokenizer)

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fitplan.commands.common import FROM_SPECFORGE_HELP, MARGIN_HELP, clean_errors, job_spec, margin_fraction, spec_flags
+from fitplan.commands.common import FROM_SPECFORGE_HELP, FROM_SPECULATORS_HELP, MARGIN_HELP, clean_errors, job_spec, margin_fraction, spec_flags
 from fitplan.errors import FitplanError
 from fitplan.explain import config_lines, describe_failure, job_lines, parse_failures, summary_line
 from fitplan.ladder import fit
@@ -43,6 +43,7 @@ def explain_command(
     log: Optional[str] = typer.Argument(None, help="Log file holding the OOM message ('-' or omitted: stdin)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="The job's YAML config (or plan) file."),
     from_specforge: Optional[str] = typer.Option(None, "--from-specforge", help=FROM_SPECFORGE_HELP),
+    from_speculators: Optional[str] = typer.Option(None, "--from-speculators", help=FROM_SPECULATORS_HELP),
     margin: float = typer.Option(0.05, "--margin", help=MARGIN_HELP),
     *,
     flags: dict,
@@ -52,8 +53,8 @@ def explain_command(
     failures = parse_failures(read_log(log))
     first = next(f for f in failures if f.kind != "cuda-oom-unread")
     spec, warnings = None, []
-    if config is not None or from_specforge is not None or "model" in flags:
-        spec, warnings, _ = job_spec(config, flags, from_specforge)
+    if config is not None or from_specforge is not None or from_speculators is not None or "model" in flags:
+        spec, warnings, _ = job_spec(config, flags, from_specforge, from_speculators)
         resolve(spec)  # the job's rules refuse a bad job before anything is printed
     fraction = margin_fraction(margin)
     console = Console(highlight=False)

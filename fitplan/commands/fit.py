@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from fitplan.commands.common import FROM_SPECFORGE_HELP, MARGIN_HELP, clean_errors, job_spec, margin_fraction, spec_flags
+from fitplan.commands.common import FROM_SPECFORGE_HELP, FROM_SPECULATORS_HELP, MARGIN_HELP, clean_errors, job_spec, margin_fraction, spec_flags
 from fitplan.errors import FitplanError
 from fitplan.ladder import Candidate, FitResult, fit
 from fitplan.records import Plan, check_writable, write_plan
@@ -81,11 +81,12 @@ def fit_command(
         "config with the plan's keys changed)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (estimate keys + plan, trail)."),
     from_specforge: Optional[str] = typer.Option(None, "--from-specforge", help=FROM_SPECFORGE_HELP),
+    from_speculators: Optional[str] = typer.Option(None, "--from-speculators", help=FROM_SPECULATORS_HELP),
     *,
     flags: dict,
 ) -> None:
     """Find the fastest configuration that fits: walk the fix ladder, never changing what is learned."""
-    job_input = job_spec(config, flags, from_specforge)
+    job_input = job_spec(config, flags, from_specforge, from_speculators)
     spec, warnings, dialect = job_input
     if output is not None:
         check_writable(output)
