@@ -1,8 +1,13 @@
 """Checkpoints in the layout SGLang and vLLM load for Eagle3 drafts, plus the training state.
 
-    OUTPUT/step-000050/config.json          architectures ["LlamaForCausalLMEagle3"], draft_vocab_size
+    OUTPUT/step-000050/config.json          architectures ["LlamaForCausalLMEagle3"], draft_vocab_size,
+                                            the aux layers in vLLM's and SGLang's numbering (trainer/export.py)
     OUTPUT/step-000050/model.safetensors    draft weights (bf16), embed_tokens, d2t, t2d
+    OUTPUT/step-000050/fitplan_run.json     the command line and the job that produced it (run_record)
     OUTPUT/step-000050/training_state.pt    optimizer, scheduler, data position, RNG, fingerprint
+
+Every file of a step folder is mode 0644 and the folder 0755 whatever the umask: a checkpoint is
+served by whoever runs the engine, often not the user who trained it.
 
 A checkpoint is written into a temporary folder (`.tmp-step-NNNNNN`, every file fsynced) and
 renamed into place, so a crash never leaves a half-written step folder; a step folder that is
@@ -36,6 +41,7 @@ import random
 import re
 import shutil
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -46,9 +52,15 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch.distributed.tensor import DTensor
 
+from fitplan import __version__
+from fitplan.config import FIELD_NAMES
 from fitplan.errors import FitplanError
 
 STATE = "training_state.pt"
+RUN_RECORD = "fitplan_run.json"
+RUN_RECORD_VERSION = 1
+FILE_MODE = 0o644  # readable by the serving engine's user; safetensors' own save_file writes 0600
+FOLDER_MODE = 0o755
 LOCK = ".fitplan.lock"
 LOCK_ENV = "FITPLAN_OUTPUT_LOCK"  # "LOCKPATH:PID" of a launcher that holds the lock for its torchrun workers
 STEP_NAME = re.compile(r"step-(\d{6,})")
@@ -185,6 +197,12 @@ def write_file(path: Path, fill: bytes | Callable) -> None:
         raise
 
 
+def write_shared(path: Path, fill: bytes | Callable) -> None:
+    """`write_file`, then mode 0644 whatever the umask (a step folder's files are served by others)."""
+    write_file(path, fill)
+    os.chmod(path, FILE_MODE)
+
+
 def _sync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -229,8 +247,11 @@ def save(output: Path, step: int, draft, optimizer, scheduler, data_position: in
             try:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-                write_file(tmp / "config.json", json.dumps(draft.cfg.to_hf(), indent=2).encode())
-                write_file(tmp / "model.safetensors", safetensors_bytes(weights))
+                os.chmod(tmp, FOLDER_MODE)
+                write_shared(tmp / "config.json", json.dumps(draft.cfg.to_hf(), indent=2).encode())
+                write_shared(tmp / "model.safetensors", safetensors_bytes(weights))
+                record = run_record(fingerprint, schedule_steps, ctx.world if distributed else 1)
+                write_shared(tmp / RUN_RECORD, json.dumps(record, indent=2).encode())
             except OSError as exc:
                 error = exc
         del weights
@@ -246,7 +267,7 @@ def save(output: Path, step: int, draft, optimizer, scheduler, data_position: in
             "schedule_steps": schedule_steps,
         })
         try:
-            write_file(tmp / state_file(ctx), lambda f: torch.save(state, f))
+            write_shared(tmp / state_file(ctx), lambda f: torch.save(state, f))
         except OSError as exc:
             error = exc
         del state
@@ -263,6 +284,24 @@ def save(output: Path, step: int, draft, optimizer, scheduler, data_position: in
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def run_record(fingerprint: dict, steps: int | None, world: int, argv: list[str] | None = None) -> dict:
+    """fitplan_run.json: the command line that produced the checkpoint, the job as fitplan read
+    it (RunSpec keys: a job config `fitplan train CONFIG` takes back) and the training options.
+
+    The job and options are the resume fingerprint split in two: a checkpoint records exactly
+    what a resume from it must match. `steps` is the run's --steps (the schedule's length)."""
+    job = {k: v for k, v in fingerprint.items() if k in FIELD_NAMES}
+    training = {k: v for k, v in fingerprint.items() if k not in FIELD_NAMES}
+    return {
+        "fitplan_run": RUN_RECORD_VERSION,
+        "fitplan_version": __version__,
+        "command": list(sys.argv if argv is None else argv),
+        "world": world,
+        "job": job,
+        "training": {**training, "steps": steps},
+    }
 
 
 def _put_in_place(tmp: Path, final: Path) -> None:
