@@ -41,17 +41,21 @@ class DraftConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "DraftConfig":
-        """Read back an exported config.json."""
+        """Read back an exported config.json (its aux layers in fitplan's numbering: trainer/export.py)."""
+        from trainer.export import aux_layers_from_hf
+
         return cls(
             hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"], heads=cfg["num_attention_heads"],
             kv_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"], vocab=cfg["vocab_size"],
             draft_vocab=cfg["draft_vocab_size"], target_hidden=cfg["target_hidden_size"],
-            aux_layers=tuple(cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"]), rms_eps=cfg["rms_norm_eps"],
+            aux_layers=aux_layers_from_hf(cfg), rms_eps=cfg["rms_norm_eps"],
             rope_theta=cfg["rope_theta"], max_positions=cfg["max_position_embeddings"],
         )
 
     def to_hf(self) -> dict:
         """config.json of the exported draft (the keys SGLang/vLLM read for Eagle3)."""
+        from trainer.export import sglang_aux_ids, vllm_aux_ids
+
         return {
             "architectures": ["LlamaForCausalLMEagle3"],
             "model_type": "llama",
@@ -70,7 +74,11 @@ class DraftConfig:
             "hidden_act": "silu",
             "tie_word_embeddings": False,
             "torch_dtype": "bfloat16",
-            "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(self.aux_layers)},
+            # vLLM and speculators: the target saves the INPUT of each listed layer, so the output
+            # of our aux layer i is id i + 1 (trainer/export.py)
+            "eagle_aux_hidden_state_layer_ids": vllm_aux_ids(self.aux_layers),
+            # SGLang: set_eagle3_layers_to_capture adds the 1 itself, so our ids as they are
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": sglang_aux_ids(self.aux_layers)},
         }
 
 
