@@ -138,8 +138,8 @@ def _notes(job, total: int, streamed: bool) -> list[str]:
         notes.append(f"the target's bf16 weights ({weights / 2**30:.1f} GiB) do not fit on {job.world} "
                      f"{job.cluster.gpu.id}: generating the features needs more GPUs than the time assumes")
     if streamed or not job.spec.offline:
-        notes.append("this job runs the target live and stores no features: the figures are what an "
-                     "offline run of it would write first")
+        notes.append("this job gets the target's hidden states live (from the target or capture servers) and "
+                     "stores none: the figures are what an offline run of it would write first")
     return notes
 
 

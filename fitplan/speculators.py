@@ -133,9 +133,11 @@ def typed(name: str, value: Any, where: str) -> Any:
         if value not in kind:
             raise FitplanError(f"{where}: {show(value)} is not one of: {', '.join(kind)}")
         return value
-    if kind in ("switch", "bool"):
-        if isinstance(value, bool):
-            return value
+    if kind in ("switch", "bool"):  # pydantic's lax booleans, as a run.yaml may spell them
+        if isinstance(value, bool) or value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.strip().lower() in ("true", "yes", "on")
         raise FitplanError(f"{where} must be true or false, got {show(value)}")
     if kind == "ints":
         items = value if isinstance(value, list) else [value]
@@ -201,18 +203,8 @@ def parse_flags(tokens: list[str]) -> tuple[dict[str, Any], str | None]:
             while i < len(tokens) and _is_value(tokens[i]):
                 i += 1  # its values, if any
             continue
-        given = [inline] if "=" in token else []
         kind = PARSER_FLAGS.get(flag) or FIELDS[FLAGS[flag][0]][1]
-        if kind not in ("switch", "bool"):
-            while i < len(tokens) and _is_value(tokens[i]) and (kind == "ints" or not given):
-                given.append(tokens[i])
-                i += 1
-            if not given:
-                raise FitplanError(f"{SOURCE}: {flag} needs a value")
-            if kind != "ints" and len(given) > 1:
-                raise FitplanError(f"{SOURCE}: {flag} takes one value, got {len(given)}")
-        elif given:
-            raise FitplanError(f"{SOURCE}: {flag} takes no value (a switch), got {show(inline)}")
+        given, i = _flag_values(flag, kind, [inline] if "=" in token else [], tokens, i)
         if flag == "--config":
             config = given[0]
         elif flag in FLAGS:
@@ -224,6 +216,21 @@ def parse_flags(tokens: list[str]) -> tuple[dict[str, Any], str | None]:
                            "speculators' train.py takes the flags of its schema (docs/cli/train.md in "
                            "vllm-project/speculators)" + _hint(unknown[0]))
     return values, config
+
+
+def _flag_values(flag: str, kind: Any, given: list[str], tokens: list[str], i: int) -> tuple[list[str], int]:
+    """The values a flag takes from `tokens[i:]` (after any `--flag=value`), and where the next
+    flag starts: one for a value flag, one or more for a list, none for a switch."""
+    if kind in ("switch", "bool"):
+        if given:
+            raise FitplanError(f"{SOURCE}: {flag} takes no value (a switch), got {show(given[0])}")
+        return given, i
+    while i < len(tokens) and _is_value(tokens[i]) and (kind == "ints" or not given):
+        given.append(tokens[i])
+        i += 1
+    if not given:
+        raise FitplanError(f"{SOURCE}: {flag} needs a value")
+    return given, i
 
 
 def _hint(token: str) -> str:

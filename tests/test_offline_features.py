@@ -158,8 +158,21 @@ def test_samples_only_is_an_upper_bound():
 def test_an_online_job_says_it_stores_no_features():
     job = resolve(RunSpec(model="llama-3.1-8b"))  # fitplan's trainer runs the target live
     f = estimate_features(job, lengths_from_samples(10, 4096))
-    assert any("stores no features" in note for note in f.notes)
+    assert any("stores none" in note for note in f.notes)
     assert f.total_bytes < 10**12 and not any("1 TB" in note for note in f.notes)
+
+
+def test_a_specforge_run_config_stores_features_only_offline(tmp_path):
+    """data.max_length is the seq; an online (disaggregated) run's capture servers stream the states."""
+    from test_specforge_yaml import DISAGGREGATED_YAML, OFFLINE_YAML
+
+    offline, online = tmp_path / "off.yaml", tmp_path / "on.yaml"
+    offline.write_text(OFFLINE_YAML)  # data.max_length 4096, Qwen3-8B (h 4096)
+    online.write_text(DISAGGREGATED_YAML)  # data.max_length 8192
+    f = features_json(str(offline), "--samples", "100")
+    assert f["stored_tokens"] == 100 * 4096 and f["notes"] == []
+    g = features_json(str(online), "--samples", "100")
+    assert g["stored_tokens"] == 100 * 8192 and any("stores none" in note for note in g["notes"])
 
 
 def test_the_table_shows_the_block(tmp_path):
