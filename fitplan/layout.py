@@ -162,9 +162,16 @@ def check_runtime(spec: RunSpec, world: int) -> None:
         value = getattr(spec, knob)
         if value != runs:
             raise FitplanError(f"{knob} {value}: fitplan's trainer does not run it yet (accepted: {runs})")
-    if spec.offline or spec.sglang_mem_fraction is not None or spec.target_backend != "sglang":
-        raise FitplanError("offline, target_backend and sglang_mem_fraction describe the specforge runtime; "
+    if spec.sglang_mem_fraction is not None or spec.target_backend != "sglang":
+        raise FitplanError("target_backend and sglang_mem_fraction describe the specforge runtime; "
                            "add --runtime specforge, or drop them")
+    if spec.offline:  # the trainer reads stored target features (fitplan train --hidden-states)
+        if spec.workload != "eagle3":
+            raise FitplanError("offline: stored target features train an eagle3 draft; sft has no frozen target "
+                               "(drop offline)")
+        if spec.tp not in (None, 1):
+            raise FitplanError(f"tp {spec.tp}: an offline job runs no target to split, its features come from disk "
+                               "(accepted: 1)")
     if world > 1 and spec.sharding not in TRAINER_SHARDINGS:
         raise FitplanError(
             f"sharding {spec.sharding} on {world} GPUs: fitplan's trainer shards the trained model with FSDP2; "
@@ -198,6 +205,8 @@ def _target_tp(spec: RunSpec, model: ModelShape, cluster: Cluster) -> int:
         if spec.tp not in (None, 1):
             raise FitplanError("tp applies to the eagle3 workload's frozen target; for sft use --sharding")
         return 1
+    if spec.offline and spec.runtime == "fitplan":
+        return 1  # no target runs: only its lm_head, replicated (check_runtime refuses another tp)
     tp = spec.tp
     if tp is None:
         tp = auto_tp(model, cluster, target_weight_bytes(model, spec), spec.runtime)

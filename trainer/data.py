@@ -120,13 +120,18 @@ class Batches:
         n = len(self.samples)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
         if epoch == 0:  # longest first: the peak shows in the first steps
-            longest = sorted(range(n), key=lambda i: -len(self.samples[i][0]))[: self.micro_batch * self.world]
+            longest = sorted(range(n), key=lambda i: -self.length(i))[: self.micro_batch * self.world]
             chosen = set(longest)
             order = longest + [i for i in order if i not in chosen]
         return order
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        b, wide = self.micro_batch, self.micro_batch * self.world
+    def length(self, index: int) -> int:
+        """Tokens of sample `index` (orders the first epoch)."""
+        return len(self.samples[index][0])
+
+    def take(self) -> list:
+        """The next global batch's world*B samples (entries of `samples`, or synthetic samples)."""
+        wide = self.micro_batch * self.world
         if self.synthetic is not None:
             seq, vocab = self.synthetic
             picked = [synthetic_sample(self.position * wide + r, seq, vocab, self.seed) for r in range(wide)]
@@ -135,7 +140,13 @@ class Batches:
             epoch, index = divmod(self.position, per_epoch)
             picked = [self.samples[i] for i in self._epoch_order(epoch)[index * wide : (index + 1) * wide]]
         self.position += 1
+        return picked
+
+    def own_rows(self) -> slice:
+        return slice(self.rank * self.micro_batch, (self.rank + 1) * self.micro_batch)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         # padded as one global batch: the ranks of a TP group must pass the same length to the target
-        ids, mask = pad_batch(picked)
-        rows = slice(self.rank * b, (self.rank + 1) * b)
+        ids, mask = pad_batch(self.take())
+        rows = self.own_rows()
         return ids[rows], mask[rows]

@@ -25,6 +25,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +35,13 @@ import torch.nn.functional as F
 from fitplan.errors import FitplanError
 from fitplan.layout import Job, resolve
 from fitplan.records import write_measurement
-from trainer import checkpoint, compare, data, optim, parallel, vocab
+from trainer import checkpoint, compare, data, features, optim, parallel, vocab
 from trainer.draft import DraftConfig, Eagle3Draft
 from trainer.loss import Teacher, make_teacher, unroll_loss
 from trainer.measure import Meter
 from trainer.options import TrainOptions
 from trainer.target import TappedTarget, hf_config, load_target, load_tokenizer
+from trainer.target_head import FrozenHead, load_head
 
 VOCAB_SAMPLES_SYNTHETIC = 64  # synthetic data: the draft vocab is counted over this many samples
 
@@ -50,7 +52,7 @@ class Run:
     job: Job
     ctx: parallel.DistContext
     device: torch.device
-    target: TappedTarget
+    target: TappedTarget | FrozenHead  # the head alone when training from stored features
     draft: Eagle3Draft
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -58,6 +60,7 @@ class Run:
     draft_ids: torch.Tensor  # target ids of the draft vocab, on the device
     skipped_lines: int = 0
     last_checkpoint: Path | None = None  # the newest checkpoint on disk (written, or resumed from)
+    teach: Callable | None = None  # (run, ids, mask) -> (aux, ids padded by ttt, teacher): `teach` or features.teach
 
 
 # ------------------------------------------------------------------ building
@@ -112,6 +115,9 @@ def load_samples(opts: TrainOptions, job: Job, ctx) -> tuple[data.Batches, torch
     """(Batches of this rank, draft vocab target ids, skipped lines)."""
     spec, shape = job.spec, job.draft
     ranks = dict(rank=ctx.rank, world=ctx.world)
+    if opts.hidden_states is not None:
+        prepared = features.prepare(opts.hidden_states, job)
+        return features.FeatureBatches(prepared, spec.micro_batch, opts.seed, **ranks), prepared.draft_ids, 0
     if opts.synthetic_data:
         batches = data.Batches([], spec.micro_batch, opts.seed, synthetic=(spec.seq, shape.vocab), **ranks)
         counted = (data.synthetic_sample(i, spec.seq, shape.vocab, opts.seed) for i in range(VOCAB_SAMPLES_SYNTHETIC))
@@ -127,7 +133,8 @@ def load_samples(opts: TrainOptions, job: Job, ctx) -> tuple[data.Batches, torch
 def fingerprint(opts: TrainOptions) -> dict:
     """What a resumed run must share with the checkpoint it continues (not the step count)."""
     return {**opts.spec.to_dict(), "lr": opts.lr, "warmup": opts.warmup, "seed": opts.seed,
-            "data": str(opts.data) if opts.data else None, "synthetic_data": opts.synthetic_data}
+            "data": str(opts.data) if opts.data else None, "synthetic_data": opts.synthetic_data,
+            **({"hidden_states": str(opts.hidden_states)} if opts.hidden_states else {})}
 
 
 def build(opts: TrainOptions, meter: Meter, job: Job, ctx) -> Run:
@@ -136,16 +143,22 @@ def build(opts: TrainOptions, meter: Meter, job: Job, ctx) -> Run:
     batches, draft_ids, skipped = load_samples(opts, job, ctx)
     hf = hf_config(spec.model)
     with meter.phase("load"):
-        model = load_target(spec.model, opts.random_weights, meter.device, ctx)
-        target = TappedTarget(model, tuple(job.draft.aux_layers))
+        if opts.hidden_states is None:
+            model = load_target(spec.model, opts.random_weights, meter.device, ctx)
+            target, teacher = TappedTarget(model, tuple(job.draft.aux_layers)), teach
+        else:  # stored features: of the target only its lm_head, and its embedding for the draft's copy
+            model = target = load_head(spec.model, opts.random_weights, meter.device)
+            teacher = features.teach
         draft = build_draft(job, hf, model, draft_ids, meter.device)
+        if opts.hidden_states is not None:
+            target.release_embedding()
         if ctx.distributed:
             draft = parallel.shard_draft(draft, ctx, spec.sharding)
         # after sharding: the optimizer's state is made from (and sharded like) the sharded parameters
         optimizer = optim.build_optimizer(draft.trainable(), spec.precision, opts.lr)
         scheduler = optim.cosine_with_warmup(optimizer, opts.warmup, opts.steps)
     return Run(opts, job, ctx, meter.device, target, draft, optimizer, scheduler, batches,
-               draft_ids.to(meter.device), skipped)
+               draft_ids.to(meter.device), skipped, teach=teacher)
 
 
 # ------------------------------------------------------------------ one step
@@ -170,7 +183,7 @@ def train_step(run: Run, meter: Meter) -> dict:
         seqs.append(ids.shape[1])
         parallel.set_micro_step(run.draft, final=micro == accum - 1)
         with meter.phase("target_forward"):
-            aux, ids_ext, teacher = teach(run, ids, mask)
+            aux, ids_ext, teacher = run.teach(run, ids, mask)
         with meter.phase("draft_forward"), optim.autocast(spec.precision, run.device):
             loss, acc = unroll_loss(run.draft.unroll(aux, ids_ext, spec.ttt), run.draft.lm_head, teacher,
                                     lean=run.draft.lean)

@@ -37,7 +37,8 @@ class TrainOptions:
     spec: RunSpec  # the job: model, draft, seq, micro_batch, accum, precision, ac, ttt, ...
     output: Path
     steps: int = 10
-    data: Path | None = None  # ShareGPT-style JSONL; None with synthetic_data
+    data: Path | None = None  # ShareGPT-style JSONL; None with synthetic_data or hidden_states
+    hidden_states: Path | None = None  # SpecForge offline features (trainer/features.py); the spec is offline
     synthetic_data: bool = False
     random_weights: bool = False
     lr: float = 1e-4
@@ -53,6 +54,8 @@ class TrainOptions:
     def __post_init__(self):
         check_numbers(self.steps, self.lr, self.warmup, self.seed, self.save_every)
         self.output = Path(self.output)
+        if self.hidden_states is not None:
+            self.hidden_states = Path(self.hidden_states)
 
     def notice(self, message: str) -> None:
         (self.say or print)(message)

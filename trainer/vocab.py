@@ -1,11 +1,13 @@
 """The draft vocab: the Vd most frequent target tokens of the training data.
 
 `d2t[i]` is the offset from draft id i to its target id (SGLang/vLLM convention: target id =
-i + d2t[i]); `t2d` is a bool mask over the target vocab. Computed once, cached beside the data.
+i + d2t[i]); `t2d` is a bool mask over the target vocab. Computed once, cached beside the data (a JSONL
+file, or a features directory: trainer/features.py counts the stored input_ids).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -37,8 +39,19 @@ def load_or_build(samples, vocab: int, draft_vocab: int, cache: Path | None) -> 
     if cache is not None and cache.is_file():
         return torch.load(cache)
     ids = top_tokens(samples, vocab, draft_vocab)
-    if cache is not None:
-        tmp = cache.with_name(cache.name + ".tmp")
-        torch.save(ids, tmp)
-        tmp.replace(cache)
+    save_cache(ids, cache)
     return ids
+
+
+def save_cache(obj, cache: Path | None) -> None:
+    """Write `obj` to `cache` whole or not at all; a folder that cannot take it only costs the
+    next run a recount (the cache sits beside the user's data, which may be read-only)."""
+    if cache is None:
+        return
+    tmp = cache.with_name(cache.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        tmp.replace(cache)
+    except (OSError, RuntimeError):  # torch.save's zip writer reports a full disk as RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)

@@ -80,6 +80,9 @@ def train_command(
     plan: Optional[Path] = typer.Option(None, "--plan", help="A plan written by `fitplan fit -o plan.yaml`."),
     auto: bool = typer.Option(False, "--auto", help="Fit a plan for these GPUs first (the fix ladder), then train it."),
     data: Optional[Path] = typer.Option(None, "--data", help="ShareGPT-style JSONL (conversations or messages)."),
+    hidden_states: Optional[Path] = typer.Option(
+        None, "--hidden-states", help="SpecForge offline features (prepare_hidden_states.py output): train from them; "
+        "the target is not loaded, only its lm_head and embedding."),
     steps: int = typer.Option(10, "--steps", help="Optimizer steps to run (with --resume: the total, past ones included)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: runs/<time>)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Random target weights built on the GPU (no download)."),
@@ -98,8 +101,7 @@ def train_command(
     from trainer.options import check_numbers
 
     check_numbers(steps, lr, warmup, seed, save_every)  # before anything loads or launches
-    if data is None and not synthetic_data:
-        raise FitplanError("give --data FILE.jsonl, or --synthetic-data for a memory check")
+    flags = _data_source(data, synthetic_data, hidden_states, flags)
     if device not in (None, "cpu", "cuda"):
         raise FitplanError(f"--device {device!r} is not one of: cpu, cuda")
     spec = choose_spec(config, plan, auto, flags)
@@ -108,10 +110,18 @@ def train_command(
     if spec.runtime != "fitplan":
         raise FitplanError(f"runtime {spec.runtime}: this job is planned for SpecForge's trainer; "
                            "fitplan train runs runtime fitplan (drop --runtime or set it to fitplan)")
+    if spec.offline and hidden_states is None:
+        raise FitplanError("offline: fitplan train reads an offline job's target features from --hidden-states DIR; "
+                           "give it (or drop offline)")
     from fitplan.layout import resolve
 
     job = resolve(spec)
+    check_draft_vocab(job)
     check_gpus_present(job.cluster, device)
+    if hidden_states is not None:  # listed and checked before the output folder is claimed
+        from trainer.features import prepare
+
+        prepare(hidden_states, job)
     from trainer import checkpoint, parallel
 
     say = _to_stderr if as_json else print  # one-line notices; with --json stdout carries the report only
@@ -128,7 +138,7 @@ def train_command(
     from trainer.options import TrainOptions
 
     opts = TrainOptions(
-        spec=spec, output=output, steps=steps, data=data,
+        spec=spec, output=output, steps=steps, data=data, hidden_states=hidden_states,
         synthetic_data=synthetic_data, random_weights=random_weights, lr=lr, warmup=warmup,
         save_every=save_every, resume=resume, seed=seed, device=device, say=say,
     )
@@ -154,6 +164,28 @@ def train_command(
         show_report(report, opts.output)
     if "oom" in report:
         raise typer.Exit(1)
+
+
+def _data_source(data: Optional[Path], synthetic: bool, hidden_states: Optional[Path], flags: dict) -> dict:
+    """The job flags with `offline` set by --hidden-states; exactly one source of samples."""
+    given = [name for name, on in (("--data", data is not None), ("--synthetic-data", synthetic),
+                                   ("--hidden-states", hidden_states is not None)) if on]
+    if not given:
+        raise FitplanError("give --data FILE.jsonl, --hidden-states DIR (SpecForge's offline features), "
+                           "or --synthetic-data for a memory check")
+    if len(given) > 1:
+        raise FitplanError(f"{' and '.join(given)}: give one source of samples (--data, --hidden-states "
+                           "or --synthetic-data)")
+    return {**flags, "offline": True} if hidden_states is not None else flags
+
+
+def check_draft_vocab(job) -> None:
+    """The draft predicts the target's tokens: its t2d spans the target vocabulary and its
+    embedding is a copy of the target's, so the two vocabularies must be one."""
+    if job.draft.vocab != job.model.vocab:
+        raise FitplanError(f"draft {job.draft.name} has vocab_size {job.draft.vocab} but {job.model.name} has "
+                           f"{job.model.vocab}: the draft's embedding is a copy of the target's (accepted: vocab_size "
+                           f"{job.model.vocab})")
 
 
 def _to_stderr(message: str) -> None:

@@ -1,10 +1,11 @@
 """The Eagle3 step on one rank with fitplan's trainer: frozen TP target + trainable draft.
 
 Timeline (docs/estimate.md, "Phases"): the target forward builds the aux hidden states, the logits
-and the teacher; the fitplan trainer drops the full-vocab logits once the teacher exists, so
-the draft forward holds outputs + teacher + the TTT unroll's saved tensors and peaks in its last
-step; backward peaks at its start, before any gradient exists; the optimizer step holds grads +
-optimizer state; the checkpoint holds the state. Each phase lists what is live at the instant
+and the teacher (offline, from stored features, only the lm_head runs, over the stored last
+hidden state, and it is the only target weight held); the fitplan trainer drops the full-vocab
+logits once the teacher exists, so the draft forward holds outputs + teacher + the TTT unroll's
+saved tensors and peaks in its last step; backward peaks at its start, before any gradient
+exists; the optimizer step holds grads + optimizer state; the checkpoint holds the state. Each phase lists what is live at the instant
 of its peak, measured against the trainer in tests/test_trainer_estimator.py (CPU) and
 tests/data/gpu/*.json (H100).
 """
@@ -111,12 +112,29 @@ def target_forward_instants(job: Job) -> list[dict[str, int]]:
     - building the teacher: aux, logits, the fp32 teacher and one gathered bf16 chunk;
     - a soft-capped head (Gemma 2): the captured aux states and two copies of this rank's logits
       shard, while tanh(logits / c) * c writes each step into a new tensor."""
+    if job.spec.offline:
+        return offline_teacher_instants(job)
     aux, logits = target_terms.aux_outputs_bytes(job), target_terms.logits_bytes(job)
     softcap = [phase(target__outputs=aux, logits__target=2 * target_terms.logits_shard_bytes(job))]
     return softcap * job.model.final_logit_softcap + [
         phase(target__outputs=aux, target__activations=target_terms.forward_working_bytes(job)
               + target_terms.eager_attention_bytes(job)),
         phase(target__outputs=2 * aux, logits__target=logits + target_terms.exchange_copy_bytes(job)),
+        phase(target__outputs=aux, logits__target=logits + draft_terms.teacher_chunk_bytes(job),
+              logits__teacher=draft_terms.teacher_bytes(job)),
+    ]
+
+
+def offline_teacher_instants(job: Job) -> list[dict[str, int]]:
+    """The target forward of an offline job (trainer/features.py teach): the stored aux and last
+    hidden states of the micro-batch reach the device, the lm_head scores the last hidden state
+    (its soft-cap, where there is one, runs in place), then the teacher is built as online:
+    - the lm_head's output beside both stored states;
+    - building the teacher: aux, logits, the fp32 teacher and one gathered bf16 chunk (the last
+      hidden state is freed once scored)."""
+    aux, logits = target_terms.aux_outputs_bytes(job), target_terms.logits_bytes(job)
+    return [
+        phase(target__outputs=aux + target_terms.last_hidden_bytes(job), logits__target=logits),
         phase(target__outputs=aux, logits__target=logits + draft_terms.teacher_chunk_bytes(job),
               logits__teacher=draft_terms.teacher_bytes(job)),
     ]
@@ -130,7 +148,7 @@ def timeline(job: Job) -> Timeline:
     t = Timeline()
     state = draft_state(job)
     base = phase(
-        target__weights=target_terms.weights_per_rank(job),
+        target__weights=target_terms.resident_weights(job),
         draft__params=state.params(),
         comm__buffers=state.ddp_buckets(),
         runtime__workspace=CUBLAS_WORKSPACE_BYTES,
@@ -146,11 +164,13 @@ def timeline(job: Job) -> Timeline:
     forward_extra = phase(activations__draft=draft_terms.draft_forward_extra_bytes(job))
     backward_extra = phase(activations__draft=draft_terms.draft_backward_extra_bytes(job))
     target_peak = _largest_instant(target_forward_instants(job))
+    # offline, the target's embedding is on the device only while the draft copies it
+    staged = phase(target__weights=target_terms.staged_embedding_bytes(job) if job.spec.offline else 0)
 
     def phases(steady: bool) -> dict[str, dict[str, int]]:
         opt = optimizer_state(state, steady)
         return {
-            "load": merge(base, optimizer_state(state, steady=False)),
+            "load": merge(base, optimizer_state(state, steady=False), staged),
             "target_forward": merge(base, opt, carried, target_peak),
             "draft_forward": merge(base, opt, carried, outputs, casts_and_gather, saved, forward_extra),
             "backward": _largest_instant([

@@ -18,6 +18,34 @@ def weights_per_rank(job: Job) -> int:
     return -(-target_weight_bytes(job.model, job.spec) // job.tp)
 
 
+# ---------------------------------------------------------------- offline: stored target features
+# An offline job reads the target's features from disk (SpecForge's prepare_hidden_states.py
+# files): no target runs, and of its weights only the lm_head stays, to score the stored last
+# hidden state for the teacher.
+
+
+def head_bytes(job: Job) -> int:
+    """The target's lm_head [V, h] bf16, whole on every rank (a tied one is the embedding tensor)."""
+    return BF16 * job.model.vocab * job.model.hidden
+
+
+def resident_weights(job: Job) -> int:
+    """The target weights a rank holds through the run: its TP shard, or offline the lm_head alone."""
+    return head_bytes(job) if job.spec.offline else weights_per_rank(job)
+
+
+def staged_embedding_bytes(job: Job) -> int:
+    """fitplan's trainer offline (trainer/target_head.py): the target's embedding [V, h] bf16, read
+    while the draft copies it and freed after; none apart when tied (it is the lm_head)."""
+    return 0 if job.model.tie_embeddings else head_bytes(job)
+
+
+def last_hidden_bytes(job: Job) -> int:
+    """The stored last hidden states of a micro-batch [B, S, h] bf16, on the device until the
+    lm_head has scored them."""
+    return BF16 * job.model.hidden * own_tokens(job)
+
+
 def group_tokens(job: Job) -> int:
     """Tokens the target's forward runs on each rank: the whole TP group's micro-batches."""
     return job.tp * job.spec.micro_batch * job.spec.seq
@@ -133,6 +161,8 @@ def exchange_copy_bytes(job: Job) -> int:
 
 
 def largest_weight(job: Job) -> tuple[int, str]:
+    if job.spec.offline:
+        return head_bytes(job), "target lm_head [V, h] bf16"
     c = count_params(job.model)
     packed = c.largest_is_expert and job.spec.target_weights == "mxfp4"
     per_param = MXFP4 if packed else BF16
