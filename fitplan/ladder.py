@@ -28,6 +28,10 @@ EstimateFn = Callable[[Job], Estimate]
 FRONTIER = 2
 # Rungs SpecForge's train_eagle3.py can express (flags or the allocator environment variable).
 SPECFORGE_RUNGS = ("micro_batch", "output_sharding", "expandable_segments", "attention", "tp")
+# Rungs that replace an earlier rung rather than build on it: offloaded moments live in host
+# memory, where 8 bits save nothing (fitplan.layout refuses the pair), so the offload rung also
+# extends the configurations the optimizer rung started from.
+ALTERNATIVE_TO = {"offload": "optimizer"}
 
 
 @dataclass(frozen=True)
@@ -184,10 +188,13 @@ def fit(
     trail = [_entry(original, original, False)]
     fitting, failing = [], [original]
     refused: dict[str, str] = {}
+    frontiers: dict[str, list[Candidate]] = {}
     for rung, options in rungs_for(base_spec):
         # Extend the configurations closest to fitting, and the fastest that fit already (a
         # later rung can make one faster: all-to-all output sharding moves fewer bytes).
-        frontier = _lowest_peaks(failing) + _fastest(fitting)
+        frontier = frontiers[rung] = _lowest_peaks(failing) + _fastest(fitting)
+        if rung in ALTERNATIVE_TO:
+            frontier = _distinct(frontiers.get(ALTERNATIVE_TO[rung], []) + frontier)
         for parent in frontier:
             for change, new_spec in options(parent.spec, parent.job):
                 joined = "; ".join(c for c in (parent.change, change) if c)
@@ -209,6 +216,10 @@ def fit(
         min_gpus=smallest_fitting_gpus(deepest.spec, margin, estimate_fn),
         refused=tuple(refused.items()),
     )
+
+
+def _distinct(cands: list[Candidate]) -> list[Candidate]:
+    return list({id(c): c for c in cands}.values())
 
 
 def _lowest_peaks(cands: list[Candidate]) -> list[Candidate]:

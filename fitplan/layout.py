@@ -24,8 +24,17 @@ from fitplan.shapes import DraftShape, ModelShape, weight_bytes
 TRAINER_TP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gpt_oss", "gemma2", "gemma3", "gemma3_text")
 # Draft sharding the trainer does with FSDP2 when several ranks train the draft.
 TRAINER_SHARDINGS = ("zero2", "zero3")
-# Knobs the embedded trainer does not carry out yet, with the value it runs instead.
-TRAINER_KNOBS = {"optimizer": "adamw", "offload": "none", "target_weights": "bf16"}
+# Knob values the embedded trainer does not carry out, with why; it runs every other value
+# (trainer/optim.py: adamw-8bit is torchao's AdamW8bit, offload optimizer is trainer/offload.py).
+TRAINER_KNOBS = {
+    ("offload", "params"): "fitplan's trainer does not run it yet: its FSDP2 sharding of the draft sets no "
+                           "CPUOffloadPolicy (accepted: none, optimizer)",
+    ("target_weights", "mxfp4"): "fitplan's trainer does not run it yet: transformers' MXFP4 path (Mxfp4HfQuantizer) "
+                                 "fetches its Triton kernels from the Hugging Face hub as it loads "
+                                 "(kernels-community/gpt-oss-triton-kernels, through the kernels package), which "
+                                 "an offline GPU machine cannot, and without them it dequantizes the experts to bf16 "
+                                 "(accepted: bf16)",
+}
 # What SpecForge's classic train_eagle3.py runs whatever it is told: one FSDP SHARD_GRAD_OP unit
 # and its BF16Optimizer (bf16 parameters, fp32 master and moments), no offload.
 SPECFORGE_KNOBS = {"sharding": "zero2", "precision": "bf16-master", "optimizer": "adamw", "offload": "none"}
@@ -158,10 +167,11 @@ def check_runtime(spec: RunSpec, world: int) -> None:
                 raise FitplanError(f"{knob} {getattr(spec, knob)}: SpecForge's train_eagle3.py runs {knob} {runs} "
                                    f"whatever it is told (accepted with --runtime specforge: {runs})")
         return
-    for knob, runs in TRAINER_KNOBS.items():
-        value = getattr(spec, knob)
-        if value != runs:
-            raise FitplanError(f"{knob} {value}: fitplan's trainer does not run it yet (accepted: {runs})")
+    for (knob, value), why in TRAINER_KNOBS.items():
+        if getattr(spec, knob) == value:
+            raise FitplanError(f"{knob} {value}: {why}")
+    if spec.offload == "optimizer":
+        check_optimizer_offload(spec, world)
     if spec.sglang_mem_fraction is not None or spec.target_backend != "sglang":
         raise FitplanError("target_backend and sglang_mem_fraction describe the specforge runtime; "
                            "add --runtime specforge, or drop them")
@@ -177,6 +187,16 @@ def check_runtime(spec: RunSpec, world: int) -> None:
             f"sharding {spec.sharding} on {world} GPUs: fitplan's trainer shards the trained model with FSDP2; "
             f"accepted: {', '.join(TRAINER_SHARDINGS)}"
         )
+
+
+def check_optimizer_offload(spec: RunSpec, world: int) -> None:
+    """trainer/offload.py steps one GPU's optimizer on the host, in AdamW's own precision."""
+    if world > 1:
+        raise FitplanError(f"offload optimizer on {world} GPUs: fitplan's trainer offloads the optimizer of one GPU, "
+                           "not of FSDP2 shards (accepted on several GPUs: offload none)")
+    if spec.optimizer == "adamw-8bit":
+        raise FitplanError("optimizer adamw-8bit with offload optimizer: offloaded moments are in host memory, where "
+                           "8 bits save no GPU memory (accepted: one of the two)")
 
 
 # ---------------------------------------------------------------- the whole job

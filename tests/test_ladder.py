@@ -115,3 +115,51 @@ def test_specforge_runtime_only_uses_rungs_specforge_can_express():
     result = run_fit(job_spec(runtime="specforge", seq=65536), weights_gib=60)
     assert {e.rung for e in result.trail} <= {"original", "micro_batch", "output_sharding",
                                                "expandable_segments", "attention", "tp"}
+
+
+# ---------------------------------------------------------------- the optimizer and offload rungs
+
+def moments_estimator(weights_gib: float):
+    """The fake above plus Adam's moments: 8 GiB with adamw, 2 GiB with adamw-8bit (a quarter:
+    1 byte per moment instead of 4), none on the GPU when offloaded."""
+    base = fake_estimator(weights_gib)
+
+    def estimate(job) -> Estimate:
+        est = base(job)
+        s = job.spec
+        moments = 0 if s.offload != "none" else (2 if s.optimizer == "adamw-8bit" else 8) * GIB
+        components = {**est.phases["backward"], "optimizer.moments": moments}
+        return Estimate(phases={"backward": components}, step1_phases={"backward": components},
+                        gpu_total_bytes=est.gpu_total_bytes, allocator_reserve_bytes=0, outside_allocator_bytes=0,
+                        largest_allocation_bytes=est.largest_allocation_bytes,
+                        largest_allocation_name=est.largest_allocation_name)
+
+    return estimate
+
+
+def one_gpu_job(**changes) -> RunSpec:
+    # seq 1024, mb 1, tp 1: activations 1 GiB (0.25 with ac), logits 0.5 GiB
+    return RunSpec(**{"model": "llama-3.1-8b", "gpus": "1xH100", "tp": 1, "seq": 1024, **changes})
+
+
+def test_the_8bit_optimizer_is_chosen_where_only_it_or_offload_fits():
+    # 70 + 1 + 0.5 + 8 = 79.5 GiB > 75.22 (ac: 78.75, still over); with ac, adamw-8bit: 72.75
+    # fits, offload optimizer: 70.75 fits but moves the state over PCIe every step: slower
+    result = fit(one_gpu_job(), estimate_fn=moments_estimator(70))
+    assert result.changes == ["ac on", "optimizer adamw-8bit"]
+    assert any(e.change == "ac on; offload optimizer" and e.fits for e in result.trail)
+
+
+def test_offload_is_tried_beside_the_8bit_optimizer_not_on_top_of_it():
+    # 73.5 + 0.25 (ac) + 0.5 + 2 = 76.25 GiB with 8-bit moments: over; offloaded: 74.25 <= 75.22.
+    # The 8-bit candidates are the closest to fitting, and offload on top of them is refused:
+    # the offload rung also extends what the optimizer rung started from.
+    one = fit(one_gpu_job(), estimate_fn=moments_estimator(73.5))
+    assert one.changes == ["ac on", "offload optimizer"]
+    assert dict(one.refused)["offload optimizer"].startswith("optimizer adamw-8bit with offload optimizer")
+
+
+def test_offload_is_refused_on_several_gpus():
+    two = fit(one_gpu_job(gpus="2xH100"), estimate_fn=moments_estimator(73.5))
+    assert "offloads the optimizer of one GPU" in dict(two.refused)["offload optimizer"]
+    assert not any("offload" in e.change for e in two.trail)

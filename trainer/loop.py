@@ -155,7 +155,7 @@ def build(opts: TrainOptions, meter: Meter, job: Job, ctx) -> Run:
         if ctx.distributed:
             draft = parallel.shard_draft(draft, ctx, spec.sharding)
         # after sharding: the optimizer's state is made from (and sharded like) the sharded parameters
-        optimizer = optim.build_optimizer(draft.trainable(), spec.precision, opts.lr)
+        optimizer = optim.build_optimizer(draft.trainable(), spec.precision, opts.lr, spec.optimizer, spec.offload)
         scheduler = optim.cosine_with_warmup(optimizer, opts.warmup, opts.steps)
     return Run(opts, job, ctx, meter.device, target, draft, optimizer, scheduler, batches,
                draft_ids.to(meter.device), skipped, teach=teacher)

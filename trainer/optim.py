@@ -8,19 +8,73 @@
 
 In `mixed` each bf16 gradient is added to its master's fp32 gradient as soon as autograd has
 accumulated it, and freed: the fp32 gradients are the only ones that stay.
+
+`optimizer: adamw-8bit` replaces the AdamW (the inner one over the masters in the master
+recipes) with torchao's AdamW8bit: 8-bit block-quantized moments, about 2 B/param instead of 8.
+`offload: optimizer` keeps the masters and moments in host memory (trainer/offload.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
+from collections.abc import Callable
 
 import torch
+
+from trainer.offload import HostAdamW
 
 BF16_PARAM_RECIPES = ("mixed", "bf16-master", "bf16")
 MASTER_RECIPES = ("mixed", "bf16-master")
 BETAS = (0.9, 0.95)
 WEIGHT_DECAY = 0.0
+
+# (params, lr) -> the optimizer that updates them
+InnerFactory = Callable[[list, float], torch.optim.Optimizer]
+
+
+def adamw(params, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True)
+
+
+def adamw_8bit(params, lr: float) -> torch.optim.Optimizer:
+    """torchao's AdamW8bit with the trainer's betas and decay (its defaults differ)."""
+    return _float_lr_adamw_8bit()(params, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
+
+
+@functools.cache
+def _float_lr_adamw_8bit() -> type:
+    # Its optimizer needs none of torchao's C++ extensions, which a CPU torch cannot load (and says so).
+    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+    from torchao.optim import AdamW8bit
+
+    class FloatLRAdamW8bit(AdamW8bit):
+        """AdamW8bit keeps lr as a tensor so its compiled step does not recompile at every new
+        rate; the scheduler and checkpoint restore write floats. The float stays in
+        param_groups and becomes a tensor for the step only.
+
+        Off the GPU the step runs eagerly: the trainer's CPU memory meter is a dispatch mode,
+        under which torch.compile cannot trace, and compiling takes seconds per tensor shape."""
+
+        def add_param_group(self, param_group: dict) -> None:
+            torch.optim.Optimizer.add_param_group(self, param_group)
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            rates = [group["lr"] for group in self.param_groups]
+            on_gpu = all(p.is_cuda for group in self.param_groups for p in group["params"])
+            for group in self.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32)
+            try:
+                with contextlib.nullcontext() if on_gpu else torch.compiler.set_stance("force_eager"):
+                    return super().step(closure)
+            finally:
+                for group, rate in zip(self.param_groups, rates):
+                    group["lr"] = rate
+
+    return FloatLRAdamW8bit
 
 
 def param_dtype(precision: str) -> torch.dtype:
@@ -42,11 +96,12 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     updated, and the result is rounded back into the bf16 parameters.
     """
 
-    def __init__(self, params, lr: float, fp32_grads: bool = False):
+    def __init__(self, params, lr: float, fp32_grads: bool = False, inner: InnerFactory = adamw):
         self.model_params = list(params)
         super().__init__(self.model_params, {"lr": lr})
         self.masters: list[torch.Tensor] = []
-        self.inner: torch.optim.AdamW | None = None
+        self.make_inner = inner
+        self.inner: torch.optim.Optimizer | None = None
         self.fp32_grads = fp32_grads
         if fp32_grads:
             self._make_masters()
@@ -70,9 +125,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def _make_masters(self) -> None:
         self.masters = [p.detach().float() for p in self.model_params]
-        self.inner = torch.optim.AdamW(
-            self.masters, lr=self.param_groups[0]["lr"], betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True
-        )
+        self.inner = self.make_inner(self.masters, self.param_groups[0]["lr"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -104,10 +157,18 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self.inner.load_state_dict(state["inner"])
 
 
-def build_optimizer(params, precision: str, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(params, precision: str, lr: float, optimizer: str = "adamw",
+                    offload: str = "none") -> torch.optim.Optimizer:
+    """The recipe's optimizer (RunSpec.precision, .optimizer, .offload); fitplan.layout refuses
+    the combinations this does not build before anything is loaded."""
+    inner = adamw_8bit if optimizer == "adamw-8bit" else adamw
+    if offload == "optimizer":
+        return HostAdamW(params, lr, inner, master=precision in MASTER_RECIPES, fp32_grads=precision == "mixed")
+    if offload != "none":
+        raise ValueError(f"offload {offload}: the trainer offloads the optimizer only")
     if precision in MASTER_RECIPES:
-        return MasterWeightAdamW(params, lr, fp32_grads=precision == "mixed")
-    return torch.optim.AdamW(params, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True)
+        return MasterWeightAdamW(params, lr, fp32_grads=precision == "mixed", inner=inner)
+    return inner(params, lr)
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int):
@@ -122,6 +183,8 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
 
 def clip(optimizer: torch.optim.Optimizer, max_norm: float) -> float:
     """Clip the gradients the optimizer will step with (the fp32 masters' in `mixed`)."""
+    if isinstance(optimizer, HostAdamW):  # `mixed`'s fp32 gradients have no tensor on the GPU to hang on
+        return optimizer.clip(max_norm)
     holders = optimizer.grad_tensors() if isinstance(optimizer, MasterWeightAdamW) else [
         p for group in optimizer.param_groups for p in group["params"]]
     return float(torch.nn.utils.clip_grad_norm_(holders, max_norm))

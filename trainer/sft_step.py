@@ -3,7 +3,8 @@
 This is deliberately NOT our trainer: it is the job most users run (AutoModelForCausalLM with
 random weights, SDPA or flex attention where the model has no SDPA path, the model's own loss on
 `labels`, torch.optim.AdamW), so that comparing it with `fitplan.estimator` shows whether the
-memory anatomy holds for code we did not write.
+memory anatomy holds for code we did not write. The precision recipes, `optimizer: adamw-8bit`
+and `offload: optimizer` are the trainer's own (trainer/optim.py).
 
     python -m trainer.sft_step --config row.yaml --steps 3 --report report.json
     torchrun --nproc-per-node 4 -m trainer.sft_step --config row.yaml --report report.json
@@ -93,10 +94,11 @@ def shard(model: torch.nn.Module, spec: RunSpec, ranks: DistContext) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, spec: RunSpec, device: torch.device, lr: float = 1e-5):
-    """The recipes of trainer/optim.py; plain AdamW is the fused kernel users run on GPUs."""
+    """The recipes of trainer/optim.py with the job's optimizer and offload; plain AdamW is the
+    fused kernel users run on GPUs (torch's defaults otherwise, as users call it)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if spec.precision in MASTER_RECIPES:  # fp32 masters; `mixed` also accumulates fp32 grads
-        return build_recipe_optimizer(params, spec.precision, lr)
+    if spec.precision in MASTER_RECIPES or spec.optimizer != "adamw" or spec.offload != "none":
+        return build_recipe_optimizer(params, spec.precision, lr, spec.optimizer, spec.offload)
     return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
 
 

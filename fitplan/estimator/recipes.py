@@ -7,9 +7,11 @@ the ZeRO level over the data-parallel ranks and CPU offload.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fitplan.config import RunSpec
+from fitplan.units import FP32
 
 
 @dataclass(frozen=True)
@@ -35,11 +37,17 @@ RECIPES = {
     "bf16": Recipe(param=2, grad=2, master=0, moments=4),
 }
 
-# bitsandbytes-style 8-bit Adam: one byte per moment (block-wise scales are ~1% extra).
-ADAM_8BIT_MOMENT_BYTES = 2
+# optimizer adamw-8bit is torchao's AdamW8bit (0.18; torchao/optim/adam.py, subclass_8bit.py):
+# each moment of a tensor is an OptimState8bit of uint8 codes (1 B/element) and one fp32 scale
+# per block of 256 elements, so the two moments take 2 x (1 + 4/256) = 2.03125 B/param. Not
+# counted, as they are under 0.1% of a draft's or model's moments: each moment's 256-entry fp32
+# lookup table (1 KiB per tensor), and the tensors under 4096 elements (or not a multiple of
+# 256: norms narrower than 4096), whose moments stay in the parameter's dtype.
+ADAM_8BIT_BLOCK = 256
+ADAM_8BIT_MOMENT_BYTES = 2 * (1 + FP32 / ADAM_8BIT_BLOCK)
 
 
-def moment_bytes_per_param(spec: RunSpec) -> int:
+def moment_bytes_per_param(spec: RunSpec) -> float:
     return ADAM_8BIT_MOMENT_BYTES if spec.optimizer == "adamw-8bit" else RECIPES[spec.precision].moments
 
 
@@ -86,10 +94,12 @@ class TrainedState:
     def grads(self) -> int:
         return self._split(self.full_grads(), 2)
 
-    def _optimizer_state(self, per_param: int) -> int:
+    def _optimizer_state(self, per_param: float) -> int:
+        """Optimizer state on the GPU: none when it is offloaded (trainer/offload.py keeps masters,
+        moments and the fp32 grad copy in host memory)."""
         if self.spec.offload != "none":
             return 0
-        return self._split(self.trainable * per_param, 1)
+        return self._split(math.ceil(self.trainable * per_param), 1)
 
     def master(self) -> int:
         return self._optimizer_state(self.recipe.master)

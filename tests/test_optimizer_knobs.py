@@ -1,0 +1,284 @@
+"""The optimizer knobs the planner can choose, carried out by the trainer on CPU: `optimizer:
+adamw-8bit` (torchao's AdamW8bit) and `offload: optimizer` (trainer/offload.py), with every
+precision recipe, checkpoints and the estimator's optimizer term; the knobs it cannot run are
+refused before loading (tests/test_job_rules.py holds the one-line refusals of every command).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchao")
+
+from fitplan.config import RunSpec  # noqa: E402
+from trainer import optim  # noqa: E402
+from trainer.loop import run  # noqa: E402
+from trainer.offload import HostAdamW  # noqa: E402
+from trainer.options import TrainOptions  # noqa: E402
+
+# A draft whose weight matrices all hold >= 4096 elements (a multiple of 256), so torchao
+# quantizes their moments; its four norms (256 elements) are below the threshold.
+H, I, VD = 256, 512, 256
+TARGET = dict(
+    model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=H, intermediate_size=I,
+    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=512,
+    max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+    initializer_range=0.5,
+)
+DRAFT = dict(hidden_size=H, intermediate_size=I, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+             vocab_size=512, draft_vocab_size=VD)
+# Elements of each trainable matrix: fc [h, 3h]; q [4*64, 2h]; k, v [2*64, 2h]; o [h, 4*64];
+# gate, up [I, h]; down [h, I]; lm_head [Vd, h]
+MATRICES = [H * 3 * H, 256 * 2 * H, 128 * 2 * H, 128 * 2 * H, H * 256, I * H, I * H, H * I, VD * H]
+NORMS = [H] * 4
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory) -> tuple[str, str]:
+    d = tmp_path_factory.mktemp("knobs")
+    (d / "target.json").write_text(json.dumps(TARGET))
+    (d / "draft.json").write_text(json.dumps(DRAFT))
+    return str(d / "target.json"), str(d / "draft.json")
+
+
+def options(configs, output, steps: int = 2, **changes) -> TrainOptions:
+    target, draft = configs
+    spec = RunSpec(**{"model": target, "draft": draft, "seq": 32, "micro_batch": 1, "ttt": 2, "tp": 1,
+                      "attention": "sdpa", **changes})
+    return TrainOptions(spec=spec, output=output, steps=steps, random_weights=True, synthetic_data=True,
+                        device="cpu", lr=3e-3, save_every=2)
+
+
+def train_recording_optimizer(opts: TrainOptions, monkeypatch) -> tuple[dict, torch.optim.Optimizer]:
+    """Run the trainer; return its report and the optimizer trainer.loop built."""
+    built = []
+    build = optim.build_optimizer
+
+    def recording(*args, **kwargs):
+        built.append(build(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(optim, "build_optimizer", recording)
+    report = run(opts)
+    return report, built[0]
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """The bytes a tensor holds: a wrapper subclass (torchao's OptimState8bit) holds its inner tensors'."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.untyped_storage().nbytes()
+
+
+def moment_bytes(optimizer) -> int:
+    inner = getattr(optimizer, "inner", optimizer)
+    return sum(tensor_bytes(v) for state in inner.state.values() for k, v in state.items() if k != "step")
+
+
+# ---------------------------------------------------------------- adamw-8bit
+
+
+@pytest.mark.parametrize("precision,small_bytes", [("bf16-master", 4), ("bf16", 2)])
+def test_8bit_moments_are_torchaos_layout_and_the_estimate(configs, tmp_path, monkeypatch, precision, small_bytes):
+    report, optimizer = train_recording_optimizer(options(configs, tmp_path, optimizer="adamw-8bit",
+                                                          precision=precision), monkeypatch)
+    real = moment_bytes(optimizer)
+    # By hand, from torchao's layout: per quantized matrix and moment, n uint8 codes + n/256
+    # fp32 scales + a 256-entry fp32 code table; the norms' moments stay in the dtype of what
+    # the optimizer updates (fp32 masters in bf16-master, bf16 params in bf16). Two moments.
+    quantized = sum(n + n // 256 * 4 + 256 * 4 for n in MATRICES)
+    assert real == 2 * quantized + 2 * sum(NORMS) * small_bytes
+    # The estimator's term (2 x (1 + 4/256) = 65/32 B per trainable parameter) leaves out the
+    # code tables and counts the norms at the quantized rate
+    params = sum(MATRICES) + sum(NORMS)
+    predicted = report["prediction"]["phase_components"]["optimizer_step"]["optimizer.moments"]
+    assert predicted == -(-params * 65 // 32)
+    assert real - predicted == 2 * 256 * 4 * len(MATRICES) + 2 * sum(NORMS) * small_bytes - sum(NORMS) * 65 // 32
+    assert abs(real - predicted) / predicted < 0.015  # 1.2% here, under 0.01% for a real draft's 1e8+ params
+
+
+def test_8bit_inner_optimizer_replaces_adamw_in_every_recipe(configs, tmp_path, monkeypatch):
+    from torchao.optim import AdamW8bit
+
+    for precision in ("mixed", "fp32-autocast", "bf16-master", "bf16"):
+        report, optimizer = train_recording_optimizer(
+            options(configs, tmp_path / precision, optimizer="adamw-8bit", precision=precision), monkeypatch)
+        inner = getattr(optimizer, "inner", optimizer)
+        assert isinstance(inner, AdamW8bit), precision
+        assert inner.defaults["betas"] == optim.BETAS and inner.defaults["weight_decay"] == optim.WEIGHT_DECAY
+        losses = [s["loss"] for s in report["steps"]]
+        assert all(math.isfinite(loss) for loss in losses) and losses[1] != losses[0], (precision, losses)
+
+
+def test_8bit_training_resumes_identically(configs, tmp_path):
+    full = run(options(configs, tmp_path / "full", steps=4, optimizer="adamw-8bit"))
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "step-000002", tmp_path / "resumed" / "step-000002")
+    opts = options(configs, tmp_path / "resumed", steps=4, optimizer="adamw-8bit")
+    opts.resume = True
+    assert [s["loss"] for s in run(opts)["steps"]] == [s["loss"] for s in full["steps"][2:]]
+
+
+def test_the_lr_the_scheduler_sets_is_the_one_the_8bit_step_uses():
+    # AdamW's first update moves each weight by lr * g / (|g| + eps) ~ lr: a step at lr 0 moves nothing
+    w = torch.nn.Parameter(torch.ones(64, 128))
+    opt = optim.adamw_8bit([w], lr=0.1)
+    for lr, moved in ((0.0, False), (0.01, True)):
+        opt.param_groups[0]["lr"] = lr  # as LambdaLR and checkpoint restore write it: a float
+        before = w.detach().clone()
+        w.grad = torch.ones_like(w)
+        opt.step()
+        assert isinstance(opt.param_groups[0]["lr"], float)
+        assert (not torch.equal(w, before)) == moved
+    assert torch.allclose(before - w.detach(), torch.full_like(w, 0.01), rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_torchaos_compiled_8bit_step_runs_on_cpu_and_matches_the_eager_one():
+    # the trainer steps eagerly off the GPU (its CPU meter is a dispatch mode torch.compile cannot
+    # trace); torchao's own compiled step must give the same update
+    from torchao.optim import AdamW8bit
+
+    torch.manual_seed(0)
+    grads = [torch.randn(64, 128) for _ in range(3)]
+    weights = []
+    for make in (lambda p: optim.adamw_8bit(p, 1e-2),
+                 lambda p: AdamW8bit(p, lr=1e-2, betas=optim.BETAS, weight_decay=optim.WEIGHT_DECAY)):
+        w = torch.nn.Parameter(torch.zeros(64, 128))
+        opt = make([w])
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        weights.append(w.detach())
+    assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+class ShardedEightBitJob:
+    """Two ranks (gloo), the draft sharded by FSDP2: its 8-bit moments are made from each rank's
+    shard. zero2 and zero3 from scratch; then a zero2 run resumed from its step-2 checkpoint."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __call__(self, rank: int) -> dict:
+        import torch.distributed as dist
+        from test_trainer_multi import options as multi_options
+        from test_trainer_multi import train
+
+        out = {}
+        for sharding in ("zero2", "zero3"):
+            opts = multi_options(self.folder, self.folder / f"out-{sharding}", 2, 1, 1, sharding=sharding,
+                                 optimizer="adamw-8bit")
+            opts.save_every = 2
+            out[sharding] = train(opts)
+        if rank == 0:
+            shutil.copytree(self.folder / "out-zero2" / "step-000002", self.folder / "resumed" / "step-000002")
+        dist.barrier()
+        opts = multi_options(self.folder, self.folder / "resumed", 2, 1, 1, sharding="zero2", optimizer="adamw-8bit")
+        opts.resume = True
+        out["resumed"] = train(opts)
+        return out
+
+
+@pytest.mark.slow
+def test_8bit_moments_of_fsdp2_shards_train_like_one_process_and_resume(tmp_path):
+    from test_parallel_spawned import run_spawned
+    from test_trainer_multi import assert_matches_one_process, train, write_configs
+    from test_trainer_multi import options as multi_options
+
+    write_configs(tmp_path)
+    ranks = run_spawned(ShardedEightBitJob(tmp_path), 2, tmp_path)
+    # one process over the same global batch: 2 accumulated micro-steps of B = 1
+    reference = train(multi_options(tmp_path, tmp_path / "out-single", 1, 1, 1, accum=2, optimizer="adamw-8bit"))
+    for result in ranks:
+        for sharding in ("zero2", "zero3"):
+            assert_matches_one_process(result[sharding], reference)
+        assert result["resumed"]["loss"] == result["zero2"]["loss"][2:]
+    assert reference["loss"][-1] < reference["loss"][0]
+
+
+# ---------------------------------------------------------------- offload optimizer
+
+
+@pytest.mark.parametrize("precision", ["mixed", "fp32-autocast", "bf16-master", "bf16"])
+def test_offloaded_optimizer_trains_exactly_like_the_resident_one(configs, tmp_path, monkeypatch, precision):
+    resident = run(options(configs, tmp_path / "resident", steps=3, precision=precision))
+    report, optimizer = train_recording_optimizer(
+        options(configs, tmp_path / "offload", steps=3, precision=precision, offload="optimizer"), monkeypatch)
+    assert isinstance(optimizer, HostAdamW)
+    # the same AdamW over the same numbers, on other tensors: the same losses, bit for bit
+    assert [s["loss"] for s in report["steps"]] == [s["loss"] for s in resident["steps"]]
+    master = precision in optim.MASTER_RECIPES
+    for p, host in zip(optimizer.model_params, optimizer.host):
+        assert host.device.type == "cpu" and host.data_ptr() != p.data_ptr()
+        assert host.dtype == (torch.float32 if master else p.dtype)
+    # nothing of the optimizer's state is in the estimate's GPU memory
+    components = report["prediction"]["phase_components"]["optimizer_step"]
+    assert components.get("optimizer.moments", 0) == components.get("optimizer.master", 0) == 0
+
+
+def test_offloaded_optimizer_resumes_identically(configs, tmp_path):
+    full = run(options(configs, tmp_path / "full", steps=4, offload="optimizer"))
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "step-000002", tmp_path / "resumed" / "step-000002")
+    opts = options(configs, tmp_path / "resumed", steps=4, offload="optimizer")
+    opts.resume = True
+    assert [s["loss"] for s in run(opts)["steps"]] == [s["loss"] for s in full["steps"][2:]]
+
+
+def test_offloaded_clip_is_torchs_clip():
+    torch.manual_seed(0)
+    grads = [torch.randn(8, 8) * 10, torch.randn(8)]
+    params = _with_grads([g.clone() for g in grads])
+    norm = optim.clip(HostAdamW(params, 0.1, optim.adamw, master=False), 1.0)
+    reference = _with_grads([g.clone() for g in grads])
+    assert norm == pytest.approx(float(torch.nn.utils.clip_grad_norm_(reference, 1.0)))
+    assert norm == pytest.approx(float(torch.cat([g.flatten() for g in grads]).norm()))  # before clipping
+    for p, r in zip(params, reference):
+        assert torch.equal(p.grad, r.grad)
+    assert float(torch.cat([p.grad.flatten() for p in params]).norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+def _with_grads(grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g
+    return params
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_offloaded_state_is_pinned_host_memory_and_the_8bit_step_compiles():
+    layer = torch.nn.Linear(512, 256, bias=False, device="cuda", dtype=torch.bfloat16)
+    offloaded = optim.build_optimizer(list(layer.parameters()), "bf16-master", 1e-3, "adamw", "optimizer")
+    before = torch.cuda.memory_allocated()
+    layer(torch.ones(4, 512, device="cuda", dtype=torch.bfloat16)).sum().backward()
+    optim.clip(offloaded, 1.0)
+    offloaded.step()
+    assert torch.cuda.memory_allocated() - before == 512 * 256 * 2  # the bf16 grad, nothing else
+    assert all(h.is_pinned() for h in offloaded.host)
+    eight = optim.build_optimizer(list(layer.parameters()), "bf16-master", 1e-3, "adamw-8bit")
+    eight.step()
+    (exp_avg,) = [s["exp_avg"] for s in eight.inner.state.values()]
+    assert exp_avg.codes.is_cuda and exp_avg.codes.dtype == torch.uint8
+
+
+# ---------------------------------------------------------------- what stays refused
+
+
+def test_the_mxfp4_refusal_names_what_transformers_does():
+    # the reason fitplan.layout gives for target_weights mxfp4, read from transformers' source:
+    # its MXFP4 experts fetch their Triton kernels from the hub as the model loads
+    from transformers.integrations import mxfp4
+
+    from fitplan.layout import TRAINER_KNOBS
+
+    assert 'get_kernel("kernels-community/gpt-oss-triton-kernels"' in inspect.getsource(mxfp4)
+    assert "kernels-community/gpt-oss-triton-kernels" in TRAINER_KNOBS[("target_weights", "mxfp4")]
