@@ -22,6 +22,7 @@ from fitplan.cli import app  # noqa: E402
 from fitplan.config import RunSpec  # noqa: E402
 from fitplan.estimator import estimate_spec  # noqa: E402
 from fitplan.layout import resolve  # noqa: E402
+import test_trainer  # noqa: E402
 from test_trainer import DRAFT, TARGET  # noqa: E402
 from trainer import data, features, loop  # noqa: E402
 from trainer.feature_writer import write_random_target_features  # noqa: E402
@@ -31,14 +32,7 @@ from trainer.options import TrainOptions  # noqa: E402
 H, V, SEQ = TARGET["hidden_size"], TARGET["vocab_size"], 32
 AUX = (0, 2, 3)  # the tiny target's default aux layers (4 layers: 1, n/2-1, n-4 made distinct)
 SYNTHETIC = 64  # loop.VOCAB_SAMPLES_SYNTHETIC: the online run counts its draft vocab over these
-
-
-@pytest.fixture(scope="module")
-def configs(tmp_path_factory) -> tuple[str, str]:
-    d = tmp_path_factory.mktemp("configs")
-    (d / "target.json").write_text(json.dumps(TARGET))
-    (d / "draft.json").write_text(json.dumps(DRAFT))
-    return str(d / "target.json"), str(d / "draft.json")
+configs = test_trainer.configs  # the fixture: the tiny target's and draft's config files
 
 
 @pytest.fixture(scope="module")
