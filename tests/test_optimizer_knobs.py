@@ -10,6 +10,7 @@ import inspect
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -268,6 +269,30 @@ def test_on_a_gpu_the_offloaded_state_is_pinned_host_memory_and_the_8bit_step_co
     eight.step()
     (exp_avg,) = [s["exp_avg"] for s in eight.inner.state.values()]
     assert exp_avg.codes.is_cuda and exp_avg.codes.dtype == torch.uint8
+
+
+# ---------------------------------------------------------------- measured on a GPU
+
+# fitplan/validation/knob_runs.py on one H200: the AdamW baseline and each knob on the same job
+KNOB_REPORTS = sorted((Path(__file__).parent / "data" / "gpu" / "knobs").glob("*.report.json"))
+
+
+@pytest.mark.parametrize("path", KNOB_REPORTS, ids=[p.name.split(".report")[0] for p in KNOB_REPORTS])
+def test_measured_knob_runs_are_predicted_within_2_percent_allocated_and_6_device(path):
+    from test_profiles_measured import PHASES, steady
+
+    from fitplan.estimator import estimate_spec
+    from fitplan.records import read_measurement
+
+    measurement = read_measurement(path)
+    est = estimate_spec(measurement.config)
+    measured = steady(measurement)
+    errors = {phase: (measured[phase]["allocated"] - sum(est.phases[phase].values())) / sum(est.phases[phase].values())
+              for phase in PHASES}
+    assert all(abs(e) <= 0.02 for e in errors.values()), {p: f"{e:+.1%}" for p, e in errors.items()}
+    device = max(p["device_used"] for p in measured.values())
+    assert abs(device - est.peak_reserved_bytes) / est.peak_reserved_bytes <= 0.06
+    assert measurement.alloc_retries == 0 and measurement.ooms == 0
 
 
 # ---------------------------------------------------------------- what stays refused
