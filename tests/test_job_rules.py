@@ -29,7 +29,7 @@ BAD_JOBS = [
     (["--model", "llama-3.1-8b", "--optimizer", "adamw-8bit", "--offload", "optimizer"], "8 bits save no GPU memory"),
     (["--model", "llama-3.1-8b", "--sharding", "zero3", "--offload", "params"], "sets no CPUOffloadPolicy"),
     (["--model", "gpt-oss-20b", "--target-weights", "mxfp4"], "fetches its Triton kernels from the Hugging Face hub"),
-    (["--model", "llama-3.1-8b", "--offline"], "describe the specforge runtime"),
+    (["--model", "llama-3.1-8b", "--target-backend", "hf"], "describe the specforge runtime"),
     (["--model", "deepseek-v3", "--gpus", "8xH200", "--tp", "8"], "splits no deepseek_v3 target"),
     (["--model", "llama-3.1-8b", "--workload", "sft", "--runtime", "specforge"], "eagle3 workload only"),
 ]
@@ -46,7 +46,7 @@ def one_line_refusal(args: list[str]) -> str:
 @pytest.mark.parametrize("job,words", BAD_JOBS)
 def test_every_command_refuses_a_bad_job_alike(tmp_path, job, words):
     config = tmp_path / "job.yaml"
-    flags = dict(zip(job[::2], job[1::2])) if "--offline" not in job else {"--model": job[1], "--offline": True}
+    flags = dict(zip(job[::2], job[1::2]))
     keys = {k[2:].replace("-", "_"): v for k, v in flags.items()}
     if "aux_layers" in keys:
         keys["aux_layers"] = [int(x) for x in keys["aux_layers"].split(",")]
