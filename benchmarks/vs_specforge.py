@@ -90,7 +90,9 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the repo's fitpl
     sys.path.insert(0, str(ROOT))
 
 MARK = "VS_SPECFORGE_RESULT "  # prefix of the child's one JSON line on stdout
-TOOLS = ("specforge", "fitplan")
+# fitplan-plain: the trainer with draft_memory plain (torch's composition of the head, loss and
+# SwiGLU), to show what the lean draft costs or saves in the same call
+TOOLS = ("specforge", "fitplan", "fitplan-plain")
 DEFAULT_SHAPES = "1x2048,1x4096,1x8192,1x16384,2x4096"
 WHEEL = ROOT / ".whl" / "specforge-0.2.0-py3-none-any.whl"
 OUT_JSON, OUT_MD = "vs_specforge.json", "vs_specforge.md"
@@ -129,7 +131,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="folder for vs_specforge.json and vs_specforge.md")
     p.add_argument("--shapes", type=shape_list, default=shape_list(DEFAULT_SHAPES), help=f"BxS list ({DEFAULT_SHAPES})")
-    p.add_argument("--tools", type=tool_list, default=list(TOOLS), help="specforge,fitplan (run in this order)")
+    p.add_argument("--tools", type=tool_list, default=["specforge", "fitplan"],
+                   help="specforge,fitplan[,fitplan-plain] (run in this order)")
+    p.add_argument("--profile", action="store_true",
+                   help="fitplan tools: one more step under torch.profiler, its 20 costliest CUDA kernels in the JSON")
     p.add_argument("--budget", type=float, default=420.0, help="seconds after which no new config starts")
     p.add_argument("--hard-stop", type=float, help="seconds after which a running child is killed (budget + 150)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps per config (the first compiles)")
@@ -263,15 +268,20 @@ def render(meta: dict, results: list[dict]) -> str:
     ok = [r for r in results if r.get("ok")]
     peak = ok[0]["peak_tflops"] if ok else None
     device = ok[0].get("device", "?") if ok else "?"
-    header = ("| B x S | step s fitplan / SpecForge | time ratio | draft memory GiB fitplan / SpecForge | memory ratio "
-              "| tokens/s fitplan / SpecForge | MFU fitplan / SpecForge | first step s fitplan / SpecForge |")
-    rows = [header, "|---|---|---|---|---|---|---|---|"]
-    for b, s in shapes:
-        f, g = by.get(("fitplan", b, s), {}), by.get(("specforge", b, s), {})
-        rows.append(f"| {b} x {s} | {_pair(f, g, 'step_s', 1, '.3f')} | {_ratio(f, g, 'step_s')} "
-                    f"| {_pair(f, g, 'draft_mem', GIB, '.2f')} | {_ratio(f, g, 'draft_mem')} "
-                    f"| {_pair(f, g, 'tokens_per_s', 1, ',.0f')} | {_pair(f, g, 'mfu', 0.01, '.1f', '%')} "
-                    f"| {_pair(f, g, 'first_step_s', 1, '.0f')} |")
+    lines = []
+    for tool in [t for t in ("fitplan", "fitplan-plain") if any(r["tool"] == t for r in results)]:
+        label = "fitplan" if tool == "fitplan" else "fitplan (draft_memory plain)"
+        header = (f"| B x S | step s {label} / SpecForge | time ratio | draft memory GiB {label} / SpecForge "
+                  f"| memory ratio | tokens/s {label} / SpecForge | MFU {label} / SpecForge "
+                  f"| first step s {label} / SpecForge |")
+        rows = ["", header, "|---|---|---|---|---|---|---|---|"]
+        for b, s in shapes:
+            f, g = by.get((tool, b, s), {}), by.get(("specforge", b, s), {})
+            rows.append(f"| {b} x {s} | {_pair(f, g, 'step_s', 1, '.3f')} | {_ratio(f, g, 'step_s')} "
+                        f"| {_pair(f, g, 'draft_mem', GIB, '.2f')} | {_ratio(f, g, 'draft_mem')} "
+                        f"| {_pair(f, g, 'tokens_per_s', 1, ',.0f')} | {_pair(f, g, 'mfu', 0.01, '.1f', '%')} "
+                        f"| {_pair(f, g, 'first_step_s', 1, '.0f')} |")
+        lines += rows
     failed = [f"{r['tool']} {r['batch']}x{r['seq']}: {r.get('error', 'failed')}" for r in results if not r.get("ok")]
     teacher = ("full-vocab logits (SpecForge's default)" if meta.get("specforge_teacher", "full") == "full"
                else "compact_teacher")
@@ -283,7 +293,7 @@ def render(meta: dict, results: list[dict]) -> str:
         f"lm_head, draft embedding and buffers and the inputs. MFU: (fitplan.steptime.draft_flops + the teacher's "
         f"2·B·S·V·h) / step time / {peak if peak else '?'} TFLOP/s (dense bf16, profiles/gpus.json). "
         f"Attention: {meta.get('attention', 'flex')}. First step: wall time including compilation.")
-    lines = [caption, "", *rows]
+    lines = [caption, *lines]
     if failed:
         lines += ["", "Not measured: " + "; ".join(failed)]
     return "\n".join(lines)
@@ -325,6 +335,8 @@ def run_child(args) -> dict:
             torch.cuda.empty_cache()
         result["setup_s"] = time.perf_counter() - start
         result.update(measure(step, device, args.warmup, args.steps))
+        if args.profile and tool != "specforge" and device.type == "cuda":
+            result["kernels"] = profile_step(step)
         # CPU (the smoke test): Meter's tracker counts only tensors the steps create
         held = result["frozen_bytes"] + result["input_bytes"] if device.type == "cuda" else 0
         result["draft_mem"] = result["peak_allocated"] - held
@@ -336,13 +348,27 @@ def run_child(args) -> dict:
     return result
 
 
+def profile_step(step) -> list[dict]:
+    """One more step under torch.profiler: its 20 costliest CUDA kernels (name, ms, calls)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(lambda name: contextlib.nullcontext())
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:20]
+    return [{"name": e.key[:90], "ms": round(e.device_time_total / 1000, 2), "calls": e.count} for e in rows]
+
+
 def bench_job(args, batch: int, seq: int):
     """The resolved fitplan job: the draft's shape, the recipe, the GPU's peak, the FLOPs."""
     from fitplan.config import RunSpec
     from fitplan.layout import resolve
 
+    plain = getattr(args, "child", None) == "fitplan-plain"
     return resolve(RunSpec(model=args.model, draft=args.draft, gpus=f"1x{args.gpu}", seq=seq, micro_batch=batch,
-                           ttt=args.ttt, tp=1, attention=args.attention, precision="bf16-master"))
+                           ttt=args.ttt, tp=1, attention=args.attention, precision="bf16-master",
+                           draft_memory="plain" if plain else "lean"))
 
 
 def make_tensors(job, device, seed: int, assistant_fraction: float) -> tuple[dict, dict]:
@@ -505,7 +531,7 @@ def fitplan_draft_step(draft, optimizer, aux, ids, teacher, ttt: int, *, schedul
 
     phase = phase or (lambda name: contextlib.nullcontext())
     with phase("forward"), optim.autocast(precision, aux.device):
-        loss, _ = unroll_loss(*_loss_args(draft, aux, ids, teacher, ttt))
+        loss, _ = unroll_loss(draft.unroll(aux, ids, ttt), draft.lm_head, teacher, lean=draft.lean)
     with phase("backward"):
         loss.backward()
     value = float(loss.detach())
@@ -518,19 +544,6 @@ def fitplan_draft_step(draft, optimizer, aux, ids, teacher, ttt: int, *, schedul
             scheduler.step()
         draft.zero_grad(set_to_none=True)
     return value
-
-
-def _loss_args(draft, aux, ids, teacher, ttt: int) -> tuple:
-    """unroll_loss's arguments: the draft head is fused into the loss where the trainer has it
-    (the unroll yields normed hidden states), else the unroll yields logits."""
-    import inspect
-
-    from trainer.loss import unroll_loss
-
-    steps = draft.unroll(aux, ids, ttt)
-    if "head" in inspect.signature(unroll_loss).parameters:
-        return steps, draft.lm_head, teacher
-    return steps, teacher, ttt
 
 
 class _EmbeddingSource:
@@ -678,7 +691,7 @@ def build_specforge(job, frozen: dict, inputs: dict, device, args):
     return step, frozen_bytes, notes
 
 
-BUILDERS = {"fitplan": build_fitplan, "specforge": build_specforge}
+BUILDERS = {"fitplan": build_fitplan, "fitplan-plain": build_fitplan, "specforge": build_specforge}
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 from trainer import head_loss  # noqa: E402
-from trainer.head_loss import DraftHead  # noqa: E402
+from trainer.head_loss import CountedRows, DraftHead  # noqa: E402
 from trainer.lean_ops import SwiGLUDown  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def test_fused_head_matches_unfused(dtype, tol, offset, monkeypatch):
     weight = head.weight.detach().clone().requires_grad_()
     ref_normed = normed.detach().clone().requires_grad_()
 
-    got, got_agree = head(normed, probs, valid, offset)
+    got, got_agree = head(normed, probs, CountedRows(valid), offset)
     want, want_agree = reference_head_loss(ref_normed, weight, probs, valid, offset)
     (got * 0.8).backward()
     (want * 0.8).backward()
@@ -71,7 +71,7 @@ def test_fused_head_with_nothing_counted():
     normed = torch.randn(1, 4, 8, requires_grad=True)
     probs = torch.zeros(1, 6, 10)
     valid = torch.zeros(1, 6, dtype=torch.bool)
-    summed, agree = head(normed, probs, valid, 1)
+    summed, agree = head(normed, probs, CountedRows(valid), 1)
     summed.backward()
     assert float(summed.detach()) == 0 and int(agree) == 0
     assert normed.grad.abs().max() == 0
@@ -99,7 +99,7 @@ def test_fused_head_keeps_only_its_inputs():
     normed = torch.randn(batch, seq, hidden, requires_grad=True)
     # kept: the normed hidden, the weight, the teacher table (kept anyway) and two int64 row
     # indices; not the [S, Vd] fp32 log-softmax of the unfused step (64 x 1000 x 4 = 256000 B)
-    kept = _saved_bytes(lambda: head(normed, probs, valid, 1))
+    kept = _saved_bytes(lambda: head(normed, probs, CountedRows(valid), 1))
     want = (seq * hidden * 4) + (vocab * hidden * 4) + probs.numel() * 4 + 2 * 8 * seq
     assert kept == want, (kept, want)
     unfused = _saved_bytes(lambda: reference_head_loss(normed, head.weight, probs, valid, 1))

@@ -35,6 +35,20 @@ def configs(tmp_path_factory):
     return str(d / "target.json"), str(d / "draft.json")
 
 
+@pytest.fixture(autouse=True)
+def eager_head(monkeypatch):
+    """On CPU the fused head's chunk arithmetic runs eagerly (trainer/head_loss.py compiles it on
+    CUDA only). Counted by hand from _chunk_loss / _chunk_grad with bf16 logits: forward holds the
+    bf16 logits 2, the gathered teacher rows 4, the fp32 logits 4, the log-probabilities 4 and
+    their product with p 4 = 18 bytes per logit; backward the bf16 logits 2, the teacher rows 4,
+    the softmax 4, and two of softmax * sum(p), minus p and times the upstream gradient 8 (each
+    freed once the next exists) = 18 (the fp32 logits are freed once softmax returns)."""
+    from fitplan.estimator import draft_terms
+
+    monkeypatch.setattr(draft_terms, "HEAD_FORWARD_BYTES_PER_LOGIT", 18)
+    monkeypatch.setattr(draft_terms, "HEAD_BACKWARD_BYTES_PER_LOGIT", 18)
+
+
 def measure(configs, tmp_path, micro_batch, ttt, ac):
     target, draft = configs
     spec = RunSpec(model=target, draft=draft, seq=32, micro_batch=micro_batch, ttt=ttt, ac=ac, tp=1,

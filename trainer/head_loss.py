@@ -9,7 +9,12 @@ turns them into gradients for the hidden and the head weight.
 
 Only positions the loss counts are computed: a masked position (outside the assistant's tokens,
 target argmax outside the draft vocab, the TTT padding at the end) contributes neither loss nor
-gradient, so its logits are never formed.
+gradient, so its logits are never formed. Which positions count is read to the host once per
+micro-step (`CountedRows`), so the steps themselves never wait for the device.
+
+On CUDA the per-chunk softmax arithmetic is compiled into a couple of fused kernels that read
+the bf16 logits and gather the teacher rows themselves; eager, the same arithmetic would make
+about ten passes over fp32 [chunk, Vd] tables.
 
 Liger-Kernel's fused linear losses do the same for hard labels and for teachers given as hidden
 states and a weight; Eagle3's teacher is a probability table over the draft vocab, which none of
@@ -18,21 +23,75 @@ them takes, hence this small recompute-in-backward function in plain torch (it r
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch import nn
 
 from trainer.lean_ops import compute_dtype
 
-# Bytes of fp32 logits one chunk may hold. Four fp32 tables of this size are alive at once
-# (logits, the gathered teacher rows, log-softmax and product), so a chunk costs 256 MiB; small
-# enough that the few hundred MiB a sparse loss mask leaves unused barely move the peak, large
-# enough (524 rows at a 32k vocab) to keep the GEMMs efficient.
-CHUNK_BYTES = 64 * 2**20
+# Sizes a chunk as if it held one fp32 table [rows, Vd]: 2097 rows at a 32k vocab, large enough
+# for efficient GEMMs and few launches. Compiled (CUDA), a chunk holds its bf16 logits (forward)
+# and their bf16 gradient (backward): 128-256 MiB. Eager (CPU) about 20 bytes per logit.
+CHUNK_BYTES = 256 * 2**20
 
 
 def chunk_rows(vocab: int) -> int:
     """Positions per chunk: as many as fit CHUNK_BYTES of fp32 logits."""
     return max(1, CHUNK_BYTES // (4 * vocab))
+
+
+class CountedRows:
+    """The positions a micro-batch's loss counts, on the host: one device-to-host copy per
+    micro-step instead of a wait inside every TTT step."""
+
+    def __init__(self, valid: torch.Tensor):
+        self.batch, self.padded = valid.shape
+        self.device = valid.device
+        b, j = valid.nonzero(as_tuple=True)
+        b, j = b.cpu(), j.cpu()
+        self.positions = [j[b == row] for row in range(self.batch)]  # sorted per row
+
+    def count(self, offset: int, seq: int) -> int:
+        """Positions the step scored at teacher offset counts."""
+        return sum(int(torch.searchsorted(j, torch.tensor([offset, offset + seq])).diff()) for j in self.positions)
+
+    def for_step(self, offset: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows of the step's [B*S, h] hidden, rows of the teacher's [B*(S+L), Vd] table) for the
+        step scored against teacher positions t + offset."""
+        x_rows, p_rows = [], []
+        for row, j in enumerate(self.positions):
+            lo, hi = torch.searchsorted(j, torch.tensor([offset, offset + seq])).tolist()
+            kept = j[lo:hi]
+            x_rows.append(row * seq + kept - offset)
+            p_rows.append(row * self.padded + kept)
+        both = torch.stack((torch.cat(x_rows), torch.cat(p_rows)))
+        if self.device.type == "cuda":
+            both = both.pin_memory().to(self.device, non_blocking=True)
+        return both[0], both[1]
+
+
+def _chunk_loss(logits: torch.Tensor, probs: torch.Tensor, p_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(-sum p log softmax(logits), top-1 agreements) of one chunk; p gathered from the teacher."""
+    p = probs[p_rows]
+    z = logits.float()
+    log_probs = z - torch.logsumexp(z, dim=-1, keepdim=True)
+    return -(p * log_probs).sum(), (z.argmax(-1) == p.argmax(-1)).sum()
+
+
+def _chunk_grad(logits: torch.Tensor, probs: torch.Tensor, p_rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """d/dz of -sum p log softmax(z), times the upstream gradient, in the logits' dtype."""
+    p = probs[p_rows]
+    soft = torch.softmax(logits.float(), dim=-1)
+    return ((soft * p.sum(-1, keepdim=True) - p) * scale).to(logits.dtype)
+
+
+@lru_cache(maxsize=None)
+def _kernels(device_type: str):
+    """The chunk arithmetic: compiled on CUDA (dynamic chunk lengths: one graph each), eager elsewhere."""
+    if device_type != "cuda":
+        return _chunk_loss, _chunk_grad
+    return torch.compile(_chunk_loss, dynamic=True), torch.compile(_chunk_grad, dynamic=True)
 
 
 class _HeadSoftCE(torch.autograd.Function):
@@ -45,13 +104,14 @@ class _HeadSoftCE(torch.autograd.Function):
     def forward(ctx, x, weight, probs, x_rows, p_rows, chunk):
         dtype = compute_dtype(x)
         w = weight.to(dtype)
+        chunk_loss, _ = _kernels(x.device.type)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         agree = torch.zeros((), dtype=torch.long, device=x.device)
         for start in range(0, x_rows.numel(), chunk):
-            logits = (x.index_select(0, x_rows[start : start + chunk]).to(dtype) @ w.T).float()
-            p = probs.index_select(0, p_rows[start : start + chunk])
-            loss -= (p * torch.log_softmax(logits, dim=-1)).sum()
-            agree += (logits.argmax(-1) == p.argmax(-1)).sum()
+            logits = x.index_select(0, x_rows[start : start + chunk]).to(dtype) @ w.T
+            part, hits = chunk_loss(logits, probs, p_rows[start : start + chunk])
+            loss += part
+            agree += hits
         ctx.save_for_backward(x, weight, probs, x_rows, p_rows)
         ctx.chunk, ctx.dtype = chunk, dtype
         ctx.mark_non_differentiable(agree)
@@ -61,15 +121,13 @@ class _HeadSoftCE(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_agree):
         x, weight, probs, x_rows, p_rows = ctx.saved_tensors
         w = weight.to(ctx.dtype)
+        _, chunk_grad = _kernels(x.device.type)
         grad_x = torch.zeros_like(x)
         grad_w = torch.zeros_like(weight)
         for start in range(0, x_rows.numel(), ctx.chunk):
             rows = x_rows[start : start + ctx.chunk]
             xs = x.index_select(0, rows).to(ctx.dtype)
-            p = probs.index_select(0, p_rows[start : start + ctx.chunk])
-            # d/dz of -sum p log softmax(z) is softmax(z) * sum(p) - p
-            grad_logits = torch.softmax((xs @ w.T).float(), dim=-1).mul_(p.sum(-1, keepdim=True)).sub_(p)
-            grad_logits = grad_logits.mul_(grad_loss).to(ctx.dtype)
+            grad_logits = chunk_grad(xs @ w.T, probs, p_rows[start : start + ctx.chunk], grad_loss)
             grad_x.index_copy_(0, rows, (grad_logits @ w).to(x.dtype))
             _accumulate(grad_w, grad_logits.T, xs)
         return grad_x, grad_w, None, None, None, None
@@ -94,17 +152,16 @@ class DraftHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab, hidden))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's initialisation
 
-    def forward(self, normed: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor, offset: int):
-        """(summed soft cross-entropy, top-1 agreements) of TTT step `offset - 1`.
+    def forward(self, normed: torch.Tensor, probs: torch.Tensor, counted: CountedRows, offset: int):
+        """(summed soft cross-entropy, top-1 agreements) of the step scored at teacher offset.
 
-        normed [B, S, h]: the step's final-norm output. probs [B, S + L, Vd] and valid [B, S + L]:
-        the whole teacher; position t of this step is scored against teacher position t + offset.
-        Indexing the teacher by row keeps it in place (a slice of it, flattened, would be a copy).
+        normed [B, S, h]: the step's final-norm output. probs [B, S + L, Vd]: the whole teacher;
+        position t of this step is scored against teacher position t + offset where `counted`
+        has it. Indexing the teacher by row keeps it in place (a slice of it, flattened, would be
+        a copy).
         """
         batch, seq, hidden = normed.shape
-        padded = probs.shape[1]
-        b, t = valid[:, offset : offset + seq].nonzero(as_tuple=True)
-        x_rows, p_rows = b * seq + t, b * padded + t + offset
+        x_rows, p_rows = counted.for_step(offset, seq)
         return _HeadSoftCE.apply(normed.reshape(-1, hidden), self.weight, probs.view(-1, probs.shape[-1]),
                                  x_rows, p_rows, chunk_rows(self.weight.shape[0]))
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.head_loss import CountedRows
+
 STEP_DECAY = 0.8
 
 
@@ -69,14 +71,17 @@ def unroll_loss(step_normed, head, teacher: Teacher, lean: bool = True) -> tuple
     the loss when `lean`. Each step is reduced to a scalar before the next step runs, so only
     what autograd saves stays alive.
     """
+    rows = CountedRows(teacher.valid) if lean else None
     total = None
     accuracy = []
     for k, normed in enumerate(step_normed):
-        counted = teacher.valid[:, k + 1 : k + 1 + normed.shape[1]].sum().clamp(min=1)
+        seq = normed.shape[1]
         if lean:
-            summed, agree = head(normed, teacher.probs, teacher.valid, k + 1)
+            summed, agree = head(normed, teacher.probs, rows, k + 1)
+            counted = max(rows.count(k + 1, seq), 1)
         else:
             summed, agree = plain_step_loss(normed, head, teacher, k + 1)
+            counted = teacher.valid[:, k + 1 : k + 1 + seq].sum().clamp(min=1)
         weighted = summed / counted * STEP_DECAY**k
         total = weighted if total is None else total + weighted
         accuracy.append(agree / counted)

@@ -29,10 +29,15 @@ from fitplan.units import BF16, FP32
 
 NORMS_PER_STEP = 4  # input, hidden, post-attention and final RMSNorm: one fp32 rstd per token each
 ROW_INDEX_BYTES = 2 * 8  # the fused head's int64 row indices into the hidden and the teacher
-# trainer/head_loss.py CHUNK_BYTES: fp32 logits of one chunk of counted positions. Every
-# position is assumed counted (synthetic data's worst case); a sparse loss mask that leaves
-# fewer counted positions than a chunk's rows makes the real chunk smaller.
-HEAD_CHUNK_BYTES = 64 * 2**20
+# trainer/head_loss.py CHUNK_BYTES: a chunk of counted positions has as many rows as this many
+# bytes of fp32 logits. Every position is assumed counted (synthetic data's worst case); a sparse
+# loss mask that leaves fewer counted positions than a chunk's rows makes the real chunk smaller.
+HEAD_CHUNK_BYTES = 256 * 2**20
+# Bytes per logit a chunk holds while it runs, on CUDA where its arithmetic is compiled: the bf16
+# logits in forward; the bf16 logits and their bf16 gradient in backward. (Run eagerly, as on
+# CPU, the same arithmetic holds about 18 and 20: fp32 copies, the gathered teacher rows.)
+HEAD_FORWARD_BYTES_PER_LOGIT = 2
+HEAD_BACKWARD_BYTES_PER_LOGIT = 4
 
 
 def _lean(job: Job) -> bool:
@@ -135,23 +140,23 @@ def teacher_chunk_bytes(job: Job) -> int:
 
 
 def _loss_forward_bytes(job: Job) -> int:
-    """The last step's loss while it runs, beyond what it keeps. Fused: one chunk's fp32 logits,
-    the teacher rows gathered for it, their log-softmax and the product summed (16*Vd per row).
-    Unfused: the bf16 logits and the fp32 product over every position (6*Vd per token)."""
+    """The last step's loss while it runs, beyond what it keeps. Fused: one chunk's logits
+    (HEAD_FORWARD_BYTES_PER_LOGIT). Unfused: the bf16 logits and the fp32 product over every
+    position (6*Vd per token)."""
     d = job.draft
     if _lean(job):
-        return 4 * FP32 * d.draft_vocab * head_chunk_rows(job)
+        return HEAD_FORWARD_BYTES_PER_LOGIT * d.draft_vocab * head_chunk_rows(job)
     return (BF16 + FP32) * d.draft_vocab * _tokens(job)
 
 
 def _loss_backward_bytes(job: Job) -> int:
     """The last step's loss backward, first in backward. Fused: the hidden's gradient [T, h]
-    bf16, allocated whole, and one chunk's gathered teacher rows, recomputed fp32 logits and
-    their softmax (12*Vd per row). Unfused: the fp32 gradients of the log-softmax's output and
+    bf16, allocated whole, and one chunk's recomputed logits and their gradient
+    (HEAD_BACKWARD_BYTES_PER_LOGIT). Unfused: the fp32 gradients of the log-softmax's output and
     input (8*Vd per token)."""
     d = job.draft
     if _lean(job):
-        return BF16 * d.hidden * _tokens(job) + 3 * FP32 * d.draft_vocab * head_chunk_rows(job)
+        return BF16 * d.hidden * _tokens(job) + HEAD_BACKWARD_BYTES_PER_LOGIT * d.draft_vocab * head_chunk_rows(job)
     return 2 * FP32 * d.draft_vocab * _tokens(job)
 
 
@@ -228,6 +233,29 @@ def _eager_backward_bytes(job: Job) -> int:
     return 6 * d.heads * S * L + BF16 * d.heads * d.head_dim * L + 2 * BF16 * d.hidden
 
 
+# SwiGLUDown's backward on CUDA (trainer/lean_ops.py, compiled): the gradient of the product and
+# the gradients of gate and up, 6I bytes per token, at its peak.
+SWIGLU_BACKWARD_PER_INTERMEDIATE = 6
+
+
+def _mlp_backward_bytes(job: Job) -> int:
+    """The lean draft's last-step MLP backward, beyond the saved set: SwiGLUDown's gradients and
+    the gradient of the hidden stream (2h), less what the head and the final norm released before
+    it (their saved hidden 2h each, the norm's rstd, the loss's row indices). With checkpointing
+    the step's layer has been recomputed first, beside its kept embedding. 0 for the plain draft,
+    whose loss backward (8*Vd per token) is the larger instant."""
+    if not _lean(job):
+        return 0
+    d, T = job.draft, _tokens(job)
+    mlp = (SWIGLU_BACKWARD_PER_INTERMEDIATE * d.intermediate + BF16 * d.hidden) * T
+    if not job.spec.ac:
+        released = (2 * BF16 * d.hidden + FP32 + _loss_saved_per_token(job)) * T
+        return mlp - released
+    recomputed = _layer_saved_per_token(job) * T + _kernel_saved_bytes(job, job.spec.ttt - 1)
+    released = (_step_outputs_per_token(job) + _loss_saved_per_token(job)) * T
+    return recomputed + mlp - released
+
+
 def draft_backward_extra_bytes(job: Job) -> int:
     """Transient peak of backward beyond the saved tensors: the larger of two instants.
 
@@ -245,10 +273,10 @@ def draft_backward_extra_bytes(job: Job) -> int:
     released = (_post_attention_saved_per_token(job) + _loss_saved_per_token(job)) * T
     attention = _eager_backward_bytes(job) * T
     if not job.spec.ac:
-        return max(logits_grads, attention - released)
+        return max(logits_grads, attention - released, _mlp_backward_bytes(job))
     recomputed = _layer_saved_per_token(job) * T + _kernel_saved_bytes(job, job.spec.ttt - 1)
     kept_by_last_step = (BF16 * d.hidden + _step_outputs_per_token(job)) * T
-    return max(logits_grads, recomputed - kept_by_last_step - released + attention)
+    return max(logits_grads, recomputed - kept_by_last_step - released + attention, _mlp_backward_bytes(job))
 
 
 def last_step_saved_bytes(job: Job) -> int:
