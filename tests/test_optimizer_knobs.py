@@ -301,6 +301,18 @@ def test_measured_knob_runs_are_predicted_within_2_percent_allocated_and_6_devic
 # ---------------------------------------------------------------- what stays refused
 
 
+def test_8bit_without_torchao_is_one_line_before_loading(monkeypatch):
+    import importlib.util
+
+    from fitplan.errors import FitplanError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(FitplanError, match="optimizer adamw-8bit needs torchao"):
+        optim.check_available("adamw-8bit")
+    optim.check_available("adamw")  # the fused AdamW is torch's own
+
+
 def test_the_mxfp4_refusal_names_what_transformers_does():
     # the reason fitplan.layout gives for target_weights mxfp4, read from transformers' source:
     # its MXFP4 experts fetch their Triton kernels from the hub as the model loads

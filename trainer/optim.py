@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import math
 import os
 from collections.abc import Callable
 
 import torch
 
+from fitplan.errors import FitplanError
 from trainer.offload import HostAdamW
 
 BF16_PARAM_RECIPES = ("mixed", "bf16-master", "bf16")
@@ -37,6 +39,13 @@ InnerFactory = Callable[[list, float], torch.optim.Optimizer]
 
 def adamw(params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True)
+
+
+def check_available(optimizer: str) -> None:
+    """Refuse, before anything loads, an optimizer whose library this install lacks."""
+    if optimizer == "adamw-8bit" and importlib.util.find_spec("torchao") is None:
+        raise FitplanError("optimizer adamw-8bit needs torchao, which is not installed "
+                           "(pip install 'torchao>=0.18', part of fitplan's train extra)")
 
 
 def adamw_8bit(params, lr: float) -> torch.optim.Optimizer:
