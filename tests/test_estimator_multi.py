@@ -25,8 +25,10 @@ RUNS = [json.loads(line) for name in ("multi_train_x2.jsonl", "multi_train_x4.js
 def spec_of(command: str) -> RunSpec:
     words = shlex.split(command)
     flags = {w[2:].replace("-", "_"): v for w, v in zip(words, words[1:]) if w.startswith("--") and not v.startswith("--")}
+    # these runs predate the lean draft: the trainer ran torch's composition (draft_memory plain)
     return RunSpec(model=flags["model"], gpus=flags["gpus"], tp=int(flags["tp"]), seq=int(flags["seq"]),
-                   micro_batch=int(flags["micro_batch"]), output_sharding=flags["output_sharding"])
+                   micro_batch=int(flags["micro_batch"]), output_sharding=flags["output_sharding"],
+                   draft_memory="plain")
 
 
 @pytest.mark.parametrize("run", RUNS, ids=[r["run"] for r in RUNS])

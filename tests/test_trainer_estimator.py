@@ -47,6 +47,8 @@ def eager_head(monkeypatch):
 
     monkeypatch.setattr(draft_terms, "HEAD_FORWARD_BYTES_PER_LOGIT", 18)
     monkeypatch.setattr(draft_terms, "HEAD_BACKWARD_BYTES_PER_LOGIT", 18)
+    # and SwiGLU's forward runs eagerly too: silu(gate) beside gate, up and the product
+    monkeypatch.setattr(draft_terms, "SWIGLU_FORWARD_PER_INTERMEDIATE", 8)
 
 
 def measure(configs, tmp_path, micro_batch, ttt, ac):

@@ -192,7 +192,7 @@ def draft_forward_extra_bytes(job: Job) -> int:
     d, T, L = job.draft, _tokens(job), job.spec.ttt
     tail = _loss_forward_bytes(job)
     if not job.spec.ac:
-        return _kv_lists_bytes(job) + max(tail, _eager_unsaved_bytes(job))
+        return _kv_lists_bytes(job) + max(tail, _eager_unsaved_bytes(job), _lean_mlp_forward_bytes(job))
     last_kv = 2 * BF16 * d.kv_heads * d.head_dim * T  # earlier steps' k/v are saved inputs already
     if job.spec.attention_impl == "eager":
         per_token = (10 * d.heads * job.spec.seq * L + 4 * (d.heads + d.kv_heads) * d.head_dim * L
@@ -200,7 +200,7 @@ def draft_forward_extra_bytes(job: Job) -> int:
         not_yet = _step_outputs_per_token(job) + _loss_saved_per_token(job)
         working = (per_token - not_yet) * T
     else:
-        working = (8 * d.intermediate + 4 * d.hidden) * T
+        working = _checkpointed_mlp_bytes(job)
     return last_kv + max(tail, working)
 
 
@@ -236,13 +236,40 @@ def _eager_backward_bytes(job: Job) -> int:
 # SwiGLUDown's backward on CUDA (trainer/lean_ops.py, compiled): the gradient of the product and
 # the gradients of gate and up, 6I bytes per token, at its peak.
 SWIGLU_BACKWARD_PER_INTERMEDIATE = 6
+# SwiGLUDown's forward on CUDA: gate, up and the product its one fused kernel writes, 6I bytes per
+# token (eager, silu(gate) exists beside them: 8I, as in torch's composition).
+SWIGLU_FORWARD_PER_INTERMEDIATE = 6
+
+
+def _lean_mlp_forward_bytes(job: Job) -> int:
+    """The lean draft's last-step MLP in forward, beyond the saved set: the product (gate and up
+    are saved), less what the step saves after its MLP and does not hold yet (the layer output,
+    the final norm's output and rstd, the loss's row indices)."""
+    if not _lean(job):
+        return 0
+    d = job.draft
+    transient = (SWIGLU_FORWARD_PER_INTERMEDIATE - 4) * d.intermediate
+    not_yet = 2 * BF16 * d.hidden + FP32 + _loss_saved_per_token(job)
+    return (transient - not_yet) * _tokens(job)
+
+
+def _checkpointed_mlp_bytes(job: Job) -> int:
+    """A checkpointed step's MLP while it runs (nothing saved inside): the MLP input and the
+    hidden stream (4h) beside gate, up, silu and product (8I; lean on CUDA 6I), less, for the
+    lean draft, the step's own outputs and loss rows that `saved` counts but do not exist yet."""
+    d = job.draft
+    if not _lean(job):
+        return (8 * d.intermediate + 4 * d.hidden) * _tokens(job)
+    not_yet = _step_outputs_per_token(job) + _loss_saved_per_token(job)
+    return (SWIGLU_FORWARD_PER_INTERMEDIATE * d.intermediate + 4 * d.hidden - not_yet) * _tokens(job)
 
 
 def _mlp_backward_bytes(job: Job) -> int:
     """The lean draft's last-step MLP backward, beyond the saved set: SwiGLUDown's gradients and
     the gradient of the hidden stream (2h), less what the head and the final norm released before
     it (their saved hidden 2h each, the norm's rstd, the loss's row indices). With checkpointing
-    the step's layer has been recomputed first, beside its kept embedding. 0 for the plain draft,
+    the step's layer has been recomputed first, beside its kept embedding; what it recomputes
+    excludes the layer output and final-norm output the norm outside it kept. 0 for the plain draft,
     whose loss backward (8*Vd per token) is the larger instant."""
     if not _lean(job):
         return 0
@@ -251,8 +278,10 @@ def _mlp_backward_bytes(job: Job) -> int:
     if not job.spec.ac:
         released = (2 * BF16 * d.hidden + FP32 + _loss_saved_per_token(job)) * T
         return mlp - released
+    # the recomputed layer saves what it saved before, less the outputs the norm outside it kept
+    # (released by now, as the kept ones are) and the embedding, which stays kept as its input
     recomputed = _layer_saved_per_token(job) * T + _kernel_saved_bytes(job, job.spec.ttt - 1)
-    released = (_step_outputs_per_token(job) + _loss_saved_per_token(job)) * T
+    released = (BF16 * d.hidden + 2 * _step_outputs_per_token(job) + _loss_saved_per_token(job)) * T
     return recomputed + mlp - released
 
 

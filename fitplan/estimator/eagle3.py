@@ -91,12 +91,12 @@ def backward_grads(job: Job, state: TrainedState) -> dict[str, int]:
 def earlier_head_backward(job: Job, state: TrainedState) -> dict[str, int]:
     """The loss backward of step L-2: step L-1 has released what it saved, and every trained
     unit but fc (which only step 0 reaches) holds its grads. Past the first step's instant when
-    the grads outweigh one step's activations (short sequences)."""
-    if job.spec.ttt < 2:
+    the grads outweigh one step's activations (short sequences). Not modelled with sharded grads:
+    when FSDP reduce-scatters a unit called once per step in the middle of backward is unmeasured."""
+    if job.spec.ttt < 2 or state.sharded_grads():
         return {}
-    fc_grads = 0 if state.sharded_grads() else draft_units(job)["fc"][0] * state.recipe.grad
     grads = backward_grads(job, state)
-    grads[Component.DRAFT_GRADS] -= fc_grads
+    grads[Component.DRAFT_GRADS] -= draft_units(job)["fc"][0] * state.recipe.grad
     kept = draft_terms.draft_activation_bytes(job) + draft_terms.draft_logits_bytes(job)
     left = kept - draft_terms.last_step_saved_bytes(job)
     return merge(grads, phase(activations__draft=left + draft_terms.earlier_head_backward_bytes(job)))
