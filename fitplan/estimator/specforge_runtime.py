@@ -62,12 +62,6 @@ def _logits(job: Job) -> tuple[int, int]:
     return SGLANG_LOGITS_PEAK * rows * V, SGLANG_LOGITS_ALIVE * rows * V
 
 
-def _target_weights(job: Job) -> int:
-    if job.spec.offline:
-        return BF16 * job.model.vocab * job.model.hidden
-    return target_terms.weights_per_rank(job)
-
-
 def timeline(job: Job) -> Timeline:
     t = Timeline()
     n, trainable = job.world, job.draft.trainable_params()
@@ -77,7 +71,7 @@ def timeline(job: Job) -> Timeline:
     master, moments, grad_copy = (_ceil_div(b * trainable, n) for b in (FP32, 2 * FP32, FP32))
     peak_logits, alive_logits = _logits(job)
     base = phase(
-        target__weights=_target_weights(job),
+        target__weights=target_terms.resident_weights(job),
         target__kv_pool=kv_pool_bytes(job),
         draft__params=shard,
         optimizer__master=master,
