@@ -82,7 +82,8 @@ class RunSpec:
     sglang_mem_fraction: Optional[float] = None
     """specforge runtime only."""
     offline: bool = False
-    """specforge runtime: precomputed hidden states, no live target."""
+    """The target's features (aux and last hidden states) are read from disk and no target runs:
+    SpecForge's offline mode, or fitplan's trainer given `fitplan train --hidden-states DIR`."""
     draft_memory: DraftMemory = "lean"
     """fitplan runtime. lean: the draft's lm_head is fused with the loss and its SwiGLU recomputed
     in backward, so no step keeps its logits; plain: torch's own composition, as SpecForge's draft

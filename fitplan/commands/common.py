@@ -44,7 +44,8 @@ HELP: dict[str, str] = {
     "runtime": "fitplan (our trainer) or specforge (SpecForge's classic train_eagle3.py).",
     "target_backend": "specforge runtime: sglang or hf target backend.",
     "sglang_mem_fraction": "specforge runtime: SGLang's mem_fraction_static.",
-    "offline": "specforge runtime: offline mode (precomputed hidden states, no live target).",
+    "offline": ("Target features from disk, no live target: SpecForge's offline mode, or fitplan's "
+                "trainer (eagle3, tp 1) with fitplan train --hidden-states DIR."),
     "draft_memory": ("fitplan runtime. lean: the draft's lm_head is fused with the loss, SwiGLU recomputed "
                      "in backward (no step keeps its logits). plain: torch's composition, as SpecForge's draft."),
 }
