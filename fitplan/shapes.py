@@ -94,6 +94,11 @@ class DraftShape:
     def frozen_params(self) -> int:
         return self.vocab * self.hidden
 
+    def largest_trained_tensor(self) -> int:
+        """Elements of the largest trained weight: fc, lm_head, an MLP projection or q_proj."""
+        h = self.hidden
+        return max(3 * self.target_hidden * h, h * self.draft_vocab, h * self.intermediate, 2 * h * self.heads * self.head_dim)
+
 
 # ---------------------------------------------------------------- parameter counts
 

@@ -1,6 +1,7 @@
 """The estimator against one-GPU measurements of targets the validation matrix never listed
 (tests/data/gpu/profiles/, fitplan/validation/profile_runs.py on an H200): tied-embedding Llamas,
-qwen2.5 (no head_dim), Mistral, Gemma 2 (soft-capping, sliding window, eager attention).
+qwen2.5 (no head_dim), Mistral, Gemma 2 (soft-capping, sliding window, eager attention); and of
+the lean draft (tests/data/gpu/lean/): llama-3.1-8b s16384, gemma-3-12b, deepseek-v3 at 4 layers.
 
 Blind for the estimator except Gemma 2's target forward: the soft-capped logits term
 (fitplan/estimator/eagle3.py) was written after this report showed +2.8% there.
@@ -15,7 +16,11 @@ import pytest
 from fitplan.estimator import estimate_spec
 from fitplan.records import read_measurement
 
-REPORTS = sorted((Path(__file__).parent / "data" / "gpu" / "profiles").glob("*.report.json"))
+DATA = Path(__file__).parent / "data" / "gpu"
+# profiles/: the plain draft (before draft_memory existed). lean/: the lean draft, measured with
+# `python -m fitplan.validation.profile_runs --jobs ...` (deepseek-v3 cut to 4 layers by
+# profile_runs.scaled_profile, its config committed in lean/configs/).
+REPORTS = sorted((DATA / "profiles").glob("*.report.json")) + sorted((DATA / "lean").glob("*.report.json"))
 PHASES = ("load", "target_forward", "draft_forward", "backward", "optimizer_step", "checkpoint")
 
 
@@ -30,7 +35,10 @@ def steady(measurement) -> dict[str, dict[str, int]]:
 @pytest.mark.parametrize("path", REPORTS, ids=[p.name.split(".report")[0] for p in REPORTS])
 def test_allocated_within_2_percent_and_device_within_6(path):
     measurement = read_measurement(path)
-    est = estimate_spec(measurement.config)
+    spec = measurement.config
+    if spec.model.endswith(".json"):  # a scaled profile, written on the device under another folder
+        spec = spec.replace(model=str(path.parent / "configs" / Path(spec.model).name))
+    est = estimate_spec(spec)
     measured = steady(measurement)
     for phase in PHASES:
         predicted = sum(est.phases[phase].values())
@@ -42,4 +50,4 @@ def test_allocated_within_2_percent_and_device_within_6(path):
 
 
 def test_the_reports_are_there():
-    assert len(REPORTS) == 5
+    assert len(REPORTS) == 8

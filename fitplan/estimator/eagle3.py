@@ -88,6 +88,22 @@ def backward_grads(job: Job, state: TrainedState) -> dict[str, int]:
     return {Component.DRAFT_GRADS: state.full_grads()}
 
 
+# torchao's AdamW8bit steps each tensor in one compiled kernel that dequantizes both moments of
+# that tensor into fp32 buffers first: 2 x 4 B per element of the tensor being stepped, the
+# largest at the peak. Measured on an H200 (tests/data/gpu/knobs/, llama-3.2-1b s4096, whose
+# largest trained tensor is the 65.5M-element lm_head): the optimizer step held 0.53 GiB more
+# than the moments, grads and masters; 2 x 4 x 65.5M is 0.49 GiB.
+EIGHT_BIT_STEP_BYTES_PER_ELEMENT = 2 * FP32
+
+
+def eight_bit_step_bytes(job: Job, state: TrainedState) -> int:
+    """The 8-bit step's fp32 buffers for the largest tensor (its shard where FSDP shards it)."""
+    if job.spec.optimizer != "adamw-8bit" or job.spec.offload != "none":
+        return 0
+    largest = job.draft.largest_trained_tensor()
+    return EIGHT_BIT_STEP_BYTES_PER_ELEMENT * (-(-largest // job.world) if state.fsdp() else largest)
+
+
 def earlier_head_backward(job: Job, state: TrainedState) -> dict[str, int]:
     """The loss backward of step L-2: step L-1 has released what it saved, and every trained
     unit but fc (which only step 0 reaches) holds its grads. Past the first step's instant when
@@ -180,7 +196,7 @@ def timeline(job: Job) -> Timeline:
             ]),
             "optimizer_step": merge(
                 base, optimizer_state(state, steady=True),
-                phase(draft__grads=state.grads(), optimizer__grad_copy=state.grad_copy()),
+                phase(draft__grads=state.grads(), optimizer__grad_copy=state.grad_copy() + eight_bit_step_bytes(job, state)),
             ),
             "checkpoint": merge(base, optimizer_state(state, steady=True),
                                 phase(comm__buffers=checkpoint_gather_bytes(job, state))),
