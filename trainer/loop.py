@@ -290,6 +290,7 @@ def run(opts: TrainOptions, progress: bool = False) -> dict:
     device = torch.device("cpu") if cpu else ctx.device
     if cpu and opts.spec.attention_impl == "flex":
         raise FitplanError("flex attention has no backward on CPU; use --attention sdpa or eager there")
+    optim.check_available(opts.spec.optimizer)
     say = opts.notice if ctx.rank == 0 else _silent
     with _claim(opts, ctx, say):
         found, change = None, None
