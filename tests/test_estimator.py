@@ -168,9 +168,12 @@ def test_outside_allocator_terms_by_hand():
 def test_device_peak_adds_reserve_and_outside():
     est = estimate_spec(RunSpec(model="llama-3.2-1b", gpus="1xH100", seq=1024))
     assert est.peak_reserved_bytes == est.peak_allocated_bytes + est.allocator_reserve_bytes + est.outside_allocator_bytes
-    # fitplan trainer, one GPU: 9.7 B x 1024 tokens x 32000 draft vocab (no S^2 mask term since f6a6628)
-    assert est.allocator_reserve_bytes == int(9.7 * 1024 * 32000)
-    tp4 = estimate_spec(RunSpec(model="qwen3-8b", gpus="4xH200", tp=4, seq=8192))
+    # fitplan trainer, lean draft, one GPU: the general 5% of the peak + 256 MiB
+    assert est.allocator_reserve_bytes == int(0.05 * est.peak_allocated_bytes + 256 * MIB)
+    # the plain draft: 9.7 B x 1024 tokens x 32000 draft vocab (its per-step logits blocks)
+    plain = estimate_spec(RunSpec(model="llama-3.2-1b", gpus="1xH100", seq=1024, draft_memory="plain"))
+    assert plain.allocator_reserve_bytes == int(9.7 * 1024 * 32000)
+    tp4 = estimate_spec(RunSpec(model="qwen3-8b", gpus="4xH200", tp=4, seq=8192, draft_memory="plain"))
     # + (2.5 + 0.75 x 3 extra gathered blocks) x own rows [8192, 151936] bf16
     assert tp4.allocator_reserve_bytes == int(9.7 * 8192 * 32000 + 4.75 * 2 * 8192 * 151936)
     sft = estimate_spec(RunSpec(model="llama-3.2-1b", gpus="1xH100", seq=1024, workload="sft"))
