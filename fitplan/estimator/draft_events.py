@@ -1,0 +1,279 @@
+"""The draft's forward and backward as ordered allocations and frees (step_events.py writes the rest).
+
+The TTT unroll of trainer/draft.py, one decoder layer per step, with trainer/head_loss.py's
+fused head (lean) or trainer/loss.py's plain_step_loss, flex or sdpa attention, no checkpointing.
+Each step saves, in the order it makes them (draft_terms.py lists the same bytes):
+embedding, two rstds, the normed concatenation, roped q, the keys and values of steps 0..k,
+(sdpa's bool mask), the kernel's output and logsumexp, the o_proj input, the hidden after
+attention, an rstd, the MLP input, gate and up (plain: gate, silu, up, product), the layer
+output, the final norm's rstd and output, and the loss's rows (plain: its fp32 log-softmax).
+
+Backward runs the steps in reverse, as autograd's ready queue does (higher sequence numbers
+first): step k's head and final norm, its MLP, attention, projections and norms; the gradient of
+its input hidden carries into step k-1. The gradients of earlier steps' keys and values that
+step L-1's attention makes are slices of one tensor each, which they keep whole until step L-2
+adds its own into new tensors (autograd cannot add in place into a slice); after that the sums
+are added to in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fitplan.estimator import draft_terms
+from fitplan.estimator.step_trace import State, Trace, accumulate_grad, keep_grad
+from fitplan.units import BF16, FP32
+
+INDEX = 8  # int64
+
+
+@dataclass
+class Saved:
+    """What the draft forward leaves for backward (keys of the trace)."""
+
+    rope: tuple[int, int]
+    fc_out: int
+    steps: list[dict[str, int]] = field(default_factory=list)
+    casts: list[int] = field(default_factory=list)
+
+
+def _lean(state: State) -> bool:
+    return state.job.spec.draft_memory == "lean"
+
+
+def draft_forward(t: Trace, state: State) -> Saved:
+    """trainer/draft.py Eagle3Draft.unroll under trainer/loss.py unroll_loss."""
+    z = state.sizes
+    # fp32-autocast: the bf16 copy of each weight, cached at its first use and saved for backward
+    casts = [t.alloc(n * state.recipe.cast, f"bf16 cast {name}") for name, n in state.params]
+    rope = (t.alloc(BF16 * z.S * z.d, "rope cos"), t.alloc(BF16 * z.S * z.d, "rope sin"))
+    saved = Saved(rope, t.alloc(BF16 * z.h * z.T, "fc output"), casts=[c for c in casts if c is not None])
+    held: list[int] = []  # each step's roped k and its v, in the unroll's lists until it ends
+    for k in range(z.L):
+        step: dict[str, int] = {}
+        _layer_forward(t, state, k, step, held)
+        _loss_forward(t, state, step)
+        saved.steps.append(step)
+    t.free(*held)
+    return saved
+
+
+def _layer_forward(t: Trace, state: State, k: int, step: dict[str, int], held: list[int]) -> None:
+    z = state.sizes
+    row, q_row, kv_row = BF16 * z.h * z.T, BF16 * z.H * z.d * z.T, BF16 * z.Hkv * z.d * z.T
+    rstd = FP32 * z.T
+    step["emb"] = t.alloc(row, "embedding")
+    step["rstd_in"] = t.alloc(rstd, "rstd")
+    normed_emb = t.alloc(row, "normed embedding")
+    step["rstd_hidden"] = t.alloc(rstd, "rstd")
+    normed_hidden = t.alloc(row, "normed hidden")
+    step["x"] = t.alloc(2 * row, "cat(embedding, hidden)")
+    t.free(normed_emb, normed_hidden)
+    q, key, value = t.alloc(q_row, "q"), t.alloc(kv_row, "k"), t.alloc(kv_row, "v")
+    step["q"] = t.alloc(q_row, "roped q")
+    t.free(q)
+    roped_k = t.alloc(kv_row, "roped k")
+    t.free(key)
+    held += [roped_k, value]
+    step["keys"] = t.alloc(kv_row * (k + 1), "keys of steps 0..k")
+    step["values"] = t.alloc(kv_row * (k + 1), "values of steps 0..k")
+    if state.job.spec.attention_impl == "sdpa":  # a dense bool mask [S, (k+1)*S]
+        step["mask"] = t.alloc(z.S * z.S * (k + 1), "sdpa bool mask")
+    step["out"] = t.alloc(q_row, "attention output")
+    step["lse"] = t.alloc(FP32 * z.H * z.T, "logsumexp")
+    step["o_in"] = t.alloc(q_row, "o_proj input")
+    attn = t.alloc(row, "o_proj output")
+    step["hidden_attn"] = t.alloc(row, "hidden after attention")
+    t.free(attn)
+    step["rstd_post"] = t.alloc(rstd, "rstd")
+    step["mlp_in"] = t.alloc(row, "MLP input")
+    _mlp_forward(t, state, step)
+    mlp_out = t.alloc(row, "MLP output")
+    step["hidden_out"] = t.alloc(row, "layer output")
+    t.free(mlp_out)
+    step["rstd_final"] = t.alloc(rstd, "rstd")
+    step["normed"] = t.alloc(row, "final norm output")
+
+
+def _mlp_forward(t: Trace, state: State, step: dict[str, int]) -> None:
+    """Lean (trainer/lean_ops.py SwiGLUDown): gate and up saved, the product transient (its
+    compiled kernel's output; the estimator's instant has it beside them, not the MLP output).
+    Plain: gate, silu(gate), up and the product, all saved."""
+    z = state.sizes
+    wide = BF16 * z.I * z.T
+    step["gate"] = t.alloc(wide, "gate")
+    if _lean(state):
+        step["up"] = t.alloc(wide, "up")
+        t.free(t.alloc(wide, "SwiGLU product"))
+        return
+    step["silu"] = t.alloc(wide, "silu(gate)")
+    step["up"] = t.alloc(wide, "up")
+    step["product"] = t.alloc(wide, "SwiGLU product")
+
+
+def _loss_forward(t: Trace, state: State, step: dict[str, int]) -> None:
+    """Lean: the counted rows (two int64 per position), then each chunk's bf16 logits.
+    Plain: bf16 logits, the fp32 log-softmax (saved) and the fp32 product the loss sums."""
+    z, job = state.sizes, state.job
+    if _lean(state):
+        step["rows"] = t.alloc(2 * INDEX * z.T, "counted rows")
+        for rows in _chunks(job):
+            t.free(t.alloc(draft_terms.HEAD_FORWARD_BYTES_PER_LOGIT * z.Vd * rows, "head chunk logits"))
+        return
+    logits = t.alloc(BF16 * z.Vd * z.T, "draft logits")
+    step["logp"] = t.alloc(FP32 * z.Vd * z.T, "log-softmax fp32")
+    t.free(t.alloc(FP32 * z.Vd * z.T, "p * log-softmax"))
+    t.free(logits)
+
+
+def _chunks(job) -> list[int]:
+    """Rows of each chunk the fused head scores (every position counted: the upper bound)."""
+    total, rows = job.spec.micro_batch * job.spec.seq, draft_terms.head_chunk_rows(job)
+    return [min(rows, total - start) for start in range(0, total, rows)]
+
+
+# ------------------------------------------------------------------ backward
+
+
+@dataclass
+class Pending:
+    """Gradients in flight between steps: of the hidden stream, and of earlier steps' keys and values."""
+
+    hidden: int | None = None
+    kv_whole: list[int] = field(default_factory=list)  # step L-1's key and value gradients
+    kv_sums: dict[int, list[int]] = field(default_factory=dict)  # step -> its summed k and v gradients
+
+
+def draft_backward(t: Trace, state: State, saved: Saved) -> None:
+    """(loss / accum).backward(): the steps from the last to the first, then fc."""
+    pending = Pending()
+    for k in reversed(range(state.sizes.L)):
+        step = saved.steps[k]
+        _head_backward(t, state, step)
+        _final_norm_backward(t, state, step, pending)
+        _mlp_backward(t, state, step)
+        _attention_backward(t, state, step, k, pending)
+        _input_backward(t, state, step, k, pending)
+    t.free(saved.fc_out)  # saved by step 0's hidden norm
+    accumulate_grad(t, state, "fc")  # aux needs no gradient: only fc's weight
+    t.free(pending.hidden, *pending.kv_whole, *saved.rope, *saved.casts)
+
+
+def _head_backward(t: Trace, state: State, step: dict[str, int]) -> int:
+    """The step's loss backward: lean, the hidden's gradient [T, h] and the head weight's
+    gradient made whole first, then per chunk the recomputed logits and their gradient; plain,
+    the fp32 gradients of the log-softmax's output and input, then the matmul's."""
+    z, job = state.sizes, state.job
+    row = BF16 * z.h * z.T
+    if _lean(state):
+        step["grad_normed"] = t.alloc(row, "grad of final norm output")
+        weight_grad = t.alloc(state.numel["lm_head"] * state.recipe.param, "head weight grad (zeros_like)")
+        for rows in _chunks(job):
+            per = draft_terms.HEAD_BACKWARD_BYTES_PER_LOGIT // 2 * z.Vd * rows
+            logits, grad = t.alloc(per, "recomputed chunk logits"), t.alloc(per, "chunk logits grad")
+            t.free(logits, grad)
+        keep_grad(t, state, "lm_head", weight_grad)
+        t.free(step.pop("rows"), step.pop("normed"))
+        return step["grad_normed"]
+    grad_logp = t.alloc(FP32 * z.Vd * z.T, "grad of log-softmax output")
+    grad_logits = t.alloc(FP32 * z.Vd * z.T, "grad of logits")
+    t.free(grad_logp, step.pop("logp"))
+    step["grad_normed"] = t.alloc(row, "grad of final norm output")
+    accumulate_grad(t, state, "lm_head")
+    t.free(grad_logits, step.pop("normed"))
+    return step["grad_normed"]
+
+
+def _final_norm_backward(t: Trace, state: State, step: dict[str, int], pending: Pending) -> None:
+    """The final norm's input gradient joins the gradient of the layer output that the step
+    after this one sent back (added in place), or starts it (the last step)."""
+    z = state.sizes
+    grad = t.alloc(BF16 * z.h * z.T, "grad of layer output")
+    t.free(step.pop("grad_normed"), step.pop("rstd_final"), step.pop("hidden_out"))
+    accumulate_grad(t, state, "norm")
+    if pending.hidden is None:
+        pending.hidden = grad
+    else:
+        t.free(grad)
+
+
+def _mlp_backward(t: Trace, state: State, step: dict[str, int]) -> None:
+    z = state.sizes
+    wide, row = BF16 * z.I * z.T, BF16 * z.h * z.T
+    if _lean(state):  # SwiGLUDown.backward: product recomputed for down's grad, then 6I at its peak
+        product = t.alloc(wide, "recomputed SwiGLU product")
+        accumulate_grad(t, state, "down_proj")
+        t.free(product)
+        grad_product = t.alloc(wide, "grad of product")
+        grad_gate, grad_up = t.alloc(wide, "grad of gate"), t.alloc(wide, "grad of up")
+        t.free(grad_product, step.pop("gate"), step.pop("up"))
+    else:
+        grad_product = t.alloc(wide, "grad of product")
+        accumulate_grad(t, state, "down_proj")
+        t.free(step.pop("product"))
+        grad_silu, grad_up = t.alloc(wide, "grad of silu"), t.alloc(wide, "grad of up")
+        t.free(grad_product, step.pop("silu"), step.pop("up"))
+        grad_gate = t.alloc(wide, "grad of gate")
+        t.free(grad_silu, step.pop("gate"))
+    grad_in = t.alloc(row, "grad of MLP input")
+    accumulate_grad(t, state, "up_proj")
+    t.free(grad_up)
+    t.free(t.alloc(row, "grad of MLP input (gate's)"))
+    accumulate_grad(t, state, "gate_proj")
+    t.free(grad_gate, step.pop("mlp_in"))
+    normed_grad = t.alloc(row, "grad of hidden after attention (norm's)")
+    accumulate_grad(t, state, "post_attention_layernorm")
+    t.free(grad_in, step.pop("rstd_post"), normed_grad, step.pop("hidden_attn"))
+
+
+def _attention_backward(t: Trace, state: State, step: dict[str, int], k: int, pending: Pending) -> None:
+    z = state.sizes
+    q_row, kv_row = BF16 * z.H * z.d * z.T, BF16 * z.Hkv * z.d * z.T
+    grad_o_in = t.alloc(q_row, "grad of o_proj input")
+    accumulate_grad(t, state, "o_proj")
+    t.free(step.pop("o_in"))
+    grad_q = t.alloc(q_row, "grad of roped q")
+    grad_keys, grad_values = t.alloc(kv_row * (k + 1), "grad of keys"), t.alloc(kv_row * (k + 1), "grad of values")
+    t.free(grad_o_in, *(step.pop(name) for name in ("q", "keys", "values", "out", "lse")), step.pop("mask", None))
+    own = _kv_sums(t, state, k, pending, grad_keys, grad_values)
+    step["grad_q0"] = t.alloc(q_row, "grad of q (rope backward)")
+    step["grad_k0"] = t.alloc(kv_row, "grad of k (rope backward)")
+    step["grad_v0"] = t.alloc(kv_row, "grad of v")
+    t.free(grad_q, *own)
+    if k != z.L - 1:
+        t.free(grad_keys, grad_values)
+
+
+def _kv_sums(t: Trace, state: State, k: int, pending: Pending, grad_keys: int, grad_values: int) -> list[int]:
+    """The gradients of steps 0..k's keys and values that step k's attention adds: step L-1's are
+    slices of its two tensors (kept whole); step L-2 sums them with its own into new tensors,
+    later steps add in place. Returns what step k's own k and v backward reads, to free after."""
+    L, kv_row = state.sizes.L, BF16 * state.sizes.Hkv * state.sizes.d * state.sizes.T
+    if k == L - 1:
+        pending.kv_whole = [grad_keys, grad_values]
+        return []
+    if k == L - 2:
+        pending.kv_sums = {i: [t.alloc(kv_row, "summed k grad"), t.alloc(kv_row, "summed v grad")] for i in range(k + 1)}
+        t.free(*pending.kv_whole)
+        pending.kv_whole = []
+    return pending.kv_sums.pop(k)
+
+
+def _input_backward(t: Trace, state: State, step: dict[str, int], k: int, pending: Pending) -> None:
+    """q/k/v projections into the gradient of the concatenation, then the two input norms; the
+    hidden norm's input gradient is added into the pending hidden gradient (the residual's)."""
+    z = state.sizes
+    row = BF16 * z.h * z.T
+    grad_x = t.alloc(2 * row, "grad of cat(embedding, hidden)")
+    for proj, grad in (("q_proj", "grad_q0"), ("k_proj", "grad_k0"), ("v_proj", "grad_v0")):
+        if proj != "q_proj":
+            t.free(t.alloc(2 * row, f"grad of cat ({proj}'s)"))
+        accumulate_grad(t, state, proj)
+        t.free(step.pop(grad))
+    t.free(step.pop("x"))
+    grad_hidden = t.alloc(row, "grad of hidden input (norm's)")
+    accumulate_grad(t, state, "hidden_norm")
+    t.free(step.pop("rstd_hidden"))
+    grad_emb = t.alloc(row, "grad of embedding (discarded)")
+    accumulate_grad(t, state, "input_layernorm")
+    t.free(grad_emb, step.pop("rstd_in"), step.pop("emb"), grad_x, grad_hidden)

@@ -1,0 +1,70 @@
+"""The device level of a step as the caching allocator model sees it: step_events replayed.
+
+The events of load, step 1 and a steady step go through fitplan.allocator with the memory the
+driver can give the process (the GPU's total less what lives outside the allocator,
+runtime.outside_allocator_bytes). What comes back is the allocator's own figures: reserved
+bytes over time and at their peak, the peak of allocated blocks, retries (the cache freed to
+serve a request) and OOMs (a request that failed even then).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from fitplan.allocator import Allocator, replay
+from fitplan.estimator import runtime, step_events
+from fitplan.layout import Job
+
+
+@dataclass(frozen=True)
+class ReplayedStep:
+    peak_reserved: int
+    peak_allocated: int  # the allocator's blocks: requests rounded up, unsplit remainders counted
+    num_alloc_retries: int
+    num_ooms: int
+    # (event index, reserved bytes) at every change of reserved
+    reserved_over_time: tuple[tuple[int, int], ...]
+    # (phase label, first event, end event, peak reserved within it): labels as step_events'
+    phases: tuple[tuple[str, int, int, int], ...]
+    capacity: int  # what the allocator could reserve at most
+
+    @property
+    def fits(self) -> bool:
+        return self.num_ooms == 0
+
+    def phase_reserved(self, label: str) -> int:
+        return max(peak for name, _, _, peak in self.phases if name == label)
+
+
+def capacity_bytes(job: Job) -> int:
+    return job.cluster.gpu.total_bytes - runtime.outside_allocator_bytes(job)
+
+
+def modelled(job: Job) -> bool:
+    return step_events.unsupported(job) is None
+
+
+@lru_cache(maxsize=256)
+def replay_step(job: Job) -> ReplayedStep:
+    """The replay of `job`'s load, step 1 and a steady step (modelled(job) must hold)."""
+    built = step_events.build(job)
+    allocator = Allocator(capacity_bytes(job), expandable=job.spec.expandable_segments)
+    summary = replay(built.events, allocator)
+    over_time = tuple(summary.reserved_over_time)
+    return ReplayedStep(
+        peak_reserved=summary.peak_reserved,
+        peak_allocated=summary.peak_allocated,
+        num_alloc_retries=summary.num_alloc_retries,
+        num_ooms=summary.num_ooms,
+        reserved_over_time=over_time,
+        phases=tuple((label, first, end, _peak_between(over_time, first, end)) for label, first, end in built.phases),
+        capacity=allocator.capacity,
+    )
+
+
+def _peak_between(over_time: tuple[tuple[int, int], ...], first: int, end: int) -> int:
+    """Highest reserved from event `first` up to (not including) `end`."""
+    before = [reserved for index, reserved in over_time if index < first]
+    inside = [reserved for index, reserved in over_time if first <= index < end]
+    return max(before[-1:] + inside, default=0)

@@ -1,0 +1,331 @@
+"""The ordered allocations and frees of fitplan's Eagle3 trainer on one GPU: load, step 1, a steady step.
+
+The estimator's phase sums say how many bytes are live at each phase's peak; the caching
+allocator (fitplan/allocator) needs more: which tensors, of which sizes, in which order, since
+sizes decide the segments and the order decides which freed blocks are reused. This module
+writes that sequence for one GPU (world 1, tp 1) from the same terms as the phase sums
+(eagle3.py, draft_terms.py, target_terms.py, recipes.py), a tensor at a time where the allocator
+can tell them apart:
+
+- load (trainer/loop.py build): the target's weights a layer at a time (trainer/target.py
+  build_random), then the draft's parameters in module order, the cuBLAS workspace, and the
+  `mixed` recipe's masters;
+- target forward (trainer/target.py, trainer/loss.py make_teacher): each layer's working set
+  (the estimator's instant: all of it live at once), the three captured hidden states, the
+  logits, their concatenation, the fp32 teacher filled a chunk at a time;
+- draft forward (trainer/draft.py unroll, trainer/head_loss.py or loss.py plain_step_loss): the
+  TTT steps' saved tensors one by one in the order they are made, each step's roped keys and
+  values held by the unroll until it ends, the head's chunk logits;
+- backward (step_backward.py): the steps in reverse, with the gradients autograd makes on the
+  way and the parameter gradients where AccumulateGrad first stores them;
+- optimizer step (trainer/optim.py): masters, fp32 grad copies and moments a parameter at a
+  time, moments and lazy masters only in step 1.
+
+Tensors the estimator does not count (ids, masks of the loss, RMSNorm's fp32 temporaries,
+anything under 1 MiB that does not persist) are left out: the sequence holds the estimator's
+bytes, so its live bytes at each phase's peak are the phase's sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fitplan.allocator import Event
+from fitplan.estimator import draft_terms, target_terms
+from fitplan.estimator.draft_events import draft_backward, draft_forward
+from fitplan.estimator.eagle3 import EIGHT_BIT_STEP_BYTES_PER_ELEMENT, draft_state
+from fitplan.estimator.recipes import ADAM_8BIT_BLOCK
+from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES, runs_fitplan_trainer
+from fitplan.estimator.step_trace import Sizes, State, Trace
+from fitplan.layout import Job
+from fitplan.shapes import attention_params
+from fitplan.units import BF16, FP32
+
+# trainer/loss.py TEACHER_CHUNK is draft_terms.TEACHER_CHUNK
+# torchao's AdamW8bit keeps a tensor's moments in 8 bits only from this many elements on
+# (and only for a whole number of blocks); smaller ones get moments in the parameter's dtype.
+ADAM_8BIT_MIN_NUMEL = 4096
+
+
+def unsupported(job: Job) -> str | None:
+    """Why the step's sequence is not written for this job (None: it is)."""
+    spec = job.spec
+    if not runs_fitplan_trainer(job):
+        return "only fitplan's Eagle3 trainer is modelled"
+    if job.world != 1 or job.tp != 1:
+        return "only one GPU (world 1, tp 1) is modelled"
+    if spec.offline:
+        return "training from stored features is not modelled"
+    if spec.ac:
+        return "activation checkpointing is not modelled"
+    if spec.attention_impl == "eager":
+        return "the draft's eager attention is not modelled"
+    if job.model.mla_attention_params is not None:
+        return "latent attention targets are not modelled"
+    return None
+
+
+@dataclass(frozen=True)
+class StepEvents:
+    events: tuple[Event, ...]
+    names: dict[int, str]  # alloc key -> what the tensor is
+    # (label, first event, end event): labels "load", "step1.<phase>", "steady.<phase>"
+    phases: tuple[tuple[str, int, int], ...]
+
+    def live_peaks(self) -> dict[str, int]:
+        """Per phase label, the most bytes requested and not yet freed at once (its start included)."""
+        sizes: dict[int, int] = {}
+        live, peaks = 0, {}
+        for label, first, end in self.phases:
+            peak = live
+            for event in self.events[first:end]:
+                if event.op == "alloc":
+                    sizes[event.key] = event.size
+                    live += event.size
+                    peak = max(peak, live)
+                else:
+                    live -= sizes.pop(event.key)
+            peaks[label] = max(peaks.get(label, 0), peak)
+        return peaks
+
+
+def _phases(trace: Trace) -> tuple[tuple[str, int, int], ...]:
+    ends = [start for _, start in trace.phases[1:]] + [len(trace.events)]
+    return tuple((label, start, end) for (label, start), end in zip(trace.phases, ends))
+
+
+# ------------------------------------------------------------------ sizes
+
+
+def draft_parameters(job: Job) -> list[tuple[str, int]]:
+    """The draft's trained parameters (name, elements) in the order of draft.parameters()."""
+    d = job.draft
+    h, q, kv = d.hidden, d.heads * d.head_dim, d.kv_heads * d.head_dim
+    return [
+        ("fc", 3 * d.target_hidden * h),
+        ("input_layernorm", h), ("hidden_norm", h),
+        ("q_proj", 2 * h * q), ("k_proj", 2 * h * kv), ("v_proj", 2 * h * kv), ("o_proj", q * h),
+        ("post_attention_layernorm", h),
+        ("gate_proj", h * d.intermediate), ("up_proj", h * d.intermediate), ("down_proj", d.intermediate * h),
+        ("norm", h),
+        ("lm_head", d.draft_vocab * h),
+    ]
+
+
+def target_layer_tensors(job: Job, moe: bool) -> list[tuple[str, int]]:
+    """One target decoder layer's weight tensors (name, bytes) at tp 1: the attention and MLP
+    matrices, then the rest of its attention (biases, q/k norms, sinks) as one small tensor. MoE
+    experts are stacked per layer as transformers 5 stores them ([E, 2*Ie, h] and [E, h, Ie])."""
+    m = job.model
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    mats = [("q_proj", m.hidden * q), ("k_proj", m.hidden * kv), ("v_proj", m.hidden * kv), ("o_proj", q * m.hidden)]
+    mlp = [("gate_proj", m.hidden * m.intermediate), ("up_proj", m.hidden * m.intermediate),
+           ("down_proj", m.intermediate * m.hidden)]
+    if moe:
+        mlp = [("experts.gate_up_proj", m.experts * 2 * m.expert_intermediate * m.hidden),
+               ("experts.down_proj", m.experts * m.expert_intermediate * m.hidden)]
+        if m.shared_experts:
+            mlp.append(("shared_experts", 3 * m.hidden * m.expert_intermediate * m.shared_experts))
+    listed = [(name, BF16 * n) for name, n in mats + mlp]
+    rest = BF16 * (attention_params(m) - sum(n for _, n in mats))
+    return listed + [("norms and biases", rest)]
+
+
+def target_weight_tensors(job: Job) -> list[tuple[str, int]]:
+    """The target's weights in the order build_random makes them: each layer, then the
+    embedding, the final norm and an untied lm_head. The bytes the matrices leave over (norms,
+    routers, expert biases) are spread over the layers' small tensors, so the sum is the
+    estimator's target.weights."""
+    m = job.model
+    dense = m.layers - m.moe_layers
+    layers = [target_layer_tensors(job, moe=i >= dense) for i in range(m.layers)]
+    embed = BF16 * m.vocab * m.hidden
+    head = 0 if m.tie_embeddings else embed
+    listed = sum(n for layer in layers for _, n in layer) + embed + head + BF16 * m.hidden
+    left = target_terms.resident_weights(job) - listed
+    out = []
+    for i, layer in enumerate(layers):
+        extra = left // m.layers if left > 0 else 0
+        out += [(f"target.layers.{i}.{name}", n + (extra if name == "norms and biases" else 0)) for name, n in layer]
+    out += [("target.embed_tokens", embed), ("target.norm", BF16 * m.hidden + max(left, 0) % m.layers),
+            ("target.lm_head", head)]
+    return out
+
+
+# ------------------------------------------------------------------ load
+
+
+def load(t: Trace, state: State) -> None:
+    """trainer/loop.py build: target, draft, workspace, optimizer (masters made now only in `mixed`)."""
+    job = state.job
+    for name, nbytes in target_weight_tensors(job):
+        t.alloc(nbytes, name)
+    t.alloc(job.draft.frozen_params() * state.trained.frozen_bytes_per_param, "draft.embed_tokens")
+    for name, n in state.params:
+        t.alloc(n * state.recipe.param, f"draft.{name}")
+    t.alloc(CUBLAS_WORKSPACE_BYTES, "cuBLAS workspace")
+    if state.recipe.master and not state.recipe.lazy_master and state.on_device_optimizer:
+        state.masters = [t.alloc(FP32 * n, f"master {name}") for name, n in state.params]
+
+
+# ------------------------------------------------------------------ target forward
+
+
+def _layer_working_set(job: Job, T: int) -> list[tuple[str, int]]:
+    """One target layer's transient tensors beside its input and output (target_terms
+    .forward_working_bytes less those two [T, h]): normed input, q, k, v, attention output,
+    the MLP's (or the routed experts') tensors, and eager attention's scores."""
+    m = job.model
+    parts = [("normed", m.hidden), ("q", m.heads * m.head_dim), ("k", m.kv_heads * m.head_dim),
+             ("v", m.kv_heads * m.head_dim), ("attention out", m.heads * m.head_dim)]
+    if m.is_moe:
+        k = m.experts_per_token
+        parts += [("router logits fp32", FP32 // BF16 * m.experts), ("expert inputs", k * m.hidden)]
+        parts += [(name, k * m.expert_intermediate) for name in ("expert gate", "expert up", "expert product")]
+    else:
+        parts += [(name, m.intermediate) for name in ("gate", "up", "product")]
+    out = [(name, BF16 * n * T) for name, n in parts]
+    scores = target_terms.eager_attention_bytes(job)
+    if scores:
+        masks = target_terms.EAGER_MASKS * BF16 * job.spec.micro_batch * job.spec.seq ** 2
+        per_entry = target_terms.EAGER_SCORE_BYTES[m.model_type]
+        entries = target_terms._score_entries(job)
+        copies = [BF16] * (per_entry // BF16) if m.model_type == "gpt_oss" else [BF16, FP32, FP32]
+        assert sum(copies) == per_entry and scores == per_entry * entries + masks
+        out += [("attention scores", c * entries) for c in copies]
+    return out
+
+
+def target_forward(t: Trace, job: Job) -> tuple[int, int]:
+    """The frozen target under no_grad, then the teacher: (aux [T, 3h], teacher) keys."""
+    m, T = job.model, job.spec.micro_batch * job.spec.seq
+    row = BF16 * m.hidden * T
+    masks = [t.alloc(BF16 * job.spec.micro_batch * job.spec.seq ** 2, "eager causal mask")
+             for _ in range(target_terms.EAGER_MASKS)] if target_terms.eager_attention_bytes(job) else []
+    working = _layer_working_set(job, T)
+    resid = t.alloc(row, "target embeddings")
+    captured: list[int] = []
+    for i in range(m.layers):
+        keys = [t.alloc(n, f"target layer {name}") for name, n in working]
+        out = t.alloc(row, "target layer output")
+        t.free(*keys)
+        if resid not in captured:
+            t.free(resid)
+        if i in job.draft.aux_layers:
+            captured.append(out)
+        resid = out
+    t.free(*masks)
+    normed = t.alloc(row, "target final norm")
+    if resid not in captured:
+        t.free(resid)
+    logits = t.alloc(target_terms.logits_bytes(job), "target logits [B, S, V] bf16")
+    t.free(normed)
+    if m.final_logit_softcap:  # tanh(logits / c) * c, each step a new tensor over the freed one before
+        for _ in range(3):
+            capped = t.alloc(target_terms.logits_bytes(job), "soft-capped logits")
+            t.free(logits)
+            logits = capped
+    aux = t.alloc(target_terms.aux_outputs_bytes(job), "aux hidden states [B, S, 3h]")
+    t.free(*captured)
+    teacher = make_teacher(t, job)
+    t.free(logits)
+    return aux, teacher
+
+
+def make_teacher(t: Trace, job: Job) -> int:
+    """trainer/loss.py make_teacher: the fp32 teacher, the bf16 draft-vocab columns gathered into
+    it a chunk of positions at a time."""
+    teacher = t.alloc(draft_terms.teacher_bytes(job), "teacher [B, S+L, Vd] fp32")
+    S, chunk = job.spec.seq, draft_terms.TEACHER_CHUNK
+    per_position = BF16 * job.spec.micro_batch * job.draft.draft_vocab
+    for start in range(0, S, chunk):
+        t.free(t.alloc(per_position * min(chunk, S - start), "teacher chunk"))
+    return teacher
+
+
+# ------------------------------------------------------------------ optimizer step
+
+
+def _moments(t: Trace, state: State, name: str, n: int, param_bytes: int) -> list[int]:
+    """The two Adam moments of one tensor: in the stepped tensor's dtype, or torchao's 8-bit
+    codes with an fp32 scale per block."""
+    eight_bit = state.job.spec.optimizer == "adamw-8bit"
+    if eight_bit and n >= ADAM_8BIT_MIN_NUMEL and n % ADAM_8BIT_BLOCK == 0:
+        return [t.alloc(size, f"{moment} {name}") for moment in ("exp_avg", "exp_avg_sq")
+                for size in (n, FP32 * n // ADAM_8BIT_BLOCK)]
+    per_moment = param_bytes if eight_bit else state.recipe.moments // 2
+    return [t.alloc(per_moment * n, f"{moment} {name}") for moment in ("exp_avg", "exp_avg_sq")]
+
+
+def _eight_bit(state: State, n: int) -> bool:
+    return state.job.spec.optimizer == "adamw-8bit" and n >= ADAM_8BIT_MIN_NUMEL and n % ADAM_8BIT_BLOCK == 0
+
+
+def _moments(t: Trace, state: State, name: str, n: int, stepped_bytes: int) -> list[int]:
+    """The two Adam moments of one tensor: in the stepped tensor's dtype (torch's AdamW: the
+    recipe's), or torchao's 8-bit codes with an fp32 scale per block."""
+    if _eight_bit(state, n):
+        return [t.alloc(size, f"{moment} {name}") for moment in ("exp_avg", "exp_avg_sq")
+                for size in (n, FP32 * n // ADAM_8BIT_BLOCK)]
+    eight_bit_optimizer = state.job.spec.optimizer == "adamw-8bit"
+    per_moment = stepped_bytes if eight_bit_optimizer else state.recipe.moments // 2
+    return [t.alloc(per_moment * n, f"{moment} {name}") for moment in ("exp_avg", "exp_avg_sq")]
+
+
+def _adam(t: Trace, state: State, first: bool) -> None:
+    """torch's fused AdamW makes every tensor's moments, then steps them all in one kernel;
+    torchao's AdamW8bit goes tensor by tensor: its moments (step 1), then one compiled step
+    that dequantizes both into fp32 buffers (eagle3.EIGHT_BIT_STEP_BYTES_PER_ELEMENT)."""
+    stepped = FP32 if state.recipe.master else state.recipe.param
+    for name, n in state.params:
+        if first:
+            state.moments += _moments(t, state, name, n, stepped)
+        if _eight_bit(state, n):
+            t.free(t.alloc(EIGHT_BIT_STEP_BYTES_PER_ELEMENT * n, f"8-bit step fp32 buffers {name}"))
+
+
+def optimizer_step(t: Trace, state: State, first: bool) -> None:
+    """trainer/optim.py: clip (in place), the step, zero_grad(set_to_none). With the optimizer
+    offloaded (trainer/offload.py) the step runs on the host: the GPU only loses its grads."""
+    if state.on_device_optimizer:
+        master = bool(state.recipe.master)
+        if first and master and not state.masters:
+            state.masters = [t.alloc(FP32 * n, f"master {name}") for name, n in state.params]
+        copies = []
+        if master and not state.fp32_grads:  # bf16-master: master.grad = p.grad.float()
+            copies = [t.alloc(FP32 * n, f"fp32 grad copy {name}") for name, n in state.params if name in state.grads]
+        _adam(t, state, first)
+        t.free(*copies)
+    t.free(*state.grads.values())  # master.grad = None (`mixed`), zero_grad(set_to_none=True)
+    state.grads.clear()
+
+
+# ------------------------------------------------------------------ the whole sequence
+
+
+def micro_steps(job: Job) -> int:
+    """Micro-steps written per optimizer step: the pattern repeats after the second."""
+    return min(job.accum, 2)
+
+
+def build(job: Job) -> StepEvents:
+    """Load, step 1 and a steady step of `job` (unsupported(job) must be None)."""
+    reason = unsupported(job)
+    if reason:
+        raise ValueError(reason)
+    state = State(job, Sizes.of(job), draft_state(job), draft_parameters(job))
+    t = Trace()
+    t.begin("load")
+    load(t, state)
+    for label in ("step1", "steady"):
+        for _ in range(micro_steps(job)):
+            t.begin(f"{label}.target_forward")
+            aux, teacher = target_forward(t, job)
+            t.begin(f"{label}.draft_forward")
+            saved = draft_forward(t, state)
+            t.begin(f"{label}.backward")
+            draft_backward(t, state, saved)
+            t.free(aux, teacher)
+        t.begin(f"{label}.optimizer_step")
+        optimizer_step(t, state, first=label == "step1")
+    return StepEvents(tuple(t.events), t.names, _phases(t))

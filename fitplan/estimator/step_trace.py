@@ -1,0 +1,117 @@
+"""The building blocks of a step's allocation sequence (step_events.py): the trace being written,
+the shapes, and the trainer's persistent state with how parameter gradients arrive."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fitplan.allocator import Event
+from fitplan.estimator.recipes import TrainedState
+from fitplan.layout import Job
+from fitplan.units import FP32
+
+
+@dataclass
+class Trace:
+    """Events as they are written, with the live bytes the estimator counts and the phases."""
+
+    events: list[Event] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)
+    phases: list[tuple[str, int]] = field(default_factory=list)  # (label, index of its first event)
+    sizes: dict[int, int] = field(default_factory=dict)  # live key -> bytes
+
+    def alloc(self, nbytes: int, name: str) -> int | None:
+        """A tensor of `nbytes`; None for an empty one (nothing is requested)."""
+        nbytes = int(nbytes)
+        if nbytes <= 0:
+            return None
+        key = len(self.names)
+        self.names[key] = name
+        self.sizes[key] = nbytes
+        self.events.append(Event("alloc", key, nbytes))
+        return key
+
+    def free(self, *keys: int | None) -> None:
+        for key in keys:
+            if key is not None:
+                del self.sizes[key]
+                self.events.append(Event("free", key))
+
+    def begin(self, label: str) -> None:
+        self.phases.append((label, len(self.events)))
+
+    @property
+    def live(self) -> int:
+        return sum(self.sizes.values())
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The shapes the sequence needs, in elements (T = B*S tokens of one micro-batch)."""
+
+    B: int
+    S: int
+    T: int
+    L: int
+    h: int
+    I: int
+    H: int
+    Hkv: int
+    d: int
+    Vd: int
+
+    @classmethod
+    def of(cls, job: Job) -> Sizes:
+        d, spec = job.draft, job.spec
+        return cls(B=spec.micro_batch, S=spec.seq, T=spec.micro_batch * spec.seq, L=spec.ttt, h=d.hidden,
+                   I=d.intermediate, H=d.heads, Hkv=d.kv_heads, d=d.head_dim, Vd=d.draft_vocab)
+
+
+@dataclass
+class State:
+    """Persistent tensors between phases: parameters, grads, optimizer state, and the recipe."""
+
+    job: Job
+    sizes: Sizes
+    trained: TrainedState
+    params: list[tuple[str, int]]  # trained parameters (name, elements)
+    grads: dict[str, int] = field(default_factory=dict)  # name -> key of its .grad (or master grad)
+    masters: list[int] = field(default_factory=list)
+    moments: list[int] = field(default_factory=list)
+
+    @property
+    def recipe(self):
+        return self.trained.recipe
+
+    @property
+    def numel(self) -> dict[str, int]:
+        return dict(self.params)
+
+    @property
+    def on_device_optimizer(self) -> bool:
+        return self.job.spec.offload == "none"
+
+    @property
+    def fp32_grads(self) -> bool:
+        """`mixed`: each bf16 gradient goes into an fp32 gradient as soon as it is accumulated."""
+        return self.job.spec.precision == "mixed"
+
+
+def accumulate_grad(t: Trace, state: State, name: str) -> None:
+    """A parameter's gradient arrives, in the parameter's dtype (AccumulateGrad)."""
+    incoming = t.alloc(state.numel[name] * state.recipe.param, f"grad of {name}")
+    keep_grad(t, state, name, incoming)
+
+
+def keep_grad(t: Trace, state: State, name: str, incoming: int | None) -> None:
+    """The first gradient of a parameter is kept as its .grad, later ones are added to it and
+    freed; `mixed` adds each into an fp32 gradient (its master's, or on the GPU for the host
+    optimizer) and frees the bf16 one."""
+    if name in state.grads:
+        t.free(incoming)
+        return
+    if state.fp32_grads:
+        state.grads[name] = t.alloc(FP32 * state.numel[name], f"fp32 grad {name}")
+        t.free(incoming)
+    else:
+        state.grads[name] = incoming
