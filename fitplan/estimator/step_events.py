@@ -173,8 +173,8 @@ def load(t: Trace, state: State) -> None:
 
 def _layer_working_set(job: Job, T: int) -> list[tuple[str, int]]:
     """One target layer's transient tensors beside its input and output (target_terms
-    .forward_working_bytes less those two [T, h]): normed input, q, k, v, attention output,
-    the MLP's (or the routed experts') tensors, and eager attention's scores."""
+    .forward_working_bytes less those two [T, h]): normed input, q, k, v, attention output and
+    the MLP's (or the routed experts') tensors, all live at once as the estimator counts them."""
     m = job.model
     parts = [("normed", m.hidden), ("q", m.heads * m.head_dim), ("k", m.kv_heads * m.head_dim),
              ("v", m.kv_heads * m.head_dim), ("attention out", m.heads * m.head_dim)]
@@ -184,30 +184,61 @@ def _layer_working_set(job: Job, T: int) -> list[tuple[str, int]]:
         parts += [(name, k * m.expert_intermediate) for name in ("expert gate", "expert up", "expert product")]
     else:
         parts += [(name, m.intermediate) for name in ("gate", "up", "product")]
-    out = [(name, BF16 * n * T) for name, n in parts]
-    scores = target_terms.eager_attention_bytes(job)
-    if scores:
-        masks = target_terms.EAGER_MASKS * BF16 * job.spec.micro_batch * job.spec.seq ** 2
-        per_entry = target_terms.EAGER_SCORE_BYTES[m.model_type]
-        entries = target_terms._score_entries(job)
-        copies = [BF16] * (per_entry // BF16) if m.model_type == "gpt_oss" else [BF16, FP32, FP32]
-        assert sum(copies) == per_entry and scores == per_entry * entries + masks
-        out += [("attention scores", c * entries) for c in copies]
-    return out
+    return [(name, BF16 * n * T) for name, n in parts]
+
+
+def eager_scores(t: Trace, job: Job) -> None:
+    """One layer's eager_attention_forward (transformers, no_grad), its [B, H, S, S] score tensors
+    one by one as the function makes and drops them; the most live at once is
+    target_terms.EAGER_SCORE_BYTES per entry.
+    - gpt_oss: q k^T and its scaling, the mask added, the concatenation with the sink column, its
+      max-subtracted copy and softmax's output (the masked scores, the max-subtracted copy and the
+      probabilities are live together);
+    - gemma2: the bf16 scores through scaling, soft-cap (/c, tanh, *c) and mask, each step a new
+      tensor, then softmax's fp32 cast of them and its fp32 output, cast back to bf16."""
+    B, S, H = job.spec.micro_batch, job.spec.seq, job.model.heads
+    square = BF16 * B * H * S * S
+    if job.model.model_type == "gpt_oss":
+        wide = BF16 * target_terms._score_entries(job)
+        scores = _replacing(t, square, "attention scores", 3)  # matmul, * scaling, + mask
+        cat = t.alloc(wide, "scores with sinks")
+        shifted = t.alloc(wide, "scores - max")
+        t.free(cat)
+        probs = t.alloc(wide, "softmax")
+        t.free(scores, shifted, probs)
+        return
+    scores = _replacing(t, square, "attention scores", 6)  # matmul, scaling, /c, tanh, *c, + mask
+    upcast, soft = t.alloc(2 * square, "scores fp32"), t.alloc(2 * square, "softmax fp32")
+    t.free(upcast)
+    probs = t.alloc(square, "probabilities bf16")
+    t.free(soft, scores, probs)
+
+
+def _replacing(t: Trace, nbytes: int, name: str, steps: int) -> int:
+    """`x = f(x)` `steps` times: each result is made while the one before is live, then that one goes."""
+    current = t.alloc(nbytes, name)
+    for _ in range(steps - 1):
+        following = t.alloc(nbytes, name)
+        t.free(current)
+        current = following
+    return current
 
 
 def target_forward(t: Trace, job: Job) -> tuple[int, int]:
     """The frozen target under no_grad, then the teacher: (aux [T, 3h], teacher) keys."""
     m, T = job.model, job.spec.micro_batch * job.spec.seq
     row = BF16 * m.hidden * T
+    eager = bool(target_terms.eager_attention_bytes(job))
     masks = [t.alloc(BF16 * job.spec.micro_batch * job.spec.seq ** 2, "eager causal mask")
-             for _ in range(target_terms.EAGER_MASKS)] if target_terms.eager_attention_bytes(job) else []
+             for _ in range(target_terms.EAGER_MASKS)] if eager else []
     working = _layer_working_set(job, T)
     resid = t.alloc(row, "target embeddings")
     captured: list[int] = []
     for i in range(m.layers):
         keys = [t.alloc(n, f"target layer {name}") for name, n in working]
         out = t.alloc(row, "target layer output")
+        if eager:
+            eager_scores(t, job)
         t.free(*keys)
         if resid not in captured:
             t.free(resid)
@@ -221,15 +252,20 @@ def target_forward(t: Trace, job: Job) -> tuple[int, int]:
     logits = t.alloc(target_terms.logits_bytes(job), "target logits [B, S, V] bf16")
     t.free(normed)
     if m.final_logit_softcap:  # tanh(logits / c) * c, each step a new tensor over the freed one before
-        for _ in range(3):
-            capped = t.alloc(target_terms.logits_bytes(job), "soft-capped logits")
-            t.free(logits)
-            logits = capped
+        logits = _replacing_existing(t, logits, target_terms.logits_bytes(job), "soft-capped logits", 3)
     aux = t.alloc(target_terms.aux_outputs_bytes(job), "aux hidden states [B, S, 3h]")
     t.free(*captured)
     teacher = make_teacher(t, job)
     t.free(logits)
     return aux, teacher
+
+
+def _replacing_existing(t: Trace, current: int, nbytes: int, name: str, steps: int) -> int:
+    for _ in range(steps):
+        following = t.alloc(nbytes, name)
+        t.free(current)
+        current = following
+    return current
 
 
 def make_teacher(t: Trace, job: Job) -> int:
