@@ -1,12 +1,13 @@
 """`fitplan fit -o` for a SpecForge v0.3 run config: the user's file with the plan's keys changed.
 
 The answer is the user's own mapping (with the `section.field=value` overrides they gave applied),
-where only the keys that must change for the plan are set, through the same override path
-SpecForge's schema walk uses (fitplan/specforge_yaml.py), so no key the schema does not declare
-is ever added. The result is read back as SpecForge would read it and must give the plan's job
-exactly; a plan that needs something the run config has no key for (the allocator's
-expandable segments are an environment variable) is refused and nothing is written. The file is
-written with PyYAML: the original's comments and key quoting are not kept.
+where only the keys that must change for the plan, and for the managed capture servers to fit
+(fitplan/server_fit.py), are set, through the same override path SpecForge's schema walk uses
+(fitplan/specforge_yaml.py), so no key the schema does not declare is ever added. The result is
+read back as SpecForge would read it and must give the plan's job exactly, with capture servers
+that fit; a plan that needs something the run config has no key for (the allocator's expandable
+segments are an environment variable) is refused and nothing is written. The file is written
+with PyYAML: the original's comments and key quoting are not kept.
 """
 
 from __future__ import annotations
@@ -38,25 +39,31 @@ NO_KEY = {
 
 
 def fitted_mapping(run: SpecForgeRun, plan: RunSpec, flags: Mapping[str, Any],
-                   path: Path | str = "") -> tuple[dict[str, Any], list[str]]:
+                   path: Path | str = "", servers: Any = None) -> tuple[dict[str, Any], list[str]]:
     """The run config that trains `plan` (to be written to `path`), and the overrides that made it
-    from the user's."""
+    from the user's; `servers` (fitplan.server_fit.ServerFix): the capture servers' changes, whose
+    servers, read back, must fit."""
     rest = _unwritten_flags(flags)
     current = read_config(run.mapping, run.source, (), rest).spec
     overrides = [f"{WRITTEN[field]}={_value(plan, field)}" for field in WRITTEN
                  if _setting(current, field) != _setting(plan, field)]
+    if servers is not None:
+        overrides += servers.overrides
     mapping = copy.deepcopy(run.mapping)
     apply_overrides(mapping, overrides, run.source)
-    check = read_config(mapping, run.source, (), rest).spec
-    missing = _differences(check, plan)
+    check = read_config(mapping, run.source, (), rest)
+    missing = _differences(check.spec, plan)
     if missing:
         raise FitplanError(_refusal(missing, plan, path))
+    if servers is not None:
+        servers.check_written(check, path)
     return mapping, overrides
 
 
-def write_run_config(run: SpecForgeRun, plan: RunSpec, flags: Mapping[str, Any], path: Path) -> list[str]:
+def write_run_config(run: SpecForgeRun, plan: RunSpec, flags: Mapping[str, Any], path: Path,
+                     servers: Any = None) -> list[str]:
     """Write the fitted run config to `path` (checked writable before the search); its changes."""
-    mapping, overrides = fitted_mapping(run, plan, flags, path)
+    mapping, overrides = fitted_mapping(run, plan, flags, path, servers)
     header = (f"# fitplan fit from {run.source}: {'; '.join(overrides) or 'no changes'}\n"
               "# (rewritten by PyYAML: the original's comments are not kept)\n")
     try:

@@ -14,7 +14,8 @@ from fitplan.commands.common import FROM_SPECFORGE_HELP, FROM_SPECULATORS_HELP, 
 from fitplan.errors import FitplanError
 from fitplan.ladder import Candidate, FitResult, fit
 from fitplan.records import Plan, check_writable, write_plan
-from fitplan.render.fit import summary_lines, trail_table
+from fitplan.render.fit import server_fix_lines, summary_lines, trail_table
+from fitplan.server_fit import NODE_GPUS, NODE_GPUS_FLAG, ServerFix, check_node_gpus, fit_servers
 from fitplan.specforge import flag_changes
 from fitplan.specforge_yaml import key_changes
 
@@ -30,15 +31,17 @@ def plan_of(result: FitResult) -> Plan:
     return Plan(result.chosen.spec, prediction(result.chosen), tuple(e.to_json() for e in result.trail))
 
 
-def write_output(result: FitResult, job_input, flags: dict, output: Path | None) -> str | None:
-    """-o: a SpecForge v0.3 run config for a job read from one (SpecForge's own keys), else a
-    fitplan plan; what was written, or None (no -o, or nothing fits)."""
-    if output is None or result.chosen is None:
+def write_output(result: FitResult, job_input, flags: dict, output: Path | None,
+                 servers: ServerFix | None = None) -> str | None:
+    """-o: a SpecForge v0.3 run config for a job read from one (SpecForge's own keys, the capture
+    servers' changes included), else a fitplan plan; what was written, or None (no -o, or the
+    trainers or the capture servers fit in no way)."""
+    if output is None or result.chosen is None or (servers is not None and not servers.fits):
         return None
     if job_input.dialect == "specforge-yaml":
         from fitplan.specforge_write import write_run_config
 
-        write_run_config(job_input.run, result.chosen.spec, flags, output)
+        write_run_config(job_input.run, result.chosen.spec, flags, output, servers)
         return "SpecForge run config (PyYAML rewrite: comments not kept)"
     write_plan(plan_of(result), output)
     return "plan"
@@ -54,7 +57,13 @@ def specforge_changes(result: FitResult, dialect: str) -> list[str] | None:
     return flag_changes(result.original.spec, shown.spec)
 
 
-def result_json(result: FitResult, dialect: str = "fitplan") -> dict:
+def server_fix(job_input, result: FitResult, margin: float, node_gpus: int | None) -> ServerFix | None:
+    """A SpecForge v0.3 run's managed capture servers, changed until they fit (None: it has none)."""
+    job = result.original.job
+    return fit_servers(job_input.run, job.model, result.original.spec, job.cluster.gpu, margin, node_gpus)
+
+
+def result_json(result: FitResult, dialect: str = "fitplan", servers: ServerFix | None = None) -> dict:
     shown = result.chosen or result.original
     out = {
         **prediction(shown),
@@ -68,6 +77,8 @@ def result_json(result: FitResult, dialect: str = "fitplan") -> dict:
     changes = specforge_changes(result, dialect)
     if changes is not None:  # SpecForge's flags (launch script) or run-config keys (v0.3 YAML)
         out["specforge_changes"] = changes
+    if servers is not None:  # the trainers' keys above; the capture servers' apart
+        out.update(servers.to_json())
     return out
 
 
@@ -82,18 +93,24 @@ def fit_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (estimate keys + plan, trail)."),
     from_specforge: Optional[str] = typer.Option(None, "--from-specforge", help=FROM_SPECFORGE_HELP),
     from_speculators: Optional[str] = typer.Option(None, "--from-speculators", help=FROM_SPECULATORS_HELP),
+    node_gpus: Optional[int] = typer.Option(
+        None, NODE_GPUS_FLAG,
+        help=f"GPUs on a SpecForge v0.3 run's managed_local node, where a larger capture server tp_size takes "
+        f"the GPUs no trainer or server lists (default: {NODE_GPUS}, or more if the run config lists more)."),
     *,
     flags: dict,
 ) -> None:
     """Find the fastest configuration that fits: walk the fix ladder, never changing what is learned."""
+    check_node_gpus(node_gpus)
     job_input = job_spec(config, flags, from_specforge, from_speculators)
     spec, warnings, dialect = job_input
     if output is not None:
         check_writable(output)
     result = fit(spec, margin_fraction(margin))
-    written = write_output(result, job_input, flags, output)
+    servers = server_fix(job_input, result, margin_fraction(margin), node_gpus)
+    written = write_output(result, job_input, flags, output, servers)
     if as_json:
-        print(json.dumps(result_json(result, dialect), indent=2))
+        print(json.dumps(result_json(result, dialect, servers), indent=2))
     else:
         console = Console(highlight=False)
         for w in warnings:
@@ -101,9 +118,13 @@ def fit_command(
         console.print(trail_table(result))
         for line in summary_lines(result, specforge_changes(result, dialect)):
             console.print(line)
+        for line in server_fix_lines(servers) if servers is not None else ():
+            console.print(line)
         if written:
             console.print(f"{written} written to {output}")
-    sys.exit(0 if result.chosen is not None else 1)
+        elif output is not None and result.chosen is not None:
+            console.print(f"nothing written to {output}: a capture server fits in no way fit tries")
+    sys.exit(0 if result.chosen is not None and (servers is None or servers.fits) else 1)
 
 
 def register(app: typer.Typer) -> None:

@@ -54,3 +54,22 @@ def refused_lines(result: FitResult) -> list[str]:
     was not tried (when a plan fits, they would only have been slower)."""
     reasons = dict.fromkeys(reason for _, reason in result.refused)
     return [f"[dim]not tried: {escape(reason)}[/]" for reason in reasons]
+
+
+def server_fix_lines(fix) -> list[str]:
+    """A SpecForge v0.3 run's capture servers (fitplan.server_fit.ServerFix): what changed and
+    the servers after it, or why nothing fits."""
+    from fitplan.render.estimate import server_lines
+
+    margin = f"with a {fix.target.margin:.0%} margin"
+    if not fix.fits:
+        lines = [f"[bold red]Capture servers: nothing fits[/] {margin} (SGLang's documented sizing, not calibrated; "
+                 "-o writes nothing):"]
+        return lines + [f"  {escape(problem)}" for problem in fix.problems]
+    if not fix.overrides:
+        return [f"[bold green]Capture servers[/]: fit as given {margin}"] + server_lines(fix.fixed)[1:]
+    lines = [f"[bold green]Capture servers[/]: {escape('; '.join(fix.notes))}"]
+    lines += ["after the change, " + server_lines(fix.fixed)[0]] + server_lines(fix.fixed)[1:]
+    lines.append("SpecForge (servers; a list entry cannot be overridden alone, so capture_servers is given whole): "
+                 + escape("; ".join(fix.overrides)))
+    return lines
