@@ -21,7 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fitplan.estimator import draft_terms
-from fitplan.estimator.step_trace import State, Trace, accumulate_grad, keep_grad
+from fitplan.estimator.step_trace import (
+    State,
+    Trace,
+    accumulate_grad,
+    keep_grad,
+    loop_chunks,
+)
 from fitplan.units import BF16, FP32
 
 INDEX = 8  # int64
@@ -127,9 +133,8 @@ def _loss_forward(t: Trace, state: State, step: dict[str, int]) -> None:
 
 
 def _chunks(job) -> list[int]:
-    """Rows of each chunk the fused head scores (every position counted: the upper bound)."""
-    total, rows = job.spec.micro_batch * job.spec.seq, draft_terms.head_chunk_rows(job)
-    return [min(rows, total - start) for start in range(0, total, rows)]
+    """Rows of the chunks the fused head scores (every position counted: the upper bound)."""
+    return loop_chunks(job.spec.micro_batch * job.spec.seq, draft_terms.head_chunk_rows(job))
 
 
 # ------------------------------------------------------------------ backward

@@ -36,7 +36,7 @@ from fitplan.estimator.draft_events import draft_backward, draft_forward
 from fitplan.estimator.eagle3 import EIGHT_BIT_STEP_BYTES_PER_ELEMENT, draft_state
 from fitplan.estimator.recipes import ADAM_8BIT_BLOCK
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES, runs_fitplan_trainer
-from fitplan.estimator.step_trace import Sizes, State, Trace
+from fitplan.estimator.step_trace import Sizes, State, Trace, loop_chunks
 from fitplan.layout import Job
 from fitplan.shapes import attention_params
 from fitplan.units import BF16, FP32
@@ -224,6 +224,24 @@ def _replacing(t: Trace, nbytes: int, name: str, steps: int) -> int:
     return current
 
 
+def written_layers(layers: int, aux: tuple[int, ...]) -> list[int]:
+    """The target layers written out. Layers alike in what they allocate hand the same blocks
+    back and forth: the output of one takes the block the output before the last one had, and
+    after two such layers the allocator is where it was. So a run of them between the layers
+    that differ (the first two, each captured layer and the two after it, the last two) loses
+    an even number: the blocks and every peak are those of the whole forward (only the count
+    of failed requests differs, where layers fail)."""
+    keep = {0, 1, layers - 2, layers - 1} | {i + j for i in aux for j in (0, 1, 2)}
+    keep = sorted(i for i in keep if 0 <= i < layers)
+    out: list[int] = []
+    for i in keep:
+        gap = i - (out[-1] + 1) if out else i
+        if gap % 2:
+            out.append(i - 1)
+        out.append(i)
+    return out
+
+
 def target_forward(t: Trace, job: Job) -> tuple[int, int]:
     """The frozen target under no_grad, then the teacher: (aux [T, 3h], teacher) keys."""
     m, T = job.model, job.spec.micro_batch * job.spec.seq
@@ -234,7 +252,9 @@ def target_forward(t: Trace, job: Job) -> tuple[int, int]:
     working = _layer_working_set(job, T)
     resid = t.alloc(row, "target embeddings")
     captured: list[int] = []
-    for i in range(m.layers):
+    # with expandable segments where a block sits decides how far it can grow: every layer is written
+    every = job.spec.expandable_segments
+    for i in range(m.layers) if every else written_layers(m.layers, job.draft.aux_layers):
         keys = [t.alloc(n, f"target layer {name}") for name, n in working]
         out = t.alloc(row, "target layer output")
         if eager:
@@ -272,10 +292,9 @@ def make_teacher(t: Trace, job: Job) -> int:
     """trainer/loss.py make_teacher: the fp32 teacher, the bf16 draft-vocab columns gathered into
     it a chunk of positions at a time."""
     teacher = t.alloc(draft_terms.teacher_bytes(job), "teacher [B, S+L, Vd] fp32")
-    S, chunk = job.spec.seq, draft_terms.TEACHER_CHUNK
     per_position = BF16 * job.spec.micro_batch * job.draft.draft_vocab
-    for start in range(0, S, chunk):
-        t.free(t.alloc(per_position * min(chunk, S - start), "teacher chunk"))
+    for positions in loop_chunks(job.spec.seq, draft_terms.TEACHER_CHUNK):
+        t.free(t.alloc(per_position * positions, "teacher chunk"))
     return teacher
 
 

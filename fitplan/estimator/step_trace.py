@@ -115,3 +115,17 @@ def keep_grad(t: Trace, state: State, name: str, incoming: int | None) -> None:
         t.free(incoming)
     else:
         state.grads[name] = incoming
+
+
+def loop_chunks(total: int, chunk: int) -> list[int]:
+    """The sizes of a loop over `total` items `chunk` at a time, as the allocator sees them.
+
+    A chunk whose tensors are allocated and freed with nothing else in between leaves the
+    allocator as it found it once the first chunk of that size has made its segment (the free
+    merges the block back; best fit then finds the same block), so one chunk of each size is
+    written: the full one and the remainder."""
+    sizes = [min(chunk, total)]
+    if total > chunk and total % chunk:
+        sizes.append(total % chunk)
+    return sizes
+
