@@ -351,6 +351,44 @@ def test_fit_o_of_a_run_config_refuses_what_it_cannot_write(tmp_path):
     assert not out.exists()
 
 
+# ----------------------------------------------------------------------------- fit: capture servers
+
+MANAGED_RUN = """\
+model: {{target_model_path: Qwen/Qwen3-8B}}
+data: {{train_data_path: ./train.jsonl}}
+deployment:
+  mode: disaggregated
+  disaggregated:
+    control_dir: ./control
+    backend: mooncake
+    managed_local:
+      trainer_cuda_visible_devices: ["0"]
+      capture_servers:
+        - {{port: 30000, cuda_visible_devices: {devices}, tp_size: {tp}}}
+"""
+
+
+@pytest.mark.parametrize("devices,tp,flags,words", [
+    ('["1"]', 1, ["--node-gpus", "0"], ["--node-gpus 0 is out of range", "accepted: 1 to"]),
+    ('["1"]', 1, ["--node-gpus", str(2**40)], ["out of range"]),
+    ('["1", "5"]', 2, ["--node-gpus", "4"], ["--node-gpus 4", "lists GPU 5", "accepted: at least 6"]),
+    ('["1"]', 2, [], ["capture_servers[0].cuda_visible_devices lists 1 for tp_size 2",
+                      "one device per tp rank", "accepted: a list of 2 devices"]),
+    ('"1"', 1, [], ["capture_servers[0].cuda_visible_devices is '1' for tp_size 1"]),
+])
+def test_bad_capture_server_fits_are_one_line(tmp_path, devices, tp, flags, words):
+    config = tmp_path / "run.yaml"
+    config.write_text(MANAGED_RUN.format(devices=devices, tp=tp))
+    out = tmp_path / "run.fitted.yaml"
+    one_line_refusal(["fit", str(config), *flags, "-o", str(out)], *words)
+    assert not out.exists()
+
+
+def test_node_gpus_is_refused_for_a_job_without_managed_servers():
+    one_line_refusal(["fit", "--model", "llama-3.2-1b", "--node-gpus", "8"],
+                     "--node-gpus counts the GPUs of a SpecForge v0.3 run's managed_local node", "no managed capture")
+
+
 # ----------------------------------------------------------------------------- speculators commands
 
 SPEC_TRAIN = "torchrun --nproc_per_node 2 scripts/train.py --verifier-name-or-path Qwen/Qwen3-8B"
