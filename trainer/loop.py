@@ -445,7 +445,7 @@ def _finish(report: dict, opts: TrainOptions, prediction, snapshot: bool, name: 
     report = ledger.compose(report)
     report["comparison"] = compare.rows(report["steps"], report.get("load", {}), prediction)
     if snapshot:
-        if compare.missed(report["comparison"]) or "oom" in report:
+        if compare.missed(report["comparison"]) or "oom" in report or opts.memory_snapshot:
             path = opts.output / "memory_snapshot.pickle"
             try:
                 torch.cuda.memory._dump_snapshot(str(path))

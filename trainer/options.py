@@ -49,6 +49,7 @@ class TrainOptions:
     seed: int = 0
     device: str | None = None  # None: cuda if available, else cpu
     snapshot_on_miss: bool = True  # record allocator history on CUDA, dump it on a >10% miss
+    memory_snapshot: bool = False  # dump the recorded allocator history whatever the comparison says
     say: Optional[Callable[[str], None]] = None  # one-line notices (resume, schedule); None: print to stdout
 
     def __post_init__(self):

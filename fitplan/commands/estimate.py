@@ -20,6 +20,13 @@ def estimate_command(
     plot: Optional[Path] = typer.Option(
         None, "--plot", help="Also draw the breakdown to this PNG file (.svg, .pdf, .jpg too; no suffix: .png is added)."
     ),
+    timeline: Optional[Path] = typer.Option(
+        None, "--timeline", help="Also draw the memory over load, step 1 and a steady step as the caching "
+        "allocator model replays them (allocated, reserved, phases, the largest request) to this file: .html "
+        "(inline SVG) or an image. One-GPU Eagle3 jobs of fitplan's trainer."),
+    snapshot: Optional[Path] = typer.Option(
+        None, "--snapshot", help="With --timeline: a measured allocator snapshot (`fitplan train "
+        "--memory-snapshot` writes one) drawn below the prediction."),
     from_specforge: Optional[str] = typer.Option(None, "--from-specforge", help=FROM_SPECFORGE_HELP),
     from_speculators: Optional[str] = typer.Option(None, "--from-speculators", help=FROM_SPECULATORS_HELP),
     samples: Optional[int] = typer.Option(
@@ -41,6 +48,7 @@ def estimate_command(
         from fitplan.render.plot import output_path
 
         plot = output_path(plot)
+    timeline = check_timeline_flags(timeline, snapshot)
     check_feature_flags(samples, samples_from, tokenizer)
     job_input = job_spec(config, flags, from_specforge, from_speculators)
     spec, warnings = job_input.spec, job_input.warnings
@@ -58,6 +66,10 @@ def estimate_command(
         from fitplan.render.plot import plot_estimate
 
         plot = plot_estimate(est, plot, spec=spec)
+    if timeline is not None:
+        from fitplan.render.timeline import draw
+
+        timeline = draw(job, est, timeline, snapshot)
     if as_json:
         config_out = {**spec.to_dict(), "tp": job.tp, "accum": job.accum}
         out = {**est.to_json(), "config": config_out}
@@ -76,6 +88,21 @@ def estimate_command(
         render_features(features)
     if plot is not None:
         typer.echo(f"plot written to {plot}")
+    if timeline is not None:
+        typer.echo(f"timeline written to {timeline}")
+
+
+def check_timeline_flags(timeline: Optional[Path], snapshot: Optional[Path]) -> Optional[Path]:
+    """--timeline's file and --snapshot's, before anything is computed."""
+    if snapshot is not None and timeline is None:
+        raise FitplanError("--snapshot is drawn on the --timeline figure; give --timeline FILE too")
+    if snapshot is not None and not snapshot.is_file():
+        raise FitplanError(f"--snapshot {snapshot}: no such file (a torch.cuda.memory._dump_snapshot pickle)")
+    if timeline is None:
+        return None
+    from fitplan.render.timeline import timeline_path
+
+    return timeline_path(timeline)
 
 
 def check_feature_flags(samples: Optional[int], samples_from: Optional[Path], tokenizer: Optional[Path]) -> None:

@@ -94,6 +94,10 @@ def train_command(
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation and data order (0 to 2**32-1)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, or cuda (default: cuda when present)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report JSON instead of tables."),
+    memory_snapshot: bool = typer.Option(
+        False, "--memory-snapshot", help="On a GPU, write the allocator's recorded history to "
+        "OUTPUT/memory_snapshot.pickle (also written unasked when a phase misses its prediction by >10%); "
+        "`fitplan estimate --timeline FILE --snapshot` draws it under the prediction."),
     *,
     flags: dict,
 ) -> None:
@@ -140,7 +144,7 @@ def train_command(
     opts = TrainOptions(
         spec=spec, output=output, steps=steps, data=data, hidden_states=hidden_states,
         synthetic_data=synthetic_data, random_weights=random_weights, lr=lr, warmup=warmup,
-        save_every=save_every, resume=resume, seed=seed, device=device, say=say,
+        save_every=save_every, resume=resume, seed=seed, device=device, say=say, memory_snapshot=memory_snapshot,
     )
     with claim, _environment(checkpoint.lock_env(claim)):
         if resume and job.world > 1 and not parallel.inside_worker():

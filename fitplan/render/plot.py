@@ -120,31 +120,31 @@ def figure(est: Estimate, spec: RunSpec | None = None) -> Figure:
 FORMATS = ("png", "svg", "pdf", "jpg", "jpeg")
 
 
-def output_path(path: str | Path) -> Path:
+def output_path(path: str | Path, flag: str = "--plot", also: tuple[str, ...] = ()) -> Path:
     """The file `--plot PATH` will write, checked before anything is computed: PATH itself, or
     PATH.png when it has no suffix (as matplotlib names it). A folder, a missing or unwritable
-    folder, or a suffix matplotlib cannot write is a one-line error."""
+    folder, or a suffix matplotlib cannot write (nor one of `also`) is a one-line error."""
     import os
 
     _matplotlib()  # without matplotlib, say so before the estimate runs
     given = Path(path)
     if str(path).strip() == "":
-        raise FitplanError("--plot needs a file name, e.g. --plot estimate.png")
+        raise FitplanError(f"{flag} needs a file name, e.g. {flag} estimate.png")
     if given.is_dir():
-        raise FitplanError(f"--plot {path} is a folder; give an image file name, e.g. {given / 'estimate.png'}")
+        raise FitplanError(f"{flag} {path} is a folder; give an image file name, e.g. {given / 'estimate.png'}")
     out = given if given.suffix else given.with_name(given.name + ".png")
     fmt = out.suffix[1:].lower()
-    if fmt not in FORMATS:
-        raise FitplanError(f"--plot {path}: cannot write a {out.suffix!r} image; accepted suffixes: "
-                           + ", ".join("." + f for f in FORMATS))
+    if fmt not in FORMATS and out.suffix.lower() not in also:
+        raise FitplanError(f"{flag} {path}: cannot write a {out.suffix!r} image; accepted suffixes: "
+                           + ", ".join(["." + f for f in FORMATS] + list(also)))
     if out.is_dir():
-        raise FitplanError(f"--plot {path}: {out} is a folder; give an image file name")
+        raise FitplanError(f"{flag} {path}: {out} is a folder; give an image file name")
     folder = out.parent
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
-        raise FitplanError(f"--plot {path}: the folder {folder} {what}")
+        raise FitplanError(f"{flag} {path}: the folder {folder} {what}")
     if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise FitplanError(f"--plot {path}: {out if out.exists() else folder} is not writable")
+        raise FitplanError(f"{flag} {path}: {out if out.exists() else folder} is not writable")
     return out
 
 
