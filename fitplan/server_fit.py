@@ -165,16 +165,15 @@ class Choice:
 
 @dataclass(frozen=True)
 class ServerFix:
-    """fit's answer for the capture servers: the estimate as given and after the changes (as given
-    when nothing fits), the changes as overrides and per entry, and per server why nothing fits."""
+    """fit's answer for the capture servers: their estimate after the changes (as given when there
+    are none or nothing fits), the changes as overrides and per entry, and per server why nothing
+    fits."""
 
-    given: ServerEstimate
     fixed: ServerEstimate
     overrides: tuple[str, ...]
     edits: tuple[str, ...]
     notes: tuple[str, ...]  # one line per changed server: why, and what changed
     problems: tuple[str, ...]
-    node: str
     target: Target = field(repr=False)
 
     @property
@@ -351,14 +350,14 @@ def fit_servers(run: SpecForgeRun | None, model: ModelShape, spec: RunSpec, gpu:
         if choice is None:
             problems.append(f"{e.name} (tp_size {e.server.tp}, mem_fraction_static {e.server.mem_fraction}): {problem}")
     if problems:
-        return ServerFix(given, given, (), (), (), tuple(problems), str(node), target)
+        return ServerFix(given, (), (), (), tuple(problems), target)
     edits = list(overrides)  # the cap: a key of its own
     more, more_edits, more_notes = _answer(run, entries, choices, node, target)
     overrides, edits, notes = overrides + more, edits + more_edits, notes + more_notes
     if not overrides:
-        return ServerFix(given, given, (), (), (), (), str(node), target)
+        return ServerFix(given, (), (), (), (), target)
     fixed = estimate_servers(model, spec, _read_back(run, overrides).servers, gpu)
-    return ServerFix(given, fixed, tuple(overrides), tuple(edits), tuple(notes), (), str(node), target)
+    return ServerFix(fixed, tuple(overrides), tuple(edits), tuple(notes), (), target)
 
 
 def _read_back(run: SpecForgeRun, overrides: list[str]) -> SpecForgeRun:
