@@ -20,11 +20,11 @@ Workload = Literal["eagle3", "sft"]
 Sharding = Literal["none", "zero1", "zero2", "zero3"]
 OutputSharding = Literal["gather", "all-to-all"]
 Precision = Literal["mixed", "fp32-autocast", "bf16-master", "bf16"]
-Optimizer = Literal["adamw", "adamw-8bit"]
+Optimizer = Literal["adamw", "adamw-8bit", "muon"]
 Attention = Literal["flex", "sdpa", "eager"]
 TargetWeights = Literal["bf16", "mxfp4"]
 Offload = Literal["none", "optimizer", "params"]
-Runtime = Literal["fitplan", "specforge"]
+Runtime = Literal["fitplan", "specforge", "speculators"]
 TargetBackend = Literal["sglang", "hf"]
 DraftMemory = Literal["lean", "plain"]
 
@@ -50,7 +50,9 @@ class RunSpec:
     model: str
     """Target model: profile name, HF repo id, config.json or model directory."""
     draft: str = "auto"
-    """Eagle3 draft: 'auto', a draft profile name, or a config path."""
+    """Eagle3 draft: 'auto', a draft profile name, or a config path. Runtime speculators: 'auto' or
+    'speculators' (the draft speculators builds from the verifier, full vocabulary) or
+    'speculators:N' (its vocabulary pruned to N tokens, --draft-vocab-size N)."""
     gpus: str = "1xH100"
     """COUNTxTYPE (8xH100) or NODESxCOUNTxTYPE (2x8xH100)."""
     workload: Workload = "eagle3"
@@ -66,6 +68,8 @@ class RunSpec:
     output_sharding: OutputSharding = "gather"
     precision: Precision = "bf16-master"
     optimizer: Optimizer = "adamw"
+    """adamw, adamw-8bit (torchao's 8-bit moments), or muon (speculators' default: torch's Muon
+    for the 2-D weights, AdamW for the rest; runtime speculators only)."""
     ac: bool = False
     attention: Optional[Attention] = None
     """None: flex for eagle3, sdpa for sft."""
@@ -76,11 +80,14 @@ class RunSpec:
     aux_layers: Optional[tuple[int, ...]] = None
     """None: the draft's, else [1, n/2-1, n-4]."""
     runtime: Runtime = "fitplan"
-    """fitplan: the embedded trainer. specforge: SpecForge's classic train_eagle3.py."""
+    """fitplan: the embedded trainer. specforge: SpecForge's classic train_eagle3.py. speculators:
+    vLLM speculators' scripts/train.py (Eagle3; hidden states from files or a vLLM server)."""
     target_backend: TargetBackend = "sglang"
     """specforge runtime only."""
     sglang_mem_fraction: Optional[float] = None
-    """specforge runtime only."""
+    """The inference engine's share of each trainer GPU. specforge runtime: SGLang's
+    mem_fraction_static. speculators runtime: the gpu_memory_utilization of a vLLM server that
+    shares the trainer's GPUs (None: the server, if any, runs on GPUs of its own)."""
     offline: bool = False
     """The target's features (aux and last hidden states) are read from disk and no target runs:
     SpecForge's offline mode, or fitplan's trainer given `fitplan train --hidden-states DIR`."""
@@ -363,7 +370,11 @@ def spec_from_text(text: str | None, source: str, overrides: Mapping[str, Any] |
     """A config, plan or launch script given as text (a file's, or a file's at a git revision)."""
     values: dict[str, Any] = {}
     if text is not None:
-        _refuse_speculators(text, source, overrides)
+        from fitplan.speculators import from_config_text  # speculators' train.py launch or run.yaml
+
+        run = from_config_text(text, source, overrides)
+        if run is not None:
+            return run.spec(overrides)
     if text is not None and is_launch_script(text):
         from fitplan.specforge import parse_command  # reads launches into this module's RunSpec
 
@@ -383,12 +394,3 @@ def spec_from_text(text: str | None, source: str, overrides: Mapping[str, Any] |
         if value is not None:
             values[key] = value
     return spec_from_mapping(values, source)
-
-
-def _refuse_speculators(text: str, source: str, overrides: Mapping[str, Any] | None) -> None:
-    """A speculators launch or run.yaml: read and checked (bad input is named), then refused: its
-    trainer is not modelled yet (fitplan/speculators.py)."""
-    from fitplan.speculators import from_text, is_launch, run_yaml_mapping
-
-    if is_launch(text) or run_yaml_mapping(text, source) is not None:
-        raise from_text(text, source, overrides).refuse()

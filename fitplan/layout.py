@@ -34,10 +34,24 @@ TRAINER_KNOBS = {
                                  "(kernels-community/gpt-oss-triton-kernels, through the kernels package), which "
                                  "an offline GPU machine cannot, and without them it dequantizes the experts to bf16 "
                                  "(accepted: bf16)",
+    ("optimizer", "muon"): "Muon is speculators' optimizer (--runtime speculators); fitplan's trainer runs "
+                           "AdamW (accepted: adamw, adamw-8bit)",
 }
 # What SpecForge's classic train_eagle3.py runs whatever it is told: one FSDP SHARD_GRAD_OP unit
 # and its BF16Optimizer (bf16 parameters, fp32 master and moments), no offload.
 SPECFORGE_KNOBS = {"sharding": "zero2", "precision": "bf16-master", "optimizer": "adamw", "offload": "none"}
+# What speculators' scripts/train.py runs whatever it is told (fitplan/estimator/speculators_runtime.py):
+# knob -> (the value, why).
+SPECULATORS_KNOBS = {
+    "precision": ("fp32-autocast", "fp32 master weights under bf16 autocast"),
+    "offload": ("none", "no CPU offload"),
+    "ac": (False, "no activation checkpointing"),
+    "micro_batch": (1, "one packed sequence of --total-seq-len tokens (seq) a step"),
+    "offline": (True, "its hidden states are read, from files or a vLLM server; no verifier runs in it"),
+}
+# DDP (sharding none) by default, FSDP2 fully_shard under --fsdp-shard (sharding zero3).
+SPECULATORS_SHARDINGS = ("none", "zero3")
+SPECULATORS_OPTIMIZERS = ("muon", "adamw")
 # The Eagle3 draft's fc layer reads three target layers concatenated (3h -> h).
 AUX_LAYER_COUNT = 3
 
@@ -167,6 +181,9 @@ def check_runtime(spec: RunSpec, world: int) -> None:
                 raise FitplanError(f"{knob} {getattr(spec, knob)}: SpecForge's train_eagle3.py runs {knob} {runs} "
                                    f"whatever it is told (accepted with --runtime specforge: {runs})")
         return
+    if spec.runtime == "speculators":
+        check_speculators(spec, world)
+        return
     for (knob, value), why in TRAINER_KNOBS.items():
         if getattr(spec, knob) == value:
             raise FitplanError(f"{knob} {value}: {why}")
@@ -187,6 +204,34 @@ def check_runtime(spec: RunSpec, world: int) -> None:
             f"sharding {spec.sharding} on {world} GPUs: fitplan's trainer shards the trained model with FSDP2; "
             f"accepted: {', '.join(TRAINER_SHARDINGS)}"
         )
+
+
+def check_speculators(spec: RunSpec, world: int) -> None:
+    """What speculators' train.py can be told: the knobs it fixes, DDP or FSDP2, Muon or AdamW, and
+    one optimizer step per packed sequence."""
+    if spec.workload != "eagle3":
+        raise FitplanError("runtime speculators runs the eagle3 workload only; for sft use runtime fitplan")
+    for knob, (runs, why) in SPECULATORS_KNOBS.items():
+        if getattr(spec, knob) != runs:
+            given, accepted = (str(v).lower() if isinstance(v, bool) else v for v in (getattr(spec, knob), runs))
+            raise FitplanError(f"{knob} {given}: speculators' train.py runs {knob} {accepted} whatever it is told "
+                               f"({why}; accepted with --runtime speculators: {accepted})")
+    if spec.sharding not in SPECULATORS_SHARDINGS:
+        raise FitplanError(f"sharding {spec.sharding}: speculators' train.py replicates the draft with DDP "
+                           "(sharding none) or shards it with FSDP2 under --fsdp-shard (sharding zero3); "
+                           f"accepted with --runtime speculators: {', '.join(SPECULATORS_SHARDINGS)}")
+    if spec.optimizer not in SPECULATORS_OPTIMIZERS:
+        raise FitplanError(f"optimizer {spec.optimizer}: speculators' train.py builds torch's Muon (AdamW for the "
+                           "non-matrix weights) or AdamW; accepted with --runtime speculators: "
+                           f"{', '.join(SPECULATORS_OPTIMIZERS)}")
+    if spec.tp not in (None, 1):
+        raise FitplanError(f"tp {spec.tp}: speculators' trainer runs no verifier to split (accepted: 1)")
+    if spec.accum not in (None, 1) or spec.global_batch not in (None, world):
+        raise FitplanError("accum and global_batch: speculators' train.py steps the optimizer after every packed "
+                           f"sequence of each GPU (accepted: accum 1, global_batch {world} on {world} GPUs)")
+    if spec.target_weights != "bf16" or spec.output_sharding != "gather" or spec.target_backend != "sglang":
+        raise FitplanError("target_weights, output_sharding and target_backend describe a live target; "
+                           "speculators' trainer runs none (drop them)")
 
 
 def check_optimizer_offload(spec: RunSpec, world: int) -> None:
@@ -225,7 +270,7 @@ def _target_tp(spec: RunSpec, model: ModelShape, cluster: Cluster) -> int:
         if spec.tp not in (None, 1):
             raise FitplanError("tp applies to the eagle3 workload's frozen target; for sft use --sharding")
         return 1
-    if spec.offline and spec.runtime == "fitplan":
+    if spec.offline and spec.runtime in ("fitplan", "speculators"):
         return 1  # no target runs: only its lm_head, replicated (check_runtime refuses another tp)
     tp = spec.tp
     if tp is None:
@@ -246,7 +291,12 @@ def resolve(spec: RunSpec) -> Job:
     check_runtime(spec, cluster.world)
     draft = None
     if spec.workload == "eagle3":
-        draft = load_draft(spec.draft, model, spec.aux_layers)
+        if spec.runtime == "speculators":  # the draft speculators builds from the verifier
+            from fitplan.speculators import draft_shape
+
+            draft = draft_shape(spec.draft, model, spec.aux_layers)
+        else:
+            draft = load_draft(spec.draft, model, spec.aux_layers)
         check_draft(draft, model)
     tp = _target_tp(spec, model, cluster)
     if spec.output_sharding == "all-to-all" and tp == 1:

@@ -11,11 +11,13 @@ refuse, and names the job: the verifier (as a fitplan profile), one packed seque
 `--total-seq-len` tokens per step, the TTT unroll, the draft vocabulary, the GPUs and how the
 draft is replicated or sharded.
 
-The job is not estimated yet. speculators' trainer holds no verifier (its hidden states come from
-files or a vLLM server running elsewhere), keeps the draft's master weights in fp32 under bf16
-autocast beside a frozen embedding and a verifier lm_head pruned to the draft vocabulary, trains
-with Muon (or AdamW), and replicates the draft with DDP unless `--fsdp-shard`. No fitplan runtime
-models that trainer, so the reader ends in one line saying so rather than another trainer's number.
+The job becomes a RunSpec under runtime speculators (fitplan/estimator/speculators_runtime.py says
+what one of its GPUs holds): the draft speculators builds from the verifier (`draft_shape`) with the
+vocabulary it would prune to, DDP or FSDP2 (`--fsdp-shard`), Muon or AdamW, and, when the launch
+script leaves a vLLM server running on the trainer's GPUs (fitplan/vllm_server.py), that server's
+gpu_memory_utilization. What the estimate does not model is refused naming the flag (a deeper
+draft, another loss implementation, a trained embedding, a draft from a saved config); fields that
+change no GPU memory it models are listed once as ignored.
 """
 
 from __future__ import annotations
@@ -27,8 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fitplan.config import read_job_file, show, yaml_or_error
+from fitplan.config import (
+    RunSpec,
+    read_job_file,
+    show,
+    spec_from_mapping,
+    yaml_or_error,
+)
 from fitplan.errors import FitplanError
+from fitplan.layout import AUX_LAYER_COUNT
+from fitplan.shapes import DraftShape, ModelShape
 
 SOURCE = "speculators command line"
 DEFAULT_GPU_TYPE = "H100"
@@ -290,21 +300,49 @@ def is_launch(text: str) -> bool:
 
 # ---------------------------------------------------------------- the job
 
+# What fitplan reads of a job; every other field given is listed once as ignored (it changes no
+# GPU memory fitplan models: learning rates, epochs, paths, logging, the other algorithms' groups).
+MODELLED = {
+    "speculator_type", "verifier_name_or_path", "total_seq_len", "ttt_steps", "draft_vocab_size", "d2t_path",
+    "t2d_path", "data_path", "target_layer_ids", "optimizer", "fsdp_shard", "draft_attn_impl", "num_layers",
+    "hidden_states_dtype", "loss_implementation", "embed_requires_grad", "from_pretrained", "draft_config",
+    "on_missing",
+}
+# draft_attn_impl -> fitplan's attention
+ATTENTION = {"simple_flex_attention": "flex", "sdpa": "sdpa", "eager": "eager"}
+# Refused: what the estimate does not model -> (the values it takes, what it estimates, the flag
+# that says so).
+UNMODELLED = {
+    "num_layers": ((None, 1), "a draft of one decoder layer (speculators' Eagle3 default)", "--num-layers 1"),
+    "hidden_states_dtype": (("bfloat16",), "bf16 autocast over bf16 hidden states", "--hidden-states-dtype bfloat16"),
+    "loss_implementation": (("fused",), "the fused Triton loss, which keeps no [T, Vd] tensor of its own",
+                            "--loss-implementation fused"),
+    "embed_requires_grad": ((False,), "a frozen embedding", "--no-embed-requires-grad"),
+    "from_pretrained": ((None, ""), "the draft speculators builds from the verifier, not a saved draft's config",
+                        "leave --from-pretrained out"),
+    "draft_config": ((None, ""), "the draft speculators builds from the verifier, not a given decoder config",
+                     "leave --draft-config out"),
+}
+
 
 @dataclass(frozen=True)
 class SpeculatorsRun:
     """What a speculators train command or run.yaml says, every field typed (`get` fills the
-    schema's defaults), the verifier as a fitplan model and the GPUs."""
+    schema's defaults), the verifier as a fitplan model, the GPUs, the co-located vLLM server's
+    gpu_memory_utilization (None: none shares the trainer's GPUs), and what reading it ignored
+    or assumed."""
 
     values: dict[str, Any]
     gpus: str
+    server_fraction: float | None = None
+    warnings: tuple[str, ...] = ()
 
     def get(self, name: str) -> Any:
         return self.values.get(name, FIELDS[name][2])
 
     def describe(self) -> str:
         ids = self.get("target_layer_ids")
-        vocab = self.get("draft_vocab_size")
+        vocab = self.values.get("draft_vocab")
         online = self.get("on_missing") == "generate"
         parallel = "FSDP2" if self.get("fsdp_shard") else "DDP"
         return (f"eagle3 draft of {self.values['model']}, {self.get('total_seq_len')} packed tokens a step, "
@@ -312,13 +350,19 @@ class SpeculatorsRun:
                 f"{'' if self.gpus.startswith('1x') else ' ' + parallel}, {self.get('optimizer')}, hidden states "
                 + ("from vLLM when not cached" if online else "from files"))
 
-    def refuse(self) -> FitplanError:
-        return FitplanError(
-            f"speculators job read ({self.describe()}): not estimated: speculators' trainer (fp32 master weights "
-            "under bf16 autocast, a frozen embedding and a verifier lm_head pruned to the draft vocabulary, Muon "
-            "or AdamW state, DDP or FSDP2 buffers) is not modelled by fitplan yet, and no other trainer's figure "
-            "is given in its place"
-        )
+    def spec(self, overrides: Mapping[str, Any] | None = None) -> RunSpec:
+        """The RunSpec under runtime speculators; fitplan flags given override it, except --gpus,
+        whose type is already in `gpus` (the count is the launch's)."""
+        values = {
+            "model": self.values["model"], "draft": draft_ref(self.values.get("draft_vocab")), "gpus": self.gpus,
+            "workload": "eagle3", "runtime": "speculators", "seq": self.get("total_seq_len"), "micro_batch": 1,
+            "ttt": self.get("ttt_steps"), "aux_layers": self.get("target_layer_ids"),
+            "sharding": "zero3" if self.get("fsdp_shard") else "none", "precision": "fp32-autocast",
+            "optimizer": self.get("optimizer"), "attention": ATTENTION[self.get("draft_attn_impl")], "tp": 1,
+            "offline": True, "draft_memory": "plain", "sglang_mem_fraction": self.server_fraction,
+        }
+        given = {k: v for k, v in (overrides or {}).items() if v is not None and k != "gpus"}
+        return spec_from_mapping({**values, **given}, SOURCE)
 
 
 def read(value: str, flags: Mapping[str, Any] | None = None) -> SpeculatorsRun:
@@ -332,12 +376,19 @@ def read(value: str, flags: Mapping[str, Any] | None = None) -> SpeculatorsRun:
     return from_text(text, source, flags)
 
 
+def from_config_text(text: str, source: str, flags: Mapping[str, Any] | None = None) -> SpeculatorsRun | None:
+    """The job of a CONFIG's text if it is a speculators launch or run.yaml, else None."""
+    if is_launch(text) or run_yaml_mapping(text, source) is not None:
+        return from_text(text, source, flags)
+    return None
+
+
 def from_text(text: str, source: str, flags: Mapping[str, Any] | None = None) -> SpeculatorsRun:
     """A run.yaml's or a launch's text (a CONFIG file's, or --from-speculators')."""
     mapping = run_yaml_mapping(text, source)
     if mapping is None:
         return _from_launch(text, flags)
-    return _run(yaml_values(mapping, source), _world_of((flags or {}).get("gpus")), flags)
+    return _run(yaml_values(mapping, source), _world_of((flags or {}).get("gpus")), flags, None)
 
 
 def _world_of(gpus: str | None) -> tuple[int, int]:
@@ -365,12 +416,15 @@ def _from_launch(text: str, flags: Mapping[str, Any] | None) -> SpeculatorsRun:
     values, config = parse_flags(tokens[at + 1:])
     if config is not None:  # the flags layer over --config's file
         values = {**yaml_values(yaml_or_error(read_job_file(config), config), config), **values}
-    return _run(values, world, flags)
+    return _run(values, world, flags, expanded)
 
 
-def _run(values: dict[str, Any], world: tuple, flags: Mapping[str, Any] | None) -> SpeculatorsRun:
-    """Check what the job needs and resolve the verifier and the GPUs."""
+def _run(values: dict[str, Any], world: tuple, flags: Mapping[str, Any] | None, script: str | None) -> SpeculatorsRun:
+    """Check what the job needs, resolve the verifier, the draft vocabulary and the GPUs, and
+    whether a vLLM server of the script shares them."""
+    from fitplan.profiles import load_model
     from fitplan.specforge import resolve_target
+    from fitplan.vllm_server import colocation
 
     kind = values.get("speculator_type", "eagle3")
     if kind not in SPECULATOR_TYPES:
@@ -385,22 +439,46 @@ def _run(values: dict[str, Any], world: tuple, flags: Mapping[str, Any] | None) 
     for name in ("total_seq_len", "ttt_steps", "draft_vocab_size", "num_layers"):
         if values.get(name) is not None and values[name] < 1:
             raise FitplanError(f"{SOURCE}: --{name.replace('_', '-')} must be a positive integer, got {values[name]}")
-    values = {**values, "model": model, "target_layer_ids": values.get("target_layer_ids") or _default_aux(model)}
-    return SpeculatorsRun(values, _gpus(world, (flags or {}).get("gpus")))
+    _refuse_unmodelled(values)
+    verifier_shape = load_model(model)
+    vocab, vocab_note = draft_vocab(values, verifier_shape.vocab)
+    warnings = [vocab_note] + ignored_warning(values)
+    fraction, server_note = colocation(script) if script is not None else (None, None)
+    warnings += [server_note] if server_note else []
+    ids = values.get("target_layer_ids") or default_aux(verifier_shape.layers)
+    if len(ids) != AUX_LAYER_COUNT:
+        raise FitplanError(f"{SOURCE}: --target-layer-ids {' '.join(map(str, ids))}: fitplan models a draft over "
+                           f"{AUX_LAYER_COUNT} verifier layers (accepted: {AUX_LAYER_COUNT} ids)")
+    values = {**values, "model": model, "target_layer_ids": ids, "draft_vocab": vocab}
+    return SpeculatorsRun(values, _gpus(world, (flags or {}).get("gpus")), fraction, tuple(warnings))
 
 
-def _default_aux(model: str) -> list[int]:
+def _refuse_unmodelled(values: dict[str, Any]) -> None:
+    for name, (modelled, what, accepted) in UNMODELLED.items():
+        value = values.get(name, FIELDS[name][2])
+        if value not in modelled:
+            flag = "--" + name.replace("_", "-")
+            raise FitplanError(f"{SOURCE}: {flag} {show(value)}: not modelled; fitplan estimates {what} "
+                               f"(accepted: {accepted})")
+
+
+def ignored_warning(values: dict[str, Any]) -> list[str]:
+    """One line naming every field given that the estimate does not read."""
+    ignored = sorted(name for name in values if name not in MODELLED)
+    if not ignored:
+        return []
+    flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
+    return [f"speculators flags fitplan does not model (ignored): {flags}"]
+
+
+def default_aux(layers: int) -> list[int]:
     """speculators' default aux layers of an n-layer verifier: [2, n // 2, n - 3]."""
-    from fitplan.profiles import load_model
-
-    n = load_model(model).layers
-    return [2, n // 2, n - 3]
+    return [2, layers // 2, layers - 3]
 
 
 def _gpus(world: tuple, flag: str | None) -> str:
     """The launch's GPU count with --gpus's type (H100 when not given)."""
     from fitplan.specforge import Unresolved
-
     from fitplan.specforge_yaml import gpu_type_of
 
     nodes, per_node = world
@@ -414,3 +492,99 @@ def _gpus(world: tuple, flag: str | None) -> str:
     return f"{per_node}x{gpu_type}" if nodes == 1 else f"{nodes}x{per_node}x{gpu_type}"
 
 
+# ---------------------------------------------------------------- the draft vocabulary
+
+
+def draft_vocab(values: dict[str, Any], verifier_vocab: int) -> tuple[int | None, str]:
+    """The draft vocabulary as speculators' train.py picks it (None: the verifier's), and a line
+    saying where it came from. Its order: d2t/t2d files named by flag, then d2t.npy/t2d.npy in
+    --data-path, then --draft-vocab-size with token frequencies; with none of them the full
+    vocabulary. fitplan reads a d2t file's length where the file is on this machine."""
+    given = values.get("draft_vocab_size")
+    named = values.get("d2t_path")
+    local = Path(str(values.get("data_path", FIELDS["data_path"][2]))).expanduser() / "d2t.npy"
+    path = Path(named).expanduser() if named else (local if local.is_file() else None)
+    length = npy_length(path) if path is not None and path.is_file() else None
+    if length is not None:
+        if given is not None and given != length:
+            raise FitplanError(f"{SOURCE}: --draft-vocab-size {given} does not match {path}, which maps {length} "
+                               "tokens (speculators refuses the pair)")
+        return _vocab(length, verifier_vocab), f"draft vocabulary: {length} tokens, the length of {path}"
+    if named and given is None:
+        raise FitplanError(f"{SOURCE}: --d2t-path {named}: fitplan cannot read that file here, so the draft "
+                           "vocabulary is unknown; give --draft-vocab-size N too")
+    if given is not None:
+        return _vocab(given, verifier_vocab), (f"draft vocabulary: --draft-vocab-size {given} (speculators prunes "
+                                               "to it given token frequencies or d2t/t2d files in --data-path)")
+    return None, (f"draft vocabulary: the verifier's full {verifier_vocab} tokens (no --draft-vocab-size and no "
+                  "d2t.npy found in --data-path, where speculators looks for a mapping)")
+
+
+def _vocab(n: int, verifier_vocab: int) -> int | None:
+    if n > verifier_vocab:
+        raise FitplanError(f"{SOURCE}: a draft vocabulary of {n} tokens exceeds the verifier's {verifier_vocab}")
+    return None if n == verifier_vocab else n
+
+
+def npy_length(path: Path) -> int | None:
+    """The first dimension of a .npy file, read from its header (no numpy), or None if it is no
+    .npy file."""
+    import ast
+
+    try:
+        with path.open("rb") as f:
+            head = f.read(10)
+            if head[:6] != b"\x93NUMPY":
+                return None
+            size = int.from_bytes(head[8:10], "little") if head[6] == 1 else int.from_bytes(head[8:10] + f.read(2),
+                                                                                            "little")
+            header = ast.literal_eval(f.read(min(size, 4096)).decode("latin-1"))
+        shape = header.get("shape") if isinstance(header, dict) else None
+        return int(shape[0]) if isinstance(shape, tuple) and shape and isinstance(shape[0], int) else None
+    except (OSError, ValueError, SyntaxError, IndexError):
+        return None
+
+
+# ---------------------------------------------------------------- the draft runtime speculators trains
+
+
+def draft_ref(vocab: int | None) -> str:
+    """RunSpec.draft of a speculators job: its draft, with the vocabulary it is pruned to."""
+    return "speculators" if vocab is None else f"speculators:{vocab}"
+
+
+def draft_shape(ref: str, model: ModelShape, aux_layers: tuple[int, ...] | None) -> DraftShape:
+    """The Eagle3 draft speculators' train.py builds from the verifier's config (its
+    create_transformer_layer_config): one Llama decoder layer with the verifier's hidden size,
+    attention heads and head size (heads re-derived as hidden // head_dim when the heads do not
+    split hidden), the verifier's intermediate_size (3 x hidden when it has none), and an lm_head
+    over the draft vocabulary. Which of its weights train is the runtime's business
+    (fitplan/estimator/speculators_runtime.py)."""
+    h, heads, kv_heads = model.hidden, model.heads, model.kv_heads
+    head_dim = model.raw.get("head_dim")
+    if isinstance(head_dim, int) and head_dim > 0 and h % heads and h % head_dim == 0:
+        heads = h // head_dim
+        kv_heads = kv_heads if heads % kv_heads == 0 else heads
+    return DraftShape(
+        name=f"{model.name}-speculators-eagle3",
+        hidden=h,
+        intermediate=model.intermediate if "intermediate_size" in model.raw else 3 * h,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=model.head_dim,
+        vocab=model.vocab,
+        draft_vocab=_vocab_of_ref(ref, model.vocab),
+        target_hidden=h,
+        aux_layers=tuple(aux_layers or default_aux(model.layers)),
+    )
+
+
+def _vocab_of_ref(ref: str, verifier_vocab: int) -> int:
+    if ref in ("auto", "speculators"):
+        return verifier_vocab
+    name, _, count = ref.partition(":")
+    if name == "speculators" and count.isdigit() and len(count) < 10 and 1 <= int(count) <= verifier_vocab:
+        return int(count)
+    raise FitplanError(f"draft {show(ref)}: runtime speculators trains the draft speculators builds from the "
+                       "verifier; accepted: auto or speculators (the full vocabulary), or speculators:N (pruned to "
+                       f"N tokens, 1 to {verifier_vocab})")

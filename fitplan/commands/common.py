@@ -22,7 +22,8 @@ from fitplan.errors import FitplanError
 
 HELP: dict[str, str] = {
     "model": "Target model: profile name (see `fitplan profiles`), HF repo id, config.json or model directory.",
-    "draft": "Eagle3 draft: 'auto' (derived from the target), a draft profile name, or a config path.",
+    "draft": ("Eagle3 draft: 'auto' (derived from the target), a draft profile name, or a config path; runtime "
+              "speculators: auto, speculators (its draft, full vocabulary) or speculators:N (pruned to N tokens)."),
     "gpus": "GPUs: COUNTxTYPE, e.g. 8xH100, 1xH200, 4xA100-80GB; NODESxCOUNTxTYPE for several nodes (2x8xH100).",
     "workload": "eagle3: frozen target + trainable Eagle3 draft. sft: full fine-tune of the model.",
     "seq": "Maximum sequence length (tokens per sample; the padded length of the longest batch).",
@@ -33,7 +34,7 @@ HELP: dict[str, str] = {
     "sharding": "Sharding of the trained model: zero1 (optimizer), zero2 (+grads), zero3 (+params).",
     "output_sharding": "How target outputs reach the ranks: gather (every rank holds the TP group's full logits) or all-to-all (its own rows only).",
     "precision": "mixed (fp32 master + bf16 copy, 18 B/param), fp32-autocast, bf16-master (bf16 params, fp32 master + moments in the optimizer), bf16 (pure bf16).",
-    "optimizer": "adamw, or adamw-8bit (8-bit moments).",
+    "optimizer": "adamw, adamw-8bit (8-bit moments), or muon (runtime speculators: Muon for the matrices).",
     "ac": "Activation checkpointing (draft layer per TTT step; every decoder block for sft).",
     "attention": "Attention kernel: flex (eagle3 default), sdpa (sft default) or eager (materialized scores).",
     "ttt": "Training-time-test unroll length of the Eagle3 draft.",
@@ -41,9 +42,11 @@ HELP: dict[str, str] = {
     "offload": "CPU offload: none, optimizer (state), params (with zero3).",
     "expandable_segments": "Run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation).",
     "aux_layers": "Target layers whose hidden states feed the draft, e.g. '1,17,33'.",
-    "runtime": "fitplan (our trainer) or specforge (SpecForge's classic train_eagle3.py).",
+    "runtime": ("fitplan (our trainer), specforge (SpecForge's classic train_eagle3.py) or speculators (vLLM "
+                "speculators' scripts/train.py; modelled, not measured on a GPU)."),
     "target_backend": "specforge runtime: sglang or hf target backend.",
-    "sglang_mem_fraction": "specforge runtime: SGLang's mem_fraction_static.",
+    "sglang_mem_fraction": ("specforge runtime: SGLang's mem_fraction_static. speculators runtime: the "
+                            "gpu_memory_utilization of a vLLM server sharing the trainer's GPUs."),
     "offline": ("Target features from disk, no live target: SpecForge's offline mode, or fitplan's "
                 "trainer (eagle3, tp 1) with fitplan train --hidden-states DIR."),
     "draft_memory": ("fitplan runtime. lean: the draft's lm_head is fused with the loss, SwiGLU recomputed "
@@ -100,7 +103,7 @@ FROM_SPECFORGE_HELP = (
 )
 FROM_SPECULATORS_HELP = (
     "A vLLM speculators scripts/train.py command line, or a file holding the launch script or the run.yaml it "
-    "writes beside its checkpoints, to read the job from (read and checked; its trainer is not estimated yet)."
+    "writes beside its checkpoints, to read the job from (estimated with runtime speculators)."
 )
 MARGIN_HELP = "Safety margin of device memory: a fraction (0.05) or a percentage (5)."
 
@@ -141,11 +144,12 @@ def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str],
     """The job from a config file (YAML, plan, launch script or SpecForge v0.3 run config), flags,
     or --from-specforge (a launch command line, or a v0.3 run config and its overrides: "run.yaml
     training.batch_size=2"); flags override each. Also what reading it ignored or assumed.
-    A speculators job (--from-speculators, or such a CONFIG) is read and checked, then refused:
-    its trainer is not modelled yet (fitplan/speculators.py)."""
+    A speculators job (--from-speculators, or such a CONFIG) runs under runtime speculators
+    (fitplan/speculators.py)."""
     from fitplan.config import is_launch_script, read_job_file, spec_from_text
     from fitplan.specforge import parse_command
     from fitplan.specforge_yaml import from_specforge_value, read_text
+    from fitplan.speculators import from_config_text
 
     given = [name for name, value in (("a CONFIG file", config), ("--from-specforge", from_specforge),
                                       ("--from-speculators", from_speculators)) if value is not None]
@@ -154,7 +158,8 @@ def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str],
     if from_speculators is not None:
         from fitplan.speculators import read as read_speculators
 
-        raise read_speculators(from_speculators, flags).refuse()
+        speculators = read_speculators(from_speculators, flags)
+        return JobInput(speculators.spec(flags), list(speculators.warnings))
     if from_specforge is not None:
         run = from_specforge_value(from_specforge, flags)
         if run is not None:
@@ -164,6 +169,9 @@ def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str],
     if config is None:
         return JobInput(spec_from_text(None, "flags", flags), [])
     text = read_job_file(config)
+    speculators = from_config_text(text, str(config), flags)
+    if speculators is not None:
+        return JobInput(speculators.spec(flags), list(speculators.warnings))
     run = read_text(text, str(config), flags)
     if run is not None:
         return JobInput(run.spec, list(run.warnings), "specforge-yaml", run.servers, run.online, run)

@@ -112,7 +112,8 @@ def train_command(
     if spec.workload != "eagle3":
         raise FitplanError("fitplan train runs the eagle3 workload (sft runs are measured by trainer.sft_step)")
     if spec.runtime != "fitplan":
-        raise FitplanError(f"runtime {spec.runtime}: this job is planned for SpecForge's trainer; "
+        trainer = {"specforge": "SpecForge's", "speculators": "vLLM speculators'"}[spec.runtime]
+        raise FitplanError(f"runtime {spec.runtime}: this job is planned for {trainer} trainer; "
                            "fitplan train runs runtime fitplan (drop --runtime or set it to fitplan)")
     if spec.offline and hidden_states is None:
         raise FitplanError("offline: fitplan train reads an offline job's target features from --hidden-states DIR; "

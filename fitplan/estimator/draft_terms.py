@@ -1,7 +1,10 @@
 """Eagle3 draft-side memory terms of the fitplan trainer (trainer/draft.py, trainer/loss.py).
 
 The specforge runtime reuses them with its own draft's unfused head and MLP (`_lean` false):
-the lm_head's fp32 log-softmax kept per step, and the SwiGLU's four I-wide tensors.
+the lm_head's fp32 log-softmax kept per step, and the SwiGLU's four I-wide tensors. The
+speculators runtime too (`_lean` false), with its fused Triton loss (`_fused_loss`): a step keeps
+the bf16 logits it scored and five fp32 statistics per row, its teacher is the verifier head's
+bf16 logits, and its keys and values live only in the concatenations the attention saves.
 
 Bytes per GPU for ONE micro-batch. Each term counts what the trainer's code keeps alive, found
 by enumerating autograd's saved tensors (torch.autograd.graph.saved_tensors_hooks) and checked
@@ -46,12 +49,24 @@ def _lean(job: Job) -> bool:
     return job.spec.runtime == "fitplan" and job.spec.draft_memory == "lean"
 
 
+# speculators' fused loss (losses/fused.py): per row, the draft's and the teacher's max and sum of
+# exponentials and the row's loss, fp32, saved with the logits for its backward.
+FUSED_LOSS_STATS_BYTES = 5 * FP32
+
+
+def _fused_loss(job: Job) -> bool:
+    """speculators' Triton loss (its default --loss-implementation fused; the reader refuses eager)."""
+    return job.spec.runtime == "speculators"
+
+
 def _swiglu_saved_per_token(job: Job) -> int:
     return (4 if _lean(job) else 8) * job.draft.intermediate
 
 
 def _loss_saved_per_token(job: Job) -> int:
     """What one step's loss keeps for backward, per token."""
+    if _fused_loss(job):  # the bf16 logits it was given (a view, not a copy) and its row statistics
+        return BF16 * job.draft.draft_vocab + FUSED_LOSS_STATS_BYTES
     return ROW_INDEX_BYTES if _lean(job) else FP32 * job.draft.draft_vocab
 
 
@@ -91,7 +106,11 @@ def _kernel_saved_bytes(job: Job, k: int) -> int:
 
 
 def _kv_lists_bytes(job: Job) -> int:
-    """Each step's roped keys and values, held by the unroll until it ends (freed before backward)."""
+    """Each step's roped keys and values, held by the unroll until it ends (freed before backward).
+    speculators' unroll keeps them in a DynamicCache, whose concatenations are the tensors the
+    attention saves (counted there): nothing apart."""
+    if job.spec.runtime == "speculators":
+        return 0
     d = job.draft
     return 2 * BF16 * d.kv_heads * d.head_dim * job.spec.ttt * _tokens(job)
 
@@ -124,8 +143,12 @@ def draft_logits_bytes(job: Job) -> int:
 
 
 def teacher_bytes(job: Job) -> int:
-    """fp32 target probabilities over the draft vocab, [B, S + L, Vd] (padded by L)."""
+    """fp32 target probabilities over the draft vocab, [B, S + L, Vd] (padded by L). speculators:
+    the verifier head's bf16 logits over the draft vocab, [1, T, Vd], which its loss reads as they
+    are (each step a slice)."""
     B, S, L = job.spec.micro_batch, job.spec.seq, job.spec.ttt
+    if job.spec.runtime == "speculators":
+        return BF16 * B * S * job.draft.draft_vocab
     return FP32 * B * (S + L) * job.draft.draft_vocab
 
 
@@ -144,6 +167,8 @@ def _loss_forward_bytes(job: Job) -> int:
     (HEAD_FORWARD_BYTES_PER_LOGIT). Unfused: the bf16 logits and the fp32 product over every
     position (6*Vd per token)."""
     d = job.draft
+    if _fused_loss(job):  # its kernel streams the rows: nothing [T, Vd]-wide beyond the logits
+        return 0
     if _lean(job):
         return HEAD_FORWARD_BYTES_PER_LOGIT * d.draft_vocab * head_chunk_rows(job)
     return (BF16 + FP32) * d.draft_vocab * _tokens(job)
@@ -155,6 +180,8 @@ def _loss_backward_bytes(job: Job) -> int:
     (HEAD_BACKWARD_BYTES_PER_LOGIT). Unfused: the fp32 gradients of the log-softmax's output and
     input (8*Vd per token)."""
     d = job.draft
+    if _fused_loss(job):  # the logits' bf16 gradient, allocated whole, and the hidden's the head returns
+        return BF16 * (d.draft_vocab + d.hidden) * _tokens(job)
     if _lean(job):
         return BF16 * d.hidden * _tokens(job) + HEAD_BACKWARD_BYTES_PER_LOGIT * d.draft_vocab * head_chunk_rows(job)
     return 2 * FP32 * d.draft_vocab * _tokens(job)

@@ -47,7 +47,15 @@ ADAM_8BIT_BLOCK = 256
 ADAM_8BIT_MOMENT_BYTES = 2 * (1 + FP32 / ADAM_8BIT_BLOCK)
 
 
+# optimizer muon is torch.optim.Muon as speculators builds it: one momentum buffer per weight, in the
+# weight's dtype (fp32 there). speculators hands the weights Muon cannot take (the draft's norms: 4h
+# of its parameters, under 0.01%) to AdamW at 8 B each; not counted.
+MUON_MOMENT_BYTES = 4
+
+
 def moment_bytes_per_param(spec: RunSpec) -> float:
+    if spec.optimizer == "muon":
+        return MUON_MOMENT_BYTES
     return ADAM_8BIT_MOMENT_BYTES if spec.optimizer == "adamw-8bit" else RECIPES[spec.precision].moments
 
 
