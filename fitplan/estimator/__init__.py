@@ -8,7 +8,7 @@ specforge_runtime and sft lay the terms on each workload's timeline of phases.
 from __future__ import annotations
 
 from fitplan.config import RunSpec
-from fitplan.estimator import eagle3, runtime, sft, specforge_runtime
+from fitplan.estimator import eagle3, replayed, runtime, sft, specforge_runtime, speculators_runtime
 from fitplan.estimator.result import Estimate
 from fitplan.layout import Job, resolve
 
@@ -20,6 +20,8 @@ def _timeline(job: Job):
         return sft.timeline(job)
     if job.spec.runtime == "specforge":
         return specforge_runtime.timeline(job)
+    if job.spec.runtime == "speculators":
+        return speculators_runtime.timeline(job)
     return eagle3.timeline(job)
 
 
@@ -40,12 +42,18 @@ def estimate(job: Job) -> Estimate:
     t = _timeline(job)
     peak_allocated = max(sum(components.values()) for components in t.steady.values())
     largest_bytes, largest_name = max(t.largest)
+    # fitplan's trainer on one GPU: its step replayed through the caching allocator model
+    replay = replayed.allocator_replay(job) if replayed.modelled(job) else None
+    if replay is None:
+        reserve = runtime.allocator_reserve_bytes(job, peak_allocated)
+    else:
+        reserve = max(0, replay.needed_reserved_bytes - peak_allocated)
     return Estimate(
         phases=t.steady,
         step1_phases=t.step1,
         gpu_total_bytes=job.cluster.gpu.total_bytes,
-        allocator_reserve_bytes=runtime.allocator_reserve_bytes(job, peak_allocated),
-        outside_allocator_bytes=runtime.outside_allocator_bytes(job),
+        allocator_reserve_bytes=reserve,
+        outside_allocator_bytes=runtime.outside_allocator_bytes(job) + speculators_runtime.extra_outside_bytes(job),
         reserve_floor_bytes=runtime.reserve_floor_bytes(job, peak_allocated),
         stranded_block_bytes=runtime.stranded_block_bytes(job, largest_bytes),
         largest_allocation_bytes=largest_bytes,
@@ -53,6 +61,7 @@ def estimate(job: Job) -> Estimate:
         world=job.world,
         notes=tuple(job.warnings) + tuple(t.notes),
         layout=_layout(job),
+        replay=replay,
     )
 
 

@@ -41,6 +41,7 @@ class Saved:
     fc_out: int
     steps: list[dict[str, int]] = field(default_factory=list)
     casts: list[int] = field(default_factory=list)
+    held: dict[int, list[int]] = field(default_factory=dict)  # step -> its roped key and value
 
 
 def _lean(state: State) -> bool:
@@ -54,21 +55,46 @@ def draft_forward(t: Trace, state: State) -> Saved:
     casts = [t.alloc(n * state.recipe.cast, f"bf16 cast {name}") for name, n in state.params]
     rope = (t.alloc(BF16 * z.S * z.d, "rope cos"), t.alloc(BF16 * z.S * z.d, "rope sin"))
     saved = Saved(rope, t.alloc(BF16 * z.h * z.T, "fc output"), casts=[c for c in casts if c is not None])
-    held: list[int] = []  # each step's roped k and its v, in the unroll's lists until it ends
     for k in range(z.L):
-        step: dict[str, int] = {}
-        _layer_forward(t, state, k, step, held)
+        step: dict[str, int] = {"emb": t.alloc(BF16 * z.h * z.T, "embedding")}
+        _layer_forward(t, state, k, step, saved)
         _loss_forward(t, state, step)
         saved.steps.append(step)
-    t.free(*held)
+    # the unroll's lists go; a checkpointed step's inputs still hold the keys and values before it
+    for k in [k for k in saved.held if not state.job.spec.ac or k == z.L - 1]:
+        t.free(*saved.held.pop(k))
     return saved
 
 
-def _layer_forward(t: Trace, state: State, k: int, step: dict[str, int], held: list[int]) -> None:
+# What a step saves for its backward in its attention and in its MLP block; a checkpointed
+# step (trainer/draft.py checkpoint_layer) saves none of it and drops each when it goes out of use.
+ATTENTION_SAVED = ("rstd_in", "rstd_hidden", "x", "q", "keys", "values", "mask", "out", "lse", "o_in")
+MLP_SAVED = ("hidden_attn", "rstd_post", "mlp_in", "gate", "silu", "up", "product")
+
+
+def _layer_forward(t: Trace, state: State, k: int, step: dict[str, int], saved: Saved) -> None:
+    """One TTT step's decoder layer and final norm; its roped key and value go to `saved.held`."""
+    z = state.sizes
+    row = BF16 * z.h * z.T
+    saved.held[k] = _attention_forward(t, state, k, step)
+    if state.job.spec.ac:
+        t.free(*(step.pop(name) for name in ATTENTION_SAVED if name in step))
+    _mlp_forward(t, state, step)
+    mlp_out = t.alloc(row, "MLP output")
+    step["hidden_out"] = t.alloc(row, "layer output")
+    t.free(mlp_out)
+    if state.job.spec.ac:
+        t.free(*(step.pop(name) for name in MLP_SAVED if name in step))
+    step["rstd_final"] = t.alloc(FP32 * z.T, "rstd")
+    step["normed"] = t.alloc(row, "final norm output")
+
+
+def _attention_forward(t: Trace, state: State, k: int, step: dict[str, int]) -> list[int]:
+    """The input norms, the attention and its residual, up to the hidden after attention.
+    Returns the roped key and the value (the unroll's lists hold them)."""
     z = state.sizes
     row, q_row, kv_row = BF16 * z.h * z.T, BF16 * z.H * z.d * z.T, BF16 * z.Hkv * z.d * z.T
     rstd = FP32 * z.T
-    step["emb"] = t.alloc(row, "embedding")
     step["rstd_in"] = t.alloc(rstd, "rstd")
     normed_emb = t.alloc(row, "normed embedding")
     step["rstd_hidden"] = t.alloc(rstd, "rstd")
@@ -80,7 +106,6 @@ def _layer_forward(t: Trace, state: State, k: int, step: dict[str, int], held: l
     t.free(q)
     roped_k = t.alloc(kv_row, "roped k")
     t.free(key)
-    held += [roped_k, value]
     step["keys"] = t.alloc(kv_row * (k + 1), "keys of steps 0..k")
     step["values"] = t.alloc(kv_row * (k + 1), "values of steps 0..k")
     if state.job.spec.attention_impl == "sdpa":  # a dense bool mask [S, (k+1)*S]
@@ -91,30 +116,34 @@ def _layer_forward(t: Trace, state: State, k: int, step: dict[str, int], held: l
     attn = t.alloc(row, "o_proj output")
     step["hidden_attn"] = t.alloc(row, "hidden after attention")
     t.free(attn)
-    step["rstd_post"] = t.alloc(rstd, "rstd")
-    step["mlp_in"] = t.alloc(row, "MLP input")
-    _mlp_forward(t, state, step)
-    mlp_out = t.alloc(row, "MLP output")
-    step["hidden_out"] = t.alloc(row, "layer output")
-    t.free(mlp_out)
-    step["rstd_final"] = t.alloc(rstd, "rstd")
-    step["normed"] = t.alloc(row, "final norm output")
+    return [roped_k, value]
 
 
-def _mlp_forward(t: Trace, state: State, step: dict[str, int]) -> None:
-    """Lean (trainer/lean_ops.py SwiGLUDown): gate and up saved, the product transient (its
-    compiled kernel's output; the estimator's instant has it beside them, not the MLP output).
-    Plain: gate, silu(gate), up and the product, all saved."""
+def _mlp_forward(t: Trace, state: State, step: dict[str, int], recompute: bool = False) -> None:
+    """The post-attention norm and the MLP. Lean (trainer/lean_ops.py SwiGLUDown): gate and up
+    saved, the product transient (its compiled kernel's output; the estimator's instant has it
+    beside them, not the MLP output). Plain: gate, silu(gate), up and the product, all saved.
+    A checkpoint's recomputation stops once the last saved tensor is made again."""
     z = state.sizes
     wide = BF16 * z.I * z.T
+    step["rstd_post"] = t.alloc(FP32 * z.T, "rstd")
+    step["mlp_in"] = t.alloc(BF16 * z.h * z.T, "MLP input")
     step["gate"] = t.alloc(wide, "gate")
     if _lean(state):
         step["up"] = t.alloc(wide, "up")
-        t.free(t.alloc(wide, "SwiGLU product"))
+        if not recompute:
+            t.free(t.alloc(wide, "SwiGLU product"))
         return
     step["silu"] = t.alloc(wide, "silu(gate)")
     step["up"] = t.alloc(wide, "up")
     step["product"] = t.alloc(wide, "SwiGLU product")
+
+
+def recompute(t: Trace, state: State, k: int, step: dict[str, int]) -> None:
+    """A checkpointed step's layer run again in backward (its inputs kept, non-reentrant
+    checkpoint with early stop): what it saves comes back; its outputs do not."""
+    t.free(*_attention_forward(t, state, k, step))
+    _mlp_forward(t, state, step, recompute=True)
 
 
 def _loss_forward(t: Trace, state: State, step: dict[str, int]) -> None:
@@ -156,9 +185,13 @@ def draft_backward(t: Trace, state: State, saved: Saved) -> None:
         step = saved.steps[k]
         _head_backward(t, state, step)
         _final_norm_backward(t, state, step, pending)
+        if state.job.spec.ac:
+            recompute(t, state, k, step)
         _mlp_backward(t, state, step)
         _attention_backward(t, state, step, k, pending)
         _input_backward(t, state, step, k, pending)
+        # the step's checkpoint held the keys and values of the step before as inputs
+        t.free(*saved.held.pop(k - 1, []))
     t.free(saved.fc_out)  # saved by step 0's hidden norm
     accumulate_grad(t, state, "fc")  # aux needs no gradient: only fc's weight
     t.free(pending.hidden, *pending.kv_whole, *saved.rope, *saved.casts)

@@ -14,7 +14,12 @@ from functools import lru_cache
 
 from fitplan.allocator import Allocator, replay
 from fitplan.estimator import runtime, step_events
+from fitplan.estimator.result import AllocatorReplay
 from fitplan.layout import Job
+from fitplan.units import TIB
+
+# "memory to spare": larger than any device, so no request is ever refused
+ROOM_BYTES = 64 * TIB
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,12 @@ def modelled(job: Job) -> bool:
 
 
 @lru_cache(maxsize=256)
-def replay_step(job: Job) -> ReplayedStep:
-    """The replay of `job`'s load, step 1 and a steady step (modelled(job) must hold)."""
-    built = step_events.build(job)
-    allocator = Allocator(capacity_bytes(job), expandable=job.spec.expandable_segments)
+def replay_step(job: Job, capacity: int | None = None) -> ReplayedStep:
+    """The replay of `job`'s load, step 1 and a steady step (modelled(job) must hold), with the
+    memory the driver can give (`capacity`; default: the device's, capacity_bytes)."""
+    built = _events(job)
+    capacity = capacity_bytes(job) if capacity is None else capacity
+    allocator = Allocator(capacity, expandable=job.spec.expandable_segments)
     summary = replay(built.events, allocator)
     over_time = tuple(summary.reserved_over_time)
     return ReplayedStep(
@@ -61,6 +68,21 @@ def replay_step(job: Job) -> ReplayedStep:
         phases=tuple((label, first, end, _peak_between(over_time, first, end)) for label, first, end in built.phases),
         capacity=allocator.capacity,
     )
+
+
+@lru_cache(maxsize=16)
+def _events(job: Job) -> step_events.StepEvents:
+    return step_events.build(job)
+
+
+def allocator_replay(job: Job) -> AllocatorReplay:
+    """The estimate's view of the replay: on the device, and where the device was too small (a
+    retry or an OOM) replayed again with room, for what the step needs."""
+    on_device = replay_step(job)
+    needed = on_device.peak_reserved
+    if on_device.num_alloc_retries or on_device.num_ooms:
+        needed = replay_step(job, capacity=ROOM_BYTES).peak_reserved
+    return AllocatorReplay(on_device.peak_reserved, needed, on_device.num_alloc_retries, on_device.num_ooms)
 
 
 def _peak_between(over_time: tuple[tuple[int, int], ...], first: int, end: int) -> int:

@@ -30,6 +30,22 @@ class Verdict(str, Enum):
 
 
 @dataclass(frozen=True)
+class AllocatorReplay:
+    """The step's allocations and frees replayed through the caching allocator model
+    (fitplan/estimator/replayed.py): where fitplan's trainer runs on one GPU, the device level
+    and the verdict come from here instead of the fitted reserve and the stranded-block rule."""
+
+    peak_reserved_bytes: int  # the most the allocator reserved, within what the driver can give
+    needed_reserved_bytes: int  # what it would reserve with memory to spare (more than the device: OOM)
+    num_alloc_retries: int  # requests served only after the cache was freed
+    num_ooms: int  # requests that failed even then
+
+    def to_json(self) -> dict[str, int]:
+        return {"peak_reserved_bytes": self.peak_reserved_bytes, "needed_reserved_bytes": self.needed_reserved_bytes,
+                "num_alloc_retries": self.num_alloc_retries, "num_ooms": self.num_ooms}
+
+
+@dataclass(frozen=True)
 class Estimate:
     # phase -> component -> bytes live at that phase's peak (allocator-level, per GPU)
     phases: dict[str, dict[str, int]]
@@ -49,6 +65,8 @@ class Estimate:
     notes: tuple[str, ...] = ()
     # resolved layout the numbers are for (tp, dp, accum, ...), for reports and plans
     layout: dict[str, Any] = field(default_factory=dict)
+    # the allocator model's replay of the step, where it is modelled (None: the fitted reserve)
+    replay: AllocatorReplay | None = None
 
     # -------------------------------------------------------------- derived figures
 
@@ -81,7 +99,13 @@ class Estimate:
     @property
     def verdict(self) -> Verdict:
         """`fits`, `OOM`, or `at risk`: it needs no more than the device, but fragmentation can strand
-        enough cached memory to fail its largest request (runtime.stranded_block_bytes)."""
+        enough cached memory to fail its largest request (runtime.stranded_block_bytes). Where the
+        step is replayed: `OOM` if a request failed after the cache was freed, `at risk` if one
+        was served only after that."""
+        if self.replay is not None:
+            if self.replay.num_ooms:
+                return Verdict.OOM
+            return Verdict.AT_RISK if self.replay.num_alloc_retries else Verdict.FITS
         if self.required_bytes > self.gpu_total_bytes:
             return Verdict.OOM
         return Verdict.AT_RISK if self.required_if_fragmented_bytes > self.gpu_total_bytes else Verdict.FITS
@@ -93,7 +117,11 @@ class Estimate:
         Near the device limit the reserve shrinks: before failing a request the caching allocator
         frees its cached blocks and retries, so a job that needs no more than `required_bytes` runs
         with its cached blocks squeezed to what is left of the device (the peak is then the total).
-        One that needs more fails; its figure is what it needs."""
+        One that needs more fails; its figure is what it needs. Where the step is replayed, the
+        replay's peak reserved (what it needs when a request failed) + outside."""
+        if self.replay is not None:
+            reserved = self.replay.needed_reserved_bytes if self.replay.num_ooms else self.replay.peak_reserved_bytes
+            return reserved + self.outside_allocator_bytes
         if self.required_bytes > self.gpu_total_bytes:
             return self.required_bytes
         return min(self.unconstrained_peak_bytes, self.gpu_total_bytes)
@@ -144,6 +172,7 @@ class Estimate:
             "allocator_reserve_bytes": self.allocator_reserve_bytes,
             "required_bytes": self.required_bytes,
             "required_if_fragmented_bytes": self.required_if_fragmented_bytes,
+            "allocator_replay": self.replay.to_json() if self.replay is not None else None,
             "outside_allocator_bytes": self.outside_allocator_bytes,
             "phase_components": self.phases,
             "world": self.world,

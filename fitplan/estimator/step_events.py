@@ -56,8 +56,6 @@ def unsupported(job: Job) -> str | None:
         return "only one GPU (world 1, tp 1) is modelled"
     if spec.offline:
         return "training from stored features is not modelled"
-    if spec.ac:
-        return "activation checkpointing is not modelled"
     if spec.attention_impl == "eager":
         return "the draft's eager attention is not modelled"
     if job.model.mla_attention_params is not None:

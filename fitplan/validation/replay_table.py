@@ -1,0 +1,178 @@
+"""The allocator replay against the fitted reserve, on one-GPU runs of fitplan's trainer (docs/allocator.md).
+
+    python -m fitplan.validation.replay_table
+
+For every committed one-GPU report of the trainer (tests/data/gpu/lean, knobs, profiles) and
+every one-GPU Eagle3 row of the validation matrix (tests/data/gpu/validation, the latest result
+of each row): the peak reserved and device level the estimator predicts with the step replayed
+through the caching allocator model (fitplan/estimator/replayed.py) and with the fitted reserve
+it used before (runtime.allocator_reserve_bytes), against what was measured, and the verdict of
+each against what happened. Prints markdown.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from fitplan.estimator import estimate, runtime
+from fitplan.estimator.result import Estimate
+from fitplan.layout import resolve
+from fitplan.records import read_measurement
+from fitplan.units import GIB
+from fitplan.validation.figures import measured
+
+DATA = Path(__file__).resolve().parents[2] / "tests" / "data" / "gpu"
+# One-GPU trainer reports: the lean draft (draft_memory lean) and, before it, the plain one.
+REPORTS = {"lean": ("lean", "knobs"), "plain": ("profiles",)}
+
+
+@dataclass(frozen=True)
+class Compared:
+    name: str
+    draft: str
+    outcome: str  # "ran" or "oom"
+    replayed: Estimate | None  # None: the step is not replayed for this job (fitted reserve only)
+    fitted: Estimate
+    meas_reserved: int | None = None
+    meas_device: int | None = None
+    why_not: str = ""
+
+    def device_error(self, est: Estimate | None) -> float | None:
+        if est is None or not self.meas_device:
+            return None
+        return 100.0 * (est.peak_reserved_bytes - self.meas_device) / self.meas_device
+
+    def reserved_error(self, est: Estimate | None) -> float | None:
+        if est is None or not self.meas_reserved:
+            return None
+        predicted = est.peak_reserved_bytes - est.outside_allocator_bytes
+        return 100.0 * (predicted - self.meas_reserved) / self.meas_reserved
+
+
+def fitted_estimate(est: Estimate, job) -> Estimate:
+    """The same estimate with the fitted reserve and the stranded-block verdict (no replay)."""
+    return replace(est, replay=None, allocator_reserve_bytes=runtime.allocator_reserve_bytes(job, est.peak_allocated_bytes))
+
+
+def compare(job, name: str, outcome: str, meas_reserved: int | None, meas_device: int | None) -> Compared:
+    from fitplan.estimator.step_events import unsupported
+
+    est = estimate(job)
+    why = unsupported(job) or ""
+    return Compared(name, job.spec.draft_memory, outcome, None if why else est, fitted_estimate(est, job),
+                    meas_reserved, meas_device, why)
+
+
+def report_rows(kind: str) -> list[Compared]:
+    out = []
+    for folder in REPORTS[kind]:
+        for path in sorted((DATA / folder).glob("*.report.json")):
+            m = read_measurement(path)
+            if m is None or m.world != 1 or m.config.draft_memory != kind:
+                continue
+            spec = m.config
+            if spec.model.endswith(".json"):  # a scaled profile, written on the device under another folder
+                spec = spec.replace(model=str(path.parent / "configs" / Path(spec.model).name))
+            figures = measured(m.raw)
+            out.append(compare(resolve(spec), path.name, "ran", figures["meas_reserved"], figures["meas_device"]))
+    return out
+
+
+def matrix_rows() -> list[Compared]:
+    """One-GPU Eagle3 rows of the validation matrix (each row's latest result; busy GPUs set aside)."""
+    from fitplan.validation.report import load_results
+    from fitplan.validation.repredict import spec_of
+
+    frame = load_results(DATA / "validation")
+    out = []
+    for record in frame.to_dict("records"):
+        if record.get("world") != 1 or record.get("workload") != "eagle3" or record["status"] not in ("ran", "oom"):
+            continue
+        spec = spec_of(record)
+        if spec is None:
+            continue
+        out.append(compare(resolve(spec), record["name"], record["status"],
+                           _bytes(record.get("meas_reserved")), _bytes(record.get("meas_device"))))
+    return out
+
+
+def _bytes(value) -> int | None:
+    """A measured figure of a result row; None where it is missing (NaN in the frame)."""
+    return None if value is None or math.isnan(value) else int(value)
+
+
+# ------------------------------------------------------------------ markdown
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1f}%"
+
+
+def _gib(value: int | None) -> str:
+    return "-" if not value else f"{value / GIB:.2f}"
+
+
+def _verdict(est: Estimate | None) -> str:
+    if est is None:
+        return "-"
+    replay = est.replay
+    retries = f" ({replay.num_alloc_retries} retries)" if replay is not None and replay.num_alloc_retries else ""
+    return f"{est.verdict.value}{retries}"
+
+
+def reports_table(rows: list[Compared]) -> str:
+    head = ("| report | measured reserved | replay | fitted | measured device | device: replay | device: fitted |\n"
+            "|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        replay = "not replayed" if r.replayed is None else (
+            f"{_gib(r.replayed.peak_reserved_bytes - r.replayed.outside_allocator_bytes)} "
+            f"({_pct(r.reserved_error(r.replayed))})")
+        fitted = f"{_gib(r.fitted.peak_reserved_bytes - r.fitted.outside_allocator_bytes)} ({_pct(r.reserved_error(r.fitted))})"
+        lines.append(f"| {r.name} | {_gib(r.meas_reserved)} | {replay} | {fitted} | {_gib(r.meas_device)} | "
+                     f"{_pct(r.device_error(r.replayed))} | {_pct(r.device_error(r.fitted))} |")
+    return "\n".join(lines)
+
+
+def matrix_table(rows: list[Compared]) -> str:
+    head = ("| row | outcome | device: replay | device: fitted | verdict: replay | verdict: fitted |\n"
+            "|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        lines.append(f"| {r.name} | {r.outcome} | {_pct(r.device_error(r.replayed))} | {_pct(r.device_error(r.fitted))} | "
+                     f"{_verdict(r.replayed) if r.replayed else 'not replayed: ' + r.why_not} | {_verdict(r.fitted)} |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[Compared]) -> str:
+    """Median and largest |device error|, on the rows both predict and that ran; verdicts right."""
+    both = [r for r in rows if r.replayed is not None and r.meas_device]
+    out = []
+    for label, pick in (("replay", lambda r: r.replayed), ("fitted", lambda r: r.fitted)):
+        errors = [abs(r.device_error(pick(r))) for r in both]
+        right = sum(_right(pick(r), r.outcome) for r in rows if r.replayed is not None)
+        judged = sum(1 for r in rows if r.replayed is not None)
+        if errors:
+            out.append(f"{label}: device-level |error| median {statistics.median(errors):.1f}%, "
+                       f"max {max(errors):.1f}% over {len(errors)} runs; verdict right on {right} of {judged}")
+    return "\n".join(f"- {line}" for line in out)
+
+
+def _right(est: Estimate, outcome: str) -> bool:
+    """A verdict is right when `fits` ran or a job not predicted to fit OOMed (`at risk` that ran is wrong, safe)."""
+    return est.fits == (outcome == "ran")
+
+
+def main() -> None:
+    for kind in REPORTS:
+        rows = report_rows(kind)
+        print(f"### One-GPU trainer reports, {kind} draft\n\n{reports_table(rows)}\n\n{summary(rows)}\n")
+    rows = matrix_rows()
+    print(f"### One-GPU Eagle3 rows of the validation matrix (plain draft)\n\n{matrix_table(rows)}\n\n{summary(rows)}\n")
+
+
+if __name__ == "__main__":
+    main()
