@@ -8,7 +8,13 @@ specforge_runtime and sft lay the terms on each workload's timeline of phases.
 from __future__ import annotations
 
 from fitplan.config import RunSpec
-from fitplan.estimator import eagle3, replayed, runtime, sft, specforge_runtime, speculators_runtime
+from fitplan.estimator import (
+    eagle3,
+    runtime,
+    sft,
+    specforge_runtime,
+    speculators_runtime,
+)
 from fitplan.estimator.result import Estimate
 from fitplan.layout import Job, resolve
 
@@ -38,12 +44,21 @@ def _layout(job: Job) -> dict:
     }
 
 
+def _replay(job: Job):
+    """fitplan's trainer on one GPU: its step replayed through the caching allocator model (None
+    elsewhere; the model is imported only then, so other jobs start no slower)."""
+    if job.world != 1 or not runtime.runs_fitplan_trainer(job):
+        return None
+    from fitplan.estimator import replayed
+
+    return replayed.allocator_replay(job) if replayed.modelled(job) else None
+
+
 def estimate(job: Job) -> Estimate:
     t = _timeline(job)
     peak_allocated = max(sum(components.values()) for components in t.steady.values())
     largest_bytes, largest_name = max(t.largest)
-    # fitplan's trainer on one GPU: its step replayed through the caching allocator model
-    replay = replayed.allocator_replay(job) if replayed.modelled(job) else None
+    replay = _replay(job)
     if replay is None:
         reserve = runtime.allocator_reserve_bytes(job, peak_allocated)
     else:
