@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from fitplan.allocator import Allocator, replay
+from fitplan.allocator import Allocator, AllocatorOOM, replay
 from fitplan.estimator import runtime, step_events
 from fitplan.estimator.result import AllocatorReplay
 from fitplan.layout import Job
@@ -75,14 +75,44 @@ def _events(job: Job) -> step_events.StepEvents:
     return step_events.build(job)
 
 
+@lru_cache(maxsize=256)
 def allocator_replay(job: Job) -> AllocatorReplay:
-    """The estimate's view of the replay: on the device, and where the device was too small (a
-    retry or an OOM) replayed again with room, for what the step needs."""
-    on_device = replay_step(job)
-    needed = on_device.peak_reserved
-    if on_device.num_alloc_retries or on_device.num_ooms:
-        needed = replay_step(job, capacity=ROOM_BYTES).peak_reserved
-    return AllocatorReplay(on_device.peak_reserved, needed, on_device.num_alloc_retries, on_device.num_ooms)
+    """The estimate's view: what the step reserves with memory to spare, and, only where that is
+    more than the device can give, the replay on the device's memory (the two are the same
+    sequence of segments until the first segment that does not fit)."""
+    needed = _peak_with_room(job)
+    if needed <= capacity_bytes(job):
+        return AllocatorReplay(needed, needed, num_alloc_retries=0, num_ooms=0)
+    peak, retries, failed = _on_device(job)
+    return AllocatorReplay(peak, needed, retries, failed)
+
+
+def _peak_with_room(job: Job) -> int:
+    allocator = Allocator(ROOM_BYTES, expandable=job.spec.expandable_segments)
+    _run(allocator, _events(job).events)
+    return allocator.peak_reserved
+
+
+def _on_device(job: Job) -> tuple[int, int, int]:
+    """(peak reserved, retries, 1 if a request failed) on the device's memory; a failed request
+    decides the verdict, so the replay stops there."""
+    allocator = Allocator(capacity_bytes(job), expandable=job.spec.expandable_segments)
+    failed = not _run(allocator, _events(job).events)
+    return allocator.peak_reserved, allocator.num_alloc_retries, int(failed)
+
+
+def _run(allocator: Allocator, events) -> bool:
+    """Apply the events; False at the first request that fails."""
+    handles: dict = {}
+    for event in events:
+        if event.op == "free":
+            allocator.free(handles.pop(event.key))
+            continue
+        try:
+            handles[event.key] = allocator.malloc(event.size, event.stream)
+        except AllocatorOOM:
+            return False
+    return True
 
 
 def _peak_between(over_time: tuple[tuple[int, int], ...], first: int, end: int) -> int:

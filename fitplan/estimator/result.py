@@ -37,8 +37,8 @@ class AllocatorReplay:
 
     peak_reserved_bytes: int  # the most the allocator reserved, within what the driver can give
     needed_reserved_bytes: int  # what it would reserve with memory to spare (more than the device: OOM)
-    num_alloc_retries: int  # requests served only after the cache was freed
-    num_ooms: int  # requests that failed even then
+    num_alloc_retries: int  # requests served only after the cache was freed (up to the first failure)
+    num_ooms: int  # 1 if a request failed even then (the replay stops there), else 0
 
     def to_json(self) -> dict[str, int]:
         return {"peak_reserved_bytes": self.peak_reserved_bytes, "needed_reserved_bytes": self.needed_reserved_bytes,
