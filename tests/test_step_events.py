@@ -214,6 +214,18 @@ def test_retries_that_end_in_a_fit_are_at_risk():
     assert est.verdict == Verdict.AT_RISK and not est.fits
 
 
+@pytest.mark.parametrize("kw", [{}, {"expandable_segments": True, "model": "llama-3.1-8b", "seq": 16384},
+                                {"model": "llama-3.1-8b", "seq": 65536, "micro_batch": 2}])
+def test_the_estimates_shortcut_agrees_with_the_whole_replay(kw):
+    """allocator_replay replays with room first and on the device only when that is too small,
+    stopping at the first failure; replay_step always replays the whole step on the device."""
+    j = job(**kw)
+    fast, whole = replayed.allocator_replay(j), replayed.replay_step(j)
+    assert bool(fast.num_ooms) == bool(whole.num_ooms)
+    if not whole.num_ooms:
+        assert (fast.peak_reserved_bytes, fast.num_alloc_retries) == (whole.peak_reserved, whole.num_alloc_retries)
+
+
 # ------------------------------------------------------------------ against the GPU
 
 

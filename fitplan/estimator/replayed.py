@@ -55,8 +55,7 @@ def replay_step(job: Job, capacity: int | None = None) -> ReplayedStep:
     """The replay of `job`'s load, step 1 and a steady step (modelled(job) must hold), with the
     memory the driver can give (`capacity`; default: the device's, capacity_bytes)."""
     built = _events(job)
-    capacity = capacity_bytes(job) if capacity is None else capacity
-    allocator = Allocator(capacity, expandable=job.spec.expandable_segments)
+    allocator = _allocator(job, capacity_bytes(job) if capacity is None else capacity)
     summary = replay(built.events, allocator)
     over_time = tuple(summary.reserved_over_time)
     return ReplayedStep(
@@ -88,7 +87,7 @@ def allocator_replay(job: Job) -> AllocatorReplay:
 
 
 def _peak_with_room(job: Job) -> int:
-    allocator = Allocator(ROOM_BYTES, expandable=job.spec.expandable_segments)
+    allocator = _allocator(job, ROOM_BYTES)
     _run(allocator, _events(job).events)
     return allocator.peak_reserved
 
@@ -96,9 +95,15 @@ def _peak_with_room(job: Job) -> int:
 def _on_device(job: Job) -> tuple[int, int, int]:
     """(peak reserved, retries, 1 if a request failed) on the device's memory; a failed request
     decides the verdict, so the replay stops there."""
-    allocator = Allocator(capacity_bytes(job), expandable=job.spec.expandable_segments)
+    allocator = _allocator(job, capacity_bytes(job))
     failed = not _run(allocator, _events(job).events)
     return allocator.peak_reserved, allocator.num_alloc_retries, int(failed)
+
+
+def _allocator(job: Job, capacity: int) -> Allocator:
+    """The model with the job's settings; expandable segments size their ranges by the device's
+    memory, whatever the capacity (so a replay with room maps what the device's would)."""
+    return Allocator(capacity, expandable=job.spec.expandable_segments, device_total_bytes=job.cluster.gpu.total_bytes)
 
 
 def _run(allocator: Allocator, events) -> bool:
