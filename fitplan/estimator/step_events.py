@@ -16,7 +16,7 @@ can tell them apart:
 - draft forward (trainer/draft.py unroll, trainer/head_loss.py or loss.py plain_step_loss): the
   TTT steps' saved tensors one by one in the order they are made, each step's roped keys and
   values held by the unroll until it ends, the head's chunk logits;
-- backward (step_backward.py): the steps in reverse, with the gradients autograd makes on the
+- backward (draft_events.py): the steps in reverse, with the gradients autograd makes on the
   way and the parameter gradients where AccumulateGrad first stores them;
 - optimizer step (trainer/optim.py): masters, fp32 grad copies and moments a parameter at a
   time, moments and lazy masters only in step 1.
