@@ -168,10 +168,15 @@ def test_outside_allocator_terms_by_hand():
 def test_device_peak_adds_reserve_and_outside():
     est = estimate_spec(RunSpec(model="llama-3.2-1b", gpus="1xH100", seq=1024))
     assert est.peak_reserved_bytes == est.peak_allocated_bytes + est.allocator_reserve_bytes + est.outside_allocator_bytes
-    # fitplan trainer, lean draft, one GPU: the general 5% of the peak + 256 MiB
-    assert est.allocator_reserve_bytes == int(0.05 * est.peak_allocated_bytes + 256 * MIB)
+    # fitplan trainer on one GPU: the replay's reserved bytes less the allocated peak
+    assert est.replay is not None
+    assert est.allocator_reserve_bytes == est.replay.needed_reserved_bytes - est.peak_allocated_bytes
+    # on several GPUs (not replayed), the lean draft: the general 5% of the peak + 256 MiB
+    two = estimate_spec(RunSpec(model="llama-3.2-1b", gpus="2xH100", seq=1024))
+    assert two.replay is None
+    assert two.allocator_reserve_bytes == int(0.05 * two.peak_allocated_bytes + 256 * MIB)
     # the plain draft: 9.7 B x 1024 tokens x 32000 draft vocab (its per-step logits blocks)
-    plain = estimate_spec(RunSpec(model="llama-3.2-1b", gpus="1xH100", seq=1024, draft_memory="plain"))
+    plain = estimate_spec(RunSpec(model="llama-3.2-1b", gpus="2xH100", seq=1024, draft_memory="plain"))
     assert plain.allocator_reserve_bytes == int(9.7 * 1024 * 32000)
     tp4 = estimate_spec(RunSpec(model="qwen3-8b", gpus="4xH200", tp=4, seq=8192, draft_memory="plain"))
     # + (2.5 + 0.75 x 3 extra gathered blocks) x own rows [8192, 151936] bf16
