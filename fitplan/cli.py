@@ -32,7 +32,17 @@ COMMAND_MODULES = (
     "estimate", "fit", "check", "explain", "validate", "train",
 )
 
-for _name in COMMAND_MODULES:
+
+
+def wanted_commands(argv: list[str]) -> tuple[str, ...]:
+    """The command modules to load: only the one named when it is the first argument (each pulls
+    in its own planner modules, and `fitplan estimate` should not pay for `fit`'s or `explain`'s),
+    else all of them (`fitplan --help`, a typo: the full list must be there to be shown)."""
+    first = argv[1] if len(argv) > 1 else ""
+    return (first,) if first in COMMAND_MODULES else COMMAND_MODULES
+
+
+for _name in wanted_commands(sys.argv):
     importlib.import_module(f"fitplan.commands.{_name}").register(app)
 
 
