@@ -27,7 +27,8 @@ from bisect import bisect_right
 from dataclasses import dataclass
 
 from fitplan.errors import FitplanError
-from fitplan.estimator.result import Estimate
+from fitplan.estimator.result import AllocatorReplay, Estimate
+from fitplan.render.estimate import retries
 from fitplan.units import GIB
 
 UNITS = {"B": 1, "bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
@@ -517,6 +518,8 @@ def config_lines(event: OomEvent, result) -> list[str]:
         lines = [f"{predicted}; the failing request is 0 B, so it matches no component."]
     else:
         lines = [f"{predicted}; the failing {gib(event.requested)} request best matches {name} ({gib(size)})."]
+    if estimate.replay is not None:
+        lines.append(replay_line(estimate.replay))
     if event.cause == "other-process":
         lines.append("No config change needed if the GPU is freed; the ladder below assumes a GPU of its own.")
     if event.cause == "fragmentation" and not result.original.spec.expandable_segments:
@@ -535,6 +538,19 @@ def config_lines(event: OomEvent, result) -> list[str]:
         if result.chosen is not None and result.chosen.change != first_fix.change:
             lines.append(f"Fastest plan that fits: {result.chosen.change} (fitplan fit).")
     return lines
+
+
+def replay_line(replay: AllocatorReplay) -> str:
+    """The allocator model's verdict on the job's step (estimate.replay: one-GPU jobs of fitplan's
+    trainer), the same replay `fitplan estimate` takes its verdict from."""
+    count = retries(replay.num_alloc_retries)
+    if replay.num_ooms:
+        verdict = f"OOM, a request fails even after the cache is freed ({count})"
+    elif replay.num_alloc_retries:
+        verdict = f"at risk, served only after the cache is freed ({count})"
+    else:
+        verdict = "fits, no request waits for the cache to be freed (0 retries)"
+    return f"The allocator model, replaying this job's step on the GPU: {verdict}."
 
 
 # ---------------------------------------------------------------- explaining what only looks like an OOM

@@ -31,10 +31,23 @@ def verdict(est: Estimate) -> str:
     if est.verdict == Verdict.FITS:
         return f"FITS with {gib(est.headroom_bytes)} GiB headroom"
     if est.verdict == Verdict.AT_RISK:
-        short = est.required_if_fragmented_bytes - est.gpu_total_bytes
-        return (f"AT RISK: fits only if fragmentation spares its largest request ({gib(short)} GiB short if a "
-                f"{gib(est.stranded_block_bytes)} GiB block stays cached); set expandable_segments: true")
+        return _at_risk(est)
     return f"OOM by {gib(-est.headroom_bytes)} GiB: {est.dominant_component} dominates"
+
+
+def _at_risk(est: Estimate) -> str:
+    """Why a job is at risk: the allocator model's retries where the step is replayed, else the
+    fitted rule (its largest request's blocks stranded by fragmentation)."""
+    if est.replay is not None:
+        return (f"AT RISK: served only after the allocator freed its cache: {retries(est.replay.num_alloc_retries)}"
+                " in the allocator model's replay of the step; fitplan fit looks for headroom")
+    short = est.required_if_fragmented_bytes - est.gpu_total_bytes
+    return (f"AT RISK: fits only if fragmentation spares its largest request ({gib(short)} GiB short if "
+            f"{gib(est.stranded_block_bytes)} GiB of its freed blocks stay cached); set expandable_segments: true")
+
+
+def retries(count: int) -> str:
+    return f"{count} {'retry' if count == 1 else 'retries'}"
 
 
 # Words of phase names shortened, in this order, until the table fits the terminal (the full
@@ -94,11 +107,16 @@ def summary_lines(est: Estimate) -> list[str]:
 
 
 def device_peak_line(est: Estimate) -> str:
-    parts = (f"allocated {gib(est.peak_allocated_bytes)} + allocator reserve {gib(est.allocator_reserve_bytes)}"
+    reserve = "replayed allocator reserve" if est.replay is not None else "allocator reserve"
+    parts = (f"allocated {gib(est.peak_allocated_bytes)} + {reserve} {gib(est.allocator_reserve_bytes)}"
              f" + outside allocator {gib(est.outside_allocator_bytes)}")  # fmt: skip
     unconstrained = est.unconstrained_peak_bytes
     if est.peak_reserved_bytes == unconstrained:
         return f"device peak {gib(est.peak_reserved_bytes)} GiB = {parts}"
+    if est.replay is not None and est.verdict != Verdict.OOM:  # the replay on the device's memory
+        return (f"device peak {gib(est.peak_reserved_bytes)} GiB as the allocator model replays the step on the"
+                f" device ({parts} = {gib(unconstrained)} with room; it frees its cache to serve the step:"
+                f" {retries(est.replay.num_alloc_retries)})")  # fmt: skip
     if est.verdict != Verdict.OOM:  # squeezed: the allocator gives cached blocks back first
         return (f"device peak {gib(est.peak_reserved_bytes)} GiB (the device, full: {parts} = {gib(unconstrained)},"
                 f" and the allocator frees cached blocks first; the job needs {gib(est.required_bytes)})")  # fmt: skip
