@@ -34,6 +34,14 @@ COMMAND_MODULES = (
 
 
 
+
+@app.callback()
+def _commands() -> None:
+    # A callback keeps the app a group of commands when only one command module is loaded: a
+    # typer app with a single command and no callback runs that command with no command name.
+    pass
+
+
 def wanted_commands(argv: list[str]) -> tuple[str, ...]:
     """The command modules to load: only the one named when it is the first argument (each pulls
     in its own planner modules, and `fitplan estimate` should not pay for `fit`'s or `explain`'s),
