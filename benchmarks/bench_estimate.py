@@ -26,6 +26,8 @@ CASES = {
                                    "--seq", "8192", "--ac", "--precision", "bf16"],
     "qwen3-8b specforge tp 8 (--json)": ["--model", "qwen3-8b", "--gpus", "8xH100", "--tp", "8",
                                          "--runtime", "specforge", "--json"],
+    # one GPU with fitplan's trainer: the step is replayed through the allocator model
+    "llama-3.1-8b on 1xH200 seq 16384 (replayed)": ["--model", "llama-3.1-8b", "--gpus", "1xH200", "--seq", "16384"],
 }
 PROCESS_RUNS = 7
 FUNCTION_RUNS = 2000

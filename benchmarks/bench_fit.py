@@ -21,6 +21,9 @@ JOBS = {
         model="llama-3.1-8b", gpus="1xH100", seq=32768, micro_batch=4, attention="eager"),
     "llama-3.1-70b sft 2xH100 (nothing fits)": RunSpec(
         model="llama-3.1-70b", gpus="2xH100", workload="sft", seq=8192, global_batch=8),
+    # one GPU, flex: every candidate's step is replayed through the allocator model
+    "llama-3.1-8b 1xH100 seq 16384 mb 2 (replayed)": RunSpec(
+        model="llama-3.1-8b", gpus="1xH100", seq=16384, micro_batch=2),
     "deepseek-v3 8xH200 seq 4096 mb 4": RunSpec(
         model="deepseek-v3", gpus="8xH200", seq=4096, micro_batch=4, global_batch=64),
 }
