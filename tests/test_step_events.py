@@ -13,6 +13,7 @@ GPU its device level and verdict.
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -24,6 +25,8 @@ from fitplan.estimator.result import Verdict
 from fitplan.estimator.step_trace import loop_chunks
 from fitplan.layout import resolve
 from fitplan.validation import replay_table
+
+GPU_DATA = Path(__file__).parent / "data" / "gpu"
 
 MIB, GIB = 2**20, 2**30
 
@@ -233,7 +236,7 @@ def test_lean_reports_device_level():
     """The committed lean reports (tests/data/gpu/lean, knobs; H200): every one within -3% / +6% at
     the device level (llama-3.2-1b's over-prediction is the estimator's allocated bytes, 1-2% over,
     plus reserve the model keeps for the head's chunks)."""
-    rows = [r for r in replay_table.report_rows("lean") if r.replayed is not None]
+    rows = [r for r in replay_table.report_rows("lean", GPU_DATA) if r.replayed is not None]
     assert len(rows) == 5
     errors = [r.device_error(r.replayed) for r in rows]
     assert all(-3.0 <= e <= 6.0 for e in errors), errors
@@ -242,7 +245,7 @@ def test_lean_reports_device_level():
 
 
 def test_plain_reports_device_level():
-    rows = [r for r in replay_table.report_rows("plain") if r.replayed is not None]
+    rows = [r for r in replay_table.report_rows("plain", GPU_DATA) if r.replayed is not None]
     assert len(rows) == 5
     assert all(abs(r.device_error(r.replayed)) <= 3.0 for r in rows), [r.device_error(r.replayed) for r in rows]
 
@@ -250,7 +253,7 @@ def test_plain_reports_device_level():
 def test_one_gpu_matrix_rows_verdicts():
     """Never `fits` for a row that OOMed; the near-limit rows' outcomes (gpt-oss-20b b4: s5376 ran,
     s6400 and above OOMed; llama-3.1-8b b2 on an H100: s8448 and s9984 ran, s11008 OOMed)."""
-    rows = [r for r in replay_table.matrix_rows() if r.replayed is not None]
+    rows = [r for r in replay_table.matrix_rows(GPU_DATA) if r.replayed is not None]
     for r in rows:
         if r.outcome == "oom":
             assert r.replayed.verdict == Verdict.OOM, r.name

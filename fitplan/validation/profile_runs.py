@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fitplan.profiles import _packaged_profiles
 from fitplan.records import read_measurement
 from fitplan.units import GIB
 
-PROFILES = Path(__file__).resolve().parents[2] / "profiles" / "models"
 # none of these models is a row of the validation matrix
 DEFAULT_JOBS = (
     "llama-3.2-3b:2048", "llama-3.2-1b:4096", "qwen2.5-7b:2048", "mistral-7b-v0.3:2048", "gemma-2-9b:2048",
@@ -59,7 +59,7 @@ class Job:
 
 def scaled_profile(model: str, layers: int, folder: Path) -> Path:
     """A copy of the profile with `layers` decoder layers (per-layer lists cut to match)."""
-    values = json.loads((PROFILES / f"{model}.json").read_text())
+    values = json.loads((_packaged_profiles() / "models" / f"{model}.json").read_text())
     values["num_hidden_layers"] = layers
     for key, value in values.items():
         if isinstance(value, list) and len(value) > layers and key.endswith("layer_types"):

@@ -24,6 +24,7 @@ from fitplan.records import read_measurement
 from fitplan.units import GIB
 from fitplan.validation.figures import measured
 
+# the committed GPU data of a source checkout (the tests pass their own folder)
 DATA = Path(__file__).resolve().parents[2] / "tests" / "data" / "gpu"
 # One-GPU trainer reports: the lean draft (draft_memory lean) and, before it, the plain one.
 REPORTS = {"lean": ("lean", "knobs"), "plain": ("profiles",)}
@@ -66,10 +67,10 @@ def compare(job, name: str, outcome: str, meas_reserved: int | None, meas_device
                     meas_reserved, meas_device, why)
 
 
-def report_rows(kind: str) -> list[Compared]:
+def report_rows(kind: str, data: Path = DATA) -> list[Compared]:
     out = []
     for folder in REPORTS[kind]:
-        for path in sorted((DATA / folder).glob("*.report.json")):
+        for path in sorted((data / folder).glob("*.report.json")):
             m = read_measurement(path)
             if m is None or m.world != 1 or m.config.draft_memory != kind:
                 continue
@@ -81,12 +82,12 @@ def report_rows(kind: str) -> list[Compared]:
     return out
 
 
-def matrix_rows() -> list[Compared]:
+def matrix_rows(data: Path = DATA) -> list[Compared]:
     """One-GPU Eagle3 rows of the validation matrix (each row's latest result; busy GPUs set aside)."""
     from fitplan.validation.report import load_results
     from fitplan.validation.repredict import spec_of
 
-    frame = load_results(DATA / "validation")
+    frame = load_results(data / "validation")
     out = []
     for record in frame.to_dict("records"):
         if record.get("world") != 1 or record.get("workload") != "eagle3" or record["status"] not in ("ran", "oom"):
