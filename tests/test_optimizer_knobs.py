@@ -118,11 +118,12 @@ def test_8bit_inner_optimizer_replaces_adamw_in_every_recipe(configs, tmp_path, 
         assert all(math.isfinite(loss) for loss in losses) and losses[1] != losses[0], (precision, losses)
 
 
-def test_8bit_training_resumes_identically(configs, tmp_path):
-    full = run(options(configs, tmp_path / "full", steps=4, optimizer="adamw-8bit"))
+@pytest.mark.parametrize("knob", [{"optimizer": "adamw-8bit"}, {"offload": "optimizer"}], ids=["8bit", "offload"])
+def test_training_with_the_knob_resumes_identically(configs, tmp_path, knob):
+    full = run(options(configs, tmp_path / "full", steps=4, **knob))
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "full" / "step-000002", tmp_path / "resumed" / "step-000002")
-    opts = options(configs, tmp_path / "resumed", steps=4, optimizer="adamw-8bit")
+    opts = options(configs, tmp_path / "resumed", steps=4, **knob)
     opts.resume = True
     assert [s["loss"] for s in run(opts)["steps"]] == [s["loss"] for s in full["steps"][2:]]
 
@@ -226,13 +227,6 @@ def test_offloaded_optimizer_trains_exactly_like_the_resident_one(configs, tmp_p
     assert components.get("optimizer.moments", 0) == components.get("optimizer.master", 0) == 0
 
 
-def test_offloaded_optimizer_resumes_identically(configs, tmp_path):
-    full = run(options(configs, tmp_path / "full", steps=4, offload="optimizer"))
-    (tmp_path / "resumed").mkdir()
-    shutil.copytree(tmp_path / "full" / "step-000002", tmp_path / "resumed" / "step-000002")
-    opts = options(configs, tmp_path / "resumed", steps=4, offload="optimizer")
-    opts.resume = True
-    assert [s["loss"] for s in run(opts)["steps"]] == [s["loss"] for s in full["steps"][2:]]
 
 
 def test_offloaded_clip_is_torchs_clip():

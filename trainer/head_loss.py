@@ -23,12 +23,10 @@ them takes, hence this small recompute-in-backward function in plain torch (it r
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 from torch import nn
 
-from trainer.lean_ops import compute_dtype
+from trainer.lean_ops import compiled_on_cuda, compute_dtype
 
 # Sizes a chunk as if it held one fp32 table [rows, Vd]: 2097 rows at a 32k vocab, large enough
 # for efficient GEMMs and few launches. Compiled (CUDA), a chunk holds its bf16 logits (forward)
@@ -86,12 +84,9 @@ def _chunk_grad(logits: torch.Tensor, probs: torch.Tensor, p_rows: torch.Tensor,
     return ((soft * p.sum(-1, keepdim=True) - p) * scale).to(logits.dtype)
 
 
-@lru_cache(maxsize=None)
 def _kernels(device_type: str):
-    """The chunk arithmetic: compiled on CUDA (dynamic chunk lengths: one graph each), eager elsewhere."""
-    if device_type != "cuda":
-        return _chunk_loss, _chunk_grad
-    return torch.compile(_chunk_loss, dynamic=True), torch.compile(_chunk_grad, dynamic=True)
+    """The chunk arithmetic."""
+    return compiled_on_cuda(device_type, _chunk_loss, _chunk_grad)
 
 
 class _HeadSoftCE(torch.autograd.Function):

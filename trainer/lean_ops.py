@@ -30,11 +30,17 @@ def _swiglu_grads(grad_product: torch.Tensor, gate: torch.Tensor, up: torch.Tens
 
 
 @lru_cache(maxsize=None)
-def _elementwise(device_type: str):
-    """SwiGLU's elementwise passes: compiled into one kernel each on CUDA, eager elsewhere."""
+def compiled_on_cuda(device_type: str, *functions):
+    """The functions compiled (dynamic shapes: one graph for every length) on CUDA, where their
+    elementwise passes fuse into a kernel or two; as they are elsewhere (CPU has no fused path)."""
     if device_type != "cuda":
-        return _swiglu, _swiglu_grads
-    return torch.compile(_swiglu, dynamic=True), torch.compile(_swiglu_grads, dynamic=True)
+        return functions
+    return tuple(torch.compile(f, dynamic=True) for f in functions)
+
+
+def _elementwise(device_type: str):
+    """SwiGLU's elementwise passes."""
+    return compiled_on_cuda(device_type, _swiglu, _swiglu_grads)
 
 
 class SwiGLUDown(torch.autograd.Function):

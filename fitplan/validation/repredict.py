@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from fitplan.config import RunSpec, spec_from_mapping
-from fitplan.records import stored_config
+from fitplan.records import PREDATING_KEYS, stored_config
 from fitplan.estimator import estimate_spec
 from fitplan.validation.figures import predict
 from fitplan.validation.matrix import MATRIX, resolve_row
@@ -30,8 +30,8 @@ def spec_of(record: dict[str, Any]) -> RunSpec | None:
     row = next((r for r in MATRIX if r.name == record["name"]), None)
     if row is None or pd.isna(record.get("seq")) or pd.isna(record.get("micro_batch")):
         return None
-    spec = row.base_spec().replace(seq=int(record["seq"]), micro_batch=int(record["micro_batch"]))
-    return spec_from_mapping(stored_config({k: v for k, v in spec.to_dict().items() if k != "draft_memory"}))
+    # a matrix row stores no config: it ran what the trainer ran before any key it predates
+    return row.base_spec().replace(seq=int(record["seq"]), micro_batch=int(record["micro_batch"]), **PREDATING_KEYS)
 
 
 def repredict(frame: pd.DataFrame) -> pd.DataFrame:
