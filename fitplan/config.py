@@ -85,9 +85,10 @@ class RunSpec:
     target_backend: TargetBackend = "sglang"
     """specforge runtime only."""
     sglang_mem_fraction: Optional[float] = None
-    """The inference engine's share of each trainer GPU. specforge runtime: SGLang's
-    mem_fraction_static. speculators runtime: the gpu_memory_utilization of a vLLM server that
-    shares the trainer's GPUs (None: the server, if any, runs on GPUs of its own)."""
+    """specforge runtime only: SGLang's mem_fraction_static, its share of each trainer GPU."""
+    vllm_gpu_memory_utilization: Optional[float] = None
+    """speculators runtime only: the gpu_memory_utilization of a vLLM server that shares the
+    trainer's GPUs (None: the server, if any, runs on GPUs of its own)."""
     offline: bool = False
     """The target's features (aux and last hidden states) are read from disk and no target runs:
     SpecForge's offline mode, or fitplan's trainer given `fitplan train --hidden-states DIR`."""
@@ -145,8 +146,7 @@ def validate(spec: RunSpec) -> None:
         raise FitplanError(f"model is required: a profile name, a repo id, or a path to a config.json{given}")
     for name in FIELD_NAMES:
         _check_type(name, getattr(spec, name))
-    if spec.sglang_mem_fraction is not None and not 0 < spec.sglang_mem_fraction < 1:
-        raise FitplanError(f"sglang_mem_fraction must be in (0, 1), got {spec.sglang_mem_fraction}")
+    _check_engine_shares(spec)
     if spec.global_batch is not None and spec.global_batch % spec.micro_batch:
         raise FitplanError(
             f"global_batch {spec.global_batch} is not a multiple of micro_batch {spec.micro_batch}"
@@ -155,6 +155,22 @@ def validate(spec: RunSpec) -> None:
         raise FitplanError("offload params needs sharding zero3 (parameters are offloaded per shard)")
     if spec.workload == "sft" and spec.output_sharding == "all-to-all":
         raise FitplanError("output_sharding all-to-all applies to the eagle3 workload's TP target only")
+
+
+def _check_engine_shares(spec: RunSpec) -> None:
+    """An inference engine's share of each trainer GPU: in (0, 1), and only under the runtime whose
+    engine it sizes (SpecForge's target runs in SGLang, speculators' hidden states come from vLLM).
+    fitplan.layout refuses sglang_mem_fraction under runtime fitplan, with target_backend."""
+    for name in ("sglang_mem_fraction", "vllm_gpu_memory_utilization"):
+        value = getattr(spec, name)
+        if value is not None and not 0 < value < 1:
+            raise FitplanError(f"{name} must be in (0, 1), got {value}")
+    if spec.vllm_gpu_memory_utilization is not None and spec.runtime != "speculators":
+        raise FitplanError(f"vllm_gpu_memory_utilization is a vLLM server sharing the GPUs of speculators' trainer; "
+                           f"runtime {spec.runtime} runs none (add --runtime speculators, or drop it)")
+    if spec.sglang_mem_fraction is not None and spec.runtime == "speculators":
+        raise FitplanError("sglang_mem_fraction is SGLang's mem_fraction_static (runtime specforge); speculators' "
+                           "trainer runs no SGLang (a vLLM server sharing its GPUs: vllm_gpu_memory_utilization)")
 
 
 def _check_type(name: str, value: Any) -> None:

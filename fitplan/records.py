@@ -62,7 +62,17 @@ def plan_from_mapping(data: dict[str, Any], source: str) -> Plan:
     prediction, trail = data.get("prediction") or {}, data.get("trail") or []
     if not isinstance(prediction, dict) or not isinstance(trail, list):
         raise FitplanError(f"{source}: plan's 'prediction' must be a mapping and 'trail' a list")
-    return Plan(spec_from_mapping(data["config"], f"{source} config"), prediction, tuple(trail))
+    return Plan(spec_from_mapping(vllm_share_moved(data["config"]), f"{source} config"), prediction, tuple(trail))
+
+
+def vllm_share_moved(config: dict[str, Any]) -> dict[str, Any]:
+    """A speculators plan written while sglang_mem_fraction also held a co-located vLLM server's
+    gpu_memory_utilization, with that value under vllm_gpu_memory_utilization, its own key now."""
+    if config.get("runtime") != "speculators" or config.get("sglang_mem_fraction") is None:
+        return config
+    if config.get("vllm_gpu_memory_utilization") is not None:
+        return config
+    return {**config, "sglang_mem_fraction": None, "vllm_gpu_memory_utilization": config["sglang_mem_fraction"]}
 
 
 def read_plan(path: str | Path) -> Plan:

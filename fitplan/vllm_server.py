@@ -48,8 +48,8 @@ def colocation(script: str) -> tuple[float | None, str | None]:
     unset = [unset_variable(v) for v in (server, trainer) if v is not None and unset_variable(v)]
     if unset:
         return None, (f"cannot tell whether {where} shares the trainer's GPUs: CUDA_VISIBLE_DEVICES uses ${unset[0]}, "
-                      "which the script does not set; if it does, pass --sglang-mem-fraction with its "
-                      "gpu_memory_utilization")
+                      "which the script does not set; if it does, pass its gpu_memory_utilization as "
+                      "--vllm-gpu-memory-utilization")
     shared = _shared(server, trainer)
     if not shared:
         return None, f"{where} runs on GPUs {server}, the trainer on {trainer}: the server is outside this estimate"

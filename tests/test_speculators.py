@@ -12,8 +12,10 @@ out below; none is read off fitplan's output. The runtime is not measured on a G
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from fitplan.cli import app
@@ -235,7 +237,7 @@ def test_a_server_on_the_trainers_gpus_is_counted_beside_its_peak(tmp_path):
     run = read(str(script), {"gpus": "8xH200"})
     assert run.server_fraction == 0.3  # the cleanup function's kill runs on exit, not before training
     assert any("stays up on GPUs 0,1" in w for w in run.warnings)
-    alone = estimate_spec(run.spec().replace(sglang_mem_fraction=None))
+    alone = estimate_spec(run.spec().replace(vllm_gpu_memory_utilization=None))
     shared = estimate_spec(run.spec())
     total = shared.gpu_total_bytes
     assert shared.outside_allocator_bytes - alone.outside_allocator_bytes == int(0.3 * total)
@@ -243,11 +245,43 @@ def test_a_server_on_the_trainers_gpus_is_counted_beside_its_peak(tmp_path):
     assert any("0.3 x device + the trainer's peak <= device" in n for n in shared.notes)
     # the rule itself: the trainer needs alone.required_bytes; a server taking more than the rest OOMs
     over = (total - alone.required_bytes) / total + 0.01
-    assert estimate_spec(run.spec().replace(sglang_mem_fraction=round(over, 4))).verdict == "OOM"
+    assert estimate_spec(run.spec().replace(vllm_gpu_memory_utilization=round(over, 4))).verdict == "OOM"
     script.write_text(COLOCATED.format(u=0.95))
     result = CliRunner().invoke(app, ["estimate", str(script), "--gpus", "2xH100"])
     assert result.exit_code == 0 and "OOM" in result.output  # 0.95 x 79 GiB leaves the trainer 4 GiB
     assert CliRunner().invoke(app, ["check", str(script)]).exit_code == 1  # the gate fails it
+
+
+# H100 80 GB: total capacity 85,017,493,504 B as torch reports it (profiles/gpus, measured).
+H100_TOTAL = 85_017_493_504
+
+
+def test_the_vllm_share_has_a_key_of_its_own(tmp_path):
+    """--vllm-gpu-memory-utilization states a server the launch does not show; the JSON config
+    carries it under its own key, and sglang_mem_fraction stays SGLang's (unset)."""
+    runner = CliRunner()
+    alone = json.loads(runner.invoke(app, ["estimate", "--from-speculators", SMALL, "--json"]).stdout)
+    result = runner.invoke(app, ["estimate", "--from-speculators", SMALL, "--vllm-gpu-memory-utilization", "0.3",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    shared = json.loads(result.stdout)
+    assert shared["config"]["vllm_gpu_memory_utilization"] == 0.3 and shared["config"]["sglang_mem_fraction"] is None
+    # 0.3 x 85,017,493,504 = 25,505,248,051.2 -> 25,505,248,051 B outside the trainer's allocator
+    assert shared["outside_allocator_bytes"] - alone["outside_allocator_bytes"] == 25_505_248_051
+    assert any("gpu_memory_utilization 0.3 x 79.18 GiB" in n for n in shared["notes"])
+
+
+def test_a_plan_written_with_the_share_in_sglang_mem_fraction_still_loads(tmp_path):
+    """Before the vLLM share had its own key, a speculators plan (fit -o) held it in
+    sglang_mem_fraction: it reads back as the vLLM server's share."""
+    spec = read(SMALL).spec(overrides={"vllm_gpu_memory_utilization": 0.3})
+    # the key did not exist then: the share sat in sglang_mem_fraction
+    config = {**{k: v for k, v in spec.to_dict().items() if k != "vllm_gpu_memory_utilization"},
+              "sglang_mem_fraction": 0.3}
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"fitplan_plan": 1, "config": config, "prediction": {}, "trail": []}))
+    loaded = load_spec(plan)
+    assert loaded == spec and loaded.sglang_mem_fraction is None
 
 
 @pytest.mark.parametrize("script,fraction,words", [

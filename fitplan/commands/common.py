@@ -45,8 +45,9 @@ HELP: dict[str, str] = {
     "runtime": ("fitplan (our trainer), specforge (SpecForge's classic train_eagle3.py) or speculators (vLLM "
                 "speculators' scripts/train.py; modelled, not measured on a GPU)."),
     "target_backend": "specforge runtime: sglang or hf target backend.",
-    "sglang_mem_fraction": ("specforge runtime: SGLang's mem_fraction_static. speculators runtime: the "
-                            "gpu_memory_utilization of a vLLM server sharing the trainer's GPUs."),
+    "sglang_mem_fraction": "specforge runtime: SGLang's mem_fraction_static (its share of each trainer GPU).",
+    "vllm_gpu_memory_utilization": ("speculators runtime: the gpu_memory_utilization of a vLLM server sharing "
+                                    "the trainer's GPUs."),
     "offline": ("Target features from disk, no live target: SpecForge's offline mode, or fitplan's "
                 "trainer (eagle3, tp 1) with fitplan train --hidden-states DIR."),
     "draft_memory": ("fitplan runtime. lean: the draft's lm_head is fused with the loss, SwiGLU recomputed "
@@ -59,7 +60,8 @@ DEFAULTS: dict[str, Any] = {
 
 _TYPES: dict[str, Any] = {
     "seq": int, "micro_batch": int, "global_batch": int, "accum": int, "tp": int, "ttt": int,
-    "sglang_mem_fraction": float, "ac": bool, "expandable_segments": bool, "offline": bool,
+    "sglang_mem_fraction": float, "vllm_gpu_memory_utilization": float,
+    "ac": bool, "expandable_segments": bool, "offline": bool,
 }
 
 

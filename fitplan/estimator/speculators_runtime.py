@@ -184,7 +184,7 @@ def save_bytes(job: Job, state: TrainedState) -> dict[str, int]:
 
 def server_bytes(job: Job) -> int:
     """A co-located vLLM server's share of the GPU: gpu_memory_utilization x the device."""
-    fraction = job.spec.sglang_mem_fraction
+    fraction = job.spec.vllm_gpu_memory_utilization
     return int(fraction * job.cluster.gpu.total_bytes) if fraction else 0
 
 
@@ -198,7 +198,7 @@ def extra_outside_bytes(job: Job) -> int:
 
 def notes(job: Job) -> list[str]:
     total = job.cluster.gpu.total_bytes
-    fraction = job.spec.sglang_mem_fraction
+    fraction = job.spec.vllm_gpu_memory_utilization
     if fraction:
         server = (f"a vLLM server shares these GPUs: its gpu_memory_utilization {fraction} x {total / GIB:.2f} GiB = "
                   f"{server_bytes(job) / GIB:.2f} GiB is counted outside the trainer's allocator, so the job fits "
@@ -206,7 +206,7 @@ def notes(job: Job) -> list[str]:
     else:
         server = ("the vLLM server that generates missing hidden states (--on-missing generate) runs outside this "
                   "estimate, on GPUs of its own as in speculators' examples; if it shares these GPUs, give its "
-                  "gpu_memory_utilization as --sglang-mem-fraction")
+                  "gpu_memory_utilization as --vllm-gpu-memory-utilization")
     return [server, "speculators runtime: modelled from speculators' source, not measured on a GPU"]
 
 
