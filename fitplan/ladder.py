@@ -4,7 +4,9 @@ Rungs (docs/fit.md): micro-batch down with accumulation up; all-to-all output
 sharding for a TP target; activation checkpointing; expandable segments; memory-efficient
 attention; more sharding and more TP within the GPUs given; 8-bit optimizer; CPU offload.
 None of them changes what is learned: global batch, sequence length, model and draft stay as
-given (a shorter sequence or more GPUs are only suggested when nothing fits).
+given (a shorter sequence or more GPUs are only suggested when nothing fits). Each runtime is
+offered only the rungs it can be told to take (RUNTIMES): a rung it would refuse whatever it is
+told is not a plan for it.
 
 The walk keeps a small frontier (the configurations closest to fitting and the fastest that
 fit) and extends each with the next rung's options. The chosen plan is the configuration that
@@ -19,7 +21,7 @@ from typing import Callable, Iterator
 from fitplan.config import CHOICES, RunSpec
 from fitplan.errors import FitplanError
 from fitplan.estimator.result import Estimate
-from fitplan.layout import Job, resolve, tp_options
+from fitplan.layout import SPECULATORS_SHARDINGS, Job, resolve, tp_options
 from fitplan.steptime import StepTime, step_time
 
 EstimateFn = Callable[[Job], Estimate]
@@ -28,6 +30,11 @@ EstimateFn = Callable[[Job], Estimate]
 FRONTIER = 2
 # Rungs SpecForge's train_eagle3.py can express (flags or the allocator environment variable).
 SPECFORGE_RUNGS = ("micro_batch", "output_sharding", "expandable_segments", "attention", "tp")
+# Rungs speculators' train.py can be told to take: the allocator environment variable,
+# --draft-attn-impl and --fsdp-shard. It packs one sequence a step (no micro-batch to halve) and runs
+# no activation checkpointing, no verifier to split or gather from, no 8-bit moments and no offload
+# (fitplan.layout.SPECULATORS_KNOBS).
+SPECULATORS_RUNGS = ("expandable_segments", "attention", "sharding")
 # Rungs that replace an earlier rung rather than build on it: offloaded moments live in host
 # memory, where 8 bits save nothing (fitplan.layout refuses the pair), so the offload rung also
 # extends the configurations the optimizer rung started from.
@@ -108,7 +115,7 @@ def _attention(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
 
 
 def _sharding(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
-    stages = CHOICES["sharding"]
+    stages = RUNTIMES[spec.runtime].shardings
     for stage in stages[stages.index(spec.sharding) + 1 :]:
         yield f"sharding {stage}", spec.replace(sharding=stage)
 
@@ -145,10 +152,24 @@ RUNGS: tuple[tuple[str, Callable[[RunSpec, Job], Iterator[tuple[str, RunSpec]]]]
 )
 
 
+@dataclass(frozen=True)
+class RuntimeMoves:
+    """What fit may change in a runtime's job."""
+
+    rungs: tuple[str, ...]  # the ladder rungs it can be told to take
+    shardings: tuple[str, ...]  # its sharding stages, least sharded first
+    accumulates: bool  # False: it steps the optimizer after each GPU's micro-batch (no accumulation)
+
+
+RUNTIMES = {
+    "fitplan": RuntimeMoves(tuple(name for name, _ in RUNGS), CHOICES["sharding"], accumulates=True),
+    "specforge": RuntimeMoves(SPECFORGE_RUNGS, CHOICES["sharding"], accumulates=True),
+    "speculators": RuntimeMoves(SPECULATORS_RUNGS, SPECULATORS_SHARDINGS, accumulates=False),
+}
+
+
 def rungs_for(spec: RunSpec) -> tuple[tuple[str, Callable], ...]:
-    if spec.runtime == "specforge":
-        return tuple(r for r in RUNGS if r[0] in SPECFORGE_RUNGS)
-    return RUNGS
+    return tuple(r for r in RUNGS if r[0] in RUNTIMES[spec.runtime].rungs)
 
 
 # ---------------------------------------------------------------- the walk
@@ -275,17 +296,32 @@ def _gpu_counts(per_node: int) -> Iterator[tuple[int, int]]:
 
 
 def smallest_fitting_gpus(spec: RunSpec, margin: float, estimate_fn: EstimateFn) -> str | None:
-    """More GPUs of the same type (the largest valid TP per node), keeping the global batch."""
+    """More GPUs of the same type: the largest valid TP per node for a live target, keeping the
+    global batch; data parallel only (tp 1) where no target runs to split (offline, speculators)."""
     job = resolve(spec)
     gpu = job.cluster.gpu.id
     for nodes, per_node in _gpu_counts(job.cluster.gpus_per_node):
         world = nodes * per_node
-        if world <= job.world or job.global_batch % world:
+        if world <= job.world:
             continue
         label = f"{per_node}x{gpu}" if nodes == 1 else f"{nodes}x{per_node}x{gpu}"
-        trial = spec.replace(gpus=label, micro_batch=1, accum=job.global_batch // world)
-        if spec.workload == "eagle3":  # the most TP, with its logits sharded
-            trial = trial.replace(tp=tp_options(job.model, per_node, spec.runtime)[-1], output_sharding="all-to-all")
-        if _fits(trial, margin, estimate_fn):
+        trial = _on_more_gpus(spec, job, label, per_node, world)
+        if trial is not None and _fits(trial, margin, estimate_fn):
             return label
     return None
+
+
+def _on_more_gpus(spec: RunSpec, job: Job, label: str, per_node: int, world: int) -> RunSpec | None:
+    """The job on `world` GPUs, laid out to save the most memory per GPU; None where it cannot
+    keep its global batch there."""
+    moves = RUNTIMES[spec.runtime]
+    if not moves.accumulates:
+        # One sequence per GPU a step: the batch grows with the GPUs. Replicas save nothing, so
+        # the trained model is sharded as far as the runtime shards it.
+        return spec.replace(gpus=label, accum=1, global_batch=None, sharding=moves.shardings[-1])
+    if job.global_batch % world:
+        return None
+    trial = spec.replace(gpus=label, micro_batch=1, accum=job.global_batch // world)
+    if spec.workload == "eagle3" and not spec.offline:  # the most TP, with its logits sharded
+        trial = trial.replace(tp=tp_options(job.model, per_node, spec.runtime)[-1], output_sharding="all-to-all")
+    return trial
