@@ -18,9 +18,10 @@ are added to in place.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from fitplan.estimator import draft_terms
+from fitplan.estimator import draft_terms, fsdp_events
 from fitplan.estimator.step_trace import (
     State,
     Trace,
@@ -51,6 +52,8 @@ def _lean(state: State) -> bool:
 def draft_forward(t: Trace, state: State) -> Saved:
     """trainer/draft.py Eagle3Draft.unroll under trainer/loss.py unroll_loss."""
     z = state.sizes
+    if state.sharded is not None:
+        fsdp_events.gather_all(t, state)
     # fp32-autocast: the bf16 copy of each weight, cached at its first use and saved for backward
     casts = [t.alloc(n * state.recipe.cast, f"bf16 cast {name}") for name, n in state.params]
     rope = (t.alloc(BF16 * z.S * z.d, "rope cos"), t.alloc(BF16 * z.S * z.d, "rope sin"))
@@ -181,20 +184,41 @@ class Pending:
 def draft_backward(t: Trace, state: State, saved: Saved) -> None:
     """(loss / accum).backward(): the steps from the last to the first, then fc."""
     pending = Pending()
+    unit = _fsdp_unit(t, state)
     for k in reversed(range(state.sizes.L)):
         step = saved.steps[k]
-        _head_backward(t, state, step)
-        _final_norm_backward(t, state, step, pending)
-        if state.job.spec.ac:
-            recompute(t, state, k, step)
-        _mlp_backward(t, state, step)
-        _attention_backward(t, state, step, k, pending)
-        _input_backward(t, state, step, k, pending)
+        with unit("lm_head"):
+            _head_backward(t, state, step)
+        with unit("norm"):
+            _final_norm_backward(t, state, step, pending)
+        with unit("midlayer"):
+            if state.job.spec.ac:
+                recompute(t, state, k, step)
+            _mlp_backward(t, state, step)
+            _attention_backward(t, state, step, k, pending)
+            _input_backward(t, state, step, k, pending)
         # the step's checkpoint held the keys and values of the step before as inputs
         t.free(*saved.held.pop(k - 1, []))
     t.free(saved.fc_out)  # saved by step 0's hidden norm
     accumulate_grad(t, state, "fc")  # aux needs no gradient: only fc's weight
+    if state.sharded is not None:
+        fsdp_events.end_backward(t, state)
     t.free(pending.hidden, *pending.kv_whole, *saved.rope, *saved.casts)
+
+
+def _fsdp_unit(t: Trace, state: State):
+    """A context for one call's backward of an FSDP unit: gathered again before (pre_backward),
+    reduced and resharded after (post_backward); nothing without FSDP."""
+
+    @contextmanager
+    def call(name: str):
+        if state.sharded is not None:
+            fsdp_events.gather(t, state, name)
+        yield
+        if state.sharded is not None:
+            fsdp_events.post_backward(t, state, name)
+
+    return call
 
 
 def _head_backward(t: Trace, state: State, step: dict[str, int]) -> int:

@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fitplan.allocator import Event
-from fitplan.estimator import draft_terms, target_terms
+from fitplan.estimator import draft_terms, fsdp_events, target_terms
 from fitplan.estimator.draft_events import draft_backward, draft_forward
 from fitplan.estimator.eagle3 import EIGHT_BIT_STEP_BYTES_PER_ELEMENT, draft_state
 from fitplan.estimator.recipes import ADAM_8BIT_BLOCK
@@ -47,19 +47,53 @@ from fitplan.units import BF16, FP32
 ADAM_8BIT_MIN_NUMEL = 4096
 
 
+# Several GPUs: the sequence is written (fsdp_events.py, the TP exchange below) but its replay
+# was less accurate than the fitted reserve on the measured 2- and 4-H200 rows
+# (python -m fitplan.validation.replay_table; docs/allocator.md, "Several GPUs"), so those jobs
+# keep the fitted reserve.
+SEVERAL_GPUS = ("several GPUs: the replayed step under-predicts the device level of measured 2- and 4-H200 "
+                "runs by more than 3% on 8 of 21 (up to 11.6%), so the fitted reserve is kept")
+
+
 def unsupported(job: Job) -> str | None:
+    """Why the estimate does not take this job's device level from the replay (None: it does)."""
+    reason = sequence_unsupported(job)
+    if reason is None and job.world > 1:
+        return SEVERAL_GPUS
+    return reason
+
+
+def sequence_unsupported(job: Job) -> str | None:
     """Why the step's sequence is not written for this job (None: it is)."""
     spec = job.spec
     if not runs_fitplan_trainer(job):
         return "only fitplan's Eagle3 trainer is modelled"
-    if job.world != 1 or job.tp != 1:
-        return "only one GPU (world 1, tp 1) is modelled"
+    if job.world > 1:
+        reason = _sharded_unsupported(job)
+        if reason:
+            return reason
     if spec.offline:
         return "training from stored features is not modelled"
     if spec.attention_impl == "eager":
         return "the draft's eager attention is not modelled"
     if job.model.mla_attention_params is not None:
         return "latent attention targets are not modelled"
+    return None
+
+
+def _sharded_unsupported(job: Job) -> str | None:
+    """What of a multi-GPU job the sequence does not write (fsdp_events.py: zero2 FSDP2)."""
+    spec = job.spec
+    if spec.sharding != "zero2":
+        return f"FSDP sharding {spec.sharding} is not modelled on several GPUs (zero2 is)"
+    if spec.precision not in ("bf16-master", "bf16"):
+        return f"precision {spec.precision} is not modelled on several GPUs (bf16-master and bf16 are)"
+    if spec.optimizer != "adamw" or spec.offload != "none":
+        return "on several GPUs only AdamW on the GPU is modelled"
+    if spec.ac:
+        return "activation checkpointing is not modelled on several GPUs"
+    if job.accum > 1:
+        return "gradient accumulation is not modelled on several GPUs (FSDP holds unsharded grads between micro-steps)"
     return None
 
 
@@ -111,9 +145,10 @@ def draft_parameters(job: Job) -> list[tuple[str, int]]:
 
 
 def target_layer_tensors(job: Job, moe: bool) -> list[tuple[str, int]]:
-    """One target decoder layer's weight tensors (name, bytes) at tp 1: the attention and MLP
-    matrices, then the rest of its attention (biases, q/k norms, sinks) as one small tensor. MoE
-    experts are stacked per layer as transformers 5 stores them ([E, 2*Ie, h] and [E, h, Ie])."""
+    """One target decoder layer's weight tensors (name, bytes) on a rank: the attention and MLP
+    matrices (their TP shards, trainer/parallel/tensor_parallel.py), then the rest of its
+    attention (biases, q/k norms, sinks) as one small tensor. MoE experts are stacked per layer
+    as transformers 5 stores them ([E, 2*Ie, h] and [E, h, Ie]), split over the intermediate size."""
     m = job.model
     q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
     mats = [("q_proj", m.hidden * q), ("k_proj", m.hidden * kv), ("v_proj", m.hidden * kv), ("o_proj", q * m.hidden)]
@@ -124,8 +159,8 @@ def target_layer_tensors(job: Job, moe: bool) -> list[tuple[str, int]]:
                ("experts.down_proj", m.experts * m.expert_intermediate * m.hidden)]
         if m.shared_experts:
             mlp.append(("shared_experts", 3 * m.hidden * m.expert_intermediate * m.shared_experts))
-    listed = [(name, BF16 * n) for name, n in mats + mlp]
-    rest = BF16 * (attention_params(m) - sum(n for _, n in mats))
+    listed = [(name, BF16 * n // job.tp) for name, n in mats + mlp]
+    rest = BF16 * (attention_params(m) - sum(n for _, n in mats)) // job.tp
     return listed + [("norms and biases", rest)]
 
 
@@ -137,15 +172,15 @@ def target_weight_tensors(job: Job) -> list[tuple[str, int]]:
     m = job.model
     dense = m.layers - m.moe_layers
     layers = [target_layer_tensors(job, moe=i >= dense) for i in range(m.layers)]
-    embed = BF16 * m.vocab * m.hidden
+    embed = BF16 * m.vocab * m.hidden // job.tp  # split over the vocabulary with TP
     head = 0 if m.tie_embeddings else embed
-    listed = sum(n for layer in layers for _, n in layer) + embed + head + BF16 * m.hidden
+    listed = sum(n for layer in layers for _, n in layer) + embed + head + BF16 * m.hidden // job.tp
     left = target_terms.resident_weights(job) - listed
     out = []
     for i, layer in enumerate(layers):
         extra = left // m.layers if left > 0 else 0
         out += [(f"target.layers.{i}.{name}", n + (extra if name == "norms and biases" else 0)) for name, n in layer]
-    out += [("target.embed_tokens", embed), ("target.norm", BF16 * m.hidden + max(left, 0) % m.layers),
+    out += [("target.embed_tokens", embed), ("target.norm", BF16 * m.hidden // job.tp + max(left, 0) % m.layers),
             ("target.lm_head", head)]
     return out
 
@@ -156,14 +191,39 @@ def target_weight_tensors(job: Job) -> list[tuple[str, int]]:
 def load(t: Trace, state: State) -> None:
     """trainer/loop.py build: target, draft, workspace, optimizer (masters made now only in `mixed`)."""
     job = state.job
-    for name, nbytes in target_weight_tensors(job):
-        t.alloc(nbytes, name)
-    t.alloc(job.draft.frozen_params() * state.trained.frozen_bytes_per_param, "draft.embed_tokens")
-    for name, n in state.params:
-        t.alloc(n * state.recipe.param, f"draft.{name}")
+    for group in _materialized_together(target_weight_tensors(job)):
+        _split(t, group, job.tp)
+    world = state.sharded.world if state.sharded is not None else 1
+    frozen = fsdp_events.shard(job.draft.frozen_params(), world)
+    draft = [("draft.embed_tokens", frozen * state.trained.frozen_bytes_per_param)]
+    draft += [(f"draft.{name}", n * state.recipe.param) for name, n in state.stored]
+    _split(t, draft, world)
     t.alloc(CUBLAS_WORKSPACE_BYTES, "cuBLAS workspace")
     if state.recipe.master and not state.recipe.lazy_master and state.on_device_optimizer:
-        state.masters = [t.alloc(FP32 * n, f"master {name}") for name, n in state.params]
+        state.masters = [t.alloc(FP32 * n, f"master {name}") for name, n in state.stored]
+
+
+def _materialized_together(tensors: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
+    """build_random's groups: each decoder layer, then the rest of the model."""
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for name, nbytes in tensors:
+        key = ".".join(name.split(".")[:3]) if name.startswith("target.layers.") else "root"
+        groups.setdefault(key, []).append((name, nbytes))
+    return list(groups.values())
+
+
+def _split(t: Trace, group: list[tuple[str, int]], parts: int) -> None:
+    """A group of tensors (name, bytes this rank keeps) made whole, then split over `parts`
+    ranks: each rank's piece is a new tensor (TP's distribute_tensor and the experts' slices
+    clone; FSDP's fully_shard copies each shard), and the whole ones go."""
+    if parts == 1:
+        for name, nbytes in group:
+            t.alloc(nbytes, name)
+        return
+    whole = [t.alloc(nbytes * parts, f"{name} (whole, before the split)") for name, nbytes in group]
+    for name, nbytes in group:
+        t.alloc(nbytes, name)
+    t.free(*whole)
 
 
 # ------------------------------------------------------------------ target forward
@@ -172,16 +232,17 @@ def load(t: Trace, state: State) -> None:
 def _layer_working_set(job: Job, T: int) -> list[tuple[str, int]]:
     """One target layer's transient tensors beside its input and output (target_terms
     .forward_working_bytes less those two [T, h]): normed input, q, k, v, attention output and
-    the MLP's (or the routed experts') tensors, all live at once as the estimator counts them."""
-    m = job.model
-    parts = [("normed", m.hidden), ("q", m.heads * m.head_dim), ("k", m.kv_heads * m.head_dim),
-             ("v", m.kv_heads * m.head_dim), ("attention out", m.heads * m.head_dim)]
+    the MLP's (or the routed experts') tensors, all live at once as the estimator counts them;
+    with TP, on this rank's heads and slice of the intermediate size, over the group's T tokens."""
+    m, tp = job.model, job.tp
+    heads, kv = m.heads * m.head_dim // tp, m.kv_heads * m.head_dim // tp
+    parts = [("normed", m.hidden), ("q", heads), ("k", kv), ("v", kv), ("attention out", heads)]
     if m.is_moe:
         k = m.experts_per_token
-        parts += [("router logits fp32", FP32 // BF16 * m.experts), ("expert inputs", k * m.hidden)]
-        parts += [(name, k * m.expert_intermediate) for name in ("expert gate", "expert up", "expert product")]
+        parts += [("router logits fp32", FP32 // BF16 * m.experts), ("expert inputs", k * m.hidden // tp)]
+        parts += [(name, k * m.expert_intermediate // tp) for name in ("expert gate", "expert up", "expert product")]
     else:
-        parts += [(name, m.intermediate) for name in ("gate", "up", "product")]
+        parts += [(name, m.intermediate // tp) for name in ("gate", "up", "product")]
     return [(name, BF16 * n * T) for name, n in parts]
 
 
@@ -194,7 +255,8 @@ def eager_scores(t: Trace, job: Job) -> None:
       probabilities are live together);
     - gemma2: the bf16 scores through scaling, soft-cap (/c, tanh, *c) and mask, each step a new
       tensor, then softmax's fp32 cast of them and its fp32 output, cast back to bf16."""
-    B, S, H = job.spec.micro_batch, job.spec.seq, job.model.heads
+    # the TP group's micro-batches on this rank's heads
+    B, S, H = job.tp * job.spec.micro_batch, job.spec.seq, job.model.heads // job.tp
     square = BF16 * B * H * S * S
     if job.model.model_type == "gpt_oss":
         wide = BF16 * target_terms._score_entries(job)
@@ -241,11 +303,12 @@ def written_layers(layers: int, aux: tuple[int, ...]) -> list[int]:
 
 
 def target_forward(t: Trace, job: Job) -> tuple[int, int]:
-    """The frozen target under no_grad, then the teacher: (aux [T, 3h], teacher) keys."""
-    m, T = job.model, job.spec.micro_batch * job.spec.seq
+    """The frozen target under no_grad (with TP over the group's micro-batches), then the
+    teacher: (aux [T, 3h], teacher) keys."""
+    m, T = job.model, target_terms.group_tokens(job)
     row = BF16 * m.hidden * T
     eager = bool(target_terms.eager_attention_bytes(job))
-    masks = [t.alloc(BF16 * job.spec.micro_batch * job.spec.seq ** 2, "eager causal mask")
+    masks = [t.alloc(BF16 * job.tp * job.spec.micro_batch * job.spec.seq ** 2, "eager causal mask")
              for _ in range(target_terms.EAGER_MASKS)] if eager else []
     working = _layer_working_set(job, T)
     resid = t.alloc(row, "target embeddings")
@@ -267,15 +330,31 @@ def target_forward(t: Trace, job: Job) -> tuple[int, int]:
     normed = t.alloc(row, "target final norm")
     if resid not in captured:
         t.free(resid)
-    logits = t.alloc(target_terms.logits_bytes(job), "target logits [B, S, V] bf16")
+    own = target_terms.logits_shard_bytes(job)
+    logits = t.alloc(own, "target logits [B, S, V] bf16" if job.tp == 1 else "target logits shard [T_g, V/tp] bf16")
     t.free(normed)
     if m.final_logit_softcap:  # tanh(logits / c) * c, each step a new tensor over the freed one before
-        logits = _replacing_existing(t, logits, target_terms.logits_bytes(job), "soft-capped logits", 3)
+        logits = _replacing_existing(t, logits, own, "soft-capped logits", 3)
     aux = t.alloc(target_terms.aux_outputs_bytes(job), "aux hidden states [B, S, 3h]")
+    if job.tp > 1:
+        # the estimator's instant (eagle3.target_forward_instants) holds the captured states
+        # beside their concatenation while the exchange runs
+        logits = exchange(t, job, logits)
     t.free(*captured)
     teacher = make_teacher(t, job)
     t.free(logits)
     return aux, teacher
+
+
+def exchange(t: Trace, job: Job, shard: int) -> int:
+    """trainer/parallel/outputs.py collect_target_outputs: the collective's output buffer, its
+    row-ordered copy (what the rank keeps: gather, all of [T_g, V], the own rows a view of it;
+    all-to-all, its own [B*S, V]), then the buffer and this rank's vocabulary shard go."""
+    received = BF16 * target_terms.received_tokens(job) * job.model.vocab
+    buffer = t.alloc(received, f"{job.spec.output_sharding} output buffer")
+    kept = t.alloc(received, "exchanged logits, rows in order")
+    t.free(buffer, shard)
+    return kept
 
 
 def _replacing_existing(t: Trace, current: int, nbytes: int, name: str, steps: int) -> int:
@@ -299,17 +378,6 @@ def make_teacher(t: Trace, job: Job) -> int:
 # ------------------------------------------------------------------ optimizer step
 
 
-def _moments(t: Trace, state: State, name: str, n: int, param_bytes: int) -> list[int]:
-    """The two Adam moments of one tensor: in the stepped tensor's dtype, or torchao's 8-bit
-    codes with an fp32 scale per block."""
-    eight_bit = state.job.spec.optimizer == "adamw-8bit"
-    if eight_bit and n >= ADAM_8BIT_MIN_NUMEL and n % ADAM_8BIT_BLOCK == 0:
-        return [t.alloc(size, f"{moment} {name}") for moment in ("exp_avg", "exp_avg_sq")
-                for size in (n, FP32 * n // ADAM_8BIT_BLOCK)]
-    per_moment = param_bytes if eight_bit else state.recipe.moments // 2
-    return [t.alloc(per_moment * n, f"{moment} {name}") for moment in ("exp_avg", "exp_avg_sq")]
-
-
 def _eight_bit(state: State, n: int) -> bool:
     return state.job.spec.optimizer == "adamw-8bit" and n >= ADAM_8BIT_MIN_NUMEL and n % ADAM_8BIT_BLOCK == 0
 
@@ -330,7 +398,7 @@ def _adam(t: Trace, state: State, first: bool) -> None:
     torchao's AdamW8bit goes tensor by tensor: its moments (step 1), then one compiled step
     that dequantizes both into fp32 buffers (eagle3.EIGHT_BIT_STEP_BYTES_PER_ELEMENT)."""
     stepped = FP32 if state.recipe.master else state.recipe.param
-    for name, n in state.params:
+    for name, n in state.stored:
         if first:
             state.moments += _moments(t, state, name, n, stepped)
         if _eight_bit(state, n):
@@ -343,14 +411,22 @@ def optimizer_step(t: Trace, state: State, first: bool) -> None:
     if state.on_device_optimizer:
         master = bool(state.recipe.master)
         if first and master and not state.masters:
-            state.masters = [t.alloc(FP32 * n, f"master {name}") for name, n in state.params]
+            state.masters = [t.alloc(FP32 * n, f"master {name}") for name, n in state.stored]
         copies = []
         if master and not state.fp32_grads:  # bf16-master: master.grad = p.grad.float()
-            copies = [t.alloc(FP32 * n, f"fp32 grad copy {name}") for name, n in state.params if name in state.grads]
+            copies = [t.alloc(FP32 * n, f"fp32 grad copy {name}") for name, n in state.stored if _has_grad(state, name)]
         _adam(t, state, first)
         t.free(*copies)
     t.free(*state.grads.values())  # master.grad = None (`mixed`), zero_grad(set_to_none=True)
     state.grads.clear()
+    if state.sharded is not None:
+        fsdp_events.free_grads(t, state)
+
+
+def _has_grad(state: State, name: str) -> bool:
+    if state.sharded is not None:
+        return fsdp_events.unit_of(name) in state.sharded.grads
+    return name in state.grads
 
 
 # ------------------------------------------------------------------ the whole sequence
@@ -362,11 +438,13 @@ def micro_steps(job: Job) -> int:
 
 
 def build(job: Job) -> StepEvents:
-    """Load, step 1 and a steady step of `job` (unsupported(job) must be None)."""
-    reason = unsupported(job)
+    """Load, step 1 and a steady step of `job` (sequence_unsupported(job) must be None)."""
+    reason = sequence_unsupported(job)
     if reason:
         raise ValueError(reason)
     state = State(job, Sizes.of(job), draft_state(job), draft_parameters(job))
+    if job.world > 1:
+        state.sharded = fsdp_events.Sharded.of(state.params, job.world)
     t = Trace()
     t.begin("load")
     load(t, state)

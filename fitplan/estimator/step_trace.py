@@ -4,6 +4,7 @@ the shapes, and the trainer's persistent state with how parameter gradients arri
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from fitplan.allocator import Event
 from fitplan.estimator.recipes import TrainedState
@@ -20,15 +21,16 @@ class Trace:
     phases: list[tuple[str, int]] = field(default_factory=list)  # (label, index of its first event)
     sizes: dict[int, int] = field(default_factory=dict)  # live key -> bytes
 
-    def alloc(self, nbytes: int, name: str) -> int | None:
-        """A tensor of `nbytes`; None for an empty one (nothing is requested)."""
+    def alloc(self, nbytes: int, name: str, stream: int = 0) -> int | None:
+        """A tensor of `nbytes` on `stream` (0: the compute stream); None for an empty one
+        (nothing is requested)."""
         nbytes = int(nbytes)
         if nbytes <= 0:
             return None
         key = len(self.names)
         self.names[key] = name
         self.sizes[key] = nbytes
-        self.events.append(Event("alloc", key, nbytes))
+        self.events.append(Event("alloc", key, nbytes, stream))
         return key
 
     def free(self, *keys: int | None) -> None:
@@ -78,6 +80,14 @@ class State:
     grads: dict[str, int] = field(default_factory=dict)  # name -> key of its .grad (or master grad)
     masters: list[int] = field(default_factory=list)
     moments: list[int] = field(default_factory=list)
+    # FSDP (fsdp_events.Sharded): this rank's shards, the gathered units and the sharded grads
+    sharded: Any = None
+
+    @property
+    def stored(self) -> list[tuple[str, int]]:
+        """What this rank stores of each trained parameter (name, elements): the whole tensor,
+        or with FSDP its shard; masters, moments and grad copies are made in these sizes."""
+        return self.sharded.shards if self.sharded is not None else self.params
 
     @property
     def recipe(self):

@@ -1,0 +1,134 @@
+"""The draft's FSDP2 data parallelism as ordered allocations (step_events.py, draft_events.py call it).
+
+trainer/parallel/draft_sharding.py makes each child of the draft that holds parameters an FSDP2
+unit (`embed_tokens`, `fc`, `midlayer`, `norm`, `lm_head`), sharded over every rank. Read off
+torch/distributed/fsdp/_fully_shard (FSDPParamGroup.unshard / post_backward, foreach_all_gather,
+foreach_reduce), zero2 (reshard_after_forward=False):
+
+- each rank stores a dim-0 shard of every parameter (the estimator counts ceil(n / world) of
+  each; FSDP pads dim 0 to a multiple of the world, under 0.1% more for the draft's shapes);
+- a unit's first use in forward all-gathers it: the output buffer of the whole unit is made on
+  the all-gather stream (its own pool in the caching allocator), each parameter's unsharded
+  tensor on the compute stream, and the buffer goes once copied out; zero2 keeps the unit
+  gathered through forward;
+- in backward each call of a unit ends in its post_backward: the unsharded grads of that call
+  are copied into a reduce-scatter input of the whole unit made on the reduce-scatter stream,
+  the unit is resharded (its unsharded tensors freed), and the reduced shard is made on the
+  same stream: the first one becomes the unit's sharded grad, later ones are added to it and
+  go. FSDP keeps the last reduce-scatter input until the next post_backward. A unit called again
+  (the TTT unroll calls `midlayer`, `norm` and `lm_head` once per step) is gathered again in its
+  pre_backward. `fc` (its input needs no grad) and `embed_tokens` (frozen) have no
+  post_backward of their own: the root's end-of-backward callback reduces `fc` and reshards
+  both;
+- the sharded grads live on the reduce-scatter stream until zero_grad.
+
+Left out: prefetching (it moves an all-gather earlier, not its size) and the deferred free of
+the last all-gather buffer until the next unshard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fitplan.estimator.step_trace import State, Trace
+
+ALL_GATHER_STREAM = 1
+REDUCE_SCATTER_STREAM = 2
+
+# the FSDP unit (draft child module) of each trained parameter of step_events.draft_parameters
+UNIT_OF = {"fc": "fc", "norm": "norm", "lm_head": "lm_head"}
+FROZEN_UNIT = "embed_tokens"
+# units called once per TTT step, so reduced (and gathered again) once per step in backward
+PER_STEP_UNITS = ("lm_head", "norm", "midlayer")
+
+
+def unit_of(name: str) -> str:
+    return UNIT_OF.get(name, "midlayer")
+
+
+def shard(n: int, world: int) -> int:
+    return -(-n // world)
+
+
+@dataclass
+class Sharded:
+    """One rank's view of the FSDP draft while the trace is written."""
+
+    world: int
+    shards: list[tuple[str, int]]  # trained parameters: (name, elements of this rank's shard)
+    gathered: dict[str, list[int]] = field(default_factory=dict)  # unit -> its unsharded tensors
+    grads: dict[str, int] = field(default_factory=dict)  # unit -> its sharded grad (reduce-scatter stream)
+    rs_input: int | None = None  # the last reduce-scatter input, held until the next one
+
+    @classmethod
+    def of(cls, params: list[tuple[str, int]], world: int) -> Sharded:
+        return cls(world, [(name, shard(n, world)) for name, n in params])
+
+
+def units(state: State) -> dict[str, list[tuple[str, int, int]]]:
+    """Unit -> its parameters (name, elements, bytes per element), in module order."""
+    out: dict[str, list[tuple[str, int, int]]] = {"fc": [], FROZEN_UNIT: [], "midlayer": [], "norm": [], "lm_head": []}
+    out[FROZEN_UNIT].append((FROZEN_UNIT, state.job.draft.frozen_params(), state.trained.frozen_bytes_per_param))
+    for name, n in state.params:
+        out[unit_of(name)].append((name, n, state.recipe.param))
+    return out
+
+
+def gather(t: Trace, state: State, unit: str) -> None:
+    """FSDPParamGroup.unshard of one unit: the all-gather buffer, the unsharded tensors, the buffer freed."""
+    sharded = state.sharded
+    if unit in sharded.gathered:
+        return
+    members = units(state)[unit]
+    buffer = t.alloc(sum(sharded.world * shard(n, sharded.world) * size for _, n, size in members),
+                     f"FSDP all-gather {unit}", ALL_GATHER_STREAM)
+    sharded.gathered[unit] = [t.alloc(n * size, f"unsharded {name}") for name, n, size in members]
+    t.free(buffer)
+
+
+def gather_all(t: Trace, state: State) -> None:
+    """zero2's forward: each unit gathered at its first use (fc, the embedding, then the layer,
+    the final norm and the head of step 0) and kept."""
+    for unit in ("fc", FROZEN_UNIT, "midlayer", "norm", "lm_head"):
+        gather(t, state, unit)
+
+
+def reshard(t: Trace, state: State, unit: str) -> None:
+    t.free(*state.sharded.gathered.pop(unit, []))
+
+
+def post_backward(t: Trace, state: State, unit: str) -> None:
+    """FSDPParamGroup.post_backward: reshard, then reduce-scatter this call's unsharded grads."""
+    sharded = state.sharded
+    names = [name for name, _, _ in units(state)[unit] if name in state.grads]
+    reshard(t, state, unit)
+    if not names:
+        return
+    t.free(sharded.rs_input)
+    numel = dict(state.params)
+    grad = state.recipe.grad
+    sharded.rs_input = t.alloc(sum(sharded.world * shard(numel[n], sharded.world) for n in names) * grad,
+                               f"FSDP reduce-scatter input {unit}", REDUCE_SCATTER_STREAM)
+    t.free(*(state.grads.pop(n) for n in names))
+    reduced = t.alloc(sum(shard(numel[n], sharded.world) for n in names) * grad, f"sharded grad {unit}",
+                      REDUCE_SCATTER_STREAM)
+    if unit in sharded.grads:
+        t.free(reduced)  # added into the unit's sharded grad
+    else:
+        sharded.grads[unit] = reduced
+
+
+def end_backward(t: Trace, state: State) -> None:
+    """The root's end-of-backward callback: `fc` reduced, every unit still gathered resharded,
+    the last reduce-scatter input freed."""
+    post_backward(t, state, "fc")
+    for unit in list(state.sharded.gathered):
+        reshard(t, state, unit)
+    t.free(state.sharded.rs_input)
+    state.sharded.rs_input = None
+
+
+def free_grads(t: Trace, state: State) -> None:
+    """zero_grad(set_to_none=True): the sharded grads go."""
+    t.free(*state.sharded.grads.values())
+    state.sharded.grads.clear()
