@@ -134,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", type=tool_list, default=["specforge", "fitplan"],
                    help="specforge,fitplan[,fitplan-plain] (run in this order)")
     p.add_argument("--profile", action="store_true",
-                   help="fitplan tools: one more step under torch.profiler, its 20 costliest CUDA kernels in the JSON")
+                   help="one more step under torch.profiler: its 40 costliest CUDA kernels in the JSON")
     p.add_argument("--budget", type=float, default=420.0, help="seconds after which no new config starts")
     p.add_argument("--hard-stop", type=float, help="seconds after which a running child is killed (budget + 150)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps per config (the first compiles)")
@@ -182,6 +182,8 @@ def child_argv(args, tool: str, batch: int, seq: int) -> list[str]:
         value = getattr(args, flag)
         if value is not None:
             argv += ["--" + flag.replace("_", "-"), str(value)]
+    if args.profile:
+        argv.append("--profile")
     return argv
 
 
@@ -335,7 +337,7 @@ def run_child(args) -> dict:
             torch.cuda.empty_cache()
         result["setup_s"] = time.perf_counter() - start
         result.update(measure(step, device, args.warmup, args.steps))
-        if args.profile and tool != "specforge" and device.type == "cuda":
+        if args.profile and device.type == "cuda":
             result["kernels"] = profile_step(step)
         # CPU (the smoke test): Meter's tracker counts only tensors the steps create
         held = result["frozen_bytes"] + result["input_bytes"] if device.type == "cuda" else 0
@@ -349,15 +351,15 @@ def run_child(args) -> dict:
 
 
 def profile_step(step) -> list[dict]:
-    """One more step under torch.profiler: its 20 costliest CUDA kernels (name, ms, calls)."""
+    """One more step under torch.profiler: its 40 costliest CUDA kernels (name, ms, calls)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step(lambda name: contextlib.nullcontext())
         torch.cuda.synchronize()
-    rows = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:20]
-    return [{"name": e.key[:90], "ms": round(e.device_time_total / 1000, 2), "calls": e.count} for e in rows]
+    rows = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:40]
+    return [{"name": e.key[:120], "ms": round(e.device_time_total / 1000, 2), "calls": e.count} for e in rows]
 
 
 def bench_job(args, batch: int, seq: int):
