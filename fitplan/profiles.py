@@ -9,12 +9,12 @@ out like ``profiles/``). Unknown JSON fields are ignored; missing required ones 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +43,17 @@ def _profile_dirs() -> list[Path]:
     return dirs
 
 
+@lru_cache(maxsize=None)
 def _packaged_profiles() -> Path:
-    """Installed: the wheel's fitplan.profiles_data. Run from a source tree: ../profiles."""
-    try:
-        return Path(str(resources.files("fitplan.profiles_data")))
-    except ModuleNotFoundError:
+    """Installed: the wheel's fitplan.profiles_data. Run from a source tree: ../profiles.
+
+    The package's folder is where its import spec puts its __init__.py (what
+    importlib.resources.files answers for a package on disk, without importing the resource
+    readers, a few ms of every `fitplan estimate`); it cannot move while the process runs."""
+    spec = importlib.util.find_spec("fitplan.profiles_data")
+    if spec is None or spec.origin is None:
         return Path(__file__).resolve().parent.parent / "profiles"
+    return Path(spec.origin).parent
 
 
 def _json_files(kind: str) -> dict[str, Path]:

@@ -148,10 +148,7 @@ def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str],
     training.batch_size=2"); flags override each. Also what reading it ignored or assumed.
     A speculators job (--from-speculators, or such a CONFIG) runs under runtime speculators
     (fitplan/speculators.py)."""
-    from fitplan.config import is_launch_script, read_job_file, spec_from_text
-    from fitplan.specforge import parse_command
-    from fitplan.specforge_yaml import from_specforge_value, read_text
-    from fitplan.speculators import from_config_text
+    from fitplan.config import spec_from_text
 
     given = [name for name, value in (("a CONFIG file", config), ("--from-specforge", from_specforge),
                                       ("--from-speculators", from_speculators)) if value is not None]
@@ -163,13 +160,27 @@ def job_spec(config: Optional[Path], flags: dict, from_specforge: Optional[str],
         speculators = read_speculators(from_speculators, flags)
         return JobInput(speculators.spec(flags), list(speculators.warnings))
     if from_specforge is not None:
+        from fitplan.specforge import parse_command
+        from fitplan.specforge_yaml import from_specforge_value
+
         run = from_specforge_value(from_specforge, flags)
         if run is not None:
             return JobInput(run.spec, list(run.warnings), "specforge-yaml", run.servers, run.online, run)
         command = parse_command(from_specforge)
         return JobInput(command.spec(flags), list(command.warnings), "specforge-script")
-    if config is None:
+    if config is None:  # flags alone: none of the job-file readers is imported
         return JobInput(spec_from_text(None, "flags", flags), [])
+    return _job_file(config, flags)
+
+
+def _job_file(config: Path, flags: dict) -> JobInput:
+    """A CONFIG file's job: a speculators script or run.yaml, a SpecForge v0.3 run config, a
+    SpecForge launch script, or fitplan's own YAML / plan."""
+    from fitplan.config import is_launch_script, read_job_file, spec_from_text
+    from fitplan.specforge import parse_command
+    from fitplan.specforge_yaml import read_text
+    from fitplan.speculators import from_config_text
+
     text = read_job_file(config)
     speculators = from_config_text(text, str(config), flags)
     if speculators is not None:
