@@ -510,7 +510,7 @@ def _versions(tool: str) -> dict:
 # ------------------------------------------------------------------ child: fitplan
 
 
-def fitplan_teacher(hidden, lm_head, ids, mask, draft_ids, t2d, ttt: int):
+def fitplan_teacher(hidden, lm_head, ids, mask, draft_ids, t2d, ttt: int, as_logits: bool = True):
     """trainer/features.teach on given tensors: the target's logits from its last hidden state
     through its lm_head, then make_teacher; (input ids padded by ttt, teacher)."""
     import torch.nn.functional as F
@@ -518,7 +518,7 @@ def fitplan_teacher(hidden, lm_head, ids, mask, draft_ids, t2d, ttt: int):
     from trainer.loss import make_teacher
 
     logits = F.linear(hidden, lm_head)
-    teacher = make_teacher(logits, mask, draft_ids, t2d, ttt)
+    teacher = make_teacher(logits, mask, draft_ids, t2d, ttt, as_logits)
     return F.pad(ids, (0, ttt)), teacher
 
 
@@ -533,7 +533,7 @@ def fitplan_draft_step(draft, optimizer, aux, ids, teacher, ttt: int, *, schedul
 
     phase = phase or (lambda name: contextlib.nullcontext())
     with phase("forward"), optim.autocast(precision, aux.device):
-        loss, _ = unroll_loss(draft.unroll(aux, ids, ttt), draft.lm_head, teacher, lean=draft.lean)
+        loss, _ = unroll_loss(draft.unroll(aux, ids, ttt), draft, teacher)
     with phase("backward"):
         loss.backward()
     value = float(loss.detach())
@@ -574,7 +574,7 @@ def build_fitplan(job, frozen: dict, inputs: dict, device, args):
     def step(phase) -> float:
         with phase("teacher"):
             ids, teacher = fitplan_teacher(inputs["hidden"], lm_head, inputs["ids"], mask, draft_ids, draft.t2d,
-                                           spec.ttt)
+                                           spec.ttt, as_logits=draft.fused_norms)
         return fitplan_draft_step(draft, optimizer, inputs["aux"], ids, teacher, spec.ttt, scheduler=scheduler,
                                   precision=spec.precision, phase=phase)
 

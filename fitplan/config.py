@@ -96,6 +96,11 @@ class RunSpec:
     """fitplan runtime. lean: the draft's lm_head is fused with the loss and its SwiGLU recomputed
     in backward, so no step keeps its logits; plain: torch's own composition, as SpecForge's draft
     (and fitplan's trainer before the lean draft: what older reports ran)."""
+    recompute_norms: bool = True
+    """fitplan runtime, lean draft: each RMSNorm's output (and o_proj's [B, S, H*d] input) is
+    made again in backward instead of kept, the final norm inside the fused head, and the
+    teacher is held as the target's bf16 logits over the draft vocab (softmax per chunk) instead
+    of fp32 probabilities. false: kept, and an fp32 teacher, as the first lean draft (its reports)."""
 
     def __post_init__(self) -> None:
         validate(self)

@@ -1,7 +1,9 @@
 """The draft's memory-lean pieces compute what the plain torch composition computes.
 
-trainer/head_loss.py (lm_head fused with the soft-label loss, chunked, recomputed in backward)
-and trainer/lean_ops.py SwiGLUDown (keeps gate and up only) against the unfused expressions
+trainer/head_loss.py (final norm and lm_head fused with the soft-label loss, chunked,
+recomputed in backward), trainer/lean_ops.py SwiGLUDown (keeps gate and up only) and
+trainer/norm_project.py (RMSNorm fused with the projections reading it; o_proj over the
+attention kernel's own output) against the unfused expressions
 written out here, on CPU: loss, accuracy and every gradient, in fp32 (tight) and bf16 (within
 bf16 rounding). Also: what each keeps for backward, counted through autograd's saved-tensor hooks.
 """
@@ -16,25 +18,42 @@ import torch.nn.functional as F  # noqa: E402
 from trainer import head_loss  # noqa: E402
 from trainer.head_loss import CountedRows, DraftHead  # noqa: E402
 from trainer.lean_ops import SwiGLUDown  # noqa: E402
+from trainer.norm_project import heads_project, norm_project  # noqa: E402
+
+EPS = 1e-6
 
 
-def reference_head_loss(normed, weight, probs, valid, offset):
-    """The unfused Eagle3 step: full logits, fp32 log-softmax, masked soft cross-entropy sum."""
-    seq = normed.shape[1]
-    p = probs[:, offset : offset + seq]
+def rms_norm(x, weight, eps=EPS):
+    """Llama's RMSNorm written out: fp32 statistics, the weight applied in the input's dtype."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class _Norm(torch.nn.Module):
+    def __init__(self, width, dtype, generator):
+        super().__init__()
+        self.weight = torch.nn.Parameter((1 + 0.1 * torch.randn(width, generator=generator)).to(dtype))
+        self.eps = EPS
+
+
+def reference_head_loss(hidden, norm_weight, weight, teacher_logits, valid, offset):
+    """The unfused Eagle3 step: final norm, full logits, fp32 log-softmax against the softmax of
+    the teacher's logits, masked soft cross-entropy sum."""
+    seq = hidden.shape[1]
+    p = torch.softmax(teacher_logits[:, offset : offset + seq].float(), dim=-1)
     v = valid[:, offset : offset + seq]
-    logp = torch.log_softmax((normed @ weight.T).float(), dim=-1)
+    logp = torch.log_softmax((rms_norm(hidden, norm_weight) @ weight.T).float(), dim=-1)
     summed = (-(p * logp).sum(-1) * v).sum()
     agree = ((logp.argmax(-1) == p.argmax(-1)) & v).sum()
     return summed, agree
 
 
 def _teacher(batch, seq, pad, vocab, generator):
-    probs = torch.softmax(torch.randn(batch, seq + pad, vocab, generator=generator) * 3, dim=-1)
-    probs[:, seq:] = 0  # the unroll's padding positions carry no target
+    logits = torch.randn(batch, seq + pad, vocab, generator=generator) * 3
+    logits[:, seq:] = 0  # the unroll's padding positions carry no target
     valid = torch.rand(batch, seq + pad, generator=generator) > 0.3
     valid[:, seq - 1 :] = False
-    return probs, valid
+    return logits, valid
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -44,37 +63,40 @@ def test_fused_head_matches_unfused(dtype, tol, offset, monkeypatch):
     monkeypatch.setattr(head_loss, "CHUNK_BYTES", 5 * 4 * 40)
     g = torch.Generator().manual_seed(0)
     batch, seq, hidden, vocab, pad = 2, 12, 16, 40, 4
-    probs, valid = _teacher(batch, seq, pad, vocab, g)
+    logits, valid = _teacher(batch, seq, pad, vocab, g)
+    teacher = logits.to(dtype)
     head = DraftHead(hidden, vocab).to(dtype)
-    normed = torch.randn(batch, seq, hidden, generator=g).to(dtype).requires_grad_()
+    norm = _Norm(hidden, dtype, g)
+    x = torch.randn(batch, seq, hidden, generator=g).to(dtype).requires_grad_()
     weight = head.weight.detach().clone().requires_grad_()
-    ref_normed = normed.detach().clone().requires_grad_()
+    norm_weight = norm.weight.detach().clone().requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
 
-    got, got_agree = head(normed, probs, CountedRows(valid), offset)
-    want, want_agree = reference_head_loss(ref_normed, weight, probs, valid, offset)
+    got, got_agree = head(x, norm, teacher, CountedRows(valid), offset)
+    want, want_agree = reference_head_loss(ref_x, norm_weight, weight, teacher, valid, offset)
     (got * 0.8).backward()
     (want * 0.8).backward()
 
     assert int(got_agree) == int(want_agree)
     assert torch.allclose(got, want, rtol=tol, atol=tol)
-    scale = ref_normed.grad.abs().max()
-    assert torch.allclose(normed.grad.float(), ref_normed.grad.float(), atol=tol * float(scale), rtol=tol)
-    want_scale = weight.grad.abs().max()
-    assert torch.allclose(head.weight.grad.float(), weight.grad.float(), atol=tol * float(want_scale), rtol=tol)
+    for mine, theirs in ((x, ref_x), (head.weight, weight), (norm.weight, norm_weight)):
+        scale = float(theirs.grad.abs().max())
+        assert torch.allclose(mine.grad.float(), theirs.grad.float(), atol=tol * scale, rtol=tol)
     # masked positions get no gradient at all
     masked = ~valid[:, offset : offset + seq]
-    assert normed.grad[masked].abs().max() == 0
+    assert x.grad[masked].abs().max() == 0
 
 
 def test_fused_head_with_nothing_counted():
     head = DraftHead(8, 10)
-    normed = torch.randn(1, 4, 8, requires_grad=True)
-    probs = torch.zeros(1, 6, 10)
+    norm = _Norm(8, torch.float32, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 4, 8, requires_grad=True)
+    teacher = torch.zeros(1, 6, 10)
     valid = torch.zeros(1, 6, dtype=torch.bool)
-    summed, agree = head(normed, probs, CountedRows(valid), 1)
+    summed, agree = head(x, norm, teacher, CountedRows(valid), 1)
     summed.backward()
     assert float(summed.detach()) == 0 and int(agree) == 0
-    assert normed.grad.abs().max() == 0
+    assert x.grad.abs().max() == 0 and norm.weight.grad.abs().max() == 0
 
 
 def _saved_bytes(fn) -> int:
@@ -93,16 +115,18 @@ def _saved_bytes(fn) -> int:
 def test_fused_head_keeps_only_its_inputs():
     batch, seq, hidden, vocab, pad = 1, 64, 16, 1000, 3
     g = torch.Generator().manual_seed(1)
-    probs, valid = _teacher(batch, seq, pad, vocab, g)
+    teacher, valid = _teacher(batch, seq, pad, vocab, g)
     valid[:] = True
     head = DraftHead(hidden, vocab)
-    normed = torch.randn(batch, seq, hidden, requires_grad=True)
-    # kept: the normed hidden, the weight, the teacher table (kept anyway) and two int64 row
-    # indices; not the [S, Vd] fp32 log-softmax of the unfused step (64 x 1000 x 4 = 256000 B)
-    kept = _saved_bytes(lambda: head(normed, probs, CountedRows(valid), 1))
-    want = (seq * hidden * 4) + (vocab * hidden * 4) + probs.numel() * 4 + 2 * 8 * seq
+    norm = _Norm(hidden, torch.float32, g)
+    x = torch.randn(batch, seq, hidden, requires_grad=True)
+    # kept: the pre-norm hidden, the norm's and the head's weights, the teacher table (kept
+    # anyway) and two int64 row indices; not the final norm's output, nor the [S, Vd] fp32
+    # log-softmax of the unfused step (64 x 1000 x 4 = 256000 B)
+    kept = _saved_bytes(lambda: head(x, norm, teacher, CountedRows(valid), 1))
+    want = (seq * hidden * 4) + hidden * 4 + (vocab * hidden * 4) + teacher.numel() * 4 + 2 * 8 * seq
     assert kept == want, (kept, want)
-    unfused = _saved_bytes(lambda: reference_head_loss(normed, head.weight, probs, valid, 1))
+    unfused = _saved_bytes(lambda: reference_head_loss(x, norm.weight, head.weight, teacher, valid, 1))
     assert unfused >= seq * vocab * 4  # the log-softmax the fused head does not keep
 
 
@@ -154,11 +178,13 @@ def test_lean_and_plain_drafts_train_alike():
     batch, seq, ttt = 2, 10, 3
     aux = torch.randn(batch, seq, 3 * cfg.target_hidden)
     ids = torch.randint(cfg.vocab, (batch, seq + ttt))
-    probs, valid = _teacher(batch, seq, ttt, cfg.draft_vocab, torch.Generator().manual_seed(4))
-    teacher = Teacher(probs, valid)
+    logits, valid = _teacher(batch, seq, ttt, cfg.draft_vocab, torch.Generator().manual_seed(4))
+    probs = torch.softmax(logits, dim=-1)
+    probs[:, seq:] = 0
     results = []
     for draft in (lean, plain):
-        loss, acc = unroll_loss(draft.unroll(aux, ids, ttt), draft.lm_head, teacher, lean=draft.lean)
+        teacher = Teacher(logits, valid, True) if draft.lean else Teacher(probs, valid, False)
+        loss, acc = unroll_loss(draft.unroll(aux, ids, ttt), draft, teacher)
         loss.backward()
         results.append((loss.detach(), acc, {n: p.grad for n, p in draft.named_parameters() if p.requires_grad}))
     (l1, a1, g1), (l2, a2, g2) = results
@@ -166,3 +192,66 @@ def test_lean_and_plain_drafts_train_alike():
     assert a1 == a2
     for name in g1:
         assert torch.allclose(g1[name], g2[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("inputs", [1, 2])
+def test_norm_project_matches_unfused(dtype, tol, inputs):
+    """cat(norm(x_i)) projected by two weights: outputs and every gradient as the composition."""
+    g = torch.Generator().manual_seed(5)
+    tokens, width, outs = 12, 16, (24, 8)
+    xs = [torch.randn(2, tokens, width, generator=g).to(dtype).requires_grad_() for _ in range(inputs)]
+    norms = [_Norm(width, dtype, g).weight for _ in range(inputs)]
+    projs = [(torch.randn(n, inputs * width, generator=g) / width**0.5).to(dtype).requires_grad_() for n in outs]
+    mine = xs + norms + projs
+    ref = [t.detach().clone().requires_grad_() for t in mine]
+    rx, rn, rp = ref[:inputs], ref[inputs : 2 * inputs], ref[2 * inputs :]
+    upstream = [torch.randn(2, tokens, n, generator=g).to(dtype) for n in outs]
+
+    got = norm_project(tuple(xs), tuple(norms), EPS, tuple(projs))
+    joined = torch.cat([rms_norm(x, w) for x, w in zip(rx, rn)], dim=-1)
+    want = [joined @ w.T for w in rp]
+    torch.autograd.backward(got, upstream)
+    torch.autograd.backward(want, upstream)
+
+    for a, b in zip(got, want):
+        assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
+    for a, b in zip(mine, ref):
+        scale = float(b.grad.abs().max())
+        assert torch.allclose(a.grad.float(), b.grad.float(), atol=tol * scale, rtol=tol)
+
+
+def test_norm_project_keeps_the_norm_inputs_only():
+    tokens, width = 32, 16
+    xs = tuple(torch.randn(tokens, width, requires_grad=True) for _ in range(2))
+    norms = tuple(torch.ones(width, requires_grad=True) for _ in range(2))
+    projs = (torch.randn(24, 2 * width, requires_grad=True),)
+    # the two inputs (32 x 16 x 4 each), their fp32 rstds (32 x 4 each), the weights
+    want = 2 * tokens * width * 4 + 2 * tokens * 4 + 2 * width * 4 + 24 * 2 * width * 4
+    assert _saved_bytes(lambda: norm_project(xs, norms, EPS, projs)) == want
+    # the composition keeps the [32, 32] joined normed input beside: 32 x 32 x 4 more
+    composed = _saved_bytes(lambda: torch.cat([rms_norm(x, w) for x, w in zip(xs, norms)], -1) @ projs[0].T)
+    assert composed > want
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_heads_project_matches_unfused(dtype, tol):
+    g = torch.Generator().manual_seed(6)
+    b, heads, s, d, hidden = 2, 4, 10, 8, 12
+    out = torch.randn(b, heads, s, d, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(hidden, heads * d, generator=g) / d).to(dtype).requires_grad_()
+    ref_out, ref_w = (t.detach().clone().requires_grad_() for t in (out, w))
+    upstream = torch.randn(b, s, hidden, generator=g).to(dtype)
+
+    got = heads_project(out, w)
+    want = ref_out.transpose(1, 2).reshape(b, s, heads * d) @ ref_w.T
+    got.backward(upstream)
+    want.backward(upstream)
+
+    assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+    for a, r in ((out, ref_out), (w, ref_w)):
+        scale = float(r.grad.abs().max())
+        assert torch.allclose(a.grad.float(), r.grad.float(), atol=tol * scale, rtol=tol)
+    # kept: the kernel's output itself and the weight, not the [B, S, H*d] copy
+    kept = _saved_bytes(lambda: heads_project(out.detach().requires_grad_(), w))
+    assert kept == out.numel() * out.element_size() + w.numel() * w.element_size()

@@ -44,6 +44,8 @@ def phase_total(est, label: str) -> int:
 
 CASES = [
     {},
+    {"recompute_norms": False},
+    {"recompute_norms": False, "ac": True},
     {"draft_memory": "plain"},
     {"attention": "sdpa", "seq": 2048},
     {"ac": True, "seq": 8192},
@@ -110,8 +112,11 @@ def test_saved_tensor_sizes_by_hand():
     assert sizes_named(j, "keys of steps 0..k")[:7] == [4_194_304 * (k + 1) for k in range(7)]
     assert set(sizes_named(j, "gate")) == {2 * 8192 * 4096}  # [T, I] bf16, 64 MiB
     assert set(sizes_named(j, "logsumexp")) == {4 * 32 * 4096}  # fp32 [B, H, S]
-    # teacher [B, S + L, Vd] fp32
-    assert sizes_named(j, "teacher [B, S+L, Vd] fp32") == [4 * 4103 * 32000] * 2 == [525_184_000] * 2
+    # teacher [B, S + L, Vd]: the target's bf16 logits over the draft vocab (fused norms), fp32
+    # probabilities without
+    assert sizes_named(j, "teacher [B, S+L, Vd]") == [2 * 4103 * 32000] * 2 == [262_592_000] * 2
+    kept = job(recompute_norms=False)
+    assert sizes_named(kept, "teacher [B, S+L, Vd]") == [4 * 4103 * 32000] * 2 == [525_184_000] * 2
     # the head scores 256 MiB / (4 B x 32000) = 2097 rows at a time: bf16 [2097, 32000], then the
     # 4096 - 2097 = 1999 rows left
     assert sizes_named(j, "head chunk logits")[:2] == [2 * 32000 * 2097, 2 * 32000 * 1999] == [134_208_000, 127_936_000]
@@ -207,7 +212,8 @@ def test_a_device_too_small_is_an_oom_with_what_the_step_needs():
 
 
 def test_retries_that_end_in_a_fit_are_at_risk():
-    j = job(model="llama-3.1-8b", seq=16384)
+    # a step whose cached blocks, freed on a tight device, serve the request that failed
+    j = job(model="llama-3.1-8b", seq=16384, recompute_norms=False)
     needed = replayed.replay_step(j).peak_reserved
     # a device that holds the step only once the allocator gives its cache back
     tight = next(r for r in (replayed.replay_step(j, capacity=needed - n * 32 * MIB) for n in range(1, 64))

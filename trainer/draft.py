@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from trainer.head_loss import DraftHead
 from trainer.lean_ops import SwiGLUDown
+from trainer.norm_project import heads_project, norm_kernels, norm_project
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,6 @@ class DraftConfig:
         }
 
 
-def _upcast(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 class _RMSNormFn(torch.autograd.Function):
     """RMSNorm that saves only its input and an fp32 rstd per row, on every device.
 
@@ -95,20 +92,17 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        x32 = _upcast(x)
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        normalize, _, _ = norm_kernels(x.device.type)
+        out, rstd = normalize(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        x_hat = _upcast(x) * rstd
-        g = _upcast(grad)
-        grad_weight = (g * x_hat).sum(dim=tuple(range(g.dim() - 1))).to(weight.dtype)
-        gx = g * _upcast(weight)
-        grad_x = rstd * (gx - x_hat * (gx * x_hat).mean(-1, keepdim=True))
-        return grad_x.to(x.dtype), grad_weight, None
+        _, _, norm_backward = norm_kernels(x.device.type)
+        grad_x, grad_weight = norm_backward(grad, x, weight, rstd)
+        return grad_x, grad_weight, None
 
 
 class RMSNorm(nn.Module):
@@ -231,14 +225,21 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.heads * d, cfg.hidden, bias=False)
         self.kernel = ATTENTION[kernel]
 
-    def forward(self, x, cos, sin, past_k: list, past_v: list):
-        b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+    def projections(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q_proj.weight, self.k_proj.weight, self.v_proj.weight
+
+    def forward(self, x, cos, sin, past_k: list, past_v: list, lean: bool = False):
+        """x: the 2h-wide input (plain), or its (q, k, v) projections already made (lean)."""
+        q, k, v = x if lean else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        b, s, _ = q.shape
+        q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         keys, values = torch.cat((*past_k, k), dim=2), torch.cat((*past_v, v), dim=2)
         out = self.kernel(q, keys, values, s)
+        if lean:
+            return heads_project(out, self.o_proj.weight), k, v
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
 
 
@@ -251,16 +252,24 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate, cfg.hidden, bias=False)
 
     def forward(self, x):
+        """x: the normed input (plain), or its (gate, up) projections already made (lean)."""
         if self.lean:
-            return SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
+            gate, up = x
+            return SwiGLUDown.apply(gate, up, self.down_proj.weight)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    """Llama decoder layer whose attention reads cat(normed embedding, normed hidden): 2h wide."""
+    """Llama decoder layer whose attention reads cat(normed embedding, normed hidden): 2h wide.
 
-    def __init__(self, cfg: DraftConfig, kernel: str, lean: bool):
+    With fused norms (the lean draft's `recompute_norms`), each RMSNorm is fused with the
+    projections reading it (trainer/norm_project.py): the layer keeps the norms' inputs, not their
+    outputs, and o_proj reads the attention output as the kernel returns it.
+    """
+
+    def __init__(self, cfg: DraftConfig, kernel: str, lean: bool, fused_norms: bool):
         super().__init__()
+        self.fused_norms = fused_norms
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.hidden_norm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.self_attn = Attention(cfg, kernel)
@@ -268,23 +277,38 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, lean)
 
     def forward(self, emb, hidden, cos, sin, past_k, past_v):
+        if self.fused_norms:
+            return self._fused_forward(emb, hidden, cos, sin, past_k, past_v)
         x = torch.cat((self.input_layernorm(emb), self.hidden_norm(hidden)), dim=-1)
         attn, k, v = self.self_attn(x, cos, sin, past_k, past_v)
         hidden = hidden + attn
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return hidden, k, v
 
+    def _fused_forward(self, emb, hidden, cos, sin, past_k, past_v):
+        norms = (self.input_layernorm.weight, self.hidden_norm.weight)
+        qkv = norm_project((emb, hidden), norms, self.input_layernorm.eps, self.self_attn.projections())
+        attn, k, v = self.self_attn(qkv, cos, sin, past_k, past_v, lean=True)
+        hidden = hidden + attn
+        post = self.post_attention_layernorm
+        gate_up = norm_project((hidden,), (post.weight,), post.eps, (self.mlp.gate_proj.weight, self.mlp.up_proj.weight))
+        return hidden + self.mlp(gate_up), k, v
+
 
 class Eagle3Draft(nn.Module):
-    def __init__(self, cfg: DraftConfig, attention: str = "flex", checkpoint_layer: bool = False, lean: bool = True):
+    def __init__(self, cfg: DraftConfig, attention: str = "flex", checkpoint_layer: bool = False, lean: bool = True,
+                 recompute_norms: bool = True):
         super().__init__()
         self.cfg = cfg
         self.lean = lean  # RunSpec.draft_memory: the fused head + loss and the lean SwiGLU
+        # RunSpec.recompute_norms: norms fused with their projections, the final one inside the
+        # head, and a teacher of logits
+        self.fused_norms = lean and recompute_norms
         self.checkpoint_layer = checkpoint_layer
         self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden)
         self.embed_tokens.weight.requires_grad_(False)  # a frozen copy of the target's
         self.fc = nn.Linear(3 * cfg.target_hidden, cfg.hidden, bias=False)
-        self.midlayer = DecoderLayer(cfg, attention, lean)
+        self.midlayer = DecoderLayer(cfg, attention, lean, self.fused_norms)
         self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.lm_head = DraftHead(cfg.hidden, cfg.draft_vocab)  # applied inside the loss (trainer/head_loss.py)
         # d2t[i]: target id of draft id i, as an offset (SGLang/vLLM convention); t2d: target ids kept.
@@ -295,8 +319,9 @@ class Eagle3Draft(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def unroll(self, aux: torch.Tensor, input_ids: torch.Tensor, ttt: int):
-        """Yield the final-norm output [B, S, h] of TTT steps 0..ttt-1: `lm_head` turns it into
-        draft-vocab logits inside the loss, so no step's logits outlive it.
+        """Yield each TTT step's output [B, S, h] for the loss (trainer/loss.py unroll_loss): the
+        final-norm output, or with fused norms the layer output before the final norm, which the
+        fused head applies itself. No step's logits outlive its loss.
 
         `input_ids` is [B, S + ttt]: step k embeds the tokens at positions t + k + 1.
         """
@@ -318,4 +343,4 @@ class Eagle3Draft(nn.Module):
                 hidden, key, value = self.midlayer(emb, hidden, cos, sin, past_k, past_v)
             past_k.append(key)
             past_v.append(value)
-            yield self.norm(hidden)
+            yield hidden if self.fused_norms else self.norm(hidden)

@@ -290,5 +290,5 @@ def teach(run, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
     aux, hidden = (t.to(run.device) for t in run.batches.features())
     logits = run.target(hidden)
     del hidden
-    teacher = make_teacher(logits, mask, run.draft_ids, run.draft.t2d, ttt)
+    teacher = make_teacher(logits, mask, run.draft_ids, run.draft.t2d, ttt, as_logits=run.draft.fused_norms)
     return aux, F.pad(ids, (0, ttt)), teacher

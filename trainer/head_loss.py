@@ -2,10 +2,12 @@
 
 Unfused, each TTT step keeps its fp32 log-softmax [B, S, Vd] for backward: at B1 S16384 with
 a 32k draft vocab that is 2 GiB per step, 14 GiB over a 7-step unroll, more than the decoder
-layer's own activations at short lengths. Here a step keeps only the normed hidden it was given
-(the head's input, [B, S, h] bf16, which the unfused head saved too). Forward computes the loss
-chunk by chunk and frees each chunk's logits; backward recomputes them a chunk at a time and
-turns them into gradients for the hidden and the head weight.
+layer's own activations at short lengths. Here a step keeps only the layer's output hidden it
+was given ([B, S, h] bf16, which the next step keeps anyway): the final RMSNorm is applied
+inside, per chunk, and its output recomputed in backward rather than kept. Forward computes the
+loss chunk by chunk and frees each chunk's logits; backward recomputes them a chunk at a time
+and turns them into gradients for the hidden, the norm weight and the head weight. The teacher
+is the target's bf16 logits over the draft vocab; its softmax is taken per chunk.
 
 Only positions the loss counts are computed: a masked position (outside the assistant's tokens,
 target argmax outside the draft vocab, the TTT padding at the end) contributes neither loss nor
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from trainer.lean_ops import compiled_on_cuda, compute_dtype
+from trainer.norm_project import norm_kernels
 
 # Sizes a chunk as if it held one fp32 table [rows, Vd]: 2097 rows at a 32k vocab, large enough
 # for efficient GEMMs and few launches. Compiled (CUDA), a chunk holds its bf16 logits (forward)
@@ -69,17 +72,24 @@ class CountedRows:
         return both[0], both[1]
 
 
-def _chunk_loss(logits: torch.Tensor, probs: torch.Tensor, p_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(-sum p log softmax(logits), top-1 agreements) of one chunk; p gathered from the teacher."""
-    p = probs[p_rows]
+def _teacher_rows(teacher: torch.Tensor, p_rows: torch.Tensor, as_logits: bool) -> torch.Tensor:
+    rows = teacher[p_rows]
+    return torch.softmax(rows.float(), dim=-1) if as_logits else rows
+
+
+def _chunk_loss(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tensor, as_logits: bool):
+    """(-sum p log softmax(logits), top-1 agreements) of one chunk; p the teacher's rows (the
+    softmax of them when they are logits)."""
+    p = _teacher_rows(teacher, p_rows, as_logits)
     z = logits.float()
     log_probs = z - torch.logsumexp(z, dim=-1, keepdim=True)
     return -(p * log_probs).sum(), (z.argmax(-1) == p.argmax(-1)).sum()
 
 
-def _chunk_grad(logits: torch.Tensor, probs: torch.Tensor, p_rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _chunk_grad(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tensor, scale: torch.Tensor,
+                as_logits: bool) -> torch.Tensor:
     """d/dz of -sum p log softmax(z), times the upstream gradient, in the logits' dtype."""
-    p = probs[p_rows]
+    p = _teacher_rows(teacher, p_rows, as_logits)
     soft = torch.softmax(logits.float(), dim=-1)
     return ((soft * p.sum(-1, keepdim=True) - p) * scale).to(logits.dtype)
 
@@ -90,42 +100,63 @@ def _kernels(device_type: str):
 
 
 class _HeadSoftCE(torch.autograd.Function):
-    """sum over counted rows of -sum_v p[v] log softmax(x W^T)[v], and top-1 agreements.
+    """sum over counted rows of -sum_v p[v] log softmax(norm(x) W^T)[v], and top-1 agreements.
 
-    x [N, h] and probs [M, Vd] are row tables; x_rows[i] is scored against probs[p_rows[i]].
+    x [N, h] and teacher [M, Vd] are row tables; x_rows[i] is scored against p = teacher[p_rows[i]]
+    (softmax(teacher[p_rows[i]]) when the teacher holds logits). Without a norm weight x is the
+    final norm's output already.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, probs, x_rows, p_rows, chunk):
+    def forward(ctx, x, norm_weight, weight, teacher, x_rows, p_rows, chunk, eps, as_logits):
         dtype = compute_dtype(x)
         w = weight.to(dtype)
         chunk_loss, _ = _kernels(x.device.type)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         agree = torch.zeros((), dtype=torch.long, device=x.device)
         for start in range(0, x_rows.numel(), chunk):
-            logits = x.index_select(0, x_rows[start : start + chunk]).to(dtype) @ w.T
-            part, hits = chunk_loss(logits, probs, p_rows[start : start + chunk])
+            _, normed, _ = _rows(x, x_rows[start : start + chunk], norm_weight, eps)
+            part, hits = chunk_loss(normed.to(dtype) @ w.T, teacher, p_rows[start : start + chunk], as_logits)
             loss += part
             agree += hits
-        ctx.save_for_backward(x, weight, probs, x_rows, p_rows)
-        ctx.chunk, ctx.dtype = chunk, dtype
+        ctx.save_for_backward(x, norm_weight, weight, teacher, x_rows, p_rows)
+        ctx.chunk, ctx.dtype, ctx.eps, ctx.as_logits = chunk, dtype, eps, as_logits
         ctx.mark_non_differentiable(agree)
         return loss, agree
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_agree):
-        x, weight, probs, x_rows, p_rows = ctx.saved_tensors
+        x, norm_weight, weight, teacher, x_rows, p_rows = ctx.saved_tensors
         w = weight.to(ctx.dtype)
         _, chunk_grad = _kernels(x.device.type)
+        _, _, norm_backward = norm_kernels(x.device.type)
         grad_x = torch.zeros_like(x)
         grad_w = torch.zeros_like(weight)
+        grad_norm = None if norm_weight is None else torch.zeros_like(norm_weight, dtype=torch.float32)
         for start in range(0, x_rows.numel(), ctx.chunk):
             rows = x_rows[start : start + ctx.chunk]
-            xs = x.index_select(0, rows).to(ctx.dtype)
-            grad_logits = chunk_grad(xs @ w.T, probs, p_rows[start : start + ctx.chunk], grad_loss)
-            grad_x.index_copy_(0, rows, (grad_logits @ w).to(x.dtype))
-            _accumulate(grad_w, grad_logits.T, xs)
-        return grad_x, grad_w, None, None, None, None
+            picked, normed, rstd = _rows(x, rows, norm_weight, ctx.eps)
+            normed = normed.to(ctx.dtype)
+            grad_logits = chunk_grad(normed @ w.T, teacher, p_rows[start : start + ctx.chunk], grad_loss, ctx.as_logits)
+            _accumulate(grad_w, grad_logits.T, normed)
+            del normed
+            grad_rows = grad_logits @ w
+            if norm_weight is not None:
+                grad_rows, grad_nw = norm_backward(grad_rows, picked, norm_weight, rstd)
+                grad_norm += grad_nw
+            grad_x.index_copy_(0, rows, grad_rows.to(x.dtype))
+        grad_norm = None if grad_norm is None else grad_norm.to(norm_weight.dtype)
+        return grad_x, grad_norm, grad_w, None, None, None, None, None, None
+
+
+def _rows(x: torch.Tensor, rows: torch.Tensor, norm_weight, eps: float):
+    """(x at `rows`, the final norm's output there, its rstd); x's rows are the output when x is
+    normed already."""
+    picked = x.index_select(0, rows)
+    if norm_weight is None:
+        return picked, picked, None
+    normalize, _, _ = norm_kernels(x.device.type)
+    return (picked, *normalize(picked, norm_weight, eps))
 
 
 def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -147,18 +178,21 @@ class DraftHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab, hidden))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's initialisation
 
-    def forward(self, normed: torch.Tensor, probs: torch.Tensor, counted: CountedRows, offset: int):
+    def forward(self, hidden: torch.Tensor, norm, teacher: torch.Tensor, counted: CountedRows, offset: int,
+                as_logits: bool = True):
         """(summed soft cross-entropy, top-1 agreements) of the step scored at teacher offset.
 
-        normed [B, S, h]: the step's final-norm output. probs [B, S + L, Vd]: the whole teacher;
-        position t of this step is scored against teacher position t + offset where `counted`
-        has it. Indexing the teacher by row keeps it in place (a slice of it, flattened, would be
-        a copy).
+        hidden [B, S, h]: the step's layer output, before the final RMSNorm `norm` (the
+        draft's own module: its weight and eps); with `norm` None, the norm's output. teacher
+        [B, S + L, Vd]: the whole teacher, logits (as_logits) or probabilities; position t of
+        this step is scored against teacher position t + offset where `counted` has it.
+        Indexing the teacher by row keeps it in place (a slice of it, flattened, would be a copy).
         """
-        batch, seq, hidden = normed.shape
+        batch, seq, width = hidden.shape
         x_rows, p_rows = counted.for_step(offset, seq)
-        return _HeadSoftCE.apply(normed.reshape(-1, hidden), self.weight, probs.view(-1, probs.shape[-1]),
-                                 x_rows, p_rows, chunk_rows(self.weight.shape[0]))
+        return _HeadSoftCE.apply(hidden.reshape(-1, width), None if norm is None else norm.weight, self.weight,
+                                 teacher.view(-1, teacher.shape[-1]), x_rows, p_rows,
+                                 chunk_rows(self.weight.shape[0]), None if norm is None else norm.eps, as_logits)
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """Plain logits [B, S, Vd], for inference-style checks."""

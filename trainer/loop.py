@@ -100,7 +100,7 @@ def build_draft(job: Job, hf, target: torch.nn.Module, draft_ids: torch.Tensor, 
     spec = job.spec
     with torch.device(device), default_dtype(optim.param_dtype(spec.precision)):
         draft = Eagle3Draft(draft_config(job, hf), spec.attention_impl, checkpoint_layer=spec.ac,
-                            lean=spec.draft_memory == "lean")
+                            lean=spec.draft_memory == "lean", recompute_norms=spec.recompute_norms)
     with torch.no_grad():
         # the frozen embedding stays in the target's bf16 whatever the recipe
         draft.embed_tokens.to(torch.bfloat16)
@@ -170,7 +170,7 @@ def teach(run: Run, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     group_ids, _ = parallel.group_batch(ids, mask, run.ctx)
     aux, logits = run.target(group_ids)
     logits, aux = parallel.collect_target_outputs(logits, aux, run.ctx, spec.output_sharding)
-    teacher = make_teacher(logits, mask, run.draft_ids, run.draft.t2d, spec.ttt)
+    teacher = make_teacher(logits, mask, run.draft_ids, run.draft.t2d, spec.ttt, as_logits=run.draft.fused_norms)
     return aux, F.pad(ids, (0, spec.ttt)), teacher
 
 
@@ -185,8 +185,7 @@ def train_step(run: Run, meter: Meter) -> dict:
         with meter.phase("target_forward"):
             aux, ids_ext, teacher = run.teach(run, ids, mask)
         with meter.phase("draft_forward"), optim.autocast(spec.precision, run.device):
-            loss, acc = unroll_loss(run.draft.unroll(aux, ids_ext, spec.ttt), run.draft.lm_head, teacher,
-                                    lean=run.draft.lean)
+            loss, acc = unroll_loss(run.draft.unroll(aux, ids_ext, spec.ttt), run.draft, teacher)
         with meter.phase("backward"):
             (loss / accum).backward()
         losses.append(float(loss.detach()))

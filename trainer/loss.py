@@ -18,42 +18,52 @@ STEP_DECAY = 0.8
 
 @dataclass
 class Teacher:
-    """What the draft learns from, padded by `ttt` positions so step k reads [k+1, k+1+S)."""
+    """What the draft learns from, padded by `ttt` positions so step k reads [k+1, k+1+S).
 
-    probs: torch.Tensor  # [B, S + L, Vd] fp32 target distribution over the draft vocab
+    The lean draft keeps the target's bf16 logits over the draft vocab and its fused head takes
+    their softmax a chunk at a time (the logits come out of the target's bf16 lm_head, so the
+    fp32 probabilities made from them later are the same numbers, at half the bytes held);
+    the plain draft keeps the fp32 probabilities its loss multiplies by.
+    """
+
+    table: torch.Tensor  # [B, S + L, Vd]: bf16 logits (as_logits) or fp32 probabilities
     valid: torch.Tensor  # [B, S + L] bool: position counts in the loss
+    as_logits: bool
 
 
 TEACHER_CHUNK = 1024  # positions gathered at a time: bounds the bf16 gather's transient
 
 
 @torch.no_grad()
-def make_teacher(logits: torch.Tensor, loss_mask: torch.Tensor, draft_ids: torch.Tensor, t2d: torch.Tensor, ttt: int) -> Teacher:
+def make_teacher(logits: torch.Tensor, loss_mask: torch.Tensor, draft_ids: torch.Tensor, t2d: torch.Tensor, ttt: int,
+                 as_logits: bool = True) -> Teacher:
     """Target logits [B, S, V] -> the draft's targets.
 
-    The draft-vocab logits are gathered into the fp32 teacher buffer a chunk at a time and the
-    softmax is taken in place, so no full-size temporary exists beside the teacher.
+    The draft-vocab logits are gathered into the teacher buffer a chunk at a time (and, for
+    fp32 probabilities, the softmax taken in place), so no full-size temporary exists beside it.
     The target's prediction at position j is of token j + 1: it is trained on when that token
     is an assistant token and the target's top choice is in the draft vocab.
     """
     b, s, _ = logits.shape
-    probs = torch.zeros(b, s + ttt, len(draft_ids), dtype=torch.float32, device=logits.device)
+    dtype = logits.dtype if as_logits else torch.float32
+    table = torch.zeros(b, s + ttt, len(draft_ids), dtype=dtype, device=logits.device)
     for start in range(0, s, TEACHER_CHUNK):
         stop = min(s, start + TEACHER_CHUNK)
-        probs[:, start:stop] = logits[:, start:stop].index_select(-1, draft_ids)
-    head = probs[:, :s]
-    head.sub_(head.amax(-1, keepdim=True)).exp_()
-    head.div_(head.sum(-1, keepdim=True))
+        table[:, start:stop] = logits[:, start:stop].index_select(-1, draft_ids)
+    if not as_logits:
+        head = table[:, :s]
+        head.sub_(head.amax(-1, keepdim=True)).exp_()
+        head.div_(head.sum(-1, keepdim=True))
     valid = torch.zeros(b, s + ttt, dtype=torch.bool, device=logits.device)
     valid[:, : s - 1] = loss_mask[:, 1:] & t2d[logits[:, : s - 1].argmax(-1)]
-    return Teacher(probs, valid)
+    return Teacher(table, valid, as_logits)
 
 
 def plain_step_loss(normed: torch.Tensor, head, teacher: Teacher, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The unfused step (draft_memory plain): full logits and an fp32 log-softmax kept for
     backward. Same (summed loss, agreements) as the fused head."""
     seq = normed.shape[1]
-    probs = teacher.probs[:, offset : offset + seq]
+    probs = teacher.table[:, offset : offset + seq]
     valid = teacher.valid[:, offset : offset + seq]
     logits = head.logits(normed)
     logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # upcast inside: no fp32 copy of the logits
@@ -63,27 +73,32 @@ def plain_step_loss(normed: torch.Tensor, head, teacher: Teacher, offset: int) -
     return summed, agree
 
 
-def unroll_loss(step_normed, head, teacher: Teacher, lean: bool = True) -> tuple[torch.Tensor, list[float]]:
+def unroll_loss(step_outputs, draft, teacher: Teacher) -> tuple[torch.Tensor, list[float]]:
     """Weighted loss over the unroll and per-step top-1 accuracy.
 
-    `step_normed` is the draft's generator of final-norm outputs; `head` (the draft's lm_head,
-    trainer/head_loss.py) scores step k against teacher positions shifted by k + 1, fused with
-    the loss when `lean`. Each step is reduced to a scalar before the next step runs, so only
-    what autograd saves stays alive.
+    `step_outputs` is the draft's generator (Eagle3Draft.unroll): final-norm outputs, or with
+    fused norms the pre-norm hiddens, whose fused head (trainer/head_loss.py) applies the final
+    norm and the lm_head with the loss. Step k is scored against teacher
+    positions shifted by k + 1. Each step is reduced to a scalar before the next step runs, so
+    only what autograd saves stays alive.
     """
+    lean = draft.lean
+    if draft.fused_norms != teacher.as_logits:
+        raise ValueError("a draft with fused norms learns from a teacher of logits, others from probabilities")
     rows = CountedRows(teacher.valid) if lean else None
     total = None
     accuracy = []
-    for k, normed in enumerate(step_normed):
-        seq = normed.shape[1]
+    for k, output in enumerate(step_outputs):
+        seq = output.shape[1]
         if lean:
-            summed, agree = head(normed, teacher.probs, rows, k + 1)
+            norm = draft.norm if draft.fused_norms else None
+            summed, agree = draft.lm_head(output, norm, teacher.table, rows, k + 1, teacher.as_logits)
             counted = max(rows.count(k + 1, seq), 1)
         else:
-            summed, agree = plain_step_loss(normed, head, teacher, k + 1)
+            summed, agree = plain_step_loss(output, draft.lm_head, teacher, k + 1)
             counted = teacher.valid[:, k + 1 : k + 1 + seq].sum().clamp(min=1)
         weighted = summed / counted * STEP_DECAY**k
         total = weighted if total is None else total + weighted
         accuracy.append(agree / counted)
-        del normed  # else this step's output stays alive through the next step's forward
+        del output  # else this step's output stays alive through the next step's forward
     return total, [float(a) for a in accuracy]

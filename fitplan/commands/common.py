@@ -52,6 +52,8 @@ HELP: dict[str, str] = {
                 "trainer (eagle3, tp 1) with fitplan train --hidden-states DIR."),
     "draft_memory": ("fitplan runtime. lean: the draft's lm_head is fused with the loss, SwiGLU recomputed "
                      "in backward (no step keeps its logits). plain: torch's composition, as SpecForge's draft."),
+    "recompute_norms": ("fitplan runtime, lean draft: RMSNorm outputs and o_proj's input made again in backward "
+                        "rather than kept, the teacher held as bf16 logits (false: as the first lean draft)."),
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -61,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
 _TYPES: dict[str, Any] = {
     "seq": int, "micro_batch": int, "global_batch": int, "accum": int, "tp": int, "ttt": int,
     "sglang_mem_fraction": float, "vllm_gpu_memory_utilization": float,
-    "ac": bool, "expandable_segments": bool, "offline": bool,
+    "ac": bool, "expandable_segments": bool, "offline": bool, "recompute_norms": bool,
 }
 
 

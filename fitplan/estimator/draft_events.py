@@ -49,6 +49,11 @@ def _lean(state: State) -> bool:
     return state.job.spec.draft_memory == "lean"
 
 
+def _fused(state: State) -> bool:
+    """Norms fused with their projections (trainer/norm_project.py), the final one in the head."""
+    return _lean(state) and state.job.spec.recompute_norms
+
+
 def draft_forward(t: Trace, state: State) -> Saved:
     """trainer/draft.py Eagle3Draft.unroll under trainer/loss.py unroll_loss."""
     z = state.sizes
@@ -88,6 +93,8 @@ def _layer_forward(t: Trace, state: State, k: int, step: dict[str, int], saved: 
     t.free(mlp_out)
     if state.job.spec.ac:
         t.free(*(step.pop(name) for name in MLP_SAVED if name in step))
+    if _fused(state):  # the fused head normalises the layer output itself
+        return
     step["rstd_final"] = t.alloc(FP32 * z.T, "rstd")
     step["normed"] = t.alloc(row, "final norm output")
 
@@ -102,9 +109,13 @@ def _attention_forward(t: Trace, state: State, k: int, step: dict[str, int]) -> 
     normed_emb = t.alloc(row, "normed embedding")
     step["rstd_hidden"] = t.alloc(rstd, "rstd")
     normed_hidden = t.alloc(row, "normed hidden")
-    step["x"] = t.alloc(2 * row, "cat(embedding, hidden)")
+    joined = t.alloc(2 * row, "cat(embedding, hidden)")
     t.free(normed_emb, normed_hidden)
     q, key, value = t.alloc(q_row, "q"), t.alloc(kv_row, "k"), t.alloc(kv_row, "v")
+    if _fused(state):  # made again in backward
+        t.free(joined)
+    else:
+        step["x"] = joined
     step["q"] = t.alloc(q_row, "roped q")
     t.free(q)
     roped_k = t.alloc(kv_row, "roped k")
@@ -115,8 +126,12 @@ def _attention_forward(t: Trace, state: State, k: int, step: dict[str, int]) -> 
         step["mask"] = t.alloc(z.S * z.S * (k + 1), "sdpa bool mask")
     step["out"] = t.alloc(q_row, "attention output")
     step["lse"] = t.alloc(FP32 * z.H * z.T, "logsumexp")
-    step["o_in"] = t.alloc(q_row, "o_proj input")
+    o_in = t.alloc(q_row, "o_proj input")
     attn = t.alloc(row, "o_proj output")
+    if _fused(state):  # o_proj keeps the kernel's own output instead
+        t.free(o_in)
+    else:
+        step["o_in"] = o_in
     step["hidden_attn"] = t.alloc(row, "hidden after attention")
     t.free(attn)
     return [roped_k, value]
@@ -134,6 +149,8 @@ def _mlp_forward(t: Trace, state: State, step: dict[str, int], recompute: bool =
     step["gate"] = t.alloc(wide, "gate")
     if _lean(state):
         step["up"] = t.alloc(wide, "up")
+        if _fused(state):  # the norm's output, made again in backward
+            t.free(step.pop("mlp_in"))
         if not recompute:
             t.free(t.alloc(wide, "SwiGLU product"))
         return
@@ -227,6 +244,16 @@ def _head_backward(t: Trace, state: State, step: dict[str, int]) -> int:
     the fp32 gradients of the log-softmax's output and input, then the matmul's."""
     z, job = state.sizes, state.job
     row = BF16 * z.h * z.T
+    if _fused(state):  # the head's input is the layer output: its gradient is that of the layer output
+        step["grad_normed"] = t.alloc(row, "grad of layer output (head's)")
+        weight_grad = t.alloc(state.numel["lm_head"] * state.recipe.param, "head weight grad (zeros_like)")
+        for rows in _chunks(job):
+            per = draft_terms.HEAD_BACKWARD_BYTES_PER_LOGIT // 2 * z.Vd * rows
+            t.free(t.alloc(per, "recomputed chunk logits"), t.alloc(per, "chunk logits grad"))
+        keep_grad(t, state, "lm_head", weight_grad)
+        accumulate_grad(t, state, "norm")
+        t.free(step.pop("rows"))
+        return step["grad_normed"]
     if _lean(state):
         step["grad_normed"] = t.alloc(row, "grad of final norm output")
         weight_grad = t.alloc(state.numel["lm_head"] * state.recipe.param, "head weight grad (zeros_like)")
@@ -250,9 +277,13 @@ def _final_norm_backward(t: Trace, state: State, step: dict[str, int], pending: 
     """The final norm's input gradient joins the gradient of the layer output that the step
     after this one sent back (added in place), or starts it (the last step)."""
     z = state.sizes
-    grad = t.alloc(BF16 * z.h * z.T, "grad of layer output")
-    t.free(step.pop("grad_normed"), step.pop("rstd_final"), step.pop("hidden_out"))
-    accumulate_grad(t, state, "norm")
+    if _fused(state):  # the head's gradient is the layer output's (_head_backward)
+        grad = step.pop("grad_normed")
+        t.free(step.pop("hidden_out"))
+    else:
+        grad = t.alloc(BF16 * z.h * z.T, "grad of layer output")
+        t.free(step.pop("grad_normed"), step.pop("rstd_final"), step.pop("hidden_out"))
+        accumulate_grad(t, state, "norm")
     if pending.hidden is None:
         pending.hidden = grad
     else:
@@ -277,6 +308,11 @@ def _mlp_backward(t: Trace, state: State, step: dict[str, int]) -> None:
         t.free(grad_product, step.pop("silu"), step.pop("up"))
         grad_gate = t.alloc(wide, "grad of gate")
         t.free(grad_silu, step.pop("gate"))
+    if _fused(state):
+        _norm_project_backward(t, state, step, [grad_gate, grad_up], ("gate_proj", "up_proj"),
+                               [("post_attention_layernorm", "rstd_post")])
+        t.free(step.pop("hidden_attn"))
+        return
     grad_in = t.alloc(row, "grad of MLP input")
     accumulate_grad(t, state, "up_proj")
     t.free(grad_up)
@@ -291,9 +327,15 @@ def _mlp_backward(t: Trace, state: State, step: dict[str, int]) -> None:
 def _attention_backward(t: Trace, state: State, step: dict[str, int], k: int, pending: Pending) -> None:
     z = state.sizes
     q_row, kv_row = BF16 * z.H * z.d * z.T, BF16 * z.Hkv * z.d * z.T
-    grad_o_in = t.alloc(q_row, "grad of o_proj input")
-    accumulate_grad(t, state, "o_proj")
-    t.free(step.pop("o_in"))
+    if _fused(state):  # o_proj's input made again from the kernel's output for the weight's gradient
+        flat = t.alloc(q_row, "o_proj input (again)")
+        accumulate_grad(t, state, "o_proj")
+        t.free(flat)
+        grad_o_in = t.alloc(q_row, "grad of attention output")
+    else:
+        grad_o_in = t.alloc(q_row, "grad of o_proj input")
+        accumulate_grad(t, state, "o_proj")
+        t.free(step.pop("o_in"))
     grad_q = t.alloc(q_row, "grad of roped q")
     grad_keys, grad_values = t.alloc(kv_row * (k + 1), "grad of keys"), t.alloc(kv_row * (k + 1), "grad of values")
     t.free(grad_o_in, *(step.pop(name) for name in ("q", "keys", "values", "out", "lse")), step.pop("mask", None))
@@ -326,6 +368,12 @@ def _input_backward(t: Trace, state: State, step: dict[str, int], k: int, pendin
     hidden norm's input gradient is added into the pending hidden gradient (the residual's)."""
     z = state.sizes
     row = BF16 * z.h * z.T
+    if _fused(state):
+        grads = [step.pop(name) for name in ("grad_q0", "grad_k0", "grad_v0")]
+        _norm_project_backward(t, state, step, grads, ("q_proj", "k_proj", "v_proj"),
+                               [("input_layernorm", "rstd_in"), ("hidden_norm", "rstd_hidden")])
+        t.free(step.pop("emb"))
+        return
     grad_x = t.alloc(2 * row, "grad of cat(embedding, hidden)")
     for proj, grad in (("q_proj", "grad_q0"), ("k_proj", "grad_k0"), ("v_proj", "grad_v0")):
         if proj != "q_proj":
@@ -339,3 +387,30 @@ def _input_backward(t: Trace, state: State, step: dict[str, int], k: int, pendin
     grad_emb = t.alloc(row, "grad of embedding (discarded)")
     accumulate_grad(t, state, "input_layernorm")
     t.free(grad_emb, step.pop("rstd_in"), step.pop("emb"), grad_x, grad_hidden)
+
+
+def _norm_project_backward(t: Trace, state: State, step: dict[str, int], grads: list[int],
+                           projections: tuple[str, ...], norms: list[tuple[str, str]]) -> None:
+    """trainer/norm_project.py backward: the joined norm outputs made again, each projection's
+    weight gradient and its input gradient (the first allocated, the others added in place),
+    then each norm's backward; the incoming gradients go when it returns. The norms' input
+    gradients join the residual stream's in place (the embedding's is discarded)."""
+    row = BF16 * state.sizes.h * state.sizes.T
+    width = len(norms) * row
+    renormed = [t.alloc(row, "norm output (again)") for _ in norms]
+    joined = t.alloc(width, "joined norm outputs (again)")
+    t.free(*renormed)
+    grad_joined = None
+    for name in projections:
+        accumulate_grad(t, state, name)
+        part = t.alloc(width, f"grad of the joined input ({name}'s)")
+        if grad_joined is None:
+            grad_joined = part
+        else:
+            t.free(part)
+    t.free(joined)
+    for norm, rstd in norms:
+        t.free(t.alloc(row, f"grad of {norm}'s input"))
+        accumulate_grad(t, state, norm)
+        t.free(step.pop(rstd))
+    t.free(grad_joined, *grads)

@@ -59,6 +59,41 @@ def _fused_loss(job: Job) -> bool:
     return job.spec.runtime == "speculators"
 
 
+def _fused_norms(job: Job) -> bool:
+    """The lean draft's RMSNorms fused with their projections, the final one inside the head, and
+    a teacher of bf16 logits (RunSpec.recompute_norms; trainer/norm_project.py)."""
+    return _lean(job) and job.spec.recompute_norms
+
+
+def _h_wide_saved(job: Job) -> int:
+    """h-wide bf16 tensors a step saves: the embedding, the cat of normed embedding and hidden
+    (two), the hidden after attention, the MLP input, the layer output and the final norm's
+    output (7); with fused norms only the norms' inputs: embedding, hidden after attention,
+    layer output (3)."""
+    return 3 if _fused_norms(job) else 7
+
+
+def _norms_saved(job: Job) -> int:
+    """fp32 rstds a step saves per token: one per RMSNorm, the final one's recomputed in the
+    fused head."""
+    return NORMS_PER_STEP - 1 if _fused_norms(job) else NORMS_PER_STEP
+
+
+def _o_proj_input_per_token(job: Job) -> int:
+    """o_proj's [B, S, H*d] input copy; with fused norms o_proj reads the kernel's output, which
+    flex and sdpa keep anyway (counted with the kernel) and eager does not."""
+    d = job.draft
+    if _fused_norms(job) and job.spec.attention_impl != "eager":
+        return 0
+    return BF16 * d.heads * d.head_dim
+
+
+def _step_kept_per_token(job: Job) -> int:
+    """What a checkpointed step keeps of its own making beside its output hidden: the final
+    norm's output and rstd (none with fused norms: the head normalises the hidden itself)."""
+    return 0 if _fused_norms(job) else BF16 * job.draft.hidden + FP32
+
+
 def _swiglu_saved_per_token(job: Job) -> int:
     return (4 if _lean(job) else 8) * job.draft.intermediate
 
@@ -86,10 +121,11 @@ def _rope_bytes(job: Job) -> int:
 
 
 def _layer_saved_per_token(job: Job) -> int:
-    """Saved inside the decoder layer per token per step, attention kernel excluded."""
+    """Saved inside the decoder layer per token per step, attention kernel excluded: the h-wide
+    tensors, the rstds, the roped q 2Hd, o_proj's input and the SwiGLU's."""
     d = job.draft
-    # seven h-wide bf16 tensors (embedding, cat of two, three hiddens, final-norm output)
-    return 7 * BF16 * d.hidden + NORMS_PER_STEP * FP32 + 4 * d.heads * d.head_dim + _swiglu_saved_per_token(job)
+    return (_h_wide_saved(job) * BF16 * d.hidden + _norms_saved(job) * FP32 + BF16 * d.heads * d.head_dim
+            + _o_proj_input_per_token(job) + _swiglu_saved_per_token(job))
 
 
 def _kernel_saved_bytes(job: Job, k: int) -> int:
@@ -128,7 +164,7 @@ def draft_activation_bytes(job: Job) -> int:
     d, T, L = job.draft, _tokens(job), job.spec.ttt
     fc_out = BF16 * d.hidden * T
     if job.spec.ac:
-        per_step = (3 * BF16 * d.hidden + FP32) * T
+        per_step = (2 * BF16 * d.hidden + _step_kept_per_token(job)) * T
         held_kv = 2 * BF16 * d.kv_heads * d.head_dim * (L - 1) * T
         kept = per_step * L + held_kv
         return kept + fc_out + _rope_bytes(job)
@@ -149,7 +185,8 @@ def teacher_bytes(job: Job) -> int:
     B, S, L = job.spec.micro_batch, job.spec.seq, job.spec.ttt
     if job.spec.runtime == "speculators":
         return BF16 * B * S * job.draft.draft_vocab
-    return FP32 * B * (S + L) * job.draft.draft_vocab
+    per_logit = BF16 if _fused_norms(job) else FP32  # fused norms: the target's bf16 logits
+    return per_logit * B * (S + L) * job.draft.draft_vocab
 
 
 # trainer/loss.py TEACHER_CHUNK: target positions gathered into the teacher at a time.
@@ -192,13 +229,16 @@ def _post_attention_saved_per_token(job: Job) -> int:
     attention, the MLP input, the layer output and the final-norm output (8h), two fp32 rstds
     and the SwiGLU 8I. None of it exists yet while the step's attention runs."""
     d = job.draft
+    if _fused_norms(job):  # the hidden after attention, the layer output, the post-attention rstd
+        return 2 * BF16 * d.hidden + FP32 + _o_proj_input_per_token(job) + _swiglu_saved_per_token(job)
     return 4 * BF16 * d.hidden + 2 * FP32 + BF16 * d.heads * d.head_dim + _swiglu_saved_per_token(job)
 
 
 def _step_outputs_per_token(job: Job) -> int:
     """What a checkpointed step keeps of its own making: the output hidden and the final norm's
-    output and rstd (4h + 4; its third kept tensor, the embedding, is an input)."""
-    return 2 * BF16 * job.draft.hidden + FP32
+    output and rstd (4h + 4; its third kept tensor, the embedding, is an input; with fused norms
+    the output hidden alone)."""
+    return BF16 * job.draft.hidden + _step_kept_per_token(job)
 
 
 def draft_forward_extra_bytes(job: Job) -> int:
@@ -276,7 +316,7 @@ def _lean_mlp_forward_bytes(job: Job) -> int:
         return 0
     d = job.draft
     transient = (SWIGLU_FORWARD_PER_INTERMEDIATE - 4) * d.intermediate
-    not_yet = 2 * BF16 * d.hidden + FP32 + _loss_saved_per_token(job)
+    not_yet = _step_outputs_per_token(job) + _loss_saved_per_token(job)
     return (transient - not_yet) * _tokens(job)
 
 
@@ -303,7 +343,7 @@ def _mlp_backward_bytes(job: Job) -> int:
     d, T = job.draft, _tokens(job)
     mlp = (SWIGLU_BACKWARD_PER_INTERMEDIATE * d.intermediate + BF16 * d.hidden) * T
     if not job.spec.ac:
-        released = (2 * BF16 * d.hidden + FP32 + _loss_saved_per_token(job)) * T
+        released = (_step_outputs_per_token(job) + _loss_saved_per_token(job)) * T
         return mlp - released
     # the recomputed layer saves what it saved before, less the outputs the norm outside it kept
     # (released by now, as the kept ones are) and the embedding, which stays kept as its input
@@ -342,7 +382,7 @@ def last_step_saved_bytes(job: Job) -> int:
     d, T, L = job.draft, _tokens(job), job.spec.ttt
     loss = _loss_saved_per_token(job) * T
     if job.spec.ac:
-        return (3 * BF16 * d.hidden + FP32) * T + 2 * BF16 * d.kv_heads * d.head_dim * T + loss
+        return (2 * BF16 * d.hidden + _step_kept_per_token(job)) * T + 2 * BF16 * d.kv_heads * d.head_dim * T + loss
     return _layer_saved_per_token(job) * T + _kernel_saved_bytes(job, L - 1) + loss
 
 

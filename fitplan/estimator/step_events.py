@@ -366,9 +366,9 @@ def _replacing_existing(t: Trace, current: int, nbytes: int, name: str, steps: i
 
 
 def make_teacher(t: Trace, job: Job) -> int:
-    """trainer/loss.py make_teacher: the fp32 teacher, the bf16 draft-vocab columns gathered into
-    it a chunk of positions at a time."""
-    teacher = t.alloc(draft_terms.teacher_bytes(job), "teacher [B, S+L, Vd] fp32")
+    """trainer/loss.py make_teacher: the teacher (bf16 logits, or fp32 probabilities), the bf16
+    draft-vocab columns gathered into it a chunk of positions at a time."""
+    teacher = t.alloc(draft_terms.teacher_bytes(job), "teacher [B, S+L, Vd]")
     per_position = BF16 * job.spec.micro_batch * job.draft.draft_vocab
     for positions in loop_chunks(job.spec.seq, draft_terms.TEACHER_CHUNK):
         t.free(t.alloc(per_position * positions, "teacher chunk"))
