@@ -303,3 +303,12 @@ def resolve(spec: RunSpec) -> Job:
         warnings.append("output_sharding all-to-all has no effect with tp 1")
     accum = resolve_accum(spec, cluster.world)
     return Job(spec=spec, model=model, draft=draft, cluster=cluster, tp=tp, accum=accum, warnings=tuple(warnings))
+
+
+def fused_norms(job: Job) -> bool:
+    """Whether fitplan's lean draft runs its norms fused with their projections (RunSpec
+    recompute_norms, trainer/norm_project.py). One GPU only: the fused head uses the final norm's
+    weight inside the lm_head's call, which FSDP2 gathers only for the norm's own unit, so on
+    several GPUs the draft keeps the first lean layout (norm outputs kept, an fp32 teacher)."""
+    spec = job.spec
+    return spec.runtime == "fitplan" and spec.draft_memory == "lean" and spec.recompute_norms and job.world == 1

@@ -163,7 +163,8 @@ def test_swiglu_down_keeps_gate_and_up_only():
     assert plain == 4 * tokens * inner * 4 + hidden * inner * 4
 
 
-def test_lean_and_plain_drafts_train_alike():
+@pytest.mark.parametrize("recompute_norms", [True, False])
+def test_lean_and_plain_drafts_train_alike(recompute_norms):
     """A whole unroll, lean (fused head, SwiGLUDown) against plain (torch's composition), same
     weights: loss, accuracies and every trained gradient agree (fp32)."""
     from trainer.draft import DraftConfig, Eagle3Draft
@@ -172,7 +173,7 @@ def test_lean_and_plain_drafts_train_alike():
     cfg = DraftConfig(hidden=32, intermediate=64, heads=4, kv_heads=2, head_dim=8, vocab=100, draft_vocab=40,
                       target_hidden=32, aux_layers=(0, 1, 2))
     torch.manual_seed(3)
-    lean = Eagle3Draft(cfg, "eager", lean=True)
+    lean = Eagle3Draft(cfg, "eager", lean=True, recompute_norms=recompute_norms)
     plain = Eagle3Draft(cfg, "eager", lean=False)
     plain.load_state_dict(lean.state_dict())
     batch, seq, ttt = 2, 10, 3
@@ -183,7 +184,7 @@ def test_lean_and_plain_drafts_train_alike():
     probs[:, seq:] = 0
     results = []
     for draft in (lean, plain):
-        teacher = Teacher(logits, valid, True) if draft.lean else Teacher(probs, valid, False)
+        teacher = Teacher(logits, valid, True) if draft.fused_norms else Teacher(probs, valid, False)
         loss, acc = unroll_loss(draft.unroll(aux, ids, ttt), draft, teacher)
         loss.backward()
         results.append((loss.detach(), acc, {n: p.grad for n, p in draft.named_parameters() if p.requires_grad}))

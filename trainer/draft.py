@@ -252,11 +252,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate, cfg.hidden, bias=False)
 
     def forward(self, x):
-        """x: the normed input (plain), or its (gate, up) projections already made (lean)."""
         if self.lean:
-            gate, up = x
-            return SwiGLUDown.apply(gate, up, self.down_proj.weight)
+            return self.down(self.gate_proj(x), self.up_proj(x))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def down(self, gate, up):
+        """down_proj(silu(gate) * up), keeping gate and up only (the lean draft)."""
+        return SwiGLUDown.apply(gate, up, self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -292,7 +294,7 @@ class DecoderLayer(nn.Module):
         hidden = hidden + attn
         post = self.post_attention_layernorm
         gate_up = norm_project((hidden,), (post.weight,), post.eps, (self.mlp.gate_proj.weight, self.mlp.up_proj.weight))
-        return hidden + self.mlp(gate_up), k, v
+        return hidden + self.mlp.down(*gate_up), k, v
 
 
 class Eagle3Draft(nn.Module):

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fitplan.errors import FitplanError
+from fitplan.layout import fused_norms
 from fitplan.layout import Job, resolve
 from fitplan.records import write_measurement
 from trainer import checkpoint, compare, data, features, optim, parallel, vocab
@@ -100,7 +101,7 @@ def build_draft(job: Job, hf, target: torch.nn.Module, draft_ids: torch.Tensor, 
     spec = job.spec
     with torch.device(device), default_dtype(optim.param_dtype(spec.precision)):
         draft = Eagle3Draft(draft_config(job, hf), spec.attention_impl, checkpoint_layer=spec.ac,
-                            lean=spec.draft_memory == "lean", recompute_norms=spec.recompute_norms)
+                            lean=spec.draft_memory == "lean", recompute_norms=fused_norms(job))
     with torch.no_grad():
         # the frozen embedding stays in the target's bf16 whatever the recipe
         draft.embed_tokens.to(torch.bfloat16)

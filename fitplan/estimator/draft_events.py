@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from fitplan.estimator import draft_terms, fsdp_events
+from fitplan.layout import fused_norms
 from fitplan.estimator.step_trace import (
     State,
     Trace,
@@ -51,7 +52,7 @@ def _lean(state: State) -> bool:
 
 def _fused(state: State) -> bool:
     """Norms fused with their projections (trainer/norm_project.py), the final one in the head."""
-    return _lean(state) and state.job.spec.recompute_norms
+    return fused_norms(state.job)
 
 
 def draft_forward(t: Trace, state: State) -> Saved:

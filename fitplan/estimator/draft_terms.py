@@ -27,7 +27,7 @@ plus the fc output 2h once and the bf16 RoPE tables 2*S*d*2 once.
 
 from __future__ import annotations
 
-from fitplan.layout import Job
+from fitplan.layout import Job, fused_norms
 from fitplan.units import BF16, FP32
 
 NORMS_PER_STEP = 4  # input, hidden, post-attention and final RMSNorm: one fp32 rstd per token each
@@ -59,31 +59,25 @@ def _fused_loss(job: Job) -> bool:
     return job.spec.runtime == "speculators"
 
 
-def _fused_norms(job: Job) -> bool:
-    """The lean draft's RMSNorms fused with their projections, the final one inside the head, and
-    a teacher of bf16 logits (RunSpec.recompute_norms; trainer/norm_project.py)."""
-    return _lean(job) and job.spec.recompute_norms
-
-
 def _h_wide_saved(job: Job) -> int:
     """h-wide bf16 tensors a step saves: the embedding, the cat of normed embedding and hidden
     (two), the hidden after attention, the MLP input, the layer output and the final norm's
     output (7); with fused norms only the norms' inputs: embedding, hidden after attention,
     layer output (3)."""
-    return 3 if _fused_norms(job) else 7
+    return 3 if fused_norms(job) else 7
 
 
 def _norms_saved(job: Job) -> int:
     """fp32 rstds a step saves per token: one per RMSNorm, the final one's recomputed in the
     fused head."""
-    return NORMS_PER_STEP - 1 if _fused_norms(job) else NORMS_PER_STEP
+    return NORMS_PER_STEP - 1 if fused_norms(job) else NORMS_PER_STEP
 
 
 def _o_proj_input_per_token(job: Job) -> int:
     """o_proj's [B, S, H*d] input copy; with fused norms o_proj reads the kernel's output, which
     flex and sdpa keep anyway (counted with the kernel) and eager does not."""
     d = job.draft
-    if _fused_norms(job) and job.spec.attention_impl != "eager":
+    if fused_norms(job) and job.spec.attention_impl != "eager":
         return 0
     return BF16 * d.heads * d.head_dim
 
@@ -91,7 +85,7 @@ def _o_proj_input_per_token(job: Job) -> int:
 def _step_kept_per_token(job: Job) -> int:
     """What a checkpointed step keeps of its own making beside its output hidden: the final
     norm's output and rstd (none with fused norms: the head normalises the hidden itself)."""
-    return 0 if _fused_norms(job) else BF16 * job.draft.hidden + FP32
+    return 0 if fused_norms(job) else BF16 * job.draft.hidden + FP32
 
 
 def _swiglu_saved_per_token(job: Job) -> int:
@@ -185,7 +179,7 @@ def teacher_bytes(job: Job) -> int:
     B, S, L = job.spec.micro_batch, job.spec.seq, job.spec.ttt
     if job.spec.runtime == "speculators":
         return BF16 * B * S * job.draft.draft_vocab
-    per_logit = BF16 if _fused_norms(job) else FP32  # fused norms: the target's bf16 logits
+    per_logit = BF16 if fused_norms(job) else FP32  # fused norms: the target's bf16 logits
     return per_logit * B * (S + L) * job.draft.draft_vocab
 
 
@@ -229,7 +223,7 @@ def _post_attention_saved_per_token(job: Job) -> int:
     attention, the MLP input, the layer output and the final-norm output (8h), two fp32 rstds
     and the SwiGLU 8I. None of it exists yet while the step's attention runs."""
     d = job.draft
-    if _fused_norms(job):  # the hidden after attention, the layer output, the post-attention rstd
+    if fused_norms(job):  # the hidden after attention, the layer output, the post-attention rstd
         return 2 * BF16 * d.hidden + FP32 + _o_proj_input_per_token(job) + _swiglu_saved_per_token(job)
     return 4 * BF16 * d.hidden + 2 * FP32 + BF16 * d.heads * d.head_dim + _swiglu_saved_per_token(job)
 
