@@ -231,6 +231,15 @@ def test_expandable_unmaps_whole_free_pages():
     assert a.reserved == 20 * MIB
 
 
+def test_expandable_request_beyond_the_whole_range_is_an_oom():
+    # a 1 GiB device's range is 1 GiB + 1/8 = 1152 MiB of address space: 1200 MiB cannot be
+    # mapped in it even when the pages are there (the estimate first replays with room to spare)
+    a = Allocator(64 * GIB, expandable=True, device_total_bytes=GIB)
+    a.free(a.malloc(100 * MIB))  # mapped pages at the start of the range
+    with pytest.raises(AllocatorOOM):
+        a.malloc(1200 * MIB)
+
+
 def test_expandable_retry_frees_another_streams_pages():
     a = Allocator(60 * MIB, expandable=True)
     a.free(a.malloc(5 * MIB, stream=1))  # stream 1 maps one 20 MiB page, now free

@@ -34,19 +34,7 @@ def steady(measurement) -> dict[str, dict[str, int]]:
     return out
 
 
-# Measured and missed: llama-3.1-405b's draft (h 16384, I 53248) is 3.1 GiB (+2.9%) over the
-# prediction in backward. The fused norm-projection backward (trainer/norm_project.py) returns its
-# projections' weight gradients together, gate's and up's 1.6 GiB each at this width, where the
-# estimator has autograd add them one at a time; that explains about half. Kept as measured.
-KNOWN_MISSES = {"h200x1-llama-3.1-405b-l3-s2048.report.json": "backward +2.9% (fused projections' weight grads held together)"}
-
-
-def _case(path):
-    reason = KNOWN_MISSES.get(path.name)
-    return pytest.param(path, marks=pytest.mark.xfail(reason=reason, strict=True)) if reason else path
-
-
-@pytest.mark.parametrize("path", [_case(p) for p in REPORTS], ids=[p.name.split(".report")[0] for p in REPORTS])
+@pytest.mark.parametrize("path", REPORTS, ids=[p.name.split(".report")[0] for p in REPORTS])
 def test_allocated_within_2_percent_and_device_within_6(path):
     measurement = read_measurement(path)
     spec = measurement.config

@@ -83,6 +83,18 @@ def peak(job: Job) -> int:
     return estimate(job).peak_reserved_bytes
 
 
+# The device level of a one-GPU trainer job comes from the allocator replay, whose reserved bytes
+# move with the caching allocator's granularity: another sequence of the same sizes can leave a
+# 2 MiB small segment or a 20 MiB large one (or a block's rounding) more or fewer. The laws hold
+# for every allocated figure exactly (`rises`) and for the device level within this much.
+RESERVED_SLACK = 64 * 2**20
+
+
+def at_most(smaller: Job, larger: Job) -> bool:
+    """peak(smaller) <= peak(larger), within the allocator's granularity."""
+    return peak(smaller) <= peak(larger) + RESERVED_SLACK
+
+
 def with_spec(job: Job, **changes) -> Job:
     spec = job.spec.replace(**changes)
     return replace(job, spec=spec, accum=spec.accum)
@@ -132,7 +144,7 @@ def test_estimate_never_crashes_and_is_consistent(job):
 def test_more_sharding_never_costs_memory(job):
     est = {level: estimate(with_spec(job, sharding=level)) for level in SHARDING}
     assert not rises(est["zero1"], est["none"]) and not rises(est["zero3"], est["zero2"])
-    assert peak(with_spec(job, sharding="zero3")) <= peak(with_spec(job, sharding="zero2"))
+    assert at_most(with_spec(job, sharding="zero3"), with_spec(job, sharding="zero2"))
     # zero1 -> zero2 may cost the documented excess, for the Eagle3 draft only (its frozen
     # embedding is gathered but has no grads); an sft model's P/N never exceeds its G.
     assert not rises(est["zero2"], est["zero1"], slack=zero2_excess_over_zero1(job))
@@ -142,20 +154,20 @@ def test_more_sharding_never_costs_memory(job):
 @given(jobs())
 def test_smaller_micro_batch_never_costs_memory(job):
     if job.spec.micro_batch > 1:
-        assert peak(with_spec(job, micro_batch=job.spec.micro_batch - 1)) <= peak(job)
+        assert at_most(with_spec(job, micro_batch=job.spec.micro_batch - 1), job)
 
 
 @settings(max_examples=150, deadline=None)
 @given(jobs())
 def test_checkpointing_never_costs_memory(job):
-    assert peak(with_spec(job, ac=True)) <= peak(with_spec(job, ac=False))
+    assert at_most(with_spec(job, ac=True), with_spec(job, ac=False))
     assert not rises(estimate(with_spec(job, ac=True)), estimate(with_spec(job, ac=False)))
 
 
 @settings(max_examples=150, deadline=None)
 @given(jobs(), st.integers(1, 4096))
 def test_longer_sequence_never_saves_memory(job, extra):
-    assert peak(with_spec(job, seq=job.spec.seq + extra)) >= peak(job)
+    assert at_most(job, with_spec(job, seq=job.spec.seq + extra))
 
 
 # ---------------------------------------------------------------- the laws, over accepted jobs

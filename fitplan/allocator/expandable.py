@@ -53,6 +53,8 @@ def grow(alloc: Allocator, pool: BlockPool, stream: int, rounded: int) -> Block 
         return None
     while candidate.size < rounded:
         following = candidate.next
+        if following is None:  # larger than the whole virtual range (more than the device): no pages can back it
+            return None
         if not _map(alloc, pool, following, min(rounded - candidate.size, following.size)):
             return None  # pages mapped so far stay mapped, as on the device
         candidate = following

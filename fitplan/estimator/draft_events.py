@@ -402,8 +402,9 @@ def _norm_project_backward(t: Trace, state: State, step: dict[str, int], grads: 
     joined = t.alloc(width, "joined norm outputs (again)")
     t.free(*renormed)
     grad_joined = None
-    for name in projections:
-        accumulate_grad(t, state, name)
+    weight_grads = {}
+    for name in projections:  # returned together: all alive until the function returns
+        weight_grads[name] = t.alloc(state.numel[name] * state.recipe.param, f"grad of {name}")
         part = t.alloc(width, f"grad of the joined input ({name}'s)")
         if grad_joined is None:
             grad_joined = part
@@ -415,3 +416,5 @@ def _norm_project_backward(t: Trace, state: State, step: dict[str, int], grads: 
         accumulate_grad(t, state, norm)
         t.free(step.pop(rstd))
     t.free(grad_joined, *grads)
+    for name, incoming in weight_grads.items():
+        keep_grad(t, state, name, incoming)

@@ -205,7 +205,7 @@ def _loss_forward_bytes(job: Job) -> int:
     return (BF16 + FP32) * d.draft_vocab * _tokens(job)
 
 
-def _loss_backward_bytes(job: Job) -> int:
+def loss_backward_bytes(job: Job) -> int:
     """The last step's loss backward, first in backward. Fused: the hidden's gradient [T, h]
     bf16, allocated whole, and one chunk's recomputed logits and their gradient
     (HEAD_BACKWARD_BYTES_PER_LOGIT). Unfused: the fp32 gradients of the log-softmax's output and
@@ -256,8 +256,9 @@ def draft_forward_extra_bytes(job: Job) -> int:
         return _kv_lists_bytes(job) + max(tail, _eager_unsaved_bytes(job), _lean_mlp_forward_bytes(job))
     last_kv = 2 * BF16 * d.kv_heads * d.head_dim * T  # earlier steps' k/v are saved inputs already
     if job.spec.attention_impl == "eager":
+        joined_input = 0 if fused_norms(job) else 2 * BF16 * d.hidden  # fused: gone once q, k, v are made
         per_token = (10 * d.heads * job.spec.seq * L + 4 * (d.heads + d.kv_heads) * d.head_dim * L
-                     + 2 * BF16 * d.hidden + BF16 * d.heads * d.head_dim)
+                     + joined_input + BF16 * d.heads * d.head_dim)
         not_yet = _step_outputs_per_token(job) + _loss_saved_per_token(job)
         working = (per_token - not_yet) * T
     else:
@@ -322,7 +323,9 @@ def _checkpointed_mlp_bytes(job: Job) -> int:
     if not _lean(job):
         return (8 * d.intermediate + 4 * d.hidden) * _tokens(job)
     not_yet = _step_outputs_per_token(job) + _loss_saved_per_token(job)
-    return (SWIGLU_FORWARD_PER_INTERMEDIATE * d.intermediate + 4 * d.hidden - not_yet) * _tokens(job)
+    # fused norms: the normed MLP input lives only inside the norm-projection, gone by SwiGLU
+    streams = 2 * d.hidden if fused_norms(job) else 4 * d.hidden
+    return (SWIGLU_FORWARD_PER_INTERMEDIATE * d.intermediate + streams - not_yet) * _tokens(job)
 
 
 def _mlp_backward_bytes(job: Job) -> int:
@@ -359,7 +362,7 @@ def draft_backward_extra_bytes(job: Job) -> int:
     recomputed set is what the step would have saved anyway.
     """
     d, T = job.draft, _tokens(job)
-    logits_grads = _loss_backward_bytes(job)
+    logits_grads = loss_backward_bytes(job)
     released = (_post_attention_saved_per_token(job) + _loss_saved_per_token(job)) * T
     attention = _eager_backward_bytes(job) * T
     if not job.spec.ac:
@@ -382,9 +385,9 @@ def last_step_saved_bytes(job: Job) -> int:
 
 def earlier_head_backward_bytes(job: Job) -> int:
     """Beyond the saved set that is left, while step L-2's loss backward runs: its own transient
-    (`_loss_backward_bytes`), the gradient of the hidden stream coming back from step L-1 (2h)
+    (`loss_backward_bytes`), the gradient of the hidden stream coming back from step L-1 (2h)
     and the gradient of the keys and values step L-1 attended to, one tensor per step L-1's
     concatenation that its slices for the earlier steps keep whole (4*Hkv*d*L)."""
     d, T, L = job.draft, _tokens(job), job.spec.ttt
     pending = BF16 * d.hidden * T + 2 * BF16 * d.kv_heads * d.head_dim * L * T
-    return _loss_backward_bytes(job) + pending
+    return loss_backward_bytes(job) + pending

@@ -16,7 +16,7 @@ from fitplan.estimator import draft_terms, target_terms
 from fitplan.estimator.recipes import TrainedState
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
 from fitplan.estimator.timeline import Component, Timeline, merge, phase
-from fitplan.layout import Job
+from fitplan.layout import Job, fused_norms
 from fitplan.units import FP32
 
 
@@ -118,6 +118,26 @@ def earlier_head_backward(job: Job, state: TrainedState) -> dict[str, int]:
     return merge(grads, phase(activations__draft=left + draft_terms.earlier_head_backward_bytes(job)))
 
 
+def earlier_mlp_backward(job: Job, state: TrainedState) -> dict[str, int]:
+    """The MLP backward of step L-2, when the MLP's weights outweigh a step's activations (wide
+    drafts at short sequences): as at the head's instant, every unit but fc holds its grads and
+    step L-1's saved set is gone; SwiGLU's input gradients (4I per token) are alive, and the
+    weight gradients of gate and up arrive to be added to the held ones: one at a time from
+    autograd's linears, both at once from the fused norm-projection backward (trainer/
+    norm_project.py returns all its weight gradients together). Not written for checkpointed
+    steps, whose recomputation comes first (their other instants are larger)."""
+    if job.spec.ttt < 2 or state.sharded_grads() or job.spec.ac:
+        return {}
+    d, T = job.draft, job.spec.micro_batch * job.spec.seq
+    grads = backward_grads(job, state)
+    grads[Component.DRAFT_GRADS] -= draft_units(job)["fc"][0] * state.recipe.grad
+    arriving = (2 if fused_norms(job) else 1) * d.hidden * d.intermediate * state.recipe.param
+    kept = draft_terms.draft_activation_bytes(job) + draft_terms.draft_logits_bytes(job)
+    left = kept - draft_terms.last_step_saved_bytes(job)
+    working = 4 * d.intermediate * T + draft_terms.earlier_head_backward_bytes(job) - draft_terms.loss_backward_bytes(job)
+    return merge(grads, phase(draft__grads=arriving, activations__draft=left + working))
+
+
 def target_forward_instants(job: Job) -> list[dict[str, int]]:
     """What is live at the three candidate peaks of the target forward (trainer/target.py,
     trainer/loss.py make_teacher); the layers' working set and the logits never coexist:
@@ -192,6 +212,7 @@ def timeline(job: Job) -> Timeline:
             "backward": _largest_instant([
                 merge(base, opt, carried, outputs, casts_and_gather, saved, backward_extra),
                 merge(base, opt, outputs, casts_and_gather, earlier_head_backward(job, state)),
+                merge(base, opt, outputs, casts_and_gather, earlier_mlp_backward(job, state)),
                 merge(base, opt, outputs, casts_and_gather, backward_grads(job, state)),
             ]),
             "optimizer_step": merge(
