@@ -45,9 +45,9 @@ def _layout(job: Job) -> dict:
 
 
 def _replay(job: Job):
-    """fitplan's trainer on one GPU: its step replayed through the caching allocator model (None
+    """fitplan's trainer or an sft job on one GPU: its step replayed through the caching allocator model (None
     elsewhere; the model is imported only then, so other jobs start no slower)."""
-    if job.world != 1 or not runtime.runs_fitplan_trainer(job):
+    if job.world != 1 or not (runtime.runs_fitplan_trainer(job) or job.spec.workload == "sft"):
         return None
     from fitplan.estimator import replayed
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fitplan.allocator import Event
-from fitplan.estimator import draft_terms, fsdp_events, target_terms
+from fitplan.estimator import draft_terms, fsdp_events, sft_events, target_terms
 from fitplan.estimator.draft_events import draft_backward, draft_forward
 from fitplan.estimator.eagle3 import EIGHT_BIT_STEP_BYTES_PER_ELEMENT, draft_state
 from fitplan.estimator.recipes import ADAM_8BIT_BLOCK
@@ -55,19 +55,28 @@ SEVERAL_GPUS = ("several GPUs: the replayed step under-predicts the device level
                 "runs by more than 3% on 8 of 21 (up to 11.6%), so the fitted reserve is kept")
 
 
+# sft on one GPU: the sequence is written (sft_events.py); whether the estimate takes its replay
+# is decided on the measured one-GPU sft rows (docs/allocator.md, "sft").
+SFT_KEPT = None
+
+
 def unsupported(job: Job) -> str | None:
     """Why the estimate does not take this job's device level from the replay (None: it does)."""
     reason = sequence_unsupported(job)
     if reason is None and job.world > 1:
         return SEVERAL_GPUS
+    if reason is None and job.spec.workload == "sft":
+        return SFT_KEPT
     return reason
 
 
 def sequence_unsupported(job: Job) -> str | None:
     """Why the step's sequence is not written for this job (None: it is)."""
     spec = job.spec
+    if spec.workload == "sft":
+        return sft_events.unsupported(job)
     if not runs_fitplan_trainer(job):
-        return "only fitplan's Eagle3 trainer is modelled"
+        return "only fitplan's Eagle3 trainer and sft are modelled"
     if job.world > 1:
         reason = _sharded_unsupported(job)
         if reason:
@@ -439,6 +448,8 @@ def micro_steps(job: Job) -> int:
 
 def build(job: Job) -> StepEvents:
     """Load, step 1 and a steady step of `job` (sequence_unsupported(job) must be None)."""
+    if job.spec.workload == "sft":
+        return sft_events.build(job)
     reason = sequence_unsupported(job)
     if reason:
         raise ValueError(reason)

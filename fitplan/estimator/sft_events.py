@@ -1,0 +1,276 @@
+"""The ordered allocations and frees of the sft trainer on one GPU (trainer/sft_step.py): load,
+step 1 and a steady step, written from the estimator's sft terms (sft.py, sft_terms.py,
+recipes.py) the way step_events.py writes the Eagle3 trainer's.
+
+- load (build_model, build_optimizer): the model's weights in module order (embedding, each
+  decoder layer, final norm, untied lm_head), the cuBLAS workspace, `mixed`'s fp32 masters;
+- forward (transformers' decoder, the model's own loss on `labels`): ids, rotary tables, then
+  each layer: without checkpointing its saved tensors, kept; with it its working set made and
+  dropped (checkpoint saves nothing inside) and its output kept as the next layer's saved input;
+  the final norm, then the loss: bf16 logits, their fp32 upcast, the fp32 log-softmax
+  cross_entropy saves (only that one survives the forward);
+- backward: the loss's two fp32 gradients beside the saved log-softmax (sft_terms'
+  backward_logits_bytes), the bf16 one into lm_head, then the layers in reverse: the layer's
+  saved tensors (recomputed under checkpointing), its gradient working set and its parameters'
+  gradients (bf16, or into fp32 master gradients in `mixed`), freed layer by layer;
+- optimizer step (torch's fused AdamW, or trainer/optim.py MasterWeightAdamW): step 1 makes the
+  moments (and bf16-master's masters), bf16-master copies every grad to fp32 for the step,
+  zero_grad(set_to_none) frees the grads.
+
+Tensors the estimator does not count (the residual stream between layers, labels' padding, the
+small grads flowing between layers) are left out, so the live bytes at each phase's peak are the
+phase's sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fitplan.estimator import sft_terms
+from fitplan.estimator.recipes import TrainedState
+from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
+from fitplan.estimator.step_trace import Trace
+from fitplan.layout import Job
+from fitplan.shapes import count_params, embedding_params, lm_head_params
+from fitplan.units import BF16, FP32
+
+INT64 = sft_terms.INT64
+
+
+def unsupported(job: Job) -> str | None:
+    """Why the sft step's sequence is not written for this job (None: it is)."""
+    spec, m = job.spec, job.model
+    if job.world > 1 or job.tp > 1:
+        return "sft on several GPUs is not modelled (one GPU is)"
+    if m.is_moe or m.mla_attention_params is not None:
+        return "sft of MoE or latent-attention models is not modelled (dense decoders are)"
+    if spec.offload != "none":
+        return "sft with offload is not modelled"
+    if spec.optimizer != "adamw":
+        return f"sft with optimizer {spec.optimizer} is not modelled (adamw is)"
+    return None
+
+
+# ------------------------------------------------------------------ sizes
+
+
+def layer_param_elements(job: Job) -> list[tuple[str, int]]:
+    """One decoder layer's parameters (name, elements) in module order; norms, q/k norms and
+    biases as one small tensor holding what count_params gives the layer beyond the matrices."""
+    m = job.model
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    mats = [("q_proj", m.hidden * q), ("k_proj", m.hidden * kv), ("v_proj", m.hidden * kv), ("o_proj", q * m.hidden),
+            ("gate_proj", m.hidden * m.intermediate), ("up_proj", m.hidden * m.intermediate),
+            ("down_proj", m.intermediate * m.hidden)]
+    root = embedding_params(m) + lm_head_params(m) + m.hidden
+    per_layer = (count_params(m).total - root) // m.layers
+    return mats + [("norms and biases", per_layer - sum(n for _, n in mats))]
+
+
+def parameters(job: Job) -> list[tuple[str, int]]:
+    """The model's parameters (name, elements) in creation order; the layers' remainder of the
+    integer division goes to the final norm, so the sum is count_params' total."""
+    m = job.model
+    layers = [(f"layers.{i}.{name}", n) for i in range(m.layers) for name, n in layer_param_elements(job)]
+    head = [("lm_head", lm_head_params(m))] if lm_head_params(m) else []
+    listed = embedding_params(m) + sum(n for _, n in layers) + sum(n for _, n in head)
+    return [("embed_tokens", embedding_params(m))] + layers + [("norm", count_params(m).total - listed)] + head
+
+
+def layer_saved_tensors(job: Job) -> list[tuple[str, int]]:
+    """What one layer saves for backward (sft_terms.layer_saved_bytes_per_token), as tensors over
+    the micro-batch's tokens; the per-head norms, lse and rstd ride with their neighbours."""
+    m, T = job.model, job.spec.micro_batch * job.spec.seq
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    parts = [("input norm fp32", 4 * m.hidden), ("input norm normed", 2 * m.hidden), ("input norm out", 2 * m.hidden),
+             ("q", BF16 * q), ("k", BF16 * kv), ("v", BF16 * kv), ("attention out", BF16 * q),
+             ("post norm fp32", 4 * m.hidden), ("post norm normed", 2 * m.hidden), ("post norm out", 2 * m.hidden)]
+    parts += [(name, BF16 * sft_terms._mlp_width(job)) for name in ("gate", "silu", "up", "product")]
+    rest = sft_terms.layer_saved_bytes_per_token(job) - sum(n for _, n in parts)
+    parts[6] = ("attention out, lse, rstd, q/k norms", parts[6][1] + rest)
+    return [(name, n * T) for name, n in parts]
+
+
+def layer_grad_tensors(job: Job) -> list[tuple[str, int]]:
+    """Gradients flowing through one layer's backward (sft_terms.layer_grad_working_bytes)."""
+    m, T = job.model, job.spec.micro_batch * job.spec.seq
+    width, qd = sft_terms._mlp_width(job), m.heads * m.head_dim
+    parts = [(f"grad {name}", width) for name in ("gate", "up", "product")]
+    parts += [(f"grad {name}", qd) for name in ("q", "k", "v", "attention out")]
+    parts += [("grad hidden", m.hidden), ("grad normed", m.hidden)]
+    return [(name, BF16 * T * n) for name, n in parts]
+
+
+def once_tensors(job: Job) -> list[tuple[str, int]]:
+    """Per micro-step, once per model (sft_terms.activation_bytes' `once`): ids and labels, the
+    rotary cos and sin."""
+    m, T, S = job.model, job.spec.micro_batch * job.spec.seq, job.spec.seq
+    return [("input ids", INT64 * T), ("labels", INT64 * T), ("rotary cos", BF16 * S * m.head_dim),
+            ("rotary sin", BF16 * S * m.head_dim)]
+
+
+def final_norm_tensors(job: Job) -> list[tuple[str, int]]:
+    h, T = job.model.hidden, job.spec.micro_batch * job.spec.seq
+    return [("final norm fp32, rstd", (4 * h + FP32) * T), ("final norm normed", 2 * h * T), ("final norm out", 2 * h * T)]
+
+
+# ------------------------------------------------------------------ state
+
+
+@dataclass
+class SftState:
+    job: Job
+    trained: TrainedState
+    params: list[tuple[str, int]]
+    grads: dict[str, int] = field(default_factory=dict)  # parameter -> key of its (fp32 in `mixed`) grad
+    masters: list[int] = field(default_factory=list)
+    moments: list[int] = field(default_factory=list)
+
+    @property
+    def recipe(self):
+        return self.trained.recipe
+
+    @property
+    def layer_params(self) -> dict[int, list[tuple[str, int]]]:
+        out: dict[int, list[tuple[str, int]]] = {}
+        for name, n in self.params:
+            if name.startswith("layers."):
+                out.setdefault(int(name.split(".")[1]), []).append((name, n))
+        return out
+
+
+def accumulate(t: Trace, state: SftState, name: str, n: int) -> None:
+    """AccumulateGrad: the first gradient is kept (`mixed`: added into a new fp32 master grad by
+    the post-accumulate hook, the bf16 one dropped), later ones are added and freed."""
+    incoming = t.alloc(n * state.recipe.param, f"grad of {name}")
+    if name in state.grads:
+        t.free(incoming)
+    elif state.job.spec.precision == "mixed":
+        state.grads[name] = t.alloc(FP32 * n, f"fp32 grad of {name}")
+        t.free(incoming)
+    else:
+        state.grads[name] = incoming
+
+
+# ------------------------------------------------------------------ phases
+
+
+def load(t: Trace, state: SftState) -> None:
+    for name, n in state.params:
+        t.alloc(n * state.recipe.param, name)
+    t.alloc(CUBLAS_WORKSPACE_BYTES, "cuBLAS workspace")
+    if state.recipe.master and not state.recipe.lazy_master:
+        state.masters = [t.alloc(FP32 * n, f"master {name}") for name, n in state.params]
+
+
+@dataclass
+class Saved:
+    once: list[int]
+    layers: list[list[int]]  # per layer: its saved tensors (checkpointing: its input only)
+    final_norm: list[int]
+    casts: list[int]
+    log_softmax: int | None = None
+
+
+def _allocs(t: Trace, tensors: list[tuple[str, int]], prefix: str = "") -> list[int]:
+    return [t.alloc(n, prefix + name) for name, n in tensors]
+
+
+def _casts(t: Trace, state: SftState, names: list[str]) -> list[int]:
+    """autocast's bf16 copies of fp32 weights as the forward reaches them, held until backward
+    ends (the estimator's model.params casts: every trainable parameter)."""
+    numel = dict(state.params)
+    return [t.alloc(numel[name] * state.recipe.cast, f"bf16 cast of {name}") for name in names]
+
+
+def forward(t: Trace, state: SftState) -> Saved:
+    job = state.job
+    m, T = job.model, job.spec.micro_batch * job.spec.seq
+    row = BF16 * m.hidden * T
+    saved = Saved(_allocs(t, once_tensors(job)), [], [], [])
+    params = dict(state.params)
+    saved.casts += _casts(t, state, ["embed_tokens"])
+    hidden = t.alloc(row, "embedding output") if job.spec.ac else None
+    for i, layer in sorted(state.layer_params.items()):
+        saved.casts += _casts(t, state, [name for name, _ in layer])
+        if job.spec.ac:
+            t.free(*_allocs(t, layer_saved_tensors(job), f"layer {i} (not kept) "))
+            saved.layers.append([hidden])
+            hidden = t.alloc(row, f"layer {i} output") if i < m.layers - 1 else None
+        else:
+            saved.layers.append(_allocs(t, layer_saved_tensors(job), f"layer {i} "))
+    last = t.alloc(row, "last layer output") if job.spec.ac else None
+    saved.final_norm = _allocs(t, final_norm_tensors(job))
+    t.free(last)
+    saved.casts += _casts(t, state, [name for name in ("norm", "lm_head") if name in params])
+    logits = t.alloc(BF16 * T * m.vocab, "logits [B*S, V] bf16")
+    upcast = t.alloc(FP32 * T * m.vocab, "logits fp32")
+    saved.log_softmax = t.alloc(FP32 * T * m.vocab, "log-softmax fp32")
+    t.free(logits, upcast)
+    return saved
+
+
+def backward(t: Trace, state: SftState, saved: Saved) -> None:
+    job = state.job
+    m, T = job.model, job.spec.micro_batch * job.spec.seq
+    entries = T * m.vocab
+    grad_out = t.alloc(FP32 * entries, "grad of log-softmax output")
+    grad_in = t.alloc(FP32 * entries, "grad of logits fp32")
+    t.free(saved.log_softmax, grad_out)
+    grad_bf16 = t.alloc(BF16 * entries, "grad of logits bf16")
+    t.free(grad_in)
+    head = "lm_head" if lm_head_params(m) else "embed_tokens"
+    accumulate(t, state, head, m.vocab * m.hidden)
+    t.free(grad_bf16)
+    t.free(*saved.final_norm)
+    accumulate(t, state, "norm", dict(state.params)["norm"])
+    layer_params = state.layer_params
+    for i in reversed(range(m.layers)):
+        recomputed = _allocs(t, layer_saved_tensors(job), f"layer {i} recomputed ") if job.spec.ac else []
+        working = _allocs(t, layer_grad_tensors(job))
+        for name, n in layer_params[i]:
+            accumulate(t, state, name, n)
+        if i == 0 and head != "embed_tokens":
+            # the estimator's end-of-backward instant holds every grad beside the first layer's
+            # working set: the embedding's gradient is counted there
+            accumulate(t, state, "embed_tokens", m.vocab * m.hidden)
+        t.free(*working, *recomputed, *saved.layers[i])
+    t.free(*saved.once, *saved.casts)
+
+
+def optimizer_step(t: Trace, state: SftState, first: bool) -> None:
+    """MasterWeightAdamW (mixed, bf16-master) or torch's fused AdamW: moments made in step 1 for
+    every tensor, then one kernel; zero_grad(set_to_none) frees the grads."""
+    recipe = state.recipe
+    if first and recipe.master and not state.masters:
+        state.masters = [t.alloc(FP32 * n, f"master {name}") for name, n in state.params]
+    copies = [t.alloc(FP32 * n, f"fp32 grad copy {name}") for name, n in state.params] if recipe.grad_copy else []
+    if first:
+        per_moment = recipe.moments // 2
+        state.moments = [t.alloc(per_moment * n, f"{moment} {name}") for name, n in state.params
+                         for moment in ("exp_avg", "exp_avg_sq")]
+    t.free(*copies)
+    t.free(*state.grads.values())
+    state.grads.clear()
+
+
+def build(job: Job):
+    """Load, step 1 and a steady step of an sft `job` (unsupported(job) must be None)."""
+    from fitplan.estimator.step_events import StepEvents, _phases, micro_steps
+
+    reason = unsupported(job)
+    if reason:
+        raise ValueError(reason)
+    state = SftState(job, TrainedState(job.spec, count_params(job.model).total, 0, 1), parameters(job))
+    t = Trace()
+    t.begin("load")
+    load(t, state)
+    for label in ("step1", "steady"):
+        for _ in range(micro_steps(job)):
+            t.begin(f"{label}.forward")
+            saved = forward(t, state)
+            t.begin(f"{label}.backward")
+            backward(t, state, saved)
+        t.begin(f"{label}.optimizer_step")
+        optimizer_step(t, state, first=label == "step1")
+    return StepEvents(tuple(t.events), t.names, _phases(t))

@@ -1,0 +1,98 @@
+"""The one-GPU sft step as ordered allocations (fitplan/estimator/sft_events.py).
+
+- Consistency: the sequence is written from the estimator's sft terms, so the most bytes live at
+  once in each phase is that phase's sum (backward may add parameter gradients, as for eagle3).
+- Sizes of single tensors by hand from the models' shapes.
+- Everything not persistent is freed by the end of the step.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fitplan.config import RunSpec
+from fitplan.estimator import estimate, sft_events, step_events
+from fitplan.layout import resolve
+
+
+def job(**kw):
+    return resolve(RunSpec(**{"model": "llama-3.1-8b", "gpus": "1xH200", "workload": "sft", "seq": 2048,
+                              "micro_batch": 1, "ac": True, "precision": "bf16", **kw}))
+
+
+def phase_total(est, label: str) -> int:
+    if label == "load":
+        return est.phase_allocated("load")
+    when, phase = label.split(".")
+    return est.phase_allocated(phase, step1=when == "step1")
+
+
+CASES = [
+    {},
+    {"ac": False},
+    {"micro_batch": 4},
+    {"ac": False, "micro_batch": 4, "seq": 1024},
+    {"precision": "bf16-master"},
+    {"precision": "mixed"},
+    {"precision": "fp32-autocast"},
+    {"precision": "fp32-autocast", "ac": False},
+    {"model": "qwen3-8b", "seq": 8192},
+    {"model": "qwen3-8b", "micro_batch": 4, "seq": 6912},
+    {"model": "qwen3-8b", "ac": False, "seq": 1024},
+    {"model": "qwen3-8b", "precision": "mixed", "micro_batch": 4},
+    {"model": "qwen3-8b", "micro_batch": 4, "seq": 10752, "expandable_segments": True},
+    {"seq": 512},  # few tokens: backward's peak is its end (all grads), not its start (the loss)
+    {"global_batch": 3, "seq": 1024},  # three micro-steps: grads carried between them
+]
+
+
+@pytest.mark.parametrize("kw", CASES, ids=[",".join(f"{k}={v}" for k, v in kw.items()) or "default" for kw in CASES])
+def test_live_bytes_at_each_phase_peak_are_the_estimators_phase_sum(kw):
+    j = job(**kw)
+    est, built = estimate(j), step_events.build(j)
+    grads = est.phases["optimizer_step"].get("model.grads", 0)
+    for label, live in built.live_peaks().items():
+        total = phase_total(est, label)
+        if label.endswith("backward"):
+            assert total * 0.99 <= live <= total * 1.01 + grads, (label, live / total - 1)
+        else:
+            assert abs(live - total) <= 0.01 * total, (label, live / total - 1)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "mixed", "bf16-master", "fp32-autocast"])
+def test_what_outlives_the_step_is_weights_and_optimizer_state(precision):
+    j = job(precision=precision)
+    sizes: dict = {}
+    for event in step_events.build(j).events:
+        if event.op == "alloc":
+            sizes[event.key] = event.size
+        else:
+            del sizes[event.key]
+    assert sum(sizes.values()) == estimate(j).phase_allocated("checkpoint")
+
+
+def test_parameters_by_hand():
+    # llama-3.1-8b: h 4096, I 14336, 32 layers, 32 heads of 128, 8 KV heads, vocab 128256, untied
+    params = dict(sft_events.parameters(job()))
+    assert params["embed_tokens"] == params["lm_head"] == 128256 * 4096 == 525_336_576
+    assert params["layers.0.q_proj"] == 4096 * 4096
+    assert params["layers.0.k_proj"] == 4096 * 1024
+    assert params["layers.0.gate_proj"] == 4096 * 14336 == 58_720_256
+    assert params["layers.0.norms and biases"] == 2 * 4096  # two RMSNorms, no biases
+    # Meta's published count for Llama 3.1 8B: 8,030,261,248 parameters
+    assert sum(n for _, n in sft_events.parameters(job())) == 8_030_261_248
+
+
+def test_loss_tensors_by_hand():
+    # seq 2048, batch 1, vocab 128256: bf16 logits 2 x 2048 x 128256 = 525,336,576 B
+    j = job()
+    built = step_events.build(j)
+    sizes = {built.names[e.key]: e.size for e in built.events if e.op == "alloc"}
+    assert sizes["logits [B*S, V] bf16"] == 525_336_576
+    assert sizes["log-softmax fp32"] == sizes["grad of log-softmax output"] == 1_050_673_152
+
+
+def test_not_written_for_what_it_does_not_model():
+    assert "several GPUs" in step_events.sequence_unsupported(
+        resolve(RunSpec(model="llama-3.1-8b", gpus="2xH200", workload="sft", seq=2048, sharding="zero2")))
+    assert "optimizer" in step_events.sequence_unsupported(job(optimizer="adamw-8bit"))
