@@ -101,6 +101,14 @@ def layer_grad_tensors(job: Job) -> list[tuple[str, int]]:
     return [(name, BF16 * T * n) for name, n in parts]
 
 
+# One layer's backward in the order autograd runs it (the forward reversed): each matrix's input
+# gradient, then its weight's gradient, so the weight gradients that outlive the layer sit
+# between the working tensors it frees (the allocator places them in the same segments).
+LAYER_BACKWARD = ("grad product", "down_proj", "grad up", "grad gate", "up_proj", "grad hidden", "gate_proj",
+                  "grad attention out", "o_proj", "grad q", "grad k", "grad v", "v_proj", "k_proj", "q_proj",
+                  "grad normed", "norms and biases")
+
+
 def once_tensors(job: Job) -> list[tuple[str, int]]:
     """Per micro-step, once per model (sft_terms.activation_bytes' `once`): ids and labels, the
     rotary cos and sin."""
@@ -227,15 +235,27 @@ def backward(t: Trace, state: SftState, saved: Saved) -> None:
     layer_params = state.layer_params
     for i in reversed(range(m.layers)):
         recomputed = _allocs(t, layer_saved_tensors(job), f"layer {i} recomputed ") if job.spec.ac else []
-        working = _allocs(t, layer_grad_tensors(job))
-        for name, n in layer_params[i]:
-            accumulate(t, state, name, n)
+        working = _layer_backward(t, state, i, layer_params[i])
         if i == 0 and head != "embed_tokens":
             # the estimator's end-of-backward instant holds every grad beside the first layer's
             # working set: the embedding's gradient is counted there
             accumulate(t, state, "embed_tokens", m.vocab * m.hidden)
         t.free(*working, *recomputed, *saved.layers[i])
     t.free(*saved.once, *saved.casts)
+
+
+def _layer_backward(t: Trace, state: SftState, i: int, params: list[tuple[str, int]]) -> list[int]:
+    """Layer i's gradient working set and its weights' gradients, in LAYER_BACKWARD's order; the
+    working set stays live to the layer's end (the estimator's instant); returns its keys."""
+    grads = {name.split(".", 2)[2]: (name, n) for name, n in params}
+    working = dict(layer_grad_tensors(state.job))
+    keys = []
+    for name in LAYER_BACKWARD:
+        if name in working:
+            keys.append(t.alloc(working[name], f"layer {i} {name}"))
+        else:
+            accumulate(t, state, *grads[name])
+    return keys
 
 
 def optimizer_step(t: Trace, state: SftState, first: bool) -> None:

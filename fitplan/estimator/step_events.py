@@ -57,7 +57,7 @@ SEVERAL_GPUS = ("several GPUs: the replayed step under-predicts the device level
 
 # sft on one GPU: the sequence is written (sft_events.py); whether the estimate takes its replay
 # is decided on the measured one-GPU sft rows (docs/allocator.md, "sft").
-SFT_KEPT = None
+SFT_KEPT = "sft: the replay is not yet validated against the measured one-GPU sft rows"
 
 
 def unsupported(job: Job) -> str | None:

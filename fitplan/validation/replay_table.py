@@ -100,21 +100,22 @@ def report_rows(kind: str, data: Path = DATA) -> list[Compared]:
     return out
 
 
-def matrix_rows(data: Path = DATA) -> list[Compared]:
-    """One-GPU Eagle3 rows of the validation matrix (each row's latest result; busy GPUs set aside)."""
+def matrix_rows(data: Path = DATA, workload: str = "eagle3", written: bool = False) -> list[Compared]:
+    """One-GPU rows of the validation matrix for `workload` (each row's latest result; busy GPUs
+    set aside); `written` as in compare."""
     from fitplan.validation.report import load_results
     from fitplan.validation.repredict import spec_of
 
     frame = load_results(data / "validation")
     out = []
     for record in frame.to_dict("records"):
-        if record.get("world") != 1 or record.get("workload") != "eagle3" or record["status"] not in ("ran", "oom"):
+        if record.get("world") != 1 or record.get("workload") != workload or record["status"] not in ("ran", "oom"):
             continue
         spec = spec_of(record)
         if spec is None:
             continue
         out.append(compare(resolve(spec), record["name"], record["status"],
-                           _bytes(record.get("meas_reserved")), _bytes(record.get("meas_device"))))
+                           _bytes(record.get("meas_reserved")), _bytes(record.get("meas_device")), written))
     return out
 
 
@@ -232,6 +233,8 @@ def main() -> None:
         print(f"### One-GPU trainer reports, {kind} draft\n\n{reports_table(rows)}\n\n{summary(rows)}\n")
     rows = matrix_rows()
     print(f"### One-GPU Eagle3 rows of the validation matrix (plain draft)\n\n{matrix_table(rows)}\n\n{summary(rows)}\n")
+    rows = matrix_rows(workload="sft", written=True)
+    print(f"### One-GPU sft rows of the validation matrix (trainer/sft_step.py)\n\n{matrix_table(rows)}\n\n{summary(rows)}\n")
     rows = multi_rows()
     print(f"### Several GPUs (FSDP2 zero2 draft, TP target; the estimate keeps the fitted reserve)\n\n"
           f"{matrix_table(rows)}\n\n{summary(rows)}\n")
