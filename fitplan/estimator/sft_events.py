@@ -191,6 +191,52 @@ def _casts(t: Trace, state: SftState, names: list[str]) -> list[int]:
     return [t.alloc(numel[name] * state.recipe.cast, f"bf16 cast of {name}") for name in names]
 
 
+def _rms_norm(t: Trace, job: Job, name: str) -> int:
+    """transformers' RMSNorm without saving: the fp32 upcast, its square (for the mean), the
+    normalized fp32, its bf16 cast and the weight's product, each dropped after its one use."""
+    h, T = job.model.hidden, job.spec.micro_batch * job.spec.seq
+    upcast = t.alloc(FP32 * h * T, f"{name} fp32")
+    t.free(t.alloc(FP32 * h * T, f"{name} squared"))
+    normed = t.alloc(FP32 * h * T, f"{name} normalized fp32")
+    t.free(upcast)
+    cast = t.alloc(BF16 * h * T, f"{name} normalized bf16")
+    t.free(normed)
+    out = t.alloc(BF16 * h * T, f"{name} output")
+    t.free(cast)
+    return out
+
+
+def _checkpointed_layer(t: Trace, job: Job, i: int, layer_input: int | None) -> int:
+    """Layer i under checkpointing (nothing saved inside): its tensors freed after their last
+    use; returns its output [T, h] (the next layer's saved input). The layer input stays (the
+    checkpoint keeps it)."""
+    m, T = job.model, job.spec.micro_batch * job.spec.seq
+    q, kv, row, wide = BF16 * T * m.heads * m.head_dim, BF16 * T * m.kv_heads * m.head_dim, BF16 * m.hidden * T, \
+        BF16 * T * sft_terms._mlp_width(job)
+    normed = _rms_norm(t, job, f"layer {i} input norm")
+    qkv = [t.alloc(n, f"layer {i} {name}") for name, n in (("q", q), ("k", kv), ("v", kv))]
+    t.free(normed)
+    roped = [t.alloc(n, f"layer {i} roped {name}") for name, n in (("q", q), ("k", kv))]
+    t.free(qkv[0], qkv[1])
+    attention = t.alloc(q, f"layer {i} attention out")
+    t.free(*roped, qkv[2])
+    projected = t.alloc(row, f"layer {i} o_proj out")
+    t.free(attention)
+    mid = t.alloc(row, f"layer {i} residual after attention")
+    t.free(projected)
+    normed = _rms_norm(t, job, f"layer {i} post norm")
+    gate, up = t.alloc(wide, f"layer {i} gate"), t.alloc(wide, f"layer {i} up")
+    act = t.alloc(wide, f"layer {i} silu")
+    t.free(gate)
+    product = t.alloc(wide, f"layer {i} product")
+    t.free(act, up, normed)
+    down = t.alloc(row, f"layer {i} down out")
+    t.free(product)
+    out = t.alloc(row, f"layer {i} output")
+    t.free(down, mid)
+    return out
+
+
 def forward(t: Trace, state: SftState) -> Saved:
     job = state.job
     m, T = job.model, job.spec.micro_batch * job.spec.seq
@@ -202,12 +248,11 @@ def forward(t: Trace, state: SftState) -> Saved:
     for i, layer in sorted(state.layer_params.items()):
         saved.casts += _casts(t, state, [name for name, _ in layer])
         if job.spec.ac:
-            t.free(*_allocs(t, layer_saved_tensors(job), f"layer {i} (not kept) "))
             saved.layers.append([hidden])
-            hidden = t.alloc(row, f"layer {i} output") if i < m.layers - 1 else None
+            hidden = _checkpointed_layer(t, job, i, hidden)
         else:
             saved.layers.append(_allocs(t, layer_saved_tensors(job), f"layer {i} "))
-    last = t.alloc(row, "last layer output") if job.spec.ac else None
+    last = hidden
     saved.final_norm = _allocs(t, final_norm_tensors(job))
     t.free(last)
     saved.casts += _casts(t, state, [name for name in ("norm", "lm_head") if name in params])
@@ -234,7 +279,7 @@ def backward(t: Trace, state: SftState, saved: Saved) -> None:
     accumulate(t, state, "norm", dict(state.params)["norm"])
     layer_params = state.layer_params
     for i in reversed(range(m.layers)):
-        recomputed = _allocs(t, layer_saved_tensors(job), f"layer {i} recomputed ") if job.spec.ac else []
+        recomputed = _recompute(t, job, i) if job.spec.ac else []
         working = _layer_backward(t, state, i, layer_params[i])
         if i == 0 and head != "embed_tokens":
             # the estimator's end-of-backward instant holds every grad beside the first layer's
@@ -242,6 +287,40 @@ def backward(t: Trace, state: SftState, saved: Saved) -> None:
             accumulate(t, state, "embed_tokens", m.vocab * m.hidden)
         t.free(*working, *recomputed, *saved.layers[i])
     t.free(*saved.once, *saved.casts)
+
+
+def _recompute(t: Trace, job: Job, i: int) -> list[int]:
+    """Checkpointing's recomputation of layer i (non-reentrant, stopping once down_proj's input,
+    the last tensor its backward needs, is saved): the saved tensors (layer_saved_tensors) in the
+    order the forward makes them, with the tensors it makes and drops between them (the norms'
+    squares and fp32 products, q and k before rotary, o_proj's output, the residual after
+    attention); returns the saved ones."""
+    m, T = job.model, job.spec.micro_batch * job.spec.seq
+    saved, row = dict(layer_saved_tensors(job)), BF16 * m.hidden * T
+
+    def keep(name: str) -> int:
+        return t.alloc(saved[name], f"layer {i} recomputed {name}")
+
+    def norm(name: str) -> list[int]:
+        upcast = keep(f"{name} fp32")
+        t.free(t.alloc(2 * row, f"layer {i} {name} squared"))
+        product = t.alloc(2 * row, f"layer {i} {name} normalized fp32")
+        cast = keep(f"{name} normed")
+        t.free(product)
+        return [upcast, cast, keep(f"{name} out")]
+
+    kept = norm("input norm")
+    before_rotary = [t.alloc(BF16 * T * n * m.head_dim, f"layer {i} {name} before rotary")
+                     for name, n in (("q", m.heads), ("k", m.kv_heads))]
+    kept += [keep("v"), keep("q"), keep("k")]
+    t.free(*before_rotary)
+    kept.append(keep("attention out, lse, rstd, q/k norms"))
+    projected = t.alloc(row, f"layer {i} o_proj out")
+    mid = t.alloc(row, f"layer {i} residual after attention")
+    t.free(projected)
+    kept += norm("post norm") + [keep("gate"), keep("up"), keep("silu"), keep("product")]
+    t.free(mid)
+    return kept
 
 
 def _layer_backward(t: Trace, state: SftState, i: int, params: list[tuple[str, int]]) -> list[int]:
