@@ -3,8 +3,8 @@
     python -m fitplan.validation.replay_table
 
 For every committed one-GPU report of the trainer (tests/data/gpu/lean, knobs, profiles) and
-every one-GPU Eagle3 row of the validation matrix (tests/data/gpu/validation, the latest result
-of each row): the peak reserved and device level the estimator predicts with the step replayed
+every one-GPU Eagle3 and sft row of the validation matrix (tests/data/gpu/validation, the latest
+result of each row): the peak reserved and device level the estimator predicts with the step replayed
 through the caching allocator model (fitplan/estimator/replayed.py) and with the fitted reserve
 it used before (runtime.allocator_reserve_bytes), against what was measured, and the verdict of
 each against what happened. Prints markdown.
@@ -234,7 +234,7 @@ def main() -> None:
     rows = matrix_rows()
     print(f"### One-GPU Eagle3 rows of the validation matrix (plain draft)\n\n{matrix_table(rows)}\n\n{summary(rows)}\n")
     rows = matrix_rows(workload="sft", written=True)
-    print(f"### One-GPU sft rows of the validation matrix (trainer/sft_step.py)\n\n{matrix_table(rows)}\n\n{summary(rows)}\n")
+    print(f"### One-GPU sft rows of the validation matrix (trainer/sft_step.py; the estimate keeps the fitted reserve)\n\n{matrix_table(rows)}\n\n{summary(rows)}\n")
     rows = multi_rows()
     print(f"### Several GPUs (FSDP2 zero2 draft, TP target; the estimate keeps the fitted reserve)\n\n"
           f"{matrix_table(rows)}\n\n{summary(rows)}\n")
