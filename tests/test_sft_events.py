@@ -96,3 +96,23 @@ def test_not_written_for_what_it_does_not_model():
     assert "several GPUs" in step_events.sequence_unsupported(
         resolve(RunSpec(model="llama-3.1-8b", gpus="2xH200", workload="sft", seq=2048, sharding="zero2")))
     assert "optimizer" in step_events.sequence_unsupported(job(optimizer="adamw-8bit"))
+
+
+def test_sft_keeps_the_fitted_reserve_until_its_replay_is_validated():
+    j = job()
+    assert step_events.sequence_unsupported(j) is None  # the sequence is written...
+    assert step_events.unsupported(j) == step_events.SFT_KEPT  # ...but the estimate does not take it
+    assert estimate(j).replay is None
+
+
+def test_the_written_replay_calls_every_measured_sft_oom_oom():
+    """The matrix's one-GPU sft rows that OOMed on the GPU (qwen3-8b b4 at s8960, s10752, s12032,
+    with and without expandable segments): the replay of the written step must not say `fits`."""
+    from pathlib import Path
+
+    from fitplan.validation import replay_table
+
+    rows = replay_table.matrix_rows(Path(__file__).parent / "data" / "gpu", workload="sft", written=True)
+    ooms = [r for r in rows if r.outcome == "oom"]
+    assert len(ooms) == 4
+    assert [r.name for r in ooms if r.replayed.fits] == []
