@@ -529,11 +529,10 @@ def fitplan_draft_step(draft, optimizer, aux, ids, teacher, ttt: int, *, schedul
     emptied after backward, where train_step deletes it, so the caller's reference holds nothing
     through the optimizer phase. Returns the loss."""
     from trainer import optim
-    from trainer.loss import unroll_loss
 
     phase = phase or (lambda name: contextlib.nullcontext())
     with phase("forward"), optim.autocast(precision, aux.device):
-        loss, _ = unroll_loss(draft.unroll(aux, ids, ttt), draft, teacher)
+        loss, _ = draft(aux, ids, ttt, teacher)
     with phase("backward"):
         loss.backward()
     value = float(loss.detach())

@@ -100,8 +100,7 @@ class RunSpec:
     """fitplan runtime, lean draft: each RMSNorm's output (and o_proj's [B, S, H*d] input) is
     made again in backward instead of kept, the final norm inside the fused head, and the
     teacher is held as the target's bf16 logits over the draft vocab (softmax per chunk) instead
-    of fp32 probabilities. false: kept, and an fp32 teacher, as the first lean draft (its reports).
-    One GPU: on several the draft runs that first layout (fitplan.layout.fused_norms)."""
+    of fp32 probabilities. false: kept, and an fp32 teacher, as the first lean draft (its reports)."""
 
     def __post_init__(self) -> None:
         validate(self)

@@ -307,8 +307,6 @@ def resolve(spec: RunSpec) -> Job:
 
 def fused_norms(job: Job) -> bool:
     """Whether fitplan's lean draft runs its norms fused with their projections (RunSpec
-    recompute_norms, trainer/norm_project.py). One GPU only: the fused head uses the final norm's
-    weight inside the lm_head's call, which FSDP2 gathers only for the norm's own unit, so on
-    several GPUs the draft keeps the first lean layout (norm outputs kept, an fp32 teacher)."""
+    recompute_norms, trainer/norm_project.py)."""
     spec = job.spec
-    return spec.runtime == "fitplan" and spec.draft_memory == "lean" and spec.recompute_norms and job.world == 1
+    return spec.runtime == "fitplan" and spec.draft_memory == "lean" and spec.recompute_norms

@@ -317,6 +317,16 @@ class Eagle3Draft(nn.Module):
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab, dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(cfg.vocab, dtype=torch.bool))
 
+    def forward(self, aux: torch.Tensor, input_ids: torch.Tensor, ttt: int, teacher):
+        """(weighted loss over the unroll, per-step top-1 accuracy) against `teacher`.
+
+        The training step enters the draft here, so that a sharded draft's root runs its FSDP
+        hooks first (its units, the final norm grouped with the lm_head, then gather and reduce
+        under it)."""
+        from trainer.loss import unroll_loss
+
+        return unroll_loss(self.unroll(aux, input_ids, ttt), self, teacher)
+
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

@@ -33,12 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from fitplan.errors import FitplanError
-from fitplan.layout import fused_norms
 from fitplan.layout import Job, resolve
 from fitplan.records import write_measurement
 from trainer import checkpoint, compare, data, features, optim, parallel, vocab
 from trainer.draft import DraftConfig, Eagle3Draft
-from trainer.loss import Teacher, make_teacher, unroll_loss
+from trainer.loss import Teacher, make_teacher
 from trainer.measure import Meter
 from trainer.options import TrainOptions
 from trainer.target import TappedTarget, hf_config, load_target, load_tokenizer
@@ -101,7 +100,7 @@ def build_draft(job: Job, hf, target: torch.nn.Module, draft_ids: torch.Tensor, 
     spec = job.spec
     with torch.device(device), default_dtype(optim.param_dtype(spec.precision)):
         draft = Eagle3Draft(draft_config(job, hf), spec.attention_impl, checkpoint_layer=spec.ac,
-                            lean=spec.draft_memory == "lean", recompute_norms=fused_norms(job))
+                            lean=spec.draft_memory == "lean", recompute_norms=spec.recompute_norms)
     with torch.no_grad():
         # the frozen embedding stays in the target's bf16 whatever the recipe
         draft.embed_tokens.to(torch.bfloat16)
@@ -186,7 +185,7 @@ def train_step(run: Run, meter: Meter) -> dict:
         with meter.phase("target_forward"):
             aux, ids_ext, teacher = run.teach(run, ids, mask)
         with meter.phase("draft_forward"), optim.autocast(spec.precision, run.device):
-            loss, acc = unroll_loss(run.draft.unroll(aux, ids_ext, spec.ttt), run.draft, teacher)
+            loss, acc = run.draft(aux, ids_ext, spec.ttt, teacher)
         with meter.phase("backward"):
             (loss / accum).backward()
         losses.append(float(loss.detach()))

@@ -53,8 +53,7 @@ HELP: dict[str, str] = {
     "draft_memory": ("fitplan runtime. lean: the draft's lm_head is fused with the loss, SwiGLU recomputed "
                      "in backward (no step keeps its logits). plain: torch's composition, as SpecForge's draft."),
     "recompute_norms": ("fitplan runtime, lean draft: RMSNorm outputs and o_proj's input made again in backward "
-                        "rather than kept, the teacher held as bf16 logits (false: as the first lean draft). One GPU; "
-                        "several GPUs run the first lean draft."),
+                        "rather than kept, the teacher held as bf16 logits (false: as the first lean draft)."),
 }
 
 DEFAULTS: dict[str, Any] = {

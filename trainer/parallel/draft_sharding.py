@@ -42,11 +42,16 @@ def shard_draft(
     return draft
 
 
-def _units(draft: nn.Module) -> list[nn.Module]:
+def _units(draft: nn.Module) -> list:
+    """Each child with parameters is a unit. With fused norms the final norm and the lm_head are
+    one: the fused head uses the norm's weight inside the lm_head's call, where only that unit's
+    parameters are gathered (and its gradient reduced)."""
     units = []
     for child in draft.children():
         members = list(child) if isinstance(child, nn.ModuleList) else [child]
         units.extend(m for m in members if next(m.parameters(), None) is not None)
+    if getattr(draft, "fused_norms", False):
+        units = [u for u in units if u is not draft.norm and u is not draft.lm_head] + [[draft.norm, draft.lm_head]]
     return units
 
 
