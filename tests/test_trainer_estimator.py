@@ -38,11 +38,14 @@ def configs(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def eager_head(monkeypatch):
     """On CPU the fused head's chunk arithmetic runs eagerly (trainer/head_loss.py compiles it on
-    CUDA only). Counted by hand from _chunk_loss / _chunk_grad with bf16 logits: forward holds the
-    bf16 logits 2, the gathered teacher rows 4, the fp32 logits 4, the log-probabilities 4 and
-    their product with p 4 = 18 bytes per logit; backward the bf16 logits 2, the teacher rows 4,
-    the softmax 4, and two of softmax * sum(p), minus p and times the upstream gradient 8 (each
-    freed once the next exists) = 18 (the fp32 logits are freed once softmax returns)."""
+    CUDA only). Counted by hand from _chunk_loss / _chunk_grad with bf16 logits and an fp32
+    probability teacher: forward holds the bf16 logits 2, the gathered teacher rows 4, the fp32
+    logits 4, the log-probabilities 4 and their product with p 4 = 18 bytes per logit; backward
+    the bf16 logits 2, the teacher rows 4, the softmax 4, and two of softmax * sum(p), minus p and
+    times the upstream gradient 8 (each freed once the next exists) = 18 (the fp32 logits are freed
+    once softmax returns). A teacher of bf16 logits (fused norms) gathers 2-byte rows and takes
+    their fp32 softmax (4 more, the fp32 copy freed once it returns): about the same, and tiny
+    beside the saved set at these shapes."""
     from fitplan.estimator import draft_terms
 
     monkeypatch.setattr(draft_terms, "HEAD_FORWARD_BYTES_PER_LOGIT", 18)
