@@ -454,7 +454,7 @@ def gib(n: float) -> str:
 def describe(event: OomEvent) -> list[str]:
     """What the numbers say, without any job config."""
     lines = [
-        f"GPU {event.gpu}: asked for {gib(event.requested)} with {gib(event.free)} free "
+        f"GPU {event.gpu}: asked for {readable(event.requested)} with {readable(event.free)} free "
         f"of {gib(event.total)}.",
         f"PyTorch held {gib(event.reserved)}: {gib(event.allocated)} in live tensors, "
         f"{gib(event.cached_free)} cached but unallocated.",
@@ -464,8 +464,36 @@ def describe(event: OomEvent) -> list[str]:
     if event.held_elsewhere:
         lines.append(f"{gib(event.held_elsewhere)} is used outside this process's allocator "
                      "(CUDA context, NCCL, or other processes).")
+    segment = segment_line(event)
+    if segment:
+        lines.append(segment)
     lines.append(CAUSES[event.cause](event))
     return lines
+
+
+def segment_line(event: OomEvent) -> str | None:
+    """When the device had room for the request but not for the segment the caching allocator
+    maps for it (fitplan.allocator.sizes, as CUDACachingAllocator.cpp sizes them): a request of
+    up to 1 MiB takes a 2 MiB segment, one under 10 MiB a 20 MiB segment, a larger one its size
+    rounded up to 2 MiB."""
+    from fitplan.allocator.sizes import round_size, segment_bytes
+
+    if event.requested == 0:
+        return None
+    needed = segment_bytes(round_size(event.requested))
+    if not event.requested <= event.free < needed:
+        return None
+    return (f"The device had room for the {mib(event.requested)} asked for ({mib(event.free)} free) but not for "
+            f"the {mib(needed)} segment the caching allocator maps for a request of that size.")
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def readable(n: int) -> str:
+    """GiB, or MiB below one GiB (a 4 MiB request is not '0.00 GiB')."""
+    return gib(n) if n >= GIB else mib(n)
 
 
 CAUSES = {

@@ -9,7 +9,7 @@ from fitplan.cli import app
 from fitplan.config import RunSpec
 from fitplan.errors import FitplanError
 from fitplan.estimator.result import Estimate
-from fitplan.explain import config_lines, matching_component, parse_ooms
+from fitplan.explain import config_lines, describe, matching_component, parse_ooms, segment_line
 from fitplan.ladder import fit
 
 GIB, MIB = 1 << 30, 1 << 20
@@ -63,6 +63,25 @@ def test_fragmentation():
     (e,) = parse_ooms(FRAGMENTED)
     # 7.95 GiB cached but unallocated >= the 2.50 GiB asked for.
     assert e.cause == "fragmentation"
+
+
+SEGMENT_SHORT = (
+    "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 4.00 MiB. GPU 0 has a total capacity of "
+    "79.18 GiB of which 15.00 MiB is free. Including non-PyTorch memory, this process has 79.16 GiB memory in use. "
+    "Of the allocated memory 78.50 GiB is allocated by PyTorch, and 100.00 MiB is reserved by PyTorch but unallocated."
+)
+
+
+def test_room_for_the_request_but_not_its_segment():
+    # 4 MiB is over 1 MiB and under 10 MiB: the allocator maps a 20 MiB segment for it
+    # (CUDACachingAllocator get_allocation_size: kLargeBuffer); 15 MiB free is not enough.
+    (e,) = parse_ooms(SEGMENT_SHORT)
+    line = segment_line(e)
+    assert "4.0 MiB asked for (15.0 MiB free)" in line and "20.0 MiB segment" in line
+    assert line in describe(e)
+    # a request the free memory cannot hold in the first place: no such line
+    (large,) = parse_ooms(LARGE)
+    assert segment_line(large) is None
 
 
 def test_other_process():
