@@ -86,6 +86,16 @@ class FitResult:
 # ---------------------------------------------------------------- rungs: spec -> [(change, spec)]
 
 
+def _draft_memory(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
+    """fitplan's trainer: the lean draft and its fused norms, which keep less for the same math."""
+    if spec.workload != "eagle3":
+        return
+    if spec.draft_memory == "plain":
+        yield "draft_memory lean", spec.replace(draft_memory="lean", recompute_norms=True)
+    elif not spec.recompute_norms:
+        yield "recompute_norms on", spec.replace(recompute_norms=True)
+
+
 def _micro_batch(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
     mb = spec.micro_batch // 2
     while mb >= 1:
@@ -140,6 +150,7 @@ def _offload(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
 
 
 RUNGS: tuple[tuple[str, Callable[[RunSpec, Job], Iterator[tuple[str, RunSpec]]]], ...] = (
+    ("draft_memory", _draft_memory),
     ("micro_batch", _micro_batch),
     ("output_sharding", _output_sharding),
     ("ac", _switch("ac")),

@@ -163,3 +163,23 @@ def test_offload_is_refused_on_several_gpus():
     two = fit(one_gpu_job(gpus="2xH100"), estimate_fn=moments_estimator(73.5))
     assert "offloads the optimizer of one GPU" in dict(two.refused)["offload optimizer"]
     assert not any("offload" in e.change for e in two.trail)
+
+
+def test_a_plain_draft_is_offered_the_lean_one_first():
+    # llama-3.1-8b's draft (Vd 32000) at seq 32768, TTT 7, on one H100: the plain draft keeps each
+    # step's fp32 log-softmax [S, Vd], 4 x 32768 x 32000 x 7 = 29.36 GB over the unroll, which the
+    # lean draft does not keep; it fits without any other change.
+    plain = RunSpec(model="llama-3.1-8b", gpus="1xH100", seq=32768, draft_memory="plain")
+    result = fit(plain)
+    assert result.chosen is not None and result.changes == ["draft_memory lean"]
+    assert result.chosen.spec.draft_memory == "lean" and result.chosen.spec.recompute_norms
+    saved = result.original.estimate.peak_allocated_bytes - result.chosen.estimate.peak_allocated_bytes
+    assert saved >= 4 * 32768 * 32000 * 7
+    # at seq 49152 the lean draft without fused norms does not fit; with them it does: a step keeps
+    # no norm outputs (cat 4h, MLP input 2h, final 2h bytes per token) nor o_proj's copy (2Hd):
+    # 8 x 4096 + 2 x 32 x 128 = 40960 B per token per step, x 49152 tokens x 7 steps = 14.09 GB
+    kept = plain.replace(seq=49152, draft_memory="lean", recompute_norms=False)
+    result = fit(kept)
+    assert result.chosen is not None and result.changes == ["recompute_norms on"]
+    saved = result.original.estimate.peak_allocated_bytes - result.chosen.estimate.peak_allocated_bytes
+    assert saved >= 40960 * 49152 * 7
