@@ -82,7 +82,7 @@ def test_fsdp_sizes_and_streams_by_hand():
     # llama-3.2-1b's draft on 2 ranks: lm_head [32000, 2048] bf16 = 131,072,000 B whole,
     # 65,536,000 B per shard; the MLP's three [2048, 8192] and the attention (q [4096 -> 2048],
     # k and v [4096 -> 512], o [2048 -> 2048]) and three norms form `midlayer`
-    j = job()
+    j = job(recompute_norms=False)
     assert named(j, "draft.lm_head") == [(65_536_000, 0)]
     # gathered in forward and again before each of the 6 earlier TTT steps' backward
     assert named(j, "FSDP all-gather lm_head") == [(131_072_000, fsdp_events.ALL_GATHER_STREAM)] * 7 * 2
@@ -90,6 +90,13 @@ def test_fsdp_sizes_and_streams_by_hand():
     # one reduce-scatter per TTT step: the whole unit's bf16 grads in, its shard out
     assert named(j, "FSDP reduce-scatter input lm_head") == [(131_072_000, fsdp_events.REDUCE_SCATTER_STREAM)] * 7 * 2
     assert named(j, "sharded grad lm_head") == [(65_536_000, fsdp_events.REDUCE_SCATTER_STREAM)] * 7 * 2
+    # fused norms (the default): the final norm [2048] bf16 is one unit with the head, 4096 B more
+    # gathered and reduced with it (2048 B of it per shard), and no unit of its own
+    j = job()
+    assert named(j, "FSDP all-gather lm_head") == [(131_076_096, fsdp_events.ALL_GATHER_STREAM)] * 7 * 2
+    assert named(j, "FSDP reduce-scatter input lm_head") == [(131_076_096, fsdp_events.REDUCE_SCATTER_STREAM)] * 7 * 2
+    assert named(j, "sharded grad lm_head") == [(65_538_048, fsdp_events.REDUCE_SCATTER_STREAM)] * 7 * 2
+    assert named(j, "FSDP all-gather norm") == []
     midlayer = 2 * (3 * 2048 * 8192 + 4096 * 2048 + 2 * 4096 * 512 + 2048 * 2048 + 3 * 2048)
     assert named(j, "FSDP reduce-scatter input midlayer")[0] == (midlayer, fsdp_events.REDUCE_SCATTER_STREAM)
     # bf16-master's fp32 masters and moments are per shard: 4 B x 32,768,000

@@ -207,8 +207,11 @@ def draft_backward(t: Trace, state: State, saved: Saved) -> None:
         step = saved.steps[k]
         with unit("lm_head"):
             _head_backward(t, state, step)
-        with unit("norm"):
-            _final_norm_backward(t, state, step, pending)
+            if _fused(state):  # one FSDP unit with the head
+                _final_norm_backward(t, state, step, pending)
+        if not _fused(state):
+            with unit("norm"):
+                _final_norm_backward(t, state, step, pending)
         with unit("midlayer"):
             if state.job.spec.ac:
                 recompute(t, state, k, step)

@@ -1,7 +1,8 @@
 """The draft's FSDP2 data parallelism as ordered allocations (step_events.py, draft_events.py call it).
 
 trainer/parallel/draft_sharding.py makes each child of the draft that holds parameters an FSDP2
-unit (`embed_tokens`, `fc`, `midlayer`, `norm`, `lm_head`), sharded over every rank. Read off
+unit (`embed_tokens`, `fc`, `midlayer`, `norm`, `lm_head`; with fused norms `norm` and `lm_head`
+are one unit, named `lm_head` here), sharded over every rank. Read off
 torch/distributed/fsdp/_fully_shard (FSDPParamGroup.unshard / post_backward, foreach_all_gather,
 foreach_reduce), zero2 (reshard_after_forward=False):
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fitplan.estimator.step_trace import State, Trace
+from fitplan.layout import fused_norms
 
 ALL_GATHER_STREAM = 1
 REDUCE_SCATTER_STREAM = 2
@@ -42,7 +44,9 @@ FROZEN_UNIT = "embed_tokens"
 PER_STEP_UNITS = ("lm_head", "norm", "midlayer")
 
 
-def unit_of(name: str) -> str:
+def unit_of(name: str, job) -> str:
+    if name == "norm" and fused_norms(job):  # grouped with the head that uses its weight
+        return "lm_head"
     return UNIT_OF.get(name, "midlayer")
 
 
@@ -70,7 +74,7 @@ def units(state: State) -> dict[str, list[tuple[str, int, int]]]:
     out: dict[str, list[tuple[str, int, int]]] = {"fc": [], FROZEN_UNIT: [], "midlayer": [], "norm": [], "lm_head": []}
     out[FROZEN_UNIT].append((FROZEN_UNIT, state.job.draft.frozen_params(), state.trained.frozen_bytes_per_param))
     for name, n in state.params:
-        out[unit_of(name)].append((name, n, state.recipe.param))
+        out[unit_of(name, state.job)].append((name, n, state.recipe.param))
     return out
 
 
@@ -80,6 +84,8 @@ def gather(t: Trace, state: State, unit: str) -> None:
     if unit in sharded.gathered:
         return
     members = units(state)[unit]
+    if not members:  # the final norm grouped with the head
+        return
     buffer = t.alloc(sum(sharded.world * shard(n, sharded.world) * size for _, n, size in members),
                      f"FSDP all-gather {unit}", ALL_GATHER_STREAM)
     sharded.gathered[unit] = [t.alloc(n * size, f"unsharded {name}") for name, n, size in members]

@@ -437,7 +437,7 @@ def optimizer_step(t: Trace, state: State, first: bool) -> None:
 
 def _has_grad(state: State, name: str) -> bool:
     if state.sharded is not None:
-        return fsdp_events.unit_of(name) in state.sharded.grads
+        return fsdp_events.unit_of(name, state.job) in state.sharded.grads
     return name in state.grads
 
 
