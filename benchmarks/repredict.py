@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fitplan.estimator import estimate_spec
-from fitplan.records import read_measurement
+from fitplan.records import read_measurement, spec_as_committed
 from fitplan.units import GIB
 
 REPORTS = Path(__file__).resolve().parent.parent / "tests" / "data" / "gpu"
@@ -39,7 +39,7 @@ def repredict(path: Path) -> list[str] | None:
     if measurement is None:  # a multi-GPU collection, not a single-GPU trainer report
         return None
     report = measurement.raw
-    est = estimate_spec(measurement.config)
+    est = estimate_spec(spec_as_committed(measurement, path))
     steady = {}
     for step in report["steps"]:
         steady.update(step["phases"])  # the last step that ran each phase

@@ -174,6 +174,16 @@ def read_measurement(path: str | Path) -> Measurement | None:
     return measurement_from_mapping(data, str(path)) if is_measurement(data) else None
 
 
+def spec_as_committed(measurement: Measurement, path: str | Path) -> RunSpec:
+    """The report's job with a scaled profile's config read from configs/ beside the report:
+    fitplan.validation.profile_runs writes the config on the device under another folder, and
+    the config is committed next to the reports."""
+    spec = measurement.config
+    if not spec.model.endswith(".json"):
+        return spec
+    return spec.replace(model=str(Path(path).parent / "configs" / Path(spec.model).name))
+
+
 def write_measurement(path: Path, report: dict[str, Any]) -> None:
     """Atomically: a run stopped while writing, or a write that fails (disk full, read-only),
     leaves the previous report whole and no partial file; OSError names the file."""

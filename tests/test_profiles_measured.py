@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fitplan.estimator import estimate_spec
-from fitplan.records import read_measurement
+from fitplan.records import read_measurement, spec_as_committed
 
 DATA = Path(__file__).parent / "data" / "gpu"
 # profiles/: the plain draft (before draft_memory existed). lean/: the lean draft, measured with
@@ -37,9 +37,7 @@ def steady(measurement) -> dict[str, dict[str, int]]:
 @pytest.mark.parametrize("path", REPORTS, ids=[p.name.split(".report")[0] for p in REPORTS])
 def test_allocated_within_2_percent_and_device_within_6(path):
     measurement = read_measurement(path)
-    spec = measurement.config
-    if spec.model.endswith(".json"):  # a scaled profile, written on the device under another folder
-        spec = spec.replace(model=str(path.parent / "configs" / Path(spec.model).name))
+    spec = spec_as_committed(measurement, path)
     est = estimate_spec(spec)
     measured = steady(measurement)
     for phase in PHASES:

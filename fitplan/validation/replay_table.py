@@ -24,7 +24,7 @@ from fitplan.config import RunSpec
 from fitplan.estimator import estimate, runtime
 from fitplan.estimator.result import Estimate
 from fitplan.layout import resolve
-from fitplan.records import read_measurement
+from fitplan.records import read_measurement, spec_as_committed
 from fitplan.units import GIB
 from fitplan.validation.figures import measured
 
@@ -92,9 +92,7 @@ def report_rows(kind: str, data: Path = DATA) -> list[Compared]:
             m = read_measurement(path)
             if m is None or m.world != 1 or m.config.draft_memory != kind:
                 continue
-            spec = m.config
-            if spec.model.endswith(".json"):  # a scaled profile, written on the device under another folder
-                spec = spec.replace(model=str(path.parent / "configs" / Path(spec.model).name))
+            spec = spec_as_committed(m, path)
             figures = measured(m.raw)
             out.append(compare(resolve(spec), path.name, "ran", figures["meas_reserved"], figures["meas_device"]))
     return out
