@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import pytest
+from step_checks import assert_peak_is_phase_sum, live_after, phase_total
 
 from fitplan.config import RunSpec
 from fitplan.estimator import estimate, sft_events, step_events
@@ -18,13 +19,6 @@ from fitplan.layout import resolve
 def job(**kw):
     return resolve(RunSpec(**{"model": "llama-3.1-8b", "gpus": "1xH200", "workload": "sft", "seq": 2048,
                               "micro_batch": 1, "ac": True, "precision": "bf16", **kw}))
-
-
-def phase_total(est, label: str) -> int:
-    if label == "load":
-        return est.phase_allocated("load")
-    when, phase = label.split(".")
-    return est.phase_allocated(phase, step1=when == "step1")
 
 
 CASES = [
@@ -52,23 +46,13 @@ def test_live_bytes_at_each_phase_peak_are_the_estimators_phase_sum(kw):
     est, built = estimate(j), step_events.build(j)
     grads = est.phases["optimizer_step"].get("model.grads", 0)
     for label, live in built.live_peaks().items():
-        total = phase_total(est, label)
-        if label.endswith("backward"):
-            assert total * 0.99 <= live <= total * 1.01 + grads, (label, live / total - 1)
-        else:
-            assert abs(live - total) <= 0.01 * total, (label, live / total - 1)
+        assert_peak_is_phase_sum(label, live, phase_total(est, label), grads)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "mixed", "bf16-master", "fp32-autocast"])
 def test_what_outlives_the_step_is_weights_and_optimizer_state(precision):
     j = job(precision=precision)
-    sizes: dict = {}
-    for event in step_events.build(j).events:
-        if event.op == "alloc":
-            sizes[event.key] = event.size
-        else:
-            del sizes[event.key]
-    assert sum(sizes.values()) == estimate(j).phase_allocated("checkpoint")
+    assert live_after(step_events.build(j)) == estimate(j).phase_allocated("checkpoint")
 
 
 def test_parameters_by_hand():

@@ -13,10 +13,11 @@ GPU its device level and verdict.
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from step_checks import assert_peak_is_phase_sum, live_after, phase_total
 
 from fitplan.allocator import Allocator, replay
 from fitplan.config import RunSpec
@@ -33,13 +34,6 @@ MIB, GIB = 2**20, 2**30
 
 def job(**kw):
     return resolve(RunSpec(**{"model": "llama-3.2-1b", "gpus": "1xH200", "seq": 4096, **kw}))
-
-
-def phase_total(est, label: str) -> int:
-    if label == "load":
-        return est.phase_allocated("load")
-    when, phase = label.split(".")
-    return est.phase_allocated(phase, step1=when == "step1")
 
 
 CASES = [
@@ -67,26 +61,13 @@ def test_live_bytes_at_each_phase_peak_are_the_estimators_phase_sum(kw):
     est, built = estimate(j), step_events.build(j)
     grads = est.phases["optimizer_step"].get("draft.grads", 0)
     for label, live in built.live_peaks().items():
-        total = phase_total(est, label)
-        if label.endswith("backward"):
-            # AccumulateGrad stores each gradient as the last step's backward reaches its
-            # parameter: the trainer holds some of them at the estimator's backward instants
-            assert total * 0.99 <= live <= total * 1.01 + grads, (label, live, total)
-        else:
-            assert abs(live - total) <= 0.01 * total, (label, live / total - 1)
+        assert_peak_is_phase_sum(label, live, phase_total(est, label), grads)
 
 
 def test_every_allocation_is_freed_or_persists_as_the_trainers_state():
     """After the steady step: the checkpoint phase's bytes (weights, params, optimizer state)."""
     j = job(precision="mixed")
-    built = step_events.build(j)
-    sizes: dict = {}
-    for event in built.events:
-        if event.op == "alloc":
-            sizes[event.key] = event.size
-        else:
-            del sizes[event.key]
-    assert sum(sizes.values()) == estimate(j).phase_allocated("checkpoint")
+    assert live_after(step_events.build(j)) == estimate(j).phase_allocated("checkpoint")
 
 
 def sizes_named(j, name: str) -> list[int]:

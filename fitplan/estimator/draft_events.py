@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from fitplan.estimator import draft_terms, fsdp_events
-from fitplan.layout import fused_norms
 from fitplan.estimator.step_trace import (
     State,
     Trace,
@@ -30,6 +29,7 @@ from fitplan.estimator.step_trace import (
     keep_grad,
     loop_chunks,
 )
+from fitplan.layout import fused_norms
 from fitplan.units import BF16, FP32
 
 INDEX = 8  # int64

@@ -205,7 +205,7 @@ def _loss_forward_bytes(job: Job) -> int:
     return (BF16 + FP32) * d.draft_vocab * _tokens(job)
 
 
-def loss_backward_bytes(job: Job) -> int:
+def _loss_backward_bytes(job: Job) -> int:
     """The last step's loss backward, first in backward. Fused: the hidden's gradient [T, h]
     bf16, allocated whole, and one chunk's recomputed logits and their gradient
     (HEAD_BACKWARD_BYTES_PER_LOGIT). Unfused: the fp32 gradients of the log-softmax's output and
@@ -362,7 +362,7 @@ def draft_backward_extra_bytes(job: Job) -> int:
     recomputed set is what the step would have saved anyway.
     """
     d, T = job.draft, _tokens(job)
-    logits_grads = loss_backward_bytes(job)
+    logits_grads = _loss_backward_bytes(job)
     released = (_post_attention_saved_per_token(job) + _loss_saved_per_token(job)) * T
     attention = _eager_backward_bytes(job) * T
     if not job.spec.ac:
@@ -383,11 +383,15 @@ def last_step_saved_bytes(job: Job) -> int:
     return _layer_saved_per_token(job) * T + _kernel_saved_bytes(job, L - 1) + loss
 
 
-def earlier_head_backward_bytes(job: Job) -> int:
-    """Beyond the saved set that is left, while step L-2's loss backward runs: its own transient
-    (`loss_backward_bytes`), the gradient of the hidden stream coming back from step L-1 (2h)
-    and the gradient of the keys and values step L-1 attended to, one tensor per step L-1's
+def pending_from_last_step_bytes(job: Job) -> int:
+    """Gradients step L-1 sends back and the earlier steps' backward holds: of the hidden stream
+    (2h) and of the keys and values step L-1 attended to, one tensor per step L-1's
     concatenation that its slices for the earlier steps keep whole (4*Hkv*d*L)."""
     d, T, L = job.draft, _tokens(job), job.spec.ttt
-    pending = BF16 * d.hidden * T + 2 * BF16 * d.kv_heads * d.head_dim * L * T
-    return loss_backward_bytes(job) + pending
+    return BF16 * d.hidden * T + 2 * BF16 * d.kv_heads * d.head_dim * L * T
+
+
+def earlier_head_backward_bytes(job: Job) -> int:
+    """Beyond the saved set that is left, while step L-2's loss backward runs: its own transient
+    (`_loss_backward_bytes`) and the gradients pending from step L-1."""
+    return _loss_backward_bytes(job) + pending_from_last_step_bytes(job)

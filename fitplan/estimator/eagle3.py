@@ -104,37 +104,40 @@ def eight_bit_step_bytes(job: Job, state: TrainedState) -> int:
     return EIGHT_BIT_STEP_BYTES_PER_ELEMENT * (-(-largest // job.world) if state.fsdp() else largest)
 
 
-def earlier_head_backward(job: Job, state: TrainedState) -> dict[str, int]:
-    """The loss backward of step L-2: step L-1 has released what it saved, and every trained
-    unit but fc (which only step 0 reaches) holds its grads. Past the first step's instant when
-    the grads outweigh one step's activations (short sequences). Not modelled with sharded grads:
-    when FSDP reduce-scatters a unit called once per step in the middle of backward is unmeasured."""
-    if job.spec.ttt < 2 or state.sharded_grads():
-        return {}
+def _after_last_step(job: Job, state: TrainedState) -> tuple[dict[str, int], int]:
+    """Once step L-1's backward is done: the grads every trained unit but fc (which only step 0
+    reaches) holds, and the activations still saved (step L-1's released)."""
     grads = backward_grads(job, state)
     grads[Component.DRAFT_GRADS] -= draft_units(job)["fc"][0] * state.recipe.grad
     kept = draft_terms.draft_activation_bytes(job) + draft_terms.draft_logits_bytes(job)
-    left = kept - draft_terms.last_step_saved_bytes(job)
+    return grads, kept - draft_terms.last_step_saved_bytes(job)
+
+
+def earlier_head_backward(job: Job, state: TrainedState) -> dict[str, int]:
+    """The loss backward of step L-2, after step L-1's (_after_last_step). Past the first step's
+    instant when the grads outweigh one step's activations (short sequences). Not modelled with
+    sharded grads: when FSDP reduce-scatters a unit called once per step in the middle of
+    backward is unmeasured."""
+    if job.spec.ttt < 2 or state.sharded_grads():
+        return {}
+    grads, left = _after_last_step(job, state)
     return merge(grads, phase(activations__draft=left + draft_terms.earlier_head_backward_bytes(job)))
 
 
 def earlier_mlp_backward(job: Job, state: TrainedState) -> dict[str, int]:
     """The MLP backward of step L-2, when the MLP's weights outweigh a step's activations (wide
-    drafts at short sequences): as at the head's instant, every unit but fc holds its grads and
-    step L-1's saved set is gone; SwiGLU's input gradients (4I per token) are alive, and the
-    weight gradients of gate and up arrive to be added to the held ones: one at a time from
-    autograd's linears, both at once from the fused norm-projection backward (trainer/
+    drafts at short sequences): as at the head's instant, after step L-1's (_after_last_step);
+    SwiGLU's input gradients (4I per token) and the gradients pending from step L-1 are alive,
+    and the weight gradients of gate and up arrive to be added to the held ones: one at a time
+    from autograd's linears, both at once from the fused norm-projection backward (trainer/
     norm_project.py returns all its weight gradients together). Not written for checkpointed
     steps, whose recomputation comes first (their other instants are larger)."""
     if job.spec.ttt < 2 or state.sharded_grads() or job.spec.ac:
         return {}
     d, T = job.draft, job.spec.micro_batch * job.spec.seq
-    grads = backward_grads(job, state)
-    grads[Component.DRAFT_GRADS] -= draft_units(job)["fc"][0] * state.recipe.grad
+    grads, left = _after_last_step(job, state)
     arriving = (2 if fused_norms(job) else 1) * d.hidden * d.intermediate * state.recipe.param
-    kept = draft_terms.draft_activation_bytes(job) + draft_terms.draft_logits_bytes(job)
-    left = kept - draft_terms.last_step_saved_bytes(job)
-    working = 4 * d.intermediate * T + draft_terms.earlier_head_backward_bytes(job) - draft_terms.loss_backward_bytes(job)
+    working = 4 * d.intermediate * T + draft_terms.pending_from_last_step_bytes(job)
     return merge(grads, phase(draft__grads=arriving, activations__draft=left + working))
 
 

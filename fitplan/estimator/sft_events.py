@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from fitplan.estimator import sft_terms
 from fitplan.estimator.recipes import TrainedState
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
-from fitplan.estimator.step_trace import Trace
+from fitplan.estimator.step_trace import StepEvents, Trace, write_steps
 from fitplan.layout import Job
 from fitplan.shapes import count_params, embedding_params, lm_head_params
 from fitplan.units import BF16, FP32
@@ -353,10 +353,8 @@ def optimizer_step(t: Trace, state: SftState, first: bool) -> None:
     state.grads.clear()
 
 
-def build(job: Job):
+def build(job: Job) -> StepEvents:
     """Load, step 1 and a steady step of an sft `job` (unsupported(job) must be None)."""
-    from fitplan.estimator.step_events import StepEvents, _phases, micro_steps
-
     reason = unsupported(job)
     if reason:
         raise ValueError(reason)
@@ -364,12 +362,11 @@ def build(job: Job):
     t = Trace()
     t.begin("load")
     load(t, state)
-    for label in ("step1", "steady"):
-        for _ in range(micro_steps(job)):
-            t.begin(f"{label}.forward")
-            saved = forward(t, state)
-            t.begin(f"{label}.backward")
-            backward(t, state, saved)
-        t.begin(f"{label}.optimizer_step")
-        optimizer_step(t, state, first=label == "step1")
-    return StepEvents(tuple(t.events), t.names, _phases(t))
+
+    def micro_step(label: str) -> None:
+        t.begin(f"{label}.forward")
+        saved = forward(t, state)
+        t.begin(f"{label}.backward")
+        backward(t, state, saved)
+
+    return write_steps(t, job, micro_step, lambda first: optimizer_step(t, state, first=first))

@@ -28,15 +28,19 @@ bytes, so its live bytes at each phase's peak are the phase's sum.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from fitplan.allocator import Event
 from fitplan.estimator import draft_terms, fsdp_events, sft_events, target_terms
 from fitplan.estimator.draft_events import draft_backward, draft_forward
 from fitplan.estimator.eagle3 import EIGHT_BIT_STEP_BYTES_PER_ELEMENT, draft_state
 from fitplan.estimator.recipes import ADAM_8BIT_BLOCK
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES, runs_fitplan_trainer
-from fitplan.estimator.step_trace import Sizes, State, Trace, loop_chunks
+from fitplan.estimator.step_trace import (
+    Sizes,
+    State,
+    StepEvents,
+    Trace,
+    loop_chunks,
+    write_steps,
+)
 from fitplan.layout import Job
 from fitplan.shapes import attention_params
 from fitplan.units import BF16, FP32
@@ -107,35 +111,6 @@ def _sharded_unsupported(job: Job) -> str | None:
     if job.accum > 1:
         return "gradient accumulation is not modelled on several GPUs (FSDP holds unsharded grads between micro-steps)"
     return None
-
-
-@dataclass(frozen=True)
-class StepEvents:
-    events: tuple[Event, ...]
-    names: dict[int, str]  # alloc key -> what the tensor is
-    # (label, first event, end event): labels "load", "step1.<phase>", "steady.<phase>"
-    phases: tuple[tuple[str, int, int], ...]
-
-    def live_peaks(self) -> dict[str, int]:
-        """Per phase label, the most bytes requested and not yet freed at once (its start included)."""
-        sizes: dict[int, int] = {}
-        live, peaks = 0, {}
-        for label, first, end in self.phases:
-            peak = live
-            for event in self.events[first:end]:
-                if event.op == "alloc":
-                    sizes[event.key] = event.size
-                    live += event.size
-                    peak = max(peak, live)
-                else:
-                    live -= sizes.pop(event.key)
-            peaks[label] = max(peaks.get(label, 0), peak)
-        return peaks
-
-
-def _phases(trace: Trace) -> tuple[tuple[str, int, int], ...]:
-    ends = [start for _, start in trace.phases[1:]] + [len(trace.events)]
-    return tuple((label, start, end) for (label, start), end in zip(trace.phases, ends))
 
 
 # ------------------------------------------------------------------ sizes
@@ -444,11 +419,6 @@ def _has_grad(state: State, name: str) -> bool:
 # ------------------------------------------------------------------ the whole sequence
 
 
-def micro_steps(job: Job) -> int:
-    """Micro-steps written per optimizer step: the pattern repeats after the second."""
-    return min(job.accum, 2)
-
-
 def build(job: Job) -> StepEvents:
     """Load, step 1 and a steady step of `job` (sequence_unsupported(job) must be None)."""
     if job.spec.workload == "sft":
@@ -462,15 +432,14 @@ def build(job: Job) -> StepEvents:
     t = Trace()
     t.begin("load")
     load(t, state)
-    for label in ("step1", "steady"):
-        for _ in range(micro_steps(job)):
-            t.begin(f"{label}.target_forward")
-            aux, teacher = target_forward(t, job)
-            t.begin(f"{label}.draft_forward")
-            saved = draft_forward(t, state)
-            t.begin(f"{label}.backward")
-            draft_backward(t, state, saved)
-            t.free(aux, teacher)
-        t.begin(f"{label}.optimizer_step")
-        optimizer_step(t, state, first=label == "step1")
-    return StepEvents(tuple(t.events), t.names, _phases(t))
+
+    def micro_step(label: str) -> None:
+        t.begin(f"{label}.target_forward")
+        aux, teacher = target_forward(t, job)
+        t.begin(f"{label}.draft_forward")
+        saved = draft_forward(t, state)
+        t.begin(f"{label}.backward")
+        draft_backward(t, state, saved)
+        t.free(aux, teacher)
+
+    return write_steps(t, job, micro_step, lambda first: optimizer_step(t, state, first=first))

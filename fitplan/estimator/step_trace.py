@@ -3,6 +3,7 @@ the shapes, and the trainer's persistent state with how parameter gradients arri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,49 @@ class Trace:
     @property
     def live(self) -> int:
         return sum(self.sizes.values())
+
+
+@dataclass(frozen=True)
+class StepEvents:
+    events: tuple[Event, ...]
+    names: dict[int, str]  # alloc key -> what the tensor is
+    # (label, first event, end event): labels "load", "step1.<phase>", "steady.<phase>"
+    phases: tuple[tuple[str, int, int], ...]
+
+    def live_peaks(self) -> dict[str, int]:
+        """Per phase label, the most bytes requested and not yet freed at once (its start included)."""
+        sizes: dict[int, int] = {}
+        live, peaks = 0, {}
+        for label, first, end in self.phases:
+            peak = live
+            for event in self.events[first:end]:
+                if event.op == "alloc":
+                    sizes[event.key] = event.size
+                    live += event.size
+                    peak = max(peak, live)
+                else:
+                    live -= sizes.pop(event.key)
+            peaks[label] = max(peaks.get(label, 0), peak)
+        return peaks
+
+
+def micro_steps(job: Job) -> int:
+    """Micro-steps written per optimizer step: the pattern repeats after the second."""
+    return min(job.accum, 2)
+
+
+def write_steps(t: Trace, job: Job, micro_step: Callable[[str], None],
+                optimizer_step: Callable[[bool], None]) -> StepEvents:
+    """Step 1 and a steady step after the load `t` holds: each its micro-steps (`micro_step`
+    given the step's label), then its optimizer step (given whether it is the first)."""
+    for label in ("step1", "steady"):
+        for _ in range(micro_steps(job)):
+            micro_step(label)
+        t.begin(f"{label}.optimizer_step")
+        optimizer_step(label == "step1")
+    ends = [start for _, start in t.phases[1:]] + [len(t.events)]
+    phases = tuple((label, start, end) for (label, start), end in zip(t.phases, ends))
+    return StepEvents(tuple(t.events), t.names, phases)
 
 
 @dataclass(frozen=True)
