@@ -4,6 +4,10 @@ Both meters record, per phase of a step, the peak `allocated` bytes (live tensor
 `reserved` bytes (allocator-held) and `device_used` (total - free at the phase end: CUDA
 context and NCCL included). On CPU there is no caching allocator: reserved = allocated and
 device_used is not measured. Phases repeated within a step (gradient accumulation) keep their max.
+
+On CUDA each phase also labels the allocator's recorded history (the snapshot entries' "user_metadata",
+torch.cuda.memory._set_memory_metadata): "load", then "step<k>.<phase>" with k counted from the
+meter's first step, so fitplan.validation.trace_compare can split a recorded snapshot by phase.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class Meter:
         self.device = device
         self.step: dict[str, dict[str, int]] = {}
         self.current: str | None = None  # the phase running now (named in an OOM report)
+        self.steps_done = 0  # new_step() calls: the load's, then one per optimizer step
         self.tracker = LiveStorageTracker() if device.type == "cpu" else None
 
     def __enter__(self):
@@ -87,9 +92,12 @@ class Meter:
     def __exit__(self, *exc):
         if self.tracker is not None:
             self.tracker.__exit__(*exc)
+        else:
+            _label_history(self.device, "")
 
     def new_step(self) -> dict[str, dict[str, int]]:
         done, self.step = self.step, {}
+        self.steps_done += 1
         return done
 
     @contextlib.contextmanager
@@ -114,6 +122,7 @@ class Meter:
         if self.tracker is not None:
             self.tracker.reset_peak()
             return
+        _label_history(self.device, f"step{self.steps_done}.{self.current}" if self.steps_done else self.current)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -127,3 +136,13 @@ class Meter:
             "reserved": torch.cuda.max_memory_reserved(self.device),
             "device_used": total - free,
         }
+
+
+def _label_history(device: torch.device, label: str) -> None:
+    """Label every allocator history entry from here on (a string kept by the device's allocator,
+    so the autograd thread's allocations in backward carry it too); costs nothing without
+    _record_memory_history. Torch versions without the call record no phases."""
+    setter = getattr(torch.cuda.memory, "_set_memory_metadata", None)
+    if setter is not None:
+        with torch.cuda.device(device):
+            setter(label)
