@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from fitplan.estimator import sft_terms
 from fitplan.estimator.eagle3 import optimizer_state
-from fitplan.shapes import count_params, embedding_params, lm_head_params
 from fitplan.estimator.recipes import TrainedState
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
 from fitplan.estimator.timeline import Timeline, merge, phase
 from fitplan.layout import Job
-from fitplan.units import FP32
+from fitplan.shapes import count_params, embedding_params, lm_head_params
+from fitplan.units import BF16, FP32
 
 
 def _root_and_layer_params(job: Job) -> tuple[int, int]:
@@ -60,10 +60,35 @@ def _backward(job: Job, state: TrainedState, before: dict[str, int], carried: di
         activations__model=sft_terms.activation_bytes(job),
         logits__model=sft_terms.backward_logits_bytes(job),
     ))
-    end = merge(before, _grads_at_backward_end(job, state), phase(
-        activations__model=sft_terms.first_layer_bytes(job) + sft_terms.layer_grad_working_bytes(job),
-    ))
-    return max(start, end, key=lambda p: sum(p.values()))
+    m = job.model
+    if state.sharded_grads() or m.is_moe or m.mla_attention_params is not None:
+        ends = [merge(before, _grads_at_backward_end(job, state), phase(
+            activations__model=sft_terms.first_layer_bytes(job) + sft_terms.layer_grad_working_bytes(job),
+        ))]
+    else:
+        ends = [merge(before, phase(model__grads=grads), phase(activations__model=held))
+                for grads, held in _whole_grad_backward_ends(job, state)]
+    return max([start, *ends], key=lambda p: sum(p.values()))
+
+
+def _whole_grad_backward_ends(job: Job, state: TrainedState) -> list[tuple[int, int]]:
+    """(grads, other activation bytes) at the two highest instants of the end of backward with
+    whole grads (one rank, or DDP), in the order trainer/sft_step.py's backward runs
+    (sft_layer_events.py): inside the first layer's MLP backward, its embedding's and its own
+    weights' gradients but down_proj's not made yet; and the embedding's gradient, made last
+    beside every other one and the gradient of the first layer's input (the bf16 gradient
+    still live beside it where it is added into an existing one: tied embeddings, or `mixed`'s
+    fp32 grads)."""
+    m, tokens = job.model, job.spec.micro_batch * job.spec.seq
+    per_grad = state.full_grads() // max(1, state.trainable)
+    layer = _root_and_layer_params(job)[1]
+    pending = (layer - m.hidden * m.intermediate) + (0 if m.tie_embeddings else embedding_params(m))
+    once = sft_terms.once_in_backward_bytes(job)
+    incoming = m.vocab * m.hidden * state.recipe.param if m.tie_embeddings or job.spec.precision == "mixed" else 0
+    return [
+        (state.full_grads() - pending * per_grad, sft_terms.first_layer_mlp_backward_bytes(job) + once),
+        (state.full_grads(), incoming + BF16 * m.hidden * tokens + once),
+    ]
 
 
 def timeline(job: Job) -> Timeline:

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fitplan.estimator import sft_layer_events as layers
 from fitplan.estimator import sft_terms
 from fitplan.estimator.recipes import TrainedState
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
+from fitplan.estimator.sft_layer_events import LayerSizes
 from fitplan.estimator.step_trace import StepEvents, Trace, write_steps
 from fitplan.layout import Job
 from fitplan.shapes import count_params, embedding_params, lm_head_params
@@ -79,34 +81,20 @@ def parameters(job: Job) -> list[tuple[str, int]]:
 
 def layer_saved_tensors(job: Job) -> list[tuple[str, int]]:
     """What one layer saves for backward (sft_terms.layer_saved_bytes_per_token), as tensors over
-    the micro-batch's tokens; the per-head norms, lse and rstd ride with their neighbours."""
+    the micro-batch's tokens, named as sft_layer_events uses them; lse and the rstds ride with
+    the attention's output."""
     m, T = job.model, job.spec.micro_batch * job.spec.seq
     q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
-    parts = [("input norm fp32", 4 * m.hidden), ("input norm normed", 2 * m.hidden), ("input norm out", 2 * m.hidden),
-             ("q", BF16 * q), ("k", BF16 * kv), ("v", BF16 * kv), ("attention out", BF16 * q),
-             ("post norm fp32", 4 * m.hidden), ("post norm normed", 2 * m.hidden), ("post norm out", 2 * m.hidden)]
+    parts = [("input norm fp32", 4 * m.hidden), ("input norm normed", 2 * m.hidden), ("input norm out", 2 * m.hidden)]
+    if LayerSizes.of(job).qk_norms:
+        parts += [("q norm fp32", FP32 * q), ("q norm normed", BF16 * q), ("k norm fp32", FP32 * kv),
+                  ("k norm normed", BF16 * kv)]
+    parts += [("q", BF16 * q), ("k", BF16 * kv), ("v", BF16 * kv), ("attention out, lse, rstd", BF16 * q),
+              ("post norm fp32", 4 * m.hidden), ("post norm normed", 2 * m.hidden), ("post norm out", 2 * m.hidden)]
     parts += [(name, BF16 * sft_terms._mlp_width(job)) for name in ("gate", "silu", "up", "product")]
     rest = sft_terms.layer_saved_bytes_per_token(job) - sum(n for _, n in parts)
-    parts[6] = ("attention out, lse, rstd, q/k norms", parts[6][1] + rest)
+    parts = [(name, n + rest if name == "attention out, lse, rstd" else n) for name, n in parts]
     return [(name, n * T) for name, n in parts]
-
-
-def layer_grad_tensors(job: Job) -> list[tuple[str, int]]:
-    """Gradients flowing through one layer's backward (sft_terms.layer_grad_working_bytes)."""
-    m, T = job.model, job.spec.micro_batch * job.spec.seq
-    width, qd = sft_terms._mlp_width(job), m.heads * m.head_dim
-    parts = [(f"grad {name}", width) for name in ("gate", "up", "product")]
-    parts += [(f"grad {name}", qd) for name in ("q", "k", "v", "attention out")]
-    parts += [("grad hidden", m.hidden), ("grad normed", m.hidden)]
-    return [(name, BF16 * T * n) for name, n in parts]
-
-
-# One layer's backward in the order autograd runs it (the forward reversed): each matrix's input
-# gradient, then its weight's gradient, so the weight gradients that outlive the layer sit
-# between the working tensors it frees (the allocator places them in the same segments).
-LAYER_BACKWARD = ("grad product", "down_proj", "grad up", "grad gate", "up_proj", "grad hidden", "gate_proj",
-                  "grad attention out", "o_proj", "grad q", "grad k", "grad v", "v_proj", "k_proj", "q_proj",
-                  "grad normed", "norms and biases")
 
 
 def once_tensors(job: Job) -> list[tuple[str, int]]:
@@ -174,7 +162,8 @@ def load(t: Trace, state: SftState) -> None:
 @dataclass
 class Saved:
     once: list[int]
-    layers: list[list[int]]  # per layer: its saved tensors (checkpointing: its input only)
+    layers: list[dict[str, int]]  # per layer: its saved tensors (none under checkpointing)
+    inputs: list[int | None]  # per layer under checkpointing: its input, which the checkpoint holds
     final_norm: list[int]
     casts: list[int]
     log_softmax: int | None = None
@@ -191,67 +180,21 @@ def _casts(t: Trace, state: SftState, names: list[str]) -> list[int]:
     return [t.alloc(numel[name] * state.recipe.cast, f"bf16 cast of {name}") for name in names]
 
 
-def _rms_norm(t: Trace, job: Job, name: str) -> int:
-    """transformers' RMSNorm without saving: the fp32 upcast, its square (for the mean), the
-    normalized fp32, its bf16 cast and the weight's product, each dropped after its one use."""
-    h, T = job.model.hidden, job.spec.micro_batch * job.spec.seq
-    upcast = t.alloc(FP32 * h * T, f"{name} fp32")
-    t.free(t.alloc(FP32 * h * T, f"{name} squared"))
-    normed = t.alloc(FP32 * h * T, f"{name} normalized fp32")
-    t.free(upcast)
-    cast = t.alloc(BF16 * h * T, f"{name} normalized bf16")
-    t.free(normed)
-    out = t.alloc(BF16 * h * T, f"{name} output")
-    t.free(cast)
-    return out
-
-
-def _checkpointed_layer(t: Trace, job: Job, i: int, layer_input: int | None) -> int:
-    """Layer i under checkpointing (nothing saved inside): its tensors freed after their last
-    use; returns its output [T, h] (the next layer's saved input). The layer input stays (the
-    checkpoint keeps it)."""
-    m, T = job.model, job.spec.micro_batch * job.spec.seq
-    q, kv, row, wide = BF16 * T * m.heads * m.head_dim, BF16 * T * m.kv_heads * m.head_dim, BF16 * m.hidden * T, \
-        BF16 * T * sft_terms._mlp_width(job)
-    normed = _rms_norm(t, job, f"layer {i} input norm")
-    qkv = [t.alloc(n, f"layer {i} {name}") for name, n in (("q", q), ("k", kv), ("v", kv))]
-    t.free(normed)
-    roped = [t.alloc(n, f"layer {i} roped {name}") for name, n in (("q", q), ("k", kv))]
-    t.free(qkv[0], qkv[1])
-    attention = t.alloc(q, f"layer {i} attention out")
-    t.free(*roped, qkv[2])
-    projected = t.alloc(row, f"layer {i} o_proj out")
-    t.free(attention)
-    mid = t.alloc(row, f"layer {i} residual after attention")
-    t.free(projected)
-    normed = _rms_norm(t, job, f"layer {i} post norm")
-    gate, up = t.alloc(wide, f"layer {i} gate"), t.alloc(wide, f"layer {i} up")
-    act = t.alloc(wide, f"layer {i} silu")
-    t.free(gate)
-    product = t.alloc(wide, f"layer {i} product")
-    t.free(act, up, normed)
-    down = t.alloc(row, f"layer {i} down out")
-    t.free(product)
-    out = t.alloc(row, f"layer {i} output")
-    t.free(down, mid)
-    return out
-
-
 def forward(t: Trace, state: SftState) -> Saved:
     job = state.job
     m, T = job.model, job.spec.micro_batch * job.spec.seq
     row = BF16 * m.hidden * T
-    saved = Saved(_allocs(t, once_tensors(job)), [], [], [])
+    saved = Saved(_allocs(t, once_tensors(job)), [], [], [], [])
     params = dict(state.params)
     saved.casts += _casts(t, state, ["embed_tokens"])
     hidden = t.alloc(row, "embedding output") if job.spec.ac else None
     for i, layer in sorted(state.layer_params.items()):
         saved.casts += _casts(t, state, [name for name, _ in layer])
         if job.spec.ac:
-            saved.layers.append([hidden])
-            hidden = _checkpointed_layer(t, job, i, hidden)
+            saved.inputs.append(hidden)
+            hidden = layers.checkpointed_forward(t, job, i)
         else:
-            saved.layers.append(_allocs(t, layer_saved_tensors(job), f"layer {i} "))
+            saved.layers.append({name: t.alloc(n, f"layer {i} {name}") for name, n in layer_saved_tensors(job)})
     last = hidden
     saved.final_norm = _allocs(t, final_norm_tensors(job))
     t.free(last)
@@ -259,82 +202,51 @@ def forward(t: Trace, state: SftState) -> Saved:
     logits = t.alloc(BF16 * T * m.vocab, "logits [B*S, V] bf16")
     upcast = t.alloc(FP32 * T * m.vocab, "logits fp32")
     saved.log_softmax = t.alloc(FP32 * T * m.vocab, "log-softmax fp32")
-    t.free(logits, upcast)
+    t.free(upcast, logits)
     return saved
 
 
 def backward(t: Trace, state: SftState, saved: Saved) -> None:
+    """The loss, lm_head and the final norm, then the layers in reverse (sft_layer_events), each
+    passing the gradient of its input to the next; the embedding's gradient last."""
     job = state.job
-    m, T = job.model, job.spec.micro_batch * job.spec.seq
-    entries = T * m.vocab
-    grad_out = t.alloc(FP32 * entries, "grad of log-softmax output")
-    grad_in = t.alloc(FP32 * entries, "grad of logits fp32")
-    t.free(saved.log_softmax, grad_out)
-    grad_bf16 = t.alloc(BF16 * entries, "grad of logits bf16")
-    t.free(grad_in)
+    m = job.model
     head = "lm_head" if lm_head_params(m) else "embed_tokens"
-    accumulate(t, state, head, m.vocab * m.hidden)
-    t.free(grad_bf16)
-    t.free(*saved.final_norm)
-    accumulate(t, state, "norm", dict(state.params)["norm"])
+    grad = _loss_backward(t, state, saved, head)
     layer_params = state.layer_params
     for i in reversed(range(m.layers)):
-        recomputed = _recompute(t, job, i) if job.spec.ac else []
-        working = _layer_backward(t, state, i, layer_params[i])
-        if i == 0 and head != "embed_tokens":
-            # the estimator's end-of-backward instant holds every grad beside the first layer's
-            # working set: the embedding's gradient is counted there
-            accumulate(t, state, "embed_tokens", m.vocab * m.hidden)
-        t.free(*working, *recomputed, *saved.layers[i])
-    t.free(*saved.once, *saved.casts)
+        names = {name.split(".", 2)[2]: (name, n) for name, n in layer_params[i]}
 
+        def weight_grad(short: str, names=names) -> None:
+            accumulate(t, state, *names[short])
 
-def _recompute(t: Trace, job: Job, i: int) -> list[int]:
-    """Checkpointing's recomputation of layer i (non-reentrant, stopping once down_proj's input,
-    the last tensor its backward needs, is saved): the saved tensors (layer_saved_tensors) in the
-    order the forward makes them, with the tensors it makes and drops between them (the norms'
-    squares and fp32 products, q and k before rotary, o_proj's output, the residual after
-    attention); returns the saved ones."""
-    m, T = job.model, job.spec.micro_batch * job.spec.seq
-    saved, row = dict(layer_saved_tensors(job)), BF16 * m.hidden * T
-
-    def keep(name: str) -> int:
-        return t.alloc(saved[name], f"layer {i} recomputed {name}")
-
-    def norm(name: str) -> list[int]:
-        upcast = keep(f"{name} fp32")
-        t.free(t.alloc(2 * row, f"layer {i} {name} squared"))
-        product = t.alloc(2 * row, f"layer {i} {name} normalized fp32")
-        cast = keep(f"{name} normed")
-        t.free(product)
-        return [upcast, cast, keep(f"{name} out")]
-
-    kept = norm("input norm")
-    before_rotary = [t.alloc(BF16 * T * n * m.head_dim, f"layer {i} {name} before rotary")
-                     for name, n in (("q", m.heads), ("k", m.kv_heads))]
-    kept += [keep("v"), keep("q"), keep("k")]
-    t.free(*before_rotary)
-    kept.append(keep("attention out, lse, rstd, q/k norms"))
-    projected = t.alloc(row, f"layer {i} o_proj out")
-    mid = t.alloc(row, f"layer {i} residual after attention")
-    t.free(projected)
-    kept += norm("post norm") + [keep("gate"), keep("up"), keep("silu"), keep("product")]
-    t.free(mid)
-    return kept
-
-
-def _layer_backward(t: Trace, state: SftState, i: int, params: list[tuple[str, int]]) -> list[int]:
-    """Layer i's gradient working set and its weights' gradients, in LAYER_BACKWARD's order; the
-    working set stays live to the layer's end (the estimator's instant); returns its keys."""
-    grads = {name.split(".", 2)[2]: (name, n) for name, n in params}
-    working = dict(layer_grad_tensors(state.job))
-    keys = []
-    for name in LAYER_BACKWARD:
-        if name in working:
-            keys.append(t.alloc(working[name], f"layer {i} {name}"))
+        if job.spec.ac:
+            kept = layers.recompute(t, job, i, dict(layer_saved_tensors(job)))
+            grad = layers.layer_backward(t, job, i, kept, grad, weight_grad, layer_input=(saved.inputs[i],))
         else:
-            accumulate(t, state, *grads[name])
-    return keys
+            grad = layers.layer_backward(t, job, i, saved.layers[i], grad, weight_grad)
+    accumulate(t, state, "embed_tokens", m.vocab * m.hidden)  # embedding_dense_backward, after every layer
+    t.free(grad, *saved.once, *saved.casts)
+
+
+def _loss_backward(t: Trace, state: SftState, saved: Saved, head: str) -> int:
+    """cross_entropy's nll and log-softmax backward in fp32 beside the saved log-softmax
+    (sft_terms.backward_logits_bytes), the cast back to bf16, lm_head's weight gradient then its
+    input's, the final norm's backward; returns the gradient of the last layer's output."""
+    job = state.job
+    m, T = job.model, job.spec.micro_batch * job.spec.seq
+    entries, row = T * m.vocab, BF16 * m.hidden * T
+    grad_out = t.alloc(FP32 * entries, "grad of log-softmax output")
+    grad_in = t.alloc(FP32 * entries, "grad of logits fp32")
+    t.free(grad_out, saved.log_softmax)
+    grad_bf16 = t.alloc(BF16 * entries, "grad of logits bf16")
+    t.free(grad_in)
+    accumulate(t, state, head, m.vocab * m.hidden)
+    grad_hidden = t.alloc(row, "grad of final norm out")
+    upcast, cast, out = saved.final_norm
+    t.free(grad_bf16, out)
+    return layers.norm_backward(t, grad_hidden, upcast, cast, row, "final norm",
+                                lambda: accumulate(t, state, "norm", dict(state.params)["norm"]))
 
 
 def optimizer_step(t: Trace, state: SftState, first: bool) -> None:

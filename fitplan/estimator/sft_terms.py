@@ -67,6 +67,22 @@ def first_layer_bytes(job: Job) -> int:
     return layer_saved_bytes_per_token(job) * _tokens(job)
 
 
+def once_in_backward_bytes(job: Job) -> int:
+    """Live to the end of backward once per model: input ids and the shifted labels nll_loss
+    saves (int64), the rotary cos and sin."""
+    return 2 * INT64 * _tokens(job) + 2 * BF16 * job.spec.seq * job.model.head_dim
+
+
+def first_layer_mlp_backward_bytes(job: Job) -> int:
+    """The busiest instant of the first layer's backward (its weights' gradients but down_proj's
+    not made yet): when SwiGLU's product backward makes the gradients of SiLU's output and of
+    up_proj's output beside the product's gradient (bf16 [T, I] each), the product itself freed;
+    the layer's saved (or recomputed) tensors, the gradient coming from the layer above and,
+    under checkpointing, the layer's input the checkpoint holds ([T, h] bf16 each)."""
+    rows = 2 if job.spec.ac else 1
+    return (layer_saved_bytes_per_token(job) + 2 * BF16 * _mlp_width(job) + rows * BF16 * job.model.hidden) * _tokens(job)
+
+
 def layer_grad_working_bytes(job: Job) -> int:
     """Gradients flowing through one layer's backward: SwiGLU grads and q/k/v/out grads, bf16."""
     m = job.model
