@@ -101,6 +101,10 @@ class RunSpec:
     made again in backward instead of kept, the final norm inside the fused head, and the
     teacher is held as the target's bf16 logits over the draft vocab (softmax per chunk) instead
     of fp32 probabilities. false: kept, and an fp32 teacher, as the first lean draft (its reports)."""
+    share_embedding: bool = True
+    """fitplan runtime, eagle3 with a live target whose embedding is whole on each rank (tp 1):
+    the draft's frozen embedding is the target's own tensor, not a copy of it, so one [V, h] is
+    held instead of two. false: a copy, as the trainer made before (its reports)."""
 
     def __post_init__(self) -> None:
         validate(self)

@@ -310,3 +310,12 @@ def fused_norms(job: Job) -> bool:
     recompute_norms, trainer/norm_project.py)."""
     spec = job.spec
     return spec.runtime == "fitplan" and spec.draft_memory == "lean" and spec.recompute_norms
+
+
+def shares_target_embedding(job: Job) -> bool:
+    """Whether the draft's frozen embedding is the live target's own tensor (RunSpec
+    share_embedding): only where the target holds it whole on this rank, unsharded (tp 1) and
+    loaded (not from stored features, where only the draft keeps one)."""
+    spec = job.spec
+    return (spec.runtime == "fitplan" and spec.workload == "eagle3" and spec.share_embedding
+            and not spec.offline and job.tp == 1)

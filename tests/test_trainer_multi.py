@@ -96,6 +96,14 @@ def single_process(folder, world: int) -> dict:
     return train(options(folder, folder / "out-single", 1, 1, 1, accum=world))
 
 
+def assert_trained(reference: dict) -> None:
+    """The draft was updated at every step: a finite, non-zero gradient norm (Adam then moves each
+    weight by about lr). Equal numbers across layouts would prove little from a draft standing
+    still. (Its three batches differ, so the loss need not fall in three steps.)"""
+    norms = [float(s["grad_norm"]) for s in reference["report"]["steps"]]
+    assert len(norms) == STEPS and all(0 < n < float("inf") for n in norms), norms
+
+
 def assert_matches_one_process(got: dict, want: dict) -> None:
     """Losses step for step; gradients at step 1, where both start from the same weights (Adam's
     first update is about lr * sign(g), so a gradient element that rounds to the other sign
@@ -121,8 +129,7 @@ def test_output_modes_agree_and_match_one_process(tmp_path, world, tp):
         for got, want in zip(result["all-to-all"]["grads"], result["gather"]["grads"]):
             assert all(torch.equal(a, b) for a, b in zip(got, want))
         assert_matches_one_process(result["gather"], reference)
-    # the loss moves: a test of equal numbers that could be equal by standing still would prove little
-    assert reference["loss"][-1] < reference["loss"][0]
+    assert_trained(reference)
     report = json.loads((tmp_path / "out-gather" / "report.json").read_text())
     assert report["world"] == world and len(report["per_rank"]) == world
     assert set(report["steps"][1]["phases"]) >= {"target_forward", "draft_forward", "backward", "optimizer_step"}
@@ -150,7 +157,7 @@ def test_pure_data_parallel_matches_one_process(tmp_path):
     for result in ranks:
         for sharding in ("zero2", "zero3"):
             assert_matches_one_process(result[sharding], reference)
-    assert reference["loss"][-1] < reference["loss"][0]
+    assert_trained(reference)
 
 
 # ---------------------------------------------------------------- checkpoints under several ranks

@@ -297,9 +297,20 @@ class DecoderLayer(nn.Module):
         return hidden + self.mlp.down(*gate_up), k, v
 
 
+def _frozen_embedding(cfg: DraftConfig, shared: torch.Tensor | None) -> torch.Tensor:
+    """The target's tensor, or a random [V, h] drawn aside from the global generator: the
+    trained weights then draw the same numbers from a seed whether the embedding is shared or
+    copied (the copy overwrites this draw), so both train alike."""
+    if shared is not None:
+        return shared
+    weight = torch.empty(cfg.vocab, cfg.hidden)
+    with torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []):
+        return weight.normal_()
+
+
 class Eagle3Draft(nn.Module):
     def __init__(self, cfg: DraftConfig, attention: str = "flex", checkpoint_layer: bool = False, lean: bool = True,
-                 recompute_norms: bool = True):
+                 recompute_norms: bool = True, embedding: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         self.lean = lean  # RunSpec.draft_memory: the fused head + loss and the lean SwiGLU
@@ -307,8 +318,9 @@ class Eagle3Draft(nn.Module):
         # head, and a teacher of logits
         self.fused_norms = lean and recompute_norms
         self.checkpoint_layer = checkpoint_layer
-        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden)
-        self.embed_tokens.weight.requires_grad_(False)  # a frozen copy of the target's
+        # frozen: the target's own [V, h] when given (RunSpec.share_embedding), else a copy made later
+        self.shares_embedding = embedding is not None
+        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden, _weight=_frozen_embedding(cfg, embedding), _freeze=True)
         self.fc = nn.Linear(3 * cfg.target_hidden, cfg.hidden, bias=False)
         self.midlayer = DecoderLayer(cfg, attention, lean, self.fused_norms)
         self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)

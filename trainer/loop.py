@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fitplan.errors import FitplanError
-from fitplan.layout import Job, resolve
+from fitplan.layout import Job, resolve, shares_target_embedding
 from fitplan.records import write_measurement
 from trainer import checkpoint, compare, data, features, optim, parallel, vocab
 from trainer.draft import DraftConfig, Eagle3Draft
@@ -98,13 +98,15 @@ def default_dtype(dtype: torch.dtype):
 def build_draft(job: Job, hf, target: torch.nn.Module, draft_ids: torch.Tensor, device: torch.device) -> Eagle3Draft:
     """The draft, whole on this rank (the same on every rank: same seed); sharding comes after."""
     spec = job.spec
+    source = target.get_input_embeddings().weight
+    shared = source.detach() if shares_target_embedding(job) else None
     with torch.device(device), default_dtype(optim.param_dtype(spec.precision)):
         draft = Eagle3Draft(draft_config(job, hf), spec.attention_impl, checkpoint_layer=spec.ac,
-                            lean=spec.draft_memory == "lean", recompute_norms=spec.recompute_norms)
+                            lean=spec.draft_memory == "lean", recompute_norms=spec.recompute_norms, embedding=shared)
     with torch.no_grad():
-        # the frozen embedding stays in the target's bf16 whatever the recipe
-        draft.embed_tokens.to(torch.bfloat16)
-        draft.embed_tokens.weight.copy_(parallel.full_tensor(target.get_input_embeddings().weight))
+        if shared is None:  # a copy, kept in the target's bf16 whatever the recipe
+            draft.embed_tokens.to(torch.bfloat16)
+            draft.embed_tokens.weight.copy_(parallel.full_tensor(source))
         d2t, t2d = vocab.mapping(draft_ids.cpu(), draft.cfg.vocab)
         draft.d2t.copy_(d2t)
         draft.t2d.copy_(t2d)

@@ -16,19 +16,25 @@ from fitplan.estimator import draft_terms, target_terms
 from fitplan.estimator.recipes import TrainedState
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
 from fitplan.estimator.timeline import Component, Timeline, merge, phase
-from fitplan.layout import Job, fused_norms
+from fitplan.layout import Job, fused_norms, shares_target_embedding
 from fitplan.units import FP32
+
+
+def draft_frozen_params(job: Job) -> int:
+    """The draft's own frozen embedding: none where it is the target's tensor (trainer/loop.py
+    build_draft; layout.shares_target_embedding), counted once in target.weights."""
+    return 0 if shares_target_embedding(job) else job.draft.frozen_params()
 
 
 def draft_state(job: Job) -> TrainedState:
     """The draft's state; the trainer keeps its frozen embedding in the target's bf16 whatever
     the recipe (trainer/loop.py build_draft), TrainedState's default.
 
-    That embedding is a copy (build_draft copy_'s the target's embed_tokens into the draft's own
-    nn.Embedding), not a view: a second [V, h] beside target.weights, for a tied target too. The
-    target's own [V, h] is counted once in target.weights whether or not lm_head is tied to it
-    (params.lm_head_params); the draft's copy is counted once here, in draft.params."""
-    return TrainedState(job.spec, job.draft.trainable_params(), job.draft.frozen_params(), job.world)
+    Where the target's embedding is not whole on the rank (tp > 1), or not loaded (stored
+    features), or share_embedding is off, the draft's embedding is a copy: a second [V, h] beside
+    target.weights, for a tied target too, counted here in draft.params. The target's own [V, h]
+    is counted once in target.weights whether or not lm_head is tied to it (params.lm_head_params)."""
+    return TrainedState(job.spec, job.draft.trainable_params(), draft_frozen_params(job), job.world)
 
 
 def optimizer_state(state: TrainedState, steady: bool) -> dict[str, int]:
@@ -43,7 +49,7 @@ def draft_units(job: Job) -> dict[str, tuple[int, bool]]:
     d = job.draft
     attention = 2 * d.hidden * (d.heads + 2 * d.kv_heads) * d.head_dim + d.heads * d.head_dim * d.hidden
     return {
-        "embedding": (d.frozen_params(), False),
+        "embedding": (draft_frozen_params(job), False),
         "fc": (3 * d.target_hidden * d.hidden, True),
         "midlayer": (attention + 3 * d.hidden * d.intermediate + 3 * d.hidden, True),
         "lm_head": (d.hidden * d.draft_vocab, True),
@@ -75,7 +81,7 @@ def checkpoint_gather_bytes(job: Job, state: TrainedState) -> int:
     d, p = job.draft, state.recipe.param
     trainable = max(d.draft_vocab * d.hidden, 3 * d.target_hidden * d.hidden, d.intermediate * d.hidden,
                     2 * d.hidden * d.heads * d.head_dim)
-    return max(d.vocab * d.hidden * state.frozen_bytes_per_param, trainable * p)
+    return max(draft_frozen_params(job) * state.frozen_bytes_per_param, trainable * p)
 
 
 def backward_grads(job: Job, state: TrainedState) -> dict[str, int]:
@@ -244,7 +250,8 @@ def _largest(job: Job, t: Timeline) -> None:
         t.candidate(target_terms.eager_scores_tensor_bytes(job), "target eager attention scores [B, H, S, S]")
     t.candidate(draft_terms.teacher_bytes(job), "teacher probabilities [B, S+L, Vd] fp32")
     t.candidate(FP32 * target_terms.own_tokens(job) * Vd, "draft log-softmax [B, S, Vd] fp32")
-    t.candidate(job.draft.frozen_params() * draft_state(job).frozen_bytes_per_param, "draft embedding [V, h] bf16")
+    if draft_frozen_params(job):
+        t.candidate(draft_frozen_params(job) * draft_state(job).frozen_bytes_per_param, "draft embedding [V, h] bf16")
     if job.spec.attention_impl == "eager":
         B, S, L = job.spec.micro_batch, job.spec.seq, job.spec.ttt
         # the last TTT step attends to the keys of all L steps: [B, H, S, L*S]

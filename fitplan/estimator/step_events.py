@@ -181,8 +181,8 @@ def load(t: Trace, state: State) -> None:
     for group in _materialized_together(target_weight_tensors(job)):
         _split(t, group, job.tp)
     world = state.sharded.world if state.sharded is not None else 1
-    frozen = fsdp_events.shard(job.draft.frozen_params(), world)
-    draft = [("draft.embed_tokens", frozen * state.trained.frozen_bytes_per_param)]
+    frozen = fsdp_events.shard(state.trained.frozen, world)
+    draft = [("draft.embed_tokens", frozen * state.trained.frozen_bytes_per_param)] if frozen else []
     draft += [(f"draft.{name}", n * state.recipe.param) for name, n in state.stored]
     _split(t, draft, world)
     t.alloc(CUBLAS_WORKSPACE_BYTES, "cuBLAS workspace")

@@ -7,7 +7,7 @@ so its moments are sharded with the parameters: build the optimizer after `shard
 
 Each child that holds parameters (each element of a ModuleList) is its own FSDP unit, so
 zero3 frees one block's gathered weights before the next is gathered; the root unit takes
-whatever parameters remain.
+whatever parameters remain, except a frozen embedding shared with the target (left whole).
 """
 
 from __future__ import annotations
@@ -38,8 +38,14 @@ def shard_draft(
         options["mp_policy"] = mp_policy
     for unit in _units(draft):
         fully_shard(unit, **options)
-    fully_shard(draft, **options)
+    fully_shard(draft, ignored_params=_shared(draft), **options)
     return draft
+
+
+def _shared(draft: nn.Module) -> set[nn.Parameter]:
+    """A frozen embedding that is the target's own tensor stays whole and out of FSDP's hands:
+    sharding it would add a shard beside the target's full copy, not remove one."""
+    return {draft.embed_tokens.weight} if getattr(draft, "shares_embedding", False) else set()
 
 
 def _units(draft: nn.Module) -> list:
@@ -47,9 +53,10 @@ def _units(draft: nn.Module) -> list:
     one: the fused head uses the norm's weight inside the lm_head's call, where only that unit's
     parameters are gathered (and its gradient reduced)."""
     units = []
+    shared = _shared(draft)
     for child in draft.children():
         members = list(child) if isinstance(child, nn.ModuleList) else [child]
-        units.extend(m for m in members if next(m.parameters(), None) is not None)
+        units.extend(m for m in members if any(p not in shared for p in m.parameters()))
     if getattr(draft, "fused_norms", False):
         units = [u for u in units if u is not draft.norm and u is not draft.lm_head] + [[draft.norm, draft.lm_head]]
     return units
