@@ -3,9 +3,10 @@ tensor, counted once in every phase.
 
 The expected numbers are hand counts from the profile's shape (profiles/models/llama-3.2-3b.json)
 times bytes per parameter, written out here; they are not read back from the estimator.
-The draft's frozen embedding is a separate tensor: trainer/loop.py build_draft copies the target's
-embed_tokens into the draft's own nn.Embedding, so a tied target still has two [V, h] on the GPU,
-the target's (once) and the draft's copy.
+The draft's frozen embedding is the target's own tensor at tp 1 (share_embedding, the default):
+a tied target then has one [V, h] on the GPU, serving as its embedding, its lm_head and the
+draft's embedding. With share_embedding off, trainer/loop.py build_draft copies it into the
+draft's own nn.Embedding: a second [V, h].
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ DRAFT_TRAINABLE = (
     + 4 * h  # input, hidden, post-attention and final norms
     + h * VD  # lm_head over the draft vocab: 98,304,000
 )
-DRAFT_FROZEN = EMBED  # the frozen copy of the target's embedding, bf16
+DRAFT_FROZEN = EMBED  # the frozen copy of the target's embedding, bf16, with share_embedding off
 
 
 def test_hand_counts_match_the_profile():
@@ -68,18 +69,27 @@ def _totals(estimate) -> dict[str, int]:
 # ---------------------------------------------------------------- eagle3, bf16-master, 1xH100
 
 
-def test_tied_target_load_counts_the_embedding_once_plus_the_draft():
+def test_tied_target_load_counts_the_embedding_once_shared_with_the_draft():
     e = estimate_spec(RunSpec(model="llama-3.2-3b", gpus="1xH100", seq=2048))
+    load = e.phases["load"]
+    assert load["target.weights"] == BF16 * TARGET_TIED  # 6,425,499,648
+    assert load["draft.params"] == BF16 * DRAFT_TRAINABLE  # 486,039,552
+    assert sum(load.values()) == BF16 * TARGET_TIED + BF16 * DRAFT_TRAINABLE + CUBLAS_WORKSPACE
+    assert sum(load.values()) == 6_945_093_632
+    assert e.step1_phases["load"] == load  # the master and moments come with the first step
+
+
+def test_tied_target_load_counts_the_embedding_once_plus_the_drafts_copy():
+    e = estimate_spec(RunSpec(model="llama-3.2-3b", gpus="1xH100", seq=2048, share_embedding=False))
     load = e.phases["load"]
     assert load["target.weights"] == BF16 * TARGET_TIED  # 6,425,499,648
     assert load["draft.params"] == BF16 * (DRAFT_TRAINABLE + DRAFT_FROZEN)  # 1,274,044,416
     assert sum(load.values()) == BF16 * TARGET_TIED + BF16 * (DRAFT_TRAINABLE + DRAFT_FROZEN) + CUBLAS_WORKSPACE
     assert sum(load.values()) == 7_733_098_496
-    assert e.step1_phases["load"] == load  # the master and moments come with the first step
 
 
 def test_tied_target_optimizer_and_checkpoint_by_hand():
-    totals = _totals(estimate_spec(RunSpec(model="llama-3.2-3b", gpus="1xH100", seq=2048)))
+    totals = _totals(estimate_spec(RunSpec(model="llama-3.2-3b", gpus="1xH100", seq=2048, share_embedding=False)))
     load = BF16 * TARGET_TIED + BF16 * (DRAFT_TRAINABLE + DRAFT_FROZEN) + CUBLAS_WORKSPACE
     # bf16-master: fp32 master 4 + Adam moments 8 (steady), bf16 grads 2 and an fp32 grad copy 4 at the step
     master, moments = FP32 * DRAFT_TRAINABLE, 2 * FP32 * DRAFT_TRAINABLE

@@ -142,11 +142,15 @@ def build_random(config, device: torch.device, ctx=None, seed: int = 0) -> torch
         _materialize(layer, f"model.layers.{index}.", device, std, seed, init_buffers)
         if ctx is not None:
             parallel.parallelize_layer(layer, ctx)
-    rest = [(n, m) for n, m in model.named_modules() if any(p.is_meta for p in m.parameters(recurse=False))]
+    tied = getattr(config, "tie_word_embeddings", False)
+    # a tied lm_head is not materialized at all: tying makes it the embedding's tensor, and a
+    # [V, h] of its own, even for a moment, would be the load's peak
+    head = model.get_output_embeddings() if tied else None
+    rest = [(n, m) for n, m in model.named_modules()
+            if m is not head and any(p.is_meta for p in m.parameters(recurse=False))]
     for name, module in rest:
         _materialize(module, f"{name}.", device, std, seed, init_buffers, recurse=False)
-    if getattr(config, "tie_word_embeddings", False):
-        # to_empty gave embed_tokens and lm_head tensors of their own: tie them again (one [V, h])
+    if tied:
         model.tie_weights()
     if ctx is not None:
         parallel.parallelize_root(model, ctx)
