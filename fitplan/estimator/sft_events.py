@@ -5,21 +5,23 @@ recipes.py) the way step_events.py writes the Eagle3 trainer's.
 - load (build_model, build_optimizer): the model's weights in module order (embedding, each
   decoder layer, final norm, untied lm_head), the cuBLAS workspace, `mixed`'s fp32 masters;
 - forward (transformers' decoder, the model's own loss on `labels`): ids, rotary tables, then
-  each layer: without checkpointing its saved tensors, kept; with it its working set made and
-  dropped (checkpoint saves nothing inside) and its output kept as the next layer's saved input;
-  the final norm, then the loss: bf16 logits, their fp32 upcast, the fp32 log-softmax
-  cross_entropy saves (only that one survives the forward);
+  each layer: without checkpointing its saved tensors, kept; with it the layer's ops in the real
+  code's order, nothing saved inside (sft_layer_events.py), its output kept as the next layer's
+  checkpointed input; the final norm, then the loss: bf16 logits, their fp32 upcast, the fp32
+  log-softmax cross_entropy saves (only that one survives the forward);
 - backward: the loss's two fp32 gradients beside the saved log-softmax (sft_terms'
-  backward_logits_bytes), the bf16 one into lm_head, then the layers in reverse: the layer's
-  saved tensors (recomputed under checkpointing), its gradient working set and its parameters'
-  gradients (bf16, or into fp32 master gradients in `mixed`), freed layer by layer;
+  backward_logits_bytes), the bf16 one, lm_head's weight gradient then its input's, the final
+  norm's backward, then the layers in reverse (sft_layer_events.py: recomputed under
+  checkpointing, each saved tensor freed after the node that used it, each parameter's gradient
+  where mm's backward makes it, bf16 or into fp32 master gradients in `mixed`), the gradient of
+  each layer's input handed to the next, the embedding's gradient last;
 - optimizer step (torch's fused AdamW, or trainer/optim.py MasterWeightAdamW): step 1 makes the
   moments (and bf16-master's masters), bf16-master copies every grad to fp32 for the step,
   zero_grad(set_to_none) frees the grads.
 
-Tensors the estimator does not count (the residual stream between layers, labels' padding, the
-small grads flowing between layers) are left out, so the live bytes at each phase's peak are the
-phase's sum.
+Small tensors the estimator does not count (the norms' rstd and the loss's scalars) are left out
+or ride with a neighbour, so the live bytes at each phase's peak are the estimator's phase sum
+(sft.py's backward instants follow this order).
 """
 
 from __future__ import annotations
