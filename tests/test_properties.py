@@ -83,6 +83,10 @@ def peak(job: Job) -> int:
     return estimate(job).peak_reserved_bytes
 
 
+def out_of_memory(job: Job) -> bool:
+    return estimate(job).verdict == "OOM"
+
+
 # The device level of a one-GPU trainer job comes from the allocator replay, whose reserved bytes
 # move with the caching allocator's granularity: another sequence of the same sizes can leave a
 # 2 MiB small segment or a 20 MiB large one (or a block's rounding) more or fewer. The laws hold
@@ -91,7 +95,11 @@ RESERVED_SLACK = 64 * 2**20
 
 
 def at_most(smaller: Job, larger: Job) -> bool:
-    """peak(smaller) <= peak(larger), within the allocator's granularity."""
+    """peak(smaller) <= peak(larger), within the allocator's granularity; of two jobs that are
+    both out of memory, only that (how far past the device each one's replay reaches depends on
+    where its first request fails)."""
+    if out_of_memory(smaller) and out_of_memory(larger):
+        return True
     return peak(smaller) <= peak(larger) + RESERVED_SLACK
 
 
@@ -161,7 +169,18 @@ def test_smaller_micro_batch_never_costs_memory(job):
 @given(jobs())
 def test_checkpointing_never_costs_memory(job):
     assert at_most(with_spec(job, ac=True), with_spec(job, ac=False))
-    assert not rises(estimate(with_spec(job, ac=True)), estimate(with_spec(job, ac=False)))
+    assert not rises(estimate(with_spec(job, ac=True)), estimate(with_spec(job, ac=False)),
+                     slack=checkpointed_input_row(job))
+
+
+def checkpointed_input_row(job: Job) -> int:
+    """The documented exception (docs/estimate.md, "Monotonicity"): in an sft backward's first
+    layer the checkpoint holds the layer's input [T, h] bf16 beside the recomputed set, so a model
+    whose other layers save less than that row (one layer, a few tokens) ends backward that much
+    higher with checkpointing."""
+    if job.spec.workload != "sft":
+        return 0
+    return 2 * job.model.hidden * job.spec.micro_batch * job.spec.seq
 
 
 @settings(max_examples=150, deadline=None)
@@ -225,7 +244,7 @@ def carried_grads(est) -> int:
 @given(accepted_specs())
 def test_law_checkpointing_never_raises_memory(spec):
     off, on = accepted(spec.replace(ac=False)), accepted(spec.replace(ac=True))
-    assert not (up := rises(on, off)), (up, spec)
+    assert not (up := rises(on, off, slack=checkpointed_input_row(resolve(spec)))), (up, spec)
 
 
 @LAWS

@@ -84,11 +84,11 @@ def test_not_written_for_what_it_does_not_model():
     assert "optimizer" in step_events.sequence_unsupported(job(optimizer="adamw-8bit"))
 
 
-def test_sft_keeps_the_fitted_reserve_until_its_replay_is_validated():
+def test_one_gpu_sft_takes_its_device_level_from_the_replay():
     j = job()
-    assert step_events.sequence_unsupported(j) is None  # the sequence is written...
-    assert step_events.unsupported(j) == step_events.SFT_KEPT  # ...but the estimate does not take it
-    assert estimate(j).replay is None
+    assert step_events.unsupported(j) is None
+    replay = estimate(j).replay
+    assert replay is not None and replay.needed_reserved_bytes >= estimate(j).peak_allocated_bytes
 
 
 def test_the_written_replay_calls_every_measured_sft_oom_oom():

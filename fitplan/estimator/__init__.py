@@ -46,10 +46,9 @@ def _layout(job: Job) -> dict:
 
 def _replay(job: Job):
     """fitplan's trainer on one GPU: its step replayed through the caching allocator model (None
-    elsewhere; the model is imported only then, so other jobs start no slower). sft jobs on one
-    GPU have their sequence written (sft_events.py) but keep the fitted reserve
-    (step_events.SFT_KEPT); let them in here when that changes."""
-    if job.world != 1 or not runtime.runs_fitplan_trainer(job):
+    elsewhere; the model is imported only then, so other jobs start no slower): Eagle3 and sft
+    alike (draft_events.py, sft_events.py)."""
+    if job.world != 1 or job.spec.runtime != "fitplan":
         return None
     from fitplan.estimator import replayed
 

@@ -61,10 +61,13 @@ def _backward(job: Job, state: TrainedState, before: dict[str, int], carried: di
         logits__model=sft_terms.backward_logits_bytes(job),
     ))
     m = job.model
-    if state.sharded_grads() or m.is_moe or m.mla_attention_params is not None:
+    if m.is_moe or m.mla_attention_params is not None:
         ends = [merge(before, _grads_at_backward_end(job, state), phase(
             activations__model=sft_terms.first_layer_bytes(job) + sft_terms.layer_grad_working_bytes(job),
         ))]
+    elif state.sharded_grads():  # the same instants, the grads reduce-scattered unit by unit
+        ends = [merge(before, _grads_at_backward_end(job, state), phase(activations__model=held))
+                for _, held in _whole_grad_backward_ends(job, state)]
     else:
         ends = [merge(before, phase(model__grads=grads), phase(activations__model=held))
                 for grads, held in _whole_grad_backward_ends(job, state)]

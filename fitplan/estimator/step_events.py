@@ -59,21 +59,11 @@ SEVERAL_GPUS = ("several GPUs: the replayed step under-predicts the device level
                 "runs by more than 3% on 8 of 21 (up to 11.6%), so the fitted reserve is kept")
 
 
-# sft on one GPU: the sequence is written (sft_events.py), but on the matrix's measured one-GPU sft
-# rows (python -m fitplan.validation.replay_table; docs/allocator.md, "sft") its replay is off by
-# up to 13% and under-predicts one row by 5.6%, where the fitted reserve never under-predicts by
-# more than 3%, so those jobs keep the fitted reserve.
-SFT_KEPT = ("sft: the replayed step under-predicts the device level of a measured one-GPU sft run by 5.6% "
-            "(llama-3.1-8b s4096 b2) and over-predicts another by 13%, so the fitted reserve is kept")
-
-
 def unsupported(job: Job) -> str | None:
     """Why the estimate does not take this job's device level from the replay (None: it does)."""
     reason = sequence_unsupported(job)
     if reason is None and job.world > 1:
         return SEVERAL_GPUS
-    if reason is None and job.spec.workload == "sft":
-        return SFT_KEPT
     return reason
 
 

@@ -232,7 +232,7 @@ def main() -> None:
     rows = matrix_rows()
     print(f"### One-GPU Eagle3 rows of the validation matrix (plain draft)\n\n{matrix_table(rows)}\n\n{summary(rows)}\n")
     rows = matrix_rows(workload="sft", written=True)
-    print(f"### One-GPU sft rows of the validation matrix (trainer/sft_step.py; the estimate keeps the fitted reserve)\n\n{matrix_table(rows)}\n\n{summary(rows)}\n")
+    print(f"### One-GPU sft rows of the validation matrix (trainer/sft_step.py; the estimate takes the replay)\n\n{matrix_table(rows)}\n\n{summary(rows)}\n")
     rows = multi_rows()
     print(f"### Several GPUs (FSDP2 zero2 draft, TP target; the estimate keeps the fitted reserve)\n\n"
           f"{matrix_table(rows)}\n\n{summary(rows)}\n")
