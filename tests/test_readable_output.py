@@ -255,3 +255,17 @@ def test_plot_png_is_the_whole_figure(tmp_path):
     assert result.exit_code == 0, result.output
     height, width = matplotlib.image.imread(out).shape[:2]
     assert width > height > 0
+
+
+def test_train_says_why_it_wrote_a_snapshot(tmp_path, capsys):
+    """A snapshot asked for with --memory-snapshot is not reported as a missed prediction."""
+    from fitplan.render.train import show_report
+
+    base = {"steps": [], "comparison": [], "snapshot": str(tmp_path / "memory_snapshot.pickle")}
+    for reason, says in (("asked", None), ("missed", "missed its prediction"), ("oom", "out of memory")):
+        show_report({**base, "snapshot_reason": reason}, tmp_path)
+        out = capsys.readouterr().out
+        assert "allocator snapshot at" in out
+        assert ("missed its prediction" in out) == (reason == "missed")
+        if says:
+            assert says in out

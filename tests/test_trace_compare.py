@@ -247,3 +247,43 @@ def test_the_meter_labels_each_phase_on_cuda(monkeypatch):
     assert labels == ["load", "step1.target_forward", "step1.draft_forward", "step1.backward", "step1.optimizer_step",
                       "step2.target_forward", "step2.draft_forward", "step2.backward", "step2.optimizer_step", ""]
     assert [tc.compared_label(label) for label in labels[4:6]] == ["step1.optimizer_step", "steady.target_forward"]
+
+
+# ------------------------------------------------------------------ the trainer's own recording
+
+TRAINER_TRACE = Path(__file__).parent / "data" / "gpu" / "trace" / "llama-3.1-8b-s2048.snapshot.pickle.gz"
+TRAINER_REPORT = Path(__file__).parent / "data" / "gpu" / "lean" / "h200x1-llama-3.1-8b-s2048.report.json"
+
+
+def test_backward_entries_take_the_phase_the_training_thread_waits_in():
+    # autograd's device thread records no label: a run of unlabelled entries between two entries
+    # of one phase ran inside it; between two phases it stays unlabelled
+    entries = [{"user_metadata": m} for m in ("a", "", "", "a", "", "b", "", "", "b", "")]
+    assert tc.thread_filled_labels(entries) == ["a", "a", "a", "a", "", "b", "b", "b", "b", ""]
+
+
+def test_the_trainer_recording_replays_to_its_real_segments():
+    """fitplan train on an H200 (llama-3.1-8b s2048, three steps): the allocator model replaying the
+    recorded requests reserves what the real segments did at the peak of every phase, and
+    retries as often (the report measured no retry)."""
+    job = tc.job_of(TRAINER_REPORT)
+    recorded, trace, real = tc.recorded_side(load_snapshot(TRAINER_TRACE), 10**15)
+    assert trace.complete
+    assert set(real) >= {"load", "step1.backward", "steady.backward", "steady.optimizer_step"}
+    for phase, reserved in real.items():
+        assert recorded.reserved[phase] == reserved, phase
+    model = tc.replay_recorded(trace, 10**15)
+    measured_retries = max(step["allocator"]["alloc_retries"] for step in json.loads(TRAINER_REPORT.read_text())["steps"])
+    assert model.num_alloc_retries == measured_retries == 0
+    assert job.spec.share_embedding
+
+
+def test_the_written_step_holds_what_the_recorded_one_held():
+    """Per phase, the most bytes live at once: the estimator's written sequence against the
+    recording (measured), within 1% (allocated within 2% is the estimator's bar)."""
+    job = tc.job_of(TRAINER_REPORT)
+    recorded, _, _ = tc.recorded_side(load_snapshot(TRAINER_TRACE), 10**15)
+    ours, theirs = tc.phase_rows(tc.written_side(job)), tc.phase_rows(recorded)
+    for phase in ("load", "step1.draft_forward", "step1.backward", "steady.draft_forward", "steady.backward",
+                  "steady.optimizer_step"):
+        assert ours[phase].peak_live == pytest.approx(theirs[phase].peak_live, rel=0.01), phase

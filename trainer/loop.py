@@ -446,11 +446,13 @@ def _finish(report: dict, opts: TrainOptions, prediction, snapshot: bool, name: 
     report = ledger.compose(report)
     report["comparison"] = compare.rows(report["steps"], report.get("load", {}), prediction)
     if snapshot:
-        if compare.missed(report["comparison"]) or "oom" in report or opts.memory_snapshot:
+        reason = "oom" if "oom" in report else "missed" if compare.missed(report["comparison"]) else None
+        if reason or opts.memory_snapshot:
             path = opts.output / "memory_snapshot.pickle"
             try:
                 torch.cuda.memory._dump_snapshot(str(path))
                 report["snapshot"] = str(path)
+                report["snapshot_reason"] = reason or "asked"
             except OSError as exc:
                 report["snapshot_error"] = f"cannot write {path} ({exc.strerror})"
         torch.cuda.memory._record_memory_history(enabled=None)

@@ -9,6 +9,13 @@ from rich.console import Console
 from trainer.compare import MISS_FRACTION
 from fitplan.units import GIB
 
+# why `fitplan train` wrote an allocator snapshot (the report's snapshot_reason)
+SNAPSHOT_REASONS = {
+    "missed": f"[red]a phase missed its prediction by more than {100 * MISS_FRACTION:.0f}%[/]: ",
+    "oom": "[red]out of memory[/]: ",
+    "asked": "",
+}
+
 
 def comparison_table(table: list[dict]):
     from rich.table import Table
@@ -47,6 +54,6 @@ def show_report(report: dict, output: Path) -> None:
         if oom.get("fit_suggestion"):
             console.print(f"`fitplan fit` would change: {oom['fit_suggestion']}")
     if report.get("snapshot"):
-        console.print(f"[red]a phase missed its prediction by more than 10%[/]: allocator snapshot at {report['snapshot']} "
-                      "(open it at https://pytorch.org/memory_viz)")
+        why = SNAPSHOT_REASONS.get(report.get("snapshot_reason", "missed"), "")
+        console.print(f"{why}allocator snapshot at {report['snapshot']} (open it at https://pytorch.org/memory_viz)")
     console.print(f"report: {output / 'report.json'}" + (f", checkpoint: {report['checkpoint']}" if report.get("checkpoint") else ""))

@@ -78,17 +78,39 @@ def event_labels(entries: list[dict]) -> tuple[list[str], dict[int, str]]:
     and one per free of a block allocated while recording), the phase label; and per request,
     the trainer frame it was made in, where the entries carry Python frames."""
     labels, where, live = [], {}, set()
-    for entry in entries:
+    for entry, raw in zip(entries, thread_filled_labels(entries)):
         action = entry.get("action")
         if action in ("alloc", "oom"):
             where[len(labels)] = _trainer_frame(entry.get("frames") or [])
-            labels.append(compared_label(entry.get("user_metadata") or ""))
+            labels.append(compared_label(raw))
             if action == "alloc":
                 live.add(entry["addr"])
         elif action == "free_completed" and entry["addr"] in live:
             live.discard(entry["addr"])
-            labels.append(compared_label(entry.get("user_metadata") or ""))
+            labels.append(compared_label(raw))
     return labels, where
+
+
+def thread_filled_labels(entries: list[dict]) -> list[str]:
+    """Each entry's recorded label, with the autograd thread's entries given the phase they ran in.
+
+    The label is kept per thread: backward's allocations, made on autograd's device thread while
+    the training thread waits inside the backward phase, carry none. A run of unlabelled entries
+    with the same label on both sides happened inside that phase; other unlabelled runs (between
+    phases) stay unlabelled."""
+    raw = [entry.get("user_metadata") or "" for entry in entries]
+    i = 0
+    while i < len(raw):
+        if raw[i]:
+            i += 1
+            continue
+        end = i
+        while end < len(raw) and not raw[end]:
+            end += 1
+        if 0 < i and end < len(raw) and raw[i - 1] == raw[end]:
+            raw[i:end] = [raw[end]] * (end - i)
+        i = end
+    return raw
 
 
 def _trainer_frame(frames: list[dict]) -> str:
