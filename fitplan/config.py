@@ -101,6 +101,12 @@ class RunSpec:
     made again in backward instead of kept, the final norm inside the fused head, and the
     teacher is held as the target's bf16 logits over the draft vocab (softmax per chunk) instead
     of fp32 probabilities. false: kept, and an fp32 teacher, as the first lean draft (its reports)."""
+    sum_step_grads: bool = True
+    """fitplan runtime, lean draft with fused norms: each draft weight's gradient is summed over
+    the TTT steps' backward in one buffer and handed to autograd once, instead of a gradient per
+    step added into autograd's own sum (one [out, in] gradient fewer alive at each step's
+    backward). Not with `mixed`, whose fp32 gradients already take each step's. false: per step,
+    as before (its reports)."""
     share_embedding: bool = True
     """fitplan runtime, eagle3 with a live target whose embedding is whole on each rank (tp 1):
     the draft's frozen embedding is the target's own tensor, not a copy of it, so one [V, h] is

@@ -319,3 +319,11 @@ def shares_target_embedding(job: Job) -> bool:
     spec = job.spec
     return (spec.runtime == "fitplan" and spec.workload == "eagle3" and spec.share_embedding
             and not spec.offline and job.tp == 1)
+
+
+def sums_step_grads(job: Job) -> bool:
+    """Whether the lean draft's fused functions sum each weight's gradient over the TTT steps in
+    one buffer (RunSpec sum_step_grads, trainer/step_grads.py). Not under `mixed`, whose hooks
+    move each step's gradient into an fp32 one as it arrives: a bf16 sum held through backward
+    would come on top."""
+    return fused_norms(job) and job.spec.sum_step_grads and job.spec.precision != "mixed"

@@ -163,17 +163,20 @@ def test_swiglu_down_keeps_gate_and_up_only():
     assert plain == 4 * tokens * inner * 4 + hidden * inner * 4
 
 
-@pytest.mark.parametrize("recompute_norms", [True, False])
-def test_lean_and_plain_drafts_train_alike(recompute_norms):
-    """A whole unroll, lean (fused head, SwiGLUDown) against plain (torch's composition), same
-    weights: loss, accuracies and every trained gradient agree (fp32)."""
+@pytest.mark.parametrize("recompute_norms,checkpoint_layer", [(True, False), (False, False), (True, True)])
+def test_lean_and_plain_drafts_train_alike(recompute_norms, checkpoint_layer):
+    """A whole unroll as the step runs it (Eagle3Draft.forward: with fused norms each weight's
+    gradient summed over the steps, trainer/step_grads.py), lean (fused head, SwiGLUDown) against
+    plain (torch's composition), same weights: loss, accuracies and every trained gradient agree
+    (fp32); with checkpointed steps too, whose forward runs twice and backward once."""
     from trainer.draft import DraftConfig, Eagle3Draft
-    from trainer.loss import Teacher, unroll_loss
+    from trainer.loss import Teacher
 
     cfg = DraftConfig(hidden=32, intermediate=64, heads=4, kv_heads=2, head_dim=8, vocab=100, draft_vocab=40,
                       target_hidden=32, aux_layers=(0, 1, 2))
     torch.manual_seed(3)
-    lean = Eagle3Draft(cfg, "eager", lean=True, recompute_norms=recompute_norms)
+    lean = Eagle3Draft(cfg, "eager", lean=True, recompute_norms=recompute_norms, checkpoint_layer=checkpoint_layer)
+    assert lean.sum_step_grads == recompute_norms
     plain = Eagle3Draft(cfg, "eager", lean=False)
     plain.load_state_dict(lean.state_dict())
     batch, seq, ttt = 2, 10, 3
@@ -185,10 +188,11 @@ def test_lean_and_plain_drafts_train_alike(recompute_norms):
     results = []
     for draft in (lean, plain):
         teacher = Teacher(logits, valid, True) if draft.fused_norms else Teacher(probs, valid, False)
-        loss, acc = unroll_loss(draft.unroll(aux, ids, ttt), draft, teacher)
+        loss, acc = draft(aux, ids, ttt, teacher)
         loss.backward()
         results.append((loss.detach(), acc, {n: p.grad for n, p in draft.named_parameters() if p.requires_grad}))
     (l1, a1, g1), (l2, a2, g2) = results
+    assert set(g1) == set(g2) and all(g is not None for g in g1.values())
     assert torch.allclose(l1, l2, rtol=1e-5)
     assert a1 == a2
     for name in g1:
@@ -256,3 +260,79 @@ def test_heads_project_matches_unfused(dtype, tol):
     # kept: the kernel's output itself and the weight, not the [B, S, H*d] copy
     kept = _saved_bytes(lambda: heads_project(out.detach().requires_grad_(), w))
     assert kept == out.numel() * out.element_size() + w.numel() * w.element_size()
+
+
+def _fused_draft_and_inputs(dtype):
+    from trainer.draft import DraftConfig, Eagle3Draft
+    from trainer.loss import Teacher
+
+    cfg = DraftConfig(hidden=32, intermediate=64, heads=4, kv_heads=2, head_dim=8, vocab=100, draft_vocab=40,
+                      target_hidden=32, aux_layers=(0, 1, 2))
+    torch.manual_seed(5)
+    draft = Eagle3Draft(cfg, "eager").to(dtype)
+    batch, seq, ttt = 2, 10, 4
+    aux = torch.randn(batch, seq, 3 * cfg.target_hidden, dtype=dtype)
+    ids = torch.randint(cfg.vocab, (batch, seq + ttt))
+    logits, valid = _teacher(batch, seq, ttt, cfg.draft_vocab, torch.Generator().manual_seed(6))
+    return draft, (aux, ids, ttt, Teacher(logits.to(dtype), valid, True))
+
+
+def _grads_of(draft, inputs, summed: bool) -> dict:
+    from trainer.loss import unroll_loss
+    from trainer.step_grads import StepGrads
+
+    draft.zero_grad(set_to_none=True)
+    aux, ids, ttt, teacher = inputs
+    grads = StepGrads(ttt) if summed else None
+    loss, _ = unroll_loss(draft.unroll(aux, ids, ttt, grads), draft, teacher, grads)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in draft.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_summed_step_grads_equal_autograds_sum(dtype, tol):
+    """Every trained weight's gradient summed over the steps in one buffer equals autograd's sum
+    of one gradient per step (bf16: within its rounding, the additions being in another order)."""
+    draft, inputs = _fused_draft_and_inputs(dtype)
+    summed, per_step = _grads_of(draft, inputs, True), _grads_of(draft, inputs, False)
+    assert set(summed) == set(per_step)
+    for name, g in per_step.items():
+        err = (summed[name].float() - g.float()).norm() / g.float().norm()
+        assert err < tol, (name, float(err))
+
+
+def test_summed_step_grads_make_each_weight_gradient_once():
+    """Backward of a 4-step unroll: new tensors shaped like the lm_head weight [Vd, h] (none other
+    has that shape here; in-place ops and views do not count): at least one per step's backward
+    with a gradient per step, one in all summed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    draft, inputs = _fused_draft_and_inputs(torch.float32)
+    shape = tuple(draft.lm_head.weight.shape)
+
+    class Made(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            new = not func.is_view and not func._schema.name.endswith("_") and "out" not in (kwargs or {})
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if new and isinstance(t, torch.Tensor) and tuple(t.shape) == shape:
+                    self.count += 1
+            return out
+
+    made = {}
+    for summed in (True, False):
+        from trainer.loss import unroll_loss
+        from trainer.step_grads import StepGrads
+
+        draft.zero_grad(set_to_none=True)
+        aux, ids, ttt, teacher = inputs
+        grads = StepGrads(ttt) if summed else None
+        loss, _ = unroll_loss(draft.unroll(aux, ids, ttt, grads), draft, teacher, grads)
+        with Made() as mode:
+            loss.backward()
+        made[summed] = mode.count
+    assert made[True] == 1 and made[False] >= ttt, made

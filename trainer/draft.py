@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from trainer.head_loss import DraftHead
 from trainer.lean_ops import SwiGLUDown
 from trainer.norm_project import heads_project, norm_kernels, norm_project
+from trainer.step_grads import StepGrads
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ class Attention(nn.Module):
     def projections(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.q_proj.weight, self.k_proj.weight, self.v_proj.weight
 
-    def forward(self, x, cos, sin, past_k: list, past_v: list, lean: bool = False):
+    def forward(self, x, cos, sin, past_k: list, past_v: list, lean: bool = False, grads: StepGrads | None = None):
         """x: the 2h-wide input (plain), or its (q, k, v) projections already made (lean)."""
         q, k, v = x if lean else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         b, s, _ = q.shape
@@ -239,7 +240,7 @@ class Attention(nn.Module):
         keys, values = torch.cat((*past_k, k), dim=2), torch.cat((*past_v, v), dim=2)
         out = self.kernel(q, keys, values, s)
         if lean:
-            return heads_project(out, self.o_proj.weight), k, v
+            return heads_project(out, self.o_proj.weight, grads), k, v
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
 
 
@@ -256,9 +257,11 @@ class MLP(nn.Module):
             return self.down(self.gate_proj(x), self.up_proj(x))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-    def down(self, gate, up):
+    def down(self, gate, up, grads: StepGrads | None = None):
         """down_proj(silu(gate) * up), keeping gate and up only (the lean draft)."""
-        return SwiGLUDown.apply(gate, up, self.down_proj.weight)
+        if grads is None:
+            return SwiGLUDown.apply(gate, up, self.down_proj.weight)
+        return SwiGLUDown.apply(gate, up, self.down_proj.weight, grads, "down_proj")
 
 
 class DecoderLayer(nn.Module):
@@ -278,23 +281,26 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.mlp = MLP(cfg, lean)
 
-    def forward(self, emb, hidden, cos, sin, past_k, past_v):
+    def forward(self, emb, hidden, cos, sin, past_k, past_v, grads: StepGrads | None = None):
+        """`grads`: the unroll's summed weight gradients (fused norms only; trainer/step_grads.py)."""
         if self.fused_norms:
-            return self._fused_forward(emb, hidden, cos, sin, past_k, past_v)
+            return self._fused_forward(emb, hidden, cos, sin, past_k, past_v, grads)
         x = torch.cat((self.input_layernorm(emb), self.hidden_norm(hidden)), dim=-1)
         attn, k, v = self.self_attn(x, cos, sin, past_k, past_v)
         hidden = hidden + attn
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return hidden, k, v
 
-    def _fused_forward(self, emb, hidden, cos, sin, past_k, past_v):
+    def _fused_forward(self, emb, hidden, cos, sin, past_k, past_v, grads):
         norms = (self.input_layernorm.weight, self.hidden_norm.weight)
-        qkv = norm_project((emb, hidden), norms, self.input_layernorm.eps, self.self_attn.projections())
-        attn, k, v = self.self_attn(qkv, cos, sin, past_k, past_v, lean=True)
+        qkv = norm_project((emb, hidden), norms, self.input_layernorm.eps, self.self_attn.projections(), grads,
+                           ("input_layernorm", "hidden_norm", "q_proj", "k_proj", "v_proj"))
+        attn, k, v = self.self_attn(qkv, cos, sin, past_k, past_v, lean=True, grads=grads)
         hidden = hidden + attn
         post = self.post_attention_layernorm
-        gate_up = norm_project((hidden,), (post.weight,), post.eps, (self.mlp.gate_proj.weight, self.mlp.up_proj.weight))
-        return hidden + self.mlp.down(*gate_up), k, v
+        gate_up = norm_project((hidden,), (post.weight,), post.eps, (self.mlp.gate_proj.weight, self.mlp.up_proj.weight),
+                               grads, ("post_attention_layernorm", "gate_proj", "up_proj"))
+        return hidden + self.mlp.down(*gate_up, grads=grads), k, v
 
 
 def _frozen_embedding(cfg: DraftConfig, shared: torch.Tensor | None) -> torch.Tensor:
@@ -310,13 +316,16 @@ def _frozen_embedding(cfg: DraftConfig, shared: torch.Tensor | None) -> torch.Te
 
 class Eagle3Draft(nn.Module):
     def __init__(self, cfg: DraftConfig, attention: str = "flex", checkpoint_layer: bool = False, lean: bool = True,
-                 recompute_norms: bool = True, embedding: torch.Tensor | None = None):
+                 recompute_norms: bool = True, embedding: torch.Tensor | None = None, sum_step_grads: bool = True):
         super().__init__()
         self.cfg = cfg
         self.lean = lean  # RunSpec.draft_memory: the fused head + loss and the lean SwiGLU
         # RunSpec.recompute_norms: norms fused with their projections, the final one inside the
         # head, and a teacher of logits
         self.fused_norms = lean and recompute_norms
+        # RunSpec.sum_step_grads: the fused functions sum each weight's gradient over the steps
+        # in one buffer (trainer/step_grads.py)
+        self.sum_step_grads = self.fused_norms and sum_step_grads
         self.checkpoint_layer = checkpoint_layer
         # frozen: the target's own [V, h] when given (RunSpec.share_embedding), else a copy made later
         self.shares_embedding = embedding is not None
@@ -337,17 +346,19 @@ class Eagle3Draft(nn.Module):
         under it)."""
         from trainer.loss import unroll_loss
 
-        return unroll_loss(self.unroll(aux, input_ids, ttt), self, teacher)
+        grads = StepGrads(ttt) if self.sum_step_grads else None
+        return unroll_loss(self.unroll(aux, input_ids, ttt, grads), self, teacher, grads)
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def unroll(self, aux: torch.Tensor, input_ids: torch.Tensor, ttt: int):
+    def unroll(self, aux: torch.Tensor, input_ids: torch.Tensor, ttt: int, grads: StepGrads | None = None):
         """Yield each TTT step's output [B, S, h] for the loss (trainer/loss.py unroll_loss): the
         final-norm output, or with fused norms the layer output before the final norm, which the
         fused head applies itself. No step's logits outlive its loss.
 
-        `input_ids` is [B, S + ttt]: step k embeds the tokens at positions t + k + 1.
+        `input_ids` is [B, S + ttt]: step k embeds the tokens at positions t + k + 1. `grads`:
+        where the fused layer sums its weights' gradients over the steps (None: autograd does).
         """
         seq = aux.shape[1]
         dtype = self.fc.weight.dtype if not torch.is_autocast_enabled(aux.device.type) else torch.bfloat16
@@ -361,10 +372,10 @@ class Eagle3Draft(nn.Module):
             if self.checkpoint_layer:
                 # tuples: the recomputation in backward must see the caches as they were here
                 hidden, key, value = checkpoint(
-                    self.midlayer, emb, hidden, cos, sin, tuple(past_k), tuple(past_v), use_reentrant=False
+                    self.midlayer, emb, hidden, cos, sin, tuple(past_k), tuple(past_v), grads, use_reentrant=False
                 )
             else:
-                hidden, key, value = self.midlayer(emb, hidden, cos, sin, past_k, past_v)
+                hidden, key, value = self.midlayer(emb, hidden, cos, sin, past_k, past_v, grads)
             past_k.append(key)
             past_v.append(value)
             yield hidden if self.fused_norms else self.norm(hidden)

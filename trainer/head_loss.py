@@ -30,6 +30,7 @@ from torch import nn
 
 from trainer.lean_ops import compiled_on_cuda, compute_dtype
 from trainer.norm_project import norm_kernels
+from trainer.step_grads import StepGrads, add_product, grad_result, grad_total
 
 # Sizes a chunk as if it held one fp32 table [rows, Vd]: 2097 rows at a 32k vocab, large enough
 # for efficient GEMMs and few launches. Compiled (CUDA), a chunk holds its bf16 logits (forward)
@@ -108,7 +109,7 @@ class _HeadSoftCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, norm_weight, weight, teacher, x_rows, p_rows, chunk, eps, as_logits):
+    def forward(ctx, x, norm_weight, weight, teacher, x_rows, p_rows, chunk, eps, as_logits, grads):
         dtype = compute_dtype(x)
         w = weight.to(dtype)
         chunk_loss, _ = _kernels(x.device.type)
@@ -120,7 +121,7 @@ class _HeadSoftCE(torch.autograd.Function):
             loss += part
             agree += hits
         ctx.save_for_backward(x, norm_weight, weight, teacher, x_rows, p_rows)
-        ctx.chunk, ctx.dtype, ctx.eps, ctx.as_logits = chunk, dtype, eps, as_logits
+        ctx.chunk, ctx.dtype, ctx.eps, ctx.as_logits, ctx.grads = chunk, dtype, eps, as_logits, grads
         ctx.mark_non_differentiable(agree)
         return loss, agree
 
@@ -131,22 +132,26 @@ class _HeadSoftCE(torch.autograd.Function):
         _, chunk_grad = _kernels(x.device.type)
         _, _, norm_backward = norm_kernels(x.device.type)
         grad_x = torch.zeros_like(x)
-        grad_w = torch.zeros_like(weight)
+        grad_w = grad_total(ctx.grads, "lm_head", weight)
         grad_norm = None if norm_weight is None else torch.zeros_like(norm_weight, dtype=torch.float32)
         for start in range(0, x_rows.numel(), ctx.chunk):
             rows = x_rows[start : start + ctx.chunk]
             picked, normed, rstd = _rows(x, rows, norm_weight, ctx.eps)
             normed = normed.to(ctx.dtype)
             grad_logits = chunk_grad(normed @ w.T, teacher, p_rows[start : start + ctx.chunk], grad_loss, ctx.as_logits)
-            _accumulate(grad_w, grad_logits.T, normed)
+            add_product(grad_w, grad_logits.T, normed)
             del normed
             grad_rows = grad_logits @ w
             if norm_weight is not None:
                 grad_rows, grad_nw = norm_backward(grad_rows, picked, norm_weight, rstd)
                 grad_norm += grad_nw
             grad_x.index_copy_(0, rows, grad_rows.to(x.dtype))
-        grad_norm = None if grad_norm is None else grad_norm.to(norm_weight.dtype)
-        return grad_x, grad_norm, grad_w, None, None, None, None, None, None
+        grad_w = grad_result(ctx.grads, "lm_head", grad_w)
+        if grad_norm is not None:
+            norm_total = grad_total(ctx.grads, "norm", norm_weight)
+            norm_total.add_(grad_norm.to(norm_weight.dtype))
+            grad_norm = grad_result(ctx.grads, "norm", norm_total)
+        return grad_x, grad_norm, grad_w, None, None, None, None, None, None, None
 
 
 def _rows(x: torch.Tensor, rows: torch.Tensor, norm_weight, eps: float):
@@ -157,14 +162,6 @@ def _rows(x: torch.Tensor, rows: torch.Tensor, norm_weight, eps: float):
         return picked, picked, None
     normalize, _, _ = norm_kernels(x.device.type)
     return (picked, *normalize(picked, norm_weight, eps))
-
-
-def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """total += a @ b, in one GEMM when the dtypes agree (fp32 weights under autocast: cast)."""
-    if total.dtype == a.dtype:
-        total.addmm_(a, b)
-    else:
-        total.add_((a @ b).to(total.dtype))
 
 
 class DraftHead(nn.Module):
@@ -179,7 +176,7 @@ class DraftHead(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's initialisation
 
     def forward(self, hidden: torch.Tensor, norm, teacher: torch.Tensor, counted: CountedRows, offset: int,
-                as_logits: bool = True):
+                as_logits: bool = True, grads: StepGrads | None = None):
         """(summed soft cross-entropy, top-1 agreements) of the step scored at teacher offset.
 
         hidden [B, S, h]: the step's layer output, before the final RMSNorm `norm` (the
@@ -187,12 +184,14 @@ class DraftHead(nn.Module):
         [B, S + L, Vd]: the whole teacher, logits (as_logits) or probabilities; position t of
         this step is scored against teacher position t + offset where `counted` has it.
         Indexing the teacher by row keeps it in place (a slice of it, flattened, would be a copy).
+        `grads`: the unroll's summed weight gradients (trainer/step_grads.py), or None.
         """
         batch, seq, width = hidden.shape
         x_rows, p_rows = counted.for_step(offset, seq)
         return _HeadSoftCE.apply(hidden.reshape(-1, width), None if norm is None else norm.weight, self.weight,
                                  teacher.view(-1, teacher.shape[-1]), x_rows, p_rows,
-                                 chunk_rows(self.weight.shape[0]), None if norm is None else norm.eps, as_logits)
+                                 chunk_rows(self.weight.shape[0]), None if norm is None else norm.eps, as_logits,
+                                 grads)
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """Plain logits [B, S, Vd], for inference-style checks."""

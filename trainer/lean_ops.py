@@ -11,6 +11,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from trainer.step_grads import add_product, grad_result, grad_total
+
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls run in: autocast's (the fp32-parameter recipes), else the input's own."""
@@ -52,10 +54,13 @@ class SwiGLUDown(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gate, up, w_down):
+    def forward(ctx, gate, up, w_down, *summed):
+        """`summed`: (StepGrads, the weight's name) to sum down's gradient across the TTT steps
+        (trainer/step_grads.py), or nothing."""
         dtype = compute_dtype(gate)
         ctx.save_for_backward(gate, up, w_down)
-        ctx.dtype = dtype
+        ctx.dtype, ctx.extra = dtype, len(summed)
+        ctx.grads, ctx.name = summed if summed else (None, "down_proj")
         swiglu, _ = _elementwise(gate.device.type)
         return swiglu(gate, up).to(dtype) @ w_down.to(dtype).T
 
@@ -66,8 +71,9 @@ class SwiGLUDown(torch.autograd.Function):
         w = w_down.to(ctx.dtype)
         grad = grad.to(ctx.dtype)
         product = swiglu(gate, up).to(ctx.dtype)
-        grad_w = (grad.reshape(-1, grad.shape[-1]).T @ product.reshape(-1, product.shape[-1])).to(w_down.dtype)
+        grad_w = grad_total(ctx.grads, ctx.name, w_down)
+        add_product(grad_w, grad.reshape(-1, grad.shape[-1]).T, product.reshape(-1, product.shape[-1]))
         del product
         grad_product = (grad @ w).to(gate.dtype)
         grad_gate, grad_up = swiglu_grads(grad_product, gate, up)
-        return grad_gate, grad_up, grad_w
+        return grad_gate, grad_up, grad_result(ctx.grads, ctx.name, grad_w), *[None] * ctx.extra

@@ -73,14 +73,15 @@ def plain_step_loss(normed: torch.Tensor, head, teacher: Teacher, offset: int) -
     return summed, agree
 
 
-def unroll_loss(step_outputs, draft, teacher: Teacher) -> tuple[torch.Tensor, list[float]]:
+def unroll_loss(step_outputs, draft, teacher: Teacher, grads=None) -> tuple[torch.Tensor, list[float]]:
     """Weighted loss over the unroll and per-step top-1 accuracy.
 
     `step_outputs` is the draft's generator (Eagle3Draft.unroll): final-norm outputs, or with
     fused norms the pre-norm hiddens, whose fused head (trainer/head_loss.py) applies the final
     norm and the lm_head with the loss. Step k is scored against teacher
     positions shifted by k + 1. Each step is reduced to a scalar before the next step runs, so
-    only what autograd saves stays alive.
+    only what autograd saves stays alive. `grads`: the unroll's summed weight gradients
+    (trainer/step_grads.py), shared with the fused head.
     """
     lean = draft.lean
     if draft.fused_norms != teacher.as_logits:
@@ -92,7 +93,7 @@ def unroll_loss(step_outputs, draft, teacher: Teacher) -> tuple[torch.Tensor, li
         seq = output.shape[1]
         if lean:
             norm = draft.norm if draft.fused_norms else None
-            summed, agree = draft.lm_head(output, norm, teacher.table, rows, k + 1, teacher.as_logits)
+            summed, agree = draft.lm_head(output, norm, teacher.table, rows, k + 1, teacher.as_logits, grads)
             counted = max(rows.count(k + 1, seq), 1)
         else:
             summed, agree = plain_step_loss(output, draft.lm_head, teacher, k + 1)

@@ -54,6 +54,8 @@ HELP: dict[str, str] = {
                      "in backward (no step keeps its logits). plain: torch's composition, as SpecForge's draft."),
     "recompute_norms": ("fitplan runtime, lean draft: RMSNorm outputs and o_proj's input made again in backward "
                         "rather than kept, the teacher held as bf16 logits (false: as the first lean draft)."),
+    "sum_step_grads": ("fitplan runtime, lean draft with fused norms (not with mixed): each draft weight's gradient "
+                       "summed over the TTT steps in one buffer, handed to autograd once (false: one per step)."),
     "share_embedding": ("fitplan runtime, eagle3, live target at tp 1: the draft's frozen embedding is the target's "
                         "own tensor (false: a copy, one more [V, h] held)."),
 }
@@ -65,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
 _TYPES: dict[str, Any] = {
     "seq": int, "micro_batch": int, "global_batch": int, "accum": int, "tp": int, "ttt": int,
     "sglang_mem_fraction": float, "vllm_gpu_memory_utilization": float,
-    "ac": bool, "expandable_segments": bool, "offline": bool, "recompute_norms": bool, "share_embedding": bool,
+    "ac": bool, "expandable_segments": bool, "offline": bool, "recompute_norms": bool, "share_embedding": bool, "sum_step_grads": bool,
 }
 
 

@@ -27,7 +27,10 @@ from fitplan.estimator.step_trace import (
     Trace,
     accumulate_grad,
     keep_grad,
+    keep_step_grad,
     loop_chunks,
+    step_grad,
+    step_grad_buffer,
 )
 from fitplan.layout import fused_norms
 from fitplan.units import BF16, FP32
@@ -250,12 +253,12 @@ def _head_backward(t: Trace, state: State, step: dict[str, int]) -> int:
     row = BF16 * z.h * z.T
     if _fused(state):  # the head's input is the layer output: its gradient is that of the layer output
         step["grad_normed"] = t.alloc(row, "grad of layer output (head's)")
-        weight_grad = t.alloc(state.numel["lm_head"] * state.recipe.param, "head weight grad (zeros_like)")
+        weight_grad = step_grad_buffer(t, state, "lm_head")
         for rows in _chunks(job):
             per = draft_terms.HEAD_BACKWARD_BYTES_PER_LOGIT // 2 * z.Vd * rows
             t.free(t.alloc(per, "recomputed chunk logits"), t.alloc(per, "chunk logits grad"))
-        keep_grad(t, state, "lm_head", weight_grad)
-        accumulate_grad(t, state, "norm")
+        keep_step_grad(t, state, "lm_head", weight_grad)
+        step_grad(t, state, "norm")
         t.free(step.pop("rows"))
         return step["grad_normed"]
     if _lean(state):
@@ -299,7 +302,7 @@ def _mlp_backward(t: Trace, state: State, step: dict[str, int]) -> None:
     wide, row = BF16 * z.I * z.T, BF16 * z.h * z.T
     if _lean(state):  # SwiGLUDown.backward: product recomputed for down's grad, then 6I at its peak
         product = t.alloc(wide, "recomputed SwiGLU product")
-        accumulate_grad(t, state, "down_proj")
+        step_grad(t, state, "down_proj")
         t.free(product)
         grad_product = t.alloc(wide, "grad of product")
         grad_gate, grad_up = t.alloc(wide, "grad of gate"), t.alloc(wide, "grad of up")
@@ -333,7 +336,7 @@ def _attention_backward(t: Trace, state: State, step: dict[str, int], k: int, pe
     q_row, kv_row = BF16 * z.H * z.d * z.T, BF16 * z.Hkv * z.d * z.T
     if _fused(state):  # o_proj's input made again from the kernel's output for the weight's gradient
         flat = t.alloc(q_row, "o_proj input (again)")
-        accumulate_grad(t, state, "o_proj")
+        step_grad(t, state, "o_proj")
         t.free(flat)
         grad_o_in = t.alloc(q_row, "grad of attention output")
     else:
@@ -407,7 +410,7 @@ def _norm_project_backward(t: Trace, state: State, step: dict[str, int], grads: 
     grad_joined = None
     weight_grads = {}
     for name in projections:  # returned together: all alive until the function returns
-        weight_grads[name] = t.alloc(state.numel[name] * state.recipe.param, f"grad of {name}")
+        weight_grads[name] = step_grad_buffer(t, state, name)
         part = t.alloc(width, f"grad of the joined input ({name}'s)")
         if grad_joined is None:
             grad_joined = part
@@ -416,8 +419,8 @@ def _norm_project_backward(t: Trace, state: State, step: dict[str, int], grads: 
     t.free(joined)
     for norm, rstd in norms:
         t.free(t.alloc(row, f"grad of {norm}'s input"))
-        accumulate_grad(t, state, norm)
+        step_grad(t, state, norm)
         t.free(step.pop(rstd))
     t.free(grad_joined, *grads)
     for name, incoming in weight_grads.items():
-        keep_grad(t, state, name, incoming)
+        keep_step_grad(t, state, name, incoming)

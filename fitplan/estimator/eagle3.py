@@ -16,7 +16,7 @@ from fitplan.estimator import draft_terms, target_terms
 from fitplan.estimator.recipes import TrainedState
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
 from fitplan.estimator.timeline import Component, Timeline, merge, phase
-from fitplan.layout import Job, fused_norms, shares_target_embedding
+from fitplan.layout import Job, fused_norms, shares_target_embedding, sums_step_grads
 from fitplan.units import FP32
 
 
@@ -136,13 +136,15 @@ def earlier_mlp_backward(job: Job, state: TrainedState) -> dict[str, int]:
     SwiGLU's input gradients (4I per token) and the gradients pending from step L-1 are alive,
     and the weight gradients of gate and up arrive to be added to the held ones: one at a time
     from autograd's linears, both at once from the fused norm-projection backward (trainer/
-    norm_project.py returns all its weight gradients together). Not written for checkpointed
+    norm_project.py returns all its weight gradients together), or with summed step gradients
+    nothing (layout.sums_step_grads: added in place into the buffers). Not written for checkpointed
     steps, whose recomputation comes first (their other instants are larger)."""
     if job.spec.ttt < 2 or state.sharded_grads() or job.spec.ac:
         return {}
     d, T = job.draft, job.spec.micro_batch * job.spec.seq
     grads, left = _after_last_step(job, state)
-    arriving = (2 if fused_norms(job) else 1) * d.hidden * d.intermediate * state.recipe.param
+    # summed over the steps in the buffers step L-1 made (trainer/step_grads.py): nothing arrives
+    arriving = 0 if sums_step_grads(job) else (2 if fused_norms(job) else 1) * d.hidden * d.intermediate * state.recipe.param
     working = 4 * d.intermediate * T + draft_terms.pending_from_last_step_bytes(job)
     return merge(grads, phase(draft__grads=arriving, activations__draft=left + working))
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from fitplan.allocator import Event
 from fitplan.estimator.recipes import TrainedState
-from fitplan.layout import Job
+from fitplan.layout import Job, sums_step_grads
 from fitplan.units import FP32
 
 
@@ -146,6 +146,10 @@ class State:
         return self.job.spec.offload == "none"
 
     @property
+    def summed_step_grads(self) -> bool:
+        return sums_step_grads(self.job)
+
+    @property
     def fp32_grads(self) -> bool:
         """`mixed`: each bf16 gradient goes into an fp32 gradient as soon as it is accumulated."""
         return self.job.spec.precision == "mixed"
@@ -155,6 +159,28 @@ def accumulate_grad(t: Trace, state: State, name: str) -> None:
     """A parameter's gradient arrives, in the parameter's dtype (AccumulateGrad)."""
     incoming = t.alloc(state.numel[name] * state.recipe.param, f"grad of {name}")
     keep_grad(t, state, name, incoming)
+
+
+def step_grad(t: Trace, state: State, name: str) -> None:
+    """A weight's gradient from one TTT step's backward: arriving as a tensor of its own
+    (accumulate_grad), or with summed step gradients (layout.sums_step_grads,
+    trainer/step_grads.py) made once, at the first step's backward, and added into in place by
+    the later ones, which make nothing."""
+    if not (state.summed_step_grads and name in state.grads):
+        accumulate_grad(t, state, name)
+
+
+def step_grad_buffer(t: Trace, state: State, name: str) -> int | None:
+    """The buffer a step's backward accumulates a weight's gradient into before it is kept
+    (keep_step_grad): made for every step, or once with summed step gradients (None after)."""
+    if state.summed_step_grads and name in state.grads:
+        return None
+    return t.alloc(state.numel[name] * state.recipe.param, f"grad of {name} (zeros_like)")
+
+
+def keep_step_grad(t: Trace, state: State, name: str, buffer: int | None) -> None:
+    if buffer is not None:
+        keep_grad(t, state, name, buffer)
 
 
 def keep_grad(t: Trace, state: State, name: str, incoming: int | None) -> None:
