@@ -42,7 +42,8 @@ class AllocatorOOM(Exception):
 class Allocator:
     def __init__(self, capacity_bytes: int, expandable: bool = False, max_split_bytes: int | None = None, *,
                  settings: AllocatorSettings | None = None, allowed_bytes: int | None = None,
-                 device_total_bytes: int | None = None, segment_addresses: Iterable[int] | None = None):
+                 device_total_bytes: int | None = None, segment_addresses: Iterable[int] | None = None,
+                 track_largest_free: bool = True):
         self.settings = settings or AllocatorSettings(expandable=expandable, max_split_bytes=max_split_bytes)
         self.capacity = capacity_bytes
         self.device_total = device_total_bytes or capacity_bytes
@@ -57,6 +58,9 @@ class Allocator:
         self.calls = -1  # index of the current malloc / free / empty_cache call
         self.segment_log: list[tuple[int, str, int, int]] = []  # (call, action, bytes, reserved after)
         self.last_largest_free = 0  # largest free block in the last request's pool and stream
+        # off, requests skip looking it up (a search per request): the estimate's replay needs
+        # only the peaks and the failures
+        self.track_largest_free = track_largest_free
 
     def _fraction_cap(self) -> int | None:
         fraction = self.settings.memory_fraction
@@ -71,7 +75,8 @@ class Allocator:
         self.calls += 1
         rounded = round_size(size, self.settings.roundup_power2_divisions)
         pool = self._pools[is_small(rounded)]
-        self.last_largest_free = pool.largest(stream)
+        if self.track_largest_free:
+            self.last_largest_free = pool.largest(stream)
         block = self._cached_block(pool, stream, rounded)
         if block is None:
             block = self._new_block(pool, stream, rounded)

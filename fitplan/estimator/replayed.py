@@ -103,7 +103,8 @@ def _on_device(job: Job) -> tuple[int, int, int]:
 def _allocator(job: Job, capacity: int) -> Allocator:
     """The model with the job's settings; expandable segments size their ranges by the device's
     memory, whatever the capacity (so a replay with room maps what the device's would)."""
-    return Allocator(capacity, expandable=job.spec.expandable_segments, device_total_bytes=job.cluster.gpu.total_bytes)
+    return Allocator(capacity, expandable=job.spec.expandable_segments, device_total_bytes=job.cluster.gpu.total_bytes,
+                     track_largest_free=False)
 
 
 def _run(allocator: Allocator, events) -> bool:
