@@ -12,6 +12,7 @@ each against what happened. Prints markdown.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
@@ -225,7 +226,9 @@ def _right(est: Estimate, outcome: str) -> bool:
     return est.fits == (outcome == "ran")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="python -m fitplan.validation.replay_table",
+                            description=__doc__.split("\n\n")[0]).parse_args(argv)
     for kind in REPORTS:
         rows = report_rows(kind)
         print(f"### One-GPU trainer reports, {kind} draft\n\n{reports_table(rows)}\n\n{summary(rows)}\n")
