@@ -131,7 +131,9 @@ def earlier_head_backward(job: Job, state: TrainedState) -> dict[str, int]:
         return {}
     grads, left = _after_last_step(job, state)
     # the step's own head gradient beside the held one, unless summed in place (trainer/step_grads.py)
-    arriving = 0 if sums_step_grads(job) else job.draft.hidden * job.draft.draft_vocab * state.recipe.param
+    # or the head is frozen (speculators' draft trains no lm_head)
+    frozen_head = job.spec.runtime == "speculators"
+    arriving = 0 if sums_step_grads(job) or frozen_head else job.draft.hidden * job.draft.draft_vocab * state.recipe.param
     return merge(grads, phase(draft__grads=arriving,
                               activations__draft=left + draft_terms.earlier_head_backward_bytes(job)))
 
