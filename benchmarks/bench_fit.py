@@ -28,6 +28,11 @@ JOBS = {
     # one GPU, flex: every candidate's step is replayed through the allocator model
     "llama-3.1-8b 1xH100 seq 16384 mb 2 (replayed)": RunSpec(
         model="llama-3.1-8b", gpus="1xH100", seq=16384, micro_batch=2),
+    # sft on one GPU: each candidate's step replayed too (32 decoder layers written tensor by tensor)
+    "llama-3.1-8b sft 1xH200 seq 8192 (replayed)": RunSpec(
+        model="llama-3.1-8b", gpus="1xH200", workload="sft", seq=8192),
+    "qwen3-32b sft 1xH200 seq 4096 (replayed)": RunSpec(
+        model="qwen3-32b", gpus="1xH200", workload="sft", seq=4096),
     "deepseek-v3 8xH200 seq 4096 mb 4": RunSpec(
         model="deepseek-v3", gpus="8xH200", seq=4096, micro_batch=4, global_batch=64),
 }

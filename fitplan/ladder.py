@@ -189,7 +189,7 @@ def rungs_for(spec: RunSpec) -> tuple[tuple[str, Callable], ...]:
 def _default_estimate(job: Job) -> Estimate:
     from fitplan.estimator import estimate
 
-    return estimate(job)
+    return estimate(job, replay_past_the_device=False)
 
 
 def resolved_spec(spec: RunSpec) -> RunSpec:

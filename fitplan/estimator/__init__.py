@@ -55,11 +55,20 @@ def _replay(job: Job):
     return replayed.allocator_replay(job) if replayed.modelled(job) else None
 
 
-def estimate(job: Job) -> Estimate:
+def _past_the_device(job: Job, peak_allocated: int) -> bool:
+    """The tensors alone outgrow the device: out of memory whatever the allocator does."""
+    return peak_allocated + runtime.outside_allocator_bytes(job) > job.cluster.gpu.total_bytes
+
+
+def estimate(job: Job, replay_past_the_device: bool = True) -> Estimate:
+    """`replay_past_the_device` False: a job whose tensors alone outgrow the device is not
+    replayed (the replay, the costly part, would not change its verdict; its device level is then
+    the fitted reserve's): what `fit` asks for the candidates it tries."""
     t = _timeline(job)
     peak_allocated = max(sum(components.values()) for components in t.steady.values())
     largest_bytes, largest_name = max(t.largest)
-    replay = _replay(job)
+    skip = not replay_past_the_device and _past_the_device(job, peak_allocated)
+    replay = None if skip else _replay(job)
     if replay is None:
         reserve = runtime.allocator_reserve_bytes(job, peak_allocated)
     else:

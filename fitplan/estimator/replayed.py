@@ -110,12 +110,13 @@ def _allocator(job: Job, capacity: int) -> Allocator:
 def _run(allocator: Allocator, events) -> bool:
     """Apply the events; False at the first request that fails."""
     handles: dict = {}
+    malloc, free, pop = allocator.malloc, allocator.free, handles.pop  # bound once: the loop is the replay's cost
     for event in events:
         if event.op == "free":
-            allocator.free(handles.pop(event.key))
+            free(pop(event.key))
             continue
         try:
-            handles[event.key] = allocator.malloc(event.size, event.stream)
+            handles[event.key] = malloc(event.size, event.stream)
         except AllocatorOOM:
             return False
     return True
