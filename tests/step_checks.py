@@ -30,3 +30,8 @@ def assert_peak_is_phase_sum(label: str, live: int, total: int, grads: int) -> N
         assert total * 0.99 <= live <= total * 1.01 + grads, (label, live, total)
     else:
         assert abs(live - total) <= 0.01 * total, (label, live / total - 1)
+
+
+def case_ids(cases: list[dict]) -> list[str]:
+    """Test ids of spec-change cases: "key=value,..." ("default" for none)."""
+    return [",".join(f"{k}={v}" for k, v in kw.items()) or "default" for kw in cases]

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from step_checks import assert_peak_is_phase_sum, live_after, phase_total
+from step_checks import assert_peak_is_phase_sum, case_ids, live_after, phase_total
 
 from fitplan.allocator import Allocator, replay
 from fitplan.config import RunSpec
@@ -55,7 +55,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("kw", CASES, ids=[",".join(f"{k}={v}" for k, v in kw.items()) or "default" for kw in CASES])
+@pytest.mark.parametrize("kw", CASES, ids=case_ids(CASES))
 def test_live_bytes_at_each_phase_peak_are_the_estimators_phase_sum(kw):
     j = job(**kw)
     est, built = estimate(j), step_events.build(j)

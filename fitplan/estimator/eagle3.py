@@ -119,21 +119,20 @@ def _after_last_step(job: Job, state: TrainedState) -> tuple[dict[str, int], int
     return grads, kept - draft_terms.last_step_saved_bytes(job)
 
 
-def earlier_head_backward(job: Job, state: TrainedState) -> dict[str, int]:
+def earlier_head_backward(job: Job, state: TrainedState, head_trained: bool = True) -> dict[str, int]:
     """The loss backward of step L-2, after step L-1's (_after_last_step): the head's weight
     gradient of this step is made beside the one held since step L-1 (a recorded llama-3.1-8b
     s2048 trace holds both at its backward peak), unless the steps sum theirs in one buffer
-    (layout.sums_step_grads). Past the first step's
+    (layout.sums_step_grads) or the head is not trained (`head_trained`). Past the first step's
     instant when the grads outweigh one step's activations (short sequences). Not modelled with
     sharded grads: when FSDP reduce-scatters a unit called once per step in the middle of
     backward is unmeasured."""
     if job.spec.ttt < 2 or state.sharded_grads():
         return {}
     grads, left = _after_last_step(job, state)
-    # the step's own head gradient beside the held one, unless summed in place (trainer/step_grads.py)
-    # or the head is frozen (speculators' draft trains no lm_head)
-    frozen_head = job.spec.runtime == "speculators"
-    arriving = 0 if sums_step_grads(job) or frozen_head else job.draft.hidden * job.draft.draft_vocab * state.recipe.param
+    arriving = 0
+    if head_trained and not sums_step_grads(job):
+        arriving = job.draft.hidden * job.draft.draft_vocab * state.recipe.param
     return merge(grads, phase(draft__grads=arriving,
                               activations__draft=left + draft_terms.earlier_head_backward_bytes(job)))
 

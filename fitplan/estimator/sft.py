@@ -65,11 +65,10 @@ def _backward(job: Job, state: TrainedState, before: dict[str, int], carried: di
         ends = [merge(before, _grads_at_backward_end(job, state), phase(
             activations__model=sft_terms.first_layer_bytes(job) + sft_terms.layer_grad_working_bytes(job),
         ))]
-    elif state.sharded_grads():  # the same instants, the grads reduce-scattered unit by unit
-        ends = [merge(before, _grads_at_backward_end(job, state), phase(activations__model=held))
-                for _, held in _whole_grad_backward_ends(job, state)]
-    else:
-        ends = [merge(before, phase(model__grads=grads), phase(activations__model=held))
+    else:  # sharded: the same instants, the grads reduce-scattered unit by unit
+        sharded = state.sharded_grads()
+        ends = [merge(before, _grads_at_backward_end(job, state) if sharded else phase(model__grads=grads),
+                      phase(activations__model=held))
                 for grads, held in _whole_grad_backward_ends(job, state)]
     return max([start, *ends], key=lambda p: sum(p.values()))
 

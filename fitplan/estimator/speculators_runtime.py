@@ -238,7 +238,7 @@ def timeline(job: Job) -> Timeline:
             "draft_forward": merge(base, opt, carried, batch, teacher, weights, saved, forward_extra),
             "backward": max([
                 merge(in_backward, saved, backward_extra),
-                merge(in_backward, eagle3.earlier_head_backward(job, state)),
+                merge(in_backward, eagle3.earlier_head_backward(job, state, head_trained=False)),
                 merge(base, opt, batch, weights, backward_grads(job, state)),
             ], key=lambda components: sum(components.values())),
             "optimizer_step": merge(base, full_state, grads, batch, phase(optimizer__grad_copy=step_bytes(job, state))),
