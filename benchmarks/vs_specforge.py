@@ -91,8 +91,10 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the repo's fitpl
 
 MARK = "VS_SPECFORGE_RESULT "  # prefix of the child's one JSON line on stdout
 # fitplan-plain: the trainer with draft_memory plain (torch's composition of the head, loss and
-# SwiGLU), to show what the lean draft costs or saves in the same call
-TOOLS = ("specforge", "fitplan", "fitplan-plain")
+# SwiGLU), to show what the lean draft costs or saves in the same call; specforge-fsdp: SpecForge's
+# step with the module wrapped as its trainer wraps it (FSDP1 over a one-rank process group)
+TOOLS = ("specforge", "specforge-fsdp", "fitplan", "fitplan-plain")
+SPECFORGE_TOOLS = ("specforge", "specforge-fsdp")
 DEFAULT_SHAPES = "1x2048,1x4096,1x8192,1x16384,2x4096"
 WHEEL = ROOT / ".whl" / "specforge-0.2.0-py3-none-any.whl"
 OUT_JSON, OUT_MD = "vs_specforge.json", "vs_specforge.md"
@@ -152,7 +154,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--device", help="cuda (default when present) or cpu")
     p.add_argument("--wheel", type=Path, default=WHEEL, help="SpecForge wheel installed (--no-deps) when absent")
+    p.add_argument("--memory-snapshot", action="store_true",
+                   help="record each child's allocator history (torch.cuda.memory, no stack frames) from before "
+                        "its setup to its last step into OUT/TOOL-BxS.snapshot.pickle.gz")
     p.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
+    p.add_argument("--snapshot-to", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--shape", type=shape_list, help=argparse.SUPPRESS)
     return p
 
@@ -184,6 +190,8 @@ def child_argv(args, tool: str, batch: int, seq: int) -> list[str]:
             argv += ["--" + flag.replace("_", "-"), str(value)]
     if args.profile:
         argv.append("--profile")
+    if args.memory_snapshot:
+        argv += ["--snapshot-to", str(args.out.resolve() / f"{tool}-{batch}x{seq}.snapshot.pickle.gz")]
     return argv
 
 
@@ -194,13 +202,13 @@ def run_parent(args) -> int:
     meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv[1:], "budget_s": args.budget,
             "hard_stop_s": hard_stop, "shapes": [f"{b}x{s}" for b, s in args.shapes], "tools": args.tools,
             "specforge_teacher": args.specforge_teacher, "attention": args.attention}
-    missing = ensure_specforge(args.wheel) if "specforge" in args.tools else None
+    missing = ensure_specforge(args.wheel) if set(SPECFORGE_TOOLS) & set(args.tools) else None
     results = []
     for batch, seq in args.shapes:
         for tool in args.tools:
             elapsed = time.monotonic() - started
             base = {"tool": tool, "batch": batch, "seq": seq, "ok": False}
-            if tool == "specforge" and missing:
+            if tool in SPECFORGE_TOOLS and missing:
                 results.append({**base, "error": missing})
             elif elapsed > args.budget:
                 results.append({**base, "error": f"not started: the {args.budget:.0f} s budget was spent"})
@@ -264,26 +272,30 @@ def write_outputs(out: Path, meta: dict, results: list[dict]) -> None:
 
 
 def render(meta: dict, results: list[dict]) -> str:
-    """Markdown: one row per shape, fitplan / SpecForge ratios, each tool's throughput and MFU."""
+    """Markdown: per fitplan tool and SpecForge variant, one row per shape with fitplan / SpecForge
+    ratios, each tool's throughput and MFU."""
     by = {(r["tool"], r["batch"], r["seq"]): r for r in results}
     shapes = list(dict.fromkeys((r["batch"], r["seq"]) for r in results))
     ok = [r for r in results if r.get("ok")]
     peak = ok[0]["peak_tflops"] if ok else None
     device = ok[0].get("device", "?") if ok else "?"
+    present = [t for t in TOOLS if any(r["tool"] == t for r in results)]
     lines = []
-    for tool in [t for t in ("fitplan", "fitplan-plain") if any(r["tool"] == t for r in results)]:
+    for tool in [t for t in present if t not in SPECFORGE_TOOLS]:
         label = "fitplan" if tool == "fitplan" else "fitplan (draft_memory plain)"
-        header = (f"| B x S | step s {label} / SpecForge | time ratio | draft memory GiB {label} / SpecForge "
-                  f"| memory ratio | tokens/s {label} / SpecForge | MFU {label} / SpecForge "
-                  f"| first step s {label} / SpecForge |")
-        rows = ["", header, "|---|---|---|---|---|---|---|---|"]
-        for b, s in shapes:
-            f, g = by.get((tool, b, s), {}), by.get(("specforge", b, s), {})
-            rows.append(f"| {b} x {s} | {_pair(f, g, 'step_s', 1, '.3f')} | {_ratio(f, g, 'step_s')} "
-                        f"| {_pair(f, g, 'draft_mem', GIB, '.2f')} | {_ratio(f, g, 'draft_mem')} "
-                        f"| {_pair(f, g, 'tokens_per_s', 1, ',.0f')} | {_pair(f, g, 'mfu', 0.01, '.1f', '%')} "
-                        f"| {_pair(f, g, 'first_step_s', 1, '.0f')} |")
-        lines += rows
+        for reference in [t for t in present if t in SPECFORGE_TOOLS] or ["specforge"]:
+            other = "SpecForge" if reference == "specforge" else "SpecForge FSDP"
+            header = (f"| B x S | step s {label} / {other} | time ratio | draft memory GiB {label} / {other} "
+                      f"| memory ratio | tokens/s {label} / {other} | MFU {label} / {other} "
+                      f"| first step s {label} / {other} |")
+            rows = ["", header, "|---|---|---|---|---|---|---|---|"]
+            for b, s in shapes:
+                f, g = by.get((tool, b, s), {}), by.get((reference, b, s), {})
+                rows.append(f"| {b} x {s} | {_pair(f, g, 'step_s', 1, '.3f')} | {_ratio(f, g, 'step_s')} "
+                            f"| {_pair(f, g, 'draft_mem', GIB, '.2f')} | {_ratio(f, g, 'draft_mem')} "
+                            f"| {_pair(f, g, 'tokens_per_s', 1, ',.0f')} | {_pair(f, g, 'mfu', 0.01, '.1f', '%')} "
+                            f"| {_pair(f, g, 'first_step_s', 1, '.0f')} |")
+            lines += rows
     failed = [f"{r['tool']} {r['batch']}x{r['seq']}: {r.get('error', 'failed')}" for r in results if not r.get("ok")]
     teacher = ("full-vocab logits (SpecForge's default)" if meta.get("specforge_teacher", "full") == "full"
                else "compact_teacher")
@@ -294,7 +306,8 @@ def render(meta: dict, results: list[dict]) -> str:
         f"both; median of the timed steps. Draft memory: peak allocated over the step minus the frozen target "
         f"lm_head, draft embedding and buffers and the inputs. MFU: (fitplan.steptime.draft_flops + the teacher's "
         f"2·B·S·V·h) / step time / {peak if peak else '?'} TFLOP/s (dense bf16, profiles/gpus.json). "
-        f"Attention: {meta.get('attention', 'flex')}. First step: wall time including compilation.")
+        f"Attention: {meta.get('attention', 'flex')}. First step: wall time including compilation. SpecForge: "
+        f"its module unwrapped; SpecForge FSDP: wrapped in FSDP1 over one rank, as its trainer wraps it.")
     lines = [caption, *lines]
     if failed:
         lines += ["", "Not measured: " + "; ".join(failed)]
@@ -322,6 +335,9 @@ def run_child(args) -> dict:
     result = {"tool": tool, "batch": batch, "seq": seq, "ok": False, "device": _device_name(device),
               "attention": args.attention, "ttt": args.ttt, "warmup": args.warmup, "steps": args.steps,
               "versions": _versions(tool)}
+    recording = args.snapshot_to is not None and device.type == "cuda"
+    if recording:
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000, context=None, stacks="python")
     try:
         job = bench_job(args, batch, seq)
         start = time.perf_counter()
@@ -347,7 +363,22 @@ def run_child(args) -> dict:
         result["ok"] = True
     except torch.OutOfMemoryError as exc:  # any other error: the parent records the traceback's tail
         result["error"] = "out of memory: " + str(exc).splitlines()[0]
+    if recording:
+        result["snapshot"] = dump_snapshot(args.snapshot_to)
     return result
+
+
+def dump_snapshot(path: Path) -> str:
+    """The allocator history recorded so far, gzipped (what fitplan/allocator/trace.py reads)."""
+    import gzip
+    import pickle
+
+    import torch
+
+    with gzip.open(path, "wb") as f:
+        pickle.dump(torch.cuda.memory._snapshot(), f)
+    torch.cuda.memory._record_memory_history(enabled=None)
+    return path.name
 
 
 def profile_step(step) -> list[dict]:
@@ -497,7 +528,7 @@ def _device_name(device) -> str:
 def _versions(tool: str) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    names = ("torch", "transformers", "triton") + (("specforge",) if tool == "specforge" else ())
+    names = ("torch", "transformers", "triton") + (("specforge",) if tool in SPECFORGE_TOOLS else ())
     found = {}
     for name in names:
         try:
@@ -620,6 +651,19 @@ def _bare_draft_package() -> None:
     package.Eagle3DraftModel, package.LlamaForCausalLMEagle3 = Eagle3DraftModel, LlamaForCausalLMEagle3
 
 
+def one_rank_parallel_config():
+    """SpecForge's ParallelConfig for a one-rank job, made as its launcher makes it
+    (specforge.distributed.init_distributed: NCCL process group, dp x tp and draft meshes)."""
+    from specforge.distributed import init_distributed
+    from specforge.training.backend import ParallelConfig
+
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "29517")):
+        os.environ.setdefault(name, value)
+    init_distributed(tp_size=1)
+    return ParallelConfig.from_distributed(tp_size=1)
+
+
 def specforge_configs(job, fitplan_cfg) -> tuple:
     """(target config, draft config) as LlamaConfigs, from the same shapes fitplan trains."""
     from transformers import LlamaConfig
@@ -668,8 +712,11 @@ def build_specforge(job, frozen: dict, inputs: dict, device, args):
     def optimizer(module):
         return sf["BF16Optimizer"](module, lr=args.lr, max_grad_norm=0.5, total_steps=args.warmup + args.steps + 1000)
 
-    backend = sf["FSDPTrainingBackend"](sf["ParallelConfig"](), optimizer_factory=optimizer)
-    module = backend.prepare_model(model, wrap=False, optimizer_target=model.draft_model)
+    frozen_bytes = module_frozen_bytes(head) + module_frozen_bytes(model)
+    wrap = args.child == "specforge-fsdp"
+    backend = sf["FSDPTrainingBackend"](one_rank_parallel_config() if wrap else sf["ParallelConfig"](),
+                                        optimizer_factory=optimizer)
+    module = backend.prepare_model(model, wrap=wrap, optimizer_target=model.draft_model)
     strategy = sf["Eagle3TrainStrategy"](module, target_head=head, compact_teacher=args.specforge_teacher == "compact")
     tensors = {"input_ids": inputs["ids"], "attention_mask": torch.ones_like(inputs["mask"]),
                "loss_mask": inputs["mask"], "hidden_state": inputs["aux"], "target": inputs["hidden"]}
@@ -686,13 +733,13 @@ def build_specforge(job, frozen: dict, inputs: dict, device, args):
             backend.step()
         return float(out.loss.detach())
 
-    frozen_bytes = module_frozen_bytes(head) + module_frozen_bytes(model)
     notes = {"stubs": sf["stubs"], "specforge_teacher": args.specforge_teacher, "specforge_backend": backend_name,
-             "wrapped": False}
+             "wrapped": wrap}
     return step, frozen_bytes, notes
 
 
-BUILDERS = {"fitplan": build_fitplan, "fitplan-plain": build_fitplan, "specforge": build_specforge}
+BUILDERS = {"fitplan": build_fitplan, "fitplan-plain": build_fitplan, "specforge": build_specforge,
+            "specforge-fsdp": build_specforge}
 
 
 if __name__ == "__main__":
