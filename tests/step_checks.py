@@ -17,8 +17,8 @@ def live_after(built, end: int | None = None) -> int:
     for event in built.events[:end]:
         if event.op == "alloc":
             sizes[event.key] = event.size
-        else:
-            del sizes[event.key]
+        elif event.op != "empty_cache":  # a retired block leaves at its retire; its free finds nothing
+            sizes.pop(event.key, None)
     return sum(sizes.values())
 
 

@@ -288,6 +288,20 @@ def test_replay_summarises_a_sequence():
     assert not s.fits
 
 
+def test_a_retired_block_comes_back_at_its_free_and_empty_cache_returns_the_rest():
+    """"retire": the caller lets go of a block another stream still reads; it serves no request
+    until its "free". 30 MiB requests get segments of their own (>= 10 MiB: rounded to 2 MiB)."""
+    events = [Event("alloc", "a", 30 * MIB), Event("retire", "a"),
+              Event("alloc", "b", 30 * MIB),  # a's block is not back: a second segment, 60 MiB
+              Event("free", "a"), Event("free", "b"),
+              Event("alloc", "c", 30 * MIB),  # best fit among the two free 30 MiB blocks: no new segment
+              Event("empty_cache"),  # the free segment goes back to the driver: 30 MiB left
+              Event("free", "c")]
+    s = replay(events, Allocator(GIB))
+    assert s.reserved_over_time == [(0, 30 * MIB), (2, 60 * MIB), (6, 30 * MIB)]
+    assert (s.peak_reserved, s.final_reserved, s.num_alloc_retries) == (60 * MIB, 30 * MIB, 0)
+
+
 def test_replay_refuses_a_free_of_nothing():
     with pytest.raises(ValueError, match="not allocated"):
         replay([Event("free", "x")], Allocator(GIB))

@@ -10,7 +10,10 @@ from fitplan.allocator.allocator import Allocator, AllocatorOOM
 
 
 class Event(NamedTuple):
-    """One call of the caller: "alloc" (key, size, stream), "free" (key) or "empty_cache"."""
+    """One call of the caller: "alloc" (key, size, stream), "free" (key), "empty_cache", or
+    "retire" (key): the caller lets go of a block another stream still uses (torch's free of a
+    block with record_stream); it stays the caller's in the model until its "free", when that
+    stream is done with it."""
 
     op: str
     key: Hashable = None
@@ -68,8 +71,8 @@ class _Replay:
             self._free(event.key)
         elif event.op == "empty_cache":
             self.allocator.empty_cache()
-        else:
-            raise ValueError(f"event {index}: unknown op {event.op!r}; accepted: alloc, free, empty_cache")
+        elif event.op != "retire":
+            raise ValueError(f"event {index}: unknown op {event.op!r}; accepted: alloc, free, empty_cache, retire")
 
     def _alloc(self, index: int, event: Event) -> None:
         try:

@@ -47,8 +47,9 @@ def _layout(job: Job) -> dict:
 def _replay(job: Job):
     """fitplan's trainer on one GPU: its step replayed through the caching allocator model (None
     elsewhere; the model is imported only then, so other jobs start no slower): Eagle3 and sft
-    alike (draft_events.py, sft_events.py)."""
-    if job.world != 1 or job.spec.runtime != "fitplan":
+    alike (draft_events.py, sft_events.py); SpecForge's offline step on one GPU too
+    (specforge_events.py)."""
+    if job.world != 1 or job.spec.runtime not in ("fitplan", "specforge"):
         return None
     from fitplan.estimator import replayed
 

@@ -115,6 +115,10 @@ def _run(allocator: Allocator, events) -> bool:
         if event.op == "free":
             free(pop(event.key))
             continue
+        if event.op != "alloc":  # "retire": the block is the caller's until its free; "empty_cache"
+            if event.op == "empty_cache":
+                allocator.empty_cache()
+            continue
         try:
             handles[event.key] = malloc(event.size, event.stream)
         except AllocatorOOM:

@@ -158,7 +158,8 @@ def _load(job: Job, base: dict[str, int], z: _Sizes) -> dict[str, int]:
     several GPUs what stays resident."""
     if job.world > 1:
         return base
-    held = {name: n for name, n in base.items() if name not in ("draft.params", "optimizer.master")}
+    # the workspace comes last, with the first GEMM
+    held = {name: n for name, n in base.items() if name not in ("draft.params", "optimizer.master", "runtime.workspace")}
     return _largest([merge(held, instant) for instant in specforge_terms.load_instants(job)] + [base])
 
 

@@ -195,11 +195,11 @@ def hidden_grad_bytes(job: Job) -> int:
 
 
 def backward_start(job: Job) -> dict[str, int]:
-    """Step L-1's head backward: everything saved, the padded teacher its loss reads, lm_head's
-    weight gradient and the gradient of its input (the loss's own gradient is written into its
-    saved logits)."""
+    """Step L-1's head backward: everything saved (but the teacher slice its loss released, B > 1),
+    the padded teacher, lm_head's weight gradient and the gradient of its input (the loss's own
+    gradient is written into its saved logits)."""
     out = saved(job, job.spec.ttt)
-    out["logits.teacher"] += padded_teacher_bytes(job)
+    out["logits.teacher"] += padded_teacher_bytes(job) - teacher_slice_bytes(job)  # the loss released its slice
     out["activations.draft"] += hidden_grad_bytes(job)
     out["draft.grads"] = BF16 * job.draft.draft_vocab * job.draft.hidden
     return out
@@ -211,7 +211,7 @@ def head_backward(job: Job, k: int) -> dict[str, int]:
     0..k+1 that step k+1 left pending, one gradient of every step weight (the first ones, or their
     sums on FSDP's stream), the embedding's first gradient, and lm_head's new one."""
     out = saved(job, k + 1)
-    out["logits.teacher"] += padded_teacher_bytes(job)
+    out["logits.teacher"] += padded_teacher_bytes(job) - teacher_slice_bytes(job)  # the loss released its slice
     out["activations.draft"] += 2 * hidden_grad_bytes(job) + step_kv_bytes(job, k + 1)
     out["draft.grads"] = step_weight_bytes(job) + embedding_bytes(job) + BF16 * job.draft.draft_vocab * job.draft.hidden
     return out
@@ -219,14 +219,18 @@ def head_backward(job: Job, k: int) -> dict[str, int]:
 
 def embedding_backward(job: Job, k: int) -> dict[str, int]:
     """While step k's embedding backward runs: what fc and steps 0..k-1 saved (step k's own is
-    released), the padded teacher (its last reader is step 0's loss), the hidden stream's
-    gradient, the gradients of the keys and values of steps 0..k (pending for the steps before),
-    the embedding output's gradient; one gradient of every step weight (step L-1: the first ones;
+    released), the padded teacher, the hidden stream's gradient, the gradients of the keys and
+    values of steps 0..k (pending for the steps before), the embedding output's gradient (step 0:
+    no teacher, fc output nor pending gradients); one gradient of every step weight (step L-1: the first ones;
     later: their sums on FSDP's stream, the added ones released) and the embedding's: its first,
     which the later ones are added into in place, and step k's own."""
     out = saved(job, k)
-    out["logits.teacher"] += padded_teacher_bytes(job) if k > 0 else 0
-    out["activations.draft"] += 2 * hidden_grad_bytes(job) + step_kv_bytes(job, k)
+    if k == 0:  # step 0's loss read the padded teacher last, its hidden_norm fc's output, and no
+        # step before it takes the gradients of its keys and values
+        out["activations.draft"] += 2 * hidden_grad_bytes(job) - fc_output_bytes(job)
+    else:
+        out["logits.teacher"] += padded_teacher_bytes(job)
+        out["activations.draft"] += 2 * hidden_grad_bytes(job) + step_kv_bytes(job, k)
     embeddings = 1 if k == job.spec.ttt - 1 else 2
     out["draft.grads"] = step_weight_bytes(job) + embeddings * embedding_bytes(job)
     return out

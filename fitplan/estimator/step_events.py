@@ -72,6 +72,10 @@ def sequence_unsupported(job: Job) -> str | None:
     spec = job.spec
     if spec.workload == "sft":
         return sft_events.unsupported(job)
+    if spec.runtime == "specforge":
+        from fitplan.estimator import specforge_events
+
+        return specforge_events.unsupported(job)
     if not runs_fitplan_trainer(job):
         return "only fitplan's Eagle3 trainer and sft are modelled"
     if job.world > 1:
@@ -413,6 +417,10 @@ def build(job: Job) -> StepEvents:
     """Load, step 1 and a steady step of `job` (sequence_unsupported(job) must be None)."""
     if job.spec.workload == "sft":
         return sft_events.build(job)
+    if job.spec.runtime == "specforge":
+        from fitplan.estimator import specforge_events
+
+        return specforge_events.build(job)
     reason = sequence_unsupported(job)
     if reason:
         raise ValueError(reason)

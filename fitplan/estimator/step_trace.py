@@ -66,8 +66,8 @@ class StepEvents:
                     sizes[event.key] = event.size
                     live += event.size
                     peak = max(peak, live)
-                else:
-                    live -= sizes.pop(event.key)
+                elif event.op != "empty_cache":  # a retired block's bytes leave at its retire, not its free
+                    live -= sizes.pop(event.key, 0)
             peaks[label] = max(peaks.get(label, 0), peak)
         return peaks
 

@@ -21,10 +21,13 @@ import argparse
 import json
 import statistics
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
+from fitplan.allocator import Allocator, Event, replay
+from fitplan.allocator.trace import load_snapshot
 from fitplan.config import RunSpec
-from fitplan.estimator import estimate
+from fitplan.estimator import estimate, replayed, step_events
 from fitplan.estimator.result import Estimate
 from fitplan.layout import Job, resolve
 from fitplan.units import GIB
@@ -43,6 +46,166 @@ def benchmark_held_tensors(job: Job) -> list[int]:
     mask (bool [V])."""
     d = job.draft
     return [2 * d.vocab * d.hidden, 8 * d.draft_vocab, 8 * d.draft_vocab, d.vocab]
+
+
+def written_with_benchmark(job: Job) -> tuple[list[Event], list[tuple[str, int, int]]]:
+    """The written step (step_events.build) after the benchmark's own tensors, which it makes
+    first and keeps: (events, phases as (label, first event, end event))."""
+    built = step_events.build(job)
+    held = [Event("alloc", ("benchmark", i), size) for i, size in enumerate(benchmark_held_tensors(job))]
+    shift = len(held)
+    return held + list(built.events), [(label, first + shift, end + shift) for label, first, end in built.phases]
+
+
+@lru_cache(maxsize=16)
+def written_reserved(job: Job) -> dict[str, int]:
+    """Per phase label of the written step, the model's peak reserved bytes, the benchmark's
+    tensors included, on the device's memory less what lives outside the allocator."""
+    events, phases = written_with_benchmark(job)
+    summary = replay(events, Allocator(replayed.capacity_bytes(job), device_total_bytes=job.cluster.gpu.total_bytes))
+    over_time = tuple(summary.reserved_over_time)
+    return {label: replayed._peak_between(over_time, first, end) for label, first, end in phases}
+
+
+# ------------------------------------------------------------------ the recording
+
+
+def recorded_phases(snapshot: dict) -> dict[int, dict[str, tuple[int, int]]]:
+    """Per step of the recording (0 for the first), per phase (forward, backward, optimizer): the
+    most bytes allocated at once (a block leaves at its free request, as torch counts) and the
+    most reserved. The benchmark labels its phases on the training thread; backward's entries,
+    made on autograd's thread, carry none: an unlabelled run after a forward entry is backward,
+    one between two entries of one phase is that phase."""
+    entries = snapshot["device_traces"][0]
+    labels = _filled_labels(entries)
+    out: dict[int, dict[str, list[int]]] = {}
+    sizes: dict[int, int] = {}
+    allocated = reserved = 0
+    for entry, label in zip(entries, labels):
+        action = entry["action"]
+        if action == "alloc":
+            sizes[entry["addr"]] = entry["size"]
+            allocated += entry["size"]
+        elif action == "free_requested":
+            allocated -= sizes.pop(entry["addr"], 0)
+        elif action == "segment_alloc":
+            reserved += entry["size"]
+        elif action == "segment_free":
+            reserved -= entry["size"]
+        if label is None:
+            continue
+        step, phase = label
+        peaks = out.setdefault(step, {}).setdefault(phase, [0, 0])
+        peaks[0], peaks[1] = max(peaks[0], allocated), max(peaks[1], reserved)
+    return {step: {phase: (a, r) for phase, (a, r) in phases.items()} for step, phases in out.items()}
+
+
+def _step_label(raw: str) -> tuple[int, str] | None:
+    if not raw:
+        return None
+    step, _, phase = raw.rpartition(".")
+    return (int(step.removeprefix("step")) if step else 0), phase
+
+
+def _filled_labels(entries: list[dict]) -> list[tuple[int, str] | None]:
+    raw = [_step_label(e.get("user_metadata", "")) for e in entries]
+    out: list[tuple[int, str] | None] = list(raw)
+    i = 0
+    while i < len(raw):
+        if raw[i] is not None:
+            i += 1
+            continue
+        end = i
+        while end < len(raw) and raw[end] is None:
+            end += 1
+        before = raw[i - 1] if i else None
+        after = raw[end] if end < len(raw) else None
+        if before is not None and before[1] == "forward" and after != before:
+            fill = (before[0], "backward")
+        else:
+            fill = before
+        for j in range(i, end):
+            out[j] = fill
+        i = end
+    # the training thread's own entries inside backward (it waits there) are backward's too
+    return [(label[0], "backward") if label is not None and label[1] == "backward" else label for label in out]
+
+
+def recorded_requests(snapshot: dict, retired_return_with_backward: bool = False) -> tuple[list[Event], list]:
+    """The recording's requests as events for the allocator model, with an "empty_cache" where
+    the history releases segments unasked (OnlineEagle3Model's torch.cuda.empty_cache(), which
+    the history does not record), and each free where its block came back (free_completed).
+    `retired_return_with_backward`: a block freed while another stream still used it (its free
+    completed after a later request) comes back at the end of its step's backward instead, the
+    written step's rule. Returns (events, the filled phase label of each event)."""
+    entries = snapshot["device_traces"][0]
+    labels = _filled_labels(entries)
+    ends = _backward_ends(labels)
+    deferred: dict[int, list[int]] = {}  # entry index -> keys whose blocks come back before it
+    requested: dict[int, int] = {}  # addr -> entry index of the free request
+    keys: dict[int, int] = {}
+    events: list[Event] = []
+    event_labels: list = []
+    previous = None
+    for i, (entry, label) in enumerate(zip(entries, labels)):
+        for key in deferred.pop(i, ()):
+            events.append(Event("free", key))
+            event_labels.append(label)
+        action = entry["action"]
+        if action == "alloc":
+            keys[entry["addr"]] = i
+            events.append(Event("alloc", i, entry["size"], entry["stream"]))
+            event_labels.append(label)
+        elif action == "free_requested":
+            requested[entry["addr"]] = i
+        elif action == "free_completed" and entry["addr"] in keys:
+            key = keys.pop(entry["addr"])
+            asked = requested.pop(entry["addr"], i)
+            late = any(e["action"] == "alloc" for e in entries[asked:i])
+            end = ends.get(asked)
+            if retired_return_with_backward and late and end is not None and end > i:
+                deferred.setdefault(end, []).append(key)
+            else:
+                events.append(Event("free", key))
+                event_labels.append(label)
+        elif action == "segment_free" and previous not in ("segment_free", None) and previous != "oom":
+            events.append(Event("empty_cache"))
+            event_labels.append(label)
+        previous = action
+    return events, event_labels
+
+
+def _backward_ends(labels: list) -> dict[int, int]:
+    """Per entry inside a backward, the index of the first entry after that backward."""
+    out: dict[int, int] = {}
+    start = None
+    for i, label in enumerate(labels + [None]):
+        inside = label is not None and label[1] == "backward"
+        if inside and start is None:
+            start = i
+        elif not inside and start is not None:
+            out.update((j, i) for j in range(start, i))
+            start = None
+    return out
+
+
+def recorded_reserved(snapshot: dict, job: Job, retired_return_with_backward: bool = False) -> dict[int, dict[str, int]]:
+    """The allocator model's peak reserved bytes per recorded step and phase, replaying the
+    recording's requests (recorded_requests), on the job's device."""
+    events, labels = recorded_requests(snapshot, retired_return_with_backward)
+    summary = replay(events, Allocator(replayed.capacity_bytes(job), device_total_bytes=job.cluster.gpu.total_bytes))
+    out: dict[int, dict[str, int]] = {}
+    reserved, changes = 0, dict(summary.reserved_over_time)
+    for i, label in enumerate(labels):
+        reserved = changes.get(i, reserved)
+        if label is not None:
+            phases = out.setdefault(label[0], {})
+            phases[label[1]] = max(phases.get(label[1], 0), reserved)
+    return out
+
+
+def snapshot_path(seq: int, batch: int = 1) -> Path:
+    return TRACES / f"{TOOL}-{batch}x{seq}.snapshot.pickle.gz"
 
 
 def bench_job(seq: int, batch: int = 1) -> Job:
@@ -79,6 +242,15 @@ class Row:
     def allocated_error(self) -> float:
         return self.predicted_allocated / self.measured_allocated - 1
 
+    @property
+    def predicted_reserved(self) -> int:
+        """The written step's replay with the benchmark's tensors made first (written_reserved)."""
+        return max(written_reserved(bench_job(self.seq, self.batch)).values())
+
+    @property
+    def reserved_error(self) -> float:
+        return self.predicted_reserved / self.measured_reserved - 1
+
 
 def measured_results(path: Path = MEASURED) -> list[dict]:
     results = json.loads(path.read_text())["results"]
@@ -103,26 +275,57 @@ def _pct(x: float) -> str:
 
 
 def table(found: list[Row]) -> str:
-    lines = ["| B x S | shapes | measured allocated | predicted | measured phases (fwd / bwd / opt) | predicted |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| B x S | shape | allocated: measured / predicted | reserved: measured / predicted "
+             "| phases fwd / bwd / opt: measured | predicted |", "|---|---|---|---|---|---|"]
     for row in found:
         m, p = row.measured_phases, row.predicted_phases
-        phases = " / ".join(_gib(m[k]) for k in ("forward", "backward", "optimizer"))
+        measured = " / ".join(_gib(m[k]) for k in ("forward", "backward", "optimizer"))
         predicted = " / ".join(_gib(p[k]) for k in ("forward", "backward", "optimizer"))
         lines.append(f"| {row.batch} x {row.seq} | {'studied' if row.studied else 'held out'} "
-                     f"| {_gib(row.measured_allocated)} | {_gib(row.predicted_allocated)} ({_pct(row.allocated_error)}) "
-                     f"| {phases} | {predicted} |")
-    errors = [abs(r.allocated_error) for r in found]
+                     f"| {_gib(row.measured_allocated)} / {_gib(row.predicted_allocated)} ({_pct(row.allocated_error)}) "
+                     f"| {_gib(row.measured_reserved)} / {_gib(row.predicted_reserved)} ({_pct(row.reserved_error)}) "
+                     f"| {measured} | {predicted} |")
     lines.append("")
-    lines.append(f"allocated |error| median {100 * statistics.median(errors):.1f}%, max {100 * max(errors):.1f}%")
+    for name, errors in (("allocated", [r.allocated_error for r in found]), ("reserved", [r.reserved_error for r in found])):
+        absolute = [abs(e) for e in errors]
+        lines.append(f"- {name}: |error| median {100 * statistics.median(absolute):.1f}%, max "
+                     f"{100 * max(absolute):.1f}%, most under {100 * -min(0.0, min(errors)):.1f}%")
     return "\n".join(lines)
+
+
+def replay_table(found: list[Row]) -> str:
+    """Per shape and steady phase, the peak reserved bytes (GiB) three ways: the recording's real
+    segments (its step 2), the allocator model replaying the recorded requests with each block
+    back when its free completed (exact) and with blocks other streams used back when backward
+    ends (the written step's rule), and the written step."""
+    lines = ["| B x S | phase | real | model, recorded requests | same, blocks back when backward ends | written |",
+             "|---|---|---|---|---|---|"]
+    for row in found:
+        job = bench_job(row.seq, row.batch)
+        snapshot = load_snapshot(snapshot_path(row.seq, row.batch))
+        real = recorded_phases(snapshot)[2]
+        exact, deferred = recorded_reserved(snapshot, job)[2], recorded_reserved(snapshot, job, True)[2]
+        written = written_reserved(job)
+        for phase, labels in WRITTEN_PHASES.items():
+            ours = max(written[f"steady.{label}"] for label in labels)
+            lines.append(f"| {row.batch} x {row.seq} | {phase} | {_gib(real[phase][1])} | {_gib(exact[phase])} "
+                         f"| {_gib(deferred[phase])} | {_gib(ours)} |")
+    return "\n".join(lines)
+
+
+# the benchmark's phases and the written step's
+WRITTEN_PHASES = {"forward": ("target_forward", "draft_forward"), "backward": ("backward",),
+                  "optimizer": ("optimizer_step",)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--measured", type=Path, default=MEASURED, help="a vs_specforge.py results JSON")
     args = parser.parse_args(argv)
-    print(table(rows(args.measured)))
+    found = rows(args.measured)
+    print(table(found))
+    print()
+    print(replay_table(found))
     return 0
 
 
