@@ -107,3 +107,22 @@ def test_the_written_step_reserves_what_the_recorded_requests_do_under_its_rule(
     for phase, labels in specforge_fsdp.WRITTEN_PHASES.items():
         ours = max(written[f"steady.{label}"] for label in labels)
         assert abs(ours / deferred[phase] - 1) <= 0.01, (phase, ours, deferred[phase])
+
+
+def test_the_segments_backward_makes_are_the_recorded_ones(recorded):
+    """Segments made in step 2's backward (MiB, stream): on FSDP's unshard stream the same at
+    every shape (each step weight's gradient sum: lm_head 250, gate/up/down 112, o 32, k, v 16,
+    q 64; the flat gradient 1814); on the compute stream the recording's are among the written
+    ones (the embedding's 1002 MiB gradients), the same at S 8192; at 4096 the written step
+    makes one more, as the recording's steps 3 and 4 do; at 2048 more, the blocks it keeps
+    until backward ends."""
+    row = recorded[0]
+    snapshot = load_snapshot(specforge_fsdp.snapshot_path(row.seq))
+    real = specforge_fsdp.recorded_segments(snapshot, 2, "backward")
+    ours = specforge_fsdp.written_segments(specforge_fsdp.bench_job(row.seq), "steady.backward")
+    unshard = {key: n for key, n in real.items() if key[1] == 1}
+    assert unshard == {key: n for key, n in ours.items() if key[1] == 1}
+    assert unshard == {(16, 1): 2, (32, 1): 1, (64, 1): 1, (112, 1): 3, (250, 1): 1, (1814, 1): 1}
+    assert not real - ours
+    extra = ours - real
+    assert {8192: not extra, 4096: extra == Counter({(1002, 0): 1}), 2048: bool(extra)}[row.seq]

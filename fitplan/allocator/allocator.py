@@ -45,6 +45,13 @@ class Allocator:
                  device_total_bytes: int | None = None, segment_addresses: Iterable[int] | None = None,
                  track_largest_free: bool = True):
         self.settings = settings or AllocatorSettings(expandable=expandable, max_split_bytes=max_split_bytes)
+        # read at every request (the settings are frozen)
+        self._divisions = self.settings.roundup_power2_divisions
+        self._expandable = self.settings.expandable
+        self._max_split = self.settings.max_split_bytes
+        # neither expandable segments nor max_split_size: no rule of _cached_block passes over the
+        # best fit, so a request takes it straight from the pool
+        self._plain_best_fit = not self._expandable and self._max_split is None
         self.capacity = capacity_bytes
         self.device_total = device_total_bytes or capacity_bytes
         self.allowed = allowed_bytes if allowed_bytes is not None else self._fraction_cap()
@@ -73,11 +80,14 @@ class Allocator:
         if size <= 0:
             raise ValueError(f"malloc needs a positive size, got {size}")
         self.calls += 1
-        rounded = round_size(size, self.settings.roundup_power2_divisions)
+        rounded = round_size(size, self._divisions)
         pool = self._pools[is_small(rounded)]
         if self.track_largest_free:
             self.last_largest_free = pool.largest(stream)
-        block = self._cached_block(pool, stream, rounded)
+        if self._plain_best_fit:
+            block = pool.take_best_fit(stream, rounded)
+        else:
+            block = self._cached_block(pool, stream, rounded)
         if block is None:
             block = self._new_block(pool, stream, rounded)
         if block is None:
@@ -94,8 +104,11 @@ class Allocator:
         self.allocated -= block.size
         self.requested -= block.requested
         pool = self._pools[block.small]
-        try_merge(block, block.prev, pool)
-        try_merge(block, block.next, pool)
+        before, after = block.prev, block.next
+        if before is not None and not before.allocated:  # most neighbours are in use: no call for them
+            try_merge(block, before, pool)
+        if after is not None and not after.allocated:
+            try_merge(block, after, pool)
         pool.add(block)
 
     def empty_cache(self) -> None:
@@ -121,16 +134,14 @@ class Allocator:
 
     def _cached_block(self, pool: BlockPool, stream: int, rounded: int) -> Block | None:
         """Best fit among the cached blocks (get_free_block)."""
-        index = pool.lower_bound(stream, rounded)
-        block = pool.at(index)
-        if block is None or block.stream != stream:
+        index = pool.best_fit(stream, rounded)
+        if index < 0:
             return None
-        if block.expandable is not None and self.settings.expandable:
-            block = expandable.prefer_bounded(pool, index, stream)
-        if not self._oversize_allows(block.size, rounded):
+        if self._expandable:
+            index = expandable.prefer_bounded(pool, index, stream)
+        if not self._oversize_allows(pool.at(index).size, rounded):
             return None
-        pool.remove(block)
-        return block
+        return pool.pop(index)
 
     def _oversize_allows(self, block_bytes: int, rounded: int) -> bool:
         """Blocks of max_split_size or more serve only requests of that size, within a slack."""
@@ -159,7 +170,7 @@ class Allocator:
         size = self._segment_bytes(rounded)
         if self.allowed is not None and self.reserved + size > self.allowed:
             return None
-        if self.settings.expandable:
+        if self._expandable:
             return expandable.grow(self, pool, stream, rounded)
         if self.reserved + size > self.capacity:
             return None
@@ -177,14 +188,16 @@ class Allocator:
         block.requested = requested
         self.allocated += block.size
         self.requested += requested
-        self.peak_allocated = max(self.peak_allocated, self.allocated)
-        handle, self._next_handle = self._next_handle, self._next_handle + 1
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
+        handle = self._next_handle
+        self._next_handle += 1
         self._live[handle] = block
         return handle
 
     def _should_split(self, block: Block, pool: BlockPool, rounded: int) -> bool:
         remaining = block.size - rounded
-        if pool.small or self.settings.expandable:
+        if pool.small or self._expandable:
             return remaining >= MIN_BLOCK
         return self.settings.may_split(rounded) and remaining > SMALL_SIZE
 

@@ -43,44 +43,63 @@ class BlockPool:
 
     def __init__(self, small: bool):
         self.small = small
-        self._keys: list[tuple[int, int, int]] = []  # (stream, size, addr), sorted
-        self._blocks: dict[int, Block] = {}  # addr -> free mapped block
+        # (stream, size, addr, block), sorted: (stream, size, addr) is unique among free blocks, so
+        # the block itself is never compared; keeping it in the entry saves a lookup per request
+        self._entries: list[tuple[int, int, int, Block]] = []
         self._unmapped: list[tuple[int, int]] = []  # (stream, addr), sorted
         self._unmapped_blocks: dict[int, Block] = {}
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._entries)
 
     def add(self, block: Block) -> None:
-        insort(self._keys, (block.stream, block.size, block.addr))
-        self._blocks[block.addr] = block
+        insort(self._entries, (block.stream, block.size, block.addr, block))
 
     def remove(self, block: Block) -> None:
         """Take a block out; call before changing its size or address."""
-        i = bisect_left(self._keys, (block.stream, block.size, block.addr))
-        del self._keys[i]
-        del self._blocks[block.addr]
+        entries = self._entries
+        i = bisect_left(entries, (block.stream, block.size, block.addr))
+        if i == len(entries) or entries[i][3] is not block:
+            raise ValueError(f"block at {block.addr} of {block.size} bytes is not in the pool")
+        del entries[i]
+
+    def pop(self, index: int) -> Block:
+        """Take out the block at `index` (one best_fit found)."""
+        return self._entries.pop(index)[3]
+
+    def best_fit(self, stream: int, size: int) -> int:
+        """Index of the smallest free block of `stream` holding `size` bytes, the lowest address
+        among equals (lower_bound, then the stream's check, as get_free_block); -1 if none."""
+        entries = self._entries
+        i = bisect_left(entries, (stream, size, -1))
+        return i if i < len(entries) and entries[i][0] == stream else -1
+
+    def take_best_fit(self, stream: int, size: int) -> Block | None:
+        """best_fit's block, taken out of the pool; None if there is none."""
+        entries = self._entries
+        i = bisect_left(entries, (stream, size, -1))
+        return entries.pop(i)[3] if i < len(entries) and entries[i][0] == stream else None
 
     def lower_bound(self, stream: int, size: int) -> int:
         """Index of the first free block at or after (stream, size): torch's lower_bound."""
-        return bisect_left(self._keys, (stream, size, -1))
+        return bisect_left(self._entries, (stream, size, -1))
 
     def at(self, index: int) -> Block | None:
-        if 0 <= index < len(self._keys):
-            return self._blocks[self._keys[index][2]]
+        if 0 <= index < len(self._entries):
+            return self._entries[index][3]
         return None
 
     def largest(self, stream: int | None = None) -> int:
         """Size of the largest free block, on one stream or on any."""
         if stream is None:
-            streams = {key[0] for key in self._keys}
+            streams = {entry[0] for entry in self._entries}
             return max((self.largest(s) for s in streams), default=0)
-        i = bisect_left(self._keys, (stream + 1, -1, -1)) - 1
-        return self._keys[i][1] if i >= 0 and self._keys[i][0] == stream else 0
+        i = bisect_left(self._entries, (stream + 1, -1, -1)) - 1
+        return self._entries[i][1] if i >= 0 and self._entries[i][0] == stream else 0
 
     def ordered(self) -> list[Block]:
         """The free blocks in pool order (a copy, safe to change the pool while walking it)."""
-        return [self._blocks[key[2]] for key in self._keys]
+        return [entry[3] for entry in self._entries]
 
     def add_unmapped(self, block: Block) -> None:
         insort(self._unmapped, (block.stream, block.addr))

@@ -26,8 +26,9 @@ class ExpandableSegment:
     page: int
 
 
-def prefer_bounded(pool: BlockPool, index: int, stream: int) -> Block:
-    """Best fit counting a block at the mapped end as long as it could grow (get_free_block).
+def prefer_bounded(pool: BlockPool, index: int, stream: int) -> int:
+    """Best fit counting a block at the mapped end as long as it could grow (get_free_block):
+    the pool index of the block to take, from the best fit's `index` on.
 
     The last mapped block borders the unmapped rest of the range, so torch ranks it as that big
     and takes the next larger block that cannot grow, if there is one.
@@ -38,7 +39,7 @@ def prefer_bounded(pool: BlockPool, index: int, stream: int) -> Block:
             and _growable_size(nxt) < _growable_size(block):
         index += 1
         block, nxt = nxt, pool.at(index + 1)
-    return block
+    return index
 
 
 def _growable_size(block: Block) -> int:

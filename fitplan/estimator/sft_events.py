@@ -27,6 +27,7 @@ or ride with a neighbour, so the live bytes at each phase's peak are the estimat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from fitplan.estimator import sft_layer_events as layers
 from fitplan.estimator import sft_terms
@@ -128,7 +129,7 @@ class SftState:
     def recipe(self):
         return self.trained.recipe
 
-    @property
+    @cached_property  # params do not change; each micro-step's forward and backward ask
     def layer_params(self) -> dict[int, list[tuple[str, int]]]:
         out: dict[int, list[tuple[str, int]]] = {}
         for name, n in self.params:
@@ -190,13 +191,14 @@ def forward(t: Trace, state: SftState) -> Saved:
     params = dict(state.params)
     saved.casts += _casts(t, state, ["embed_tokens"])
     hidden = t.alloc(row, "embedding output") if job.spec.ac else None
+    saved_tensors = layer_saved_tensors(job)
     for i, layer in sorted(state.layer_params.items()):
         saved.casts += _casts(t, state, [name for name, _ in layer])
         if job.spec.ac:
             saved.inputs.append(hidden)
             hidden = layers.checkpointed_forward(t, job, i)
         else:
-            saved.layers.append({name: t.alloc(n, f"layer {i} {name}") for name, n in layer_saved_tensors(job)})
+            saved.layers.append({name: t.alloc(n, f"layer {i} {name}") for name, n in saved_tensors})
     last = hidden
     saved.final_norm = _allocs(t, final_norm_tensors(job))
     t.free(last)
@@ -215,7 +217,7 @@ def backward(t: Trace, state: SftState, saved: Saved) -> None:
     m = job.model
     head = "lm_head" if lm_head_params(m) else "embed_tokens"
     grad = _loss_backward(t, state, saved, head)
-    layer_params = state.layer_params
+    layer_params, saved_sizes = state.layer_params, dict(layer_saved_tensors(job))
     for i in reversed(range(m.layers)):
         names = {name.split(".", 2)[2]: (name, n) for name, n in layer_params[i]}
 
@@ -223,7 +225,7 @@ def backward(t: Trace, state: SftState, saved: Saved) -> None:
             accumulate(t, state, *names[short])
 
         if job.spec.ac:
-            kept = layers.recompute(t, job, i, dict(layer_saved_tensors(job)))
+            kept = layers.recompute(t, job, i, saved_sizes)
             grad = layers.layer_backward(t, job, i, kept, grad, weight_grad, layer_input=(saved.inputs[i],))
         else:
             grad = layers.layer_backward(t, job, i, saved.layers[i], grad, weight_grad)

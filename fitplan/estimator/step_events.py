@@ -29,7 +29,6 @@ bytes, so its live bytes at each phase's peak are the phase's sum.
 from __future__ import annotations
 
 from fitplan.estimator import draft_terms, fsdp_events, sft_events, target_terms
-from fitplan.estimator.draft_events import draft_backward, draft_forward
 from fitplan.estimator.eagle3 import EIGHT_BIT_STEP_BYTES_PER_ELEMENT, draft_state
 from fitplan.estimator.recipes import ADAM_8BIT_BLOCK
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES, runs_fitplan_trainer
@@ -421,6 +420,9 @@ def build(job: Job) -> StepEvents:
         from fitplan.estimator import specforge_events
 
         return specforge_events.build(job)
+    # imported here: an sft estimate, which replays its step too, does not load the draft's steps
+    from fitplan.estimator.draft_events import draft_backward, draft_forward
+
     reason = sequence_unsupported(job)
     if reason:
         raise ValueError(reason)

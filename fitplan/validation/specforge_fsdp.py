@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -202,6 +203,23 @@ def recorded_reserved(snapshot: dict, job: Job, retired_return_with_backward: bo
             phases = out.setdefault(label[0], {})
             phases[label[1]] = max(phases.get(label[1], 0), reserved)
     return out
+
+
+def recorded_segments(snapshot: dict, step: int, phase: str) -> Counter:
+    """Segments the recording made (cudaMalloc) in one phase of one step: (MiB, stream 0 or 1)."""
+    entries = snapshot["device_traces"][0]
+    return Counter((e["size"] >> 20, int(bool(e["stream"]))) for e, label in zip(entries, _filled_labels(entries))
+                   if e["action"] == "segment_alloc" and label == (step, phase))
+
+
+def written_segments(job: Job, label: str) -> Counter:
+    """Segments the written step's replay makes in one phase (a label of step_events.build):
+    (MiB, stream)."""
+    events, phases = written_with_benchmark(job)
+    first, end = next((f, e) for name, f, e in phases if name == label)
+    summary = replay(events, Allocator(replayed.capacity_bytes(job), device_total_bytes=job.cluster.gpu.total_bytes))
+    return Counter((size >> 20, events[i].stream) for i, action, size, _ in summary.segment_log
+                   if action == "segment_alloc" and first <= i < end)
 
 
 def snapshot_path(seq: int, batch: int = 1) -> Path:
