@@ -69,8 +69,6 @@ def unsupported(job: Job) -> str | None:
 class _State:
     job: Job
     params: list[tuple[str, int]]  # trained tensors (name, elements), BF16Optimizer's order
-    masters: list[int] = field(default_factory=list)
-    moments: list[int] = field(default_factory=list)
     batch: list[int] = field(default_factory=list)
     flat_grad: int | None = None
     autograd_workspace: int | None = None
@@ -105,7 +103,7 @@ def load(t: Trace, state: _State) -> None:
     t.free(*own)
     for name, n in state.params:
         clone = t.alloc(BF16 * n, f"bf16 clone of {name}")
-        state.masters.append(t.alloc(FP32 * n, f"fp32 master {name}"))
+        t.alloc(FP32 * n, f"fp32 master {name}")  # kept
         t.free(clone)
     t.alloc(CUBLAS_WORKSPACE_BYTES, "cuBLAS workspace")
 
@@ -372,7 +370,7 @@ def optimizer_step(t: Trace, state: _State, first: bool) -> None:
     master_grads = [t.alloc(FP32 * n, f"fp32 master grad {name}") for name, n in state.params]
     if first:
         for name, n in state.params:
-            state.moments += [t.alloc(FP32 * n, f"exp_avg {name}"), t.alloc(FP32 * n, f"exp_avg_sq {name}")]
+            t.alloc(FP32 * n, f"exp_avg {name}"), t.alloc(FP32 * n, f"exp_avg_sq {name}")  # kept
     roots = [t.alloc(FP32 * n, f"sqrt(exp_avg_sq) {name}") for name, n in state.params]
     t.free(*reversed(roots))
     t.free(*master_grads[:-1])  # zero_grad; step()'s local `master_grad` keeps the last until it returns

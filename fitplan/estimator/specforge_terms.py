@@ -56,7 +56,7 @@ def trainable_tensors(job: Job) -> list[tuple[str, int]]:
     ]
 
 
-# Weights used once per TTT step, whose gradients arrive seven times (the norms' are left out,
+# Weights used once per TTT step, so a gradient arrives from each step (the norms' are left out,
 # 8 KiB each); fc runs once, before the unroll.
 STEP_WEIGHTS = ("lm_head", "down_proj", "up_proj", "gate_proj", "o_proj", "k_proj", "v_proj", "q_proj")
 

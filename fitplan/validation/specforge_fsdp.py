@@ -293,8 +293,9 @@ def _pct(x: float) -> str:
 
 
 def table(found: list[Row]) -> str:
-    lines = ["| B x S | shape | allocated: measured / predicted | reserved: measured / predicted "
-             "| phases fwd / bwd / opt: measured | predicted |", "|---|---|---|---|---|---|"]
+    header = ("| B x S | shape | allocated: measured / predicted | reserved: measured / predicted "
+              "| phases fwd / bwd / opt: measured | predicted |")
+    lines = [header, "|---|---|---|---|---|---|"]
     for row in found:
         m, p = row.measured_phases, row.predicted_phases
         measured = " / ".join(_gib(m[k]) for k in ("forward", "backward", "optimizer"))
