@@ -345,6 +345,9 @@ def run_child(args) -> dict:
         frozen, inputs = make_tensors(job, device, args.seed, args.assistant_fraction)
         result["valid"] = counted_fraction(frozen, inputs)
         step, frozen_bytes, notes = BUILDERS[tool](job, frozen, inputs, device, args)
+        # Emptied, not only unbound: a reference to the dict outlived the builder in SpecForge's
+        # runs (the draws' embedding, copied into its draft, stayed allocated to the end).
+        frozen.clear()
         del frozen
         result.update(notes)
         result["frozen_bytes"] = frozen_bytes
