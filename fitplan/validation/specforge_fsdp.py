@@ -3,21 +3,21 @@
 
     python -m fitplan.validation.specforge_fsdp
 
-docs/data/vs_specforge_fsdp.json holds `benchmarks/vs_specforge.py --tools specforge-fsdp` on one
-H200 (SpecForge 0.2.0, torch 2.11): the llama-3.1-8b-shaped draft trained offline, B 1, S 2048,
-4096 and 8192, with its phase peaks of allocated bytes and its peak reserved bytes;
-tests/data/gpu/trace/specforge/ the allocator histories of the same runs. Prints, per shape, the
-measured and predicted peak allocated and reserved bytes (GiB), and the per-phase peaks.
+Three calls of `benchmarks/vs_specforge.py --tools specforge-fsdp --memory-snapshot` on one H200
+(SpecForge 0.2.0, torch 2.11; docs/vs-specforge.md): the llama-3.1-8b-shaped draft trained
+offline, with its phase peaks of allocated bytes and its peak reserved bytes, and the allocator
+histories of the same runs. Prints, per run, the measured and predicted peak allocated and
+reserved bytes (GiB) and the per-phase peaks, then the reserved bytes replayed four ways.
 
-The benchmark process holds more than SpecForge's step: its make_tensors dict (the draft
-embedding it copies into the draft, and the vocabulary maps) stays alive for the whole run, never
-freed in the recordings. SpecForge's trainer loads the embedding straight into the draft, so the
-prediction is for the trainer, and the comparison adds these bytes (and their segment) to it.
+The benchmark process of calls D and E held more than SpecForge's step: its make_tensors dict
+(the draft embedding it copies into the draft, and the vocabulary maps) stayed alive for the
+whole run. SpecForge's trainer loads the embedding straight into the draft, so the prediction is
+for the trainer, and for those runs the comparison adds these bytes (and their segment) to it.
+Call F ran after the benchmark stopped keeping them: nothing is added.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from collections import Counter
@@ -34,11 +34,27 @@ from fitplan.layout import Job, resolve
 from fitplan.units import GIB
 
 ROOT = Path(__file__).resolve().parents[2]
-MEASURED = ROOT / "docs" / "data" / "vs_specforge_fsdp.json"
 TRACES = ROOT / "tests" / "data" / "gpu" / "trace" / "specforge"
 TOOL = "specforge-fsdp"
-# The shapes the SpecForge terms and the written step were studied on; 4096 was held out.
-STUDIED = (2048, 8192)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of the benchmark: its results, where its allocator histories are, and whether
+    its process held the embedding copy beside the step."""
+
+    name: str
+    results: Path
+    traces: Path
+    copy_held: bool
+
+
+CALLS = (Call("D", ROOT / "docs" / "data" / "vs_specforge_fsdp.json", TRACES, True),
+         Call("E", ROOT / "docs" / "data" / "vs_specforge_fsdp_b.json", TRACES, True),
+         Call("F", ROOT / "docs" / "data" / "vs_specforge_fsdp_c.json", TRACES / "unleaked", False))
+# The runs the SpecForge terms and the written step were studied on (call, B, S); every other
+# run is held out, F's 1 x 2048 too: the shape was studied, that run (without the copy) was not.
+STUDIED = {("D", 1, 2048), ("D", 1, 8192)}
 
 
 def benchmark_held_tensors(job: Job) -> list[int]:
@@ -49,22 +65,27 @@ def benchmark_held_tensors(job: Job) -> list[int]:
     return [2 * d.vocab * d.hidden, 8 * d.draft_vocab, 8 * d.draft_vocab, d.vocab]
 
 
-def written_with_benchmark(job: Job) -> tuple[list[Event], list[tuple[str, int, int]]]:
-    """The written step (step_events.build) after the benchmark's own tensors, which it makes
-    first and keeps: (events, phases as (label, first event, end event))."""
+def written_events(job: Job, copy_held: bool) -> tuple[list[Event], list[tuple[str, int, int]]]:
+    """The written step (step_events.build), after the benchmark's own tensors where it held
+    them (it made them first and kept them): (events, phases as (label, first event, end event))."""
     built = step_events.build(job)
-    held = [Event("alloc", ("benchmark", i), size) for i, size in enumerate(benchmark_held_tensors(job))]
+    sizes = benchmark_held_tensors(job) if copy_held else []
+    held = [Event("alloc", ("benchmark", i), size) for i, size in enumerate(sizes)]
     shift = len(held)
     return held + list(built.events), [(label, first + shift, end + shift) for label, first, end in built.phases]
 
 
-@lru_cache(maxsize=16)
-def written_reserved(job: Job) -> dict[str, int]:
-    """Per phase label of the written step, the model's peak reserved bytes, the benchmark's
-    tensors included, on the device's memory less what lives outside the allocator."""
-    events, phases = written_with_benchmark(job)
-    summary = replay(events, Allocator(replayed.capacity_bytes(job), device_total_bytes=job.cluster.gpu.total_bytes))
-    over_time = tuple(summary.reserved_over_time)
+def _device_allocator(job: Job, addresses: list[int] | None = None) -> Allocator:
+    """The allocator model on the job's device less what lives outside the allocator."""
+    return Allocator(replayed.capacity_bytes(job), device_total_bytes=job.cluster.gpu.total_bytes,
+                     segment_addresses=addresses)
+
+
+@lru_cache(maxsize=32)
+def written_reserved(job: Job, copy_held: bool) -> dict[str, int]:
+    """Per phase label of the written step, the model's peak reserved bytes (written_events)."""
+    events, phases = written_events(job, copy_held)
+    over_time = tuple(replay(events, _device_allocator(job)).reserved_over_time)
     return {label: replayed._peak_between(over_time, first, end) for label, first, end in phases}
 
 
@@ -190,11 +211,16 @@ def _backward_ends(labels: list) -> dict[int, int]:
     return out
 
 
-def recorded_reserved(snapshot: dict, job: Job, retired_return_with_backward: bool = False) -> dict[int, dict[str, int]]:
+def recorded_reserved(snapshot: dict, job: Job, *, retired_return_with_backward: bool = False,
+                      recorded_addresses: bool = False) -> dict[int, dict[str, int]]:
     """The allocator model's peak reserved bytes per recorded step and phase, replaying the
-    recording's requests (recorded_requests), on the job's device."""
+    recording's requests (recorded_requests) on the job's device. `recorded_addresses`: the
+    segments start where the recording's cudaMalloc put them, which decides best fit's ties
+    (two free blocks of one stream and size: the lower address wins); otherwise they start where
+    the model puts them, as in the written step."""
     events, labels = recorded_requests(snapshot, retired_return_with_backward)
-    summary = replay(events, Allocator(replayed.capacity_bytes(job), device_total_bytes=job.cluster.gpu.total_bytes))
+    addresses = [e["addr"] for e in snapshot["device_traces"][0] if e["action"] == "segment_alloc"]
+    summary = replay(events, _device_allocator(job, addresses if recorded_addresses else None))
     out: dict[int, dict[str, int]] = {}
     reserved, changes = 0, dict(summary.reserved_over_time)
     for i, label in enumerate(labels):
@@ -205,6 +231,17 @@ def recorded_reserved(snapshot: dict, job: Job, retired_return_with_backward: bo
     return out
 
 
+def steady(per_step: dict[int, dict[str, int]]) -> dict[str, int]:
+    """Per phase, the most over the recorded steps from the third on (step 2, counting from 0),
+    the steps the written steady step stands for."""
+    out: dict[str, int] = {}
+    for step, phases in per_step.items():
+        if step >= 2:
+            for phase, value in phases.items():
+                out[phase] = max(out.get(phase, 0), value)
+    return out
+
+
 def recorded_segments(snapshot: dict, step: int, phase: str) -> Counter:
     """Segments the recording made (cudaMalloc) in one phase of one step: (MiB, stream 0 or 1)."""
     entries = snapshot["device_traces"][0]
@@ -212,18 +249,14 @@ def recorded_segments(snapshot: dict, step: int, phase: str) -> Counter:
                    if e["action"] == "segment_alloc" and label == (step, phase))
 
 
-def written_segments(job: Job, label: str) -> Counter:
+def written_segments(job: Job, label: str, copy_held: bool) -> Counter:
     """Segments the written step's replay makes in one phase (a label of step_events.build):
     (MiB, stream)."""
-    events, phases = written_with_benchmark(job)
+    events, phases = written_events(job, copy_held)
     first, end = next((f, e) for name, f, e in phases if name == label)
-    summary = replay(events, Allocator(replayed.capacity_bytes(job), device_total_bytes=job.cluster.gpu.total_bytes))
+    summary = replay(events, _device_allocator(job))
     return Counter((size >> 20, events[i].stream) for i, action, size, _ in summary.segment_log
                    if action == "segment_alloc" and first <= i < end)
-
-
-def snapshot_path(seq: int, batch: int = 1) -> Path:
-    return TRACES / f"{TOOL}-{batch}x{seq}.snapshot.pickle.gz"
 
 
 def bench_job(seq: int, batch: int = 1) -> Job:
@@ -231,19 +264,41 @@ def bench_job(seq: int, batch: int = 1) -> Job:
                            micro_batch=batch))
 
 
+# ------------------------------------------------------------------ the rows
+
+
 @dataclass(frozen=True)
 class Row:
-    seq: int
+    call: str
     batch: int
+    seq: int
+    copy_held: bool  # the benchmark's embedding copy beside the step (calls D and E)
+    snapshot: Path
     measured_allocated: int
     measured_reserved: int
     measured_phases: dict[str, int]  # forward (teacher and draft), backward, optimizer
     predicted: Estimate
-    held: int  # what the benchmark holds beside the step
+
+    @property
+    def job(self) -> Job:
+        return bench_job(self.seq, self.batch)
 
     @property
     def studied(self) -> bool:
-        return self.seq in STUDIED
+        return (self.call, self.batch, self.seq) in STUDIED
+
+    @property
+    def label(self) -> str:
+        if self.studied:
+            return "studied"
+        if any((batch, seq) == (self.batch, self.seq) for _, batch, seq in STUDIED):
+            return "held out (studied shape, new run)"
+        return "held out"
+
+    @property
+    def held(self) -> int:
+        """Bytes the benchmark held beside the step."""
+        return sum(benchmark_held_tensors(self.job)) if self.copy_held else 0
 
     @property
     def predicted_allocated(self) -> int:
@@ -262,26 +317,41 @@ class Row:
 
     @property
     def predicted_reserved(self) -> int:
-        """The written step's replay with the benchmark's tensors made first (written_reserved)."""
-        return max(written_reserved(bench_job(self.seq, self.batch)).values())
+        """The written step's replay, the benchmark's tensors made first where it held them."""
+        return max(written_reserved(self.job, self.copy_held).values())
 
     @property
     def reserved_error(self) -> float:
         return self.predicted_reserved / self.measured_reserved - 1
 
 
-def measured_results(path: Path = MEASURED) -> list[dict]:
-    results = json.loads(path.read_text())["results"]
+def measured_results(call: Call) -> list[dict]:
+    results = json.loads(call.results.read_text())["results"]
     return [r for r in results if r["tool"] == TOOL and r["ok"]]
 
 
-def rows(path: Path = MEASURED) -> list[Row]:
-    out = []
-    for r in sorted(measured_results(path), key=lambda r: (r["batch"], r["seq"])):
-        job = bench_job(r["seq"], r["batch"])
-        out.append(Row(r["seq"], r["batch"], r["peak_allocated"], r["peak_reserved"], r["phase_peak_allocated"],
-                       estimate(job), sum(benchmark_held_tensors(job))))
+def rows() -> list[Row]:
+    """A row per run of the three calls, in call order, sorted by shape within a call. A run
+    repeating an earlier call's shape with the copy held alike (E's 1 x 2048, D's peaks to the
+    byte) is left out."""
+    out: list[Row] = []
+    for call in CALLS:
+        for r in sorted(measured_results(call), key=lambda r: (r["batch"], r["seq"])):
+            if any((row.batch, row.seq, row.copy_held) == (r["batch"], r["seq"], call.copy_held) for row in out):
+                continue
+            out.append(Row(call.name, r["batch"], r["seq"], call.copy_held, call.traces / r["snapshot"],
+                           r["peak_allocated"], r["peak_reserved"], r["phase_peak_allocated"],
+                           estimate(bench_job(r["seq"], r["batch"]))))
     return out
+
+
+def summary(errors: list[float]) -> tuple[float, float, float]:
+    """(median |error|, max |error|, most under as a positive fraction, 0 when never under)."""
+    absolute = [abs(e) for e in errors]
+    return statistics.median(absolute), max(absolute), -min(0.0, min(errors))
+
+
+# ------------------------------------------------------------------ the tables
 
 
 def _gib(n: int) -> str:
@@ -293,42 +363,48 @@ def _pct(x: float) -> str:
 
 
 def table(found: list[Row]) -> str:
-    header = ("| B x S | shape | allocated: measured / predicted | reserved: measured / predicted "
+    header = ("| call | B x S | copy | run | allocated: measured / predicted | reserved: measured / predicted "
               "| phases fwd / bwd / opt: measured | predicted |")
-    lines = [header, "|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for row in found:
         m, p = row.measured_phases, row.predicted_phases
         measured = " / ".join(_gib(m[k]) for k in ("forward", "backward", "optimizer"))
         predicted = " / ".join(_gib(p[k]) for k in ("forward", "backward", "optimizer"))
-        lines.append(f"| {row.batch} x {row.seq} | {'studied' if row.studied else 'held out'} "
+        lines.append(f"| {row.call} | {row.batch} x {row.seq} | {'yes' if row.copy_held else 'no'} | {row.label} "
                      f"| {_gib(row.measured_allocated)} / {_gib(row.predicted_allocated)} ({_pct(row.allocated_error)}) "
                      f"| {_gib(row.measured_reserved)} / {_gib(row.predicted_reserved)} ({_pct(row.reserved_error)}) "
                      f"| {measured} | {predicted} |")
     lines.append("")
-    for name, errors in (("allocated", [r.allocated_error for r in found]), ("reserved", [r.reserved_error for r in found])):
-        absolute = [abs(e) for e in errors]
-        lines.append(f"- {name}: |error| median {100 * statistics.median(absolute):.1f}%, max "
-                     f"{100 * max(absolute):.1f}%, most under {100 * -min(0.0, min(errors)):.1f}%")
+    for which, chosen in (("all runs", found), ("held out", [r for r in found if not r.studied])):
+        for name, errors in (("allocated", [r.allocated_error for r in chosen]),
+                             ("reserved", [r.reserved_error for r in chosen])):
+            median, most, under = summary(errors)
+            lines.append(f"- {which}, {name}: |error| median {100 * median:.1f}%, max {100 * most:.1f}%, "
+                         f"most under {100 * under:.1f}%")
     return "\n".join(lines)
 
 
 def replay_table(found: list[Row]) -> str:
-    """Per shape and steady phase, the peak reserved bytes (GiB) three ways: the recording's real
-    segments (its step 2), the allocator model replaying the recorded requests with each block
-    back when its free completed (exact) and with blocks other streams used back when backward
-    ends (the written step's rule), and the written step."""
-    lines = ["| B x S | phase | real | model, recorded requests | same, blocks back when backward ends | written |",
-             "|---|---|---|---|---|---|"]
+    """Per run and steady phase (the most over the recorded steps from step 2 on), the peak
+    reserved bytes (GiB): the recording's real segments; the allocator model replaying the
+    recorded requests, each block back when its free completed, with the recorded segment
+    addresses and with the model's; the same with blocks other streams used back when backward
+    ends (the written step's rule); and the written step."""
+    header = ("| call | B x S | phase | real | model, recorded requests and addresses | same, model's addresses "
+              "| same, blocks back when backward ends | written |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for row in found:
-        job = bench_job(row.seq, row.batch)
-        snapshot = load_snapshot(snapshot_path(row.seq, row.batch))
-        real = recorded_phases(snapshot)[2]
-        exact, deferred = recorded_reserved(snapshot, job)[2], recorded_reserved(snapshot, job, True)[2]
-        written = written_reserved(job)
+        snapshot = load_snapshot(row.snapshot)
+        real = steady({step: {phase: r for phase, (_, r) in phases.items()}
+                       for step, phases in recorded_phases(snapshot).items()})
+        exact = steady(recorded_reserved(snapshot, row.job, recorded_addresses=True))
+        model = steady(recorded_reserved(snapshot, row.job))
+        deferred = steady(recorded_reserved(snapshot, row.job, retired_return_with_backward=True))
+        written = written_reserved(row.job, row.copy_held)
         for phase, labels in WRITTEN_PHASES.items():
             ours = max(written[f"steady.{label}"] for label in labels)
-            lines.append(f"| {row.batch} x {row.seq} | {phase} | {_gib(real[phase][1])} | {_gib(exact[phase])} "
-                         f"| {_gib(deferred[phase])} | {_gib(ours)} |")
+            lines.append(f"| {row.call} | {row.batch} x {row.seq} | {phase} | {_gib(real[phase])} | {_gib(exact[phase])} "
+                         f"| {_gib(model[phase])} | {_gib(deferred[phase])} | {_gib(ours)} |")
     return "\n".join(lines)
 
 
@@ -337,11 +413,8 @@ WRITTEN_PHASES = {"forward": ("target_forward", "draft_forward"), "backward": ("
                   "optimizer": ("optimizer_step",)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--measured", type=Path, default=MEASURED, help="a vs_specforge.py results JSON")
-    args = parser.parse_args(argv)
-    found = rows(args.measured)
+def main() -> int:
+    found = rows()
     print(table(found))
     print()
     print(replay_table(found))
