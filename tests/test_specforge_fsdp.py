@@ -17,13 +17,15 @@ from __future__ import annotations
 import json
 import statistics
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from fitplan.allocator.trace import load_snapshot
 from fitplan.validation import specforge_fsdp
 
-ROWS = specforge_fsdp.rows()
+REPO = Path(__file__).resolve().parents[1]
+ROWS = specforge_fsdp.rows(REPO)
 HELD_OUT = [r for r in ROWS if not r.studied]
 
 
@@ -46,7 +48,7 @@ def test_the_runs_of_the_three_calls_are_read():
 def test_the_repeated_run_left_out_measured_what_the_first_did():
     """E ran D's 1 x 2048 again, copy held alike: the same peaks to the byte, so one row."""
     def at_2048(name: str) -> dict:
-        path = specforge_fsdp.ROOT / "docs" / "data" / name
+        path = REPO / "docs" / "data" / name
         found = [r for r in json.loads(path.read_text())["results"]
                  if r["tool"] == "specforge-fsdp" and (r["batch"], r["seq"]) == (1, 2048)]
         assert len(found) == 1

@@ -33,8 +33,8 @@ from fitplan.estimator.result import Estimate
 from fitplan.layout import Job, resolve
 from fitplan.units import GIB
 
+# the checkout this module runs from; the tests pass their own (an installed fitplan has no data)
 ROOT = Path(__file__).resolve().parents[2]
-TRACES = ROOT / "tests" / "data" / "gpu" / "trace" / "specforge"
 TOOL = "specforge-fsdp"
 
 
@@ -49,9 +49,14 @@ class Call:
     copy_held: bool
 
 
-CALLS = (Call("D", ROOT / "docs" / "data" / "vs_specforge_fsdp.json", TRACES, True),
-         Call("E", ROOT / "docs" / "data" / "vs_specforge_fsdp_b.json", TRACES, True),
-         Call("F", ROOT / "docs" / "data" / "vs_specforge_fsdp_c.json", TRACES / "unleaked", False))
+def calls(root: Path = ROOT) -> tuple[Call, ...]:
+    """The three calls' files under a checkout of the repository."""
+    data, traces = root / "docs" / "data", root / "tests" / "data" / "gpu" / "trace" / "specforge"
+    return (Call("D", data / "vs_specforge_fsdp.json", traces, True),
+            Call("E", data / "vs_specforge_fsdp_b.json", traces, True),
+            Call("F", data / "vs_specforge_fsdp_c.json", traces / "unleaked", False))
+
+
 # The runs the SpecForge terms and the written step were studied on (call, B, S); every other
 # run is held out, F's 1 x 2048 too: the shape was studied, that run (without the copy) was not.
 STUDIED = {("D", 1, 2048), ("D", 1, 8192)}
@@ -330,12 +335,12 @@ def measured_results(call: Call) -> list[dict]:
     return [r for r in results if r["tool"] == TOOL and r["ok"]]
 
 
-def rows() -> list[Row]:
+def rows(root: Path = ROOT) -> list[Row]:
     """A row per run of the three calls, in call order, sorted by shape within a call. A run
     repeating an earlier call's shape with the copy held alike (E's 1 x 2048, D's peaks to the
     byte) is left out."""
     out: list[Row] = []
-    for call in CALLS:
+    for call in calls(root):
         for r in sorted(measured_results(call), key=lambda r: (r["batch"], r["seq"])):
             if any((row.batch, row.seq, row.copy_held) == (r["batch"], r["seq"], call.copy_held) for row in out):
                 continue
