@@ -34,6 +34,10 @@ CASES = {
                                          "--runtime", "specforge", "--json"],
     # one GPU with fitplan's trainer: the step is replayed through the allocator model
     "llama-3.1-8b on 1xH200 seq 16384 (replayed)": ["--model", "llama-3.1-8b", "--gpus", "1xH200", "--seq", "16384"],
+    # SpecForge's offline step on one GPU (what --from-specforge run.yaml reads): replayed too
+    "llama-3.1-8b SpecForge offline on 1xH200 seq 8192 (replayed)": ["--model", "llama-3.1-8b", "--gpus", "1xH200",
+                                                                      "--runtime", "specforge", "--offline",
+                                                                      "--seq", "8192"],
 }
 PROCESS_RUNS = 7
 FUNCTION_RUNS = 2000

@@ -33,6 +33,9 @@ JOBS = {
         model="llama-3.1-8b", gpus="1xH200", workload="sft", seq=8192),
     "qwen3-32b sft 1xH200 seq 4096 (replayed)": RunSpec(
         model="qwen3-32b", gpus="1xH200", workload="sft", seq=4096),
+    # SpecForge's offline step on one GPU (what --from-specforge run.yaml reads): replayed too
+    "llama-3.1-8b specforge offline 1xH100 seq 32768 (replayed)": RunSpec(
+        model="llama-3.1-8b", gpus="1xH100", seq=32768, runtime="specforge", offline=True),
     "deepseek-v3 8xH200 seq 4096 mb 4": RunSpec(
         model="deepseek-v3", gpus="8xH200", seq=4096, micro_batch=4, global_batch=64),
 }
