@@ -39,7 +39,7 @@ from fitplan.allocator import Event
 from fitplan.estimator import specforge_terms as terms
 from fitplan.estimator import target_terms
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
-from fitplan.estimator.step_trace import StepEvents, Trace
+from fitplan.estimator.step_trace import StepEvents, Trace, written
 from fitplan.layout import Job
 from fitplan.units import BF16, FP32
 
@@ -406,5 +406,4 @@ def build(job: Job) -> StepEvents:
         micro_step(label)
         t.begin(f"{label}.optimizer_step")
         optimizer_step(t, state, first=label == "step1")
-    ends = [start for _, start in t.phases[1:]] + [len(t.events)]
-    return StepEvents(tuple(t.events), t.names, tuple((label, start, end) for (label, start), end in zip(t.phases, ends)))
+    return written(t)

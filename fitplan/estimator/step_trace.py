@@ -91,6 +91,11 @@ def write_steps(t: Trace, job: Job, micro_step: Callable[[str], None],
             micro_step(label)
         t.begin(f"{label}.optimizer_step")
         optimizer_step(label == "step1")
+    return written(t)
+
+
+def written(t: Trace) -> StepEvents:
+    """What `t` holds as a finished sequence: each phase runs until the next one begins."""
     ends = [start for _, start in t.phases[1:]] + [len(t.events)]
     phases = tuple((label, start, end) for (label, start), end in zip(t.phases, ends))
     return StepEvents(tuple(t.events), t.names, phases)
