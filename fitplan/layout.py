@@ -327,3 +327,19 @@ def sums_step_grads(job: Job) -> bool:
     move each step's gradient into an fp32 one as it arrives: a bf16 sum held through backward
     would come on top."""
     return fused_norms(job) and job.spec.sum_step_grads and job.spec.precision != "mixed"
+
+
+def recomputes_mlp(job: Job) -> bool:
+    """Whether the lean draft's MLP keeps only its input and makes gate and up again in backward
+    (RunSpec recompute_mlp, trainer/lean_ops.py NormSwiGLUDown): fused norms only, where the
+    post-attention norm's input is what the MLP already keeps."""
+    return fused_norms(job) and job.spec.recompute_mlp
+
+
+def steps_per_param(job: Job) -> bool:
+    """Whether MasterWeightAdamW steps one parameter at a time (RunSpec optimizer_per_param,
+    trainer/optim.py): fitplan's trainer under bf16-master, the recipe that copies every
+    gradient to fp32 for the step, with the optimizer on the GPU."""
+    spec = job.spec
+    return (spec.runtime == "fitplan" and spec.optimizer_per_param and spec.precision == "bf16-master"
+            and spec.offload == "none")
