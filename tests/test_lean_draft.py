@@ -163,8 +163,10 @@ def test_swiglu_down_keeps_gate_and_up_only():
     assert plain == 4 * tokens * inner * 4 + hidden * inner * 4
 
 
-@pytest.mark.parametrize("recompute_norms,checkpoint_layer", [(True, False), (False, False), (True, True)])
-def test_lean_and_plain_drafts_train_alike(recompute_norms, checkpoint_layer):
+@pytest.mark.parametrize("recompute_norms,checkpoint_layer,recompute_mlp",
+                         [(True, False, False), (False, False, False), (True, True, False), (True, False, True),
+                          (True, True, True)])
+def test_lean_and_plain_drafts_train_alike(recompute_norms, checkpoint_layer, recompute_mlp):
     """A whole unroll as the step runs it (Eagle3Draft.forward: with fused norms each weight's
     gradient summed over the steps, trainer/step_grads.py), lean (fused head, SwiGLUDown) against
     plain (torch's composition), same weights: loss, accuracies and every trained gradient agree
@@ -175,8 +177,10 @@ def test_lean_and_plain_drafts_train_alike(recompute_norms, checkpoint_layer):
     cfg = DraftConfig(hidden=32, intermediate=64, heads=4, kv_heads=2, head_dim=8, vocab=100, draft_vocab=40,
                       target_hidden=32, aux_layers=(0, 1, 2))
     torch.manual_seed(3)
-    lean = Eagle3Draft(cfg, "eager", lean=True, recompute_norms=recompute_norms, checkpoint_layer=checkpoint_layer)
+    lean = Eagle3Draft(cfg, "eager", lean=True, recompute_norms=recompute_norms, checkpoint_layer=checkpoint_layer,
+                       recompute_mlp=recompute_mlp)
     assert lean.sum_step_grads == recompute_norms
+    assert lean.midlayer.recompute_mlp == recompute_mlp
     plain = Eagle3Draft(cfg, "eager", lean=False)
     plain.load_state_dict(lean.state_dict())
     batch, seq, ttt = 2, 10, 3
@@ -336,3 +340,55 @@ def test_summed_step_grads_make_each_weight_gradient_once():
             loss.backward()
         made[summed] = mode.count
     assert made[True] == 1 and made[False] >= ttt, made
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("summed", [False, True])
+def test_norm_swiglu_down_matches_unfused(dtype, tol, summed):
+    """norm + gate/up + SwiGLU + down made again in backward: output and every gradient as
+    torch's composition, with each weight's gradient returned or summed over two calls."""
+    from trainer.recompute_mlp import norm_swiglu_down
+    from trainer.step_grads import StepGrads
+
+    g = torch.Generator().manual_seed(6)
+    tokens, width, inner = 12, 16, 40
+    x = torch.randn(2, tokens, width, generator=g).to(dtype).requires_grad_()
+    norm = _Norm(width, dtype, g).weight
+    w_gate, w_up = ((torch.randn(inner, width, generator=g) / width**0.5).to(dtype).requires_grad_() for _ in "gu")
+    w_down = (torch.randn(width, inner, generator=g) / inner**0.5).to(dtype).requires_grad_()
+    mine = [x, norm, w_gate, w_up, w_down]
+    ref = [t.detach().clone().requires_grad_() for t in mine]
+    upstream = torch.randn(2, tokens, width, generator=g).to(dtype)
+    calls = 2 if summed else 1
+    grads = StepGrads(calls) if summed else None
+
+    for _ in range(calls):
+        norm_swiglu_down(x, norm, EPS, w_gate, w_up, w_down, grads).backward(upstream)
+        rx, rn, rg, ru, rd = ref
+        normed = rms_norm(rx, rn)
+        want = F.linear(F.silu(F.linear(normed, rg)) * F.linear(normed, ru), rd)
+        want.backward(upstream)
+    got = norm_swiglu_down(x.detach(), norm.detach(), EPS, w_gate.detach(), w_up.detach(), w_down.detach())
+    assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+    for name, a, b in zip(("x", "norm", "gate", "up", "down"), mine, ref):
+        scale = float(b.grad.abs().max())
+        assert torch.allclose(a.grad.float(), b.grad.float(), atol=tol * scale, rtol=tol), name
+
+
+def test_norm_swiglu_down_keeps_its_input_only():
+    """What the function saves: the input x and its fp32 rstd per row, and the four weights
+    (which the module holds anyway); SwiGLUDown after a norm-projection keeps gate and up too."""
+    from trainer.recompute_mlp import norm_swiglu_down
+
+    tokens, width, inner = 32, 16, 48
+    x = torch.randn(tokens, width, requires_grad=True)
+    norm = torch.ones(width, requires_grad=True)
+    w_gate, w_up = (torch.randn(inner, width, requires_grad=True) for _ in "gu")
+    w_down = torch.randn(width, inner, requires_grad=True)
+    weights = (width + 3 * inner * width) * 4
+    # x 32 x 16 x 4, rstd 32 x 4, the weights
+    want = tokens * width * 4 + tokens * 4 + weights
+    assert _saved_bytes(lambda: norm_swiglu_down(x, norm, EPS, w_gate, w_up, w_down)) == want
+    # keeping gate and up instead: 2 x 32 x 48 x 4 bytes more
+    kept = _saved_bytes(lambda: SwiGLUDown.apply(*norm_project((x,), (norm,), EPS, (w_gate, w_up)), w_down))
+    assert kept == want + 2 * tokens * inner * 4

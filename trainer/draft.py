@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from trainer.head_loss import DraftHead
 from trainer.lean_ops import SwiGLUDown
 from trainer.norm_project import heads_project, norm_kernels, norm_project
+from trainer.recompute_mlp import norm_swiglu_down
 from trainer.step_grads import StepGrads
 
 
@@ -272,9 +273,10 @@ class DecoderLayer(nn.Module):
     outputs, and o_proj reads the attention output as the kernel returns it.
     """
 
-    def __init__(self, cfg: DraftConfig, kernel: str, lean: bool, fused_norms: bool):
+    def __init__(self, cfg: DraftConfig, kernel: str, lean: bool, fused_norms: bool, recompute_mlp: bool = False):
         super().__init__()
         self.fused_norms = fused_norms
+        self.recompute_mlp = fused_norms and recompute_mlp  # trainer/recompute_mlp.py
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.hidden_norm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.self_attn = Attention(cfg, kernel)
@@ -297,10 +299,14 @@ class DecoderLayer(nn.Module):
                            ("input_layernorm", "hidden_norm", "q_proj", "k_proj", "v_proj"))
         attn, k, v = self.self_attn(qkv, cos, sin, past_k, past_v, lean=True, grads=grads)
         hidden = hidden + attn
-        post = self.post_attention_layernorm
-        gate_up = norm_project((hidden,), (post.weight,), post.eps, (self.mlp.gate_proj.weight, self.mlp.up_proj.weight),
+        post, mlp = self.post_attention_layernorm, self.mlp
+        if self.recompute_mlp:
+            out = norm_swiglu_down(hidden, post.weight, post.eps, mlp.gate_proj.weight, mlp.up_proj.weight,
+                                   mlp.down_proj.weight, grads)
+            return hidden + out, k, v
+        gate_up = norm_project((hidden,), (post.weight,), post.eps, (mlp.gate_proj.weight, mlp.up_proj.weight),
                                grads, ("post_attention_layernorm", "gate_proj", "up_proj"))
-        return hidden + self.mlp.down(*gate_up, grads=grads), k, v
+        return hidden + mlp.down(*gate_up, grads=grads), k, v
 
 
 def _frozen_embedding(cfg: DraftConfig, shared: torch.Tensor | None) -> torch.Tensor:
@@ -316,7 +322,8 @@ def _frozen_embedding(cfg: DraftConfig, shared: torch.Tensor | None) -> torch.Te
 
 class Eagle3Draft(nn.Module):
     def __init__(self, cfg: DraftConfig, attention: str = "flex", checkpoint_layer: bool = False, lean: bool = True,
-                 recompute_norms: bool = True, embedding: torch.Tensor | None = None, sum_step_grads: bool = True):
+                 recompute_norms: bool = True, embedding: torch.Tensor | None = None, sum_step_grads: bool = True,
+                 recompute_mlp: bool = False):
         super().__init__()
         self.cfg = cfg
         self.lean = lean  # RunSpec.draft_memory: the fused head + loss and the lean SwiGLU
@@ -331,7 +338,8 @@ class Eagle3Draft(nn.Module):
         self.shares_embedding = embedding is not None
         self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden, _weight=_frozen_embedding(cfg, embedding), _freeze=True)
         self.fc = nn.Linear(3 * cfg.target_hidden, cfg.hidden, bias=False)
-        self.midlayer = DecoderLayer(cfg, attention, lean, self.fused_norms)
+        # RunSpec.recompute_mlp: with fused norms, the MLP keeps only its input (trainer/recompute_mlp.py)
+        self.midlayer = DecoderLayer(cfg, attention, lean, self.fused_norms, recompute_mlp)
         self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.lm_head = DraftHead(cfg.hidden, cfg.draft_vocab)  # applied inside the loss (trainer/head_loss.py)
         # d2t[i]: target id of draft id i, as an offset (SGLang/vLLM convention); t2d: target ids kept.

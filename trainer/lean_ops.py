@@ -40,8 +40,8 @@ def compiled_on_cuda(device_type: str, *functions):
     return tuple(torch.compile(f, dynamic=True) for f in functions)
 
 
-def _elementwise(device_type: str):
-    """SwiGLU's elementwise passes."""
+def swiglu_kernels(device_type: str):
+    """SwiGLU's elementwise passes: (silu(gate) * up, its (d gate, d up))."""
     return compiled_on_cuda(device_type, _swiglu, _swiglu_grads)
 
 
@@ -61,13 +61,13 @@ class SwiGLUDown(torch.autograd.Function):
         ctx.save_for_backward(gate, up, w_down)
         ctx.dtype, ctx.extra = dtype, len(summed)
         ctx.grads, ctx.name = summed if summed else (None, "down_proj")
-        swiglu, _ = _elementwise(gate.device.type)
+        swiglu, _ = swiglu_kernels(gate.device.type)
         return swiglu(gate, up).to(dtype) @ w_down.to(dtype).T
 
     @staticmethod
     def backward(ctx, grad):
         gate, up, w_down = ctx.saved_tensors
-        swiglu, swiglu_grads = _elementwise(gate.device.type)
+        swiglu, swiglu_grads = swiglu_kernels(gate.device.type)
         w = w_down.to(ctx.dtype)
         grad = grad.to(ctx.dtype)
         product = swiglu(gate, up).to(ctx.dtype)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fitplan.errors import FitplanError
-from fitplan.layout import Job, resolve, shares_target_embedding, sums_step_grads
+from fitplan.layout import Job, recomputes_mlp, resolve, shares_target_embedding, sums_step_grads
 from fitplan.records import write_measurement
 from trainer import checkpoint, compare, data, features, optim, parallel, vocab
 from trainer.draft import DraftConfig, Eagle3Draft
@@ -103,7 +103,7 @@ def build_draft(job: Job, hf, target: torch.nn.Module, draft_ids: torch.Tensor, 
     with torch.device(device), default_dtype(optim.param_dtype(spec.precision)):
         draft = Eagle3Draft(draft_config(job, hf), spec.attention_impl, checkpoint_layer=spec.ac,
                             lean=spec.draft_memory == "lean", recompute_norms=spec.recompute_norms, embedding=shared,
-                            sum_step_grads=sums_step_grads(job))
+                            sum_step_grads=sums_step_grads(job), recompute_mlp=recomputes_mlp(job))
     with torch.no_grad():
         if shared is None:  # a copy, kept in the target's bf16 whatever the recipe
             draft.embed_tokens.to(torch.bfloat16)
