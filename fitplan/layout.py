@@ -173,6 +173,7 @@ def check_draft(draft: DraftShape, model: ModelShape) -> None:
 
 
 def check_runtime(spec: RunSpec, world: int) -> None:
+    check_recompute_mlp(spec)
     if spec.runtime == "specforge":
         if spec.workload != "eagle3":
             raise FitplanError("runtime specforge runs the eagle3 workload only; for sft use runtime fitplan")
@@ -327,6 +328,21 @@ def sums_step_grads(job: Job) -> bool:
     move each step's gradient into an fp32 one as it arrives: a bf16 sum held through backward
     would come on top."""
     return fused_norms(job) and job.spec.sum_step_grads and job.spec.precision != "mixed"
+
+
+def check_recompute_mlp(spec: RunSpec) -> None:
+    """recompute_mlp is a way of fitplan's lean draft with fused norms; refused elsewhere rather
+    than ignored (the job would keep what the user asked it not to)."""
+    if not spec.recompute_mlp:
+        return
+    where = {"runtime": (spec.runtime, "fitplan"), "workload": (spec.workload, "eagle3"),
+             "draft_memory": (spec.draft_memory, "lean"), "recompute_norms": (spec.recompute_norms, True)}
+    for knob, (given, needed) in where.items():
+        if given != needed:
+            shown = str(given).lower() if isinstance(given, bool) else given
+            raise FitplanError(f"recompute_mlp: runs in fitplan's eagle3 lean draft with fused norms, not with "
+                               f"{knob} {shown} (accepted: recompute_mlp false, or runtime fitplan, workload eagle3, "
+                               "draft_memory lean, recompute_norms true)")
 
 
 def recomputes_mlp(job: Job) -> bool:

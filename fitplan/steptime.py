@@ -4,7 +4,7 @@ Used by the fix ladder to rank the configurations that fit by predicted throughp
 kinds of time, each from a GPU profile rate (GpuSpec) derated by a named efficiency:
 - compute: target forward (2·active params·tokens + causal attention), the draft's forward and
   backward over the TTT unroll (or the sft forward+backward, 6·P·tokens + attention), and the
-  recompute forward that activation checkpointing adds;
+  recompute forward that activation checkpointing adds and the gate and up recompute_mlp adds;
 - communication over the GPU interconnect: the target's TP all-reduces, the logits and aux
   hidden states (all-gather of the TP group's rows vs all-to-all of its own rows), the trained
   model's gradient all-reduce / FSDP all-gather and reduce-scatter;
@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fitplan.estimator.target_terms import runs_eager_attention
-from fitplan.layout import Job
+from fitplan.layout import Job, recomputes_mlp
 from fitplan.shapes import ModelShape, count_params
 from fitplan.units import BF16, FP32
 
@@ -124,14 +124,30 @@ def target_forward_flops(job: Job) -> float:
     return model_forward_flops(job)
 
 
-def draft_flops(job: Job) -> float:
-    """Draft forward + backward (3x forward) over the TTT unroll; fc runs once, the rest L times."""
-    d, b, s, ttt = job.draft, job.spec.micro_batch, job.spec.seq, job.spec.ttt
+def _draft_step_forward_flops(job: Job) -> float:
+    """One TTT step's forward: every trained matmul but fc, and the attention."""
+    d, b, s = job.draft, job.spec.micro_batch, job.spec.seq
     fc = 3 * d.target_hidden * d.hidden
-    per_step = (d.trainable_params() - fc) * 2 * b * s + causal_attention_flops(b, s, d.heads, d.head_dim)
-    forward = fc * 2 * b * s + ttt * per_step
-    recompute = ttt * per_step if job.spec.ac else 0
-    return 3 * forward + recompute
+    return (d.trainable_params() - fc) * 2 * b * s + causal_attention_flops(b, s, d.heads, d.head_dim)
+
+
+def draft_flops(job: Job) -> float:
+    """The draft's model FLOPs: forward + backward (3x forward) over the TTT unroll, fc once,
+    the rest L times. What is computed twice (draft_recompute_flops) is not counted: MFU's
+    numerator."""
+    d, b, s = job.draft, job.spec.micro_batch, job.spec.seq
+    forward = 3 * d.target_hidden * d.hidden * 2 * b * s + job.spec.ttt * _draft_step_forward_flops(job)
+    return 3 * forward
+
+
+def draft_recompute_flops(job: Job) -> float:
+    """What backward computes again: every step's forward with activation checkpointing, and
+    with recompute_mlp (layout.recomputes_mlp) each step's gate and up (once more under
+    checkpointing: the recomputing MLP's own backward makes them again)."""
+    ttt, d = job.spec.ttt, job.draft
+    checkpointed = ttt * _draft_step_forward_flops(job) if job.spec.ac else 0.0
+    gate_up = ttt * 2 * (2 * d.hidden * d.intermediate) * job.spec.micro_batch * job.spec.seq
+    return checkpointed + (gate_up if recomputes_mlp(job) else 0.0)
 
 
 def sft_flops(job: Job) -> float:
@@ -205,7 +221,7 @@ def compute_seconds(job: Job) -> float:
     if job.draft is None:
         efficiency = MOE_SFT_EFFICIENCY if job.model.is_moe else SFT_EFFICIENCY
         return sft_flops(job) / (peak * efficiency)
-    return target_seconds(job) + draft_flops(job) / (peak * DENSE_EFFICIENCY)
+    return target_seconds(job) + (draft_flops(job) + draft_recompute_flops(job)) / (peak * DENSE_EFFICIENCY)
 
 
 def target_seconds(job: Job) -> float:

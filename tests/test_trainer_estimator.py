@@ -96,3 +96,29 @@ def test_wide_draft_backward_counts_the_arriving_weight_grads(tmp_path, recomput
     measured = report["steps"][1]["phases"]["backward"]["allocated"]
     expected = predicted(report, "backward")
     assert abs(measured - expected) / expected <= 0.03, f"{(measured - expected) / expected:+.1%}"
+
+
+@pytest.mark.parametrize("ac", [False, True])
+def test_recompute_mlp_phases_match_tracked_live_bytes(tmp_path, ac):
+    """recompute_mlp on a draft whose MLP activations dominate a step (I = 8h, seq 64): every
+    phase within the tolerance of the tracked live bytes, and the draft forward's peak below
+    the same job's without it by about what the steps kept of gate and up, 4I bytes per token
+    per step: 4 x 512 x 64 tokens x 3 steps = 393,216 B (less the one step's product and
+    recomputed tensors the peaks differ by, so at least half of it)."""
+    target = tmp_path / "target.json"
+    target.write_text(json.dumps(TARGET))
+    draft = tmp_path / "draft.json"
+    draft.write_text(json.dumps({**DRAFT, "intermediate_size": 512, "draft_vocab_size": DRAFT["vocab_size"]}))
+    peaks = {}
+    for recompute_mlp in (True, False):
+        spec = RunSpec(model=str(target), draft=str(draft), seq=64, micro_batch=1, ttt=3, tp=1, ac=ac,
+                       attention="eager", recompute_mlp=recompute_mlp)
+        report = run(TrainOptions(spec=spec, output=tmp_path / f"out{recompute_mlp}", steps=2, random_weights=True,
+                                  synthetic_data=True, device="cpu"))
+        steady = report["steps"][1]["phases"]
+        errors = {p: (steady[p]["allocated"] - predicted(report, p)) / predicted(report, p) for p in CHECKED}
+        assert all(abs(e) <= TOLERANCE for e in errors.values()), {p: f"{100 * e:+.1f}%" for p, e in errors.items()}
+        peaks[recompute_mlp] = steady["draft_forward"]["allocated"]
+    kept_gate_up = 4 * 512 * 64 * 3
+    if not ac:  # a checkpointed step keeps no gate or up either way
+        assert peaks[False] - peaks[True] >= kept_gate_up // 2

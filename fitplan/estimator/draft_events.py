@@ -32,7 +32,7 @@ from fitplan.estimator.step_trace import (
     step_grad,
     step_grad_buffer,
 )
-from fitplan.layout import fused_norms
+from fitplan.layout import fused_norms, recomputes_mlp
 from fitplan.units import BF16, FP32
 
 INDEX = 8  # int64
@@ -149,6 +149,12 @@ def _mlp_forward(t: Trace, state: State, step: dict[str, int], recompute: bool =
     z = state.sizes
     wide = BF16 * z.I * z.T
     step["rstd_post"] = t.alloc(FP32 * z.T, "rstd")
+    if recomputes_mlp(state.job):  # trainer/recompute_mlp.py: nothing of the MLP kept but the rstd
+        normed = t.alloc(BF16 * z.h * z.T, "MLP input")
+        gate, up = t.alloc(wide, "gate"), t.alloc(wide, "up")
+        t.free(normed)
+        t.free(t.alloc(wide, "SwiGLU product"), gate, up)
+        return
     step["mlp_in"] = t.alloc(BF16 * z.h * z.T, "MLP input")
     step["gate"] = t.alloc(wide, "gate")
     if _lean(state):
@@ -300,6 +306,9 @@ def _final_norm_backward(t: Trace, state: State, step: dict[str, int], pending: 
 def _mlp_backward(t: Trace, state: State, step: dict[str, int]) -> None:
     z = state.sizes
     wide, row = BF16 * z.I * z.T, BF16 * z.h * z.T
+    if recomputes_mlp(state.job):
+        _recomputed_mlp_backward(t, state, step)
+        return
     if _lean(state):  # SwiGLUDown.backward: product recomputed for down's grad, then 6I at its peak
         product = t.alloc(wide, "recomputed SwiGLU product")
         step_grad(t, state, "down_proj")
@@ -329,6 +338,35 @@ def _mlp_backward(t: Trace, state: State, step: dict[str, int]) -> None:
     normed_grad = t.alloc(row, "grad of hidden after attention (norm's)")
     accumulate_grad(t, state, "post_attention_layernorm")
     t.free(grad_in, step.pop("rstd_post"), normed_grad, step.pop("hidden_attn"))
+
+
+def _recomputed_mlp_backward(t: Trace, state: State, step: dict[str, int]) -> None:
+    """trainer/recompute_mlp.py backward: the norm's output, gate and up made again; down's
+    weight gradient from the product, SwiGLU's gradients (gate, up, the product's gradient and
+    both input gradients alive at once), gate's and up's weight gradients, the norm's input
+    gradient; the four weight gradients are returned together."""
+    z = state.sizes
+    wide, row = BF16 * z.I * z.T, BF16 * z.h * z.T
+    weight_grads = {}
+    normed = t.alloc(row, "norm output (again)")
+    gate, up = t.alloc(wide, "gate (again)"), t.alloc(wide, "up (again)")
+    product = t.alloc(wide, "recomputed SwiGLU product")
+    weight_grads["down_proj"] = step_grad_buffer(t, state, "down_proj")
+    t.free(product)
+    grad_product = t.alloc(wide, "grad of product")
+    grad_gate, grad_up = t.alloc(wide, "grad of gate"), t.alloc(wide, "grad of up")
+    t.free(grad_product, gate, up)
+    for name in ("gate_proj", "up_proj"):
+        weight_grads[name] = step_grad_buffer(t, state, name)
+    t.free(normed)
+    grad_normed = t.alloc(row, "grad of the norm output")
+    t.free(t.alloc(row, "grad of the norm output (up's)"), grad_gate, grad_up)
+    t.free(t.alloc(row, "grad of post_attention_layernorm's input"))
+    weight_grads["post_attention_layernorm"] = step_grad_buffer(t, state, "post_attention_layernorm")
+    t.free(grad_normed, step.pop("rstd_post"))
+    for name, incoming in weight_grads.items():
+        keep_step_grad(t, state, name, incoming)
+    t.free(step.pop("hidden_attn"))
 
 
 def _attention_backward(t: Trace, state: State, step: dict[str, int], k: int, pending: Pending) -> None:

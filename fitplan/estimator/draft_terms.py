@@ -16,7 +16,8 @@ Saved per token and TTT step k (no activation checkpointing):
   decoder layer: embedding 2h, cat(emb, hidden) 4h, hidden after attention 2h, MLP input 2h,
     layer output 2h, final-norm output 2h (= 14h); one fp32 rstd per RMSNorm (4 x 4 B);
     roped q 2Hd and o_proj input 2Hd; SwiGLU gate and up 4I (trainer/lean_ops.py SwiGLUDown
-    recomputes silu and the product; unfused: gate, silu, up, product 8I)
+    recomputes silu and the product; unfused: gate, silu, up, product 8I; none with
+    recompute_mlp, trainer/recompute_mlp.py, which makes gate and up again in backward)
   attention (flex): keys and values of steps 0..k, 4*Hkv*d*(k+1); output 2Hd; fp32 logsumexp 4H
   attention (eager): keys and values repeated to all heads 4*H*d*(k+1); fp32 softmax and bf16
     probabilities 6*H*S*(k+1); a bool mask S*S*(k+1) per step
@@ -27,7 +28,7 @@ plus the fc output 2h once and the bf16 RoPE tables 2*S*d*2 once.
 
 from __future__ import annotations
 
-from fitplan.layout import Job, fused_norms
+from fitplan.layout import Job, fused_norms, recomputes_mlp
 from fitplan.units import BF16, FP32
 
 NORMS_PER_STEP = 4  # input, hidden, post-attention and final RMSNorm: one fp32 rstd per token each
@@ -89,6 +90,10 @@ def _step_kept_per_token(job: Job) -> int:
 
 
 def _swiglu_saved_per_token(job: Job) -> int:
+    """gate and up (lean), with silu and the product (plain); nothing when the MLP is made
+    again in backward (trainer/recompute_mlp.py)."""
+    if recomputes_mlp(job):
+        return 0
     return (4 if _lean(job) else 8) * job.draft.intermediate
 
 
@@ -310,7 +315,7 @@ def _lean_mlp_forward_bytes(job: Job) -> int:
     if not _lean(job):
         return 0
     d = job.draft
-    transient = (SWIGLU_FORWARD_PER_INTERMEDIATE - 4) * d.intermediate
+    transient = SWIGLU_FORWARD_PER_INTERMEDIATE * d.intermediate - _swiglu_saved_per_token(job)
     not_yet = _step_outputs_per_token(job) + _loss_saved_per_token(job)
     return (transient - not_yet) * _tokens(job)
 
@@ -338,7 +343,7 @@ def _mlp_backward_bytes(job: Job) -> int:
     if not _lean(job):
         return 0
     d, T = job.draft, _tokens(job)
-    mlp = (SWIGLU_BACKWARD_PER_INTERMEDIATE * d.intermediate + BF16 * d.hidden) * T
+    mlp = (SWIGLU_BACKWARD_PER_INTERMEDIATE * d.intermediate + BF16 * d.hidden + _mlp_remade_per_token(job)) * T
     if not job.spec.ac:
         released = (_step_outputs_per_token(job) + _loss_saved_per_token(job)) * T
         return mlp - released
@@ -347,6 +352,23 @@ def _mlp_backward_bytes(job: Job) -> int:
     recomputed = _layer_saved_per_token(job) * T + _kernel_saved_bytes(job, job.spec.ttt - 1)
     released = (BF16 * d.hidden + 2 * _step_outputs_per_token(job) + _loss_saved_per_token(job)) * T
     return recomputed + mlp - released
+
+
+def _mlp_remade_per_token(job: Job) -> int:
+    """What the MLP's backward makes again beside SwiGLU's gradients when it kept only its input
+    (trainer/recompute_mlp.py): gate and up 4I and the norm's output 2h; 0 otherwise."""
+    if not recomputes_mlp(job):
+        return 0
+    return 4 * job.draft.intermediate + BF16 * job.draft.hidden
+
+
+def mlp_backward_working_bytes(job: Job) -> int:
+    """An earlier step's MLP backward at SwiGLU's gradients, beyond its saved set: the input
+    gradients of gate and up 4I (SwiGLU's), and what a recomputing MLP made again, with the
+    product's gradient beside them then."""
+    remade = _mlp_remade_per_token(job)
+    extra = 2 * job.draft.intermediate if remade else 0
+    return (4 * job.draft.intermediate + remade + extra) * _tokens(job)
 
 
 def draft_backward_extra_bytes(job: Job) -> int:

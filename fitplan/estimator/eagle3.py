@@ -12,11 +12,14 @@ tests/data/gpu/*.json (H100).
 
 from __future__ import annotations
 
-from fitplan.estimator import draft_terms, target_terms
-from fitplan.estimator.recipes import TrainedState
+import math
+
+from fitplan.estimator import draft_terms, param_steps, target_terms
+from fitplan.estimator.recipes import TrainedState, moment_bytes_per_param, quantized_moments
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
 from fitplan.estimator.timeline import Component, Timeline, merge, phase
-from fitplan.layout import Job, fused_norms, shares_target_embedding, sums_step_grads
+from fitplan.layout import Job, fused_norms, recomputes_mlp, shares_target_embedding, sums_step_grads
+from fitplan.layout import steps_per_param
 from fitplan.units import FP32
 
 
@@ -54,6 +57,32 @@ def draft_units(job: Job) -> dict[str, tuple[int, bool]]:
         "midlayer": (attention + 3 * d.hidden * d.intermediate + 3 * d.hidden, True),
         "lm_head": (d.hidden * d.draft_vocab, True),
     }
+
+
+def draft_parameters(job: Job) -> list[tuple[str, int]]:
+    """The draft's trained parameters (name, elements) in the order of draft.parameters()."""
+    d = job.draft
+    h, q, kv = d.hidden, d.heads * d.head_dim, d.kv_heads * d.head_dim
+    return [
+        ("fc", 3 * d.target_hidden * h),
+        ("input_layernorm", h), ("hidden_norm", h),
+        ("q_proj", 2 * h * q), ("k_proj", 2 * h * kv), ("v_proj", 2 * h * kv), ("o_proj", q * h),
+        ("post_attention_layernorm", h),
+        ("gate_proj", h * d.intermediate), ("up_proj", h * d.intermediate), ("down_proj", d.intermediate * h),
+        ("norm", h),
+        ("lm_head", d.draft_vocab * h),
+    ]
+
+
+# the FSDP unit (draft child module, trainer/parallel/draft_sharding.py) of each trained
+# parameter of draft_parameters that is a unit of its own; the others are the layer's
+OWN_UNITS = ("fc", "norm", "lm_head")
+
+
+def draft_unit_of(name: str, job: Job) -> str:
+    if name == "norm" and fused_norms(job):  # grouped with the head that uses its weight
+        return "lm_head"
+    return name if name in OWN_UNITS else "midlayer"
 
 
 def gathered_params(job: Job, state: TrainedState) -> int:
@@ -110,6 +139,34 @@ def eight_bit_step_bytes(job: Job, state: TrainedState) -> int:
     return EIGHT_BIT_STEP_BYTES_PER_ELEMENT * (-(-largest // job.world) if state.fsdp() else largest)
 
 
+def optimizer_step(job: Job, state: TrainedState, steady: bool) -> dict[str, int]:
+    """The step's peak: every grad beside every fp32 grad copy (bf16-master) and the optimizer
+    state, or with the step a parameter at a time (layout.steps_per_param) the grads not yet
+    stepped beside one copy (param_steps.py), where step 1 has made the moments of the
+    parameters stepped so far."""
+    if not steps_per_param(job):
+        return merge(optimizer_state(state, steady=True), phase(
+            draft__grads=state.grads(), optimizer__grad_copy=state.grad_copy() + eight_bit_step_bytes(job, state)))
+    peak = param_steps.peak(stepped_parameters(job, state), first=not steady)
+    return phase(optimizer__master=state.master(), optimizer__moments=state.moments() if steady else peak.moments,
+                 draft__grads=peak.grads, optimizer__grad_copy=peak.copy)
+
+
+def stepped_parameters(job: Job, state: TrainedState) -> list[param_steps.Stepped]:
+    """The draft's parameters as a rank's optimizer steps them: whole, or with FSDP (sharded
+    grads) each a dim-0 shard of ceil(n / world) elements whose grad is in its unit's storage."""
+    sharded = state.sharded_grads()
+    eight_bit = job.spec.optimizer == "adamw-8bit"
+    out = []
+    for name, n in draft_parameters(job):
+        local = -(-n // state.ranks) if sharded else n
+        step = EIGHT_BIT_STEP_BYTES_PER_ELEMENT * local if eight_bit and quantized_moments(local) else 0
+        out.append(param_steps.Stepped(
+            elements=n, group=draft_unit_of(name, job) if sharded else name, grad=local * state.recipe.grad,
+            copy=local * state.recipe.grad_copy, moments=math.ceil(local * moment_bytes_per_param(job.spec)), step=step))
+    return out
+
+
 def _after_last_step(job: Job, state: TrainedState) -> tuple[dict[str, int], int]:
     """Once step L-1's backward is done: the grads every trained unit but fc (which only step 0
     reaches) holds, and the activations still saved (step L-1's released)."""
@@ -148,12 +205,22 @@ def earlier_mlp_backward(job: Job, state: TrainedState) -> dict[str, int]:
     steps, whose recomputation comes first (their other instants are larger)."""
     if job.spec.ttt < 2 or state.sharded_grads() or job.spec.ac:
         return {}
-    d, T = job.draft, job.spec.micro_batch * job.spec.seq
+    d = job.draft
     grads, left = _after_last_step(job, state)
     # summed over the steps in the buffers step L-1 made (trainer/step_grads.py): nothing arrives
-    arriving = 0 if sums_step_grads(job) else (2 if fused_norms(job) else 1) * d.hidden * d.intermediate * state.recipe.param
-    working = 4 * d.intermediate * T + draft_terms.pending_from_last_step_bytes(job)
+    arriving = 0 if sums_step_grads(job) else _arriving_mlp_grads(job) * d.hidden * d.intermediate * state.recipe.param
+    working = draft_terms.mlp_backward_working_bytes(job) + draft_terms.pending_from_last_step_bytes(job)
     return merge(grads, phase(draft__grads=arriving, activations__draft=left + working))
+
+
+def _arriving_mlp_grads(job: Job) -> int:
+    """[I, h] weight gradients of one step's MLP alive together before they are added to the
+    held ones: one from autograd's linears, gate's and up's from the fused norm-projection, all
+    three from the recomputing MLP (returned together; counted at SwiGLU's instant, an upper
+    bound)."""
+    if recomputes_mlp(job):
+        return 3
+    return 2 if fused_norms(job) else 1
 
 
 def target_forward_instants(job: Job) -> list[dict[str, int]]:
@@ -233,10 +300,7 @@ def timeline(job: Job) -> Timeline:
                 merge(base, opt, outputs, casts_and_gather, earlier_mlp_backward(job, state)),
                 merge(base, opt, outputs, casts_and_gather, backward_grads(job, state)),
             ]),
-            "optimizer_step": merge(
-                base, optimizer_state(state, steady=True),
-                phase(draft__grads=state.grads(), optimizer__grad_copy=state.grad_copy() + eight_bit_step_bytes(job, state)),
-            ),
+            "optimizer_step": merge(base, optimizer_step(job, state, steady)),
             "checkpoint": merge(base, optimizer_state(state, steady=True),
                                 phase(comm__buffers=checkpoint_gather_bytes(job, state))),
         }
