@@ -91,9 +91,14 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the repo's fitpl
 
 MARK = "VS_SPECFORGE_RESULT "  # prefix of the child's one JSON line on stdout
 # fitplan-plain: the trainer with draft_memory plain (torch's composition of the head, loss and
-# SwiGLU), to show what the lean draft costs or saves in the same call; specforge-fsdp: SpecForge's
+# SwiGLU), to show what the lean draft costs or saves in the same call; fitplan-recompute-mlp: the
+# default trainer with recompute_mlp (gate and up made again in backward); specforge-fsdp: SpecForge's
 # step with the module wrapped as its trainer wraps it (FSDP1 over a one-rank process group)
-TOOLS = ("specforge", "specforge-fsdp", "fitplan", "fitplan-plain")
+TOOLS = ("specforge", "specforge-fsdp", "fitplan", "fitplan-recompute-mlp", "fitplan-plain")
+# fitplan's variants: the RunSpec changes each makes to the default trainer job, and its table label
+FITPLAN_VARIANTS = {"fitplan": ({}, "fitplan"),
+                    "fitplan-recompute-mlp": ({"recompute_mlp": True}, "fitplan (recompute_mlp)"),
+                    "fitplan-plain": ({"draft_memory": "plain"}, "fitplan (draft_memory plain)")}
 SPECFORGE_TOOLS = ("specforge", "specforge-fsdp")
 DEFAULT_SHAPES = "1x2048,1x4096,1x8192,1x16384,2x4096"
 WHEEL = ROOT / ".whl" / "specforge-0.2.0-py3-none-any.whl"
@@ -134,7 +139,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder for vs_specforge.json and vs_specforge.md")
     p.add_argument("--shapes", type=shape_list, default=shape_list(DEFAULT_SHAPES), help=f"BxS list ({DEFAULT_SHAPES})")
     p.add_argument("--tools", type=tool_list, default=["specforge", "fitplan"],
-                   help="specforge,fitplan[,fitplan-plain] (run in this order)")
+                   help=f"any of {','.join(TOOLS)} (run in the order given)")
     p.add_argument("--profile", action="store_true",
                    help="one more step under torch.profiler: its 40 costliest CUDA kernels in the JSON")
     p.add_argument("--budget", type=float, default=420.0, help="seconds after which no new config starts")
@@ -282,7 +287,7 @@ def render(meta: dict, results: list[dict]) -> str:
     present = [t for t in TOOLS if any(r["tool"] == t for r in results)]
     lines = []
     for tool in [t for t in present if t not in SPECFORGE_TOOLS]:
-        label = "fitplan" if tool == "fitplan" else "fitplan (draft_memory plain)"
+        label = FITPLAN_VARIANTS[tool][1]
         for reference in [t for t in present if t in SPECFORGE_TOOLS] or ["specforge"]:
             other = "SpecForge" if reference == "specforge" else "SpecForge FSDP"
             header = (f"| B x S | step s {label} / {other} | time ratio | draft memory GiB {label} / {other} "
@@ -401,10 +406,9 @@ def bench_job(args, batch: int, seq: int):
     from fitplan.config import RunSpec
     from fitplan.layout import resolve
 
-    plain = getattr(args, "child", None) == "fitplan-plain"
+    changes = FITPLAN_VARIANTS.get(getattr(args, "child", None), ({}, ""))[0]
     return resolve(RunSpec(model=args.model, draft=args.draft, gpus=f"1x{args.gpu}", seq=seq, micro_batch=batch,
-                           ttt=args.ttt, tp=1, attention=args.attention, precision="bf16-master",
-                           draft_memory="plain" if plain else "lean"))
+                           ttt=args.ttt, tp=1, attention=args.attention, precision="bf16-master", **changes))
 
 
 def make_tensors(job, device, seed: int, assistant_fraction: float) -> tuple[dict, dict]:
@@ -612,7 +616,7 @@ def build_fitplan(job, frozen: dict, inputs: dict, device, args):
                                   precision=spec.precision, phase=phase)
 
     frozen_bytes = lm_head.numel() * lm_head.element_size() + module_frozen_bytes(draft)
-    return step, frozen_bytes, {"recipe": spec.precision}
+    return step, frozen_bytes, {"recipe": spec.precision, "recompute_mlp": draft.midlayer.recompute_mlp}
 
 
 # ------------------------------------------------------------------ child: SpecForge
@@ -741,7 +745,7 @@ def build_specforge(job, frozen: dict, inputs: dict, device, args):
     return step, frozen_bytes, notes
 
 
-BUILDERS = {"fitplan": build_fitplan, "fitplan-plain": build_fitplan, "specforge": build_specforge,
+BUILDERS = {**{tool: build_fitplan for tool in FITPLAN_VARIANTS}, "specforge": build_specforge,
             "specforge-fsdp": build_specforge}
 
 

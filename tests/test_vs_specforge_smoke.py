@@ -47,8 +47,9 @@ def tiny_step_flops(b: int, s: int, ttt: int) -> int:
     return 3 * forward + 2 * b * s * v * ht
 
 
-def test_fitplan_child_prints_one_json_line_with_every_field(bench, configs, capsys):
-    argv = ["--child", "fitplan", "--shape", "2x32", *configs, "--attention", "sdpa", "--device", "cpu",
+@pytest.mark.parametrize("tool", ["fitplan", "fitplan-recompute-mlp"])
+def test_fitplan_child_prints_one_json_line_with_every_field(bench, configs, capsys, tool):
+    argv = ["--child", tool, "--shape", "2x32", *configs, "--attention", "sdpa", "--device", "cpu",
             "--warmup", "0", "--steps", "1", "--ttt", "2"]
     assert bench.main(argv) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(bench.MARK)]
@@ -56,7 +57,8 @@ def test_fitplan_child_prints_one_json_line_with_every_field(bench, configs, cap
     result = json.loads(lines[0][len(bench.MARK):])
     assert result["ok"], result.get("error")
     assert set(bench.RESULT_FIELDS) <= set(result)
-    assert (result["tool"], result["batch"], result["seq"]) == ("fitplan", 2, 32)
+    assert (result["tool"], result["batch"], result["seq"]) == (tool, 2, 32)
+    assert result["recompute_mlp"] == (tool == "fitplan-recompute-mlp")
     assert set(result["phases_s"]) == {"teacher", "forward", "backward", "optimizer"}
     assert result["flops"] == tiny_step_flops(2, 32, 2) == 51_576_832
     assert result["tokens_per_s"] == pytest.approx(64 / result["step_s"])
