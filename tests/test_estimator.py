@@ -138,12 +138,35 @@ def test_gpt_oss_120b_gathered_logits_exceed_an_h100():
 
 
 def test_adam_moments_lazy_step1_vs_steady():
-    est = estimate_spec(RunSpec(model="llama-3.1-8b", gpus="1xH100", seq=2048, precision="bf16-master"))
+    spec = RunSpec(model="llama-3.1-8b", gpus="1xH100", seq=2048, precision="bf16-master")
+    est = estimate_spec(spec)
     P = 424_689_664  # trainable draft params (SpecForge derivation, profiles/drafts/llama3-8b.json)
     for phase in ("target_forward", "draft_forward", "backward"):
         missing = est.phase_allocated(phase) - est.phase_allocated(phase, step1=True)
         assert missing == 12 * P  # fp32 master (4) + Adam moments (8), built in the first step
-    assert est.phase_allocated("optimizer_step") == est.phase_allocated("optimizer_step", step1=True)
+    # every copy at once: the moments are made before the step, which peaks as the steady one
+    all_at_once = estimate_spec(spec.replace(optimizer_per_param=False))
+    assert all_at_once.phase_allocated("optimizer_step") == all_at_once.phase_allocated("optimizer_step", step1=True)
+
+
+def test_stepping_a_parameter_at_a_time_by_hand():
+    """llama-3.1-8b's draft (h 4096, I 14336, q 32 x 128 and k, v 8 x 128 over the 2h input, Vd
+    32000), stepped smallest first: four norms of 4096, k and v 8,388,608, o 16,777,216, q
+    33,554,432, fc 50,331,648, gate, up, down 58,720,256, the lm_head n = 131,072,000. Each
+    instant holds the bf16 grads not yet stepped (R elements, 2 B) and one fp32 copy: 2R + 4n is
+    highest at q (R = 391,118,848 after the norms, k, v and o): 782,237,696 + 134,217,728 (fc's
+    is as high). All at once: 2P + 4P. Step 1 makes the moments as it goes and peaks at the
+    lm_head, last, with every moment made and its grad dropped: 12P + 4n."""
+    spec = RunSpec(model="llama-3.1-8b", gpus="1xH100", seq=2048, precision="bf16-master")
+    P, n = 424_689_664, 32000 * 4096
+    est = estimate_spec(spec).phases["optimizer_step"]
+    assert (est["draft.grads"], est["optimizer.grad_copy"]) == (2 * 391_118_848, 4 * 33_554_432)
+    assert (est["optimizer.master"], est["optimizer.moments"]) == (4 * P, 8 * P)
+    old = estimate_spec(spec.replace(optimizer_per_param=False)).phases["optimizer_step"]
+    assert (old["draft.grads"], old["optimizer.grad_copy"]) == (2 * P, 4 * P)
+    first = estimate_spec(spec).step1_phases["optimizer_step"]
+    assert first.get("draft.grads", 0) == 0 and first["optimizer.grad_copy"] == 4 * n
+    assert (first["optimizer.master"], first["optimizer.moments"]) == (4 * P, 8 * P)
 
 
 def test_mxfp4_target_weights_per_rank():

@@ -207,6 +207,109 @@ def test_8bit_moments_of_fsdp2_shards_train_like_one_process_and_resume(tmp_path
     assert_trained(reference)
 
 
+# ---------------------------------------------------------------- bf16-master a parameter at a time
+
+# Shapes of differing sizes (stepped smallest first), each matrix >= 4096 elements and a whole
+# number of 256-blocks so torchao quantizes its moments; the vector is below that and is not.
+STEPPED_SHAPES = [(64, 128), (256,), (256, 64), (32, 128), (128, 96)]
+
+
+def _stepped_params() -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator).to(torch.bfloat16)) for shape in STEPPED_SHAPES]
+
+
+def _give_grads(params: list[torch.nn.Parameter], step: int) -> None:
+    generator = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator).to(torch.bfloat16)
+
+
+def _moment_tensors(optimizer) -> list[torch.Tensor]:
+    """Every tensor of the inner optimizer's state (an 8-bit moment's codes, scale and table),
+    master by master (the state's own order is the order they were first stepped in)."""
+    out = []
+    for master in optimizer.masters:
+        for value in optimizer.inner.state[master].values():
+            names = value.__tensor_flatten__()[0] if hasattr(value, "__tensor_flatten__") else None
+            out += [getattr(value, n) for n in names] if names else [value]
+    return out
+
+
+@pytest.mark.parametrize("inner", ["adamw", "adamw-8bit"])
+def test_a_parameter_at_a_time_updates_exactly_as_all_at_once(inner):
+    """The inner optimizer steps only the master that has a grad, so stepping them one at a time
+    is the same arithmetic per tensor: bit-equal parameters, masters and moments after three
+    steps (torch's fused AdamW and torchao's eager 8-bit step on the CPU), and every master's own
+    step count at 3. Masters and moments are made in the first step, as all at once."""
+    runs = {}
+    for per_param in (True, False):
+        params = _stepped_params()
+        opt = optim.build_optimizer(params, "bf16-master", 1e-2, inner, per_param=per_param)
+        assert opt.per_param == per_param and opt.inner is None and opt.masters == []
+        for step in range(3):
+            _give_grads(params, step)
+            opt.step()
+            assert all(p.grad is None for p in params) == per_param  # dropped in the step, or at zero_grad
+            assert len(opt.inner.state) == len(params)
+            opt.zero_grad(set_to_none=True)
+        assert [float(s["step"]) for s in opt.inner.state.values()] == [3.0] * len(params)
+        runs[per_param] = params, opt
+    (mine, each), (theirs, every) = runs[True], runs[False]
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    assert all(torch.equal(a, b) for a, b in zip(each.masters, every.masters))
+    assert all(torch.equal(a, b) for a, b in zip(_moment_tensors(each), _moment_tensors(every)))
+    # smallest first: 256, 4096, 8192, 12288, 16384 elements
+    assert [STEPPED_SHAPES[i] for i in each._order] == [(256,), (32, 128), (64, 128), (128, 96), (256, 64)]
+
+
+@pytest.mark.parametrize("inner", ["adamw", "adamw-8bit"])
+def test_a_parameter_at_a_time_restores_from_its_state_dict(inner):
+    """A checkpoint's optimizer state (MasterWeightAdamW.state_dict, through torch.save as the
+    trainer writes it) restores into a new optimizer, stepping one at a time or all at once
+    (the state's layout does not depend on the order), and the next step matches the
+    uninterrupted one bit for bit."""
+    import io
+
+    params = _stepped_params()
+    opt = optim.build_optimizer(params, "bf16-master", 1e-2, inner, per_param=True)
+    for step in range(2):
+        _give_grads(params, step)
+        opt.step()
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    _give_grads(params, 2)
+    opt.step()
+    for per_param in (True, False):
+        restored = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+        again = optim.build_optimizer(restored, "bf16-master", 1e-2, inner, per_param=per_param)
+        saved.seek(0)
+        again.load_state_dict(torch.load(saved, weights_only=False))
+        _give_grads(restored, 2)
+        again.step()
+        assert all(torch.equal(a, b) for a, b in zip(restored, params)), per_param
+        assert [float(s["step"]) for s in again.inner.state.values()] == [3.0] * len(params)
+
+
+def test_only_bf16_master_on_the_gpu_steps_a_parameter_at_a_time(configs):
+    """layout.steps_per_param: the knob acts where a copy of every grad would be made."""
+    from fitplan.layout import resolve, steps_per_param
+
+    target, draft = configs
+
+    def stepping(**changes) -> bool:
+        return steps_per_param(resolve(RunSpec(**{"model": target, "draft": draft, "seq": 32, "tp": 1, **changes})))
+
+    assert stepping() and stepping(optimizer="adamw-8bit")
+    assert not stepping(optimizer_per_param=False)
+    assert not any(stepping(precision=p) for p in ("mixed", "fp32-autocast", "bf16"))
+    assert not stepping(offload="optimizer")
+    # `mixed` keeps fp32 grads on the masters: nothing to copy, whatever it is asked
+    mixed = optim.build_optimizer([torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))], "mixed", 0.1,
+                                  per_param=True)
+    assert not mixed.per_param
+
+
 # ---------------------------------------------------------------- offload optimizer
 
 

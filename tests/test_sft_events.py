@@ -15,7 +15,9 @@ from step_checks import assert_peak_is_phase_sum, case_ids, live_after, phase_to
 
 from fitplan.config import RunSpec
 from fitplan.estimator import estimate, sft_events, sft_terms, step_events
+from fitplan.estimator.recipes import TrainedState
 from fitplan.layout import resolve
+from fitplan.shapes import count_params
 
 
 def job(**kw):
@@ -28,7 +30,9 @@ CASES = [
     {"ac": False},
     {"micro_batch": 4},
     {"ac": False, "micro_batch": 4, "seq": 1024},
-    {"precision": "bf16-master"},
+    {"precision": "bf16-master"},  # a parameter at a time (optimizer_per_param)
+    {"precision": "bf16-master", "optimizer_per_param": False},  # every grad copy at once
+    {"precision": "bf16-master", "global_batch": 2, "seq": 1024},
     {"precision": "mixed"},
     {"precision": "fp32-autocast"},
     {"precision": "fp32-autocast", "ac": False},
@@ -46,7 +50,7 @@ CASES = [
 def test_live_bytes_at_each_phase_peak_are_the_estimators_phase_sum(kw):
     j = job(**kw)
     est, built = estimate(j), step_events.build(j)
-    grads = est.phases["optimizer_step"].get("model.grads", 0)
+    grads = TrainedState(j.spec, count_params(j.model).total, 0, 1).grads()  # every gradient
     for label, live in built.live_peaks().items():
         assert_peak_is_phase_sum(label, live, phase_total(est, label), grads)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from step_checks import assert_peak_is_phase_sum, case_ids, live_after, phase_to
 from fitplan.allocator import Allocator, replay
 from fitplan.config import RunSpec
 from fitplan.estimator import estimate, replayed, step_events
+from fitplan.estimator.eagle3 import draft_state
 from fitplan.estimator.result import Verdict
 from fitplan.estimator.step_trace import loop_chunks
 from fitplan.layout import resolve
@@ -50,6 +52,9 @@ CASES = [
     {"precision": "mixed", "micro_batch": 2},
     {"precision": "fp32-autocast", "ttt": 3},
     {"precision": "bf16", "optimizer": "adamw-8bit"},
+    {"optimizer": "adamw-8bit"},  # bf16-master a parameter at a time, each step's 8-bit buffers
+    {"optimizer_per_param": False},  # every grad copy at once
+    {"optimizer_per_param": False, "optimizer": "adamw-8bit"},
     {"offload": "optimizer"},
     {"model": "gpt-oss-20b", "seq": 2048},  # MoE target with eager attention (sinks)
     {"model": "gemma-2-9b", "seq": 2048, "ttt": 2},  # eager attention, soft-capped logits
@@ -62,7 +67,7 @@ CASES = [
 def test_live_bytes_at_each_phase_peak_are_the_estimators_phase_sum(kw):
     j = job(**kw)
     est, built = estimate(j), step_events.build(j)
-    grads = est.phases["optimizer_step"].get("draft.grads", 0)
+    grads = draft_state(j).grads()  # every gradient (the step a parameter at a time holds fewer)
     for label, live in built.live_peaks().items():
         assert_peak_is_phase_sum(label, live, phase_total(est, label), grads)
 
@@ -124,6 +129,26 @@ def test_optimizer_state_by_hand():
     # optimizer offloaded: nothing of it on the GPU
     j = job(offload="optimizer")
     assert not any("master" in n or "exp_avg" in n for n in step_events.build(j).names.values())
+
+
+def test_a_parameter_at_a_time_by_hand():
+    """bf16-master steps the draft's parameters smallest first, each bf16 grad freed as its fp32
+    copy is made (trainer/optim.py MasterWeightAdamW._step_each). llama-3.2-1b's draft holds
+    N = 145,235,968 trained elements; at each copy 2R + 4n, highest at the lm_head, last
+    (n = 65,536,000, R = n): 2n + 4n, where 2N + 4 x 2048 at the first norm is lower."""
+    j = job()
+    built = step_events.build(j)
+    first, end = {label: (a, b) for label, a, b in built.phases}["steady.optimizer_step"]
+    ops = [(e.op, built.names[e.key]) for e in built.events[first:end]]
+    copied = [name.removeprefix("fp32 grad copy ") for op, name in ops if op == "alloc"]
+    assert copied == ["input_layernorm", "hidden_norm", "post_attention_layernorm", "norm", "k_proj", "v_proj",
+                      "o_proj", "q_proj", "fc", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    for (op, name), (next_op, next_name) in pairwise(ops):
+        if op == "alloc":  # its grad goes next (made by the last TTT step's backward, or the summed buffer)
+            assert next_op == "free" and next_name.startswith(f"grad of {name.removeprefix('fp32 grad copy ')}")
+    step = estimate(j).phases["optimizer_step"]
+    assert (step["draft.grads"], step["optimizer.grad_copy"]) == (2 * 65_536_000, 4 * 65_536_000)
+    assert sum(n for _, n in step_events.draft_parameters(j)) == 145_235_968
 
 
 def test_gpt_oss_eager_scores_peak_at_three_copies():

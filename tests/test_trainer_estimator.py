@@ -122,3 +122,53 @@ def test_recompute_mlp_phases_match_tracked_live_bytes(tmp_path, ac):
     kept_gate_up = 4 * 512 * 64 * 3
     if not ac:  # a checkpointed step keeps no gate or up either way
         assert peaks[False] - peaks[True] >= kept_gate_up // 2
+
+
+# The draft of `configs` (h 64, I 128, 4 heads and 2 KV heads of 16, Vd = V = 512, fc reads 3 x 64):
+# its trained tensors in elements, in module order
+DRAFT_TENSORS = {"fc": 3 * 64 * 64, "input_layernorm": 64, "hidden_norm": 64, "q_proj": 128 * 64, "k_proj": 128 * 32,
+                 "v_proj": 128 * 32, "o_proj": 64 * 64, "post_attention_layernorm": 64, "gate_proj": 64 * 128,
+                 "up_proj": 64 * 128, "down_proj": 128 * 64, "norm": 64, "lm_head": 512 * 64}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw-8bit"])
+def test_stepping_a_parameter_at_a_time_lowers_the_optimizer_peak_by_hand(configs, tmp_path, optimizer):
+    """bf16-master, N = 90,368 trained elements, the largest the lm_head's n = 32,768.
+
+    All at once the step holds every bf16 grad and every fp32 copy: 2N + 4N = 542,208 B.
+    A parameter at a time, smallest first (the four norms of 64, k, v and o of 4096, then q, gate,
+    up, down of 8192, fc 12,288, lm_head), an instant holds the grads not yet stepped (2 B each,
+    its own included) and one copy: 2 x 90,112 + 4 x 4096 = 196,608 at k_proj, the first after
+    the norms, and as much at the lm_head, 2n + 4n; every other instant is lower. So the steady
+    peak falls by 542,208 - 196,608 = 345,600 B. Step 1 makes the moments (8 B each) as it goes:
+    its peak is at the lm_head with every moment made and its grad dropped, 4n = 131,072 of copy
+    where the steady step holds 2n + 4n there: 2n = 65,536 B under the steady peak.
+
+    torchao's 8-bit step dequantizes a tensor's moments into fp32 buffers (8 B per element on
+    the GPU's compiled step, more in the CPU's eager one) beside the copy. All at once its peak is
+    the lm_head's step (last in module order), beside every grad and copy: 6N + the lm_head's
+    buffers; a parameter at a time, the lm_head's step (last in size order) with every other
+    grad dropped: 4n + the same buffers. 6N - 4n = 411,136 B less.
+
+    The estimator's optimizer phase moves by the same bytes, and is within 1% of the tracked
+    bytes with torch's AdamW (the 8-bit one's eager CPU buffers are not the GPU's)."""
+    N, n = sum(DRAFT_TENSORS.values()), DRAFT_TENSORS["lm_head"]
+    assert N == 90_368
+    target, draft = configs
+    measured, step1, estimated = {}, {}, {}
+    for per_param in (True, False):
+        spec = RunSpec(model=target, draft=draft, seq=32, micro_batch=1, ttt=1, tp=1, attention="eager",
+                       optimizer=optimizer, optimizer_per_param=per_param)
+        report = run(TrainOptions(spec=spec, output=tmp_path / f"out{per_param}", steps=2, random_weights=True,
+                                  synthetic_data=True, device="cpu"))
+        step1[per_param] = report["steps"][0]["phases"]["optimizer_step"]["allocated"]
+        measured[per_param] = report["steps"][1]["phases"]["optimizer_step"]["allocated"]
+        estimated[per_param] = predicted(report, "optimizer_step")
+    expected = 6 * N - 4 * n if optimizer == "adamw-8bit" else 6 * N - (2 * (N - 4 * 64) + 4 * 4096)
+    assert expected == {"adamw": 345_600, "adamw-8bit": 411_136}[optimizer]
+    assert measured[False] - measured[True] == expected
+    assert estimated[False] - estimated[True] == expected
+    if optimizer == "adamw":
+        assert measured[True] - step1[True] == 2 * n
+        for per_param in (True, False):
+            assert abs(measured[per_param] - estimated[per_param]) / estimated[per_param] <= 0.01, per_param

@@ -33,7 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from fitplan.errors import FitplanError
-from fitplan.layout import Job, recomputes_mlp, resolve, shares_target_embedding, sums_step_grads
+from fitplan.layout import (
+    Job,
+    recomputes_mlp,
+    resolve,
+    shares_target_embedding,
+    steps_per_param,
+    sums_step_grads,
+)
 from fitplan.records import write_measurement
 from trainer import checkpoint, compare, data, features, optim, parallel, vocab
 from trainer.draft import DraftConfig, Eagle3Draft
@@ -158,7 +165,8 @@ def build(opts: TrainOptions, meter: Meter, job: Job, ctx) -> Run:
         if ctx.distributed:
             draft = parallel.shard_draft(draft, ctx, spec.sharding)
         # after sharding: the optimizer's state is made from (and sharded like) the sharded parameters
-        optimizer = optim.build_optimizer(draft.trainable(), spec.precision, opts.lr, spec.optimizer, spec.offload)
+        optimizer = optim.build_optimizer(draft.trainable(), spec.precision, opts.lr, spec.optimizer, spec.offload,
+                                          per_param=steps_per_param(job))
         scheduler = optim.cosine_with_warmup(optimizer, opts.warmup, opts.steps)
     return Run(opts, job, ctx, meter.device, target, draft, optimizer, scheduler, batches,
                draft_ids.to(meter.device), skipped, teach=teacher)

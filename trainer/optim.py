@@ -9,6 +9,11 @@
 In `mixed` each bf16 gradient is added to its master's fp32 gradient as soon as autograd has
 accumulated it, and freed: the fp32 gradients are the only ones that stay.
 
+In `bf16-master` the grad copy is made one parameter at a time (RunSpec optimizer_per_param,
+the default): each bf16 gradient is freed as its fp32 copy is made, so the step holds one copy
+beside the gradients not yet stepped instead of every copy beside every gradient. Off, all the
+copies are made at once (the "+ 4" of the table).
+
 `optimizer: adamw-8bit` replaces the AdamW (the inner one over the masters in the master
 recipes) with torchao's AdamW8bit: 8-bit block-quantized moments, about 2 B/param instead of 8.
 `offload: optimizer` keeps the masters and moments in host memory (trainer/offload.py).
@@ -102,16 +107,19 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     The masters are made inside the first step (like Adam's moments), so step 1's forward and
     backward run without them. At each step the bf16 grads are copied to fp32, the masters are
-    updated, and the result is rounded back into the bf16 parameters.
+    updated, and the result is rounded back into the bf16 parameters: all at once, or with
+    `per_param` one parameter at a time (`_step_each`).
     """
 
-    def __init__(self, params, lr: float, fp32_grads: bool = False, inner: InnerFactory = adamw):
+    def __init__(self, params, lr: float, fp32_grads: bool = False, inner: InnerFactory = adamw,
+                 per_param: bool = False):
         self.model_params = list(params)
         super().__init__(self.model_params, {"lr": lr})
         self.masters: list[torch.Tensor] = []
         self.make_inner = inner
         self.inner: torch.optim.Optimizer | None = None
         self.fp32_grads = fp32_grads
+        self.per_param = per_param and not fp32_grads  # `mixed` has no copy to make: its fp32 grads are kept
         if fp32_grads:
             self._make_masters()
             for p, master in zip(self.model_params, self.masters):
@@ -141,6 +149,12 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if self.inner is None:
             self._make_masters()
         self.inner.param_groups[0]["lr"] = self.param_groups[0]["lr"]  # the scheduler sets the outer lr
+        if self.per_param:
+            self._step_each()
+        else:
+            self._step_all()
+
+    def _step_all(self) -> None:
         if not self.fp32_grads:
             for p, master in zip(self.model_params, self.masters):
                 master.grad = p.grad.float() if p.grad is not None else None
@@ -148,6 +162,32 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         for p, master in zip(self.model_params, self.masters):
             master.grad = None
             p.copy_(master)
+
+    def _step_each(self) -> None:
+        """One parameter at a time, smallest first: its fp32 grad copy, its bf16 grad dropped, the
+        inner optimizer's step, which takes only the master that has a grad (torch's AdamW and
+        torchao's AdamW8bit skip the others, their state and step counts untouched; a master's
+        moments are made at its first step, as in one step over all), the copy dropped.
+
+        At the instant of a copy every grad not yet stepped is alive, its own included: 2 R + 4 n
+        bytes for a parameter of n elements with R not yet stepped. Smallest first minimises the
+        largest of these: of two neighbours a < b, stepping b first gives 2 R + 4 b, above both of
+        the instants of a first (2 R + 4 a, then 2 (R - a) + 4 b). fitplan/estimator/param_steps.py
+        follows the same order. The bf16 grads are dropped here, before zero_grad."""
+        for i in self._order:
+            p, master = self.model_params[i], self.masters[i]
+            if p.grad is None:
+                continue
+            master.grad = p.grad.float()
+            p.grad = None
+            self.inner.step()
+            master.grad = None
+            p.copy_(master)
+
+    @functools.cached_property
+    def _order(self) -> list[int]:
+        # numel of an FSDP2 shard (a DTensor) is the whole parameter's: the same order on every rank
+        return sorted(range(len(self.model_params)), key=lambda i: self.model_params[i].numel())
 
     def state_dict(self):
         return {"inner": self.inner.state_dict() if self.inner else None, "masters": list(self.masters),
@@ -167,16 +207,17 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
 
 def build_optimizer(params, precision: str, lr: float, optimizer: str = "adamw",
-                    offload: str = "none") -> torch.optim.Optimizer:
-    """The recipe's optimizer (RunSpec.precision, .optimizer, .offload); fitplan.layout refuses
-    the combinations this does not build before anything is loaded."""
+                    offload: str = "none", per_param: bool = False) -> torch.optim.Optimizer:
+    """The recipe's optimizer (RunSpec.precision, .optimizer, .offload; `per_param`:
+    fitplan.layout.steps_per_param); fitplan.layout refuses the combinations this does not build
+    before anything is loaded."""
     inner = adamw_8bit if optimizer == "adamw-8bit" else adamw
     if offload == "optimizer":
         return HostAdamW(params, lr, inner, master=precision in MASTER_RECIPES, fp32_grads=precision == "mixed")
     if offload != "none":
         raise ValueError(f"offload {offload}: the trainer offloads the optimizer only")
     if precision in MASTER_RECIPES:
-        return MasterWeightAdamW(params, lr, fp32_grads=precision == "mixed", inner=inner)
+        return MasterWeightAdamW(params, lr, fp32_grads=precision == "mixed", inner=inner, per_param=per_param)
     return inner(params, lr)
 
 

@@ -15,11 +15,21 @@ from __future__ import annotations
 import math
 
 from fitplan.estimator import draft_terms, param_steps, target_terms
-from fitplan.estimator.recipes import TrainedState, moment_bytes_per_param, quantized_moments
+from fitplan.estimator.recipes import (
+    TrainedState,
+    moment_bytes_per_param,
+    quantized_moments,
+)
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
 from fitplan.estimator.timeline import Component, Timeline, merge, phase
-from fitplan.layout import Job, fused_norms, recomputes_mlp, shares_target_embedding, sums_step_grads
-from fitplan.layout import steps_per_param
+from fitplan.layout import (
+    Job,
+    fused_norms,
+    recomputes_mlp,
+    shares_target_embedding,
+    steps_per_param,
+    sums_step_grads,
+)
 from fitplan.units import FP32
 
 
@@ -159,11 +169,12 @@ def stepped_parameters(job: Job, state: TrainedState) -> list[param_steps.Steppe
     eight_bit = job.spec.optimizer == "adamw-8bit"
     out = []
     for name, n in draft_parameters(job):
-        local = -(-n // state.ranks) if sharded else n
-        step = EIGHT_BIT_STEP_BYTES_PER_ELEMENT * local if eight_bit and quantized_moments(local) else 0
+        held = state.on_rank(n, 1)  # what its copy, moments and step are made over
+        step = EIGHT_BIT_STEP_BYTES_PER_ELEMENT * held if eight_bit and quantized_moments(held) else 0
         out.append(param_steps.Stepped(
-            elements=n, group=draft_unit_of(name, job) if sharded else name, grad=local * state.recipe.grad,
-            copy=local * state.recipe.grad_copy, moments=math.ceil(local * moment_bytes_per_param(job.spec)), step=step))
+            elements=n, group=draft_unit_of(name, job) if sharded else name,
+            grad=state.on_rank(n, 2) * state.recipe.grad, copy=held * state.recipe.grad_copy,
+            moments=math.ceil(held * moment_bytes_per_param(job.spec)), step=step))
     return out
 
 

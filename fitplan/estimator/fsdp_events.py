@@ -34,23 +34,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fitplan.estimator.eagle3 import draft_unit_of as unit_of
 from fitplan.estimator.step_trace import State, Trace
-from fitplan.layout import fused_norms
 
 ALL_GATHER_STREAM = 1
 REDUCE_SCATTER_STREAM = 2
 
-# the FSDP unit (draft child module) of each trained parameter of step_events.draft_parameters
-UNIT_OF = {"fc": "fc", "norm": "norm", "lm_head": "lm_head"}
 FROZEN_UNIT = "embed_tokens"
 # units called once per TTT step, so reduced (and gathered again) once per step in backward
 PER_STEP_UNITS = ("lm_head", "norm", "midlayer")
-
-
-def unit_of(name: str, job) -> str:
-    if name == "norm" and fused_norms(job):  # grouped with the head that uses its weight
-        return "lm_head"
-    return UNIT_OF.get(name, "midlayer")
 
 
 def shard(n: int, world: int) -> int:

@@ -31,7 +31,8 @@ RECIPES = {
     # fp32 params under torch.autocast(bf16): 16 B/param plus bf16 casts of the weights
     "fp32-autocast": Recipe(param=4, grad=4, master=0, moments=8, cast=2),
     # bf16 params; the optimizer holds an fp32 master and moments (SpecForge's BF16Optimizer):
-    # 16 B/param plus a 4 B/param fp32 grad copy at the step
+    # 16 B/param plus a 4 B/param fp32 grad copy at the step (all at once; one parameter's at a
+    # time with RunSpec optimizer_per_param, param_steps.py)
     "bf16-master": Recipe(param=2, grad=2, master=4, moments=8, grad_copy=4, lazy_master=True),
     # pure bf16: torch AdamW moments take the param dtype: 8 B/param
     "bf16": Recipe(param=2, grad=2, master=0, moments=4),
@@ -45,6 +46,14 @@ RECIPES = {
 # 256: norms narrower than 4096), whose moments stay in the parameter's dtype.
 ADAM_8BIT_BLOCK = 256
 ADAM_8BIT_MOMENT_BYTES = 2 * (1 + FP32 / ADAM_8BIT_BLOCK)
+# torchao's AdamW8bit keeps a tensor's moments in 8 bits only from this many elements on
+# (and only for a whole number of blocks); smaller ones get moments in the parameter's dtype.
+ADAM_8BIT_MIN_NUMEL = 4096
+
+
+def quantized_moments(elements: int) -> bool:
+    """Whether torchao's AdamW8bit keeps 8-bit moments for a tensor (a shard: its local elements)."""
+    return elements >= ADAM_8BIT_MIN_NUMEL and elements % ADAM_8BIT_BLOCK == 0
 
 
 # optimizer muon is torch.optim.Muon as speculators builds it: one momentum buffer per weight, in the
@@ -80,6 +89,11 @@ class TrainedState:
         """Divide by the ranks when the ZeRO level shards this state (1 optimizer, 2 grads/params)."""
         zero = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3}[self.spec.sharding]
         return -(-nbytes // self.ranks) if zero >= level else nbytes
+
+    def on_rank(self, elements: int, level: int) -> int:
+        """A tensor's elements on this rank: its shard where the ZeRO level shards what it holds
+        (1 optimizer state, 2 grads and params)."""
+        return self._split(elements, level)
 
     def full_params(self) -> int:
         return self.trainable * self.recipe.param + self.frozen * self.frozen_bytes_per_param

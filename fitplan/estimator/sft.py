@@ -9,12 +9,14 @@ several ranks is DDP, whose gradient buckets are a second copy of the grads.
 
 from __future__ import annotations
 
-from fitplan.estimator import sft_terms
+import math
+
+from fitplan.estimator import param_steps, sft_terms
 from fitplan.estimator.eagle3 import optimizer_state
-from fitplan.estimator.recipes import TrainedState
+from fitplan.estimator.recipes import TrainedState, moment_bytes_per_param
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
 from fitplan.estimator.timeline import Timeline, merge, phase
-from fitplan.layout import Job
+from fitplan.layout import Job, steps_per_param
 from fitplan.shapes import count_params, embedding_params, lm_head_params
 from fitplan.units import BF16, FP32
 
@@ -26,6 +28,29 @@ def _root_and_layer_params(job: Job) -> tuple[int, int]:
     total = count_params(m).total
     root = embedding_params(m) + lm_head_params(m) + m.hidden
     return root, (total - root) // m.layers
+
+
+def layer_param_elements(job: Job) -> list[tuple[str, int]]:
+    """One decoder layer's parameters (name, elements) in module order; norms, q/k norms and
+    biases as one small tensor holding what count_params gives the layer beyond the matrices."""
+    m = job.model
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    mats = [("q_proj", m.hidden * q), ("k_proj", m.hidden * kv), ("v_proj", m.hidden * kv), ("o_proj", q * m.hidden),
+            ("gate_proj", m.hidden * m.intermediate), ("up_proj", m.hidden * m.intermediate),
+            ("down_proj", m.intermediate * m.hidden)]
+    root = embedding_params(m) + lm_head_params(m) + m.hidden
+    per_layer = (count_params(m).total - root) // m.layers
+    return mats + [("norms and biases", per_layer - sum(n for _, n in mats))]
+
+
+def parameters(job: Job) -> list[tuple[str, int]]:
+    """The model's parameters (name, elements) in creation order; the layers' remainder of the
+    integer division goes to the final norm, so the sum is count_params' total."""
+    m = job.model
+    layers = [(f"layers.{i}.{name}", n) for i in range(m.layers) for name, n in layer_param_elements(job)]
+    head = [("lm_head", lm_head_params(m))] if lm_head_params(m) else []
+    listed = embedding_params(m) + sum(n for _, n in layers) + sum(n for _, n in head)
+    return [("embed_tokens", embedding_params(m))] + layers + [("norm", count_params(m).total - listed)] + head
 
 
 def unsharded_bytes(job: Job, state: TrainedState) -> int:
@@ -93,6 +118,33 @@ def _whole_grad_backward_ends(job: Job, state: TrainedState) -> list[tuple[int, 
     ]
 
 
+def optimizer_step(job: Job, state: TrainedState, steady: bool) -> dict[str, int]:
+    """Every grad beside every fp32 grad copy (bf16-master) and the optimizer state, or with the
+    step a parameter at a time (layout.steps_per_param) the grads not yet stepped beside one copy
+    (param_steps.py), where step 1 has made the moments of the parameters stepped so far."""
+    if not steps_per_param(job):
+        return merge(optimizer_state(state, steady=True),
+                     phase(model__grads=state.grads(), optimizer__grad_copy=state.grad_copy()))
+    peak = param_steps.peak(stepped_parameters(job, state), first=not steady)
+    return phase(optimizer__master=state.master(), optimizer__moments=state.moments() if steady else peak.moments,
+                 model__grads=peak.grads, optimizer__grad_copy=peak.copy)
+
+
+def stepped_parameters(job: Job, state: TrainedState) -> list[param_steps.Stepped]:
+    """The model's parameters as a rank's optimizer steps them: whole, or with FSDP (sharded
+    grads) each a shard of ceil(n / world) elements whose grad is in its unit's storage (each
+    decoder layer a unit, the rest the root's, sft_step.shard)."""
+    sharded = state.sharded_grads()
+    out = []
+    for name, n in parameters(job):
+        held = state.on_rank(n, 1)  # what its copy and moments are made over
+        unit = ".".join(name.split(".")[:2]) if name.startswith("layers.") else "root"
+        out.append(param_steps.Stepped(
+            elements=n, group=unit if sharded else name, grad=state.on_rank(n, 2) * state.recipe.grad,
+            copy=held * state.recipe.grad_copy, moments=math.ceil(held * moment_bytes_per_param(job.spec))))
+    return out
+
+
 def timeline(job: Job) -> Timeline:
     t = Timeline()
     state = TrainedState(job.spec, count_params(job.model).total, 0, job.world)
@@ -111,9 +163,7 @@ def timeline(job: Job) -> Timeline:
                 logits__model=sft_terms.forward_logits_bytes(job),
             )),
             "backward": _backward(job, state, merge(base, opt, in_compute), carried),
-            "optimizer_step": merge(base, optimizer_state(state, steady=True), phase(
-                model__grads=state.grads(), optimizer__grad_copy=state.grad_copy(),
-            )),
+            "optimizer_step": merge(base, optimizer_step(job, state, steady)),
             "checkpoint": merge(base, optimizer_state(state, steady=True)),
         }
 

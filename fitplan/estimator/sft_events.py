@@ -16,8 +16,9 @@ recipes.py) the way step_events.py writes the Eagle3 trainer's.
   where mm's backward makes it, bf16 or into fp32 master gradients in `mixed`), the gradient of
   each layer's input handed to the next, the embedding's gradient last;
 - optimizer step (torch's fused AdamW, or trainer/optim.py MasterWeightAdamW): step 1 makes the
-  moments (and bf16-master's masters), bf16-master copies every grad to fp32 for the step,
-  zero_grad(set_to_none) frees the grads.
+  moments (and bf16-master's masters), bf16-master copies every grad to fp32 for the step (or
+  one at a time, each grad dropped as its copy is made: param_steps.py), zero_grad(set_to_none)
+  frees the grads.
 
 Small tensors the estimator does not count (the norms' rstd and the loss's scalars) are left out
 or ride with a neighbour, so the live bytes at each phase's peak are the estimator's phase sum
@@ -29,14 +30,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from fitplan.estimator import param_steps, sft_terms
 from fitplan.estimator import sft_layer_events as layers
-from fitplan.estimator import sft_terms
 from fitplan.estimator.recipes import TrainedState
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
+from fitplan.estimator.sft import parameters
 from fitplan.estimator.sft_layer_events import LayerSizes
 from fitplan.estimator.step_trace import StepEvents, Trace, write_steps
-from fitplan.layout import Job
-from fitplan.shapes import count_params, embedding_params, lm_head_params
+from fitplan.layout import Job, steps_per_param
+from fitplan.shapes import count_params, lm_head_params
 from fitplan.units import BF16, FP32
 
 INT64 = sft_terms.INT64
@@ -57,29 +59,6 @@ def unsupported(job: Job) -> str | None:
 
 
 # ------------------------------------------------------------------ sizes
-
-
-def layer_param_elements(job: Job) -> list[tuple[str, int]]:
-    """One decoder layer's parameters (name, elements) in module order; norms, q/k norms and
-    biases as one small tensor holding what count_params gives the layer beyond the matrices."""
-    m = job.model
-    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
-    mats = [("q_proj", m.hidden * q), ("k_proj", m.hidden * kv), ("v_proj", m.hidden * kv), ("o_proj", q * m.hidden),
-            ("gate_proj", m.hidden * m.intermediate), ("up_proj", m.hidden * m.intermediate),
-            ("down_proj", m.intermediate * m.hidden)]
-    root = embedding_params(m) + lm_head_params(m) + m.hidden
-    per_layer = (count_params(m).total - root) // m.layers
-    return mats + [("norms and biases", per_layer - sum(n for _, n in mats))]
-
-
-def parameters(job: Job) -> list[tuple[str, int]]:
-    """The model's parameters (name, elements) in creation order; the layers' remainder of the
-    integer division goes to the final norm, so the sum is count_params' total."""
-    m = job.model
-    layers = [(f"layers.{i}.{name}", n) for i in range(m.layers) for name, n in layer_param_elements(job)]
-    head = [("lm_head", lm_head_params(m))] if lm_head_params(m) else []
-    listed = embedding_params(m) + sum(n for _, n in layers) + sum(n for _, n in head)
-    return [("embed_tokens", embedding_params(m))] + layers + [("norm", count_params(m).total - listed)] + head
 
 
 def layer_saved_tensors(job: Job) -> list[tuple[str, int]]:
@@ -255,18 +234,31 @@ def _loss_backward(t: Trace, state: SftState, saved: Saved, head: str) -> int:
 
 def optimizer_step(t: Trace, state: SftState, first: bool) -> None:
     """MasterWeightAdamW (mixed, bf16-master) or torch's fused AdamW: moments made in step 1 for
-    every tensor, then one kernel; zero_grad(set_to_none) frees the grads."""
+    every tensor, then one kernel; zero_grad(set_to_none) frees the grads. bf16-master a
+    parameter at a time (layout.steps_per_param, param_steps.py): each one's copy, its grad
+    dropped, its moments (step 1), the copy dropped."""
     recipe = state.recipe
     if first and recipe.master and not state.masters:
         state.masters = [t.alloc(FP32 * n, f"master {name}") for name, n in state.params]
-    copies = [t.alloc(FP32 * n, f"fp32 grad copy {name}") for name, n in state.params] if recipe.grad_copy else []
-    if first:
-        per_moment = recipe.moments // 2
-        state.moments = [t.alloc(per_moment * n, f"{moment} {name}") for name, n in state.params
-                         for moment in ("exp_avg", "exp_avg_sq")]
-    t.free(*copies)
+    if steps_per_param(state.job):
+        for name, n in param_steps.order(state.params):
+            copy = t.alloc(FP32 * n, f"fp32 grad copy {name}")
+            t.free(state.grads.pop(name))
+            if first:
+                state.moments += _moments(t, state, name, n)
+            t.free(copy)
+    else:
+        copies = [t.alloc(FP32 * n, f"fp32 grad copy {name}") for name, n in state.params] if recipe.grad_copy else []
+        if first:
+            state.moments = [key for name, n in state.params for key in _moments(t, state, name, n)]
+        t.free(*copies)
     t.free(*state.grads.values())
     state.grads.clear()
+
+
+def _moments(t: Trace, state: SftState, name: str, n: int) -> list[int]:
+    per_moment = state.recipe.moments // 2
+    return [t.alloc(per_moment * n, f"{moment} {name}") for moment in ("exp_avg", "exp_avg_sq")]
 
 
 def build(job: Job) -> StepEvents:

@@ -19,7 +19,8 @@ can tell them apart:
 - backward (draft_events.py): the steps in reverse, with the gradients autograd makes on the
   way and the parameter gradients where AccumulateGrad first stores them;
 - optimizer step (trainer/optim.py): masters, fp32 grad copies and moments a parameter at a
-  time, moments and lazy masters only in step 1.
+  time, moments and lazy masters only in step 1; bf16-master stepping a parameter at a time
+  (param_steps.py) drops each bf16 grad as its copy is made and the copy after its step.
 
 Tensors the estimator does not count (ids, masks of the loss, RMSNorm's fp32 temporaries,
 anything under 1 MiB that does not persist) are left out: the sequence holds the estimator's
@@ -28,9 +29,19 @@ bytes, so its live bytes at each phase's peak are the phase's sum.
 
 from __future__ import annotations
 
-from fitplan.estimator import draft_terms, fsdp_events, sft_events, target_terms
-from fitplan.estimator.eagle3 import EIGHT_BIT_STEP_BYTES_PER_ELEMENT, draft_state
-from fitplan.estimator.recipes import ADAM_8BIT_BLOCK
+from fitplan.estimator import (
+    draft_terms,
+    fsdp_events,
+    param_steps,
+    sft_events,
+    target_terms,
+)
+from fitplan.estimator.eagle3 import (
+    EIGHT_BIT_STEP_BYTES_PER_ELEMENT,
+    draft_parameters,
+    draft_state,
+)
+from fitplan.estimator.recipes import ADAM_8BIT_BLOCK, quantized_moments
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES, runs_fitplan_trainer
 from fitplan.estimator.step_trace import (
     Sizes,
@@ -40,14 +51,11 @@ from fitplan.estimator.step_trace import (
     loop_chunks,
     write_steps,
 )
-from fitplan.layout import Job
+from fitplan.layout import Job, steps_per_param
 from fitplan.shapes import attention_params
 from fitplan.units import BF16, FP32
 
 # trainer/loss.py TEACHER_CHUNK is draft_terms.TEACHER_CHUNK
-# torchao's AdamW8bit keeps a tensor's moments in 8 bits only from this many elements on
-# (and only for a whole number of blocks); smaller ones get moments in the parameter's dtype.
-ADAM_8BIT_MIN_NUMEL = 4096
 
 
 # Several GPUs: the sequence is written (fsdp_events.py, the TP exchange below) but its replay
@@ -107,21 +115,6 @@ def _sharded_unsupported(job: Job) -> str | None:
 
 
 # ------------------------------------------------------------------ sizes
-
-
-def draft_parameters(job: Job) -> list[tuple[str, int]]:
-    """The draft's trained parameters (name, elements) in the order of draft.parameters()."""
-    d = job.draft
-    h, q, kv = d.hidden, d.heads * d.head_dim, d.kv_heads * d.head_dim
-    return [
-        ("fc", 3 * d.target_hidden * h),
-        ("input_layernorm", h), ("hidden_norm", h),
-        ("q_proj", 2 * h * q), ("k_proj", 2 * h * kv), ("v_proj", 2 * h * kv), ("o_proj", q * h),
-        ("post_attention_layernorm", h),
-        ("gate_proj", h * d.intermediate), ("up_proj", h * d.intermediate), ("down_proj", d.intermediate * h),
-        ("norm", h),
-        ("lm_head", d.draft_vocab * h),
-    ]
 
 
 def target_layer_tensors(job: Job, moe: bool) -> list[tuple[str, int]]:
@@ -359,7 +352,7 @@ def make_teacher(t: Trace, job: Job) -> int:
 
 
 def _eight_bit(state: State, n: int) -> bool:
-    return state.job.spec.optimizer == "adamw-8bit" and n >= ADAM_8BIT_MIN_NUMEL and n % ADAM_8BIT_BLOCK == 0
+    return state.job.spec.optimizer == "adamw-8bit" and quantized_moments(n)
 
 
 def _moments(t: Trace, state: State, name: str, n: int, stepped_bytes: int) -> list[int]:
@@ -377,12 +370,16 @@ def _adam(t: Trace, state: State, first: bool) -> None:
     """torch's fused AdamW makes every tensor's moments, then steps them all in one kernel;
     torchao's AdamW8bit goes tensor by tensor: its moments (step 1), then one compiled step
     that dequantizes both into fp32 buffers (eagle3.EIGHT_BIT_STEP_BYTES_PER_ELEMENT)."""
-    stepped = FP32 if state.recipe.master else state.recipe.param
     for name, n in state.stored:
-        if first:
-            state.moments += _moments(t, state, name, n, stepped)
-        if _eight_bit(state, n):
-            t.free(t.alloc(EIGHT_BIT_STEP_BYTES_PER_ELEMENT * n, f"8-bit step fp32 buffers {name}"))
+        _adam_tensor(t, state, name, n, first)
+
+
+def _adam_tensor(t: Trace, state: State, name: str, n: int, first: bool) -> None:
+    stepped = FP32 if state.recipe.master else state.recipe.param
+    if first:
+        state.moments += _moments(t, state, name, n, stepped)
+    if _eight_bit(state, n):
+        t.free(t.alloc(EIGHT_BIT_STEP_BYTES_PER_ELEMENT * n, f"8-bit step fp32 buffers {name}"))
 
 
 def optimizer_step(t: Trace, state: State, first: bool) -> None:
@@ -392,15 +389,42 @@ def optimizer_step(t: Trace, state: State, first: bool) -> None:
         master = bool(state.recipe.master)
         if first and master and not state.masters:
             state.masters = [t.alloc(FP32 * n, f"master {name}") for name, n in state.stored]
-        copies = []
-        if master and not state.fp32_grads:  # bf16-master: master.grad = p.grad.float()
-            copies = [t.alloc(FP32 * n, f"fp32 grad copy {name}") for name, n in state.stored if _has_grad(state, name)]
-        _adam(t, state, first)
-        t.free(*copies)
+        if steps_per_param(state.job):
+            _step_each(t, state, first)
+        else:
+            copies = []
+            if master and not state.fp32_grads:  # bf16-master: master.grad = p.grad.float()
+                copies = [t.alloc(FP32 * n, f"fp32 grad copy {name}") for name, n in state.stored
+                          if _has_grad(state, name)]
+            _adam(t, state, first)
+            t.free(*copies)
     t.free(*state.grads.values())  # master.grad = None (`mixed`), zero_grad(set_to_none=True)
     state.grads.clear()
     if state.sharded is not None:
         fsdp_events.free_grads(t, state)
+
+
+def _step_each(t: Trace, state: State, first: bool) -> None:
+    """bf16-master a parameter at a time (param_steps.py): its fp32 grad copy, its bf16 grad
+    dropped (with FSDP the unit's sharded grad goes with its last parameter's), its moments
+    (step 1) and step, the copy dropped."""
+    stored = dict(state.stored)
+    stepped = [(name, n) for name, n in param_steps.order(state.params) if _has_grad(state, name)]
+    frees_group = param_steps.last_of_groups([name for name, _ in stepped], lambda name: _grad_group(state, name))
+    for name, _ in stepped:
+        n = stored[name]
+        copy = t.alloc(FP32 * n, f"fp32 grad copy {name}")
+        if state.sharded is None:
+            t.free(state.grads.pop(name))
+        elif name in frees_group:
+            t.free(state.sharded.grads.pop(_grad_group(state, name)))
+        _adam_tensor(t, state, name, n, first)
+        t.free(copy)
+
+
+def _grad_group(state: State, name: str) -> str:
+    """The storage a parameter's grad is in: its own, or with FSDP its unit's reduce-scatter output."""
+    return name if state.sharded is None else fsdp_events.unit_of(name, state.job)
 
 
 def _has_grad(state: State, name: str) -> bool:
