@@ -370,3 +370,22 @@ def test_a_multi_rank_resume_that_cannot_work_is_refused_before_torchrun(configs
     assert "was trained with a different config" in line and "gpus" in line, line
     line = one_error_line(cli(configs, *two_ranks, "--output", str(tmp_path / "empty")))
     assert "no checkpoint under" in line, line
+
+
+def test_a_run_resumes_with_memory_knobs_changed_but_not_with_another_lr(configs, base, tmp_path):
+    """A run that ran out of memory continues with a leaner layout: recompute_mlp, activation
+    checkpointing and a per-parameter optimizer step change where memory goes, not what is
+    trained; the learning rate is part of what is trained."""
+    out = copy_of(base, tmp_path)
+    leaner = small(configs, out, steps=6, save_every=2, resume=True)
+    leaner.spec = leaner.spec.replace(recompute_mlp=True, ac=True, optimizer_per_param=False)
+    report = run(leaner)
+    assert [s["step"] for s in report["steps"]] == [1, 2, 3, 4, 5, 6]
+    assert report["segments"][-1]["resumed_from"] == str(out / "step-000004")
+    other = small(configs, out, steps=8, resume=True)
+    other.lr = 2e-3
+    with pytest.raises(checkpoint.FitplanError, match=r"different config \(lr differ\)"):
+        run(other)
+    # a checkpoint whose fingerprint predates a memory-only key still resumes
+    assert checkpoint.config_changes({k: v for k, v in loop.fingerprint(leaner).items() if k != "recompute_mlp"},
+                                     loop.fingerprint(leaner)) == []

@@ -413,6 +413,23 @@ class Found:
         return self.state.get("schedule_steps")
 
 
+# Knobs that change where memory goes, not what is trained (the same weights, gradients and
+# optimizer state): a run resumes with them changed, so a run that ran out of memory continues
+# with a leaner layout, and checkpoints written before one of them existed resume.
+MEMORY_ONLY_KEYS = frozenset({"ac", "expandable_segments", "recompute_mlp", "optimizer_per_param", "sum_step_grads"})
+
+
+def config_changes(saved: dict, fingerprint: dict) -> list[str]:
+    """The keys of this run's fingerprint a checkpoint's differs in, memory-only knobs aside."""
+    return sorted(k for k in fingerprint if k not in MEMORY_ONLY_KEYS and saved.get(k) != fingerprint[k])
+
+
+def _refuse_another_config(path: Path, saved: dict, fingerprint: dict) -> None:
+    changed = config_changes(saved, fingerprint)
+    if changed:
+        raise FitplanError(f"--resume: {path} was trained with a different config ({', '.join(changed)} differ)")
+
+
 def find(output: Path, fingerprint: dict, ctx=None, notice: Callable[[str], None] = print) -> Found:
     """The newest checkpoint under `output` that every rank can read, the broken newer ones named
     (one line each) and skipped. A checkpoint of another config is an error, not skipped."""
@@ -423,9 +440,7 @@ def find(output: Path, fingerprint: dict, ctx=None, notice: Callable[[str], None
             problem = problem or "another rank's training state is missing or unreadable"
             skipped.append((path, problem))
             continue
-        if state["fingerprint"] != fingerprint:
-            changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
-            raise FitplanError(f"--resume: {path} was trained with a different config ({', '.join(changed)} differ)")
+        _refuse_another_config(path, state["fingerprint"], fingerprint)
         for broken, problem in skipped:  # named once a good one is found (else the error names them)
             notice(f"--resume: skipping {broken}: {problem}; it is not used")
         return Found(path, state, [f"{p.name}: {why}" for p, why in skipped])
@@ -447,9 +462,7 @@ def check_before_launch(output: Path, fingerprint: dict, world: int) -> None:
         if problem is not None:
             skipped.append(f"{path.name}: {problem}")
             continue
-        if state["fingerprint"] != fingerprint:
-            changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
-            raise FitplanError(f"--resume: {path} was trained with a different config ({', '.join(changed)} differ)")
+        _refuse_another_config(path, state["fingerprint"], fingerprint)
         return
     if skipped:
         raise FitplanError(f"--resume: no intact checkpoint under {output} ({'; '.join(skipped)})")
