@@ -424,3 +424,13 @@ def test_the_mxfp4_refusal_names_what_transformers_does():
 
     assert 'get_kernel("kernels-community/gpt-oss-triton-kernels"' in inspect.getsource(mxfp4)
     assert "kernels-community/gpt-oss-triton-kernels" in TRAINER_KNOBS[("target_weights", "mxfp4")]
+
+
+def test_knob_jobs_pass_switches_without_a_value(tmp_path):
+    """`MODEL:SEQ:recompute_mlp=true` runs `fitplan train ... --recompute-mlp` (a switch takes no
+    value: `--recompute-mlp true` would read `true` as a config file); other flags keep theirs."""
+    from fitplan.validation.profile_runs import Job, command
+
+    job = Job.parse("llama-3.1-8b:2048:recompute_mlp=true:optimizer_per_param=False:optimizer=adamw-8bit")
+    argv = command(job, tmp_path, tmp_path / "run")
+    assert argv[-4:] == ["--recompute-mlp", "--no-optimizer-per-param", "--optimizer", "adamw-8bit"]

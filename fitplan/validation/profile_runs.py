@@ -76,7 +76,9 @@ def command(job: Job, out: Path, folder: Path) -> list[str]:
         model = str(scaled_profile(job.model, job.layers, out / "configs"))
         extra = ["--aux-layers", f"0,{job.layers // 2},{job.layers - 1}"]
     for key, value in job.flags:
-        extra += [f"--{key.replace('_', '-')}", value]
+        flag = key.replace("_", "-")
+        # a switch (--recompute-mlp / --no-recompute-mlp) takes no value
+        extra += {"true": [f"--{flag}"], "false": [f"--no-{flag}"]}.get(value.lower(), [f"--{flag}", value])
     return [sys.executable, "-m", "fitplan.cli", "train", "--model", model, "--seq", str(job.seq), "--gpus", "1xH200",
             "--random-weights", "--synthetic-data", "--steps", "3", "--output", str(folder), "--json", *extra]
 
