@@ -173,16 +173,25 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         bytes for a parameter of n elements with R not yet stepped. Smallest first minimises the
         largest of these: of two neighbours a < b, stepping b first gives 2 R + 4 b, above both of
         the instants of a first (2 R + 4 a, then 2 (R - a) + 4 b). fitplan/estimator/param_steps.py
-        follows the same order. The bf16 grads are dropped here, before zero_grad."""
-        for i in self._order:
-            p, master = self.model_params[i], self.masters[i]
-            if p.grad is None:
-                continue
-            master.grad = p.grad.float()
-            p.grad = None
-            self.inner.step()
-            master.grad = None
-            p.copy_(master)
+        follows the same order. The bf16 grads are dropped here, before zero_grad.
+
+        The inner group holds the one master while it steps, so a step walks one parameter, not
+        all of them for each (an sft model has hundreds)."""
+        group = self.inner.param_groups[0]
+        everything = group["params"]
+        try:
+            for i in self._order:
+                p, master = self.model_params[i], self.masters[i]
+                if p.grad is None:
+                    continue
+                master.grad = p.grad.float()
+                p.grad = None
+                group["params"] = [master]
+                self.inner.step()
+                master.grad = None
+                p.copy_(master)
+        finally:
+            group["params"] = everything
 
     @functools.cached_property
     def _order(self) -> list[int]:
