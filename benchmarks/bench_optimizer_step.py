@@ -12,6 +12,7 @@ dozen tensors, more for an sft model's hundreds. This measures both on the local
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -24,15 +25,25 @@ DEFAULT_JOBS = "llama-3.2-1b:sft,llama-3.1-8b:eagle3"
 
 
 def tensors(model: str, workload: str) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of the trained tensors fitplan's trainer steps for the job, as the estimator lists them."""
+    """(name, shape) of the tensors fitplan's trainer steps for the job: an sft model's as
+    transformers builds it (on the meta device: no memory), the Eagle3 draft's as the
+    estimator lists them (trainer/draft.py's thirteen)."""
+    import torch
+
     from fitplan.config import RunSpec
     from fitplan.estimator.eagle3 import draft_parameters
-    from fitplan.estimator.sft import parameters
     from fitplan.layout import resolve
 
+    if workload == "sft":
+        from transformers import AutoModelForCausalLM
+
+        from trainer.target import hf_config
+
+        with torch.device("meta"):
+            built = AutoModelForCausalLM.from_config(hf_config(model))
+        return [(name, tuple(p.shape)) for name, p in built.named_parameters()]
     job = resolve(RunSpec(model=model, gpus="1xH200", workload=workload, seq=2048))
-    listed = parameters(job) if workload == "sft" else draft_parameters(job)
-    return [(name, (numel,)) for name, numel in listed]
+    return [(name, (numel,)) for name, numel in draft_parameters(job)]
 
 
 def time_steps(shapes, per_param: bool, steps: int, device) -> tuple[float, int]:
@@ -84,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.jobs.split(","):
         model, _, workload = item.partition(":")
         shapes = tensors(model, workload or "eagle3")
-        numel = sum(s[0] for _, s in shapes)
+        numel = sum(math.prod(s) for _, s in shapes)
         together, peak_all = time_steps(shapes, False, args.steps, device)
         each, peak_each = time_steps(shapes, True, args.steps, device)
         peaks = f"{peak_all / 2**30:.2f} / {peak_each / 2**30:.2f}" if device.type == "cuda" else "-"

@@ -434,3 +434,22 @@ def test_knob_jobs_pass_switches_without_a_value(tmp_path):
     job = Job.parse("llama-3.1-8b:2048:recompute_mlp=true:optimizer_per_param=False:optimizer=adamw-8bit")
     argv = command(job, tmp_path, tmp_path / "run")
     assert argv[-4:] == ["--recompute-mlp", "--no-optimizer-per-param", "--optimizer", "adamw-8bit"]
+
+
+def test_the_optimizer_step_benchmark_times_both_modes_on_cpu(tmp_path, capsys):
+    """benchmarks/bench_optimizer_step.py on a tiny sft model: one row, both modes timed."""
+    import importlib.util
+
+    model = tmp_path / "tiny.json"
+    model.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                 "head_dim": 16, "vocab_size": 256, "max_position_embeddings": 4096,
+                                 "tie_word_embeddings": False}))
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_optimizer_step.py"
+    spec = importlib.util.spec_from_file_location("bench_optimizer_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--jobs", f"{model}:sft", "--steps", "2", "--device", "cpu"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {model} sft")]
+    # embedding, lm_head, final norm, and per layer 7 projections and 2 norms: 3 + 2 x 9 tensors
+    assert len(row) == 1 and row[0].split("|")[2].strip() == "21"
