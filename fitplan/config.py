@@ -112,11 +112,13 @@ class RunSpec:
     after attention, which the layer keeps anyway) and makes gate and up again in backward, two
     more [B, S, h] x [h, I] matmuls per TTT step (some 5% of a step), instead of keeping gate and
     up, 4I bytes per token per step. false: kept (the faster default)."""
-    optimizer_per_param: bool = True
+    optimizer_per_param: Optional[bool] = None
     """fitplan runtime, bf16-master recipe: the optimizer steps one parameter at a time, each
     bf16 gradient freed as its fp32 copy is made, so one fp32 gradient copy is alive at the
-    step's peak instead of all of them beside all the bf16 gradients. false: every copy at once,
-    as before (its reports)."""
+    step's peak instead of all of them beside all the bf16 gradients; each tensor costs one more
+    optimizer call. None: on for eagle3 (the draft's dozen tensors: no time), off for sft (an
+    sft model's hundreds: some 5-18 ms a step; `fit` turns it on when memory is short). false:
+    every copy at once, as before (its reports)."""
     share_embedding: bool = True
     """fitplan runtime, eagle3 with a live target whose embedding is whole on each rank (tp 1):
     the draft's frozen embedding is the target's own tensor, not a copy of it, so one [V, h] is

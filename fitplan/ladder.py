@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 from fitplan.config import CHOICES, RunSpec
 from fitplan.errors import FitplanError
 from fitplan.estimator.result import Estimate
-from fitplan.layout import SPECULATORS_SHARDINGS, Job, fused_norms, resolve, tp_options
+from fitplan.layout import SPECULATORS_SHARDINGS, Job, fused_norms, per_param_optimizer, resolve, tp_options
 from fitplan.steptime import StepTime, step_time
 
 EstimateFn = Callable[[Job], Estimate]
@@ -103,6 +103,14 @@ def _recompute_mlp(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
         yield "recompute_mlp on", spec.replace(recompute_mlp=True)
 
 
+def _optimizer_per_param(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
+    """fitplan's bf16-master step a parameter at a time where it is off (sft's default): one fp32
+    gradient copy alive instead of all, at one optimizer call per tensor."""
+    if spec.runtime == "fitplan" and spec.precision == "bf16-master" and spec.offload == "none" \
+            and not per_param_optimizer(spec):
+        yield "optimizer_per_param on", spec.replace(optimizer_per_param=True)
+
+
 def _micro_batch(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
     mb = spec.micro_batch // 2
     while mb >= 1:
@@ -159,6 +167,7 @@ def _offload(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
 RUNGS: tuple[tuple[str, Callable[[RunSpec, Job], Iterator[tuple[str, RunSpec]]]], ...] = (
     ("draft_memory", _draft_memory),
     ("recompute_mlp", _recompute_mlp),
+    ("optimizer_per_param", _optimizer_per_param),
     ("micro_batch", _micro_batch),
     ("output_sharding", _output_sharding),
     ("ac", _switch("ac")),

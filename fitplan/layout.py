@@ -357,5 +357,14 @@ def steps_per_param(job: Job) -> bool:
     trainer/optim.py): fitplan's trainer under bf16-master, the recipe that copies every
     gradient to fp32 for the step, with the optimizer on the GPU."""
     spec = job.spec
-    return (spec.runtime == "fitplan" and spec.optimizer_per_param and spec.precision == "bf16-master"
+    return (spec.runtime == "fitplan" and per_param_optimizer(spec) and spec.precision == "bf16-master"
             and spec.offload == "none")
+
+
+def per_param_optimizer(spec: RunSpec) -> bool:
+    """RunSpec optimizer_per_param, its default (None) resolved: on for the Eagle3 draft, whose
+    dozen tensors step one at a time in no more time, off for sft, whose hundreds cost one
+    optimizer call each (docs/benchmarks.md)."""
+    if spec.optimizer_per_param is None:
+        return spec.workload == "eagle3"
+    return spec.optimizer_per_param

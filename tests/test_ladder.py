@@ -201,3 +201,18 @@ def test_a_lean_draft_that_does_not_fit_is_offered_recompute_mlp_before_checkpoi
     assert result.chosen.time.step_s < step_time(checkpointed).step_s
     # SpecForge's runtime has no such knob: fit never offers it there
     assert not any("recompute_mlp" in e.change for e in fit(spec.replace(runtime="specforge")).trail)
+
+
+def test_an_sft_job_short_of_memory_is_offered_the_optimizer_a_parameter_at_a_time():
+    # qwen2.5-7b sft (7.62e9 parameters) under bf16-master steps every tensor at once by default
+    # (its hundreds of tensors cost one optimizer call each otherwise): the step holds every bf16
+    # grad (2 B/param) and every fp32 copy (4 B/param). On one H200 that does not fit; fit turns
+    # the knob on: one copy alive, the largest tensor's (the [152064, 3584] embedding, 545M
+    # elements), so the step holds about 4 x (7.62e9 - 545M) = 28.3 GB less.
+    spec = RunSpec(model="qwen2.5-7b", gpus="1xH200", workload="sft", seq=2048, precision="bf16-master")
+    result = fit(spec)
+    assert not result.original.estimate.fits
+    assert result.chosen is not None and result.changes == ["optimizer_per_param on"]
+    saved = result.original.estimate.phase_allocated("optimizer_step") - result.chosen.estimate.phase_allocated(
+        "optimizer_step")
+    assert saved >= 0.9 * 4 * (7.62e9 - 545e6)

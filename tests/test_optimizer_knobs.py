@@ -302,6 +302,8 @@ def test_only_bf16_master_on_the_gpu_steps_a_parameter_at_a_time(configs):
 
     assert stepping() and stepping(optimizer="adamw-8bit")
     assert not stepping(optimizer_per_param=False)
+    # sft's default is off (hundreds of tensors, one optimizer call each), on when asked
+    assert not stepping(workload="sft") and stepping(workload="sft", optimizer_per_param=True)
     assert not any(stepping(precision=p) for p in ("mixed", "fp32-autocast", "bf16"))
     assert not stepping(offload="optimizer")
     # `mixed` keeps fp32 grads on the masters: nothing to copy, whatever it is asked

@@ -30,8 +30,8 @@ CASES = [
     {"ac": False},
     {"micro_batch": 4},
     {"ac": False, "micro_batch": 4, "seq": 1024},
-    {"precision": "bf16-master"},  # a parameter at a time (optimizer_per_param)
-    {"precision": "bf16-master", "optimizer_per_param": False},  # every grad copy at once
+    {"precision": "bf16-master"},  # every grad copy at once (sft's default)
+    {"precision": "bf16-master", "optimizer_per_param": True},  # a parameter at a time
     {"precision": "bf16-master", "global_batch": 2, "seq": 1024},
     {"precision": "mixed"},
     {"precision": "fp32-autocast"},

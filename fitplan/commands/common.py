@@ -59,7 +59,8 @@ HELP: dict[str, str] = {
     "recompute_mlp": ("fitplan runtime, lean draft with fused norms: the MLP's gate and up made again in backward "
                       "rather than kept (4I bytes per token per TTT step less, ~5% more step time)."),
     "optimizer_per_param": ("fitplan runtime, bf16-master: the optimizer steps a parameter at a time, one fp32 "
-                            "gradient copy alive instead of all (false: all at once)."),
+                            "gradient copy alive instead of all. Default: on for eagle3, off for sft (one optimizer "
+                            "call per tensor; fit turns it on when memory is short)."),
     "share_embedding": ("fitplan runtime, eagle3, live target at tp 1: the draft's frozen embedding is the target's "
                         "own tensor (false: a copy, one more [V, h] held)."),
 }
@@ -67,6 +68,9 @@ HELP: dict[str, str] = {
 DEFAULTS: dict[str, Any] = {
     f.name: f.default for f in dataclasses.fields(RunSpec) if f.default is not dataclasses.MISSING
 }
+
+# Switches whose default (None) is decided per job; their help says how.
+AUTO_BOOLS = ("optimizer_per_param",)
 
 _TYPES: dict[str, Any] = {
     "seq": int, "micro_batch": int, "global_batch": int, "accum": int, "tp": int, "ttt": int,
@@ -85,7 +89,7 @@ def _option(name: str) -> inspect.Parameter:
     default = DEFAULTS.get(name)
     if default is not None and kind is not bool:
         help_text += f" Default: {default}."
-    elif kind is bool:
+    elif kind is bool and name not in AUTO_BOOLS:
         help_text += f" Default: {'on' if default else 'off'}."
     decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
     if name == "model":

@@ -35,7 +35,7 @@ JOBS = {
     # bf16-master: the optimizer steps a parameter at a time (RunSpec optimizer_per_param), each
     # fp32 gradient copy of its own size; measured after the sequence was written
     "llama-3.2-1b-s4k-b1-master": RunSpec(model="llama-3.2-1b", gpus="1xH200", workload="sft", seq=4096,
-                                          micro_batch=1, precision="bf16-master"),
+                                          micro_batch=1, precision="bf16-master", optimizer_per_param=True),
 }
 MAX_ENTRIES = 2_000_000
 
