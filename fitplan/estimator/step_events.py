@@ -378,8 +378,9 @@ def _adam_tensor(t: Trace, state: State, name: str, n: int, first: bool) -> None
     stepped = FP32 if state.recipe.master else state.recipe.param
     if first:
         state.moments += _moments(t, state, name, n, stepped)
-    if _eight_bit(state, n):
-        t.free(t.alloc(EIGHT_BIT_STEP_BYTES_PER_ELEMENT * n, f"8-bit step fp32 buffers {name}"))
+    if _eight_bit(state, n):  # one fp32 buffer per moment (a recorded step makes two, not one of twice the size)
+        per_moment = EIGHT_BIT_STEP_BYTES_PER_ELEMENT // 2 * n
+        t.free(*[t.alloc(per_moment, f"8-bit step fp32 {moment} {name}") for moment in ("exp_avg", "exp_avg_sq")])
 
 
 def optimizer_step(t: Trace, state: State, first: bool) -> None:
