@@ -605,7 +605,7 @@ def build_fitplan(job, frozen: dict, inputs: dict, device, args):
     spec, total = job.spec, args.warmup + args.steps
     draft = loop.build_draft(job, hf_config(spec.model), _EmbeddingSource(frozen["embedding"]),
                              frozen["draft_ids"].cpu(), device)
-    optimizer = optim.build_optimizer(draft.trainable(), spec.precision, args.lr, per_param=steps_per_param(job))
+    optimizer = optim.build_optimizer(draft.trainable(), spec.precision, args.lr, per_param=steps_per_param(spec))
     scheduler = optim.cosine_with_warmup(optimizer, 0, total)
     lm_head, draft_ids, mask = frozen["lm_head"], frozen["draft_ids"], inputs["mask"].bool()
 

@@ -21,7 +21,15 @@ from typing import Callable, Iterator
 from fitplan.config import CHOICES, RunSpec
 from fitplan.errors import FitplanError
 from fitplan.estimator.result import Estimate
-from fitplan.layout import SPECULATORS_SHARDINGS, Job, fused_norms, per_param_optimizer, resolve, tp_options
+from fitplan.layout import (
+    SPECULATORS_SHARDINGS,
+    Job,
+    copies_every_grad,
+    fused_norms,
+    per_param_optimizer,
+    resolve,
+    tp_options,
+)
 from fitplan.steptime import StepTime, step_time
 
 EstimateFn = Callable[[Job], Estimate]
@@ -106,8 +114,7 @@ def _recompute_mlp(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
 def _optimizer_per_param(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
     """fitplan's bf16-master step a parameter at a time where it is off (sft's default): one fp32
     gradient copy alive instead of all, at one optimizer call per tensor."""
-    if spec.runtime == "fitplan" and spec.precision == "bf16-master" and spec.offload == "none" \
-            and not per_param_optimizer(spec):
+    if copies_every_grad(spec) and not per_param_optimizer(spec):
         yield "optimizer_per_param on", spec.replace(optimizer_per_param=True)
 
 

@@ -347,18 +347,22 @@ def check_recompute_mlp(spec: RunSpec) -> None:
 
 def recomputes_mlp(job: Job) -> bool:
     """Whether the lean draft's MLP keeps only its input and makes gate and up again in backward
-    (RunSpec recompute_mlp, trainer/lean_ops.py NormSwiGLUDown): fused norms only, where the
+    (RunSpec recompute_mlp, trainer/recompute_mlp.py): fused norms only, where the
     post-attention norm's input is what the MLP already keeps."""
     return fused_norms(job) and job.spec.recompute_mlp
 
 
-def steps_per_param(job: Job) -> bool:
+def copies_every_grad(spec: RunSpec) -> bool:
+    """Whether the step copies every bf16 gradient to fp32 (trainer/optim.py MasterWeightAdamW):
+    fitplan's trainer under bf16-master with the optimizer on the GPU, where stepping a
+    parameter at a time (RunSpec optimizer_per_param) applies."""
+    return spec.runtime == "fitplan" and spec.precision == "bf16-master" and spec.offload == "none"
+
+
+def steps_per_param(spec: RunSpec) -> bool:
     """Whether MasterWeightAdamW steps one parameter at a time (RunSpec optimizer_per_param,
-    trainer/optim.py): fitplan's trainer under bf16-master, the recipe that copies every
-    gradient to fp32 for the step, with the optimizer on the GPU."""
-    spec = job.spec
-    return (spec.runtime == "fitplan" and per_param_optimizer(spec) and spec.precision == "bf16-master"
-            and spec.offload == "none")
+    trainer/optim.py)."""
+    return copies_every_grad(spec) and per_param_optimizer(spec)
 
 
 def per_param_optimizer(spec: RunSpec) -> bool:

@@ -298,7 +298,7 @@ def test_only_bf16_master_on_the_gpu_steps_a_parameter_at_a_time(configs):
     target, draft = configs
 
     def stepping(**changes) -> bool:
-        return steps_per_param(resolve(RunSpec(**{"model": target, "draft": draft, "seq": 32, "tp": 1, **changes})))
+        return steps_per_param(resolve(RunSpec(**{"model": target, "draft": draft, "seq": 32, "tp": 1, **changes})).spec)
 
     assert stepping() and stepping(optimizer="adamw-8bit")
     assert not stepping(optimizer_per_param=False)

@@ -67,13 +67,18 @@ class SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up, w_down = ctx.saved_tensors
-        swiglu, swiglu_grads = swiglu_kernels(gate.device.type)
-        w = w_down.to(ctx.dtype)
-        grad = grad.to(ctx.dtype)
-        product = swiglu(gate, up).to(ctx.dtype)
         grad_w = grad_total(ctx.grads, ctx.name, w_down)
-        add_product(grad_w, grad.reshape(-1, grad.shape[-1]).T, product.reshape(-1, product.shape[-1]))
-        del product
-        grad_product = (grad @ w).to(gate.dtype)
-        grad_gate, grad_up = swiglu_grads(grad_product, gate, up)
+        grad_gate, grad_up = swiglu_down_backward(grad.to(ctx.dtype), gate, up, w_down, grad_w)
         return grad_gate, grad_up, grad_result(ctx.grads, ctx.name, grad_w), *[None] * ctx.extra
+
+
+def swiglu_down_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, w_down: torch.Tensor,
+                         grad_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """down_proj(silu(gate) * up)'s backward for `grad` (in the compute dtype): down's weight
+    gradient added into `grad_w` from the product made again (and freed), then the gradients of
+    gate and up."""
+    swiglu, swiglu_grads = swiglu_kernels(gate.device.type)
+    product = swiglu(gate, up).to(grad.dtype)
+    add_product(grad_w, grad.reshape(-1, grad.shape[-1]).T, product.reshape(-1, product.shape[-1]))
+    del product
+    return swiglu_grads((grad @ w_down.to(grad.dtype)).to(gate.dtype), gate, up)

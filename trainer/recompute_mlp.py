@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.lean_ops import compute_dtype, swiglu_kernels
+from trainer.lean_ops import compute_dtype, swiglu_down_backward, swiglu_kernels
 from trainer.norm_project import norm_kernels
 from trainer.step_grads import StepGrads, add_product, grad_result, grad_total
 
@@ -41,17 +41,12 @@ class _NormSwiGLUDown(torch.autograd.Function):
     def backward(ctx, grad):
         x, rstd, norm_w, w_gate, w_up, w_down = ctx.saved_tensors
         _, renorm, norm_backward = norm_kernels(x.device.type)
-        swiglu, swiglu_grads = swiglu_kernels(x.device.type)
         dtype, grads = ctx.dtype, ctx.grads
         totals = {}
-        grad = grad.to(dtype)
         normed = renorm(x, norm_w, rstd).to(dtype)
         gate, up = normed @ w_gate.to(dtype).T, normed @ w_up.to(dtype).T
-        product = swiglu(gate, up).to(dtype)
         totals["down_proj"] = grad_total(grads, "down_proj", w_down)
-        add_product(totals["down_proj"], _rows(grad).T, _rows(product))
-        del product
-        grad_gate, grad_up = swiglu_grads((grad @ w_down.to(dtype)).to(dtype), gate, up)
+        grad_gate, grad_up = swiglu_down_backward(grad.to(dtype), gate, up, w_down, totals["down_proj"])
         del gate, up
         for name, g, w in (("gate_proj", grad_gate, w_gate), ("up_proj", grad_up, w_up)):
             totals[name] = grad_total(grads, name, w)

@@ -99,7 +99,7 @@ def build_optimizer(model: torch.nn.Module, spec: RunSpec, device: torch.device,
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.precision in MASTER_RECIPES or spec.optimizer != "adamw" or spec.offload != "none":
         return build_recipe_optimizer(params, spec.precision, lr, spec.optimizer, spec.offload,
-                                      per_param=steps_per_param(resolve(spec)))
+                                      per_param=steps_per_param(spec))
     return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
 
 

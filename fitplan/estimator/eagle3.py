@@ -13,6 +13,7 @@ tests/data/gpu/*.json (H100).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from fitplan.estimator import draft_terms, param_steps, target_terms
 from fitplan.estimator.recipes import (
@@ -150,16 +151,24 @@ def eight_bit_step_bytes(job: Job, state: TrainedState) -> int:
 
 
 def optimizer_step(job: Job, state: TrainedState, steady: bool) -> dict[str, int]:
-    """The step's peak: every grad beside every fp32 grad copy (bf16-master) and the optimizer
-    state, or with the step a parameter at a time (layout.steps_per_param) the grads not yet
-    stepped beside one copy (param_steps.py), where step 1 has made the moments of the
+    """The draft's optimizer step at its peak (optimizer_step_phase), with the 8-bit step's buffers."""
+    return optimizer_step_phase(job, state, steady, lambda: stepped_parameters(job, state), "draft__grads",
+                                eight_bit_step_bytes(job, state))
+
+
+def optimizer_step_phase(job: Job, state: TrainedState, steady: bool,
+                         stepped: Callable[[], list[param_steps.Stepped]], grads: str, step_bytes: int = 0) -> dict[str, int]:
+    """The step's peak: every grad (the component `grads`) beside every fp32 grad copy
+    (bf16-master) and the optimizer state, the step's own buffers (`step_bytes`) with the copies;
+    or with the step a parameter at a time (layout.steps_per_param) the grads not yet stepped
+    beside one copy (param_steps.py over `stepped()`), where step 1 has made the moments of the
     parameters stepped so far."""
-    if not steps_per_param(job):
+    if not steps_per_param(job.spec):
         return merge(optimizer_state(state, steady=True), phase(
-            draft__grads=state.grads(), optimizer__grad_copy=state.grad_copy() + eight_bit_step_bytes(job, state)))
-    peak = param_steps.peak(stepped_parameters(job, state), first=not steady)
+            **{grads: state.grads()}, optimizer__grad_copy=state.grad_copy() + step_bytes))
+    peak = param_steps.peak(stepped(), first=not steady)
     return phase(optimizer__master=state.master(), optimizer__moments=state.moments() if steady else peak.moments,
-                 draft__grads=peak.grads, optimizer__grad_copy=peak.copy)
+                 **{grads: peak.grads}, optimizer__grad_copy=peak.copy)
 
 
 def stepped_parameters(job: Job, state: TrainedState) -> list[param_steps.Stepped]:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 
 from fitplan.estimator import param_steps, sft_terms
-from fitplan.estimator.eagle3 import optimizer_state
+from fitplan.estimator.eagle3 import optimizer_state, optimizer_step_phase
 from fitplan.estimator.recipes import TrainedState, moment_bytes_per_param
 from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
 from fitplan.estimator.timeline import Timeline, merge, phase
-from fitplan.layout import Job, steps_per_param
+from fitplan.layout import Job
 from fitplan.shapes import count_params, embedding_params, lm_head_params
 from fitplan.units import BF16, FP32
 
@@ -38,8 +38,7 @@ def layer_param_elements(job: Job) -> list[tuple[str, int]]:
     mats = [("q_proj", m.hidden * q), ("k_proj", m.hidden * kv), ("v_proj", m.hidden * kv), ("o_proj", q * m.hidden),
             ("gate_proj", m.hidden * m.intermediate), ("up_proj", m.hidden * m.intermediate),
             ("down_proj", m.intermediate * m.hidden)]
-    root = embedding_params(m) + lm_head_params(m) + m.hidden
-    per_layer = (count_params(m).total - root) // m.layers
+    _, per_layer = _root_and_layer_params(job)
     return mats + [("norms and biases", per_layer - sum(n for _, n in mats))]
 
 
@@ -119,15 +118,8 @@ def _whole_grad_backward_ends(job: Job, state: TrainedState) -> list[tuple[int, 
 
 
 def optimizer_step(job: Job, state: TrainedState, steady: bool) -> dict[str, int]:
-    """Every grad beside every fp32 grad copy (bf16-master) and the optimizer state, or with the
-    step a parameter at a time (layout.steps_per_param) the grads not yet stepped beside one copy
-    (param_steps.py), where step 1 has made the moments of the parameters stepped so far."""
-    if not steps_per_param(job):
-        return merge(optimizer_state(state, steady=True),
-                     phase(model__grads=state.grads(), optimizer__grad_copy=state.grad_copy()))
-    peak = param_steps.peak(stepped_parameters(job, state), first=not steady)
-    return phase(optimizer__master=state.master(), optimizer__moments=state.moments() if steady else peak.moments,
-                 model__grads=peak.grads, optimizer__grad_copy=peak.copy)
+    """The model's optimizer step at its peak (eagle3.optimizer_step_phase)."""
+    return optimizer_step_phase(job, state, steady, lambda: stepped_parameters(job, state), "model__grads")
 
 
 def stepped_parameters(job: Job, state: TrainedState) -> list[param_steps.Stepped]:

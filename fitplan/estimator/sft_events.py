@@ -240,7 +240,7 @@ def optimizer_step(t: Trace, state: SftState, first: bool) -> None:
     recipe = state.recipe
     if first and recipe.master and not state.masters:
         state.masters = [t.alloc(FP32 * n, f"master {name}") for name, n in state.params]
-    if steps_per_param(state.job):
+    if steps_per_param(state.job.spec):
         for name, n in param_steps.order(state.params):
             copy = t.alloc(FP32 * n, f"fp32 grad copy {name}")
             t.free(state.grads.pop(name))

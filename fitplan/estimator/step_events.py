@@ -390,7 +390,7 @@ def optimizer_step(t: Trace, state: State, first: bool) -> None:
         master = bool(state.recipe.master)
         if first and master and not state.masters:
             state.masters = [t.alloc(FP32 * n, f"master {name}") for name, n in state.stored]
-        if steps_per_param(state.job):
+        if steps_per_param(state.job.spec):
             _step_each(t, state, first)
         else:
             copies = []
