@@ -98,7 +98,9 @@ TOOLS = ("specforge", "specforge-fsdp", "fitplan", "fitplan-recompute-mlp", "fit
 # fitplan's variants: the RunSpec changes each makes to the default trainer job, and its table label
 FITPLAN_VARIANTS = {"fitplan": ({}, "fitplan"),
                     "fitplan-recompute-mlp": ({"recompute_mlp": True}, "fitplan (recompute_mlp)"),
-                    "fitplan-plain": ({"draft_memory": "plain"}, "fitplan (draft_memory plain)")}
+                    "fitplan-plain": ({"draft_memory": "plain"}, "fitplan (draft_memory plain)"),
+                    "fitplan-head-backward": ({"head_grad_in_forward": False},
+                                              "fitplan (head_grad_in_forward false)")}
 SPECFORGE_TOOLS = ("specforge", "specforge-fsdp")
 DEFAULT_SHAPES = "1x2048,1x4096,1x8192,1x16384,2x4096"
 WHEEL = ROOT / ".whl" / "specforge-0.2.0-py3-none-any.whl"
@@ -564,13 +566,16 @@ def fitplan_draft_step(draft, optimizer, aux, ids, teacher, ttt: int, *, schedul
                        precision: str = "bf16-master", max_grad_norm: float = 0.5, phase=None) -> float:
     """The draft part of trainer/loop.py train_step (one micro-step): forward + loss, backward,
     clip + optimizer + schedule. `ids` is [B, S + ttt] (fitplan_teacher's). The teacher is
-    emptied after backward, where train_step deletes it, so the caller's reference holds nothing
+    emptied where train_step lets it go (before backward when the head made its gradients in
+    forward, else after), so the caller's reference holds nothing
     through the optimizer phase. Returns the loss."""
     from trainer import optim
 
     phase = phase or (lambda name: contextlib.nullcontext())
     with phase("forward"), optim.autocast(precision, aux.device):
         loss, _ = draft(aux, ids, ttt, teacher)
+    if draft.head_grad_in_forward:
+        vars(teacher).clear()  # as train_step lets it go: backward does not read it
     with phase("backward"):
         loss.backward()
     value = float(loss.detach())

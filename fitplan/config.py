@@ -112,6 +112,12 @@ class RunSpec:
     after attention, which the layer keeps anyway) and makes gate and up again in backward, two
     more [B, S, h] x [h, I] matmuls per TTT step (some 5% of a step), instead of keeping gate and
     up, 4I bytes per token per step. false: kept (the faster default)."""
+    head_grad_in_forward: Optional[bool] = None
+    """fitplan runtime, lean draft with summed step gradients (sum_step_grads, not mixed): the
+    fused head makes its gradients in forward while each chunk's logits exist, instead of forming
+    the logits again in backward: one [B, S, h] x [h, Vd] matmul and one softmax pass fewer per TTT
+    step; a step keeps its hidden's gradient (2h bytes per token) and the teacher is let go before
+    backward. None: on where it applies. false: made again in backward, as before (its reports)."""
     optimizer_per_param: Optional[bool] = None
     """fitplan runtime, bf16-master recipe: the optimizer steps one parameter at a time, each
     bf16 gradient freed as its fp32 copy is made, so one fp32 gradient copy is alive at the

@@ -174,6 +174,7 @@ def check_draft(draft: DraftShape, model: ModelShape) -> None:
 
 def check_runtime(spec: RunSpec, world: int) -> None:
     check_recompute_mlp(spec)
+    check_head_grad_in_forward(spec)
     if spec.runtime == "specforge":
         if spec.workload != "eagle3":
             raise FitplanError("runtime specforge runs the eagle3 workload only; for sft use runtime fitplan")
@@ -343,6 +344,33 @@ def check_recompute_mlp(spec: RunSpec) -> None:
             raise FitplanError(f"recompute_mlp: runs in fitplan's eagle3 lean draft with fused norms, not with "
                                f"{knob} {shown} (accepted: recompute_mlp false, or runtime fitplan, workload eagle3, "
                                "draft_memory lean, recompute_norms true)")
+
+
+def check_head_grad_in_forward(spec: RunSpec) -> None:
+    """head_grad_in_forward sums the head's gradients into the unroll's buffers: refused where
+    there are none rather than ignored."""
+    if not spec.head_grad_in_forward:
+        return
+    where = {"runtime": (spec.runtime, "fitplan"), "workload": (spec.workload, "eagle3"),
+             "draft_memory": (spec.draft_memory, "lean"), "recompute_norms": (spec.recompute_norms, True),
+             "sum_step_grads": (spec.sum_step_grads is not False, True)}
+    for knob, (given, needed) in where.items():
+        if given != needed:
+            shown = str(given).lower() if isinstance(given, bool) else given
+            raise FitplanError(f"head_grad_in_forward: runs in fitplan's eagle3 lean draft with summed step gradients, "
+                               f"not with {knob} {shown} (accepted: head_grad_in_forward false or auto, or runtime "
+                               "fitplan, workload eagle3, draft_memory lean, recompute_norms true, sum_step_grads "
+                               "true, precision other than mixed)")
+    if spec.precision == "mixed":
+        raise FitplanError("head_grad_in_forward: runs with summed step gradients, which mixed precision does not "
+                           "use (accepted: head_grad_in_forward false or auto, or precision bf16-master, bf16 or "
+                           "fp32-autocast)")
+
+
+def head_grads_in_forward(job: Job) -> bool:
+    """Whether the fused head makes its gradients in forward (RunSpec head_grad_in_forward,
+    trainer/head_loss.py): on by default wherever the steps sum their gradients."""
+    return sums_step_grads(job) and job.spec.head_grad_in_forward is not False
 
 
 def recomputes_mlp(job: Job) -> bool:

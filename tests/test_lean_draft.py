@@ -87,6 +87,73 @@ def test_fused_head_matches_unfused(dtype, tol, offset, monkeypatch):
     assert x.grad[masked].abs().max() == 0
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_head_gradients_made_in_forward_match_unfused(dtype, tol, monkeypatch):
+    """Two steps of an unroll whose head makes its gradients in forward (RunSpec
+    head_grad_in_forward), each told the weight its loss gets (scale), the total then divided as
+    for an accumulation of 2: loss, agreements and every gradient as the unfused steps."""
+    from trainer.step_grads import StepGrads
+
+    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 5 * 4 * 40)  # several chunks, one partial
+    g = torch.Generator().manual_seed(2)
+    batch, seq, hidden, vocab, pad = 2, 12, 16, 40, 4
+    logits, valid = _teacher(batch, seq, pad, vocab, g)
+    teacher = logits.to(dtype)
+    head = DraftHead(hidden, vocab).to(dtype)
+    norm = _Norm(hidden, dtype, g)
+    xs = [torch.randn(batch, seq, hidden, generator=g).to(dtype).requires_grad_() for _ in range(2)]
+    weight = head.weight.detach().clone().requires_grad_()
+    norm_weight = norm.weight.detach().clone().requires_grad_()
+    ref_xs = [x.detach().clone().requires_grad_() for x in xs]
+    scales = [1 / 17, 0.8 / 13]  # a step's decay over its counted positions, as unroll_loss gives
+    grads, rows = StepGrads(2), CountedRows(valid)
+
+    got = [head(x, norm, teacher, rows, k + 1, True, grads, scales[k]) for k, x in enumerate(xs)]
+    want = [reference_head_loss(x, norm_weight, weight, teacher, valid, k + 1) for k, x in enumerate(ref_xs)]
+    (sum(s * loss for s, (loss, _) in zip(scales, got)) / 2).backward()
+    (sum(s * loss for s, (loss, _) in zip(scales, want)) / 2).backward()
+
+    for (loss, agree), (ref_loss, ref_agree) in zip(got, want):
+        assert int(agree) == int(ref_agree)
+        assert torch.allclose(loss, ref_loss, rtol=tol, atol=tol)
+    pairs = [*zip(xs, ref_xs), (head.weight, weight), (norm.weight, norm_weight)]
+    for mine, theirs in pairs:
+        scale = float(theirs.grad.abs().max())
+        assert torch.allclose(mine.grad.float(), theirs.grad.float(), atol=tol * scale, rtol=tol)
+
+
+def test_head_gradients_in_forward_need_the_summed_buffers():
+    head, norm = DraftHead(8, 10), _Norm(8, torch.float32, torch.Generator().manual_seed(0))
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match="summed gradients"):
+        head(torch.randn(1, 4, 8, requires_grad=True), norm, torch.zeros(1, 6, 10), CountedRows(valid), 1,
+             scale=1.0)
+
+
+def test_head_gradients_in_forward_keep_neither_hidden_nor_teacher():
+    """Nothing goes through autograd's saved tensors (the hidden's gradient [N, h] is the one
+    thing the step holds), so the teacher is free to go once scored: collected before backward."""
+    import gc
+    import weakref
+
+    from trainer.step_grads import StepGrads
+
+    g = torch.Generator().manual_seed(1)
+    teacher, valid = _teacher(1, 16, 3, 50, g)
+    head, norm = DraftHead(8, 50), _Norm(8, torch.float32, g)
+    x = torch.randn(1, 16, 8, requires_grad=True)
+    table = teacher.clone()
+    kept = _saved_bytes(lambda: head(x, norm, table, CountedRows(valid), 1, True, StepGrads(1), 0.5))
+    assert kept == 0
+    summed, _ = head(x, norm, teacher, CountedRows(valid), 1, True, StepGrads(1), 0.5)
+    gone = weakref.ref(teacher)
+    del teacher
+    gc.collect()
+    assert gone() is None
+    (0.5 * summed).backward()
+    assert x.grad.abs().max() > 0
+
+
 def test_fused_head_with_nothing_counted():
     head = DraftHead(8, 10)
     norm = _Norm(8, torch.float32, torch.Generator().manual_seed(0))
@@ -305,10 +372,37 @@ def test_summed_step_grads_equal_autograds_sum(dtype, tol):
         assert err < tol, (name, float(err))
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_head_gradients_in_forward_equal_made_in_backward(dtype, tol):
+    """The whole unroll, the head's gradients made in forward against made again in backward
+    (RunSpec head_grad_in_forward), the loss divided as for an accumulation of 3: every trained
+    gradient equal (bf16: within its rounding, the logits' gradients summed in another order)."""
+    draft, inputs = _fused_draft_and_inputs(dtype)
+
+    def grads_with(in_forward: bool) -> dict:
+        from trainer.loss import unroll_loss
+        from trainer.step_grads import StepGrads
+
+        draft.head_grad_in_forward = in_forward
+        draft.zero_grad(set_to_none=True)
+        aux, ids, ttt, teacher = inputs
+        grads = StepGrads(ttt)
+        loss, _ = unroll_loss(draft.unroll(aux, ids, ttt, grads), draft, teacher, grads)
+        (loss / 3).backward()
+        return {n: p.grad.clone() for n, p in draft.named_parameters() if p.requires_grad}
+
+    forward, backward = grads_with(True), grads_with(False)
+    assert set(forward) == set(backward)
+    for name, g in backward.items():
+        err = (forward[name].float() - g.float()).norm() / g.float().norm()
+        assert err < tol, (name, float(err))
+
+
 def test_summed_step_grads_make_each_weight_gradient_once():
-    """Backward of a 4-step unroll: new tensors shaped like the lm_head weight [Vd, h] (none other
-    has that shape here; in-place ops and views do not count): at least one per step's backward
-    with a gradient per step, one in all summed."""
+    """Forward and backward of a 4-step unroll: new tensors shaped like the lm_head weight [Vd, h]
+    (none other has that shape here; in-place ops and views do not count): at least one per step's
+    backward with a gradient per step, one in all summed (made by the first step's head, which
+    makes its gradients in forward)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     draft, inputs = _fused_draft_and_inputs(torch.float32)
@@ -335,8 +429,8 @@ def test_summed_step_grads_make_each_weight_gradient_once():
         draft.zero_grad(set_to_none=True)
         aux, ids, ttt, teacher = inputs
         grads = StepGrads(ttt) if summed else None
-        loss, _ = unroll_loss(draft.unroll(aux, ids, ttt, grads), draft, teacher, grads)
         with Made() as mode:
+            loss, _ = unroll_loss(draft.unroll(aux, ids, ttt, grads), draft, teacher, grads)
             loss.backward()
         made[summed] = mode.count
     assert made[True] == 1 and made[False] >= ttt, made

@@ -416,7 +416,8 @@ class Found:
 # Knobs that change where memory goes, not what is trained (the same weights, gradients and
 # optimizer state): a run resumes with them changed, so a run that ran out of memory continues
 # with a leaner layout, and checkpoints written before one of them existed resume.
-MEMORY_ONLY_KEYS = frozenset({"ac", "expandable_segments", "recompute_mlp", "optimizer_per_param", "sum_step_grads"})
+MEMORY_ONLY_KEYS = frozenset({"ac", "expandable_segments", "recompute_mlp", "optimizer_per_param", "sum_step_grads",
+                              "head_grad_in_forward"})
 
 
 def config_changes(saved: dict, fingerprint: dict) -> list[str]:

@@ -323,7 +323,7 @@ def _frozen_embedding(cfg: DraftConfig, shared: torch.Tensor | None) -> torch.Te
 class Eagle3Draft(nn.Module):
     def __init__(self, cfg: DraftConfig, attention: str = "flex", checkpoint_layer: bool = False, lean: bool = True,
                  recompute_norms: bool = True, embedding: torch.Tensor | None = None, sum_step_grads: bool = True,
-                 recompute_mlp: bool = False):
+                 recompute_mlp: bool = False, head_grad_in_forward: bool = True):
         super().__init__()
         self.cfg = cfg
         self.lean = lean  # RunSpec.draft_memory: the fused head + loss and the lean SwiGLU
@@ -333,6 +333,9 @@ class Eagle3Draft(nn.Module):
         # RunSpec.sum_step_grads: the fused functions sum each weight's gradient over the steps
         # in one buffer (trainer/step_grads.py)
         self.sum_step_grads = self.fused_norms and sum_step_grads
+        # RunSpec.head_grad_in_forward: the fused head makes its gradients in forward, into the
+        # summed step gradients (trainer/head_loss.py)
+        self.head_grad_in_forward = self.sum_step_grads and head_grad_in_forward
         self.checkpoint_layer = checkpoint_layer
         # frozen: the target's own [V, h] when given (RunSpec.share_embedding), else a copy made later
         self.shares_embedding = embedding is not None

@@ -18,6 +18,12 @@ On CUDA the per-chunk softmax arithmetic is compiled into a couple of fused kern
 the bf16 logits and gather the teacher rows themselves; eager, the same arithmetic would make
 about ten passes over fp32 [chunk, Vd] tables.
 
+With summed step gradients (trainer/step_grads.py) the head can make its gradients in forward
+instead, while each chunk's logits exist (RunSpec head_grad_in_forward, the default there):
+the logits are formed once, not twice, the softmax taken in one pass for loss and gradient,
+and backward reads neither the teacher nor the hidden. A step then keeps the hidden's gradient
+[B, S, h] bf16 in place of the hidden, and the teacher can go once the unroll has scored it.
+
 Liger-Kernel's fused linear losses do the same for hard labels and for teachers given as hidden
 states and a weight; Eagle3's teacher is a probability table over the draft vocab, which none of
 them takes, hence this small recompute-in-backward function in plain torch (it runs on CPU too).
@@ -95,9 +101,21 @@ def _chunk_grad(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tenso
     return ((soft * p.sum(-1, keepdim=True) - p) * scale).to(logits.dtype)
 
 
+def _chunk_loss_grad(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tensor, scale: torch.Tensor,
+                     as_logits: bool):
+    """_chunk_loss and _chunk_grad of one chunk from one softmax: (loss, agreements, d/dz of
+    scale x loss in the logits' dtype)."""
+    p = _teacher_rows(teacher, p_rows, as_logits)
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    loss = -(p * (z - lse)).sum()
+    grad = ((torch.exp(z - lse) * p.sum(-1, keepdim=True) - p) * scale).to(logits.dtype)
+    return loss, (z.argmax(-1) == p.argmax(-1)).sum(), grad
+
+
 def _kernels(device_type: str):
-    """The chunk arithmetic."""
-    return compiled_on_cuda(device_type, _chunk_loss, _chunk_grad)
+    """The chunk arithmetic: (loss, gradient, both at once)."""
+    return compiled_on_cuda(device_type, _chunk_loss, _chunk_grad, _chunk_loss_grad)
 
 
 class _HeadSoftCE(torch.autograd.Function):
@@ -112,7 +130,7 @@ class _HeadSoftCE(torch.autograd.Function):
     def forward(ctx, x, norm_weight, weight, teacher, x_rows, p_rows, chunk, eps, as_logits, grads):
         dtype = compute_dtype(x)
         w = weight.to(dtype)
-        chunk_loss, _ = _kernels(x.device.type)
+        chunk_loss = _kernels(x.device.type)[0]
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         agree = torch.zeros((), dtype=torch.long, device=x.device)
         for start in range(0, x_rows.numel(), chunk):
@@ -129,29 +147,87 @@ class _HeadSoftCE(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_agree):
         x, norm_weight, weight, teacher, x_rows, p_rows = ctx.saved_tensors
         w = weight.to(ctx.dtype)
-        _, chunk_grad = _kernels(x.device.type)
-        _, _, norm_backward = norm_kernels(x.device.type)
+        chunk_grad = _kernels(x.device.type)[1]
         grad_x = torch.zeros_like(x)
         grad_w = grad_total(ctx.grads, "lm_head", weight)
-        grad_norm = None if norm_weight is None else torch.zeros_like(norm_weight, dtype=torch.float32)
+        grad_norm = _norm_grad_buffer(norm_weight)
         for start in range(0, x_rows.numel(), ctx.chunk):
             rows = x_rows[start : start + ctx.chunk]
             picked, normed, rstd = _rows(x, rows, norm_weight, ctx.eps)
             normed = normed.to(ctx.dtype)
             grad_logits = chunk_grad(normed @ w.T, teacher, p_rows[start : start + ctx.chunk], grad_loss, ctx.as_logits)
-            add_product(grad_w, grad_logits.T, normed)
-            del normed
-            grad_rows = grad_logits @ w
-            if norm_weight is not None:
-                grad_rows, grad_nw = norm_backward(grad_rows, picked, norm_weight, rstd)
-                grad_norm += grad_nw
-            grad_x.index_copy_(0, rows, grad_rows.to(x.dtype))
+            _chunk_backward(grad_logits, picked, normed, rstd, rows, w, norm_weight, grad_x, grad_w, grad_norm)
         grad_w = grad_result(ctx.grads, "lm_head", grad_w)
         if grad_norm is not None:
             norm_total = grad_total(ctx.grads, "norm", norm_weight)
             norm_total.add_(grad_norm.to(norm_weight.dtype))
             grad_norm = grad_result(ctx.grads, "norm", norm_total)
         return grad_x, grad_norm, grad_w, None, None, None, None, None, None, None
+
+
+class _HeadSoftCEGradInForward(torch.autograd.Function):
+    """_HeadSoftCE with its gradients made in forward, while each chunk's logits exist.
+
+    Made for `scale` x the loss, `scale` being what the caller multiplies this step's loss by
+    (trainer/loss.py unroll_loss: the step's decay over its counted positions). Backward rescales
+    by upstream / scale, the same for every step of an unroll (1 / accum), so the weights'
+    sums over the steps in `grads` (required) are rescaled once, by the last call. Keeps the
+    hidden's gradient [N, h] for backward; neither the hidden nor the teacher.
+    """
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, weight, teacher, x_rows, p_rows, chunk, eps, as_logits, grads, scale):
+        dtype = compute_dtype(x)
+        w = weight.to(dtype)
+        chunk_loss_grad = _kernels(x.device.type)[2]
+        scale_on_device = torch.full((), scale, dtype=torch.float32, device=x.device)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        agree = torch.zeros((), dtype=torch.long, device=x.device)
+        grad_x = torch.zeros_like(x)
+        grad_w = grads.total("lm_head", weight)
+        grad_norm = _norm_grad_buffer(norm_weight)
+        for start in range(0, x_rows.numel(), chunk):
+            rows = x_rows[start : start + chunk]
+            picked, normed, rstd = _rows(x, rows, norm_weight, eps)
+            normed = normed.to(dtype)
+            part, hits, grad_logits = chunk_loss_grad(normed @ w.T, teacher, p_rows[start : start + chunk],
+                                                      scale_on_device, as_logits)
+            loss += part
+            agree += hits
+            _chunk_backward(grad_logits, picked, normed, rstd, rows, w, norm_weight, grad_x, grad_w, grad_norm)
+        if grad_norm is not None:
+            grads.total("norm", norm_weight).add_(grad_norm.to(norm_weight.dtype))
+        ctx.grad_x, ctx.grads, ctx.scale, ctx.normed = grad_x, grads, scale, norm_weight is not None
+        ctx.mark_non_differentiable(agree)
+        return loss, agree
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_agree):
+        factor = grad_loss / ctx.scale
+        grad_x, ctx.grad_x = ctx.grad_x.mul_(factor), None
+        grad_w = _rescaled(ctx.grads.done("lm_head"), factor)
+        grad_norm = _rescaled(ctx.grads.done("norm"), factor) if ctx.normed else None
+        return grad_x, grad_norm, grad_w, None, None, None, None, None, None, None, None
+
+
+def _rescaled(total: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor | None:
+    return None if total is None else total.mul_(factor)
+
+
+def _norm_grad_buffer(norm_weight) -> torch.Tensor | None:
+    """The final norm weight's gradient over one call's chunks, fp32 (None without the norm)."""
+    return None if norm_weight is None else torch.zeros_like(norm_weight, dtype=torch.float32)
+
+
+def _chunk_backward(grad_logits, picked, normed, rstd, rows, w, norm_weight, grad_x, grad_w, grad_norm) -> None:
+    """A chunk's logit gradient into the head weight's, the norm weight's and the hidden's rows."""
+    add_product(grad_w, grad_logits.T, normed)
+    grad_rows = grad_logits @ w
+    if norm_weight is not None:
+        _, _, norm_backward = norm_kernels(grad_rows.device.type)
+        grad_rows, grad_nw = norm_backward(grad_rows, picked, norm_weight, rstd)
+        grad_norm += grad_nw
+    grad_x.index_copy_(0, rows, grad_rows.to(grad_x.dtype))
 
 
 def _rows(x: torch.Tensor, rows: torch.Tensor, norm_weight, eps: float):
@@ -176,7 +252,7 @@ class DraftHead(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's initialisation
 
     def forward(self, hidden: torch.Tensor, norm, teacher: torch.Tensor, counted: CountedRows, offset: int,
-                as_logits: bool = True, grads: StepGrads | None = None):
+                as_logits: bool = True, grads: StepGrads | None = None, scale: float | None = None):
         """(summed soft cross-entropy, top-1 agreements) of the step scored at teacher offset.
 
         hidden [B, S, h]: the step's layer output, before the final RMSNorm `norm` (the
@@ -185,13 +261,19 @@ class DraftHead(nn.Module):
         this step is scored against teacher position t + offset where `counted` has it.
         Indexing the teacher by row keeps it in place (a slice of it, flattened, would be a copy).
         `grads`: the unroll's summed weight gradients (trainer/step_grads.py), or None.
+        `scale`: what the caller multiplies the summed loss by, to make the gradients in forward
+        (_HeadSoftCEGradInForward, which needs `grads`); None: made again in backward.
         """
         batch, seq, width = hidden.shape
         x_rows, p_rows = counted.for_step(offset, seq)
-        return _HeadSoftCE.apply(hidden.reshape(-1, width), None if norm is None else norm.weight, self.weight,
-                                 teacher.view(-1, teacher.shape[-1]), x_rows, p_rows,
-                                 chunk_rows(self.weight.shape[0]), None if norm is None else norm.eps, as_logits,
-                                 grads)
+        args = (hidden.reshape(-1, width), None if norm is None else norm.weight, self.weight,
+                teacher.view(-1, teacher.shape[-1]), x_rows, p_rows, chunk_rows(self.weight.shape[0]),
+                None if norm is None else norm.eps, as_logits, grads)
+        if scale is None:
+            return _HeadSoftCE.apply(*args)
+        if grads is None:
+            raise ValueError("the head makes its gradients in forward only into the unroll's summed gradients")
+        return _HeadSoftCEGradInForward.apply(*args, scale)
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """Plain logits [B, S, Vd], for inference-style checks."""

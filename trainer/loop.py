@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from fitplan.errors import FitplanError
 from fitplan.layout import (
     Job,
+    head_grads_in_forward,
     recomputes_mlp,
     resolve,
     shares_target_embedding,
@@ -110,7 +111,8 @@ def build_draft(job: Job, hf, target: torch.nn.Module, draft_ids: torch.Tensor, 
     with torch.device(device), default_dtype(optim.param_dtype(spec.precision)):
         draft = Eagle3Draft(draft_config(job, hf), spec.attention_impl, checkpoint_layer=spec.ac,
                             lean=spec.draft_memory == "lean", recompute_norms=spec.recompute_norms, embedding=shared,
-                            sum_step_grads=sums_step_grads(job), recompute_mlp=recomputes_mlp(job))
+                            sum_step_grads=sums_step_grads(job), recompute_mlp=recomputes_mlp(job),
+                            head_grad_in_forward=head_grads_in_forward(job))
     with torch.no_grad():
         if shared is None:  # a copy, kept in the target's bf16 whatever the recipe
             draft.embed_tokens.to(torch.bfloat16)
@@ -197,6 +199,8 @@ def train_step(run: Run, meter: Meter) -> dict:
             aux, ids_ext, teacher = run.teach(run, ids, mask)
         with meter.phase("draft_forward"), optim.autocast(spec.precision, run.device):
             loss, acc = run.draft(aux, ids_ext, spec.ttt, teacher)
+        if run.draft.head_grad_in_forward:
+            teacher = None  # scored, its gradients made: backward does not read it
         with meter.phase("backward"):
             (loss / accum).backward()
         losses.append(float(loss.detach()))

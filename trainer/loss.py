@@ -81,20 +81,24 @@ def unroll_loss(step_outputs, draft, teacher: Teacher, grads=None) -> tuple[torc
     norm and the lm_head with the loss. Step k is scored against teacher
     positions shifted by k + 1. Each step is reduced to a scalar before the next step runs, so
     only what autograd saves stays alive. `grads`: the unroll's summed weight gradients
-    (trainer/step_grads.py), shared with the fused head.
+    (trainer/step_grads.py), shared with the fused head. A head that makes its gradients in
+    forward (RunSpec head_grad_in_forward, into `grads`) is given each step's weight in the
+    total; backward then does not read the teacher, which the caller may let go before it.
     """
     lean = draft.lean
     if draft.fused_norms != teacher.as_logits:
         raise ValueError("a draft with fused norms learns from a teacher of logits, others from probabilities")
     rows = CountedRows(teacher.valid) if lean else None
+    in_forward = draft.head_grad_in_forward and grads is not None
     total = None
     accuracy = []
     for k, output in enumerate(step_outputs):
         seq = output.shape[1]
         if lean:
             norm = draft.norm if draft.fused_norms else None
-            summed, agree = draft.lm_head(output, norm, teacher.table, rows, k + 1, teacher.as_logits, grads)
             counted = max(rows.count(k + 1, seq), 1)
+            scale = STEP_DECAY**k / counted if in_forward else None
+            summed, agree = draft.lm_head(output, norm, teacher.table, rows, k + 1, teacher.as_logits, grads, scale)
         else:
             summed, agree = plain_step_loss(output, draft.lm_head, teacher, k + 1)
             counted = teacher.valid[:, k + 1 : k + 1 + seq].sum().clamp(min=1)
