@@ -92,9 +92,10 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the repo's fitpl
 MARK = "VS_SPECFORGE_RESULT "  # prefix of the child's one JSON line on stdout
 # fitplan-plain: the trainer with draft_memory plain (torch's composition of the head, loss and
 # SwiGLU), to show what the lean draft costs or saves in the same call; fitplan-recompute-mlp: the
-# default trainer with recompute_mlp (gate and up made again in backward); specforge-fsdp: SpecForge's
+# default trainer with recompute_mlp (gate and up made again in backward); fitplan-head-backward: the
+# default with head_grad_in_forward false (the head's logits made again in backward); specforge-fsdp: SpecForge's
 # step with the module wrapped as its trainer wraps it (FSDP1 over a one-rank process group)
-TOOLS = ("specforge", "specforge-fsdp", "fitplan", "fitplan-recompute-mlp", "fitplan-plain")
+TOOLS = ("specforge", "specforge-fsdp", "fitplan", "fitplan-recompute-mlp", "fitplan-plain", "fitplan-head-backward")
 # fitplan's variants: the RunSpec changes each makes to the default trainer job, and its table label
 FITPLAN_VARIANTS = {"fitplan": ({}, "fitplan"),
                     "fitplan-recompute-mlp": ({"recompute_mlp": True}, "fitplan (recompute_mlp)"),
