@@ -165,10 +165,13 @@ def _optimizer(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
 
 
 def _offload(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
+    # Off the GPU no fp32 copy of every gradient is made to step a parameter at a time: the knob
+    # goes back to auto, which is off there (true is refused, fitplan.layout).
+    per_param = None if spec.optimizer_per_param else spec.optimizer_per_param
     if spec.offload == "none":
-        yield "offload optimizer", spec.replace(offload="optimizer")
+        yield "offload optimizer", spec.replace(offload="optimizer", optimizer_per_param=per_param)
     if spec.offload != "params":
-        yield "offload params (zero3)", spec.replace(offload="params", sharding="zero3")
+        yield "offload params (zero3)", spec.replace(offload="params", sharding="zero3", optimizer_per_param=per_param)
 
 
 RUNGS: tuple[tuple[str, Callable[[RunSpec, Job], Iterator[tuple[str, RunSpec]]]], ...] = (
