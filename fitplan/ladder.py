@@ -24,8 +24,8 @@ from fitplan.estimator.result import Estimate
 from fitplan.layout import (
     SPECULATORS_SHARDINGS,
     Job,
+    can_recompute_mlp,
     copies_every_grad,
-    fused_norms,
     per_param_optimizer,
     resolve,
     tp_options,
@@ -106,8 +106,8 @@ def _draft_memory(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
 
 def _recompute_mlp(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
     """fitplan's lean draft: its MLP keeps only its input, gate and up made again in backward
-    (two more matmuls per TTT step, some 5% of a step); only where the norms are fused."""
-    if not spec.recompute_mlp and fused_norms(job):
+    (two more matmuls per TTT step, some 5% of a step); only in the eagle3 draft with fused norms."""
+    if not spec.recompute_mlp and can_recompute_mlp(spec):
         yield "recompute_mlp on", spec.replace(recompute_mlp=True)
 
 

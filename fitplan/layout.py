@@ -347,6 +347,11 @@ def check_recompute_mlp(spec: RunSpec) -> None:
                       _recompute_mlp_needs(spec), auto=False)
 
 
+def can_recompute_mlp(spec: RunSpec) -> bool:
+    """Whether the layout has an MLP for recompute_mlp to recompute (where it is not refused)."""
+    return all(holds for _, holds, _ in _recompute_mlp_needs(spec).values())
+
+
 def _recompute_mlp_needs(spec: RunSpec) -> dict[str, tuple[object, bool, str]]:
     return {"runtime": _is(spec.runtime, "fitplan"), "workload": _is(spec.workload, "eagle3"),
             "draft_memory": _is(spec.draft_memory, "lean"), "recompute_norms": _is(spec.recompute_norms, True)}
