@@ -328,12 +328,12 @@ def sums_step_grads(job: Job) -> bool:
     """Whether the lean draft's fused functions sum each weight's gradient over the TTT steps in
     one buffer (RunSpec sum_step_grads, trainer/step_grads.py; None: wherever it can)."""
     spec = job.spec
-    return spec.sum_step_grads is not False and all(holds for _, holds, _ in _sum_step_grads_needs(spec).values())
+    return spec.sum_step_grads is not False and _all_hold(_sum_step_grads_needs(spec))
 
 
 def _sum_step_grads_needs(spec: RunSpec) -> dict[str, tuple[object, bool, str]]:
-    """Where the steps' gradients are summed: the eagle3 draft's fused norms (fused_norms), not
-    under `mixed`, whose hooks move each step's gradient into an fp32 one as it arrives (a bf16
+    """Where the steps' gradients are summed: the eagle3 lean draft with fused norms (as for
+    recompute_mlp), not under `mixed`, whose hooks move each step's gradient into an fp32 one as it arrives (a bf16
     sum held through backward would come on top)."""
     return {**_recompute_mlp_needs(spec),
             "precision": (spec.precision, spec.precision != "mixed", "other than mixed")}
@@ -343,13 +343,13 @@ def check_recompute_mlp(spec: RunSpec) -> None:
     """recompute_mlp is a way of fitplan's lean draft with fused norms; refused elsewhere rather
     than ignored (the job would keep what the user asked it not to)."""
     if spec.recompute_mlp:
-        refuse_unless("recompute_mlp", "runs in fitplan's eagle3 lean draft with fused norms",
+        _refuse_unless("recompute_mlp", "runs in fitplan's eagle3 lean draft with fused norms",
                       _recompute_mlp_needs(spec), auto=False)
 
 
 def can_recompute_mlp(spec: RunSpec) -> bool:
     """Whether the layout has an MLP for recompute_mlp to recompute (where it is not refused)."""
-    return all(holds for _, holds, _ in _recompute_mlp_needs(spec).values())
+    return _all_hold(_recompute_mlp_needs(spec))
 
 
 def _recompute_mlp_needs(spec: RunSpec) -> dict[str, tuple[object, bool, str]]:
@@ -361,7 +361,7 @@ def check_optimizer_per_param(spec: RunSpec) -> None:
     """optimizer_per_param true where no fp32 copy of every gradient is made: refused rather
     than ignored (the user would count on a memory saving the job does not make)."""
     if spec.optimizer_per_param:
-        refuse_unless("optimizer_per_param", "steps the bf16-master optimizer on the GPU a parameter at a time",
+        _refuse_unless("optimizer_per_param", "steps the bf16-master optimizer on the GPU a parameter at a time",
                       _copies_every_grad_needs(spec), auto=True)
 
 
@@ -369,11 +369,11 @@ def check_sum_step_grads(spec: RunSpec) -> None:
     """sum_step_grads true where no fused function sums the steps' gradients: refused rather
     than ignored (the user would count on a memory saving the job does not make)."""
     if spec.sum_step_grads:
-        refuse_unless("sum_step_grads", "sums the TTT steps' gradients in fitplan's eagle3 lean draft with "
+        _refuse_unless("sum_step_grads", "sums the TTT steps' gradients in fitplan's eagle3 lean draft with "
                       "fused norms", _sum_step_grads_needs(spec), auto=True)
 
 
-def refuse_unless(knob: str, does: str, needs: dict[str, tuple[object, bool, str]], auto: bool) -> None:
+def _refuse_unless(knob: str, does: str, needs: dict[str, tuple[object, bool, str]], auto: bool) -> None:
     """A switch given true in a layout where it does nothing: one line naming the switch, the
     first layout knob that rules it out, and what is accepted. `needs`: layout knob -> (its
     value, whether that value lets the switch act, the values that do); `auto`: the switch also
@@ -383,6 +383,10 @@ def refuse_unless(knob: str, does: str, needs: dict[str, tuple[object, bool, str
             off = f"{knob} false or auto" if auto else f"{knob} false"
             wanted = ", ".join(f"{n} {a}" for n, (_, _, a) in needs.items())
             raise FitplanError(f"{knob}: {does}, not with {name} {_shown(given)} (accepted: {off}, or {wanted})")
+
+
+def _all_hold(needs: dict[str, tuple[object, bool, str]]) -> bool:
+    return all(holds for _, holds, _ in needs.values())
 
 
 def _is(given: object, needed: object) -> tuple[object, bool, str]:
@@ -404,7 +408,7 @@ def copies_every_grad(spec: RunSpec) -> bool:
     """Whether the step copies every bf16 gradient to fp32 (trainer/optim.py MasterWeightAdamW):
     fitplan's trainer under bf16-master with the optimizer on the GPU, where stepping a
     parameter at a time (RunSpec optimizer_per_param) applies."""
-    return all(holds for _, holds, _ in _copies_every_grad_needs(spec).values())
+    return _all_hold(_copies_every_grad_needs(spec))
 
 
 def _copies_every_grad_needs(spec: RunSpec) -> dict[str, tuple[object, bool, str]]:
