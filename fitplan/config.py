@@ -101,12 +101,12 @@ class RunSpec:
     made again in backward instead of kept, the final norm inside the fused head, and the
     teacher is held as the target's bf16 logits over the draft vocab (softmax per chunk) instead
     of fp32 probabilities. false: kept, and an fp32 teacher, as the first lean draft (its reports)."""
-    sum_step_grads: bool = True
-    """fitplan runtime, lean draft with fused norms: each draft weight's gradient is summed over
-    the TTT steps' backward in one buffer and handed to autograd once, instead of a gradient per
-    step added into autograd's own sum (one [out, in] gradient fewer alive at each step's
-    backward). Not with `mixed`, whose fp32 gradients already take each step's. false: per step,
-    as before (its reports)."""
+    sum_step_grads: Optional[bool] = None
+    """fitplan runtime, eagle3 lean draft with fused norms: each draft weight's gradient is summed
+    over the TTT steps' backward in one buffer and handed to autograd once, instead of a gradient
+    per step added into autograd's own sum (one [out, in] gradient fewer alive at each step's
+    backward). Not with `mixed`, whose fp32 gradients already take each step's. None: on wherever
+    it applies; true elsewhere is refused (fitplan.layout). false: per step, as before (its reports)."""
     recompute_mlp: bool = False
     """fitplan runtime, lean draft with fused norms: the MLP keeps only its input (the hidden
     after attention, which the layer keeps anyway) and makes gate and up again in backward, two
@@ -123,8 +123,9 @@ class RunSpec:
     bf16 gradient freed as its fp32 copy is made, so one fp32 gradient copy is alive at the
     step's peak instead of all of them beside all the bf16 gradients; each tensor costs one more
     optimizer call. None: on for eagle3 (the draft's dozen tensors: no time), off for sft (an
-    sft model's hundreds: some 5-18 ms a step; `fit` turns it on when memory is short). false:
-    every copy at once, as before (its reports)."""
+    sft model's hundreds: some 5-18 ms a step; `fit` turns it on when memory is short); true
+    where no copy of every gradient is made is refused (fitplan.layout). false: every copy at
+    once, as before (its reports)."""
     share_embedding: bool = True
     """fitplan runtime, eagle3 with a live target whose embedding is whole on each rank (tp 1):
     the draft's frozen embedding is the target's own tensor, not a copy of it, so one [V, h] is

@@ -24,8 +24,8 @@ from fitplan.estimator.result import Estimate
 from fitplan.layout import (
     SPECULATORS_SHARDINGS,
     Job,
+    can_recompute_mlp,
     copies_every_grad,
-    fused_norms,
     per_param_optimizer,
     resolve,
     tp_options,
@@ -106,8 +106,8 @@ def _draft_memory(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
 
 def _recompute_mlp(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
     """fitplan's lean draft: its MLP keeps only its input, gate and up made again in backward
-    (two more matmuls per TTT step, some 5% of a step); only where the norms are fused."""
-    if not spec.recompute_mlp and fused_norms(job):
+    (two more matmuls per TTT step, some 5% of a step); only in the eagle3 draft with fused norms."""
+    if not spec.recompute_mlp and can_recompute_mlp(spec):
         yield "recompute_mlp on", spec.replace(recompute_mlp=True)
 
 
@@ -165,10 +165,13 @@ def _optimizer(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
 
 
 def _offload(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
+    # Off the GPU no fp32 copy of every gradient is made to step a parameter at a time: the knob
+    # goes back to auto, which is off there (true is refused, fitplan.layout).
+    per_param = None if spec.optimizer_per_param else spec.optimizer_per_param
     if spec.offload == "none":
-        yield "offload optimizer", spec.replace(offload="optimizer")
+        yield "offload optimizer", spec.replace(offload="optimizer", optimizer_per_param=per_param)
     if spec.offload != "params":
-        yield "offload params (zero3)", spec.replace(offload="params", sharding="zero3")
+        yield "offload params (zero3)", spec.replace(offload="params", sharding="zero3", optimizer_per_param=per_param)
 
 
 RUNGS: tuple[tuple[str, Callable[[RunSpec, Job], Iterator[tuple[str, RunSpec]]]], ...] = (

@@ -174,6 +174,8 @@ def check_draft(draft: DraftShape, model: ModelShape) -> None:
 
 def check_runtime(spec: RunSpec, world: int) -> None:
     check_recompute_mlp(spec)
+    check_optimizer_per_param(spec)
+    check_sum_step_grads(spec)
     check_head_grad_in_forward(spec)
     if spec.runtime == "specforge":
         if spec.workload != "eagle3":
@@ -325,51 +327,93 @@ def shares_target_embedding(job: Job) -> bool:
 
 def sums_step_grads(job: Job) -> bool:
     """Whether the lean draft's fused functions sum each weight's gradient over the TTT steps in
-    one buffer (RunSpec sum_step_grads, trainer/step_grads.py). Not under `mixed`, whose hooks
-    move each step's gradient into an fp32 one as it arrives: a bf16 sum held through backward
-    would come on top."""
-    return fused_norms(job) and job.spec.sum_step_grads and job.spec.precision != "mixed"
+    one buffer (RunSpec sum_step_grads, trainer/step_grads.py; None: wherever it can)."""
+    spec = job.spec
+    return spec.sum_step_grads is not False and _all_hold(_sum_step_grads_needs(spec))
+
+
+def _sum_step_grads_needs(spec: RunSpec) -> dict[str, tuple[object, bool, str]]:
+    """Where the steps' gradients are summed: the eagle3 lean draft with fused norms (as for
+    recompute_mlp), not under `mixed`, whose hooks move each step's gradient into an fp32 one as it arrives (a bf16
+    sum held through backward would come on top)."""
+    return {**_recompute_mlp_needs(spec),
+            "precision": (spec.precision, spec.precision != "mixed", "other than mixed")}
 
 
 def check_recompute_mlp(spec: RunSpec) -> None:
     """recompute_mlp is a way of fitplan's lean draft with fused norms; refused elsewhere rather
     than ignored (the job would keep what the user asked it not to)."""
-    if not spec.recompute_mlp:
-        return
-    where = {"runtime": (spec.runtime, "fitplan"), "workload": (spec.workload, "eagle3"),
-             "draft_memory": (spec.draft_memory, "lean"), "recompute_norms": (spec.recompute_norms, True)}
-    for knob, (given, needed) in where.items():
-        if given != needed:
-            shown = str(given).lower() if isinstance(given, bool) else given
-            raise FitplanError(f"recompute_mlp: runs in fitplan's eagle3 lean draft with fused norms, not with "
-                               f"{knob} {shown} (accepted: recompute_mlp false, or runtime fitplan, workload eagle3, "
-                               "draft_memory lean, recompute_norms true)")
+    if spec.recompute_mlp:
+        _refuse_unless("recompute_mlp", "runs in fitplan's eagle3 lean draft with fused norms",
+                      _recompute_mlp_needs(spec), auto=False)
+
+
+def can_recompute_mlp(spec: RunSpec) -> bool:
+    """Whether the layout has an MLP for recompute_mlp to recompute (where it is not refused)."""
+    return _all_hold(_recompute_mlp_needs(spec))
+
+
+def _recompute_mlp_needs(spec: RunSpec) -> dict[str, tuple[object, bool, str]]:
+    return {"runtime": _is(spec.runtime, "fitplan"), "workload": _is(spec.workload, "eagle3"),
+            "draft_memory": _is(spec.draft_memory, "lean"), "recompute_norms": _is(spec.recompute_norms, True)}
+
+
+def check_optimizer_per_param(spec: RunSpec) -> None:
+    """optimizer_per_param true where no fp32 copy of every gradient is made: refused rather
+    than ignored (the user would count on a memory saving the job does not make)."""
+    if spec.optimizer_per_param:
+        _refuse_unless("optimizer_per_param", "steps the bf16-master optimizer on the GPU a parameter at a time",
+                      _copies_every_grad_needs(spec), auto=True)
+
+
+def check_sum_step_grads(spec: RunSpec) -> None:
+    """sum_step_grads true where no fused function sums the steps' gradients: refused rather
+    than ignored (the user would count on a memory saving the job does not make)."""
+    if spec.sum_step_grads:
+        _refuse_unless("sum_step_grads", "sums the TTT steps' gradients in fitplan's eagle3 lean draft with "
+                      "fused norms", _sum_step_grads_needs(spec), auto=True)
+
+
+def _refuse_unless(knob: str, does: str, needs: dict[str, tuple[object, bool, str]], auto: bool) -> None:
+    """A switch given true in a layout where it does nothing: one line naming the switch, the
+    first layout knob that rules it out, and what is accepted. `needs`: layout knob -> (its
+    value, whether that value lets the switch act, the values that do); `auto`: the switch also
+    takes auto (null), which is off where it does nothing."""
+    for name, (given, holds, accepted) in needs.items():
+        if not holds:
+            off = f"{knob} false or auto" if auto else f"{knob} false"
+            wanted = ", ".join(f"{n} {a}" for n, (_, _, a) in needs.items())
+            raise FitplanError(f"{knob}: {does}, not with {name} {_shown(given)} (accepted: {off}, or {wanted})")
+
+
+def _all_hold(needs: dict[str, tuple[object, bool, str]]) -> bool:
+    return all(holds for _, holds, _ in needs.values())
+
+
+def _is(given: object, needed: object) -> tuple[object, bool, str]:
+    return given, given == needed, _shown(needed)
+
+
+def _shown(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def check_head_grad_in_forward(spec: RunSpec) -> None:
-    """head_grad_in_forward sums the head's gradients into the unroll's buffers: refused where
-    there are none rather than ignored."""
-    if not spec.head_grad_in_forward:
-        return
-    where = {"runtime": (spec.runtime, "fitplan"), "workload": (spec.workload, "eagle3"),
-             "draft_memory": (spec.draft_memory, "lean"), "recompute_norms": (spec.recompute_norms, True),
-             "sum_step_grads": (spec.sum_step_grads is not False, True)}
-    for knob, (given, needed) in where.items():
-        if given != needed:
-            shown = str(given).lower() if isinstance(given, bool) else given
-            raise FitplanError(f"head_grad_in_forward: runs in fitplan's eagle3 lean draft with summed step gradients, "
-                               f"not with {knob} {shown} (accepted: head_grad_in_forward false or auto, or runtime "
-                               "fitplan, workload eagle3, draft_memory lean, recompute_norms true, sum_step_grads "
-                               "true, precision other than mixed)")
-    if spec.precision == "mixed":
-        raise FitplanError("head_grad_in_forward: runs with summed step gradients, which mixed precision does not "
-                           "use (accepted: head_grad_in_forward false or auto, or precision bf16-master, bf16 or "
-                           "fp32-autocast)")
+    """head_grad_in_forward true where the steps' gradients are not summed (the head makes its
+    gradients in forward into those sums): refused rather than ignored."""
+    if spec.head_grad_in_forward:
+        _refuse_unless("head_grad_in_forward", "makes the head's gradients in forward into the steps' summed "
+                      "gradients", _head_grad_in_forward_needs(spec), auto=True)
+
+
+def _head_grad_in_forward_needs(spec: RunSpec) -> dict[str, tuple[object, bool, str]]:
+    return {**_sum_step_grads_needs(spec),
+            "sum_step_grads": (spec.sum_step_grads, spec.sum_step_grads is not False, "true or auto")}
 
 
 def head_grads_in_forward(job: Job) -> bool:
     """Whether the fused head makes its gradients in forward (RunSpec head_grad_in_forward,
-    trainer/head_loss.py): on by default wherever the steps sum their gradients."""
+    trainer/head_loss.py; None: wherever the steps sum their gradients)."""
     return sums_step_grads(job) and job.spec.head_grad_in_forward is not False
 
 
@@ -384,7 +428,12 @@ def copies_every_grad(spec: RunSpec) -> bool:
     """Whether the step copies every bf16 gradient to fp32 (trainer/optim.py MasterWeightAdamW):
     fitplan's trainer under bf16-master with the optimizer on the GPU, where stepping a
     parameter at a time (RunSpec optimizer_per_param) applies."""
-    return spec.runtime == "fitplan" and spec.precision == "bf16-master" and spec.offload == "none"
+    return _all_hold(_copies_every_grad_needs(spec))
+
+
+def _copies_every_grad_needs(spec: RunSpec) -> dict[str, tuple[object, bool, str]]:
+    return {"runtime": _is(spec.runtime, "fitplan"), "precision": _is(spec.precision, "bf16-master"),
+            "offload": _is(spec.offload, "none")}
 
 
 def steps_per_param(spec: RunSpec) -> bool:

@@ -62,7 +62,8 @@ def plan_from_mapping(data: dict[str, Any], source: str) -> Plan:
     prediction, trail = data.get("prediction") or {}, data.get("trail") or []
     if not isinstance(prediction, dict) or not isinstance(trail, list):
         raise FitplanError(f"{source}: plan's 'prediction' must be a mapping and 'trail' a list")
-    return Plan(spec_from_mapping(vllm_share_moved(data["config"]), f"{source} config"), prediction, tuple(trail))
+    config = sum_step_grads_auto(vllm_share_moved(data["config"]))
+    return Plan(spec_from_mapping(config, f"{source} config"), prediction, tuple(trail))
 
 
 def vllm_share_moved(config: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +138,16 @@ PREDATING_KEYS = {"draft_memory": "plain", "recompute_norms": False, "share_embe
 
 def stored_config(config: dict[str, Any]) -> dict[str, Any]:
     """A stored run's config as the job it ran: keys it predates take their historic value."""
-    return {**PREDATING_KEYS, **config}
+    return sum_step_grads_auto({**PREDATING_KEYS, **config})
+
+
+def sum_step_grads_auto(config: dict[str, Any]) -> dict[str, Any]:
+    """A plan or report written while sum_step_grads was a plain switch holds its default, true,
+    whatever the layout: read as auto, the same job where the sums apply and accepted where they
+    do not (fitplan.layout refuses true there)."""
+    if config.get("sum_step_grads") is not True:
+        return config
+    return {**config, "sum_step_grads": None}
 
 
 def is_measurement(data: Any) -> bool:

@@ -54,17 +54,19 @@ HELP: dict[str, str] = {
                      "in backward (no step keeps its logits). plain: torch's composition, as SpecForge's draft."),
     "recompute_norms": ("fitplan runtime, lean draft: RMSNorm outputs and o_proj's input made again in backward "
                         "rather than kept, the teacher held as bf16 logits (false: as the first lean draft)."),
-    "sum_step_grads": ("fitplan runtime, lean draft with fused norms (not with mixed): each draft weight's gradient "
-                       "summed over the TTT steps in one buffer, handed to autograd once (false: one per step)."),
+    "sum_step_grads": ("fitplan runtime, eagle3 lean draft with fused norms (not with mixed): each draft weight's "
+                       "gradient summed over the TTT steps in one buffer, handed to autograd once (false: one per "
+                       "step). Default: on where it applies; turned on elsewhere, refused."),
     "recompute_mlp": ("fitplan runtime, lean draft with fused norms: the MLP's gate and up made again in backward "
                       "rather than kept (4I bytes per token per TTT step less, ~5% more step time)."),
     "head_grad_in_forward": ("fitplan runtime, lean draft with summed step gradients: the fused head makes its "
                              "gradients in forward, its logits formed once (some 5-10% of a step less; 2h bytes "
                              "per token per TTT step kept, the teacher let go before backward). Default: on where "
-                             "it applies."),
-    "optimizer_per_param": ("fitplan runtime, bf16-master: the optimizer steps a parameter at a time, one fp32 "
-                            "gradient copy alive instead of all. Default: on for eagle3, off for sft (one optimizer "
-                            "call per tensor; fit turns it on when memory is short)."),
+                             "it applies; turned on elsewhere, refused."),
+    "optimizer_per_param": ("fitplan runtime, bf16-master, optimizer on the GPU: the optimizer steps a parameter at "
+                            "a time, one fp32 gradient copy alive instead of all. Default: on for eagle3, off for sft "
+                            "(one optimizer call per tensor; fit turns it on when memory is short); turned on "
+                            "elsewhere, refused."),
     "share_embedding": ("fitplan runtime, eagle3, live target at tp 1: the draft's frozen embedding is the target's "
                         "own tensor (false: a copy, one more [V, h] held)."),
 }
@@ -74,7 +76,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Switches whose default (None) is decided per job; their help says how.
-AUTO_BOOLS = ("optimizer_per_param", "head_grad_in_forward")
+AUTO_BOOLS = ("optimizer_per_param", "sum_step_grads", "head_grad_in_forward")
 
 _TYPES: dict[str, Any] = {
     "seq": int, "micro_batch": int, "global_batch": int, "accum": int, "tp": int, "ttt": int,

@@ -1,0 +1,224 @@
+"""A layout switch turned on where it has nothing to do is refused, not ignored.
+
+optimizer_per_param steps the fp32 copies fitplan's trainer makes of every gradient under
+bf16-master with the optimizer on the GPU; sum_step_grads sums the TTT steps' gradients in the
+eagle3 lean draft's fused functions, not under mixed. Both default to auto (None): on where they
+apply. Swept over every layout axis that decides where they apply: true is accepted exactly where
+it applies and refused in one line naming the switch everywhere else; false and auto are
+accepted wherever the layout is. The expected rules are written out here, not read from
+fitplan.layout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fitplan.config import RunSpec, spec_from_mapping
+from fitplan.errors import FitplanError
+from fitplan.ladder import fit
+from fitplan.layout import resolve, steps_per_param, sums_step_grads
+from fitplan.records import measurement_from_mapping, plan_from_mapping
+from test_job_rules import one_line_refusal
+
+RUNTIMES = ("fitplan", "specforge", "speculators")
+WORKLOADS = ("eagle3", "sft")
+PRECISIONS = ("mixed", "fp32-autocast", "bf16-master", "bf16")
+OFFLOADS = ("none", "optimizer")
+DRAFT_MEMORIES = ("lean", "plain")
+RECOMPUTE_NORMS = (True, False)
+# What speculators' train.py must be told whatever the layout (fitplan.layout.SPECULATORS_KNOBS).
+SPECULATORS = {"offline": True, "sharding": "none"}
+
+
+def layouts():
+    return itertools.product(RUNTIMES, WORKLOADS, PRECISIONS, OFFLOADS, DRAFT_MEMORIES, RECOMPUTE_NORMS)
+
+
+def layout_spec(runtime, workload, precision, offload, draft_memory, recompute_norms, **switch) -> RunSpec:
+    extra = SPECULATORS if runtime == "speculators" else {}
+    return RunSpec(model="llama-3.1-8b", gpus="1xH100", seq=2048, runtime=runtime, workload=workload,
+                   precision=precision, offload=offload, draft_memory=draft_memory,
+                   recompute_norms=recompute_norms, **extra, **switch)
+
+
+def per_param_applies(runtime, workload, precision, offload, draft_memory, recompute_norms) -> bool:
+    return runtime == "fitplan" and precision == "bf16-master" and offload == "none"
+
+
+def step_sums_apply(runtime, workload, precision, offload, draft_memory, recompute_norms) -> bool:
+    return (runtime == "fitplan" and workload == "eagle3" and draft_memory == "lean" and recompute_norms
+            and precision != "mixed")
+
+
+SWITCHES = {
+    "optimizer_per_param": (per_param_applies, lambda job: steps_per_param(job.spec)),
+    "sum_step_grads": (step_sums_apply, sums_step_grads),
+}
+
+
+def accepted_layouts() -> list[tuple]:
+    """The layouts the rules accept with both switches left to auto."""
+    kept = []
+    for layout in layouts():
+        try:
+            resolve(layout_spec(*layout))
+        except FitplanError:
+            continue
+        kept.append(layout)
+    return kept
+
+
+def test_the_sweep_covers_layouts_where_each_switch_applies_and_where_it_does_not():
+    kept = accepted_layouts()
+    # fitplan: 2 workloads x 4 precisions x 2 offloads x 2 draft memories x 2 norm settings = 64;
+    # specforge and speculators: eagle3 with their one precision, no offload, x 2 x 2 = 4 each
+    assert len(kept) == 64 + 4 + 4
+    # fitplan, bf16-master, offload none: x 2 workloads x 2 draft memories x 2 norm settings
+    assert sum(per_param_applies(*layout) for layout in kept) == 8
+    # fitplan, eagle3, lean, fused norms: 3 precisions other than mixed x 2 offloads
+    assert sum(step_sums_apply(*layout) for layout in kept) == 6
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_true_is_accepted_where_the_switch_applies_and_refused_in_one_line_elsewhere(switch):
+    applies, acts = SWITCHES[switch]
+    for layout in accepted_layouts():
+        spec = layout_spec(*layout, **{switch: True})
+        if applies(*layout):
+            assert acts(resolve(spec)), layout
+            continue
+        with pytest.raises(FitplanError) as refused:
+            resolve(spec)
+        message = str(refused.value)
+        assert "\n" not in message, message
+        assert message.startswith(f"{switch}: "), (layout, message)
+        assert f"(accepted: {switch} false or auto, or " in message, message
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_false_and_auto_are_accepted_wherever_the_layout_is(switch):
+    applies, acts = SWITCHES[switch]
+    for layout in accepted_layouts():
+        assert not acts(resolve(layout_spec(*layout, **{switch: False}))), layout
+        auto = acts(resolve(layout_spec(*layout, **{switch: None})))
+        # auto: on where it applies, except the bf16-master step of sft, a parameter at a time
+        # only when asked (an sft model's hundreds of tensors cost one optimizer call each)
+        sft_step = switch == "optimizer_per_param" and layout[1] == "sft"
+        assert auto == (applies(*layout) and not sft_step), layout
+
+
+def test_the_refusal_names_the_knob_that_rules_the_switch_out():
+    line = "precision mixed (accepted: sum_step_grads false or auto, or runtime fitplan, workload eagle3, " \
+           "draft_memory lean, recompute_norms true, precision other than mixed)"
+    with pytest.raises(FitplanError, match=r"^sum_step_grads: .*, not with " + line.replace("(", r"\(").replace(")", r"\)")):
+        resolve(layout_spec("fitplan", "eagle3", "mixed", "none", "lean", True, sum_step_grads=True))
+    line = "offload optimizer (accepted: optimizer_per_param false or auto, or runtime fitplan, " \
+           "precision bf16-master, offload none)"
+    with pytest.raises(FitplanError, match=r"^optimizer_per_param: .*, not with " + line.replace("(", r"\(").replace(")", r"\)")):
+        resolve(layout_spec("fitplan", "eagle3", "bf16-master", "optimizer", "lean", True, optimizer_per_param=True))
+
+
+# ---------------------------------------------------------------- every command, the command line
+
+# Jobs train can run (eagle3, fitplan's runtime) in which a switch does nothing, with the knob named.
+IDLE = [
+    (["--precision", "mixed", "--sum-step-grads"], "sum_step_grads", "precision mixed"),
+    (["--draft-memory", "plain", "--sum-step-grads"], "sum_step_grads", "draft_memory plain"),
+    (["--no-recompute-norms", "--sum-step-grads"], "sum_step_grads", "recompute_norms false"),
+    (["--precision", "mixed", "--optimizer-per-param"], "optimizer_per_param", "precision mixed"),
+    (["--precision", "bf16", "--optimizer-per-param"], "optimizer_per_param", "precision bf16"),
+    (["--offload", "optimizer", "--optimizer-per-param"], "optimizer_per_param", "offload optimizer"),
+]
+YAML_VALUES = {"--precision": ("precision", str), "--draft-memory": ("draft_memory", str),
+               "--offload": ("offload", str), "--no-recompute-norms": ("recompute_norms", False),
+               "--sum-step-grads": ("sum_step_grads", True), "--optimizer-per-param": ("optimizer_per_param", True)}
+
+
+def as_yaml(flags: list[str]) -> dict:
+    keys, rest = {"model": "llama-3.1-8b"}, list(flags)
+    while rest:
+        key, value = YAML_VALUES[rest.pop(0)]
+        keys[key] = rest.pop(0) if value is str else value
+    return keys
+
+
+@pytest.mark.parametrize("flags,switch,knob", IDLE)
+def test_every_command_refuses_an_idle_switch_alike_before_anything_loads(tmp_path, flags, switch, knob):
+    job = ["--model", "llama-3.1-8b", *flags]
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(as_yaml(flags)))
+    log = tmp_path / "oom.log"
+    log.write_text("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB "
+                   "total capacity; 70.00 GiB already allocated; 1.00 GiB free; 75.00 GiB reserved in total by PyTorch)")
+    lines = {
+        "estimate": one_line_refusal(["estimate", *job]),
+        "fit": one_line_refusal(["fit", *job]),
+        "check": one_line_refusal(["check", str(config)]),
+        "explain": one_line_refusal(["explain", str(log), *job]),
+        "train": one_line_refusal(["train", *job, "--random-weights", "--synthetic-data", "--device", "cpu",
+                                   "--output", str(tmp_path / "run")]),
+    }
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    reasons = {line.split(": ", 1)[1].split(f"{config}: ")[-1] for line in lines.values()}
+    assert len(reasons) == 1, lines
+    assert reasons.pop().startswith(f"{switch}: ") and all(f"not with {knob} (" in line for line in lines.values())
+
+
+@pytest.mark.parametrize("flags,switch", [(["--precision", "mixed", "--sum-step-grads"], "sum_step_grads"),
+                                          (["--offload", "optimizer", "--optimizer-per-param"], "optimizer_per_param")])
+def test_the_cli_process_exits_2_with_one_line_on_stderr(flags, switch):
+    done = subprocess.run([sys.executable, "-m", "fitplan.cli", "estimate", "--model", "llama-3.1-8b", *flags],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {switch}: "), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------- auto through files, and fit
+
+
+def test_auto_round_trips_through_yaml_plans_and_reports():
+    spec = RunSpec(model="llama-3.1-8b", precision="mixed")
+    assert spec.sum_step_grads is None and spec.optimizer_per_param is None
+    written = yaml.safe_load(yaml.safe_dump(spec.to_dict()))
+    assert written["sum_step_grads"] is None and written["optimizer_per_param"] is None
+    assert spec_from_mapping(written) == spec
+    plan = plan_from_mapping({"fitplan_plan": 1, "config": written}, "plan.yaml")
+    assert plan.config == spec
+    report = measurement_from_mapping({"config": written, "steps": []}, "report.json")
+    assert report.config == spec
+
+
+def test_files_written_while_sum_step_grads_was_a_plain_switch_read_as_auto():
+    # every plan and report then held its default, true, also where it did nothing (mixed)
+    old = {**RunSpec(model="llama-3.1-8b", precision="mixed").to_dict(), "sum_step_grads": True}
+    plan = plan_from_mapping({"fitplan_plan": 1, "config": old}, "plan.yaml")
+    report = measurement_from_mapping({"config": old, "steps": []}, "report.json")
+    for spec in (plan.config, report.config):
+        assert spec.sum_step_grads is None and not sums_step_grads(resolve(spec))
+    # a report predating the key ran one gradient per step
+    del old["sum_step_grads"]
+    assert measurement_from_mapping({"config": old, "steps": []}, "report.json").config.sum_step_grads is False
+
+
+def test_a_checkpoint_resumes_across_auto_and_an_explicit_switch():
+    from trainer.checkpoint import config_changes
+
+    assert config_changes({"sum_step_grads": True, "optimizer_per_param": None, "seq": 2048},
+                          {"sum_step_grads": None, "optimizer_per_param": True, "seq": 2048}) == []
+
+
+def test_fit_offloads_an_optimizer_stepped_a_parameter_at_a_time_without_a_refusal():
+    # sft llama-3.1-8b at 2048 on one H100 fits only with its optimizer on the host; asked to step
+    # a parameter at a time on the GPU, the offload rung puts the switch back to auto
+    result = fit(RunSpec(model="llama-3.1-8b", gpus="1xH100", workload="sft", seq=2048, optimizer_per_param=True))
+    assert result.chosen is not None and "offload optimizer" in result.changes
+    assert result.chosen.spec.optimizer_per_param is None
+    assert not any(reason.startswith(("optimizer_per_param", "sum_step_grads", "recompute_mlp"))
+                   for _, reason in result.refused), result.refused
