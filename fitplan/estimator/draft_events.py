@@ -32,7 +32,7 @@ from fitplan.estimator.step_trace import (
     step_grad,
     step_grad_buffer,
 )
-from fitplan.layout import fused_norms, recomputes_mlp
+from fitplan.layout import fused_norms, head_grads_in_forward, recomputes_mlp
 from fitplan.units import BF16, FP32
 
 INDEX = 8  # int64
@@ -47,6 +47,7 @@ class Saved:
     steps: list[dict[str, int]] = field(default_factory=list)
     casts: list[int] = field(default_factory=list)
     held: dict[int, list[int]] = field(default_factory=dict)  # step -> its roped key and value
+    head_grad: int | None = None  # the head weight's gradient, made in forward (_in_forward)
 
 
 def _lean(state: State) -> bool:
@@ -56,6 +57,11 @@ def _lean(state: State) -> bool:
 def _fused(state: State) -> bool:
     """Norms fused with their projections (trainer/norm_project.py), the final one in the head."""
     return fused_norms(state.job)
+
+
+def _in_forward(state: State) -> bool:
+    """The head makes its gradients in forward (trainer/head_loss.py _HeadSoftCEGradInForward)."""
+    return head_grads_in_forward(state.job)
 
 
 def draft_forward(t: Trace, state: State) -> Saved:
@@ -70,7 +76,10 @@ def draft_forward(t: Trace, state: State) -> Saved:
     for k in range(z.L):
         step: dict[str, int] = {"emb": t.alloc(BF16 * z.h * z.T, "embedding")}
         _layer_forward(t, state, k, step, saved)
-        _loss_forward(t, state, step)
+        if _in_forward(state):
+            _loss_forward_with_grads(t, state, step, saved, last=k == z.L - 1)
+        else:
+            _loss_forward(t, state, step)
         saved.steps.append(step)
     # the unroll's lists go; a checkpointed step's inputs still hold the keys and values before it
     for k in [k for k in saved.held if not state.job.spec.ac or k == z.L - 1]:
@@ -191,6 +200,24 @@ def _loss_forward(t: Trace, state: State, step: dict[str, int]) -> None:
     t.free(logits)
 
 
+def _loss_forward_with_grads(t: Trace, state: State, step: dict[str, int], saved: Saved, last: bool) -> None:
+    """The head making its gradients in forward: the counted rows, the hidden's gradient (kept),
+    the head weight's gradient at the first step (the unroll's sum), then each chunk's bf16
+    logits and their gradient. Its rows go with it; the last step's layer output, which no later
+    step keeps, goes after it."""
+    z, job = state.sizes, state.job
+    rows = t.alloc(2 * INDEX * z.T, "counted rows")
+    step["grad_normed"] = t.alloc(BF16 * z.h * z.T, "grad of layer output (made in forward)")
+    if saved.head_grad is None:
+        saved.head_grad = t.alloc(state.numel["lm_head"] * state.recipe.param, "grad of lm_head (summed in forward)")
+    per = draft_terms.HEAD_FORWARD_GRAD_BYTES_PER_LOGIT // 2
+    for n in _chunks(job):
+        t.free(t.alloc(per * z.Vd * n, "head chunk logits"), t.alloc(per * z.Vd * n, "head chunk logits grad"))
+    t.free(rows)
+    if last:
+        t.free(step.pop("hidden_out"))
+
+
 def _chunks(job) -> list[int]:
     """Rows of the chunks the fused head scores (every position counted: the upper bound)."""
     return loop_chunks(job.spec.micro_batch * job.spec.seq, draft_terms.head_chunk_rows(job))
@@ -215,7 +242,12 @@ def draft_backward(t: Trace, state: State, saved: Saved) -> None:
     for k in reversed(range(state.sizes.L)):
         step = saved.steps[k]
         with unit("lm_head"):
-            _head_backward(t, state, step)
+            if _in_forward(state):  # its gradients are made: the last call hands the head's sum over
+                if k == 0:
+                    keep_grad(t, state, "lm_head", saved.head_grad)
+                step_grad(t, state, "norm")
+            else:
+                _head_backward(t, state, step)
             if _fused(state):  # one FSDP unit with the head
                 _final_norm_backward(t, state, step, pending)
         if not _fused(state):
@@ -292,7 +324,8 @@ def _final_norm_backward(t: Trace, state: State, step: dict[str, int], pending: 
     z = state.sizes
     if _fused(state):  # the head's gradient is the layer output's (_head_backward)
         grad = step.pop("grad_normed")
-        t.free(step.pop("hidden_out"))
+        if "hidden_out" in step:  # the last step's went in forward when the head made its gradients there
+            t.free(step.pop("hidden_out"))
     else:
         grad = t.alloc(BF16 * z.h * z.T, "grad of layer output")
         t.free(step.pop("grad_normed"), step.pop("rstd_final"), step.pop("hidden_out"))

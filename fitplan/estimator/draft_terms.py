@@ -22,13 +22,15 @@ Saved per token and TTT step k (no activation checkpointing):
   attention (eager): keys and values repeated to all heads 4*H*d*(k+1); fp32 softmax and bf16
     probabilities 6*H*S*(k+1); a bool mask S*S*(k+1) per step
   loss: two int64 row indices 16 (trainer/head_loss.py recomputes the logits in backward;
-    unfused: the fp32 log-softmax 4*Vd)
+    unfused: the fp32 log-softmax 4*Vd); with the head's gradients made in forward
+    (layout.head_grads_in_forward) the hidden's gradient 2h instead, and the last step's layer
+    output is let go at the end of forward (no step after it keeps it)
 plus the fc output 2h once and the bf16 RoPE tables 2*S*d*2 once.
 """
 
 from __future__ import annotations
 
-from fitplan.layout import Job, fused_norms, recomputes_mlp
+from fitplan.layout import Job, fused_norms, head_grads_in_forward, recomputes_mlp
 from fitplan.units import BF16, FP32
 
 NORMS_PER_STEP = 4  # input, hidden, post-attention and final RMSNorm: one fp32 rstd per token each
@@ -42,6 +44,8 @@ HEAD_CHUNK_BYTES = 256 * 2**20
 # CPU, the same arithmetic holds about 18 and 20: fp32 copies, the gathered teacher rows.)
 HEAD_FORWARD_BYTES_PER_LOGIT = 2
 HEAD_BACKWARD_BYTES_PER_LOGIT = 4
+# Made in forward (layout.head_grads_in_forward): the bf16 logits and their bf16 gradient, in forward.
+HEAD_FORWARD_GRAD_BYTES_PER_LOGIT = 4
 
 
 def _lean(job: Job) -> bool:
@@ -101,7 +105,23 @@ def _loss_saved_per_token(job: Job) -> int:
     """What one step's loss keeps for backward, per token."""
     if _fused_loss(job):  # the bf16 logits it was given (a view, not a copy) and its row statistics
         return BF16 * job.draft.draft_vocab + FUSED_LOSS_STATS_BYTES
+    if head_grads_in_forward(job):  # the hidden's gradient, made in forward
+        return BF16 * job.draft.hidden
     return ROW_INDEX_BYTES if _lean(job) else FP32 * job.draft.draft_vocab
+
+
+def let_go_in_forward_bytes(job: Job) -> int:
+    """The last step's layer output, which no step after it keeps: let go at the end of forward
+    when the head made its gradients there (counted in the saved set until then), else kept by the
+    head for backward (0)."""
+    return BF16 * job.draft.hidden * _tokens(job) if head_grads_in_forward(job) else 0
+
+
+def head_grad_buffer_bytes(job: Job, param_bytes: int) -> int:
+    """The head weight's gradient over the unroll, made by the first step's head in forward when
+    it makes its gradients there (trainer/step_grads.py), alive from then on; 0 otherwise (made
+    in backward, counted with the grads)."""
+    return job.draft.hidden * job.draft.draft_vocab * param_bytes if head_grads_in_forward(job) else 0
 
 
 def head_chunk_rows(job: Job) -> int:
@@ -205,6 +225,8 @@ def _loss_forward_bytes(job: Job) -> int:
     d = job.draft
     if _fused_loss(job):  # its kernel streams the rows: nothing [T, Vd]-wide beyond the logits
         return 0
+    if head_grads_in_forward(job):  # with its row indices, which it does not keep
+        return HEAD_FORWARD_GRAD_BYTES_PER_LOGIT * d.draft_vocab * head_chunk_rows(job) + ROW_INDEX_BYTES * _tokens(job)
     if _lean(job):
         return HEAD_FORWARD_BYTES_PER_LOGIT * d.draft_vocab * head_chunk_rows(job)
     return (BF16 + FP32) * d.draft_vocab * _tokens(job)
@@ -218,6 +240,8 @@ def _loss_backward_bytes(job: Job) -> int:
     d = job.draft
     if _fused_loss(job):  # the logits' bf16 gradient, allocated whole, and the hidden's the head returns
         return BF16 * (d.draft_vocab + d.hidden) * _tokens(job)
+    if head_grads_in_forward(job):  # its kept gradient, rescaled in place
+        return 0
     if _lean(job):
         return BF16 * d.hidden * _tokens(job) + HEAD_BACKWARD_BYTES_PER_LOGIT * d.draft_vocab * head_chunk_rows(job)
     return 2 * FP32 * d.draft_vocab * _tokens(job)
@@ -375,7 +399,8 @@ def draft_backward_extra_bytes(job: Job) -> int:
     """Transient peak of backward beyond the saved tensors: the larger of two instants.
 
     Its start: the last step's loss backward holds the fp32 gradient of the log-softmax and its
-    fp32 input gradient (8*Vd per token) before any saved tensor is released. The last step's
+    fp32 input gradient (8*Vd per token) before any saved tensor is released (with the head's
+    gradients made in forward, nothing, and the last step's layer output already gone). The last step's
     layer: by then its log-softmax and what it saved after the attention have been released
     (`_post_attention_saved_per_token`); with eager attention softmax's backward then adds
     `_eager_backward_bytes`. With checkpointing that layer is first recomputed: its saved set
@@ -384,7 +409,7 @@ def draft_backward_extra_bytes(job: Job) -> int:
     recomputed set is what the step would have saved anyway.
     """
     d, T = job.draft, _tokens(job)
-    logits_grads = _loss_backward_bytes(job)
+    logits_grads = _loss_backward_bytes(job) - let_go_in_forward_bytes(job)
     released = (_post_attention_saved_per_token(job) + _loss_saved_per_token(job)) * T
     attention = _eager_backward_bytes(job) * T
     if not job.spec.ac:

@@ -26,6 +26,7 @@ from fitplan.estimator.timeline import Component, Timeline, merge, phase
 from fitplan.layout import (
     Job,
     fused_norms,
+    head_grads_in_forward,
     recomputes_mlp,
     shares_target_embedding,
     steps_per_param,
@@ -297,6 +298,13 @@ def timeline(job: Job) -> Timeline:
     # Between micro-steps of an accumulation the grads stay; with accum 1 zero_grad(set_to_none).
     carried = phase(draft__grads=state.grads() if job.accum > 1 else 0)
     outputs = phase(target__outputs=target_terms.aux_outputs_bytes(job), logits__teacher=draft_terms.teacher_bytes(job))
+    # the head's gradients made in forward: its weight's from the first step on, and backward
+    # reads no teacher (trainer/loop.py lets it go)
+    head_grad = phase(draft__grads=draft_terms.head_grad_buffer_bytes(job, state.recipe.param))
+    in_forward = head_grads_in_forward(job)
+    backward_outputs = phase(target__outputs=target_terms.aux_outputs_bytes(job)) if in_forward else outputs
+    # a later micro-step's sum beside the .grad the earlier ones left, until the first step's backward adds it in
+    summing = head_grad if job.accum > 1 else phase()
     casts_and_gather = phase(draft__params=state.casts(), comm__buffers=gathered_params(job, state))
     saved = phase(
         activations__draft=draft_terms.draft_activation_bytes(job),
@@ -313,12 +321,12 @@ def timeline(job: Job) -> Timeline:
         return {
             "load": merge(base, optimizer_state(state, steady=False), staged),
             "target_forward": merge(base, opt, carried, target_peak),
-            "draft_forward": merge(base, opt, carried, outputs, casts_and_gather, saved, forward_extra),
+            "draft_forward": merge(base, opt, carried, outputs, casts_and_gather, saved, forward_extra, head_grad),
             "backward": _largest_instant([
-                merge(base, opt, carried, outputs, casts_and_gather, saved, backward_extra),
-                merge(base, opt, outputs, casts_and_gather, earlier_head_backward(job, state)),
-                merge(base, opt, outputs, casts_and_gather, earlier_mlp_backward(job, state)),
-                merge(base, opt, outputs, casts_and_gather, backward_grads(job, state)),
+                merge(base, opt, carried, backward_outputs, casts_and_gather, saved, backward_extra, head_grad),
+                merge(base, opt, backward_outputs, casts_and_gather, earlier_head_backward(job, state), summing),
+                merge(base, opt, backward_outputs, casts_and_gather, earlier_mlp_backward(job, state), summing),
+                merge(base, opt, backward_outputs, casts_and_gather, backward_grads(job, state)),
             ]),
             "optimizer_step": merge(base, optimizer_step(job, state, steady)),
             "checkpoint": merge(base, optimizer_state(state, steady=True),

@@ -51,7 +51,7 @@ from fitplan.estimator.step_trace import (
     loop_chunks,
     write_steps,
 )
-from fitplan.layout import Job, steps_per_param
+from fitplan.layout import Job, head_grads_in_forward, steps_per_param
 from fitplan.shapes import attention_params
 from fitplan.units import BF16, FP32
 
@@ -463,8 +463,12 @@ def build(job: Job) -> StepEvents:
         aux, teacher = target_forward(t, job)
         t.begin(f"{label}.draft_forward")
         saved = draft_forward(t, state)
+        if head_grads_in_forward(job):  # scored, its gradients made: trainer/loop.py lets it go
+            t.free(teacher)
         t.begin(f"{label}.backward")
         draft_backward(t, state, saved)
-        t.free(aux, teacher)
+        t.free(aux)
+        if not head_grads_in_forward(job):
+            t.free(teacher)
 
     return write_steps(t, job, micro_step, lambda first: optimizer_step(t, state, first=first))
