@@ -100,7 +100,8 @@ def test_the_lean_trainer_step_measured_beside_specforge():
     (docs/data/vs_specforge.json, benchmarks/vs_specforge.py: teacher from stored features + the
     lean draft's forward, backward and optimizer, llama-3.1-8b's draft, B1 S2048/4096/8192).
     Not calibrated on these: DENSE_EFFICIENCY was fitted on older runs. Measured 0.092, 0.175,
-    0.344 s; the model within 10% of each."""
+    0.344 s, the head's logits made again in backward (head_grad_in_forward false, as then); the
+    model within 10% of each."""
     from pathlib import Path
 
     data = json.loads((Path(__file__).parents[1] / "docs" / "data" / "vs_specforge.json").read_text())
@@ -108,6 +109,23 @@ def test_the_lean_trainer_step_measured_beside_specforge():
     assert [r["seq"] for r in rows] == [2048, 4096, 8192]
     for r in rows:
         job = resolve(RunSpec(model="llama-3.1-8b", gpus="1xH200", seq=r["seq"], micro_batch=r["batch"], tp=1,
-                              offline=True, precision="bf16-master"))
+                              offline=True, precision="bf16-master", head_grad_in_forward=False))
         predicted = step_time(job).compute_s
         assert abs(predicted / r["step_s"] - 1) <= 0.10, (r["seq"], predicted, r["step_s"])
+
+
+def test_the_default_trainer_step_measured_beside_specforge():
+    """The same against the trainer's default since the head makes its gradients in forward
+    (docs/data/vs_specforge_fsdp_g.json, B1 S2048/4096: 0.081 and 0.154 s measured): the model,
+    which prices the draft's FLOPs at one dense efficiency, over-predicts by 6% and 14% (its GEMMs
+    run faster than that efficiency); within 15% of each."""
+    from pathlib import Path
+
+    data = json.loads((Path(__file__).parents[1] / "docs" / "data" / "vs_specforge_fsdp_g.json").read_text())
+    rows = [r for r in data["results"] if r["tool"] == "fitplan" and r.get("ok")]
+    assert [r["seq"] for r in rows] == [2048, 4096]
+    for r in rows:
+        job = resolve(RunSpec(model="llama-3.1-8b", gpus="1xH200", seq=r["seq"], micro_batch=r["batch"], tp=1,
+                              offline=True, precision="bf16-master"))
+        predicted = step_time(job).compute_s
+        assert 1.0 <= predicted / r["step_s"] <= 1.15, (r["seq"], predicted, r["step_s"])

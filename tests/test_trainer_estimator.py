@@ -50,8 +50,17 @@ def eager_head(monkeypatch):
 
     monkeypatch.setattr(draft_terms, "HEAD_FORWARD_BYTES_PER_LOGIT", 18)
     monkeypatch.setattr(draft_terms, "HEAD_BACKWARD_BYTES_PER_LOGIT", 18)
+    # The head making its gradients in forward (the default), _chunk_loss_grad eagerly: while the
+    # gradient is formed, the bf16 logits 2, p 4, the fp32 logits 4 and two fp32 temporaries of
+    # exp(z - lse) * sum(p) - p (each freed once the next exists) 8 = 18 bytes per logit.
+    monkeypatch.setattr(draft_terms, "HEAD_FORWARD_GRAD_BYTES_PER_LOGIT", 18)
     # and SwiGLU's forward runs eagerly too: silu(gate) beside gate, up and the product
     monkeypatch.setattr(draft_terms, "SWIGLU_FORWARD_PER_INTERMEDIATE", 8)
+    # and its backward: beside the product's gradient 2I, grad_up 2I, then grad_product * up 2I and
+    # silu_backward's result 2I (silu(gate) freed once grad_up exists) = 8I. The head's own
+    # backward, the larger instant while it made its logits again, hid this one until the head
+    # made its gradients in forward.
+    monkeypatch.setattr(draft_terms, "SWIGLU_BACKWARD_PER_INTERMEDIATE", 8)
 
 
 def measure(configs, tmp_path, micro_batch, ttt, ac):
