@@ -21,7 +21,7 @@ import yaml
 from fitplan.config import RunSpec, spec_from_mapping
 from fitplan.errors import FitplanError
 from fitplan.ladder import fit
-from fitplan.layout import resolve, steps_per_param, sums_step_grads
+from fitplan.layout import head_grads_in_forward, resolve, steps_per_param, sums_step_grads
 from fitplan.records import measurement_from_mapping, plan_from_mapping
 from test_job_rules import one_line_refusal
 
@@ -58,6 +58,8 @@ def step_sums_apply(runtime, workload, precision, offload, draft_memory, recompu
 SWITCHES = {
     "optimizer_per_param": (per_param_applies, lambda job: steps_per_param(job.spec)),
     "sum_step_grads": (step_sums_apply, sums_step_grads),
+    # the head's gradients go into the steps' sums: it acts wherever they are made
+    "head_grad_in_forward": (step_sums_apply, head_grads_in_forward),
 }
 
 
@@ -130,13 +132,16 @@ IDLE = [
     (["--precision", "mixed", "--sum-step-grads"], "sum_step_grads", "precision mixed"),
     (["--draft-memory", "plain", "--sum-step-grads"], "sum_step_grads", "draft_memory plain"),
     (["--no-recompute-norms", "--sum-step-grads"], "sum_step_grads", "recompute_norms false"),
+    (["--precision", "mixed", "--head-grad-in-forward"], "head_grad_in_forward", "precision mixed"),
+    (["--no-sum-step-grads", "--head-grad-in-forward"], "head_grad_in_forward", "sum_step_grads false"),
     (["--precision", "mixed", "--optimizer-per-param"], "optimizer_per_param", "precision mixed"),
     (["--precision", "bf16", "--optimizer-per-param"], "optimizer_per_param", "precision bf16"),
     (["--offload", "optimizer", "--optimizer-per-param"], "optimizer_per_param", "offload optimizer"),
 ]
 YAML_VALUES = {"--precision": ("precision", str), "--draft-memory": ("draft_memory", str),
                "--offload": ("offload", str), "--no-recompute-norms": ("recompute_norms", False),
-               "--sum-step-grads": ("sum_step_grads", True), "--optimizer-per-param": ("optimizer_per_param", True)}
+               "--sum-step-grads": ("sum_step_grads", True), "--optimizer-per-param": ("optimizer_per_param", True),
+               "--no-sum-step-grads": ("sum_step_grads", False), "--head-grad-in-forward": ("head_grad_in_forward", True)}
 
 
 def as_yaml(flags: list[str]) -> dict:
