@@ -28,8 +28,13 @@ def pairs(results: list[dict]) -> list[tuple[dict, dict]]:
     for r in results:
         if r.get("ok") and r.get("kernels"):
             by_shape.setdefault((r["batch"], r["seq"]), {})[r["tool"]] = r
-    return [(tools["fitplan"], tools["specforge"]) for _, tools in sorted(by_shape.items())
-            if {"fitplan", "specforge"} <= set(tools)]
+    out = []
+    for _, tools in sorted(by_shape.items()):
+        # SpecForge unwrapped, or wrapped in FSDP as its trainer runs it
+        reference = tools.get("specforge") or tools.get("specforge-fsdp")
+        if "fitplan" in tools and reference is not None:
+            out.append((tools["fitplan"], reference))
+    return out
 
 
 def row(fitplan: dict, specforge: dict) -> str:
