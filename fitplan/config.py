@@ -92,15 +92,18 @@ class RunSpec:
     offline: bool = False
     """The target's features (aux and last hidden states) are read from disk and no target runs:
     SpecForge's offline mode, or fitplan's trainer given `fitplan train --hidden-states DIR`."""
-    draft_memory: DraftMemory = "lean"
-    """fitplan runtime. lean: the draft's lm_head is fused with the loss and its SwiGLU recomputed
-    in backward, so no step keeps its logits; plain: torch's own composition, as SpecForge's draft
-    (and fitplan's trainer before the lean draft: what older reports ran)."""
-    recompute_norms: bool = True
-    """fitplan runtime, lean draft: each RMSNorm's output (and o_proj's [B, S, H*d] input) is
-    made again in backward instead of kept, the final norm inside the fused head, and the
+    draft_memory: Optional[DraftMemory] = None
+    """fitplan runtime, eagle3. lean: the draft's lm_head is fused with the loss and its SwiGLU
+    recomputed in backward, so no step keeps its logits; plain: torch's own composition, as
+    SpecForge's draft (and fitplan's trainer before the lean draft: what older reports ran).
+    None: lean wherever fitplan's trainer runs an eagle3 draft; given elsewhere (sft, another
+    runtime) it is refused (fitplan.layout)."""
+    recompute_norms: Optional[bool] = None
+    """fitplan runtime, eagle3 lean draft: each RMSNorm's output (and o_proj's [B, S, H*d] input)
+    is made again in backward instead of kept, the final norm inside the fused head, and the
     teacher is held as the target's bf16 logits over the draft vocab (softmax per chunk) instead
-    of fp32 probabilities. false: kept, and an fp32 teacher, as the first lean draft (its reports)."""
+    of fp32 probabilities. None: on wherever the draft is lean; true elsewhere is refused
+    (fitplan.layout). false: kept, and an fp32 teacher, as the first lean draft (its reports)."""
     sum_step_grads: Optional[bool] = None
     """fitplan runtime, eagle3 lean draft with fused norms: each draft weight's gradient is summed
     over the TTT steps' backward in one buffer and handed to autograd once, instead of a gradient

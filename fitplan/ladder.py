@@ -100,7 +100,7 @@ def _draft_memory(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
         return
     if spec.draft_memory == "plain":
         yield "draft_memory lean", spec.replace(draft_memory="lean", recompute_norms=True)
-    elif not spec.recompute_norms:
+    elif spec.recompute_norms is False:
         yield "recompute_norms on", spec.replace(recompute_norms=True)
 
 

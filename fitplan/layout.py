@@ -177,6 +177,8 @@ def check_runtime(spec: RunSpec, world: int) -> None:
     check_optimizer_per_param(spec)
     check_sum_step_grads(spec)
     check_head_grad_in_forward(spec)
+    check_draft_memory(spec)
+    check_recompute_norms(spec)
     if spec.runtime == "specforge":
         if spec.workload != "eagle3":
             raise FitplanError("runtime specforge runs the eagle3 workload only; for sft use runtime fitplan")
@@ -309,11 +311,40 @@ def resolve(spec: RunSpec) -> Job:
     return Job(spec=spec, model=model, draft=draft, cluster=cluster, tp=tp, accum=accum, warnings=tuple(warnings))
 
 
+def lean_draft(spec: RunSpec) -> bool:
+    """Whether fitplan's trainer runs the lean Eagle3 draft, its head fused with the loss (RunSpec
+    draft_memory; None: lean wherever there is such a draft)."""
+    return _all_hold(_draft_memory_needs(spec)) and spec.draft_memory != "plain"
+
+
 def fused_norms(job: Job) -> bool:
     """Whether fitplan's lean draft runs its norms fused with their projections (RunSpec
-    recompute_norms, trainer/norm_project.py)."""
-    spec = job.spec
-    return spec.runtime == "fitplan" and spec.draft_memory == "lean" and spec.recompute_norms
+    recompute_norms, trainer/norm_project.py; None: wherever the draft is lean)."""
+    return lean_draft(job.spec) and job.spec.recompute_norms is not False
+
+
+def check_draft_memory(spec: RunSpec) -> None:
+    """draft_memory given where fitplan's trainer runs no Eagle3 draft (sft, another runtime's
+    draft): refused rather than ignored, lean and plain alike (neither says what that job keeps)."""
+    if spec.draft_memory is not None:
+        _refuse_unless("draft_memory", "lays out fitplan's eagle3 draft", _draft_memory_needs(spec), off="auto")
+
+
+def _draft_memory_needs(spec: RunSpec) -> dict[str, tuple[object, bool, str]]:
+    return {"runtime": _is(spec.runtime, "fitplan"), "workload": _is(spec.workload, "eagle3")}
+
+
+def check_recompute_norms(spec: RunSpec) -> None:
+    """recompute_norms true where no lean draft keeps norms to recompute: refused rather than
+    ignored (the user would count on a memory saving the job does not make)."""
+    if spec.recompute_norms:
+        _refuse_unless("recompute_norms", "makes the norms again in backward in fitplan's eagle3 lean draft",
+                      _recompute_norms_needs(spec), off="false or auto")
+
+
+def _recompute_norms_needs(spec: RunSpec) -> dict[str, tuple[object, bool, str]]:
+    return {**_draft_memory_needs(spec),
+            "draft_memory": (spec.draft_memory, spec.draft_memory != "plain", "lean or auto")}
 
 
 def shares_target_embedding(job: Job) -> bool:
@@ -345,7 +376,7 @@ def check_recompute_mlp(spec: RunSpec) -> None:
     than ignored (the job would keep what the user asked it not to)."""
     if spec.recompute_mlp:
         _refuse_unless("recompute_mlp", "runs in fitplan's eagle3 lean draft with fused norms",
-                      _recompute_mlp_needs(spec), auto=False)
+                      _recompute_mlp_needs(spec), off="false")
 
 
 def can_recompute_mlp(spec: RunSpec) -> bool:
@@ -354,8 +385,8 @@ def can_recompute_mlp(spec: RunSpec) -> bool:
 
 
 def _recompute_mlp_needs(spec: RunSpec) -> dict[str, tuple[object, bool, str]]:
-    return {"runtime": _is(spec.runtime, "fitplan"), "workload": _is(spec.workload, "eagle3"),
-            "draft_memory": _is(spec.draft_memory, "lean"), "recompute_norms": _is(spec.recompute_norms, True)}
+    return {**_recompute_norms_needs(spec),
+            "recompute_norms": (spec.recompute_norms, spec.recompute_norms is not False, "true or auto")}
 
 
 def check_optimizer_per_param(spec: RunSpec) -> None:
@@ -363,7 +394,7 @@ def check_optimizer_per_param(spec: RunSpec) -> None:
     than ignored (the user would count on a memory saving the job does not make)."""
     if spec.optimizer_per_param:
         _refuse_unless("optimizer_per_param", "steps the bf16-master optimizer on the GPU a parameter at a time",
-                      _copies_every_grad_needs(spec), auto=True)
+                      _copies_every_grad_needs(spec), off="false or auto")
 
 
 def check_sum_step_grads(spec: RunSpec) -> None:
@@ -371,19 +402,18 @@ def check_sum_step_grads(spec: RunSpec) -> None:
     than ignored (the user would count on a memory saving the job does not make)."""
     if spec.sum_step_grads:
         _refuse_unless("sum_step_grads", "sums the TTT steps' gradients in fitplan's eagle3 lean draft with "
-                      "fused norms", _sum_step_grads_needs(spec), auto=True)
+                      "fused norms", _sum_step_grads_needs(spec), off="false or auto")
 
 
-def _refuse_unless(knob: str, does: str, needs: dict[str, tuple[object, bool, str]], auto: bool) -> None:
-    """A switch given true in a layout where it does nothing: one line naming the switch, the
-    first layout knob that rules it out, and what is accepted. `needs`: layout knob -> (its
-    value, whether that value lets the switch act, the values that do); `auto`: the switch also
-    takes auto (null), which is off where it does nothing."""
+def _refuse_unless(knob: str, does: str, needs: dict[str, tuple[object, bool, str]], off: str) -> None:
+    """A knob given in a layout where it does nothing: one line naming the knob, the first
+    layout knob that rules it out, and what is accepted. `needs`: layout knob -> (its value,
+    whether that value lets the knob act, the values that do); `off`: the knob's values accepted
+    in any layout ("auto": null, which does nothing where the knob does nothing)."""
     for name, (given, holds, accepted) in needs.items():
         if not holds:
-            off = f"{knob} false or auto" if auto else f"{knob} false"
             wanted = ", ".join(f"{n} {a}" for n, (_, _, a) in needs.items())
-            raise FitplanError(f"{knob}: {does}, not with {name} {_shown(given)} (accepted: {off}, or {wanted})")
+            raise FitplanError(f"{knob}: {does}, not with {name} {_shown(given)} (accepted: {knob} {off}, or {wanted})")
 
 
 def _all_hold(needs: dict[str, tuple[object, bool, str]]) -> bool:
@@ -403,7 +433,7 @@ def check_head_grad_in_forward(spec: RunSpec) -> None:
     gradients in forward into those sums): refused rather than ignored."""
     if spec.head_grad_in_forward:
         _refuse_unless("head_grad_in_forward", "makes the head's gradients in forward into the steps' summed "
-                      "gradients", _head_grad_in_forward_needs(spec), auto=True)
+                      "gradients", _head_grad_in_forward_needs(spec), off="false or auto")
 
 
 def _head_grad_in_forward_needs(spec: RunSpec) -> dict[str, tuple[object, bool, str]]:

@@ -62,7 +62,7 @@ def plan_from_mapping(data: dict[str, Any], source: str) -> Plan:
     prediction, trail = data.get("prediction") or {}, data.get("trail") or []
     if not isinstance(prediction, dict) or not isinstance(trail, list):
         raise FitplanError(f"{source}: plan's 'prediction' must be a mapping and 'trail' a list")
-    config = sum_step_grads_auto(vllm_share_moved(data["config"]))
+    config = old_defaults_auto(vllm_share_moved(data["config"]))
     return Plan(spec_from_mapping(config, f"{source} config"), prediction, tuple(trail))
 
 
@@ -138,16 +138,24 @@ PREDATING_KEYS = {"draft_memory": "plain", "recompute_norms": False, "share_embe
 
 def stored_config(config: dict[str, Any]) -> dict[str, Any]:
     """A stored run's config as the job it ran: keys it predates take their historic value."""
-    return sum_step_grads_auto({**PREDATING_KEYS, **config})
+    return old_defaults_auto({**PREDATING_KEYS, **config})
 
 
-def sum_step_grads_auto(config: dict[str, Any]) -> dict[str, Any]:
-    """A plan or report written while sum_step_grads was a plain switch holds its default, true,
-    whatever the layout: read as auto, the same job where the sums apply and accepted where they
-    do not (fitplan.layout refuses true there)."""
-    if config.get("sum_step_grads") is not True:
-        return config
-    return {**config, "sum_step_grads": None}
+# Knobs that were plain values before they took auto (None), with the default they then had:
+# every plan, report and checkpoint of that time holds it, also where the knob did nothing.
+OLD_DEFAULTS = {"sum_step_grads": True, "draft_memory": "lean", "recompute_norms": True}
+
+
+def old_defaults_auto(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config as auto where it holds what auto now runs: an old default read as auto (the
+    same job where the knob applies, accepted where it does not: fitplan.layout refuses the
+    knob given there), and draft_memory, which then took any value, as auto where fitplan's
+    trainer runs no eagle3 draft (sft, another runtime: the knob did nothing)."""
+    auto = {k for k, old in OLD_DEFAULTS.items() if k in config and config[k] == old}
+    no_draft = config.get("runtime", "fitplan") != "fitplan" or config.get("workload", "eagle3") != "eagle3"
+    if no_draft and "draft_memory" in config:
+        auto.add("draft_memory")
+    return {**config, **dict.fromkeys(auto)}
 
 
 def is_measurement(data: Any) -> bool:

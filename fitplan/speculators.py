@@ -359,7 +359,7 @@ class SpeculatorsRun:
             "ttt": self.get("ttt_steps"), "aux_layers": self.get("target_layer_ids"),
             "sharding": "zero3" if self.get("fsdp_shard") else "none", "precision": "fp32-autocast",
             "optimizer": self.get("optimizer"), "attention": ATTENTION[self.get("draft_attn_impl")], "tp": 1,
-            "offline": True, "draft_memory": "plain", "vllm_gpu_memory_utilization": self.server_fraction,
+            "offline": True, "vllm_gpu_memory_utilization": self.server_fraction,
         }
         given = {k: v for k, v in (overrides or {}).items() if v is not None and k != "gpus"}
         return spec_from_mapping({**values, **given}, SOURCE)

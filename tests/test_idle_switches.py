@@ -5,8 +5,10 @@ bf16-master with the optimizer on the GPU; sum_step_grads sums the TTT steps' gr
 eagle3 lean draft's fused functions, not under mixed. Both default to auto (None): on where they
 apply. Swept over every layout axis that decides where they apply: true is accepted exactly where
 it applies and refused in one line naming the switch everywhere else; false and auto are
-accepted wherever the layout is. The expected rules are written out here, not read from
-fitplan.layout.
+accepted wherever the layout is. draft_memory lays out the draft of fitplan's eagle3 trainer and
+recompute_norms its lean draft's norms: both auto by default (lean, on), draft_memory given
+(lean or plain) and recompute_norms true are refused alike where there is no such draft. The
+expected rules are written out here, not read from fitplan.layout.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import sys
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from fitplan.cli import app
 from fitplan.config import RunSpec, spec_from_mapping
 from fitplan.errors import FitplanError
 from fitplan.ladder import fit
-from fitplan.layout import head_grads_in_forward, resolve, steps_per_param, sums_step_grads
+from fitplan.layout import fused_norms, head_grads_in_forward, lean_draft, resolve, steps_per_param, sums_step_grads
 from fitplan.records import measurement_from_mapping, plan_from_mapping
 from test_job_rules import one_line_refusal
 
@@ -29,8 +33,8 @@ RUNTIMES = ("fitplan", "specforge", "speculators")
 WORKLOADS = ("eagle3", "sft")
 PRECISIONS = ("mixed", "fp32-autocast", "bf16-master", "bf16")
 OFFLOADS = ("none", "optimizer")
-DRAFT_MEMORIES = ("lean", "plain")
-RECOMPUTE_NORMS = (True, False)
+DRAFT_MEMORIES = (None, "lean", "plain")
+RECOMPUTE_NORMS = (None, True, False)
 # What speculators' train.py must be told whatever the layout (fitplan.layout.SPECULATORS_KNOBS).
 SPECULATORS = {"offline": True, "sharding": "none"}
 
@@ -50,8 +54,16 @@ def per_param_applies(runtime, workload, precision, offload, draft_memory, recom
     return runtime == "fitplan" and precision == "bf16-master" and offload == "none"
 
 
+def draft_applies(runtime, workload, precision, offload, draft_memory, recompute_norms) -> bool:
+    return runtime == "fitplan" and workload == "eagle3"
+
+
+def norms_apply(runtime, workload, precision, offload, draft_memory, recompute_norms) -> bool:
+    return runtime == "fitplan" and workload == "eagle3" and draft_memory != "plain"
+
+
 def step_sums_apply(runtime, workload, precision, offload, draft_memory, recompute_norms) -> bool:
-    return (runtime == "fitplan" and workload == "eagle3" and draft_memory == "lean" and recompute_norms
+    return (runtime == "fitplan" and workload == "eagle3" and draft_memory != "plain" and recompute_norms is not False
             and precision != "mixed")
 
 
@@ -64,7 +76,7 @@ SWITCHES = {
 
 
 def accepted_layouts() -> list[tuple]:
-    """The layouts the rules accept with both switches left to auto."""
+    """The layouts the rules accept with the switches left to auto."""
     kept = []
     for layout in layouts():
         try:
@@ -77,13 +89,15 @@ def accepted_layouts() -> list[tuple]:
 
 def test_the_sweep_covers_layouts_where_each_switch_applies_and_where_it_does_not():
     kept = accepted_layouts()
-    # fitplan: 2 workloads x 4 precisions x 2 offloads x 2 draft memories x 2 norm settings = 64;
-    # specforge and speculators: eagle3 with their one precision, no offload, x 2 x 2 = 4 each
-    assert len(kept) == 64 + 4 + 4
-    # fitplan, bf16-master, offload none: x 2 workloads x 2 draft memories x 2 norm settings
-    assert sum(per_param_applies(*layout) for layout in kept) == 8
-    # fitplan, eagle3, lean, fused norms: 3 precisions other than mixed x 2 offloads
-    assert sum(step_sums_apply(*layout) for layout in kept) == 6
+    # fitplan eagle3: 4 precisions x 2 offloads x (auto and lean drafts x 3 norm settings, plain
+    # with norms auto or false) = 8 x 8 = 64; fitplan sft: draft auto, norms auto or false: 8 x 2
+    # = 16; specforge and speculators: eagle3, their one precision, no offload, x 1 x 2 = 2 each
+    assert len(kept) == 64 + 16 + 2 + 2
+    # fitplan, bf16-master, offload none: eagle3 8 draft and norm settings, sft 2
+    assert sum(per_param_applies(*layout) for layout in kept) == 8 + 2
+    # fitplan, eagle3, auto or lean draft, norms auto or true: 3 precisions other than mixed x 2
+    # offloads x 2 x 2
+    assert sum(step_sums_apply(*layout) for layout in kept) == 24
 
 
 @pytest.mark.parametrize("switch", SWITCHES)
@@ -116,13 +130,55 @@ def test_false_and_auto_are_accepted_wherever_the_layout_is(switch):
 
 def test_the_refusal_names_the_knob_that_rules_the_switch_out():
     line = "precision mixed (accepted: sum_step_grads false or auto, or runtime fitplan, workload eagle3, " \
-           "draft_memory lean, recompute_norms true, precision other than mixed)"
+           "draft_memory lean or auto, recompute_norms true or auto, precision other than mixed)"
     with pytest.raises(FitplanError, match=r"^sum_step_grads: .*, not with " + line.replace("(", r"\(").replace(")", r"\)")):
         resolve(layout_spec("fitplan", "eagle3", "mixed", "none", "lean", True, sum_step_grads=True))
     line = "offload optimizer (accepted: optimizer_per_param false or auto, or runtime fitplan, " \
            "precision bf16-master, offload none)"
     with pytest.raises(FitplanError, match=r"^optimizer_per_param: .*, not with " + line.replace("(", r"\(").replace(")", r"\)")):
         resolve(layout_spec("fitplan", "eagle3", "bf16-master", "optimizer", "lean", True, optimizer_per_param=True))
+
+
+def auto_layouts() -> list[tuple]:
+    """The accepted layouts with draft_memory and recompute_norms left to auto."""
+    return [layout for layout in accepted_layouts() if layout[4] is None and layout[5] is None]
+
+
+def test_draft_memory_given_is_accepted_where_fitplan_runs_an_eagle3_draft_and_refused_elsewhere():
+    kept = auto_layouts()
+    # fitplan: 2 workloads x 4 precisions x 2 offloads; specforge and speculators: 1 each
+    assert len(kept) == 16 + 1 + 1 and sum(draft_applies(*layout) for layout in kept) == 8
+    for layout in kept:
+        assert lean_draft(resolve(layout_spec(*layout)).spec) == draft_applies(*layout), layout
+        for given in ("lean", "plain"):
+            spec = layout_spec(*layout[:4], given, None)
+            if draft_applies(*layout):
+                assert lean_draft(resolve(spec).spec) == (given == "lean"), layout
+                continue
+            with pytest.raises(FitplanError) as refused:
+                resolve(spec)
+            message = str(refused.value)
+            assert "\n" not in message and message.startswith("draft_memory: "), (layout, message)
+            assert message.endswith("(accepted: draft_memory auto, or runtime fitplan, workload eagle3)"), message
+
+
+def test_recompute_norms_true_is_accepted_where_the_draft_is_lean_and_refused_elsewhere():
+    kept = [layout for layout in accepted_layouts() if layout[5] is None]
+    # the auto layouts above and fitplan eagle3's lean and plain drafts: 18 + 8 + 8
+    assert len(kept) == 18 + 16 and sum(norms_apply(*layout) for layout in kept) == 16
+    for layout in kept:
+        assert fused_norms(resolve(layout_spec(*layout))) == norms_apply(*layout), layout
+        assert not fused_norms(resolve(layout_spec(*layout[:5], False))), layout
+        spec = layout_spec(*layout[:5], True)
+        if norms_apply(*layout):
+            assert fused_norms(resolve(spec)), layout
+            continue
+        with pytest.raises(FitplanError) as refused:
+            resolve(spec)
+        message = str(refused.value)
+        assert "\n" not in message and message.startswith("recompute_norms: "), (layout, message)
+        assert "(accepted: recompute_norms false or auto, or runtime fitplan, workload eagle3, " \
+               "draft_memory lean or auto)" in message, message
 
 
 # ---------------------------------------------------------------- every command, the command line
@@ -137,8 +193,11 @@ IDLE = [
     (["--precision", "mixed", "--optimizer-per-param"], "optimizer_per_param", "precision mixed"),
     (["--precision", "bf16", "--optimizer-per-param"], "optimizer_per_param", "precision bf16"),
     (["--offload", "optimizer", "--optimizer-per-param"], "optimizer_per_param", "offload optimizer"),
+    (["--draft-memory", "plain", "--recompute-norms"], "recompute_norms", "draft_memory plain"),
 ]
 YAML_VALUES = {"--precision": ("precision", str), "--draft-memory": ("draft_memory", str),
+               "--workload": ("workload", str), "--runtime": ("runtime", str), "--recompute-norms": ("recompute_norms", True),
+               "--offline": ("offline", True), "--sharding": ("sharding", str),
                "--offload": ("offload", str), "--no-recompute-norms": ("recompute_norms", False),
                "--sum-step-grads": ("sum_step_grads", True), "--optimizer-per-param": ("optimizer_per_param", True),
                "--no-sum-step-grads": ("sum_step_grads", False), "--head-grad-in-forward": ("head_grad_in_forward", True)}
@@ -152,8 +211,8 @@ def as_yaml(flags: list[str]) -> dict:
     return keys
 
 
-@pytest.mark.parametrize("flags,switch,knob", IDLE)
-def test_every_command_refuses_an_idle_switch_alike_before_anything_loads(tmp_path, flags, switch, knob):
+def refusals(tmp_path, flags: list[str]) -> dict[str, str]:
+    """Each command's one-line refusal of the job `flags` (train's with nothing written)."""
     job = ["--model", "llama-3.1-8b", *flags]
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(as_yaml(flags)))
@@ -163,19 +222,52 @@ def test_every_command_refuses_an_idle_switch_alike_before_anything_loads(tmp_pa
     lines = {
         "estimate": one_line_refusal(["estimate", *job]),
         "fit": one_line_refusal(["fit", *job]),
-        "check": one_line_refusal(["check", str(config)]),
+        "check": one_line_refusal(["check", str(config)]).replace(f"{config}: ", ""),
         "explain": one_line_refusal(["explain", str(log), *job]),
         "train": one_line_refusal(["train", *job, "--random-weights", "--synthetic-data", "--device", "cpu",
                                    "--output", str(tmp_path / "run")]),
     }
     assert not (tmp_path / "run").exists()  # refused before anything was written
-    reasons = {line.split(": ", 1)[1].split(f"{config}: ")[-1] for line in lines.values()}
+    return lines
+
+
+@pytest.mark.parametrize("flags,switch,knob", IDLE)
+def test_every_command_refuses_an_idle_switch_alike_before_anything_loads(tmp_path, flags, switch, knob):
+    lines = refusals(tmp_path, flags)
+    reasons = {line.split(": ", 1)[1] for line in lines.values()}
+    assert len(reasons) == 1, lines
+    assert reasons.pop().startswith(f"{switch}: ") and all(f"not with {knob} (" in line for line in lines.values())
+
+
+SPECULATORS_FLAGS = ["--runtime", "speculators", "--precision", "fp32-autocast", "--offline", "--sharding", "none"]
+# Jobs with no draft of fitplan's eagle3 trainer (train runs none of them: it says so first),
+# the flags of the job and of the knob given in it apart.
+NO_TRAINER_DRAFT = [
+    (["--workload", "sft"], ["--draft-memory", "plain"], "draft_memory", "workload sft"),
+    (["--workload", "sft"], ["--draft-memory", "lean"], "draft_memory", "workload sft"),
+    (["--workload", "sft"], ["--recompute-norms"], "recompute_norms", "workload sft"),
+    (["--runtime", "specforge"], ["--draft-memory", "plain"], "draft_memory", "runtime specforge"),
+    (["--runtime", "specforge"], ["--recompute-norms"], "recompute_norms", "runtime specforge"),
+    (SPECULATORS_FLAGS, ["--draft-memory", "lean"], "draft_memory", "runtime speculators"),
+    (SPECULATORS_FLAGS, ["--recompute-norms"], "recompute_norms", "runtime speculators"),
+]
+
+
+@pytest.mark.parametrize("job,given,switch,knob", NO_TRAINER_DRAFT)
+def test_every_planning_command_refuses_a_draft_knob_without_fitplans_draft_alike(tmp_path, job, given, switch,
+                                                                                    knob):
+    assert CliRunner().invoke(app, ["estimate", "--model", "llama-3.1-8b", *job]).exit_code == 0  # the job alone
+    lines = refusals(tmp_path, job + given)
+    assert "fitplan train runs" in lines.pop("train")  # a job train never runs, refused as such
+    reasons = {line.split(": ", 1)[1] for line in lines.values()}
     assert len(reasons) == 1, lines
     assert reasons.pop().startswith(f"{switch}: ") and all(f"not with {knob} (" in line for line in lines.values())
 
 
 @pytest.mark.parametrize("flags,switch", [(["--precision", "mixed", "--sum-step-grads"], "sum_step_grads"),
-                                          (["--offload", "optimizer", "--optimizer-per-param"], "optimizer_per_param")])
+                                          (["--offload", "optimizer", "--optimizer-per-param"], "optimizer_per_param"),
+                                          (["--workload", "sft", "--draft-memory", "lean"], "draft_memory"),
+                                          (["--runtime", "specforge", "--recompute-norms"], "recompute_norms")])
 def test_the_cli_process_exits_2_with_one_line_on_stderr(flags, switch):
     done = subprocess.run([sys.executable, "-m", "fitplan.cli", "estimate", "--model", "llama-3.1-8b", *flags],
                           check=False, capture_output=True, text=True, timeout=120)
@@ -190,9 +282,10 @@ def test_the_cli_process_exits_2_with_one_line_on_stderr(flags, switch):
 
 def test_auto_round_trips_through_yaml_plans_and_reports():
     spec = RunSpec(model="llama-3.1-8b", precision="mixed")
-    assert spec.sum_step_grads is None and spec.optimizer_per_param is None
+    auto = ("sum_step_grads", "optimizer_per_param", "draft_memory", "recompute_norms")
+    assert all(getattr(spec, key) is None for key in auto)
     written = yaml.safe_load(yaml.safe_dump(spec.to_dict()))
-    assert written["sum_step_grads"] is None and written["optimizer_per_param"] is None
+    assert all(written[key] is None for key in auto)
     assert spec_from_mapping(written) == spec
     plan = plan_from_mapping({"fitplan_plan": 1, "config": written}, "plan.yaml")
     assert plan.config == spec
@@ -212,11 +305,41 @@ def test_files_written_while_sum_step_grads_was_a_plain_switch_read_as_auto():
     assert measurement_from_mapping({"config": old, "steps": []}, "report.json").config.sum_step_grads is False
 
 
+def test_files_written_while_the_draft_knobs_had_plain_defaults_read_as_auto():
+    # then every file held draft_memory lean and recompute_norms true, also for sft and SpecForge;
+    # speculators' jobs held draft_memory plain, and a report predating the keys holds plain, false
+    for layout in ({"workload": "sft"}, {"runtime": "specforge"}):
+        old = {**RunSpec(model="llama-3.1-8b", **layout).to_dict(), "draft_memory": "lean", "recompute_norms": True}
+        for spec in (plan_from_mapping({"fitplan_plan": 1, "config": old}, "plan.yaml").config,
+                     measurement_from_mapping({"config": old, "steps": []}, "report.json").config):
+            assert spec.draft_memory is None and spec.recompute_norms is None and not fused_norms(resolve(spec))
+        del old["draft_memory"], old["recompute_norms"]
+        predating = measurement_from_mapping({"config": old, "steps": []}, "report.json").config
+        assert predating.draft_memory is None and predating.recompute_norms is False
+        resolve(predating)
+    speculators = {**RunSpec(model="llama-3.1-8b", runtime="speculators", precision="fp32-autocast", offline=True,
+                             sharding="none").to_dict(), "draft_memory": "plain", "recompute_norms": True}
+    spec = plan_from_mapping({"fitplan_plan": 1, "config": speculators}, "plan.yaml").config
+    assert spec.draft_memory is None and spec.recompute_norms is None and not lean_draft(resolve(spec).spec)
+    # fitplan's eagle3 trainer: plain stays plain (the job it ran); lean with fused norms is auto's draft
+    old = {**RunSpec(model="llama-3.1-8b").to_dict(), "draft_memory": "plain", "recompute_norms": True}
+    spec = measurement_from_mapping({"config": old, "steps": []}, "report.json").config
+    assert spec.draft_memory == "plain" and not lean_draft(spec) and not fused_norms(resolve(spec))
+    del old["draft_memory"], old["recompute_norms"]
+    predating = measurement_from_mapping({"config": old, "steps": []}, "report.json").config
+    assert (predating.draft_memory, predating.recompute_norms) == ("plain", False)
+
+
 def test_a_checkpoint_resumes_across_auto_and_an_explicit_switch():
     from trainer.checkpoint import config_changes
 
     assert config_changes({"sum_step_grads": True, "optimizer_per_param": None, "seq": 2048},
                           {"sum_step_grads": None, "optimizer_per_param": True, "seq": 2048}) == []
+    # a checkpoint of the old defaults is auto's job; one of the plain draft is not
+    assert config_changes({"draft_memory": "lean", "recompute_norms": True, "seq": 2048},
+                          {"draft_memory": None, "recompute_norms": None, "seq": 2048}) == []
+    assert config_changes({"draft_memory": "plain", "recompute_norms": True, "seq": 2048},
+                          {"draft_memory": None, "recompute_norms": None, "seq": 2048}) == ["draft_memory"]
 
 
 def test_fit_offloads_an_optimizer_stepped_a_parameter_at_a_time_without_a_refusal():

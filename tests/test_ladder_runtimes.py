@@ -28,7 +28,7 @@ def speculators_job(**changes) -> RunSpec:
     meta-llama/Llama-3.1-8B --total-seq-len 8192 --optimizer adamw` (one GPU, DDP)."""
     return RunSpec(**{"model": "llama-3.1-8b", "draft": "speculators", "gpus": "1xH100", "runtime": "speculators",
                       "seq": 8192, "ttt": 3, "precision": "fp32-autocast", "offline": True, "sharding": "none",
-                      "optimizer": "adamw", "tp": 1, "draft_memory": "plain", **changes})
+                      "optimizer": "adamw", "tp": 1, **changes})
 
 
 def sharded_state_estimator(state_gib: float):
@@ -102,8 +102,7 @@ WORKSPACE = 32 * MIB  # cuBLAS
 
 def test_a_405b_draft_is_suggested_four_gpus_by_hand():
     spec = RunSpec(model="llama-3.1-405b", draft="speculators", gpus="1xH100", runtime="speculators", seq=T, ttt=3,
-                   precision="fp32-autocast", offline=True, sharding="none", optimizer="adamw", tp=1,
-                   draft_memory="plain")
+                   precision="fp32-autocast", offline=True, sharding="none", optimizer="adamw", tp=1)
     result = fit(spec)
     # One GPU: at the optimizer step the fp32 weights, grads and both AdamW moments are all there,
     # 42,396,352,512 + 17,180,131,328 + 34,360,262,656 = 93,936,746,496 B > 85,017,493,504: no rung

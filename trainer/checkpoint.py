@@ -55,6 +55,7 @@ from torch.distributed.tensor import DTensor
 from fitplan import __version__
 from fitplan.config import FIELD_NAMES
 from fitplan.errors import FitplanError
+from fitplan.records import old_defaults_auto
 
 STATE = "training_state.pt"
 RUN_RECORD = "fitplan_run.json"
@@ -421,7 +422,9 @@ MEMORY_ONLY_KEYS = frozenset({"ac", "expandable_segments", "recompute_mlp", "opt
 
 
 def config_changes(saved: dict, fingerprint: dict) -> list[str]:
-    """The keys of this run's fingerprint a checkpoint's differs in, memory-only knobs aside."""
+    """The keys of this run's fingerprint a checkpoint's differs in, memory-only knobs aside (a
+    knob's old default and auto alike: records.old_defaults_auto)."""
+    saved, fingerprint = old_defaults_auto(saved), old_defaults_auto(fingerprint)
     return sorted(k for k in fingerprint if k not in MEMORY_ONLY_KEYS and saved.get(k) != fingerprint[k])
 
 

@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from fitplan.errors import FitplanError
 from fitplan.layout import (
     Job,
+    fused_norms,
     head_grads_in_forward,
+    lean_draft,
     recomputes_mlp,
     resolve,
     shares_target_embedding,
@@ -110,7 +112,7 @@ def build_draft(job: Job, hf, target: torch.nn.Module, draft_ids: torch.Tensor, 
     shared = source.detach() if shares_target_embedding(job) else None
     with torch.device(device), default_dtype(optim.param_dtype(spec.precision)):
         draft = Eagle3Draft(draft_config(job, hf), spec.attention_impl, checkpoint_layer=spec.ac,
-                            lean=spec.draft_memory == "lean", recompute_norms=spec.recompute_norms, embedding=shared,
+                            lean=lean_draft(spec), recompute_norms=fused_norms(job), embedding=shared,
                             sum_step_grads=sums_step_grads(job), recompute_mlp=recomputes_mlp(job),
                             head_grad_in_forward=head_grads_in_forward(job))
     with torch.no_grad():

@@ -50,10 +50,12 @@ HELP: dict[str, str] = {
                                     "the trainer's GPUs."),
     "offline": ("Target features from disk, no live target: SpecForge's offline mode, or fitplan's "
                 "trainer (eagle3, tp 1) with fitplan train --hidden-states DIR."),
-    "draft_memory": ("fitplan runtime. lean: the draft's lm_head is fused with the loss, SwiGLU recomputed "
-                     "in backward (no step keeps its logits). plain: torch's composition, as SpecForge's draft."),
-    "recompute_norms": ("fitplan runtime, lean draft: RMSNorm outputs and o_proj's input made again in backward "
-                        "rather than kept, the teacher held as bf16 logits (false: as the first lean draft)."),
+    "draft_memory": ("fitplan runtime, eagle3. lean: the draft's lm_head is fused with the loss, SwiGLU "
+                     "recomputed in backward (no step keeps its logits). plain: torch's composition, as "
+                     "SpecForge's draft. Default: lean where it applies; given elsewhere, refused."),
+    "recompute_norms": ("fitplan runtime, eagle3 lean draft: RMSNorm outputs and o_proj's input made again in "
+                        "backward rather than kept, the teacher held as bf16 logits (false: as the first lean "
+                        "draft). Default: on where it applies; turned on elsewhere, refused."),
     "sum_step_grads": ("fitplan runtime, eagle3 lean draft with fused norms (not with mixed): each draft weight's "
                        "gradient summed over the TTT steps in one buffer, handed to autograd once (false: one per "
                        "step). Default: on where it applies; turned on elsewhere, refused."),
@@ -76,7 +78,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Switches whose default (None) is decided per job; their help says how.
-AUTO_BOOLS = ("optimizer_per_param", "sum_step_grads", "head_grad_in_forward")
+AUTO_BOOLS = ("optimizer_per_param", "sum_step_grads", "head_grad_in_forward", "recompute_norms")
 
 _TYPES: dict[str, Any] = {
     "seq": int, "micro_batch": int, "global_batch": int, "accum": int, "tp": int, "ttt": int,

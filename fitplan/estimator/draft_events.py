@@ -32,7 +32,7 @@ from fitplan.estimator.step_trace import (
     step_grad,
     step_grad_buffer,
 )
-from fitplan.layout import fused_norms, head_grads_in_forward, recomputes_mlp
+from fitplan.layout import fused_norms, head_grads_in_forward, lean_draft, recomputes_mlp
 from fitplan.units import BF16, FP32
 
 INDEX = 8  # int64
@@ -51,7 +51,7 @@ class Saved:
 
 
 def _lean(state: State) -> bool:
-    return state.job.spec.draft_memory == "lean"
+    return lean_draft(state.job.spec)
 
 
 def _fused(state: State) -> bool:

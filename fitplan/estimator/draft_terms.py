@@ -30,7 +30,7 @@ plus the fc output 2h once and the bf16 RoPE tables 2*S*d*2 once.
 
 from __future__ import annotations
 
-from fitplan.layout import Job, fused_norms, head_grads_in_forward, recomputes_mlp
+from fitplan.layout import Job, fused_norms, head_grads_in_forward, lean_draft, recomputes_mlp
 from fitplan.units import BF16, FP32
 
 NORMS_PER_STEP = 4  # input, hidden, post-attention and final RMSNorm: one fp32 rstd per token each
@@ -51,7 +51,7 @@ HEAD_FORWARD_GRAD_BYTES_PER_LOGIT = 4
 def _lean(job: Job) -> bool:
     """fitplan's trainer runs the fused head + loss and the lean SwiGLU unless told `plain`;
     SpecForge's draft never does."""
-    return job.spec.runtime == "fitplan" and job.spec.draft_memory == "lean"
+    return lean_draft(job.spec)
 
 
 # speculators' fused loss (losses/fused.py): per row, the draft's and the teacher's max and sum of

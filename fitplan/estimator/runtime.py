@@ -6,7 +6,7 @@ driver 580.159.04, NCCL 2.28.9, NVLink multicast off) and the literature cited t
 
 from __future__ import annotations
 
-from fitplan.layout import Job
+from fitplan.layout import Job, lean_draft
 from fitplan.units import BF16, GIB, MIB
 
 # --- outside the allocator -----------------------------------------------------------------
@@ -142,7 +142,7 @@ def trainer_reserve_bytes(job: Job, peak_allocated: int) -> int:
     """
     spec = job.spec
     tokens = spec.micro_batch * spec.seq
-    if spec.draft_memory == "lean":
+    if lean_draft(spec):
         reserve = RESERVE_FRACTION * peak_allocated + RESERVE_ROUNDING_BYTES
     else:
         reserve = TRAINER_RESERVE_PER_TOKEN_VOCAB * tokens * job.draft.draft_vocab

@@ -82,8 +82,13 @@ def compare(job, name: str, outcome: str, meas_reserved: int | None, meas_device
 
     est = estimate(job)
     why = (sequence_unsupported if written else unsupported)(job) or ""
-    return Compared(name, job.spec.draft_memory, outcome, None if why else replayed_estimate(est, job),
+    return Compared(name, draft_kind(job.spec), outcome, None if why else replayed_estimate(est, job),
                     fitted_estimate(est, job), meas_reserved, meas_device, why)
+
+
+def draft_kind(spec: RunSpec) -> str:
+    """The report's draft as its folder names it: plain where asked, else lean (auto's draft)."""
+    return spec.draft_memory or "lean"
 
 
 def report_rows(kind: str, data: Path = DATA) -> list[Compared]:
@@ -91,7 +96,7 @@ def report_rows(kind: str, data: Path = DATA) -> list[Compared]:
     for folder in REPORTS[kind]:
         for path in sorted((data / folder).glob("*.report.json")):
             m = read_measurement(path)
-            if m is None or m.world != 1 or m.config.draft_memory != kind:
+            if m is None or m.world != 1 or draft_kind(m.config) != kind:
                 continue
             spec = spec_as_committed(m, path)
             figures = measured(m.raw)

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from fitplan.config import RunSpec, spec_from_mapping
-from fitplan.records import PREDATING_KEYS, stored_config
+from fitplan.records import PREDATING_KEYS, old_defaults_auto, stored_config
 from fitplan.estimator import estimate_spec
 from fitplan.validation.figures import predict
 from fitplan.validation.matrix import MATRIX, resolve_row
@@ -31,7 +31,8 @@ def spec_of(record: dict[str, Any]) -> RunSpec | None:
     if row is None or pd.isna(record.get("seq")) or pd.isna(record.get("micro_batch")):
         return None
     # a matrix row stores no config: it ran what the trainer ran before any key it predates
-    return row.base_spec().replace(seq=int(record["seq"]), micro_batch=int(record["micro_batch"]), **PREDATING_KEYS)
+    ran = {**row.base_spec().to_dict(), "seq": int(record["seq"]), "micro_batch": int(record["micro_batch"])}
+    return spec_from_mapping(old_defaults_auto({**ran, **PREDATING_KEYS}), source=record["name"])
 
 
 def repredict(frame: pd.DataFrame) -> pd.DataFrame:
