@@ -350,3 +350,13 @@ def test_fit_offloads_an_optimizer_stepped_a_parameter_at_a_time_without_a_refus
     assert result.chosen.spec.optimizer_per_param is None
     assert not any(reason.startswith(("optimizer_per_param", "sum_step_grads", "recompute_mlp"))
                    for _, reason in result.refused), result.refused
+
+
+def test_the_head_makes_its_gradients_in_forward_on_one_gpu_only():
+    """Under FSDP the head's unit would hold its whole weight's gradient from forward on, which
+    neither the sharded estimate nor a measurement covers: auto stays off there, true is refused."""
+    two = RunSpec(model="llama-3.1-8b", gpus="2xH200")
+    assert not head_grads_in_forward(resolve(two))
+    assert head_grads_in_forward(resolve(two.replace(gpus="1xH200")))
+    with pytest.raises(FitplanError, match=r"^head_grad_in_forward: .*, not with GPUs 2 \(accepted: "):
+        resolve(two.replace(head_grad_in_forward=True))
