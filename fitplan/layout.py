@@ -175,7 +175,7 @@ def check_draft(draft: DraftShape, model: ModelShape) -> None:
 def check_runtime(spec: RunSpec, world: int) -> None:
     check_recompute_mlp(spec)
     check_optimizer_per_param(spec)
-    check_sum_step_grads(spec)
+    check_sum_step_grads(spec, world)
     check_head_grad_in_forward(spec, world)
     check_draft_memory(spec)
     check_recompute_norms(spec)
@@ -360,15 +360,18 @@ def sums_step_grads(job: Job) -> bool:
     """Whether the lean draft's fused functions sum each weight's gradient over the TTT steps in
     one buffer (RunSpec sum_step_grads, trainer/step_grads.py; None: wherever it can)."""
     spec = job.spec
-    return spec.sum_step_grads is not False and _all_hold(_sum_step_grads_needs(spec))
+    return spec.sum_step_grads is not False and _all_hold(_sum_step_grads_needs(spec, job.world))
 
 
-def _sum_step_grads_needs(spec: RunSpec) -> dict[str, tuple[object, bool, str]]:
+def _sum_step_grads_needs(spec: RunSpec, world: int) -> dict[str, tuple[object, bool, str]]:
     """Where the steps' gradients are summed: the eagle3 lean draft with fused norms (as for
-    recompute_mlp), not under `mixed`, whose hooks move each step's gradient into an fp32 one as it arrives (a bf16
-    sum held through backward would come on top)."""
+    recompute_mlp), not under `mixed`, whose hooks move each step's gradient into an fp32 one as
+    it arrives (a bf16 sum held through backward would come on top), on one GPU: under FSDP each
+    call's gradient is reduce-scattered and freed as its unit's backward ends, so a sum held over
+    the unroll would keep every unit's whole gradient through backward instead of its shard."""
     return {**_recompute_mlp_needs(spec),
-            "precision": (spec.precision, spec.precision != "mixed", "other than mixed")}
+            "precision": (spec.precision, spec.precision != "mixed", "other than mixed"),
+            "GPUs": (world, world == 1, "1")}
 
 
 def check_recompute_mlp(spec: RunSpec) -> None:
@@ -397,12 +400,12 @@ def check_optimizer_per_param(spec: RunSpec) -> None:
                       _copies_every_grad_needs(spec), off="false or auto")
 
 
-def check_sum_step_grads(spec: RunSpec) -> None:
+def check_sum_step_grads(spec: RunSpec, world: int) -> None:
     """sum_step_grads true where no fused function sums the steps' gradients: refused rather
     than ignored (the user would count on a memory saving the job does not make)."""
     if spec.sum_step_grads:
         _refuse_unless("sum_step_grads", "sums the TTT steps' gradients in fitplan's eagle3 lean draft with "
-                      "fused norms", _sum_step_grads_needs(spec), off="false or auto")
+                      "fused norms on one GPU", _sum_step_grads_needs(spec, world), off="false or auto")
 
 
 def _refuse_unless(knob: str, does: str, needs: dict[str, tuple[object, bool, str]], off: str) -> None:
@@ -430,24 +433,21 @@ def _shown(value: object) -> str:
 
 def check_head_grad_in_forward(spec: RunSpec, world: int) -> None:
     """head_grad_in_forward true where the steps' gradients are not summed (the head makes its
-    gradients in forward into those sums), or on several GPUs: refused rather than ignored."""
+    gradients in forward into those sums): refused rather than ignored."""
     if spec.head_grad_in_forward:
         _refuse_unless("head_grad_in_forward", "makes the head's gradients in forward into the steps' summed "
-                      "gradients, on one GPU", _head_grad_in_forward_needs(spec, world), off="false or auto")
+                      "gradients", _head_grad_in_forward_needs(spec, world), off="false or auto")
 
 
 def _head_grad_in_forward_needs(spec: RunSpec, world: int) -> dict[str, tuple[object, bool, str]]:
-    # One GPU: under FSDP the head's unit would hold its whole weight's gradient from forward on,
-    # which neither the sharded estimate nor a measurement covers yet.
-    return {**_sum_step_grads_needs(spec),
-            "sum_step_grads": (spec.sum_step_grads, spec.sum_step_grads is not False, "true or auto"),
-            "GPUs": (world, world == 1, "1")}
+    return {**_sum_step_grads_needs(spec, world),
+            "sum_step_grads": (spec.sum_step_grads, spec.sum_step_grads is not False, "true or auto")}
 
 
 def head_grads_in_forward(job: Job) -> bool:
     """Whether the fused head makes its gradients in forward (RunSpec head_grad_in_forward,
-    trainer/head_loss.py; None: wherever the steps sum their gradients, on one GPU)."""
-    return sums_step_grads(job) and job.world == 1 and job.spec.head_grad_in_forward is not False
+    trainer/head_loss.py; None: wherever the steps sum their gradients)."""
+    return sums_step_grads(job) and job.spec.head_grad_in_forward is not False
 
 
 def recomputes_mlp(job: Job) -> bool:

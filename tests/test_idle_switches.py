@@ -130,7 +130,7 @@ def test_false_and_auto_are_accepted_wherever_the_layout_is(switch):
 
 def test_the_refusal_names_the_knob_that_rules_the_switch_out():
     line = "precision mixed (accepted: sum_step_grads false or auto, or runtime fitplan, workload eagle3, " \
-           "draft_memory lean or auto, recompute_norms true or auto, precision other than mixed)"
+           "draft_memory lean or auto, recompute_norms true or auto, precision other than mixed, GPUs 1)"
     with pytest.raises(FitplanError, match=r"^sum_step_grads: .*, not with " + line.replace("(", r"\(").replace(")", r"\)")):
         resolve(layout_spec("fitplan", "eagle3", "mixed", "none", "lean", True, sum_step_grads=True))
     line = "offload optimizer (accepted: optimizer_per_param false or auto, or runtime fitplan, " \
@@ -352,11 +352,15 @@ def test_fit_offloads_an_optimizer_stepped_a_parameter_at_a_time_without_a_refus
                    for _, reason in result.refused), result.refused
 
 
-def test_the_head_makes_its_gradients_in_forward_on_one_gpu_only():
-    """Under FSDP the head's unit would hold its whole weight's gradient from forward on, which
-    neither the sharded estimate nor a measurement covers: auto stays off there, true is refused."""
+def test_the_steps_gradients_are_summed_on_one_gpu_only():
+    """Under FSDP each call's gradient is reduce-scattered and freed as its unit's backward ends;
+    a sum held over the unroll would keep every unit's whole gradient through backward: auto
+    stays off on several GPUs (and so does the head's gradients in forward, which go into those
+    sums), true is refused there."""
     two = RunSpec(model="llama-3.1-8b", gpus="2xH200")
-    assert not head_grads_in_forward(resolve(two))
-    assert head_grads_in_forward(resolve(two.replace(gpus="1xH200")))
-    with pytest.raises(FitplanError, match=r"^head_grad_in_forward: .*, not with GPUs 2 \(accepted: "):
-        resolve(two.replace(head_grad_in_forward=True))
+    assert not sums_step_grads(resolve(two)) and not head_grads_in_forward(resolve(two))
+    one = resolve(two.replace(gpus="1xH200"))
+    assert sums_step_grads(one) and head_grads_in_forward(one)
+    for switch in ("sum_step_grads", "head_grad_in_forward"):
+        with pytest.raises(FitplanError, match=rf"^{switch}: .*, not with GPUs 2 \(accepted: "):
+            resolve(two.replace(**{switch: True}))
