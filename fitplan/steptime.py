@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fitplan.estimator.target_terms import runs_eager_attention
-from fitplan.layout import Job, recomputes_mlp
+from fitplan.layout import Job, head_grads_in_forward, lean_draft, recomputes_mlp
 from fitplan.shapes import ModelShape, count_params
 from fitplan.units import BF16, FP32
 
@@ -26,10 +26,19 @@ from fitplan.units import BF16, FP32
 # `fitplan train` / the sft job: tests/data/gpu/multi_train_x{2,4}.jsonl and
 # tests/data/gpu/validation/h200_rows.jsonl (meas_step_s; its eagle3 rows ran on a trainer that
 # still built the dense TTT mask). The efficiency each run implies is FLOPs / (peak * (measured - comm)).
-# - Dense GEMMs (dense targets and every draft): fitted on the qwen3-8b tp2 runs (0.397-0.421);
+# - Dense GEMMs (dense targets, and the drafts of SpecForge and speculators): fitted on the
+#   qwen3-8b tp2 runs, the draft priced with them (0.397-0.421);
 #   checked on qwen3-8b tp4 (0.392: predicted 7% fast) and the one-GPU H200 dense eagle3 rows
 #   (0.453-0.476: predicted 8-13% slow; the trainer with the dense TTT mask).
 DENSE_EFFICIENCY = 0.42
+# - The Eagle3 draft in fitplan's trainer (its model FLOPs and what it computes again): fitted on
+#   the offline steps benchmarks/vs_specforge.py measured on one H200 with the head's logits made
+#   again in backward (docs/data/vs_specforge*.json, calls A-J and the knob-off tool of K-L: 26
+#   steps, B1-2, S 2048-16384, with and without recompute_mlp), where the target is only the
+#   teacher's lm_head: median implied efficiency 0.488 (0.39-0.45 at S 2048, where launches and
+#   small kernels weigh more; 0.47-0.51 from 4096 on). Checked on the 7 steps with the head's
+#   gradients made in forward (calls K-N), never fitted on: median 0.483.
+DRAFT_EFFICIENCY = 0.49
 # - MoE targets in transformers' eager expert loop (gpt-oss, Qwen-MoE: one bf16 GEMM per routed
 #   expert in a Python loop), and the eager attention of gpt-oss (no SDPA path in transformers),
 #   which is memory-bound: its [B, H, S, S+1] scores are written, masked, concatenated with the
@@ -141,13 +150,17 @@ def draft_flops(job: Job) -> float:
 
 
 def draft_recompute_flops(job: Job) -> float:
-    """What backward computes again: every step's forward with activation checkpointing, and
-    with recompute_mlp (layout.recomputes_mlp) each step's gate and up (once more under
-    checkpointing: the recomputing MLP's own backward makes them again)."""
+    """What backward computes again: every step's forward with activation checkpointing; with
+    recompute_mlp (layout.recomputes_mlp) each step's gate and up (once more under
+    checkpointing: the recomputing MLP's own backward makes them again); and the fused head's
+    logits, when it does not make its gradients in forward (layout.head_grads_in_forward)."""
     ttt, d = job.spec.ttt, job.draft
+    tokens = job.spec.micro_batch * job.spec.seq
     checkpointed = ttt * _draft_step_forward_flops(job) if job.spec.ac else 0.0
-    gate_up = ttt * 2 * (2 * d.hidden * d.intermediate) * job.spec.micro_batch * job.spec.seq
-    return checkpointed + (gate_up if recomputes_mlp(job) else 0.0)
+    gate_up = ttt * 2 * (2 * d.hidden * d.intermediate) * tokens if recomputes_mlp(job) else 0.0
+    head_again = lean_draft(job.spec) and not head_grads_in_forward(job)
+    logits = ttt * 2 * d.hidden * d.draft_vocab * tokens if head_again else 0.0
+    return checkpointed + gate_up + logits
 
 
 def sft_flops(job: Job) -> float:
@@ -221,7 +234,8 @@ def compute_seconds(job: Job) -> float:
     if job.draft is None:
         efficiency = MOE_SFT_EFFICIENCY if job.model.is_moe else SFT_EFFICIENCY
         return sft_flops(job) / (peak * efficiency)
-    return target_seconds(job) + (draft_flops(job) + draft_recompute_flops(job)) / (peak * DENSE_EFFICIENCY)
+    efficiency = DRAFT_EFFICIENCY if job.spec.runtime == "fitplan" else DENSE_EFFICIENCY
+    return target_seconds(job) + (draft_flops(job) + draft_recompute_flops(job)) / (peak * efficiency)
 
 
 def target_seconds(job: Job) -> float:

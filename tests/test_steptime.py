@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
+from pathlib import Path
 
 import pytest
 
 from fitplan.config import RunSpec
-from fitplan.layout import resolve
-from fitplan.steptime import matmul_params, sft_flops, step_time, target_comm, target_seconds
+from fitplan.layout import head_grads_in_forward, resolve
+from fitplan.steptime import (
+    DRAFT_EFFICIENCY,
+    draft_flops,
+    draft_recompute_flops,
+    matmul_params,
+    sft_flops,
+    step_time,
+    target_comm,
+    target_seconds,
+)
 
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
         "head_dim": 16, "vocab_size": 100, "intermediate_size": 128, "model_type": "llama"}
@@ -95,37 +106,51 @@ def test_tokens_per_s_counts_the_whole_global_batch():
     assert st.tokens_per_s == pytest.approx(32 * 4096 / st.step_s)
 
 
-def test_the_lean_trainer_step_measured_beside_specforge():
-    """The step-time model against fitplan's trainer step measured on one H200
-    (docs/data/vs_specforge.json, benchmarks/vs_specforge.py: teacher from stored features + the
-    lean draft's forward, backward and optimizer, llama-3.1-8b's draft, B1 S2048/4096/8192).
-    Not calibrated on these: DENSE_EFFICIENCY was fitted on older runs. Measured 0.092, 0.175,
-    0.344 s, the head's logits made again in backward (head_grad_in_forward false, as then); the
-    model within 10% of each."""
-    from pathlib import Path
-
-    data = json.loads((Path(__file__).parents[1] / "docs" / "data" / "vs_specforge.json").read_text())
-    rows = [r for r in data["results"] if r["tool"] == "fitplan" and r.get("ok")]
-    assert [r["seq"] for r in rows] == [2048, 4096, 8192]
-    for r in rows:
-        job = resolve(RunSpec(model="llama-3.1-8b", gpus="1xH200", seq=r["seq"], micro_batch=r["batch"], tp=1,
-                              offline=True, precision="bf16-master", head_grad_in_forward=False))
-        predicted = step_time(job).compute_s
-        assert abs(predicted / r["step_s"] - 1) <= 0.10, (r["seq"], predicted, r["step_s"])
+DATA = Path(__file__).parents[1] / "docs" / "data"
+# The offline steps benchmarks/vs_specforge.py measured on one H200 (llama-3.1-8b's draft, the
+# target only the teacher's lm_head). The head made its logits again in backward in calls A-J
+# (every fitplan tool) and in K-L's knob-off tool: what DRAFT_EFFICIENCY was fitted on. The head
+# made its gradients in forward in K-N's other tools: held out.
+HEAD_IN_FORWARD_CALLS = ("vs_specforge_fsdp_g.json", "vs_specforge_fsdp_h.json", "vs_specforge_fsdp_i.json",
+                         "vs_specforge_fsdp_profile_4k.json")
+TOOL_KNOBS = {"fitplan": {}, "fitplan-recompute-mlp": {"recompute_mlp": True},
+              "fitplan-head-backward": {"head_grad_in_forward": False}}
 
 
-def test_the_default_trainer_step_measured_beside_specforge():
-    """The same against the trainer's default since the head makes its gradients in forward
-    (docs/data/vs_specforge_fsdp_g.json, B1 S2048/4096: 0.081 and 0.154 s measured): the model,
-    which prices the draft's FLOPs at one dense efficiency, over-predicts by 6% and 14% (its GEMMs
-    run faster than that efficiency); within 15% of each."""
-    from pathlib import Path
+def measured_steps() -> list[tuple[bool, dict, object]]:
+    """(held out, result, the job it ran) for every fitplan step of those calls."""
+    out = []
+    for path in sorted(DATA.glob("vs_*.json")):
+        in_forward = path.name in HEAD_IN_FORWARD_CALLS
+        for r in json.loads(path.read_text())["results"]:
+            if not r.get("ok") or r["tool"] not in TOOL_KNOBS:
+                continue
+            knobs = dict(TOOL_KNOBS[r["tool"]])
+            if not in_forward:
+                knobs["head_grad_in_forward"] = False
+            job = resolve(RunSpec(model="llama-3.1-8b", gpus="1xH200", seq=r["seq"], micro_batch=r["batch"], tp=1,
+                                  offline=True, precision="bf16-master", **knobs))
+            out.append((head_grads_in_forward(job), r, job))
+    return out
 
-    data = json.loads((Path(__file__).parents[1] / "docs" / "data" / "vs_specforge_fsdp_g.json").read_text())
-    rows = [r for r in data["results"] if r["tool"] == "fitplan" and r.get("ok")]
-    assert [r["seq"] for r in rows] == [2048, 4096]
-    for r in rows:
-        job = resolve(RunSpec(model="llama-3.1-8b", gpus="1xH200", seq=r["seq"], micro_batch=r["batch"], tp=1,
-                              offline=True, precision="bf16-master"))
-        predicted = step_time(job).compute_s
-        assert 1.0 <= predicted / r["step_s"] <= 1.15, (r["seq"], predicted, r["step_s"])
+
+def test_draft_efficiency_is_the_median_the_fitted_steps_imply():
+    """DRAFT_EFFICIENCY against the 26 steps it was fitted on: each step's implied efficiency is
+    the draft's FLOPs (model and computed again) over the H200's bf16 peak times the step less the
+    teacher's GEMM; their median within 0.01 of the constant."""
+    implied = [(draft_flops(job) + draft_recompute_flops(job)) / (job.cluster.gpu.bf16_tflops * 1e12
+               * (r["step_s"] - target_seconds(job))) for held, r, job in measured_steps() if not held]
+    assert len(implied) == 26
+    assert abs(statistics.median(implied) - DRAFT_EFFICIENCY) <= 0.01, statistics.median(implied)
+
+
+def test_the_step_with_the_head_in_forward_held_out():
+    """The 7 steps with the head's gradients made in forward, never fitted on: from S 4096 on
+    within 8%, over (measured 0.151-0.300 s); at S 2048 the model is 5-12% fast (0.074 / 0.081 s predicted
+    against 0.081-0.086 s), launches and small kernels weighing more there than its FLOPs say."""
+    held = [(r, job) for held, r, job in measured_steps() if held]
+    assert len(held) == 7
+    for r, job in held:
+        ratio = step_time(job).compute_s / r["step_s"]
+        low = 0.87 if r["seq"] * r["batch"] <= 2048 else 0.93
+        assert low <= ratio <= 1.08, (r["tool"], r["batch"], r["seq"], ratio)
