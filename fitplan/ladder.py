@@ -26,6 +26,7 @@ from fitplan.layout import (
     Job,
     can_recompute_mlp,
     copies_every_grad,
+    head_grads_in_forward,
     per_param_optimizer,
     resolve,
     tp_options,
@@ -111,6 +112,15 @@ def _recompute_mlp(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
         yield "recompute_mlp on", spec.replace(recompute_mlp=True)
 
 
+def _head_grad_in_backward(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
+    """fitplan's lean draft with the head's gradients made in forward (the default where the
+    steps' gradients are summed): made again in backward instead, which keeps no hidden's
+    gradient per step and no head weight's gradient through forward (less at long sequences),
+    at one more [B·S, h] x [h, Vd] matmul and softmax pass per TTT step."""
+    if head_grads_in_forward(job):
+        yield "head_grad_in_forward off", spec.replace(head_grad_in_forward=False)
+
+
 def _optimizer_per_param(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
     """fitplan's bf16-master step a parameter at a time where it is off (sft's default): one fp32
     gradient copy alive instead of all, at one optimizer call per tensor."""
@@ -177,6 +187,7 @@ def _offload(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
 RUNGS: tuple[tuple[str, Callable[[RunSpec, Job], Iterator[tuple[str, RunSpec]]]], ...] = (
     ("draft_memory", _draft_memory),
     ("recompute_mlp", _recompute_mlp),
+    ("head_grad_in_forward", _head_grad_in_backward),
     ("optimizer_per_param", _optimizer_per_param),
     ("micro_batch", _micro_batch),
     ("output_sharding", _output_sharding),

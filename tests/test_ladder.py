@@ -216,3 +216,20 @@ def test_an_sft_job_short_of_memory_is_offered_the_optimizer_a_parameter_at_a_ti
     saved = result.original.estimate.phase_allocated("optimizer_step") - result.chosen.estimate.phase_allocated(
         "optimizer_step")
     assert saved >= 0.9 * 4 * (7.62e9 - 545e6)
+
+
+def test_the_head_rung_is_offered_where_the_head_makes_its_gradients_in_forward():
+    """head_grad_in_forward off is a rung only where the head makes them in forward (one GPU,
+    summed step gradients); the step-time model prices the logits made again in backward, one
+    [B·S, h] x [h, Vd] matmul per TTT step, so the rung is never free."""
+    from fitplan.ladder import RUNGS
+
+    rung = dict(RUNGS)["head_grad_in_forward"]
+    spec = RunSpec(model="llama-3.1-8b", gpus="1xH200", seq=8192)
+    offered = list(rung(spec, resolve(spec)))
+    assert [change for change, _ in offered] == ["head_grad_in_forward off"]
+    off = resolve(offered[0][1])
+    assert step_time(off).step_s > step_time(resolve(spec)).step_s
+    for elsewhere in (spec.replace(gpus="2xH200"), spec.replace(precision="mixed"), spec.replace(draft_memory="plain"),
+                      spec.replace(head_grad_in_forward=False)):
+        assert list(rung(elsewhere, resolve(elsewhere))) == []

@@ -41,7 +41,7 @@ def summary_lines(result: FitResult, specforge_changes: list[str] | None = None)
         f"peak {c.estimate.peak_reserved_bytes / GIB:.1f} of {gpu_gib:.2f} GiB "
         f"(headroom {c.estimate.headroom_bytes / GIB:.1f} GiB, margin {result.margin:.0%})",
         f"predicted step time {c.time.step_s:.2f} s, {c.time.tokens_per_s:,.0f} tokens/s "
-        "(step-time model: median error 8% over the H100/H200 validation matrix, 60% at worst; "
+        "(step-time model: median error 5% over the H100/H200 validation matrix, 60% at worst; "
         "docs/validation.md)",
     ]
     if specforge_changes is not None:
