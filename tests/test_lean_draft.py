@@ -130,6 +130,35 @@ def test_head_gradients_in_forward_need_the_summed_buffers():
              scale=1.0)
 
 
+def test_head_gradients_in_forward_with_nothing_counted():
+    from trainer.step_grads import StepGrads
+
+    head = DraftHead(8, 10)
+    norm = _Norm(8, torch.float32, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 4, 8, requires_grad=True)
+    valid = torch.zeros(1, 6, dtype=torch.bool)
+    summed, agree = head(x, norm, torch.zeros(1, 6, 10), CountedRows(valid), 1, True, StepGrads(1), 0.8)
+    (0.8 * summed).backward()
+    assert float(summed.detach()) == 0 and int(agree) == 0
+    assert x.grad.abs().max() == 0 and norm.weight.grad.abs().max() == 0 and head.weight.grad.abs().max() == 0
+
+
+def test_an_unroll_without_autograd_makes_no_gradient():
+    """The loss of an unroll run under no_grad (looked at, not trained on) is the trained one's,
+    and the head makes no gradient for it: no head weight's sum is started."""
+    from trainer.loss import unroll_loss
+    from trainer.step_grads import StepGrads
+
+    draft, (aux, ids, ttt, teacher) = _fused_draft_and_inputs(torch.float32)
+    assert draft.head_grad_in_forward
+    trained, _ = unroll_loss(draft.unroll(aux, ids, ttt, StepGrads(ttt)), draft, teacher, StepGrads(ttt))
+    grads = StepGrads(ttt)
+    with torch.no_grad():
+        looked, _ = unroll_loss(draft.unroll(aux, ids, ttt, grads), draft, teacher, grads)
+    assert torch.allclose(looked, trained.detach(), rtol=1e-6)
+    assert grads._totals == {}
+
+
 def test_head_gradients_in_forward_keep_neither_hidden_nor_teacher():
     """Nothing goes through autograd's saved tensors (the hidden's gradient [N, h] is the one
     thing the step holds), so the teacher is free to go once scored: collected before backward."""

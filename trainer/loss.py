@@ -89,7 +89,8 @@ def unroll_loss(step_outputs, draft, teacher: Teacher, grads=None) -> tuple[torc
     if draft.fused_norms != teacher.as_logits:
         raise ValueError("a draft with fused norms learns from a teacher of logits, others from probabilities")
     rows = CountedRows(teacher.valid) if lean else None
-    in_forward = draft.head_grad_in_forward and grads is not None
+    # without autograd recording (a loss looked at, not trained on) no gradient is made at all
+    in_forward = draft.head_grad_in_forward and grads is not None and torch.is_grad_enabled()
     total = None
     accuracy = []
     for k, output in enumerate(step_outputs):
