@@ -43,6 +43,7 @@ import shutil
 import socket
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -268,7 +269,7 @@ def save(output: Path, step: int, draft, optimizer, scheduler, data_position: in
             "schedule_steps": schedule_steps,
         })
         try:
-            write_shared(tmp / state_file(ctx), lambda f: torch.save(state, f))
+            write_shared(tmp / state_file(ctx), partial(torch.save, state))
         except OSError as exc:
             error = exc
         del state
