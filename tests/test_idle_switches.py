@@ -27,7 +27,7 @@ from fitplan.errors import FitplanError
 from fitplan.ladder import fit
 from fitplan.layout import fused_norms, head_grads_in_forward, lean_draft, resolve, steps_per_param, sums_step_grads
 from fitplan.records import measurement_from_mapping, plan_from_mapping
-from test_job_rules import one_line_refusal
+from test_job_rules import refusals_by_command
 
 RUNTIMES = ("fitplan", "specforge", "speculators")
 WORKLOADS = ("eagle3", "sft")
@@ -100,6 +100,15 @@ def test_the_sweep_covers_layouts_where_each_switch_applies_and_where_it_does_no
     assert sum(step_sums_apply(*layout) for layout in kept) == 24
 
 
+def refusal(spec: RunSpec, switch: str) -> str:
+    """The rules' refusal of `spec`: one line, naming `switch` first."""
+    with pytest.raises(FitplanError) as refused:
+        resolve(spec)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{switch}: "), message
+    return message
+
+
 @pytest.mark.parametrize("switch", SWITCHES)
 def test_true_is_accepted_where_the_switch_applies_and_refused_in_one_line_elsewhere(switch):
     applies, acts = SWITCHES[switch]
@@ -108,11 +117,7 @@ def test_true_is_accepted_where_the_switch_applies_and_refused_in_one_line_elsew
         if applies(*layout):
             assert acts(resolve(spec)), layout
             continue
-        with pytest.raises(FitplanError) as refused:
-            resolve(spec)
-        message = str(refused.value)
-        assert "\n" not in message, message
-        assert message.startswith(f"{switch}: "), (layout, message)
+        message = refusal(spec, switch)
         assert f"(accepted: {switch} false or auto, or " in message, message
 
 
@@ -155,10 +160,7 @@ def test_draft_memory_given_is_accepted_where_fitplan_runs_an_eagle3_draft_and_r
             if draft_applies(*layout):
                 assert lean_draft(resolve(spec).spec) == (given == "lean"), layout
                 continue
-            with pytest.raises(FitplanError) as refused:
-                resolve(spec)
-            message = str(refused.value)
-            assert "\n" not in message and message.startswith("draft_memory: "), (layout, message)
+            message = refusal(spec, "draft_memory")
             assert message.endswith("(accepted: draft_memory auto, or runtime fitplan, workload eagle3)"), message
 
 
@@ -173,10 +175,7 @@ def test_recompute_norms_true_is_accepted_where_the_draft_is_lean_and_refused_el
         if norms_apply(*layout):
             assert fused_norms(resolve(spec)), layout
             continue
-        with pytest.raises(FitplanError) as refused:
-            resolve(spec)
-        message = str(refused.value)
-        assert "\n" not in message and message.startswith("recompute_norms: "), (layout, message)
+        message = refusal(spec, "recompute_norms")
         assert "(accepted: recompute_norms false or auto, or runtime fitplan, workload eagle3, " \
                "draft_memory lean or auto)" in message, message
 
@@ -213,22 +212,7 @@ def as_yaml(flags: list[str]) -> dict:
 
 def refusals(tmp_path, flags: list[str]) -> dict[str, str]:
     """Each command's one-line refusal of the job `flags` (train's with nothing written)."""
-    job = ["--model", "llama-3.1-8b", *flags]
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(as_yaml(flags)))
-    log = tmp_path / "oom.log"
-    log.write_text("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB "
-                   "total capacity; 70.00 GiB already allocated; 1.00 GiB free; 75.00 GiB reserved in total by PyTorch)")
-    lines = {
-        "estimate": one_line_refusal(["estimate", *job]),
-        "fit": one_line_refusal(["fit", *job]),
-        "check": one_line_refusal(["check", str(config)]).replace(f"{config}: ", ""),
-        "explain": one_line_refusal(["explain", str(log), *job]),
-        "train": one_line_refusal(["train", *job, "--random-weights", "--synthetic-data", "--device", "cpu",
-                                   "--output", str(tmp_path / "run")]),
-    }
-    assert not (tmp_path / "run").exists()  # refused before anything was written
-    return lines
+    return refusals_by_command(tmp_path, ["--model", "llama-3.1-8b", *flags], as_yaml(flags))
 
 
 @pytest.mark.parametrize("flags,switch,knob", IDLE)

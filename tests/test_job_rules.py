@@ -43,33 +43,45 @@ def one_line_refusal(args: list[str]) -> str:
     return lines[0]
 
 
+OOM_LOG = ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total "
+           "capacity; 70.00 GiB already allocated; 1.00 GiB free; 75.00 GiB reserved in total by PyTorch)")
+
+
+def refusals_by_command(tmp_path, job: list[str], config_keys: dict, train: bool = True) -> dict[str, str]:
+    """Each command's one-line refusal of the job `job`: check's of the same job as a YAML file
+    (`config_keys`; the file's name it leads with left out), explain's with an OOM message, and
+    train's (when `train`) with nothing written."""
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(config_keys))
+    log = tmp_path / "oom.log"
+    log.write_text(OOM_LOG)
+    lines = {
+        "estimate": one_line_refusal(["estimate", *job]),
+        "fit": one_line_refusal(["fit", *job]),
+        "check": one_line_refusal(["check", str(config)]).replace(f"{config}: ", ""),
+        "explain": one_line_refusal(["explain", str(log), *job]),
+    }
+    if train:
+        lines["train"] = one_line_refusal(["train", *job, "--random-weights", "--synthetic-data", "--device", "cpu",
+                                           "--output", str(tmp_path / "run")])
+        assert not (tmp_path / "run").exists()  # refused before anything was written
+    return lines
+
+
 @pytest.mark.parametrize("job,words", BAD_JOBS)
 def test_every_command_refuses_a_bad_job_alike(tmp_path, job, words):
-    config = tmp_path / "job.yaml"
     flags = dict(zip(job[::2], job[1::2]))
     keys = {k[2:].replace("-", "_"): v for k, v in flags.items()}
     if "aux_layers" in keys:
         keys["aux_layers"] = [int(x) for x in keys["aux_layers"].split(",")]
     if "tp" in keys:
         keys["tp"] = int(keys["tp"])
-    config.write_text(yaml.safe_dump(keys))
-    log = tmp_path / "oom.log"
-    log.write_text("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB "
-                   "total capacity; 70.00 GiB already allocated; 1.00 GiB free; 75.00 GiB reserved in total by PyTorch)")
-    lines = {
-        "estimate": one_line_refusal(["estimate", *job]),
-        "fit": one_line_refusal(["fit", *job]),
-        "check": one_line_refusal(["check", str(config)]),
-        "explain": one_line_refusal(["explain", str(log), *job]),
-    }
-    if "--workload" not in job and "--runtime" not in job:  # train runs eagle3 on fitplan's runtime only
-        lines["train"] = one_line_refusal(["train", *job, "--random-weights", "--synthetic-data", "--device", "cpu",
-                                           "--output", str(tmp_path / "run")])
-        assert not (tmp_path / "run").exists()  # refused before anything was written
+    # train runs eagle3 on fitplan's runtime only
+    lines = refusals_by_command(tmp_path, job, keys, train="--workload" not in job and "--runtime" not in job)
     for command, line in lines.items():
         assert words in line, (command, line)
-    # the same reason from every command (check names the file first)
-    reasons = {line.split(": ", 1)[1].split(f"{config}: ")[-1] for line in lines.values()}
+    # the same reason from every command
+    reasons = {line.split(": ", 1)[1] for line in lines.values()}
     assert len(reasons) == 1, lines
 
 

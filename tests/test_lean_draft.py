@@ -56,21 +56,33 @@ def _teacher(batch, seq, pad, vocab, generator):
     return logits, valid
 
 
+def _head_case(dtype, seed: int, steps: int):
+    """A 2 x 12 batch over a 40-word vocab: (teacher, valid, head, norm, the steps' hiddens, and
+    unfused copies of the head weight, the norm weight and the hiddens)."""
+    g = torch.Generator().manual_seed(seed)
+    batch, seq, hidden, vocab, pad = 2, 12, 16, 40, 4
+    logits, valid = _teacher(batch, seq, pad, vocab, g)
+    head = DraftHead(hidden, vocab).to(dtype)
+    norm = _Norm(hidden, dtype, g)
+    xs = [torch.randn(batch, seq, hidden, generator=g).to(dtype).requires_grad_() for _ in range(steps)]
+    copies = (head.weight.detach().clone().requires_grad_(), norm.weight.detach().clone().requires_grad_(),
+              [x.detach().clone().requires_grad_() for x in xs])
+    return logits.to(dtype), valid, head, norm, xs, copies
+
+
+def _assert_grads_close(pairs, tol: float) -> None:
+    for mine, theirs in pairs:
+        scale = float(theirs.grad.abs().max())
+        assert torch.allclose(mine.grad.float(), theirs.grad.float(), atol=tol * scale, rtol=tol)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("offset", [1, 3])
 def test_fused_head_matches_unfused(dtype, tol, offset, monkeypatch):
     # 5 rows per chunk: a 2 x 12 batch spans several chunks, one of them partial
     monkeypatch.setattr(head_loss, "CHUNK_BYTES", 5 * 4 * 40)
-    g = torch.Generator().manual_seed(0)
-    batch, seq, hidden, vocab, pad = 2, 12, 16, 40, 4
-    logits, valid = _teacher(batch, seq, pad, vocab, g)
-    teacher = logits.to(dtype)
-    head = DraftHead(hidden, vocab).to(dtype)
-    norm = _Norm(hidden, dtype, g)
-    x = torch.randn(batch, seq, hidden, generator=g).to(dtype).requires_grad_()
-    weight = head.weight.detach().clone().requires_grad_()
-    norm_weight = norm.weight.detach().clone().requires_grad_()
-    ref_x = x.detach().clone().requires_grad_()
+    teacher, valid, head, norm, (x,), (weight, norm_weight, (ref_x,)) = _head_case(dtype, 0, 1)
+    seq = x.shape[1]
 
     got, got_agree = head(x, norm, teacher, CountedRows(valid), offset)
     want, want_agree = reference_head_loss(ref_x, norm_weight, weight, teacher, valid, offset)
@@ -79,9 +91,7 @@ def test_fused_head_matches_unfused(dtype, tol, offset, monkeypatch):
 
     assert int(got_agree) == int(want_agree)
     assert torch.allclose(got, want, rtol=tol, atol=tol)
-    for mine, theirs in ((x, ref_x), (head.weight, weight), (norm.weight, norm_weight)):
-        scale = float(theirs.grad.abs().max())
-        assert torch.allclose(mine.grad.float(), theirs.grad.float(), atol=tol * scale, rtol=tol)
+    _assert_grads_close(((x, ref_x), (head.weight, weight), (norm.weight, norm_weight)), tol)
     # masked positions get no gradient at all
     masked = ~valid[:, offset : offset + seq]
     assert x.grad[masked].abs().max() == 0
@@ -95,16 +105,7 @@ def test_head_gradients_made_in_forward_match_unfused(dtype, tol, monkeypatch):
     from trainer.step_grads import StepGrads
 
     monkeypatch.setattr(head_loss, "CHUNK_BYTES", 5 * 4 * 40)  # several chunks, one partial
-    g = torch.Generator().manual_seed(2)
-    batch, seq, hidden, vocab, pad = 2, 12, 16, 40, 4
-    logits, valid = _teacher(batch, seq, pad, vocab, g)
-    teacher = logits.to(dtype)
-    head = DraftHead(hidden, vocab).to(dtype)
-    norm = _Norm(hidden, dtype, g)
-    xs = [torch.randn(batch, seq, hidden, generator=g).to(dtype).requires_grad_() for _ in range(2)]
-    weight = head.weight.detach().clone().requires_grad_()
-    norm_weight = norm.weight.detach().clone().requires_grad_()
-    ref_xs = [x.detach().clone().requires_grad_() for x in xs]
+    teacher, valid, head, norm, xs, (weight, norm_weight, ref_xs) = _head_case(dtype, 2, 2)
     scales = [1 / 17, 0.8 / 13]  # a step's decay over its counted positions, as unroll_loss gives
     grads, rows = StepGrads(2), CountedRows(valid)
 
@@ -116,10 +117,7 @@ def test_head_gradients_made_in_forward_match_unfused(dtype, tol, monkeypatch):
     for (loss, agree), (ref_loss, ref_agree) in zip(got, want):
         assert int(agree) == int(ref_agree)
         assert torch.allclose(loss, ref_loss, rtol=tol, atol=tol)
-    pairs = [*zip(xs, ref_xs), (head.weight, weight), (norm.weight, norm_weight)]
-    for mine, theirs in pairs:
-        scale = float(theirs.grad.abs().max())
-        assert torch.allclose(mine.grad.float(), theirs.grad.float(), atol=tol * scale, rtol=tol)
+    _assert_grads_close([*zip(xs, ref_xs), (head.weight, weight), (norm.weight, norm_weight)], tol)
 
 
 def test_head_gradients_in_forward_need_the_summed_buffers():

@@ -26,7 +26,7 @@ and backward reads neither the teacher nor the hidden. A step then keeps the hid
 
 Liger-Kernel's fused linear losses do the same for hard labels and for teachers given as hidden
 states and a weight; Eagle3's teacher is a probability table over the draft vocab, which none of
-them takes, hence this small recompute-in-backward function in plain torch (it runs on CPU too).
+them takes, hence these small functions in plain torch (they run on CPU too).
 """
 
 from __future__ import annotations

@@ -458,17 +458,21 @@ def build(job: Job) -> StepEvents:
     t.begin("load")
     load(t, state)
 
+    # the head makes its gradients in forward: backward does not read the teacher, which
+    # trainer/loop.py lets go once it is scored
+    teacher_goes_before_backward = head_grads_in_forward(job)
+
     def micro_step(label: str) -> None:
         t.begin(f"{label}.target_forward")
         aux, teacher = target_forward(t, job)
         t.begin(f"{label}.draft_forward")
         saved = draft_forward(t, state)
-        if head_grads_in_forward(job):  # scored, its gradients made: trainer/loop.py lets it go
+        if teacher_goes_before_backward:
             t.free(teacher)
         t.begin(f"{label}.backward")
         draft_backward(t, state, saved)
         t.free(aux)
-        if not head_grads_in_forward(job):
+        if not teacher_goes_before_backward:
             t.free(teacher)
 
     return write_steps(t, job, micro_step, lambda first: optimizer_step(t, state, first=first))
