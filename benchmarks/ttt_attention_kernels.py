@@ -28,26 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 HEADS, KV_HEADS, HEAD_DIM, TTT = 32, 8, 128, 7
 
 
-def _cudnn_kernel():
-    import torch
-
-    class CudnnCausal:
-        @staticmethod
-        def forward(q, k, v, scale):
-            out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
-                q, k, v, None, True, 0.0, True, False, scale=scale)
-            return out, lse.reshape(q.shape[:3]), (cum_q, cum_k, max_q, max_k, seed, offset, lse.shape)
-
-        @staticmethod
-        def backward(dout, q, k, v, out, lse, state, scale):
-            cum_q, cum_k, max_q, max_k, seed, offset, lse_shape = state
-            return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-                dout, q, k, v, out, lse.reshape(lse_shape), seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True,
-                scale=scale)
-
-    return CudnnCausal
-
-
 def _inputs(seq: int, batch: int):
     import torch
 
@@ -67,7 +47,7 @@ def _unroll(variant: str, qs, ks, vs):
     import torch
 
     from trainer.draft import flex
-    from trainer.ttt_attention import _TTTAttention, ttt_attention
+    from trainer.ttt_attention import CudaCudnn, ttt_attention
 
     outs = []
     for k in range(TTT):
@@ -76,7 +56,7 @@ def _unroll(variant: str, qs, ks, vs):
         elif variant == "split-flash":
             outs.append(ttt_attention(qs[k], ks[: k + 1], vs[: k + 1]))
         else:
-            outs.append(_TTTAttention.apply(_cudnn_kernel(), HEAD_DIM**-0.5, qs[k], *ks[: k + 1], *vs[: k + 1]))
+            outs.append(ttt_attention(qs[k], ks[: k + 1], vs[: k + 1], kernel=CudaCudnn))
     return outs
 
 

@@ -41,6 +41,24 @@ class _CudaFlash:
             dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale)
 
 
+class CudaCudnn:
+    """cuDNN's fused attention (bf16/fp16, grouped-query heads native): the faster causal kernel on
+    an H200 from S 4096 on (benchmarks/ttt_attention_kernels.py). Its lse comes as [B, H, S, 1]."""
+
+    @staticmethod
+    def forward(q, k, v, scale):
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, True, False, scale=scale)
+        return out, lse.reshape(q.shape[:3]), (cum_q, cum_k, max_q, max_k, seed, offset, lse.shape)
+
+    @staticmethod
+    def backward(dout, q, k, v, out, lse, state, scale):
+        cum_q, cum_k, max_q, max_k, seed, offset, lse_shape = state
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.reshape(lse_shape), seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True,
+            scale=scale)
+
+
 class _CpuFlash:
     """torch's CPU flash attention: the same contract, for tests and CPU runs."""
 
@@ -150,10 +168,11 @@ class _TTTAttention(torch.autograd.Function):
         return None, None, dq, dk0, *dks, dv0, *dvs
 
 
-def ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+def ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], kernel=None) -> torch.Tensor:
     """Step len(keys) - 1's attention: q [B, H, S, d]; keys[0] / values[0] step 0's [B, Hkv, S, d]
-    (causal), keys[j] / values[j] step j's (each position sees its own). Returns [B, H, S, d]."""
-    kernel = causal_kernel(q)
+    (causal), keys[j] / values[j] step j's (each position sees its own). Returns [B, H, S, d].
+    `kernel`: the causal kernel (default: causal_kernel(q))."""
+    kernel = kernel or causal_kernel(q)
     if kernel is None:
         raise ValueError(f"ttt_attention: no causal kernel for {q.dtype} on {q.device.type}")
     return _TTTAttention.apply(kernel, q.shape[-1] ** -0.5, q, *keys, *values)
