@@ -450,6 +450,13 @@ def head_grads_in_forward(job: Job) -> bool:
     return sums_step_grads(job) and job.spec.head_grad_in_forward is not False
 
 
+def projects_embedding_once(job: Job) -> bool:
+    """Whether the draft projects the embedding's half of its q/k/v input once per unroll
+    (trainer/embedding_projection.py): wherever the steps sum their gradients, whose last
+    backward call adds that half's weight gradients into the sums."""
+    return sums_step_grads(job)
+
+
 def recomputes_mlp(job: Job) -> bool:
     """Whether the lean draft's MLP keeps only its input and makes gate and up again in backward
     (RunSpec recompute_mlp, trainer/recompute_mlp.py): fused norms only, where the
