@@ -7,6 +7,10 @@ embedding, two rstds, the normed concatenation, roped q, the keys and values of 
 (sdpa's bool mask), the kernel's output and logsumexp, the o_proj input, the hidden after
 attention, an rstd, the MLP input, gate and up (plain: gate, silu, up, product), the layer
 output, the final norm's rstd and output, and the loss's rows (plain: its fp32 log-softmax).
+With the embedding's half of q/k/v projected once per unroll (trainer/embedding_projection.py)
+a step saves neither its embedding nor the input norm's rstd: the unroll's projection P is made
+before step 0, its fp32 gradient G at step L-1's q/k/v backward, and step 0's makes the
+embedding's half of the weight gradients from G.
 
 Backward runs the steps in reverse, as autograd's ready queue does (higher sequence numbers
 first): step k's head and final norm, its MLP, attention, projections and norms; the gradient of
