@@ -299,7 +299,8 @@ class DecoderLayer(nn.Module):
     def _fused_forward(self, emb, hidden, cos, sin, past_k, past_v, grads):
         norms = (self.input_layernorm.weight, self.hidden_norm.weight)
         if isinstance(emb, StepEmbedding):  # the embedding's half made once per unroll
-            qkv = emb.project(hidden, norms[1], norms[0], self.self_attn.projections(), grads)
+            qkv = emb.project(hidden, self.hidden_norm.weight, self.input_layernorm.weight, self.self_attn.projections(),
+                              grads)
         else:
             qkv = norm_project((emb, hidden), norms, self.input_layernorm.eps, self.self_attn.projections(), grads,
                                ("input_layernorm", "hidden_norm", "q_proj", "k_proj", "v_proj"))

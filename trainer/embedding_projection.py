@@ -120,7 +120,7 @@ class _ProjectWithEmbedding(torch.autograd.Function):
     @staticmethod
     def forward(ctx, shared, k, grads, hidden, hidden_norm_w, input_norm_w, *projections):
         normalize, _, _ = norm_kernels(hidden.device.type)
-        normed, rstd = normalize(hidden, hidden_norm_w, shared.eps)
+        normed, rstd = normalize(hidden, hidden_norm_w, shared.eps)  # the layer's norms share one eps
         normed = normed.to(shared.dtype)
         h, seq = hidden.shape[-1], hidden.shape[1]
         outs = tuple((normed @ w[:, h:].to(shared.dtype).T).add_(shared.step_rows(k, seq, j))
