@@ -121,6 +121,13 @@ class RunSpec:
     the logits again in backward: one [B, S, h] x [h, Vd] matmul and one softmax pass fewer per TTT
     step; a step keeps its hidden's gradient (2h bytes per token) and the teacher is let go before
     backward. None: on where it applies. false: made again in backward, as before (its reports)."""
+    project_embedding_once: Optional[bool] = None
+    """fitplan runtime, lean draft with summed step gradients (sum_step_grads), 2 or more TTT
+    steps: the embedding's half of the q/k/v projection is made once per unroll over its S + L - 1
+    tokens (step k reads rows k..k+S) instead of per step, and its gradients once from their sum;
+    no step keeps its embedding (2h bytes per token per step), the unroll keeps that projection
+    and its fp32 gradient instead. None: on where it applies; true elsewhere is refused
+    (fitplan.layout). false: per step, as before (its reports)."""
     optimizer_per_param: Optional[bool] = None
     """fitplan runtime, bf16-master recipe: the optimizer steps one parameter at a time, each
     bf16 gradient freed as its fp32 copy is made, so one fp32 gradient copy is alive at the

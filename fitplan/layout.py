@@ -177,6 +177,7 @@ def check_runtime(spec: RunSpec, world: int) -> None:
     check_optimizer_per_param(spec)
     check_sum_step_grads(spec, world)
     check_head_grad_in_forward(spec, world)
+    check_project_embedding_once(spec, world)
     check_draft_memory(spec)
     check_recompute_norms(spec)
     if spec.runtime == "specforge":
@@ -448,6 +449,29 @@ def head_grads_in_forward(job: Job) -> bool:
     """Whether the fused head makes its gradients in forward (RunSpec head_grad_in_forward,
     trainer/head_loss.py; None: wherever the steps sum their gradients)."""
     return sums_step_grads(job) and job.spec.head_grad_in_forward is not False
+
+
+def check_project_embedding_once(spec: RunSpec, world: int) -> None:
+    """project_embedding_once true where the steps' gradients are not summed (the embedding
+    half's weight gradients join those sums) or one step has nothing to share: refused rather
+    than ignored."""
+    if spec.project_embedding_once:
+        _refuse_unless("project_embedding_once", "projects the embedding's half of q/k/v once per unroll into the "
+                      "steps' summed gradients", _project_embedding_once_needs(spec, world), off="false or auto")
+
+
+def _project_embedding_once_needs(spec: RunSpec, world: int) -> dict[str, tuple[object, bool, str]]:
+    return {**_head_grad_in_forward_needs(spec, world), "ttt": (spec.ttt, spec.ttt > 1, "2 or more")}
+
+
+def projects_embedding_once(job: Job) -> bool:
+    """Whether the draft projects the embedding's half of its q/k/v input once per unroll
+    (RunSpec project_embedding_once, trainer/embedding_projection.py; None: wherever it applies):
+    where the steps sum their gradients, whose last backward call adds that half's weight
+    gradients into the sums, over 2 or more steps (one step has no rows to share: the projection
+    and its fp32 gradient would only add to its embedding)."""
+    spec = job.spec
+    return spec.project_embedding_once is not False and _all_hold(_project_embedding_once_needs(spec, job.world))
 
 
 def recomputes_mlp(job: Job) -> bool:

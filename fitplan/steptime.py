@@ -4,7 +4,8 @@ Used by the fix ladder to rank the configurations that fit by predicted throughp
 kinds of time, each from a GPU profile rate (GpuSpec) derated by a named efficiency:
 - compute: target forward (2·active params·tokens + causal attention), the draft's forward and
   backward over the TTT unroll (or the sft forward+backward, 6·P·tokens + attention), and the
-  recompute forward that activation checkpointing adds and the gate and up recompute_mlp adds;
+  recompute forward that activation checkpointing adds and the gate and up recompute_mlp adds,
+  less the embedding half of q/k/v the trainer projects once per unroll instead of per step;
 - communication over the GPU interconnect: the target's TP all-reduces, the logits and aux
   hidden states (all-gather of the TP group's rows vs all-to-all of its own rows), the trained
   model's gradient all-reduce / FSDP all-gather and reduce-scatter;
@@ -18,7 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fitplan.estimator.target_terms import runs_eager_attention
-from fitplan.layout import Job, head_grads_in_forward, lean_draft, recomputes_mlp
+from fitplan.layout import (
+    Job,
+    head_grads_in_forward,
+    lean_draft,
+    projects_embedding_once,
+    recomputes_mlp,
+)
 from fitplan.shapes import ModelShape, count_params
 from fitplan.units import BF16, FP32
 
@@ -142,8 +149,8 @@ def _draft_step_forward_flops(job: Job) -> float:
 
 def draft_flops(job: Job) -> float:
     """The draft's model FLOPs: forward + backward (3x forward) over the TTT unroll, fc once,
-    the rest L times. What is computed twice (draft_recompute_flops) is not counted: MFU's
-    numerator."""
+    the rest L times. What is computed twice (draft_recompute_flops) is not counted, nor is what
+    the trainer skips (draft_skipped_flops) taken off: MFU's numerator."""
     d, b, s = job.draft, job.spec.micro_batch, job.spec.seq
     forward = 3 * d.target_hidden * d.hidden * 2 * b * s + job.spec.ttt * _draft_step_forward_flops(job)
     return 3 * forward
@@ -161,6 +168,18 @@ def draft_recompute_flops(job: Job) -> float:
     head_again = lean_draft(job.spec) and not head_grads_in_forward(job)
     logits = ttt * 2 * d.hidden * d.draft_vocab * tokens if head_again else 0.0
     return checkpointed + gate_up + logits
+
+
+def draft_skipped_flops(job: Job) -> float:
+    """What the trainer does not compute of draft_flops: with the embedding's half of q/k/v
+    projected once per unroll (layout.projects_embedding_once) over the S + L - 1 tokens the steps
+    embed, instead of S per step, that half's forward GEMM, its weight-gradient GEMM and its
+    input-gradient GEMM each run over (L - 1)(S - 1) rows fewer per sample."""
+    if not projects_embedding_once(job):
+        return 0.0
+    d, b, s, ttt = job.draft, job.spec.micro_batch, job.spec.seq, job.spec.ttt
+    emb_half = d.hidden * (d.heads + 2 * d.kv_heads) * d.head_dim  # weights of the emb columns
+    return 3 * 2 * emb_half * b * (ttt - 1) * (s - 1)
 
 
 def sft_flops(job: Job) -> float:
@@ -235,7 +254,8 @@ def compute_seconds(job: Job) -> float:
         efficiency = MOE_SFT_EFFICIENCY if job.model.is_moe else SFT_EFFICIENCY
         return sft_flops(job) / (peak * efficiency)
     efficiency = DRAFT_EFFICIENCY if job.spec.runtime == "fitplan" else DENSE_EFFICIENCY
-    return target_seconds(job) + (draft_flops(job) + draft_recompute_flops(job)) / (peak * efficiency)
+    computed = draft_flops(job) + draft_recompute_flops(job) - draft_skipped_flops(job)
+    return target_seconds(job) + computed / (peak * efficiency)
 
 
 def target_seconds(job: Job) -> float:

@@ -25,7 +25,15 @@ from fitplan.cli import app
 from fitplan.config import RunSpec, spec_from_mapping
 from fitplan.errors import FitplanError
 from fitplan.ladder import fit
-from fitplan.layout import fused_norms, head_grads_in_forward, lean_draft, resolve, steps_per_param, sums_step_grads
+from fitplan.layout import (
+    fused_norms,
+    head_grads_in_forward,
+    lean_draft,
+    projects_embedding_once,
+    resolve,
+    steps_per_param,
+    sums_step_grads,
+)
 from fitplan.records import measurement_from_mapping, plan_from_mapping
 from test_job_rules import refusals_by_command
 
@@ -72,6 +80,8 @@ SWITCHES = {
     "sum_step_grads": (step_sums_apply, sums_step_grads),
     # the head's gradients go into the steps' sums: it acts wherever they are made
     "head_grad_in_forward": (step_sums_apply, head_grads_in_forward),
+    # the embedding half's weight gradients go into those sums too (the sweep's 7 TTT steps)
+    "project_embedding_once": (step_sums_apply, projects_embedding_once),
 }
 
 
@@ -189,6 +199,8 @@ IDLE = [
     (["--no-recompute-norms", "--sum-step-grads"], "sum_step_grads", "recompute_norms false"),
     (["--precision", "mixed", "--head-grad-in-forward"], "head_grad_in_forward", "precision mixed"),
     (["--no-sum-step-grads", "--head-grad-in-forward"], "head_grad_in_forward", "sum_step_grads false"),
+    (["--precision", "mixed", "--project-embedding-once"], "project_embedding_once", "precision mixed"),
+    (["--no-sum-step-grads", "--project-embedding-once"], "project_embedding_once", "sum_step_grads false"),
     (["--precision", "mixed", "--optimizer-per-param"], "optimizer_per_param", "precision mixed"),
     (["--precision", "bf16", "--optimizer-per-param"], "optimizer_per_param", "precision bf16"),
     (["--offload", "optimizer", "--optimizer-per-param"], "optimizer_per_param", "offload optimizer"),
@@ -199,7 +211,8 @@ YAML_VALUES = {"--precision": ("precision", str), "--draft-memory": ("draft_memo
                "--offline": ("offline", True), "--sharding": ("sharding", str),
                "--offload": ("offload", str), "--no-recompute-norms": ("recompute_norms", False),
                "--sum-step-grads": ("sum_step_grads", True), "--optimizer-per-param": ("optimizer_per_param", True),
-               "--no-sum-step-grads": ("sum_step_grads", False), "--head-grad-in-forward": ("head_grad_in_forward", True)}
+               "--no-sum-step-grads": ("sum_step_grads", False), "--head-grad-in-forward": ("head_grad_in_forward", True),
+               "--project-embedding-once": ("project_embedding_once", True)}
 
 
 def as_yaml(flags: list[str]) -> dict:
@@ -266,7 +279,7 @@ def test_the_cli_process_exits_2_with_one_line_on_stderr(flags, switch):
 
 def test_auto_round_trips_through_yaml_plans_and_reports():
     spec = RunSpec(model="llama-3.1-8b", precision="mixed")
-    auto = ("sum_step_grads", "optimizer_per_param", "draft_memory", "recompute_norms")
+    auto = ("sum_step_grads", "optimizer_per_param", "draft_memory", "recompute_norms", "project_embedding_once")
     assert all(getattr(spec, key) is None for key in auto)
     written = yaml.safe_load(yaml.safe_dump(spec.to_dict()))
     assert all(written[key] is None for key in auto)
@@ -343,8 +356,26 @@ def test_the_steps_gradients_are_summed_on_one_gpu_only():
     sums), true is refused there."""
     two = RunSpec(model="llama-3.1-8b", gpus="2xH200")
     assert not sums_step_grads(resolve(two)) and not head_grads_in_forward(resolve(two))
+    assert not projects_embedding_once(resolve(two))
     one = resolve(two.replace(gpus="1xH200"))
-    assert sums_step_grads(one) and head_grads_in_forward(one)
-    for switch in ("sum_step_grads", "head_grad_in_forward"):
+    assert sums_step_grads(one) and head_grads_in_forward(one) and projects_embedding_once(one)
+    for switch in ("sum_step_grads", "head_grad_in_forward", "project_embedding_once"):
         with pytest.raises(FitplanError, match=rf"^{switch}: .*, not with GPUs 2 \(accepted: "):
             resolve(two.replace(**{switch: True}))
+
+
+def test_one_step_has_no_embedding_rows_to_share():
+    """With one TTT step the projection would cover the step's own rows and only add its fp32
+    gradient: auto leaves it off, true is refused naming ttt; from two steps on it runs."""
+    one_step = RunSpec(model="llama-3.1-8b", gpus="1xH200", ttt=1)
+    assert sums_step_grads(resolve(one_step)) and not projects_embedding_once(resolve(one_step))
+    with pytest.raises(FitplanError, match=r"^project_embedding_once: .*, not with ttt 1 \(accepted: .*ttt 2 or more\)$"):
+        resolve(one_step.replace(project_embedding_once=True))
+    assert projects_embedding_once(resolve(one_step.replace(ttt=2, project_embedding_once=True)))
+
+
+def test_a_report_predating_the_embedding_projection_ran_it_per_step():
+    old = RunSpec(model="llama-3.1-8b").to_dict()
+    del old["project_embedding_once"]
+    spec = measurement_from_mapping({"config": old, "steps": []}, "report.json").config
+    assert spec.project_embedding_once is False and not projects_embedding_once(resolve(spec))

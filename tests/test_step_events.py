@@ -63,6 +63,9 @@ CASES = [
     {"model": "gemma-2-9b", "seq": 2048, "ttt": 2},  # eager attention, soft-capped logits
     {"model": "llama-3.1-8b", "seq": 16384},
     {"global_batch": 3, "seq": 1024},  # three micro-steps: grads carried between them
+    {"project_embedding_once": False},  # each step projects its own embedding
+    {"ttt": 2, "seq": 1024},  # the embedding projected once over the fewest steps it runs for
+    {"recompute_mlp": True, "model": "llama-3.1-8b", "seq": 1024},  # grads outweigh activations
 ]
 
 
@@ -118,6 +121,40 @@ def test_saved_tensor_sizes_by_hand():
     assert sizes_named(j, "grad of lm_head (summed in forward)") == [2 * 32000 * 2048] * 2  # step 1, steady
     assert sizes_named(j, "head chunk logits grad")[:2] == [2 * 32000 * 2097, 2 * 32000 * 1999]
     assert sizes_named(job(head_grad_in_forward=False), "grad of layer output (made in forward)") == []
+
+
+def test_embedding_projection_sizes_by_hand():
+    """llama-3.2-1b's draft (h 2048, q/k/v (32 + 2 x 8) x 64 = 3072 columns), S 4096, 7 steps: P
+    over S + L - 1 = 4102 tokens, 2 x 3072 x 4102 = 25,202,688 B, once per micro-step, its fp32
+    gradient G twice that, and G's bf16 copy at the last call as P; no step's embedding. Off, each
+    step gathers its own [T, h] bf16 embedding, 2 x 2048 x 4096, and there is no P."""
+    j = job()
+    assert sizes_named(j, "embedding projection P") == [2 * 3072 * 4102] * 2 == [25_202_688] * 2
+    assert sizes_named(j, "embedding projection G") == [4 * 3072 * 4102] * 2 == [50_405_376] * 2
+    assert sizes_named(j, "G in bf16") == [25_202_688] * 2
+    assert sizes_named(j, "embedding") == []
+    per_step = job(project_embedding_once=False)
+    assert sizes_named(per_step, "embedding") == [2 * 2048 * 4096] * 14 == [16_777_216] * 14
+    assert sizes_named(per_step, "embedding projection P") == []
+
+
+def test_the_last_qkv_backward_call_holds_the_estimators_instant():
+    """At G's bf16 copy in the steady step's last q/k/v backward call (P gone, G beside its copy)
+    the sequence holds what eagle3.embedding_finish counts beside the resident state and the aux
+    states: every grad but fc's and the input norm's, the draft's tensors left, G and the copy.
+    An instant that outweighs the others only where the grads outweigh a step's activations."""
+    from fitplan.estimator import eagle3, target_terms
+    from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
+    from fitplan.estimator.timeline import merge, phase
+
+    j = job()
+    built = step_events.build(j)
+    at = max(i for i, e in enumerate(built.events) if e.op == "alloc" and built.names[e.key] == "G in bf16")
+    state = draft_state(j)
+    resident = phase(target__weights=target_terms.resident_weights(j), draft__params=state.params(),
+                     runtime__workspace=CUBLAS_WORKSPACE_BYTES, target__outputs=target_terms.aux_outputs_bytes(j))
+    instant = merge(resident, eagle3.optimizer_state(state, steady=True), eagle3.embedding_finish(j, state))
+    assert live_after(built, at + 1) == sum(instant.values())
 
 
 def test_optimizer_state_by_hand():

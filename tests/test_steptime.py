@@ -21,6 +21,7 @@ from fitplan.steptime import (
     DRAFT_EFFICIENCY,
     draft_flops,
     draft_recompute_flops,
+    draft_skipped_flops,
     matmul_params,
     sft_flops,
     step_time,
@@ -99,6 +100,22 @@ def test_eager_attention_of_a_gpt_oss_target_is_memory_traffic_over_the_scores()
     assert specforge(seq=8192) - 2 * specforge() < 0.2 * (t(seq=8192) - 2 * t())
 
 
+def test_the_embedding_half_projected_once_is_skipped_work(tiny3):
+    """The tiny draft (h 64, 4 heads and 4 KV heads of 16: q/k/v 192 columns, the emb half 64 x 192
+    = 12,288 weights), B 2, S 8, 3 TTT steps: projected once over S + L - 1 = 10 tokens instead of
+    8 per step, each of its three GEMMs (forward, weight and input gradient) runs over
+    (3 - 1)(8 - 1) = 14 rows fewer per sample: 3 x 2 x 12,288 x 2 x 14 = 2,064,384 FLOPs not
+    computed; the model's FLOPs (MFU's numerator) stay; off, nothing skipped."""
+    job = resolve(RunSpec(model=tiny3, seq=8, micro_batch=2, ttt=3))
+    per_step = resolve(RunSpec(model=tiny3, seq=8, micro_batch=2, ttt=3, project_embedding_once=False))
+    assert draft_skipped_flops(job) == 2_064_384
+    assert draft_skipped_flops(per_step) == 0
+    assert draft_flops(job) == draft_flops(per_step)
+    peak = job.cluster.gpu.bf16_tflops * 1e12
+    saved = step_time(per_step).compute_s - step_time(job).compute_s
+    assert saved == pytest.approx(2_064_384 / (peak * DRAFT_EFFICIENCY), rel=1e-9)
+
+
 def test_tokens_per_s_counts_the_whole_global_batch():
     job = resolve(RunSpec(model="llama-3.1-8b", gpus="8xH100", tp=8, seq=4096, micro_batch=1, global_batch=32))
     st = step_time(job)
@@ -110,7 +127,8 @@ DATA = Path(__file__).parents[1] / "docs" / "data"
 # The offline steps benchmarks/vs_specforge.py measured on one H200 (llama-3.1-8b's draft, the
 # target only the teacher's lm_head). The head made its logits again in backward in calls A-J
 # (every fitplan tool) and in K-L's knob-off tool: what DRAFT_EFFICIENCY was fitted on. The head
-# made its gradients in forward in K-N's other tools: held out.
+# made its gradients in forward in K-N's other tools: held out. Every call predates the embedding's
+# half of q/k/v projected once per unroll: each step projected its own.
 HEAD_IN_FORWARD_CALLS = ("vs_specforge_fsdp_g.json", "vs_specforge_fsdp_h.json", "vs_specforge_fsdp_i.json",
                          "vs_specforge_fsdp_profile_4k.json")
 TOOL_KNOBS = {"fitplan": {}, "fitplan-recompute-mlp": {"recompute_mlp": True},
@@ -125,7 +143,7 @@ def measured_steps() -> list[tuple[bool, dict, object]]:
         for r in json.loads(path.read_text())["results"]:
             if not r.get("ok") or r["tool"] not in TOOL_KNOBS:
                 continue
-            knobs = dict(TOOL_KNOBS[r["tool"]])
+            knobs = {**TOOL_KNOBS[r["tool"]], "project_embedding_once": False}
             if not in_forward:
                 knobs["head_grad_in_forward"] = False
             job = resolve(RunSpec(model="llama-3.1-8b", gpus="1xH200", seq=r["seq"], micro_batch=r["batch"], tp=1,

@@ -133,6 +133,27 @@ def test_recompute_mlp_phases_match_tracked_live_bytes(tmp_path, ac):
         assert peaks[False] - peaks[True] >= kept_gate_up // 2
 
 
+@pytest.mark.parametrize("ac,expected", [(False, 39_680), (True, 37_888)])
+def test_projecting_the_embedding_once_lowers_the_forward_peak_by_hand(configs, tmp_path, ac, expected):
+    """B 2, S 32 (64 tokens), 7 TTT steps, the draft of `configs` (h 64; q/k/v 4 x 16 + 2 x 2 x 16
+    = 128 columns). Per step each step keeps its embedding, 2 B x 64 x 64 = 8192 B, and (not
+    checkpointed) its input norm's fp32 rstd, 4 B x 64 = 256 B; projected once, the unroll keeps
+    P over S + L - 1 = 38 tokens per sample instead: 2 B x 128 x 2 x 38 = 19,456 B. The draft
+    forward's peak falls by 7 x 8448 - 19,456 = 39,680 B, checkpointed by 7 x 8192 - 19,456 =
+    37,888 B: measured and estimated alike."""
+    target, draft = configs
+    measured, estimated = {}, {}
+    for once in (True, False):
+        spec = RunSpec(model=target, draft=draft, seq=32, micro_batch=2, ttt=7, ac=ac, tp=1, attention="eager",
+                       project_embedding_once=once)
+        report = run(TrainOptions(spec=spec, output=tmp_path / f"out{once}", steps=2, random_weights=True,
+                                  synthetic_data=True, device="cpu"))
+        measured[once] = report["steps"][1]["phases"]["draft_forward"]["allocated"]
+        estimated[once] = predicted(report, "draft_forward")
+    assert measured[False] - measured[True] == expected
+    assert estimated[False] - estimated[True] == expected
+
+
 # The draft of `configs` (h 64, I 128, 4 heads and 2 KV heads of 16, Vd = V = 512, fc reads 3 x 64):
 # its trained tensors in elements, in module order
 DRAFT_TENSORS = {"fc": 3 * 64 * 64, "input_layernorm": 64, "hidden_norm": 64, "q_proj": 128 * 64, "k_proj": 128 * 32,

@@ -419,7 +419,7 @@ class Found:
 # optimizer state): a run resumes with them changed, so a run that ran out of memory continues
 # with a leaner layout, and checkpoints written before one of them existed resume.
 MEMORY_ONLY_KEYS = frozenset({"ac", "expandable_segments", "recompute_mlp", "optimizer_per_param", "sum_step_grads",
-                              "head_grad_in_forward"})
+                              "head_grad_in_forward", "project_embedding_once"})
 
 
 def config_changes(saved: dict, fingerprint: dict) -> list[str]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from trainer.embedding_projection import EmbeddingProjection, StepEmbedding
 from trainer.head_loss import DraftHead
 from trainer.lean_ops import SwiGLUDown
 from trainer.norm_project import heads_project, norm_kernels, norm_project
@@ -284,7 +285,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, lean)
 
     def forward(self, emb, hidden, cos, sin, past_k, past_v, grads: StepGrads | None = None):
-        """`grads`: the unroll's summed weight gradients (fused norms only; trainer/step_grads.py)."""
+        """`grads`: the unroll's summed weight gradients (fused norms only; trainer/step_grads.py).
+        `emb`: the step's embedding, or with those its rows of the unroll's embedding projection
+        (trainer/embedding_projection.py)."""
         if self.fused_norms:
             return self._fused_forward(emb, hidden, cos, sin, past_k, past_v, grads)
         x = torch.cat((self.input_layernorm(emb), self.hidden_norm(hidden)), dim=-1)
@@ -295,8 +298,12 @@ class DecoderLayer(nn.Module):
 
     def _fused_forward(self, emb, hidden, cos, sin, past_k, past_v, grads):
         norms = (self.input_layernorm.weight, self.hidden_norm.weight)
-        qkv = norm_project((emb, hidden), norms, self.input_layernorm.eps, self.self_attn.projections(), grads,
-                           ("input_layernorm", "hidden_norm", "q_proj", "k_proj", "v_proj"))
+        if isinstance(emb, StepEmbedding):  # the embedding's half made once per unroll
+            qkv = emb.project(hidden, self.hidden_norm.weight, self.input_layernorm.weight, self.self_attn.projections(),
+                              grads)
+        else:
+            qkv = norm_project((emb, hidden), norms, self.input_layernorm.eps, self.self_attn.projections(), grads,
+                               ("input_layernorm", "hidden_norm", "q_proj", "k_proj", "v_proj"))
         attn, k, v = self.self_attn(qkv, cos, sin, past_k, past_v, lean=True, grads=grads)
         hidden = hidden + attn
         post, mlp = self.post_attention_layernorm, self.mlp
@@ -323,7 +330,7 @@ def _frozen_embedding(cfg: DraftConfig, shared: torch.Tensor | None) -> torch.Te
 class Eagle3Draft(nn.Module):
     def __init__(self, cfg: DraftConfig, attention: str = "flex", checkpoint_layer: bool = False, lean: bool = True,
                  recompute_norms: bool = True, embedding: torch.Tensor | None = None, sum_step_grads: bool = True,
-                 recompute_mlp: bool = False, head_grad_in_forward: bool = True):
+                 recompute_mlp: bool = False, head_grad_in_forward: bool = True, project_embedding_once: bool = True):
         super().__init__()
         self.cfg = cfg
         self.lean = lean  # RunSpec.draft_memory: the fused head + loss and the lean SwiGLU
@@ -336,6 +343,9 @@ class Eagle3Draft(nn.Module):
         # RunSpec.head_grad_in_forward: the fused head makes its gradients in forward, into the
         # summed step gradients (trainer/head_loss.py)
         self.head_grad_in_forward = self.sum_step_grads and head_grad_in_forward
+        # layout.projects_embedding_once: with summed step gradients the embedding's half of
+        # q/k/v is projected once per unroll (trainer/embedding_projection.py)
+        self.project_embedding_once = self.sum_step_grads and project_embedding_once
         self.checkpoint_layer = checkpoint_layer
         # frozen: the target's own [V, h] when given (RunSpec.share_embedding), else a copy made later
         self.shares_embedding = embedding is not None
@@ -369,7 +379,8 @@ class Eagle3Draft(nn.Module):
         fused head applies itself. No step's logits outlive its loss.
 
         `input_ids` is [B, S + ttt]: step k embeds the tokens at positions t + k + 1. `grads`:
-        where the fused layer sums its weights' gradients over the steps (None: autograd does).
+        where the fused layer sums its weights' gradients over the steps (None: autograd does);
+        with them the embedding's half of q/k/v is projected once for every step.
         """
         seq = aux.shape[1]
         dtype = self.fc.weight.dtype if not torch.is_autocast_enabled(aux.device.type) else torch.bfloat16
@@ -377,9 +388,17 @@ class Eagle3Draft(nn.Module):
         hidden = self.fc(aux)
         past_k: list[torch.Tensor] = []
         past_v: list[torch.Tensor] = []
+        shared = None
+        if self.project_embedding_once and grads is not None:
+            layer = self.midlayer
+            shared = EmbeddingProjection(self.embed_tokens.weight, input_ids[:, 1 : seq + ttt], layer.input_layernorm,
+                                         layer.self_attn.projections(), hidden.dtype, ttt)
         for k in range(ttt):
-            with torch.no_grad():
-                emb = self.embed_tokens(input_ids[:, k + 1 : k + 1 + seq]).to(hidden.dtype)
+            if shared is not None:
+                emb = StepEmbedding(shared, k)
+            else:
+                with torch.no_grad():
+                    emb = self.embed_tokens(input_ids[:, k + 1 : k + 1 + seq]).to(hidden.dtype)
             if self.checkpoint_layer:
                 # tuples: the recomputation in backward must see the caches as they were here
                 hidden, key, value = checkpoint(

@@ -38,6 +38,7 @@ from fitplan.layout import (
     fused_norms,
     head_grads_in_forward,
     lean_draft,
+    projects_embedding_once,
     recomputes_mlp,
     resolve,
     shares_target_embedding,
@@ -114,7 +115,8 @@ def build_draft(job: Job, hf, target: torch.nn.Module, draft_ids: torch.Tensor, 
         draft = Eagle3Draft(draft_config(job, hf), spec.attention_impl, checkpoint_layer=spec.ac,
                             lean=lean_draft(spec), recompute_norms=fused_norms(job), embedding=shared,
                             sum_step_grads=sums_step_grads(job), recompute_mlp=recomputes_mlp(job),
-                            head_grad_in_forward=head_grads_in_forward(job))
+                            head_grad_in_forward=head_grads_in_forward(job),
+                            project_embedding_once=projects_embedding_once(job))
     with torch.no_grad():
         if shared is None:  # a copy, kept in the target's bf16 whatever the recipe
             draft.embed_tokens.to(torch.bfloat16)

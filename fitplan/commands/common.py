@@ -65,6 +65,10 @@ HELP: dict[str, str] = {
                              "gradients in forward, its logits formed once (some 5-10% of a step less; 2h bytes "
                              "per token per TTT step kept, the teacher let go before backward). Default: on where "
                              "it applies; turned on elsewhere, refused."),
+    "project_embedding_once": ("fitplan runtime, lean draft with summed step gradients, 2 or more TTT steps: the "
+                               "embedding's half of q/k/v projected once per unroll, not per step (no step keeps its "
+                               "embedding; false: per step). Default: on where it applies; turned on elsewhere, "
+                               "refused."),
     "optimizer_per_param": ("fitplan runtime, bf16-master, optimizer on the GPU: the optimizer steps a parameter at "
                             "a time, one fp32 gradient copy alive instead of all. Default: on for eagle3, off for sft "
                             "(one optimizer call per tensor; fit turns it on when memory is short); turned on "
@@ -78,13 +82,14 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Switches whose default (None) is decided per job; their help says how.
-AUTO_BOOLS = ("optimizer_per_param", "sum_step_grads", "head_grad_in_forward", "recompute_norms")
+AUTO_BOOLS = ("optimizer_per_param", "sum_step_grads", "head_grad_in_forward", "recompute_norms",
+              "project_embedding_once")
 
 _TYPES: dict[str, Any] = {
     "seq": int, "micro_batch": int, "global_batch": int, "accum": int, "tp": int, "ttt": int,
     "sglang_mem_fraction": float, "vllm_gpu_memory_utilization": float,
     "ac": bool, "expandable_segments": bool, "offline": bool, "recompute_norms": bool, "share_embedding": bool, "sum_step_grads": bool,
-    "recompute_mlp": bool, "optimizer_per_param": bool, "head_grad_in_forward": bool,
+    "recompute_mlp": bool, "optimizer_per_param": bool, "head_grad_in_forward": bool, "project_embedding_once": bool,
 }
 
 

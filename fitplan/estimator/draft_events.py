@@ -7,6 +7,10 @@ embedding, two rstds, the normed concatenation, roped q, the keys and values of 
 (sdpa's bool mask), the kernel's output and logsumexp, the o_proj input, the hidden after
 attention, an rstd, the MLP input, gate and up (plain: gate, silu, up, product), the layer
 output, the final norm's rstd and output, and the loss's rows (plain: its fp32 log-softmax).
+With the embedding's half of q/k/v projected once per unroll (trainer/embedding_projection.py)
+a step saves neither its embedding nor the input norm's rstd: the unroll's projection P is made
+before step 0, its fp32 gradient G at step L-1's q/k/v backward, and step 0's makes the
+embedding's half of the weight gradients from G.
 
 Backward runs the steps in reverse, as autograd's ready queue does (higher sequence numbers
 first): step k's head and final norm, its MLP, attention, projections and norms; the gradient of
@@ -32,7 +36,13 @@ from fitplan.estimator.step_trace import (
     step_grad,
     step_grad_buffer,
 )
-from fitplan.layout import fused_norms, head_grads_in_forward, lean_draft, recomputes_mlp
+from fitplan.layout import (
+    fused_norms,
+    head_grads_in_forward,
+    lean_draft,
+    projects_embedding_once,
+    recomputes_mlp,
+)
 from fitplan.units import BF16, FP32
 
 INDEX = 8  # int64
@@ -48,6 +58,8 @@ class Saved:
     casts: list[int] = field(default_factory=list)
     held: dict[int, list[int]] = field(default_factory=dict)  # step -> its roped key and value
     head_grad: int | None = None  # the head weight's gradient, made in forward (_in_forward)
+    projection: int | None = None  # the embedding's half of q/k/v over the unroll (_projected_once)
+    projection_grad: int | None = None  # its fp32 gradient, from the first q/k/v backward call
 
 
 def _lean(state: State) -> bool:
@@ -64,6 +76,11 @@ def _in_forward(state: State) -> bool:
     return head_grads_in_forward(state.job)
 
 
+def _projected_once(state: State) -> bool:
+    """The embedding's half of q/k/v made once per unroll (trainer/embedding_projection.py)."""
+    return projects_embedding_once(state.job)
+
+
 def draft_forward(t: Trace, state: State) -> Saved:
     """trainer/draft.py Eagle3Draft.unroll under trainer/loss.py unroll_loss."""
     z = state.sizes
@@ -73,8 +90,10 @@ def draft_forward(t: Trace, state: State) -> Saved:
     casts = [t.alloc(n * state.recipe.cast, f"bf16 cast {name}") for name, n in state.params]
     rope = (t.alloc(BF16 * z.S * z.d, "rope cos"), t.alloc(BF16 * z.S * z.d, "rope sin"))
     saved = Saved(rope, t.alloc(BF16 * z.h * z.T, "fc output"), casts=[c for c in casts if c is not None])
+    if _projected_once(state):
+        saved.projection = _embedding_projection(t, state)
     for k in range(z.L):
-        step: dict[str, int] = {"emb": t.alloc(BF16 * z.h * z.T, "embedding")}
+        step: dict[str, int] = {} if _projected_once(state) else {"emb": t.alloc(BF16 * z.h * z.T, "embedding")}
         _layer_forward(t, state, k, step, saved)
         if _in_forward(state):
             _loss_forward_with_grads(t, state, step, saved, last=k == z.L - 1)
@@ -85,6 +104,28 @@ def draft_forward(t: Trace, state: State) -> Saved:
     for k in [k for k in saved.held if not state.job.spec.ac or k == z.L - 1]:
         t.free(*saved.held.pop(k))
     return saved
+
+
+def _projection_rows(state: State) -> int:
+    """Rows of the unroll's embedding projection: the S + L - 1 tokens its steps embed, per sample."""
+    return state.sizes.B * (state.sizes.S + state.sizes.L - 1)
+
+
+def _qkv_width(state: State) -> int:
+    return (state.sizes.H + 2 * state.sizes.Hkv) * state.sizes.d
+
+
+def _embedding_projection(t: Trace, state: State) -> int:
+    """P = norm(embedding) @ the emb columns of q/k/v over the unroll's S + L - 1 tokens: the
+    embedding gathered, normalised (the gather let go), the columns joined, the product."""
+    rows, h = _projection_rows(state), state.sizes.h
+    emb = t.alloc(BF16 * h * rows, "unroll's embedding")
+    normed = t.alloc(BF16 * h * rows, "unroll's normed embedding")
+    t.free(emb)
+    columns = t.alloc(BF16 * _qkv_width(state) * h, "emb columns of q/k/v")
+    product = t.alloc(BF16 * _qkv_width(state) * rows, "embedding projection P")
+    t.free(normed, columns)
+    return product
 
 
 # What a step saves for its backward in its attention and in its MLP block; a checkpointed
@@ -118,17 +159,13 @@ def _attention_forward(t: Trace, state: State, k: int, step: dict[str, int]) -> 
     z = state.sizes
     row, q_row, kv_row = BF16 * z.h * z.T, BF16 * z.H * z.d * z.T, BF16 * z.Hkv * z.d * z.T
     rstd = FP32 * z.T
-    step["rstd_in"] = t.alloc(rstd, "rstd")
-    normed_emb = t.alloc(row, "normed embedding")
-    step["rstd_hidden"] = t.alloc(rstd, "rstd")
-    normed_hidden = t.alloc(row, "normed hidden")
-    joined = t.alloc(2 * row, "cat(embedding, hidden)")
-    t.free(normed_emb, normed_hidden)
-    q, key, value = t.alloc(q_row, "q"), t.alloc(kv_row, "k"), t.alloc(kv_row, "v")
-    if _fused(state):  # made again in backward
-        t.free(joined)
+    if _projected_once(state):  # the hidden's half, P's rows added in place
+        step["rstd_hidden"] = t.alloc(rstd, "rstd")
+        normed_hidden = t.alloc(row, "normed hidden")
+        q, key, value = t.alloc(q_row, "q"), t.alloc(kv_row, "k"), t.alloc(kv_row, "v")
+        t.free(normed_hidden)
     else:
-        step["x"] = joined
+        q, key, value = _joined_projections(t, state, step)
     step["q"] = t.alloc(q_row, "roped q")
     t.free(q)
     roped_k = t.alloc(kv_row, "roped k")
@@ -148,6 +185,25 @@ def _attention_forward(t: Trace, state: State, k: int, step: dict[str, int]) -> 
     step["hidden_attn"] = t.alloc(row, "hidden after attention")
     t.free(attn)
     return [roped_k, value]
+
+
+def _joined_projections(t: Trace, state: State, step: dict[str, int]) -> tuple[int, int, int]:
+    """cat(norm(embedding), norm(hidden)) projected by q, k and v: the concatenation saved
+    (plain) or made again in backward (fused norms)."""
+    z = state.sizes
+    row, q_row, kv_row = BF16 * z.h * z.T, BF16 * z.H * z.d * z.T, BF16 * z.Hkv * z.d * z.T
+    step["rstd_in"] = t.alloc(FP32 * z.T, "rstd")
+    normed_emb = t.alloc(row, "normed embedding")
+    step["rstd_hidden"] = t.alloc(FP32 * z.T, "rstd")
+    normed_hidden = t.alloc(row, "normed hidden")
+    joined = t.alloc(2 * row, "cat(embedding, hidden)")
+    t.free(normed_emb, normed_hidden)
+    q, key, value = t.alloc(q_row, "q"), t.alloc(kv_row, "k"), t.alloc(kv_row, "v")
+    if _fused(state):  # made again in backward
+        t.free(joined)
+    else:
+        step["x"] = joined
+    return q, key, value
 
 
 def _mlp_forward(t: Trace, state: State, step: dict[str, int], recompute: bool = False) -> None:
@@ -258,7 +314,10 @@ def draft_backward(t: Trace, state: State, saved: Saved) -> None:
                 recompute(t, state, k, step)
             _mlp_backward(t, state, step)
             _attention_backward(t, state, step, k, pending)
-            _input_backward(t, state, step, k, pending)
+            if _projected_once(state):
+                _projected_input_backward(t, state, step, k, saved)
+            else:
+                _input_backward(t, state, step, k, pending)
         # the step's checkpoint held the keys and values of the step before as inputs
         t.free(*saved.held.pop(k - 1, []))
     t.free(saved.fc_out)  # saved by step 0's hidden norm
@@ -465,6 +524,51 @@ def _input_backward(t: Trace, state: State, step: dict[str, int], k: int, pendin
     grad_emb = t.alloc(row, "grad of embedding (discarded)")
     accumulate_grad(t, state, "input_layernorm")
     t.free(grad_emb, step.pop("rstd_in"), step.pop("emb"), grad_x, grad_hidden)
+
+
+def _projected_input_backward(t: Trace, state: State, step: dict[str, int], k: int, saved: Saved) -> None:
+    """trainer/embedding_projection.py backward of step k: its q/k/v gradients added into G (made
+    at the first call), the hidden's half (its norm output made again, the weights' hidden columns
+    summed, the gradient of the normed hidden, then of the hidden, added to the residual's), and at
+    the last call (step 0) the embedding's half from G."""
+    z = state.sizes
+    row = BF16 * z.h * z.T
+    if saved.projection_grad is None:
+        saved.projection_grad = t.alloc(FP32 * _qkv_width(state) * _projection_rows(state), "embedding projection G")
+    incoming = [step.pop(name) for name in ("grad_q0", "grad_k0", "grad_v0")]
+    normed = t.alloc(row, "norm output (again)")
+    weight_grads = {"q_proj": step_grad_buffer(t, state, "q_proj")}
+    grad_normed = t.alloc(row, "grad of the normed hidden")  # k's and v's added into it in place
+    for name in ("k_proj", "v_proj"):
+        weight_grads[name] = step_grad_buffer(t, state, name)
+    t.free(normed)
+    grad_hidden = t.alloc(row, "grad of hidden_norm's input")
+    step_grad(t, state, "hidden_norm")
+    t.free(grad_normed, step.pop("rstd_hidden"))
+    if k == 0:
+        _embedding_projection_backward(t, state, saved)
+    t.free(grad_hidden, *incoming)
+    for name, buffer in weight_grads.items():
+        keep_step_grad(t, state, name, buffer)
+
+
+def _embedding_projection_backward(t: Trace, state: State, saved: Saved) -> None:
+    """The last call's embedding half: P goes, G is cast to bf16 and goes, the embedding is
+    gathered and normalised again for the emb columns' weight gradients (added into the sums),
+    then the normed embedding's gradient gives the input norm weight's."""
+    rows, h = _projection_rows(state), state.sizes.h
+    t.free(saved.projection)
+    cast = t.alloc(BF16 * _qkv_width(state) * rows, "G in bf16")
+    t.free(saved.projection_grad)
+    saved.projection = saved.projection_grad = None
+    emb = t.alloc(BF16 * h * rows, "unroll's embedding (again)")
+    normed = t.alloc(BF16 * h * rows, "unroll's normed embedding (again)")
+    rstd = t.alloc(FP32 * rows, "rstd")
+    t.free(normed)
+    grad_normed = t.alloc(BF16 * h * rows, "grad of the unroll's normed embedding")
+    t.free(cast)
+    accumulate_grad(t, state, "input_layernorm")
+    t.free(emb, rstd, grad_normed)
 
 
 def _norm_project_backward(t: Trace, state: State, step: dict[str, int], grads: list[int],

@@ -25,12 +25,22 @@ Saved per token and TTT step k (no activation checkpointing):
     unfused: the fp32 log-softmax 4*Vd); with the head's gradients made in forward
     (layout.head_grads_in_forward) the hidden's gradient 2h instead, and the last step's layer
     output is let go at the end of forward (no step after it keeps it)
-plus the fc output 2h once and the bf16 RoPE tables 2*S*d*2 once.
+plus the fc output 2h once and the bf16 RoPE tables 2*S*d*2 once. With the embedding's half of
+q/k/v projected once per unroll (layout.projects_embedding_once) no step keeps its embedding or
+its rstd; the unroll keeps that projection P [B, S+L-1, (H+2Hkv)d] bf16 instead, through backward
+until the last step's q/k/v backward, which from the first step's on adds into G, its fp32 gradient.
 """
 
 from __future__ import annotations
 
-from fitplan.layout import Job, fused_norms, head_grads_in_forward, lean_draft, recomputes_mlp
+from fitplan.layout import (
+    Job,
+    fused_norms,
+    head_grads_in_forward,
+    lean_draft,
+    projects_embedding_once,
+    recomputes_mlp,
+)
 from fitplan.units import BF16, FP32
 
 NORMS_PER_STEP = 4  # input, hidden, post-attention and final RMSNorm: one fp32 rstd per token each
@@ -68,14 +78,57 @@ def _h_wide_saved(job: Job) -> int:
     """h-wide bf16 tensors a step saves: the embedding, the cat of normed embedding and hidden
     (two), the hidden after attention, the MLP input, the layer output and the final norm's
     output (7); with fused norms only the norms' inputs: embedding, hidden after attention,
-    layer output (3)."""
-    return 3 if fused_norms(job) else 7
+    layer output (3); the embedding not when it is projected once per unroll (2)."""
+    if not fused_norms(job):
+        return 7
+    return 2 if projects_embedding_once(job) else 3
 
 
 def _norms_saved(job: Job) -> int:
     """fp32 rstds a step saves per token: one per RMSNorm, the final one's recomputed in the
-    fused head."""
-    return NORMS_PER_STEP - 1 if fused_norms(job) else NORMS_PER_STEP
+    fused head, the input norm's not when the embedding is projected once per unroll."""
+    if not fused_norms(job):
+        return NORMS_PER_STEP
+    return NORMS_PER_STEP - 2 if projects_embedding_once(job) else NORMS_PER_STEP - 1
+
+
+def _embedding_kept_per_token(job: Job) -> int:
+    """The step's embedding, which a checkpointed step keeps as its input: none when the
+    embedding is projected once per unroll (the step reads its rows of that projection)."""
+    return 0 if projects_embedding_once(job) else BF16 * job.draft.hidden
+
+
+def _projection_rows(job: Job) -> int:
+    """Rows of the unroll's embedding projection: the S + L - 1 tokens its steps embed, per sample."""
+    return job.spec.micro_batch * (job.spec.seq + job.spec.ttt - 1)
+
+
+def _qkv_width(job: Job) -> int:
+    d = job.draft
+    return (d.heads + 2 * d.kv_heads) * d.head_dim
+
+
+def embedding_projection_bytes(job: Job) -> int:
+    """P, the embedding's half of q/k/v over the unroll [B, S+L-1, (H+2Hkv)d] bf16
+    (trainer/embedding_projection.py): made before step 0's forward, alive until the last
+    backward call of the q/k/v projection; 0 where each step projects its own embedding."""
+    return BF16 * _qkv_width(job) * _projection_rows(job) if projects_embedding_once(job) else 0
+
+
+def embedding_grad_bytes(job: Job) -> int:
+    """G, P's gradient summed over the steps, the same rows in fp32: made at the first backward
+    call of the q/k/v projection (step L-1's), alive until the last (step 0's)."""
+    return FP32 * _qkv_width(job) * _projection_rows(job) if projects_embedding_once(job) else 0
+
+
+def embedding_finish_bytes(job: Job) -> int:
+    """The last q/k/v backward call's own work beyond G, P having gone: G's bf16 copy beside G
+    (4 + 2 bytes per column), or later beside that copy the embedding gathered again, its norm's
+    output or gradient (2h each, one at a time) and its fp32 rstd; the larger, less G."""
+    rows, width, h = _projection_rows(job), _qkv_width(job), job.draft.hidden
+    cast = BF16 * width
+    regathered = BF16 * width + 2 * BF16 * h + FP32 - FP32 * width
+    return max(cast, regathered) * rows
 
 
 def _o_proj_input_per_token(job: Job) -> int:
@@ -182,13 +235,14 @@ def draft_activation_bytes(job: Job) -> int:
     """
     d, T, L = job.draft, _tokens(job), job.spec.ttt
     fc_out = BF16 * d.hidden * T
+    once = fc_out + _rope_bytes(job) + embedding_projection_bytes(job)
     if job.spec.ac:
-        per_step = (2 * BF16 * d.hidden + _step_kept_per_token(job)) * T
+        per_step = (_embedding_kept_per_token(job) + BF16 * d.hidden + _step_kept_per_token(job)) * T
         held_kv = 2 * BF16 * d.kv_heads * d.head_dim * (L - 1) * T
         kept = per_step * L + held_kv
-        return kept + fc_out + _rope_bytes(job)
+        return kept + once
     steps = sum(_layer_saved_per_token(job) * T + _kernel_saved_bytes(job, k) for k in range(L))
-    return steps + fc_out + _rope_bytes(job)
+    return steps + once
 
 
 def draft_logits_bytes(job: Job) -> int:
@@ -371,11 +425,17 @@ def _mlp_backward_bytes(job: Job) -> int:
     if not job.spec.ac:
         released = (_step_outputs_per_token(job) + _loss_saved_per_token(job)) * T
         return mlp - released
-    # the recomputed layer saves what it saved before, less the outputs the norm outside it kept
-    # (released by now, as the kept ones are) and the embedding, which stays kept as its input
-    recomputed = _layer_saved_per_token(job) * T + _kernel_saved_bytes(job, job.spec.ttt - 1)
-    released = (BF16 * d.hidden + 2 * _step_outputs_per_token(job) + _loss_saved_per_token(job)) * T
-    return recomputed + mlp - released
+    return recomputed_step_bytes(job, job.spec.ttt - 1) + mlp
+
+
+def recomputed_step_bytes(job: Job, k: int) -> int:
+    """A checkpointed step k's layer made again at its MLP backward, beside what it kept: what it
+    saves again, less the outputs the norm outside it kept (released by now, as the kept ones
+    are), the embedding, which stays kept as its input, and its loss's saved rows, released."""
+    T = _tokens(job)
+    recomputed = _layer_saved_per_token(job) * T + _kernel_saved_bytes(job, k)
+    released = (_embedding_kept_per_token(job) + 2 * _step_outputs_per_token(job) + _loss_saved_per_token(job)) * T
+    return recomputed - released
 
 
 def _mlp_remade_per_token(job: Job) -> int:
@@ -408,14 +468,14 @@ def draft_backward_extra_bytes(job: Job) -> int:
     the step's own outputs are gone. Checkpointing therefore never adds to this instant: the
     recomputed set is what the step would have saved anyway.
     """
-    d, T = job.draft, _tokens(job)
+    T = _tokens(job)
     logits_grads = _loss_backward_bytes(job) - let_go_in_forward_bytes(job)
     released = (_post_attention_saved_per_token(job) + _loss_saved_per_token(job)) * T
     attention = _eager_backward_bytes(job) * T
     if not job.spec.ac:
         return max(logits_grads, attention - released, _mlp_backward_bytes(job))
     recomputed = _layer_saved_per_token(job) * T + _kernel_saved_bytes(job, job.spec.ttt - 1)
-    kept_by_last_step = (BF16 * d.hidden + _step_outputs_per_token(job)) * T
+    kept_by_last_step = (_embedding_kept_per_token(job) + _step_outputs_per_token(job)) * T
     return max(logits_grads, recomputed - kept_by_last_step - released + attention, _mlp_backward_bytes(job))
 
 
@@ -426,7 +486,8 @@ def last_step_saved_bytes(job: Job) -> int:
     d, T, L = job.draft, _tokens(job), job.spec.ttt
     loss = _loss_saved_per_token(job) * T
     if job.spec.ac:
-        return (2 * BF16 * d.hidden + _step_kept_per_token(job)) * T + 2 * BF16 * d.kv_heads * d.head_dim * T + loss
+        kept = _embedding_kept_per_token(job) + BF16 * d.hidden + _step_kept_per_token(job)
+        return kept * T + 2 * BF16 * d.kv_heads * d.head_dim * T + loss
     return _layer_saved_per_token(job) * T + _kernel_saved_bytes(job, L - 1) + loss
 
 
@@ -436,6 +497,21 @@ def pending_from_last_step_bytes(job: Job) -> int:
     concatenation that its slices for the earlier steps keep whole (4*Hkv*d*L)."""
     d, T, L = job.draft, _tokens(job), job.spec.ttt
     return BF16 * d.hidden * T + 2 * BF16 * d.kv_heads * d.head_dim * L * T
+
+
+def embedding_finish_live_bytes(job: Job) -> int:
+    """What the draft holds at the last q/k/v backward call (step 0's) beside the grads, where
+    the embedding's half is made from G (0 where there is none): the fc output step 0 read, the
+    gradients of the hidden stream and of hidden_norm's input (2h each), step 0's q/k/v output
+    gradients, the RoPE tables, G and the call's own work (`embedding_finish_bytes`); with one
+    step, also the whole key and value gradients its attention made."""
+    if not projects_embedding_once(job):
+        return 0
+    d, T = job.draft, _tokens(job)
+    one_step_kv = 2 * BF16 * d.kv_heads * d.head_dim * T if job.spec.ttt == 1 else 0
+    per_token = 3 * BF16 * d.hidden + BF16 * _qkv_width(job)
+    return (per_token * T + _rope_bytes(job) + one_step_kv + embedding_grad_bytes(job)
+            + embedding_finish_bytes(job))
 
 
 def earlier_head_backward_bytes(job: Job) -> int:

@@ -27,6 +27,7 @@ from fitplan.layout import (
     Job,
     fused_norms,
     head_grads_in_forward,
+    projects_embedding_once,
     recomputes_mlp,
     shares_target_embedding,
     steps_per_param,
@@ -194,7 +195,8 @@ def _after_last_step(job: Job, state: TrainedState) -> tuple[dict[str, int], int
     grads = backward_grads(job, state)
     grads[Component.DRAFT_GRADS] -= draft_units(job)["fc"][0] * state.recipe.grad
     kept = draft_terms.draft_activation_bytes(job) + draft_terms.draft_logits_bytes(job)
-    return grads, kept - draft_terms.last_step_saved_bytes(job)
+    # step L-1's q/k/v backward made the embedding projection's gradient
+    return grads, kept - draft_terms.last_step_saved_bytes(job) + draft_terms.embedding_grad_bytes(job)
 
 
 def earlier_head_backward(job: Job, state: TrainedState, head_trained: bool = True) -> dict[str, int]:
@@ -222,16 +224,32 @@ def earlier_mlp_backward(job: Job, state: TrainedState) -> dict[str, int]:
     and the weight gradients of gate and up arrive to be added to the held ones: one at a time
     from autograd's linears, both at once from the fused norm-projection backward (trainer/
     norm_project.py returns all its weight gradients together), or with summed step gradients
-    nothing (layout.sums_step_grads: added in place into the buffers). Not written for checkpointed
-    steps, whose recomputation comes first (their other instants are larger)."""
-    if job.spec.ttt < 2 or state.sharded_grads() or job.spec.ac:
+    nothing (layout.sums_step_grads: added in place into the buffers). A checkpointed step's layer
+    has been made again first (draft_terms.recomputed_step_bytes), beside G, the embedding
+    projection's gradient, where there is one."""
+    if job.spec.ttt < 2 or state.sharded_grads():
         return {}
     d = job.draft
     grads, left = _after_last_step(job, state)
     # summed over the steps in the buffers step L-1 made (trainer/step_grads.py): nothing arrives
     arriving = 0 if sums_step_grads(job) else _arriving_mlp_grads(job) * d.hidden * d.intermediate * state.recipe.param
     working = draft_terms.mlp_backward_working_bytes(job) + draft_terms.pending_from_last_step_bytes(job)
+    if job.spec.ac:
+        working += draft_terms.recomputed_step_bytes(job, job.spec.ttt - 2)
     return merge(grads, phase(draft__grads=arriving, activations__draft=left + working))
+
+
+def embedding_finish(job: Job, state: TrainedState) -> dict[str, int]:
+    """The last q/k/v backward call, where the embedding's half of the projection is made from G
+    (layout.projects_embedding_once; draft_terms.embedding_finish_live_bytes): the grads of every
+    trained unit but fc (as after step L-1's backward) and the input norm (whose gradient this
+    call makes), the draft's few tensors left and the call's own. Past the other backward
+    instants when the grads outweigh the activations."""
+    if not projects_embedding_once(job):
+        return {}
+    grads, _ = _after_last_step(job, state)
+    grads[Component.DRAFT_GRADS] -= job.draft.hidden * state.recipe.grad
+    return merge(grads, phase(activations__draft=draft_terms.embedding_finish_live_bytes(job)))
 
 
 def _arriving_mlp_grads(job: Job) -> int:
@@ -326,6 +344,7 @@ def timeline(job: Job) -> Timeline:
                 merge(base, opt, carried, backward_outputs, casts_and_gather, saved, backward_extra, head_grad),
                 merge(base, opt, backward_outputs, casts_and_gather, earlier_head_backward(job, state), summing),
                 merge(base, opt, backward_outputs, casts_and_gather, earlier_mlp_backward(job, state), summing),
+                merge(base, opt, backward_outputs, casts_and_gather, embedding_finish(job, state), summing),
                 merge(base, opt, backward_outputs, casts_and_gather, backward_grads(job, state)),
             ]),
             "optimizer_step": merge(base, optimizer_step(job, state, steady)),
