@@ -64,14 +64,14 @@ def _tie_case(as_logits):
 
 # rows, vocab, columns per block: several blocks with a partial last one, and one whole block
 SHAPES = [(5, 37, 16), (9, 64, 64), (6, 100, 32)]
-TWO_COLUMNS = torch.zeros(1, 2, dtype=torch.bfloat16)
+TWO_COLUMNS, ROW_0, SCALE_2 = torch.zeros(1, 2, dtype=torch.bfloat16), torch.tensor([0]), torch.tensor(2.0)
 CASES = {
     **{f"random-{rows}x{vocab}/{block}-{as_logits}": (_random_case(rows, vocab, as_logits, rows + vocab), block)
        for rows, vocab, block in SHAPES for as_logits in (True, False)},
     # blocks of four: the ties of rows 0 and 2 span two blocks, row 1's lies within one
     **{f"ties-{as_logits}": (_tie_case(as_logits), 4) for as_logits in (True, False)},
-    "hand-probabilities": ((TWO_COLUMNS, torch.tensor([[0.5, 0.0]]), torch.tensor([0]), torch.tensor(2.0), False), 4),
-    "hand-logits": ((TWO_COLUMNS, torch.zeros(1, 2, dtype=torch.bfloat16), torch.tensor([0]), torch.tensor(2.0), True), 4),
+    "hand-probabilities": ((TWO_COLUMNS, torch.tensor([[0.5, 0.0]]), ROW_0, SCALE_2, False), 4),
+    "hand-logits": ((TWO_COLUMNS, TWO_COLUMNS, ROW_0, SCALE_2, True), 4),
 }
 
 

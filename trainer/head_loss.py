@@ -17,7 +17,8 @@ micro-step (`CountedRows`), so the steps themselves never wait for the device.
 On CUDA the per-chunk softmax arithmetic is compiled into a couple of fused kernels that read
 the bf16 logits and gather the teacher rows themselves; eager, the same arithmetic would make
 about ten passes over fp32 [chunk, Vd] tables. Loss and gradient at once, the hot path, is a
-hand-written Triton kernel there (trainer/head_loss_kernel.py), about one read of each row.
+hand-written Triton kernel there (trainer/head_loss_kernel.py): two passes over each row, the
+second meant to find it still in L2.
 
 With summed step gradients (trainer/step_grads.py) the head can make its gradients in forward
 instead, while each chunk's logits exist (RunSpec head_grad_in_forward, the default there):

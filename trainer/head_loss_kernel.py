@@ -6,8 +6,8 @@ teacher rows; measured on an H200 the chunk ran at about an eighth of HBM bandwi
 program handles one row in two passes over column blocks: the first takes the online max and
 sum of exponentials of the logits (and of the teacher's logits), the second forms the
 probabilities, the loss, both argmaxes and the gradient. A row (64 KiB of bf16 logits at a 32k
-vocab) is read again in the second pass while it is still in L2, so HBM sees about one read of
-the logits and the teacher rows and one write of the gradient.
+vocab) is read again in the second pass soon after the first, meant to be found in L2, so that
+HBM sees about one read of the logits and the teacher rows and one write of the gradient.
 
 Per-row losses and agreements go to small buffers summed by torch afterwards: deterministic,
 with no atomics. `scale` stays on the device (read by the kernel), so nothing waits on the host.
@@ -19,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-# Columns per block and warps per row: a block of 4096 fp32 values is 16 per thread at 8 warps,
-# enough loads in flight per thread without spilling. benchmarks/head_loss_kernel.py measures others.
+# Columns per block and warps per row: a block of 4096 values is 16 per thread at 8 warps, many
+# loads in flight per thread with no spills (ptxas for sm_90: 128 registers).
+# benchmarks/head_loss_kernel.py measures other pairs.
 BLOCK = 4096
 WARPS = 8
 
