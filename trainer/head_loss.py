@@ -16,7 +16,9 @@ micro-step (`CountedRows`), so the steps themselves never wait for the device.
 
 On CUDA the per-chunk softmax arithmetic is compiled into a couple of fused kernels that read
 the bf16 logits and gather the teacher rows themselves; eager, the same arithmetic would make
-about ten passes over fp32 [chunk, Vd] tables.
+about ten passes over fp32 [chunk, Vd] tables. Loss and gradient at once, the hot path, is a
+hand-written Triton kernel there (trainer/head_loss_kernel.py): two passes over each row, the
+second meant to find it still in L2.
 
 With summed step gradients (trainer/step_grads.py) the head can make its gradients in forward
 instead, while each chunk's logits exist (RunSpec head_grad_in_forward, the default there):
@@ -30,6 +32,8 @@ them takes, hence these small functions in plain torch (they run on CPU too).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -114,8 +118,23 @@ def _chunk_loss_grad(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.
 
 
 def _kernels(device_type: str):
-    """The chunk arithmetic: (loss, gradient, both at once)."""
-    return compiled_on_cuda(device_type, _chunk_loss, _chunk_grad, _chunk_loss_grad)
+    """The chunk arithmetic: (loss, gradient, both at once); both at once by the Triton kernel
+    (trainer/head_loss_kernel.py) on CUDA where triton imports."""
+    loss, grad, loss_grad = compiled_on_cuda(device_type, _chunk_loss, _chunk_grad, _chunk_loss_grad)
+    if device_type == "cuda":
+        loss_grad = _triton_loss_grad() or loss_grad
+    return loss, grad, loss_grad
+
+
+@functools.cache
+def _triton_loss_grad():
+    """head_loss_kernel.chunk_loss_grad, or None without triton. Imported only when asked for,
+    so CPU runs never import triton."""
+    try:
+        from trainer.head_loss_kernel import chunk_loss_grad
+    except ImportError:
+        return None
+    return chunk_loss_grad
 
 
 class _HeadSoftCE(torch.autograd.Function):

@@ -1,0 +1,138 @@
+"""trainer/head_loss_kernel.py's Triton kernel against trainer/head_loss.py `_chunk_loss_grad`
+(eager torch), run on the CPU through Triton's interpreter: loss, top-1 agreements and the bf16
+logit gradient, for teachers given as bf16 logits and as fp32 probabilities, rows gathered out
+of order, vocabularies spanning several column blocks with a partial last one, and argmax ties.
+Also which function the head uses on CUDA with and without triton.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton", reason="triton not installed: the Triton head kernel is not tested (pip install triton)")
+
+from trainer import head_loss  # noqa: E402
+
+KERNEL_MODULE = "trainer.head_loss_kernel"
+ROOT = Path(__file__).resolve().parents[1]
+
+# Triton picks interpreted or compiled when each @triton.jit runs, its own library's included,
+# so TRITON_INTERPRET must be set before triton is first imported: a fresh process runs them.
+RUN_INTERPRETED = """
+import sys, torch
+from trainer.head_loss_kernel import chunk_loss_grad
+cases = torch.load(sys.argv[1])
+torch.save({name: chunk_loss_grad(*args, block=block) for name, (args, block) in cases.items()}, sys.argv[2])
+"""
+
+
+def _random_case(rows, vocab, as_logits, seed):
+    """(bf16 logits [rows, vocab], teacher [rows + 4, vocab], p_rows: distinct teacher rows in
+    shuffled order, scale, as_logits)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=g) * 3).bfloat16()
+    if as_logits:
+        teacher = (torch.randn(rows + 4, vocab, generator=g) * 3).bfloat16()
+    else:  # probabilities whose rows sum to 0.3-1, as a masked or truncated teacher's would
+        teacher = torch.softmax(torch.randn(rows + 4, vocab, generator=g) * 3, -1)
+        teacher *= 0.3 + 0.7 * torch.rand(rows + 4, 1, generator=g)
+    p_rows = torch.randperm(rows + 4, generator=g)[:rows]
+    return logits, teacher, p_rows, torch.tensor(0.37), as_logits
+
+
+def _tie_case(as_logits):
+    """Eight columns. Logits' first maxima: row 0 columns 1 and 5 -> 1; row 1 columns 2 and 3
+    -> 2; row 2 columns 6 and 7 -> 6. Teacher's: 1, 3 and 6 (tied with 7)."""
+    logits = torch.zeros(3, 8)
+    logits[0, [1, 5]] = 2.0
+    logits[1, [2, 3]] = 2.0
+    logits[2, [6, 7]] = 2.0
+    teacher = torch.zeros(4, 8)
+    teacher[3, 1] = 1.0  # gathered for row 0
+    teacher[0, 3] = 1.0  # row 1
+    teacher[1, [6, 7]] = 1.0  # row 2
+    teacher = teacher.bfloat16() if as_logits else teacher / teacher.sum(-1, keepdim=True)
+    return logits.bfloat16(), teacher, torch.tensor([3, 0, 1]), torch.tensor(1.0), as_logits
+
+
+# rows, vocab, columns per block: several blocks with a partial last one, and one whole block
+SHAPES = [(5, 37, 16), (9, 64, 64), (6, 100, 32)]
+TWO_COLUMNS, ROW_0, SCALE_2 = torch.zeros(1, 2, dtype=torch.bfloat16), torch.tensor([0]), torch.tensor(2.0)
+CASES = {
+    **{f"random-{rows}x{vocab}/{block}-{as_logits}": (_random_case(rows, vocab, as_logits, rows + vocab), block)
+       for rows, vocab, block in SHAPES for as_logits in (True, False)},
+    # blocks of four: the ties of rows 0 and 2 span two blocks, row 1's lies within one
+    **{f"ties-{as_logits}": (_tie_case(as_logits), 4) for as_logits in (True, False)},
+    "hand-probabilities": ((TWO_COLUMNS, torch.tensor([[0.5, 0.0]]), ROW_0, SCALE_2, False), 4),
+    "hand-logits": ((TWO_COLUMNS, TWO_COLUMNS, ROW_0, SCALE_2, True), 4),
+}
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """Every case's (loss, agreements, gradient) from the kernel run by Triton's interpreter."""
+    folder = tmp_path_factory.mktemp("head_loss_kernel")
+    torch.save(CASES, folder / "cases.pt")
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", RUN_INTERPRETED, str(folder / "cases.pt"), str(folder / "out.pt")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        pytest.fail(f"the interpreted kernel failed: {done.stderr[-3000:]}")
+    return torch.load(folder / "out.pt")
+
+
+def _assert_matches_torch(mine, logits, teacher, p_rows, scale, as_logits):
+    loss, agree, grad = mine
+    want_loss, want_agree, want_grad = head_loss._chunk_loss_grad(logits, teacher, p_rows, scale, as_logits)
+    assert loss.dtype == torch.float32 and agree.dtype == torch.int64 and grad.dtype == logits.dtype
+    assert loss.shape == agree.shape == () and grad.shape == logits.shape
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-5)
+    assert int(agree) == int(want_agree)
+    assert torch.allclose(grad.float(), want_grad.float(), rtol=0, atol=1e-2 * float(scale))
+
+
+@pytest.mark.parametrize("name", [name for name in CASES if name.startswith("random")])
+def test_kernel_matches_torch(interpreted, name):
+    _assert_matches_torch(interpreted[name], *CASES[name][0])
+
+
+@pytest.mark.parametrize("as_logits", [True, False])
+def test_agreements_follow_torch_argmax_ties(interpreted, as_logits):
+    """_tie_case: rows 0 and 2 agree (1 and 1, 6 and 6), row 1 does not (2 against 3)."""
+    name = f"ties-{as_logits}"
+    assert int(interpreted[name][1]) == 2
+    _assert_matches_torch(interpreted[name], *CASES[name][0])
+
+
+def test_loss_and_gradient_by_hand(interpreted):
+    """z = [0, 0]: softmax [1/2, 1/2]. Teacher probabilities [1/2, 0] (summing to 1/2): loss
+    -(1/2) log(1/2) = ln(2)/2; gradient (softmax x 1/2 - p) x 2 = ([1/4, 1/4] - [1/2, 0]) x 2
+    = [-1/2, 1/2]. Teacher logits [0, 0]: p = [1/2, 1/2], loss ln 2, gradient 0."""
+    loss, agree, grad = interpreted["hand-probabilities"]
+    assert float(loss) == pytest.approx(math.log(2) / 2, rel=1e-6)
+    assert int(agree) == 1
+    assert grad.float().tolist() == [[-0.5, 0.5]]
+    loss, _, grad = interpreted["hand-logits"]
+    assert float(loss) == pytest.approx(math.log(2), rel=1e-6)
+    assert grad.float().tolist() == [[0.0, 0.0]]
+
+
+def test_cuda_uses_the_kernel_where_triton_imports(monkeypatch):
+    head_loss._triton_loss_grad.cache_clear()
+    assert head_loss._kernels("cuda")[2].__module__ == KERNEL_MODULE
+    assert head_loss._kernels("cpu")[2] is head_loss._chunk_loss_grad
+    monkeypatch.setitem(sys.modules, KERNEL_MODULE, None)  # its import now fails as without triton
+    head_loss._triton_loss_grad.cache_clear()
+    try:
+        fallback = head_loss._kernels("cuda")[2]
+    finally:
+        head_loss._triton_loss_grad.cache_clear()
+    assert fallback._torchdynamo_orig_callable is head_loss._chunk_loss_grad
