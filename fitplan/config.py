@@ -21,12 +21,16 @@ Sharding = Literal["none", "zero1", "zero2", "zero3"]
 OutputSharding = Literal["gather", "all-to-all"]
 Precision = Literal["mixed", "fp32-autocast", "bf16-master", "bf16"]
 Optimizer = Literal["adamw", "adamw-8bit", "muon"]
-Attention = Literal["flex", "sdpa", "eager"]
+Attention = Literal["flex", "split", "sdpa", "eager"]
 TargetWeights = Literal["bf16", "mxfp4"]
 Offload = Literal["none", "optimizer", "params"]
 Runtime = Literal["fitplan", "specforge", "speculators"]
 TargetBackend = Literal["sglang", "hf"]
 DraftMemory = Literal["lean", "plain"]
+
+# From this length on the split TTT attention beats flex on an H200 (forward + backward of a 7-step
+# unroll: 14.1 against 16.6 ms at 4096, 9.1 against 7.3 at 2048; docs/data/ttt_attention_kernels_*.json).
+SPLIT_ATTENTION_FROM_SEQ = 4096
 
 POSITIVE_INTS = ("seq", "micro_batch", "global_batch", "accum", "tp", "ttt")
 # Beyond any real job, and far below what makes arithmetic on sizes slow or overflow floats.
@@ -72,7 +76,13 @@ class RunSpec:
     for the 2-D weights, AdamW for the rest; runtime speculators only)."""
     ac: bool = False
     attention: Optional[Attention] = None
-    """None: flex for eagle3, sdpa for sft."""
+    """The draft's TTT attention (eagle3) or the model's (sft). flex: one compiled kernel over the
+    concatenated keys of steps 0..k under the TTT block mask. split (fitplan's trainer, eagle3):
+    step 0's keys on a plain causal kernel (cuDNN from Hopper on) with each later step's key
+    folded in at its own position, no concatenation (trainer/ttt_attention.py): faster than flex
+    from S 4096 on, slower below. sdpa and eager: torch's, given the dense mask (references).
+    None: split for fitplan's eagle3 trainer from seq 4096 on (SPLIT_ATTENTION_FROM_SEQ), else flex
+    for eagle3 and sdpa for sft."""
     ttt: int = 7
     target_weights: TargetWeights = "bf16"
     offload: Offload = "none"
@@ -146,7 +156,12 @@ class RunSpec:
 
     @property
     def attention_impl(self) -> str:
-        return self.attention or ("flex" if self.workload == "eagle3" else "sdpa")
+        if self.attention:
+            return self.attention
+        if self.workload != "eagle3":
+            return "sdpa"
+        fast_split = self.runtime == "fitplan" and self.seq >= SPLIT_ATTENTION_FROM_SEQ
+        return "split" if fast_split else "flex"
 
     def replace(self, **changes: Any) -> "RunSpec":
         return dataclasses.replace(self, **changes)

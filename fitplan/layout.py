@@ -180,6 +180,7 @@ def check_runtime(spec: RunSpec, world: int) -> None:
     check_project_embedding_once(spec, world)
     check_draft_memory(spec)
     check_recompute_norms(spec)
+    check_split_attention(spec)
     if spec.runtime == "specforge":
         if spec.workload != "eagle3":
             raise FitplanError("runtime specforge runs the eagle3 workload only; for sft use runtime fitplan")
@@ -211,6 +212,18 @@ def check_runtime(spec: RunSpec, world: int) -> None:
             f"sharding {spec.sharding} on {world} GPUs: fitplan's trainer shards the trained model with FSDP2; "
             f"accepted: {', '.join(TRAINER_SHARDINGS)}"
         )
+
+
+def check_split_attention(spec: RunSpec) -> None:
+    """The split TTT attention (trainer/ttt_attention.py) exists in fitplan's eagle3 draft only."""
+    if spec.attention != "split":
+        return
+    if spec.workload != "eagle3":
+        raise FitplanError("attention split: splits the eagle3 draft's TTT attention; sft trains a causal model "
+                           "(accepted for sft: sdpa, flex, eager)")
+    if spec.runtime != "fitplan":
+        raise FitplanError(f"attention split: fitplan's trainer's TTT attention; {spec.runtime} runs its own "
+                           "(accepted with that runtime: flex, sdpa, eager)")
 
 
 def check_speculators(spec: RunSpec, world: int) -> None:

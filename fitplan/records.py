@@ -138,7 +138,15 @@ PREDATING_KEYS = {"draft_memory": "plain", "recompute_norms": False, "share_embe
 
 def stored_config(config: dict[str, Any]) -> dict[str, Any]:
     """A stored run's config as the job it ran: keys it predates take their historic value."""
-    return old_defaults_auto({**PREDATING_KEYS, **config})
+    return old_defaults_auto(attention_ran({**PREDATING_KEYS, **config}))
+
+
+def attention_ran(config: dict[str, Any]) -> dict[str, Any]:
+    """Reports name the attention they ran; one without it (None) ran the default of its time,
+    flex for every eagle3 job (the split attention came later, as the default from seq 4096)."""
+    if config.get("attention") is not None or config.get("workload", "eagle3") != "eagle3":
+        return config
+    return {**config, "attention": "flex"}
 
 
 # Knobs that were plain values before they took auto (None), with the default they then had:

@@ -32,6 +32,9 @@ BAD_JOBS = [
     (["--model", "llama-3.1-8b", "--target-backend", "hf"], "describe the specforge runtime"),
     (["--model", "deepseek-v3", "--gpus", "8xH200", "--tp", "8"], "splits no deepseek_v3 target"),
     (["--model", "llama-3.1-8b", "--workload", "sft", "--runtime", "specforge"], "eagle3 workload only"),
+    (["--model", "llama-3.1-8b", "--workload", "sft", "--attention", "split"], "sft trains a causal model"),
+    (["--model", "llama-3.1-8b", "--runtime", "specforge", "--attention", "split"], "specforge runs its own"),
+    (["--model", "llama-3.1-8b", "--runtime", "speculators", "--attention", "split"], "speculators runs its own"),
 ]
 
 

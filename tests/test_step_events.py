@@ -103,8 +103,8 @@ def test_draft_parameter_tensors_by_hand():
 
 def test_saved_tensor_sizes_by_hand():
     j = job()  # B 1, S 4096, T 4096 tokens, 7 TTT steps
-    # each step's keys cover steps 0..k: 2 B x 8 KV heads x 64 x 4096 tokens x (k + 1)
-    assert sizes_named(j, "keys of steps 0..k")[:7] == [4_194_304 * (k + 1) for k in range(7)]
+    # flex: each step's keys cover steps 0..k: 2 B x 8 KV heads x 64 x 4096 tokens x (k + 1)
+    assert sizes_named(job(attention="flex"), "keys of steps 0..k")[:7] == [4_194_304 * (k + 1) for k in range(7)]
     assert set(sizes_named(j, "gate")) == {2 * 8192 * 4096}  # [T, I] bf16, 64 MiB
     assert set(sizes_named(j, "logsumexp")) == {4 * 32 * 4096}  # fp32 [B, H, S]
     # teacher [B, S + L, Vd]: the target's bf16 logits over the draft vocab (fused norms), fp32
@@ -258,8 +258,20 @@ def test_the_estimate_takes_its_device_level_from_the_replay():
     assert est.verdict == Verdict.FITS and est.to_json()["allocator_replay"]["num_ooms"] == 0
 
 
+def test_the_split_attention_keeps_each_steps_keys_once_by_hand():
+    """trainer/ttt_attention.py at S 4096 (its default there): no concatenation is made, and each
+    step's backward makes one key and one value gradient per step it read, [B, Hkv, S, d] bf16 =
+    2 x 8 x 4096 x 64 = 4 MiB each: step k's causal kernel one pair, its diagonal k pairs, so
+    0 + 1 + ... + 6 = 21 diagonal pairs per backward (two backwards: step 1 and steady)."""
+    j = job()
+    assert j.spec.attention_impl == "split"
+    assert sizes_named(j, "keys of steps 0..k") == []
+    assert sizes_named(j, "grad of a diagonal key") == [4_194_304] * 21 * 2
+    assert sizes_named(j, "grad of step 0's key") == [4_194_304] * 7 * 2
+
+
 def test_a_device_too_small_is_an_oom_with_what_the_step_needs():
-    j = job(model="llama-3.1-8b", seq=65536, micro_batch=2)  # far beyond 141 GB
+    j = job(model="llama-3.1-8b", seq=131072, micro_batch=2)  # far beyond 141 GB
     est = estimate(j)
     assert est.replay.num_ooms > 0 and est.verdict == Verdict.OOM
     assert est.replay.needed_reserved_bytes > replayed.capacity_bytes(j)

@@ -26,6 +26,7 @@ from trainer.lean_ops import SwiGLUDown
 from trainer.norm_project import heads_project, norm_kernels, norm_project
 from trainer.recompute_mlp import norm_swiglu_down
 from trainer.step_grads import StepGrads
+from trainer.ttt_attention import ttt_attention
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,11 @@ def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts[None, None], indices[None, None]
 
 
-def flex(q, k, v, seq: int):
+# Each kernel takes step k's queries and the keys and values of steps 0..k as lists.
+
+
+def flex(q, keys, values, seq: int):
+    k, v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
     block = _ttt_block_mask(seq, k.shape[2], q.device)
     # compiled: the fused kernel never materialises the scores (torch has no flex backward on CPU)
     return _compiled_flex()(q, k, v, block_mask=block, enable_gqa=True)
@@ -198,12 +203,14 @@ def _dense_mask(seq: int, kv_len: int, device) -> torch.Tensor:
     return ttt_mask(q_idx, kv_idx, seq)
 
 
-def sdpa(q, k, v, seq: int):
+def sdpa(q, keys, values, seq: int):
+    k, v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_mask(seq, k.shape[2], q.device), enable_gqa=True)
 
 
-def eager(q, k, v, seq: int):
+def eager(q, keys, values, seq: int):
     """Materialised scores in fp32: quadratic memory, the reference for the fused kernels."""
+    k, v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
@@ -211,7 +218,13 @@ def eager(q, k, v, seq: int):
     return scores.softmax(-1).to(v.dtype) @ v
 
 
-ATTENTION = {"flex": flex, "sdpa": sdpa, "eager": eager}
+def split(q, keys, values, seq: int):
+    """Step 0's keys on a causal kernel, each later step's folded in at its own position
+    (trainer/ttt_attention.py): no concatenation, each step's keys and values kept once."""
+    return ttt_attention(q, keys, values)
+
+
+ATTENTION = {"flex": flex, "sdpa": sdpa, "eager": eager, "split": split}
 
 
 # ------------------------------------------------------------------ the decoder layer
@@ -239,8 +252,7 @@ class Attention(nn.Module):
         k = k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        keys, values = torch.cat((*past_k, k), dim=2), torch.cat((*past_v, v), dim=2)
-        out = self.kernel(q, keys, values, s)
+        out = self.kernel(q, [*past_k, k], [*past_v, v], s)
         if lean:
             return heads_project(out, self.o_proj.weight, grads), k, v
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v

@@ -327,7 +327,9 @@ def _train(opts: TrainOptions, job: Job, ctx, device: torch.device, found, ledge
     snapshot = device.type == "cuda" and opts.snapshot_on_miss and ctx.rank == 0
     if snapshot:
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
-    report = {"config": opts.spec.to_dict(), "world": ctx.world, "device": _device_name(device), "steps": []}
+    # the attention it ran, not None: the default depends on the length and has changed
+    config = {**opts.spec.to_dict(), "attention": opts.spec.attention_impl}
+    report = {"config": config, "world": ctx.world, "device": _device_name(device), "steps": []}
     prediction = predict(job)
     report["prediction"] = prediction
     r = None

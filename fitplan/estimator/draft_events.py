@@ -1,10 +1,11 @@
 """The draft's forward and backward as ordered allocations and frees (step_events.py writes the rest).
 
 The TTT unroll of trainer/draft.py, one decoder layer per step, with trainer/head_loss.py's
-fused head (lean) or trainer/loss.py's plain_step_loss, flex or sdpa attention, no checkpointing.
+fused head (lean) or trainer/loss.py's plain_step_loss, flex, split or sdpa attention.
 Each step saves, in the order it makes them (draft_terms.py lists the same bytes):
-embedding, two rstds, the normed concatenation, roped q, the keys and values of steps 0..k,
-(sdpa's bool mask), the kernel's output and logsumexp, the o_proj input, the hidden after
+embedding, two rstds, the normed concatenation, roped q, the keys and values of steps 0..k
+(split: its own roped key and value, which later steps read without copying), (sdpa's bool
+mask), the kernel's output and logsumexp, the o_proj input, the hidden after
 attention, an rstd, the MLP input, gate and up (plain: gate, silu, up, product), the layer
 output, the final norm's rstd and output, and the loss's rows (plain: its fp32 log-softmax).
 With the embedding's half of q/k/v projected once per unroll (trainer/embedding_projection.py)
@@ -17,7 +18,8 @@ first): step k's head and final norm, its MLP, attention, projections and norms;
 its input hidden carries into step k-1. The gradients of earlier steps' keys and values that
 step L-1's attention makes are slices of one tensor each, which they keep whole until step L-2
 adds its own into new tensors (autograd cannot add in place into a slice); after that the sums
-are added to in place.
+are added to in place. The split attention's backward makes one gradient per step's key and value:
+the first to arrive for a step is kept, later ones are added into it in place.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ def _fused(state: State) -> bool:
 def _in_forward(state: State) -> bool:
     """The head makes its gradients in forward (trainer/head_loss.py _HeadSoftCEGradInForward)."""
     return head_grads_in_forward(state.job)
+
+
+def _split(state: State) -> bool:
+    """The split TTT attention (trainer/ttt_attention.py): each step's keys kept once."""
+    return state.job.spec.attention_impl == "split"
 
 
 def _projected_once(state: State) -> bool:
@@ -138,7 +145,11 @@ def _layer_forward(t: Trace, state: State, k: int, step: dict[str, int], saved: 
     """One TTT step's decoder layer and final norm; its roped key and value go to `saved.held`."""
     z = state.sizes
     row = BF16 * z.h * z.T
-    saved.held[k] = _attention_forward(t, state, k, step)
+    own = _attention_forward(t, state, k, step)
+    if _split(state) and not state.job.spec.ac:  # its kernel keeps them to its backward
+        step["keys"], step["values"] = own
+    else:
+        saved.held[k] = own
     if state.job.spec.ac:
         t.free(*(step.pop(name) for name in ATTENTION_SAVED if name in step))
     _mlp_forward(t, state, step)
@@ -170,8 +181,9 @@ def _attention_forward(t: Trace, state: State, k: int, step: dict[str, int]) -> 
     t.free(q)
     roped_k = t.alloc(kv_row, "roped k")
     t.free(key)
-    step["keys"] = t.alloc(kv_row * (k + 1), "keys of steps 0..k")
-    step["values"] = t.alloc(kv_row * (k + 1), "values of steps 0..k")
+    if not _split(state):  # the concatenations the kernel reads and saves
+        step["keys"] = t.alloc(kv_row * (k + 1), "keys of steps 0..k")
+        step["values"] = t.alloc(kv_row * (k + 1), "values of steps 0..k")
     if state.job.spec.attention_impl == "sdpa":  # a dense bool mask [S, (k+1)*S]
         step["mask"] = t.alloc(z.S * z.S * (k + 1), "sdpa bool mask")
     step["out"] = t.alloc(q_row, "attention output")
@@ -236,8 +248,13 @@ def _mlp_forward(t: Trace, state: State, step: dict[str, int], recompute: bool =
 
 def recompute(t: Trace, state: State, k: int, step: dict[str, int]) -> None:
     """A checkpointed step's layer run again in backward (its inputs kept, non-reentrant
-    checkpoint with early stop): what it saves comes back; its outputs do not."""
-    t.free(*_attention_forward(t, state, k, step))
+    checkpoint with early stop): what it saves comes back; its outputs do not (the split
+    attention saves its own key and value: they stay to its backward)."""
+    own = _attention_forward(t, state, k, step)
+    if _split(state):
+        step["keys"], step["values"] = own
+    else:
+        t.free(*own)
     _mlp_forward(t, state, step, recompute=True)
 
 
@@ -473,15 +490,21 @@ def _attention_backward(t: Trace, state: State, step: dict[str, int], k: int, pe
         grad_o_in = t.alloc(q_row, "grad of o_proj input")
         accumulate_grad(t, state, "o_proj")
         t.free(step.pop("o_in"))
-    grad_q = t.alloc(q_row, "grad of roped q")
-    grad_keys, grad_values = t.alloc(kv_row * (k + 1), "grad of keys"), t.alloc(kv_row * (k + 1), "grad of values")
+    if _split(state):
+        grad_q, pairs = _split_kernel_grads(t, state, k)
+    else:
+        grad_q = t.alloc(q_row, "grad of roped q")
+        grad_keys, grad_values = t.alloc(kv_row * (k + 1), "grad of keys"), t.alloc(kv_row * (k + 1), "grad of values")
     t.free(grad_o_in, *(step.pop(name) for name in ("q", "keys", "values", "out", "lse")), step.pop("mask", None))
-    own = _kv_sums(t, state, k, pending, grad_keys, grad_values)
+    if _split(state):
+        own = _split_kv_sums(k, pending, pairs, t)
+    else:
+        own = _kv_sums(t, state, k, pending, grad_keys, grad_values)
     step["grad_q0"] = t.alloc(q_row, "grad of q (rope backward)")
     step["grad_k0"] = t.alloc(kv_row, "grad of k (rope backward)")
     step["grad_v0"] = t.alloc(kv_row, "grad of v")
     t.free(grad_q, *own)
-    if k != z.L - 1:
+    if not _split(state) and k != z.L - 1:
         t.free(grad_keys, grad_values)
 
 
@@ -497,6 +520,35 @@ def _kv_sums(t: Trace, state: State, k: int, pending: Pending, grad_keys: int, g
         pending.kv_sums = {i: [t.alloc(kv_row, "summed k grad"), t.alloc(kv_row, "summed v grad")] for i in range(k + 1)}
         t.free(*pending.kv_whole)
         pending.kv_whole = []
+    return pending.kv_sums.pop(k)
+
+
+def _split_kernel_grads(t: Trace, state: State, k: int) -> tuple[int, list[list[int]]]:
+    """trainer/ttt_attention.py's backward: the causal kernel's gradients of q and of step 0's key
+    and value, then (k > 0) the diagonal's, a new q gradient and one key and value gradient per
+    later step. Returns q's gradient and the key and value gradients of steps 0..k."""
+    z = state.sizes
+    q_row, kv_row = BF16 * z.H * z.d * z.T, BF16 * z.Hkv * z.d * z.T
+    grad_q = t.alloc(q_row, "grad of roped q (causal kernel)")
+    pairs = [[t.alloc(kv_row, "grad of step 0's key"), t.alloc(kv_row, "grad of step 0's value")]]
+    if k:
+        merged = t.alloc(q_row, "grad of roped q")
+        t.free(grad_q)
+        grad_q = merged
+        pairs += [[t.alloc(kv_row, "grad of a diagonal key"), t.alloc(kv_row, "grad of a diagonal value")]
+                  for _ in range(k)]
+    return grad_q, pairs
+
+
+def _split_kv_sums(k: int, pending: Pending, pairs: list[list[int]], t: Trace) -> list[int]:
+    """Autograd's sum per step of the split attention's key and value gradients: a step's first
+    arriving pair is kept, later ones are added into it in place. Returns step k's (its own k
+    and v backward reads them, to free after)."""
+    for j, pair in enumerate(pairs):
+        if j in pending.kv_sums:
+            t.free(*pair)
+        else:
+            pending.kv_sums[j] = pair
     return pending.kv_sums.pop(k)
 
 

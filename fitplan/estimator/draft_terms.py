@@ -19,6 +19,9 @@ Saved per token and TTT step k (no activation checkpointing):
     recomputes silu and the product; unfused: gate, silu, up, product 8I; none with
     recompute_mlp, trainer/recompute_mlp.py, which makes gate and up again in backward)
   attention (flex): keys and values of steps 0..k, 4*Hkv*d*(k+1); output 2Hd; fp32 logsumexp 4H
+  attention (split, trainer/ttt_attention.py): the step's own keys and values 4*Hkv*d (the
+    unroll's tensors, which later steps' kernels read and save without copying, so each lives to
+    its own step's backward); output 2Hd; fp32 logsumexp 4H
   attention (eager): keys and values repeated to all heads 4*H*d*(k+1); fp32 softmax and bf16
     probabilities 6*H*S*(k+1); a bool mask S*S*(k+1) per step
   loss: two int64 row indices 16 (trainer/head_loss.py recomputes the logits in backward;
@@ -207,8 +210,10 @@ def _kernel_saved_bytes(job: Job, k: int) -> int:
     if impl == "eager":
         per_token = 4 * d.heads * d.head_dim * (k + 1) + (FP32 + BF16) * d.heads * S * (k + 1)
         return per_token * T + S * S * (k + 1)
-    kv = 2 * BF16 * d.kv_heads * d.head_dim * (k + 1)
     out_and_lse = BF16 * d.heads * d.head_dim + FP32 * d.heads
+    if impl == "split":  # the step's own keys and values; earlier steps' are theirs
+        return (2 * BF16 * d.kv_heads * d.head_dim + out_and_lse) * T
+    kv = 2 * BF16 * d.kv_heads * d.head_dim * (k + 1)
     mask = S * S * (k + 1) if impl == "sdpa" else 0  # sdpa is given a dense bool mask
     return (kv + out_and_lse) * T + mask
 
@@ -216,8 +221,9 @@ def _kernel_saved_bytes(job: Job, k: int) -> int:
 def _kv_lists_bytes(job: Job) -> int:
     """Each step's roped keys and values, held by the unroll until it ends (freed before backward).
     speculators' unroll keeps them in a DynamicCache, whose concatenations are the tensors the
-    attention saves (counted there): nothing apart."""
-    if job.spec.runtime == "speculators":
+    attention saves (counted there): nothing apart. The split attention saves each step's own
+    (counted with its kernel): nothing apart either."""
+    if job.spec.runtime == "speculators" or job.spec.attention_impl == "split":
         return 0
     d = job.draft
     return 2 * BF16 * d.kv_heads * d.head_dim * job.spec.ttt * _tokens(job)
@@ -494,9 +500,11 @@ def last_step_saved_bytes(job: Job) -> int:
 def pending_from_last_step_bytes(job: Job) -> int:
     """Gradients step L-1 sends back and the earlier steps' backward holds: of the hidden stream
     (2h) and of the keys and values step L-1 attended to, one tensor per step L-1's
-    concatenation that its slices for the earlier steps keep whole (4*Hkv*d*L)."""
+    concatenation that its slices for the earlier steps keep whole (4*Hkv*d*L); with the split
+    attention, one key and value gradient per earlier step (4*Hkv*d*(L-1))."""
     d, T, L = job.draft, _tokens(job), job.spec.ttt
-    return BF16 * d.hidden * T + 2 * BF16 * d.kv_heads * d.head_dim * L * T
+    steps = L - 1 if job.spec.attention_impl == "split" else L
+    return BF16 * d.hidden * T + 2 * BF16 * d.kv_heads * d.head_dim * steps * T
 
 
 def embedding_finish_live_bytes(job: Job) -> int:

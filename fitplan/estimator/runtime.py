@@ -15,7 +15,8 @@ from fitplan.units import BF16, GIB, MIB
 CUDA_CONTEXT_BYTES = 554_500_096
 # First bf16 GEMM loads kernels outside the allocator: +68 MiB; first SDPA: +8 MiB (same source).
 FIRST_KERNELS_BYTES = (68 + 8) * MIB
-# fitplan's trainer compiles flex attention: its Triton kernels add 142 MiB outside the allocator
+# fitplan's trainer compiles flex attention (or the split attention's diagonal passes and the
+# lean draft's elementwise kernels beside it): its Triton kernels add 142 MiB outside the allocator
 # (device_used - reserved: 618.8 MiB after loading, 760.8 MiB from step 1 on, in every
 # tests/data/gpu/{llama,qwen3,gptoss}-*.json report, H100).
 COMPILED_FLEX_KERNELS_BYTES = 142 * MIB
@@ -121,7 +122,7 @@ def runs_fitplan_trainer(job: Job) -> bool:
 
 def outside_allocator_bytes(job: Job) -> int:
     total = CUDA_CONTEXT_BYTES + FIRST_KERNELS_BYTES
-    if runs_fitplan_trainer(job) and job.spec.attention_impl == "flex":
+    if runs_fitplan_trainer(job) and job.spec.attention_impl in ("flex", "split"):
         total += COMPILED_FLEX_KERNELS_BYTES
     comms = communicators(job)
     if comms:

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from fitplan.config import RunSpec, spec_from_mapping
-from fitplan.records import PREDATING_KEYS, old_defaults_auto, stored_config
+from fitplan.records import PREDATING_KEYS, attention_ran, old_defaults_auto, stored_config
 from fitplan.estimator import estimate_spec
 from fitplan.validation.figures import predict
 from fitplan.validation.matrix import MATRIX, resolve_row
@@ -32,7 +32,7 @@ def spec_of(record: dict[str, Any]) -> RunSpec | None:
         return None
     # a matrix row stores no config: it ran what the trainer ran before any key it predates
     ran = {**row.base_spec().to_dict(), "seq": int(record["seq"]), "micro_batch": int(record["micro_batch"])}
-    return spec_from_mapping(old_defaults_auto({**ran, **PREDATING_KEYS}), source=record["name"])
+    return spec_from_mapping(old_defaults_auto(attention_ran({**ran, **PREDATING_KEYS})), source=record["name"])
 
 
 def repredict(frame: pd.DataFrame) -> pd.DataFrame:
