@@ -29,7 +29,7 @@ if [ "${1:-}" = start ]; then
     # first, alone on the GPUs (device-level readings are per GPU): flex with the written-down
     # TTT block mask against eager attention, values and gradients (FLEX_TEST=0 skips it)
     [ "${FLEX_TEST:-1}" = 1 ] &&
-        timeout 150 python -m pytest -q -m gpu tests/test_trainer.py -k flex -p no:cacheprovider 2>&1 | tail -3
+        timeout 150 python -m pytest -q -m gpu tests/test_trainer.py -k fused_kernels -p no:cacheprovider 2>&1 | tail -3
     mkdir -p "$WORK"
     setsid nohup python -m fitplan.validation.runner --parallel --timeout "${ROW_TIMEOUT_S:-240}" \
         --out "$WORK" --rows "$2" > "$WORK/runner.log" 2>&1 < /dev/null &

@@ -101,7 +101,8 @@ FITPLAN_VARIANTS = {"fitplan": ({}, "fitplan"),
                     "fitplan-recompute-mlp": ({"recompute_mlp": True}, "fitplan (recompute_mlp)"),
                     "fitplan-plain": ({"draft_memory": "plain"}, "fitplan (draft_memory plain)"),
                     "fitplan-head-backward": ({"head_grad_in_forward": False},
-                                              "fitplan (head_grad_in_forward false)")}
+                                              "fitplan (head_grad_in_forward false)"),
+                    "fitplan-flex": ({"attention": "flex"}, "fitplan (attention flex)")}
 SPECFORGE_TOOLS = ("specforge", "specforge-fsdp")
 DEFAULT_SHAPES = "1x2048,1x4096,1x8192,1x16384,2x4096"
 WHEEL = ROOT / ".whl" / "specforge-0.2.0-py3-none-any.whl"
@@ -153,8 +154,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", default="auto", help="draft: 'auto', a draft profile name or a config path")
     p.add_argument("--gpu", default="H200", help="GPU profile whose dense bf16 peak the MFU is against")
     p.add_argument("--ttt", type=int, default=7)
-    p.add_argument("--attention", choices=("flex", "sdpa", "eager"), default="flex",
-                   help="fitplan's kernel; SpecForge runs flex_attention for flex, else its sdpa backend")
+    p.add_argument("--attention", choices=("auto", "flex", "split", "sdpa", "eager"), default="auto",
+                   help="fitplan's kernel (auto: its default for the length, flex below 4096, split from "
+                        "4096); SpecForge runs flex_attention, or its sdpa backend for sdpa and eager")
     p.add_argument("--specforge-teacher", choices=("full", "compact"), default="full",
                    help="SpecForge's offline teacher: full-vocab logits (its default) or compact_teacher")
     p.add_argument("--assistant-fraction", type=float, default=1.0, help="loss-mask ones per sample (the tail)")
@@ -314,7 +316,7 @@ def render(meta: dict, results: list[dict]) -> str:
         f"both; median of the timed steps. Draft memory: peak allocated over the step minus the frozen target "
         f"lm_head, draft embedding and buffers and the inputs. MFU: (fitplan.steptime.draft_flops + the teacher's "
         f"2·B·S·V·h) / step time / {peak if peak else '?'} TFLOP/s (dense bf16, profiles/gpus.json). "
-        f"Attention: {meta.get('attention', 'flex')}. First step: wall time including compilation. SpecForge: "
+        f"Attention: {_attention_shown(meta.get('attention', 'flex'))}. First step: wall time including compilation. SpecForge: "
         f"its module unwrapped; SpecForge FSDP: wrapped in FSDP1 over one rank, as its trainer wraps it.")
     lines = [caption, *lines]
     if failed:
@@ -404,14 +406,21 @@ def profile_step(step) -> list[dict]:
     return [{"name": e.key[:120], "ms": round(e.device_time_total / 1000, 2), "calls": e.count} for e in rows]
 
 
+def _attention_shown(given: str) -> str:
+    if given == "auto":
+        return "fitplan's default for the length (flex below 4096, split from 4096), SpecForge flex_attention"
+    return given
+
+
 def bench_job(args, batch: int, seq: int):
     """The resolved fitplan job: the draft's shape, the recipe, the GPU's peak, the FLOPs."""
     from fitplan.config import RunSpec
     from fitplan.layout import resolve
 
     changes = FITPLAN_VARIANTS.get(getattr(args, "child", None), ({}, ""))[0]
+    attention = None if args.attention == "auto" else args.attention
     return resolve(RunSpec(model=args.model, draft=args.draft, gpus=f"1x{args.gpu}", seq=seq, micro_batch=batch,
-                           ttt=args.ttt, tp=1, attention=args.attention, precision="bf16-master", **changes))
+                           ttt=args.ttt, tp=1, precision="bf16-master", **{"attention": attention, **changes}))
 
 
 def make_tensors(job, device, seed: int, assistant_fraction: float) -> tuple[dict, dict]:
@@ -707,7 +716,7 @@ def build_specforge(job, frozen: dict, inputs: dict, device, args):
     sf = import_specforge()
     spec = job.spec
     target_cfg, draft_cfg = specforge_configs(job, loop.draft_config(job, hf_config(spec.model)))
-    backend_name = "flex_attention" if args.attention == "flex" else "sdpa"
+    backend_name = "sdpa" if args.attention in ("sdpa", "eager") else "flex_attention"
     with tempfile.TemporaryDirectory() as folder, torch.device(device), loop.default_dtype(torch.bfloat16):
         target_cfg.save_pretrained(folder)  # TargetHead reads its config from a model folder
         head = sf["TargetHead"](folder)

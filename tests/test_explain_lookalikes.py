@@ -170,11 +170,14 @@ def test_shared_memory_without_a_traceback_names_the_usual_kernels():
 
 
 def test_shared_memory_with_the_job_names_its_flex_attention():
-    eagle3 = flat(explain(FLEX_SHARED_MEMORY, "--model", "llama-3.1-8b").output)
-    assert "This job's draft attention is flex" in eagle3
+    eagle3 = flat(explain(FLEX_SHARED_MEMORY, "--model", "llama-3.1-8b", "--seq", "2048").output)
+    assert "This job's draft attention is flex (--attention flex, the eagle3 default)" in eagle3
     assert "Predicted for this job" not in eagle3  # no GPU-memory component is matched
     sdpa = flat(explain(FLEX_SHARED_MEMORY, "--model", "llama-3.1-8b", "--attention", "sdpa").output)
     assert "draft attention is sdpa, not flex" in sdpa
+    # from seq 4096 on fitplan's trainer runs the split attention by default
+    split = flat(explain(FLEX_SHARED_MEMORY, "--model", "llama-3.1-8b", "--seq", "4096").output)
+    assert "draft attention is split, not flex" in split
 
 
 def test_kernel_fault_says_where_it_surfaced_and_how_to_find_it():

@@ -287,7 +287,10 @@ def test_auto_round_trips_through_yaml_plans_and_reports():
     plan = plan_from_mapping({"fitplan_plan": 1, "config": written}, "plan.yaml")
     assert plan.config == spec
     report = measurement_from_mapping({"config": written, "steps": []}, "report.json")
-    assert report.config == spec
+    # reports name the attention they ran; one without it ran flex, the eagle3 default of its time
+    assert report.config == spec.replace(attention="flex")
+    named = measurement_from_mapping({"config": {**written, "attention": "split"}, "steps": []}, "report.json")
+    assert named.config == spec.replace(attention="split")
 
 
 def test_files_written_while_sum_step_grads_was_a_plain_switch_read_as_auto():

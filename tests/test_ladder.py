@@ -187,16 +187,18 @@ def test_a_plain_draft_is_offered_the_lean_one_first():
 
 
 def test_a_lean_draft_that_does_not_fit_is_offered_recompute_mlp_before_checkpointing():
-    # llama-3.1-8b's draft (h 4096, I 14336) at seq 65536, TTT 7, on one H100: the lean draft keeps
-    # each step's gate and up, 4 x 14336 x 65536 x 7 = 26.31 GB over the unroll; made again in
+    # llama-3.1-8b's draft (h 4096, I 14336) at seq 73728, TTT 7, on one H100: the lean draft keeps
+    # each step's gate and up, 4 x 14336 x 73728 x 7 = 29.60 GB over the unroll; made again in
     # backward instead (two matmuls per step) the job fits with no other change, and faster than
     # checkpointing every step (a whole forward again per step).
-    spec = RunSpec(model="llama-3.1-8b", gpus="1xH100", seq=65536)
+    spec = RunSpec(model="llama-3.1-8b", gpus="1xH100", seq=73728)
     result = fit(spec)
     assert result.original.estimate.verdict == "OOM"
     assert result.chosen is not None and result.changes == ["recompute_mlp on"]
     saved = result.original.estimate.peak_allocated_bytes - result.chosen.estimate.peak_allocated_bytes
-    assert saved >= 0.8 * 4 * 14336 * 65536 * 7
+    # most of it at the peak, which is in backward (the split attention's keys kept to it), where
+    # the last step's gate and up are already let go: 6/7 of the sum, less the recompute's own
+    assert saved >= 0.7 * 4 * 14336 * 73728 * 7
     checkpointed = resolve(spec.replace(ac=True))
     assert result.chosen.time.step_s < step_time(checkpointed).step_s
     # SpecForge's runtime has no such knob: fit never offers it there

@@ -103,11 +103,13 @@ def test_ttt_mask_step0_causal_later_steps_diagonal():
     assert torch.equal(ttt_mask(q, kv, seq), expected)
 
 
-def test_sdpa_and_eager_attention_agree():
+@pytest.mark.parametrize("kernel", ["sdpa", "split"])
+def test_cpu_attention_kernels_agree_with_eager(kernel):
     torch.manual_seed(0)
     q = torch.randn(2, 4, 5, 8)
-    k, v = torch.randn(2, 2, 15, 8), torch.randn(2, 2, 15, 8)  # 3 TTT steps of 5 keys, 2 KV heads
-    assert torch.allclose(ATTENTION["sdpa"](q, k, v, 5), ATTENTION["eager"](q, k, v, 5), atol=1e-5)
+    keys = [torch.randn(2, 2, 5, 8) for _ in range(3)]  # 3 TTT steps of 5 keys, 2 KV heads
+    values = [torch.randn(2, 2, 5, 8) for _ in range(3)]
+    assert torch.allclose(ATTENTION[kernel](q, keys, values, 5), ATTENTION["eager"](q, keys, values, 5), atol=1e-5)
 
 
 def test_top_tokens_and_mapping():
@@ -306,15 +308,17 @@ def test_gradient_accumulation_takes_accum_micro_batches_per_step(configs, tmp_p
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_flex_matches_eager_with_gradients_on_gpu():
+@pytest.mark.parametrize("kernel", ["flex", "split"])
+def test_fused_kernels_match_eager_with_gradients_on_gpu(kernel):
     torch.manual_seed(0)
-    # seq 384 = 3 flex blocks, 3 TTT copies of the keys: full, partial and empty tiles all occur
+    # seq 384 = 3 flex blocks, 3 TTT steps' keys: full, partial and empty tiles all occur; split's
+    # causal kernel is cuDNN's on Hopper
     q = torch.randn(2, 4, 384, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(2, 2, 3 * 384, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(2, 2, 3 * 384, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     outs, grads = [], []
-    for kernel in ("flex", "eager"):
-        out = ATTENTION[kernel](q, k, v, 384)
+    for name in (kernel, "eager"):
+        out = ATTENTION[name](q, list(k.split(384, dim=2)), list(v.split(384, dim=2)), 384)
         outs.append(out.float())
         grads.append(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
     assert torch.allclose(outs[0], outs[1], atol=2e-2, rtol=2e-2)

@@ -81,7 +81,10 @@ class Row:
 
 
 def _eagle3(gpu: str, world: int, model: str, seq: int, mb: int = 1, ac: bool = False, cal: bool = False, **kw) -> Row:
-    return Row(gpu, world, {"model": model, "workload": "eagle3", "seq": seq, "micro_batch": mb, "ac": ac, **kw}, cal)
+    # every eagle3 row was measured on flex attention, then the default at every length (the split
+    # attention's own runs are tests/data/gpu/knobs/*attentionsplit*)
+    spec = {"model": model, "workload": "eagle3", "seq": seq, "micro_batch": mb, "ac": ac, "attention": "flex", **kw}
+    return Row(gpu, world, spec, cal)
 
 
 def _sft(gpu: str, world: int, model: str, seq: int, mb: int = 1, ac: bool = True, cal: bool = False, **kw) -> Row:
