@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from trainer.embedding_projection import EmbeddingProjection, StepEmbedding
 from trainer.head_loss import DraftHead
-from trainer.lean_ops import SwiGLUDown
+from trainer.lean_ops import SwiGLUDown, compiled_on_cuda
 from trainer.norm_project import heads_project, norm_kernels, norm_project
 from trainer.recompute_mlp import norm_swiglu_down
 from trainer.step_grads import StepGrads
@@ -122,6 +122,18 @@ class RMSNorm(nn.Module):
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+@lru_cache(maxsize=None)
+def rope_kernels(device_type: str):
+    """(apply_rope,): compiled on CUDA into one kernel each way, where eagerly the negation, the
+    concatenation, two products and the sum are five passes over q and k (and as many in
+    backward); as it is on CPU."""
+    return compiled_on_cuda(device_type, _apply_rope)
 
 
 def rope(seq: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +263,8 @@ class Attention(nn.Module):
         q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        (apply_rope,) = rope_kernels(q.device.type)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.kernel(q, [*past_k, k], [*past_v, v], s)
         if lean:
             return heads_project(out, self.o_proj.weight, grads), k, v
