@@ -25,6 +25,19 @@ def test_estimate_table_and_verdict():
     assert "largest allocation" in r.output
 
 
+@pytest.mark.parametrize("args,attention", [
+    (["--seq", "2048"], "flex"), (["--seq", "4096"], "split"), (["--seq", "8192", "--attention", "flex"], "flex"),
+    (["--seq", "4096", "--runtime", "specforge"], "flex"), (["--seq", "4096", "--workload", "sft"], "sdpa"),
+])
+def test_estimate_names_the_attention_it_resolved(args, attention):
+    """Its default depends on the workload, the runtime and the length: the table says which ran."""
+    r = run("estimate", "--model", "llama-3.1-8b", "--gpus", "1xH200", *args)
+    assert r.exit_code == 0, r.output
+    assert f"attention: {attention}\n" in r.output
+    data = json.loads(run("estimate", "--model", "llama-3.1-8b", "--gpus", "1xH200", *args, "--json").stdout)
+    assert data["layout"]["attention"] == attention
+
+
 def test_estimate_oom_names_dominant_component():
     r = run("estimate", "--model", "qwen3-8b", "--gpus", "8xH100", "--tp", "8", "--runtime", "specforge",
             "--seq", "8192")

@@ -41,6 +41,7 @@ def _layout(job: Job) -> dict:
         "model": job.model.name,
         "draft": job.draft.name if job.draft else None,
         "gpu": job.cluster.gpu.id,
+        "attention": job.spec.attention_impl,  # resolved: its default depends on the workload and seq
     }
 
 

@@ -131,6 +131,7 @@ def render(est: Estimate, console: Console | None = None) -> None:
             f"{layout.get('model')} on {est.world}x{layout.get('gpu')}: tp {layout.get('tp')}, "
             f"dp {layout.get('dp')}, accum {layout.get('accum')}, global batch {layout.get('global_batch')}"
         ))
+        console.print(f"attention: {layout.get('attention')}")
     console.print(breakdown_table(est, width=console.width))
     for note in est.notes:
         console.print(f"[yellow]warning: {escape(note)}[/]")
