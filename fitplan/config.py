@@ -29,8 +29,13 @@ TargetBackend = Literal["sglang", "hf"]
 DraftMemory = Literal["lean", "plain"]
 
 # From this length on the split TTT attention beats flex on an H200 (forward + backward of a 7-step
-# unroll: 14.1 against 16.6 ms at 4096, 9.1 against 7.3 at 2048; docs/data/ttt_attention_kernels_*.json).
+# unroll: 14.1 against 16.6 ms at 4096, 9.1 against 7.3 at 2048; docs/data/ttt_attention_kernels_*.json),
+# with its causal part on cuDNN's kernel, which the trainer uses from compute capability 9.0 on. On
+# FlashAttention-2, its kernel before that, it was slower than flex at every length (19.5 ms at
+# 4096): the default there stays flex. Measured on Hopper only, so the default is split there only.
 SPLIT_ATTENTION_FROM_SEQ = 4096
+CUDNN_ATTENTION_FROM_CAPABILITY = (9, 0)
+SPLIT_ATTENTION_DEFAULT_MAJOR = 9  # Hopper
 
 POSITIVE_INTS = ("seq", "micro_batch", "global_batch", "accum", "tp", "ttt")
 # Beyond any real job, and far below what makes arithmetic on sizes slow or overflow floats.
@@ -45,6 +50,18 @@ MAX_YAML_BYTES = 64 * 1024
 # hundred. An alias bomb (a: &a [x, x], b: &b [*a, *a], ...) loads instantly as shared lists but
 # expands to billions of values for anything that walks it (a repr in an error message).
 MAX_YAML_VALUES = 10_000
+
+
+def _on_hopper(gpus: str) -> bool:
+    """Whether the job's GPUs are Hopper (where the split attention was measured faster); False
+    for GPUs that cannot be read, which the job's rules refuse anyway."""
+    from fitplan.profiles import parse_gpus  # fitplan.profiles reads this module
+
+    try:
+        capability = parse_gpus(gpus).gpu.compute_capability
+    except FitplanError:
+        return False
+    return capability is not None and capability[0] == SPLIT_ATTENTION_DEFAULT_MAJOR
 
 
 @dataclass(frozen=True)
@@ -78,11 +95,11 @@ class RunSpec:
     attention: Optional[Attention] = None
     """The draft's TTT attention (eagle3) or the model's (sft). flex: one compiled kernel over the
     concatenated keys of steps 0..k under the TTT block mask. split (fitplan's trainer, eagle3):
-    step 0's keys on a plain causal kernel (cuDNN from Hopper on) with each later step's key
-    folded in at its own position, no concatenation (trainer/ttt_attention.py): faster than flex
-    from S 4096 on, slower below. sdpa and eager: torch's, given the dense mask (references).
-    None: split for fitplan's eagle3 trainer from seq 4096 on (SPLIT_ATTENTION_FROM_SEQ), else flex
-    for eagle3 and sdpa for sft."""
+    step 0's keys on a plain causal kernel (cuDNN from Hopper on, FlashAttention-2 before) with
+    each later step's key folded in at its own position, no concatenation (trainer/ttt_attention.py):
+    on Hopper faster than flex from S 4096 on, slower below. sdpa and eager: torch's, given the
+    dense mask (references). None: split for fitplan's eagle3 trainer on Hopper GPUs from seq
+    4096 on (SPLIT_ATTENTION_FROM_SEQ), else flex for eagle3 and sdpa for sft."""
     ttt: int = 7
     target_weights: TargetWeights = "bf16"
     offload: Offload = "none"
@@ -160,7 +177,7 @@ class RunSpec:
             return self.attention
         if self.workload != "eagle3":
             return "sdpa"
-        fast_split = self.runtime == "fitplan" and self.seq >= SPLIT_ATTENTION_FROM_SEQ
+        fast_split = self.runtime == "fitplan" and self.seq >= SPLIT_ATTENTION_FROM_SEQ and _on_hopper(self.gpus)
         return "split" if fast_split else "flex"
 
     def replace(self, **changes: Any) -> "RunSpec":

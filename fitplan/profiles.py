@@ -426,6 +426,7 @@ class GpuSpec:
     interconnect_gbps: float  # NVLink-class, per GPU, one direction
     pcie_gbps: float  # host link, one direction
     aliases: tuple[str, ...] = ()
+    compute_capability: tuple[int, int] | None = None  # NVIDIA's (major, minor); None elsewhere
 
     @property
     def peer_gbps(self) -> float:
@@ -465,7 +466,15 @@ def _gpu_from_profile(entry: dict) -> GpuSpec:
         interconnect_gbps=float(bidir) / 2,
         pcie_gbps=pcie_bidir / 2,
         aliases=tuple(entry.get("aliases", ())),
+        compute_capability=_capability(entry.get("compute_capability")),
     )
+
+
+def _capability(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    major, _, minor = str(text).partition(".")
+    return int(major), int(minor or 0)
 
 
 @lru_cache(maxsize=None)

@@ -38,6 +38,15 @@ def test_estimate_names_the_attention_it_resolved(args, attention):
     assert data["layout"]["attention"] == attention
 
 
+@pytest.mark.parametrize("gpus,attention", [("1xH100", "split"), ("8xH200", "split"), ("1xA100-80GB", "flex"),
+                                             ("1xL40S", "flex"), ("1xB200", "flex"), ("1xMI300X", "flex")])
+def test_the_split_attention_is_the_default_on_hopper_only(gpus, attention):
+    """Measured faster than flex on an H200 with cuDNN's causal kernel; before Hopper the trainer's
+    causal kernel is FlashAttention-2, slower than flex; Blackwell and AMD unmeasured."""
+    data = json.loads(run("estimate", "--model", "llama-3.1-8b", "--gpus", gpus, "--seq", "8192", "--json").stdout)
+    assert data["layout"]["attention"] == attention
+
+
 def test_estimate_oom_names_dominant_component():
     r = run("estimate", "--model", "qwen3-8b", "--gpus", "8xH100", "--tp", "8", "--runtime", "specforge",
             "--seq", "8192")

@@ -25,6 +25,7 @@ from functools import lru_cache
 
 import torch
 
+from fitplan.config import CUDNN_ATTENTION_FROM_CAPABILITY
 from trainer.lean_ops import compiled_on_cuda
 
 
@@ -76,19 +77,17 @@ class _CpuFlash:
             dout, q, k, v, out, lse, 0.0, True, scale=scale)
 
 
-# cuDNN's attention from Hopper on (sm 9.0), where it beat FlashAttention-2 by 28-36% at S 4k-16k;
-# FlashAttention-2 on the GPUs before it.
-CUDNN_FROM_CAPABILITY = (9, 0)
-
-
 def causal_kernel(q: torch.Tensor):
     """The causal kernel for q's device, or None where there is none (fp32 on CUDA)."""
     if q.device.type == "cpu":
         return _CpuFlash
     if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
         return None
-    hopper = torch.cuda.get_device_capability(q.device) >= CUDNN_FROM_CAPABILITY
-    return CudaCudnn if hopper and torch.backends.cuda.cudnn_sdp_enabled() else _CudaFlash
+    # cuDNN's attention from Hopper on, where it beat FlashAttention-2 by 28-36% at S 4k-16k (not on
+    # ROCm, which has no cuDNN); FlashAttention-2 elsewhere
+    cudnn = (torch.version.hip is None and torch.backends.cuda.cudnn_sdp_enabled()
+             and torch.cuda.get_device_capability(q.device) >= CUDNN_ATTENTION_FROM_CAPABILITY)
+    return CudaCudnn if cudnn else _CudaFlash
 
 
 def _grouped(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
