@@ -16,8 +16,10 @@ configurations of one job is what the ladder uses.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from fitplan.config import CUDNN_ATTENTION_FROM_CAPABILITY
 from fitplan.estimator.target_terms import runs_eager_attention
 from fitplan.layout import (
     Job,
@@ -187,6 +189,46 @@ def sft_flops(job: Job) -> float:
     return 3 * forward + (forward if job.spec.ac else 0)
 
 
+# The split TTT attention against flex, which DRAFT_EFFICIENCY was fitted with: flex's time less
+# split's for the forward and backward of a whole 7-step unroll (32 heads of 128, 8 KV heads, B 1)
+# on an H200, in ms, by seq; with the causal part on cuDNN's kernel (the trainer's from compute
+# capability 9.0 on) and on FlashAttention-2 (before). benchmarks/ttt_attention_kernels.py,
+# docs/data/ttt_attention_kernels_{all,4096,8192,16384}.json.
+SPLIT_SAVED_MS = {
+    "cudnn": ((2048, 7.294 - 9.061), (4096, 16.597 - 14.080), (8192, 47.074 - 37.382), (16384, 156.887 - 123.205)),
+    "flash": ((2048, 7.294 - 8.013), (4096, 16.597 - 19.543), (8192, 47.074 - 57.653), (16384, 156.887 - 192.018)),
+}
+SPLIT_MEASURED_STEPS_HEADS_DIM = 7 * 32 * 128
+SPLIT_MEASURED_ON_TFLOPS = 989.0  # the H200's dense bf16 peak
+
+
+def split_attention_saved_seconds(job: Job) -> float:
+    """What the split attention takes off (negative: adds to) the draft's time priced as flex:
+    the measured difference per S² at the nearest measured lengths (interpolated in log2 S, held
+    beyond them), scaled by B x L x H x d and by the GPU's bf16 peak against the H200's."""
+    if job.draft is None or job.spec.attention_impl != "split":
+        return 0.0
+    capability = job.cluster.gpu.compute_capability
+    points = SPLIT_SAVED_MS["cudnn" if capability and capability >= CUDNN_ATTENTION_FROM_CAPABILITY else "flash"]
+    per_s2 = _interpolated_per_s2(points, job.spec.seq)
+    d = job.draft
+    scale = job.spec.micro_batch * job.spec.ttt * d.heads * d.head_dim / SPLIT_MEASURED_STEPS_HEADS_DIM
+    speed = SPLIT_MEASURED_ON_TFLOPS / job.cluster.gpu.bf16_tflops
+    return per_s2 * job.spec.seq**2 * scale * speed / 1e3
+
+
+def _interpolated_per_s2(points: tuple[tuple[int, float], ...], seq: int) -> float:
+    """ms per S² at `seq` from (seq, ms) points: linear in log2 S between them, the end value beyond."""
+    per = [(math.log2(s), ms / s**2) for s, ms in points]
+    x = math.log2(seq)
+    if x <= per[0][0]:
+        return per[0][1]
+    for (x0, y0), (x1, y1) in zip(per, per[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return per[-1][1]
+
+
 # ---------------------------------------------------------------- bytes over the interconnect
 
 
@@ -255,7 +297,7 @@ def compute_seconds(job: Job) -> float:
         return sft_flops(job) / (peak * efficiency)
     efficiency = DRAFT_EFFICIENCY if job.spec.runtime == "fitplan" else DENSE_EFFICIENCY
     computed = draft_flops(job) + draft_recompute_flops(job) - draft_skipped_flops(job)
-    return target_seconds(job) + computed / (peak * efficiency)
+    return target_seconds(job) + computed / (peak * efficiency) - split_attention_saved_seconds(job)
 
 
 def target_seconds(job: Job) -> float:
