@@ -1,8 +1,9 @@
 """The fix ladder: the cheapest changes that make a job fit, tried in cost order.
 
-Rungs (docs/fit.md): micro-batch down with accumulation up; all-to-all output
-sharding for a TP target; activation checkpointing; expandable segments; memory-efficient
-attention; more sharding and more TP within the GPUs given; 8-bit optimizer; CPU offload.
+Rungs (docs/fit.md): a fused attention kernel in place of eager attention; the draft's memory
+knobs; micro-batch down with accumulation up; all-to-all output sharding for a TP target;
+activation checkpointing; expandable segments; more sharding and more TP within the GPUs given;
+8-bit optimizer; CPU offload.
 None of them changes what is learned: global batch, sequence length, model and draft stay as
 given (a shorter sequence or more GPUs are only suggested when nothing fits). Each runtime is
 offered only the rungs it can be told to take (RUNTIMES): a rung it would refuse whatever it is
@@ -152,7 +153,7 @@ def _switch(field: str) -> Callable[[RunSpec, Job], Iterator[tuple[str, RunSpec]
 
 def _attention(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
     if spec.attention_impl == "eager":
-        efficient = "flex" if spec.workload == "eagle3" else "sdpa"
+        efficient = spec.replace(attention=None).attention_impl  # the job's default: a fused kernel
         yield f"attention {efficient}", spec.replace(attention=efficient)
 
 
@@ -185,6 +186,8 @@ def _offload(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
 
 
 RUNGS: tuple[tuple[str, Callable[[RunSpec, Job], Iterator[tuple[str, RunSpec]]]], ...] = (
+    # first: a fused kernel in place of eager attention is less memory and less time, no cost
+    ("attention", _attention),
     ("draft_memory", _draft_memory),
     ("recompute_mlp", _recompute_mlp),
     ("head_grad_in_forward", _head_grad_in_backward),
@@ -193,7 +196,6 @@ RUNGS: tuple[tuple[str, Callable[[RunSpec, Job], Iterator[tuple[str, RunSpec]]]]
     ("output_sharding", _output_sharding),
     ("ac", _switch("ac")),
     ("expandable_segments", _switch("expandable_segments")),
-    ("attention", _attention),
     ("sharding", _sharding),
     ("tp", _tp),
     ("optimizer", _optimizer),

@@ -8,6 +8,7 @@ output sharding and micro_batch with all-to-all. H100 total capacity 85,017,493,
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -235,3 +236,14 @@ def test_the_head_rung_is_offered_where_the_head_makes_its_gradients_in_forward(
     for elsewhere in (spec.replace(gpus="2xH200"), spec.replace(precision="mixed"), spec.replace(draft_memory="plain"),
                       spec.replace(head_grad_in_forward=False)):
         assert list(rung(elsewhere, resolve(elsewhere))) == []
+
+
+@pytest.mark.parametrize("gpus,kernel", [("1xH100", "split"), ("1xA100-80GB", "flex")])
+def test_eager_attention_is_replaced_by_the_jobs_default_kernel_first(gpus, kernel):
+    # llama-3.1-8b's draft at seq 8192 on eager attention keeps fp32 scores and bf16 probabilities
+    # of every TTT step's keys, 6 x 32 heads x 8192 x 8192 x (k + 1) bytes: far past an 80 GB GPU.
+    # The fused kernel alone fits and is faster, so fit changes nothing else; which one is the
+    # job's own default (split on Hopper, flex before it).
+    result = fit(RunSpec(model="llama-3.1-8b", gpus=gpus, seq=8192, attention="eager"))
+    assert result.original.estimate.verdict == "OOM"
+    assert result.changes == [f"attention {kernel}"]

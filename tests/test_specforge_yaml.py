@@ -375,8 +375,10 @@ def test_fit_o_writes_the_run_config_with_the_plans_keys(offline, tmp_path):
 
 def test_fit_o_refuses_what_a_run_config_cannot_say(offline, tmp_path):
     written = tmp_path / "run.fitted.yaml"
-    # the plan needs expandable segments: an environment variable, no run-config key
-    result = CliRunner().invoke(app, ["fit", "--from-specforge", f"{offline} {FAR_OVER}", "-o", str(written)])
+    # at 21504 tokens the job fits only with expandable segments (as given it is at risk): an
+    # environment variable, no run-config key
+    needs_expandable = "training.batch_size=1 data.max_length=21504"
+    result = CliRunner().invoke(app, ["fit", "--from-specforge", f"{offline} {needs_expandable}", "-o", str(written)])
     assert result.exit_code == 2, result.output
     assert "error: fit -o" in result.output and "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in result.output
     assert "--expandable-segments" in result.output and "Traceback" not in result.output
