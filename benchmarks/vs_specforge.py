@@ -59,15 +59,13 @@ Step k's extra keys (the diagonal: 4·B·S·k·H·d) are left out, as in steptim
 MFU = step FLOPs / step time / the GPU's dense bf16 peak from profiles/gpus.json (H200 SXM:
 989 TFLOP/s).
 
-Expected runtime on one H200 (an estimate: nothing here has run on a GPU yet). A config costs
-~10 s of process start and setup, then its first step, which compiles (fitplan: flex attention
-with static shapes for each of the L key lengths, ~35-45 s, as the trainer's first step
-measured; SpecForge: flex once static and once dynamic, a block mask per TTT step, its RMSNorm,
-rotary and teacher functions, ~40 s with a warm inductor cache, up to ~180 s cold), then ~1-2 s
-per further step at S 16384. All ten configs: ~10-11 min, more than one 10-minute device call;
---budget 420 (hard stop 570 s) ends the call in time with the first three or four shapes. Two
-calls of ~5-7 min cover all five: --shapes 1x2048,1x4096,1x8192, then --shapes 1x16384,2x4096
-(each shape's ratio still comes from one call).
+Runtime on one H200 (docs/vs-specforge.md, calls A-R): a config costs ~10 s of process start and
+setup, then its first step, which compiles (fitplan: 26-45 s with a warm compile cache, 116-139 s
+cold with the split attention's diagonal graphs; SpecForge: flex once static and once dynamic, a
+block mask per TTT step, its RMSNorm, rotary and teacher functions, 54-90 s, up to ~290 s cold at
+S 16384), then ~0.1-0.8 s per further step. Two tools over all five shapes take more than one
+10-minute device call: --budget ends a call in time, and two or three calls of a few shapes
+each cover them (each shape's ratio still comes from one call).
 """
 
 from __future__ import annotations

@@ -36,7 +36,9 @@ HELP: dict[str, str] = {
     "precision": "mixed (fp32 master + bf16 copy, 18 B/param), fp32-autocast, bf16-master (bf16 params, fp32 master + moments in the optimizer), bf16 (pure bf16).",
     "optimizer": "adamw, adamw-8bit (8-bit moments), or muon (runtime speculators: Muon for the matrices).",
     "ac": "Activation checkpointing (draft layer per TTT step; every decoder block for sft).",
-    "attention": "Attention kernel: flex (eagle3 default), sdpa (sft default) or eager (materialized scores).",
+    "attention": "Attention kernel: split (fitplan's eagle3 trainer on Hopper from seq 4096: step 0's keys on a "
+                 "causal kernel, later steps' folded in; the default there), flex (other eagle3 default), sdpa "
+                 "(sft default) or eager (materialized scores).",
     "ttt": "Training-time-test unroll length of the Eagle3 draft.",
     "target_weights": "Frozen target weights: bf16, or mxfp4 (packed, gpt-oss only).",
     "offload": "CPU offload: none, optimizer (state), params (with zero3).",
