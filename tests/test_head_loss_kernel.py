@@ -75,9 +75,23 @@ CASES = {
 }
 
 
+def _interpreter_loops() -> bool:
+    """Triton's interpreter before 3.8 cannot loop over a runtime bound under numpy 2.4 (the torch
+    a GPU machine has pins such a triton; the kernel itself runs there compiled, not interpreted)."""
+    import numpy
+    import triton
+
+    def major_minor(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in version.split(".")[:2])
+
+    return major_minor(triton.__version__) >= (3, 8) or major_minor(numpy.__version__) < (2, 4)
+
+
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """Every case's (loss, agreements, gradient) from the kernel run by Triton's interpreter."""
+    if not _interpreter_loops():
+        pytest.skip("this triton's interpreter cannot run the kernel under numpy 2.4 (triton 3.8 or later can)")
     folder = tmp_path_factory.mktemp("head_loss_kernel")
     torch.save(CASES, folder / "cases.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1",
