@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin, get_type_hints
 
@@ -52,6 +53,7 @@ MAX_YAML_BYTES = 64 * 1024
 MAX_YAML_VALUES = 10_000
 
 
+@lru_cache(maxsize=64)
 def _on_hopper(gpus: str) -> bool:
     """Whether the job's GPUs are Hopper (where the split attention was measured faster); False
     for GPUs that cannot be read, which the job's rules refuse anyway."""
