@@ -129,11 +129,11 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 @lru_cache(maxsize=None)
-def rope_kernels(device_type: str):
-    """(apply_rope,): compiled on CUDA into one kernel each way, where eagerly the negation, the
+def rope_kernel(device_type: str):
+    """apply_rope(x, cos, sin): compiled on CUDA into one kernel each way, where eagerly the negation, the
     concatenation, two products and the sum are five passes over q and k (and as many in
     backward); as it is on CPU."""
-    return compiled_on_cuda(device_type, _apply_rope)
+    return compiled_on_cuda(device_type, _apply_rope)[0]
 
 
 def rope(seq: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,7 +263,7 @@ class Attention(nn.Module):
         q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        (apply_rope,) = rope_kernels(q.device.type)
+        apply_rope = rope_kernel(q.device.type)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.kernel(q, [*past_k, k], [*past_v, v], s)
         if lean:

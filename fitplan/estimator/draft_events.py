@@ -114,12 +114,11 @@ def draft_forward(t: Trace, state: State) -> Saved:
 
 
 def _projection_rows(state: State) -> int:
-    """Rows of the unroll's embedding projection: the S + L - 1 tokens its steps embed, per sample."""
-    return state.sizes.B * (state.sizes.S + state.sizes.L - 1)
+    return draft_terms.projection_rows(state.job)
 
 
 def _qkv_width(state: State) -> int:
-    return (state.sizes.H + 2 * state.sizes.Hkv) * state.sizes.d
+    return draft_terms.qkv_width(state.job)
 
 
 def _embedding_projection(t: Trace, state: State) -> int:
@@ -490,37 +489,39 @@ def _attention_backward(t: Trace, state: State, step: dict[str, int], k: int, pe
         grad_o_in = t.alloc(q_row, "grad of o_proj input")
         accumulate_grad(t, state, "o_proj")
         t.free(step.pop("o_in"))
-    if _split(state):
-        grad_q, pairs = _split_kernel_grads(t, state, k)
-    else:
-        grad_q = t.alloc(q_row, "grad of roped q")
-        grad_keys, grad_values = t.alloc(kv_row * (k + 1), "grad of keys"), t.alloc(kv_row * (k + 1), "grad of values")
+    split = _split(state)
+    grad_q, kv_grads = (_split_kernel_grads if split else _concatenated_kernel_grads)(t, state, k)
     t.free(grad_o_in, *(step.pop(name) for name in ("q", "keys", "values", "out", "lse")), step.pop("mask", None))
-    if _split(state):
-        own = _split_kv_sums(k, pending, pairs, t)
-    else:
-        own = _kv_sums(t, state, k, pending, grad_keys, grad_values)
+    own, after = (_split_kv_sums if split else _kv_sums)(t, state, k, pending, kv_grads)
     step["grad_q0"] = t.alloc(q_row, "grad of q (rope backward)")
     step["grad_k0"] = t.alloc(kv_row, "grad of k (rope backward)")
     step["grad_v0"] = t.alloc(kv_row, "grad of v")
-    t.free(grad_q, *own)
-    if not _split(state) and k != z.L - 1:
-        t.free(grad_keys, grad_values)
+    t.free(grad_q, *own, *after)
 
 
-def _kv_sums(t: Trace, state: State, k: int, pending: Pending, grad_keys: int, grad_values: int) -> list[int]:
+def _concatenated_kernel_grads(t: Trace, state: State, k: int) -> tuple[int, list[int]]:
+    """A kernel over the concatenated keys of steps 0..k: its gradients of q, of the keys and of
+    the values (k + 1 steps' each)."""
+    z = state.sizes
+    q_row, kv_row = BF16 * z.H * z.d * z.T, BF16 * z.Hkv * z.d * z.T
+    grad_q = t.alloc(q_row, "grad of roped q")
+    return grad_q, [t.alloc(kv_row * (k + 1), "grad of keys"), t.alloc(kv_row * (k + 1), "grad of values")]
+
+
+def _kv_sums(t: Trace, state: State, k: int, pending: Pending, kv_grads: list[int]) -> tuple[list[int], list[int]]:
     """The gradients of steps 0..k's keys and values that step k's attention adds: step L-1's are
     slices of its two tensors (kept whole); step L-2 sums them with its own into new tensors,
-    later steps add in place. Returns what step k's own k and v backward reads, to free after."""
+    later steps add in place. Returns what step k's own k and v backward reads, and the
+    concatenations' gradients to free after it (not step L-1's, whose slices the earlier steps keep)."""
     L, kv_row = state.sizes.L, BF16 * state.sizes.Hkv * state.sizes.d * state.sizes.T
     if k == L - 1:
-        pending.kv_whole = [grad_keys, grad_values]
-        return []
+        pending.kv_whole = kv_grads
+        return [], []
     if k == L - 2:
         pending.kv_sums = {i: [t.alloc(kv_row, "summed k grad"), t.alloc(kv_row, "summed v grad")] for i in range(k + 1)}
         t.free(*pending.kv_whole)
         pending.kv_whole = []
-    return pending.kv_sums.pop(k)
+    return pending.kv_sums.pop(k), kv_grads
 
 
 def _split_kernel_grads(t: Trace, state: State, k: int) -> tuple[int, list[list[int]]]:
@@ -540,16 +541,17 @@ def _split_kernel_grads(t: Trace, state: State, k: int) -> tuple[int, list[list[
     return grad_q, pairs
 
 
-def _split_kv_sums(k: int, pending: Pending, pairs: list[list[int]], t: Trace) -> list[int]:
+def _split_kv_sums(t: Trace, state: State, k: int, pending: Pending,
+                   pairs: list[list[int]]) -> tuple[list[int], list[int]]:
     """Autograd's sum per step of the split attention's key and value gradients: a step's first
     arriving pair is kept, later ones are added into it in place. Returns step k's (its own k
-    and v backward reads them, to free after)."""
+    and v backward reads them, to free after) and nothing more to free."""
     for j, pair in enumerate(pairs):
         if j in pending.kv_sums:
             t.free(*pair)
         else:
             pending.kv_sums[j] = pair
-    return pending.kv_sums.pop(k)
+    return pending.kv_sums.pop(k), []
 
 
 def _input_backward(t: Trace, state: State, step: dict[str, int], k: int, pending: Pending) -> None:

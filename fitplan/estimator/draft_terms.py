@@ -101,12 +101,12 @@ def _embedding_kept_per_token(job: Job) -> int:
     return 0 if projects_embedding_once(job) else BF16 * job.draft.hidden
 
 
-def _projection_rows(job: Job) -> int:
+def projection_rows(job: Job) -> int:
     """Rows of the unroll's embedding projection: the S + L - 1 tokens its steps embed, per sample."""
     return job.spec.micro_batch * (job.spec.seq + job.spec.ttt - 1)
 
 
-def _qkv_width(job: Job) -> int:
+def qkv_width(job: Job) -> int:
     d = job.draft
     return (d.heads + 2 * d.kv_heads) * d.head_dim
 
@@ -115,20 +115,20 @@ def embedding_projection_bytes(job: Job) -> int:
     """P, the embedding's half of q/k/v over the unroll [B, S+L-1, (H+2Hkv)d] bf16
     (trainer/embedding_projection.py): made before step 0's forward, alive until the last
     backward call of the q/k/v projection; 0 where each step projects its own embedding."""
-    return BF16 * _qkv_width(job) * _projection_rows(job) if projects_embedding_once(job) else 0
+    return BF16 * qkv_width(job) * projection_rows(job) if projects_embedding_once(job) else 0
 
 
 def embedding_grad_bytes(job: Job) -> int:
     """G, P's gradient summed over the steps, the same rows in fp32: made at the first backward
     call of the q/k/v projection (step L-1's), alive until the last (step 0's)."""
-    return FP32 * _qkv_width(job) * _projection_rows(job) if projects_embedding_once(job) else 0
+    return FP32 * qkv_width(job) * projection_rows(job) if projects_embedding_once(job) else 0
 
 
 def embedding_finish_bytes(job: Job) -> int:
     """The last q/k/v backward call's own work beyond G, P having gone: G's bf16 copy beside G
     (4 + 2 bytes per column), or later beside that copy the embedding gathered again, its norm's
     output or gradient (2h each, one at a time) and its fp32 rstd; the larger, less G."""
-    rows, width, h = _projection_rows(job), _qkv_width(job), job.draft.hidden
+    rows, width, h = projection_rows(job), qkv_width(job), job.draft.hidden
     cast = BF16 * width
     regathered = BF16 * width + 2 * BF16 * h + FP32 - FP32 * width
     return max(cast, regathered) * rows
@@ -517,7 +517,7 @@ def embedding_finish_live_bytes(job: Job) -> int:
         return 0
     d, T = job.draft, _tokens(job)
     one_step_kv = 2 * BF16 * d.kv_heads * d.head_dim * T if job.spec.ttt == 1 else 0
-    per_token = 3 * BF16 * d.hidden + BF16 * _qkv_width(job)
+    per_token = 3 * BF16 * d.hidden + BF16 * qkv_width(job)
     return (per_token * T + _rope_bytes(job) + one_step_kv + embedding_grad_bytes(job)
             + embedding_finish_bytes(job))
 
