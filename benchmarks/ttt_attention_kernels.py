@@ -6,7 +6,10 @@ over step 0's causal keys and steps 1..k's diagonal keys) for each way of comput
 - `flex-ttt`: flex attention over the concatenated keys with the TTT block mask (the draft's
   `flex`; the concatenations made each step as the draft makes them);
 - `split-flash`: trainer/ttt_attention.py, step 0's causal part on torch's FlashAttention-2;
-- `split-cudnn`: the same split with cuDNN's fused attention for the causal part.
+- `split-cudnn`: the same split with cuDNN's fused attention for the causal part;
+- `causal-cudnn`: each step's queries over step 0's causal keys alone on cuDNN's kernel, without
+  the diagonal keys: not the draft's attention (its differences are not errors) but the floor the
+  split's causal part sets, so that split-cudnn less this is the diagonal pass's cost.
 
 It prints a table (ms per unroll, peak bytes above the inputs, max |difference| of the
 output and of every gradient against flex-ttt) and writes the JSON to --out.
@@ -55,8 +58,12 @@ def _unroll(variant: str, qs, ks, vs):
             outs.append(flex(qs[k], torch.cat(ks[: k + 1], dim=2), torch.cat(vs[: k + 1], dim=2), qs[k].shape[2]))
         elif variant == "split-flash":
             outs.append(ttt_attention(qs[k], ks[: k + 1], vs[: k + 1]))
-        else:
+        elif variant == "split-cudnn":
             outs.append(ttt_attention(qs[k], ks[: k + 1], vs[: k + 1], kernel=CudaCudnn))
+        elif variant == "causal-cudnn":
+            outs.append(ttt_attention(qs[k], ks[:1], vs[:1], kernel=CudaCudnn))
+        else:
+            raise ValueError(f"unknown variant {variant!r}: flex-ttt, split-flash, split-cudnn or causal-cudnn")
     return outs
 
 
