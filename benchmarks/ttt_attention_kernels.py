@@ -6,13 +6,16 @@ over step 0's causal keys and steps 1..k's diagonal keys) for each way of comput
 - `flex-ttt`: flex attention over the concatenated keys with the TTT block mask (the draft's
   `flex`; the concatenations made each step as the draft makes them);
 - `split-flash`: trainer/ttt_attention.py, step 0's causal part on torch's FlashAttention-2;
-- `split-cudnn`: the same split with cuDNN's fused attention for the causal part;
+- `split-cudnn`: the same split with cuDNN's fused attention for the causal part (the diagonal
+  keys on trainer/ttt_diagonal_kernel.py's Triton kernels where triton imports);
+- `split-cudnn-compiled`: the same with the diagonal keys on the torch.compile'd functions;
 - `causal-cudnn`: each step's queries over step 0's causal keys alone on cuDNN's kernel, without
   the diagonal keys: not the draft's attention (its differences are not errors) but the floor the
   split's causal part sets, so that split-cudnn less this is the diagonal pass's cost.
 
 It prints a table (ms per unroll, peak bytes above the inputs, max |difference| of the
-output and of every gradient against flex-ttt) and writes the JSON to --out.
+output and of every gradient against the first variant given, and the first unroll's seconds,
+compilation included) and writes the JSON to --out.
 
     python benchmarks/ttt_attention_kernels.py --out ttt_attention.json --seqs 2048,4096,8192,16384
 """
@@ -50,7 +53,7 @@ def _unroll(variant: str, qs, ks, vs):
     import torch
 
     from trainer.draft import flex
-    from trainer.ttt_attention import CudaCudnn, ttt_attention
+    from trainer.ttt_attention import CudaCudnn, compiled_diagonal_kernels, ttt_attention
 
     outs = []
     for k in range(TTT):
@@ -60,10 +63,14 @@ def _unroll(variant: str, qs, ks, vs):
             outs.append(ttt_attention(qs[k], ks[: k + 1], vs[: k + 1]))
         elif variant == "split-cudnn":
             outs.append(ttt_attention(qs[k], ks[: k + 1], vs[: k + 1], kernel=CudaCudnn))
+        elif variant == "split-cudnn-compiled":
+            outs.append(ttt_attention(qs[k], ks[: k + 1], vs[: k + 1], kernel=CudaCudnn,
+                                      diagonal=compiled_diagonal_kernels("cuda")))
         elif variant == "causal-cudnn":
             outs.append(ttt_attention(qs[k], ks[:1], vs[:1], kernel=CudaCudnn))
         else:
-            raise ValueError(f"unknown variant {variant!r}: flex-ttt, split-flash, split-cudnn or causal-cudnn")
+            raise ValueError(f"unknown variant {variant!r}: flex-ttt, split-flash, split-cudnn, "
+                             "split-cudnn-compiled or causal-cudnn")
     return outs
 
 
@@ -78,8 +85,11 @@ def run_variant(variant: str, seq: int, batch: int, repeats: int) -> dict:
         torch.autograd.backward(outs, grads)
         return outs
 
-    for _ in range(2):  # compile and warm up
-        once()
+    started = time.perf_counter()
+    once()  # compiles
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - started
+    once()
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
@@ -95,11 +105,13 @@ def run_variant(variant: str, seq: int, batch: int, repeats: int) -> dict:
         times.append(start.elapsed_time(end))
     peak = torch.cuda.max_memory_allocated() - before
     return {"variant": variant, "seq": seq, "batch": batch, "ms": statistics.median(times), "ms_all": times,
+            "first_s": round(first_s, 2),
             "peak_bytes": peak, "outs": [o.detach() for o in outs], "grads": [leaf.grad for leaf in leaves]}
 
 
 def _max_diff(a: list, b: list) -> float:
-    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
+    """Over the tensors both have (causal-cudnn leaves the diagonal keys without gradients)."""
+    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b) if x is not None and y is not None)
 
 
 def main(argv=None) -> int:
@@ -131,17 +143,19 @@ def main(argv=None) -> int:
             result["wall_s"] = round(time.time() - started, 1)
             rows.append(result)
             print(f"{variant} seq {seq}: {result['ms']:.2f} ms, peak {result['peak_bytes'] / 2**30:.2f} GiB, "
-                  f"out diff {result['out_diff']:.3g}, grad diff {result['grad_diff']:.3g}", flush=True)
+                  f"out diff {result['out_diff']:.3g}, grad diff {result['grad_diff']:.3g}, "
+                  f"first unroll {result['first_s']:.1f} s", flush=True)
         reference = outs = grads = None
         torch.cuda.empty_cache()
-    print("\n| seq | variant | ms per unroll (fwd+bwd) | peak GiB above inputs | max out diff | max grad diff |")
-    print("|---|---|---|---|---|---|")
+    print("\n| seq | variant | ms per unroll (fwd+bwd) | peak GiB above inputs | max out diff | max grad diff "
+          "| first unroll s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['seq']} | {r['variant']} | {r['error'][:80]} | | | |")
+            print(f"| {r['seq']} | {r['variant']} | {r['error'][:80]} | | | | |")
         else:
             print(f"| {r['seq']} | {r['variant']} | {r['ms']:.2f} | {r['peak_bytes'] / 2**30:.2f} | "
-                  f"{r['out_diff']:.3g} | {r['grad_diff']:.3g} |")
+                  f"{r['out_diff']:.3g} | {r['grad_diff']:.3g} | {r['first_s']:.1f} |")
     meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "heads": HEADS, "kv_heads": KV_HEADS,
             "head_dim": HEAD_DIM, "ttt": TTT, "argv": sys.argv[1:]}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

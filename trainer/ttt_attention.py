@@ -16,7 +16,8 @@ log-sum-exp (its probabilities and its rowsum(dO * O) are then the whole softmax
 key-value attention); the diagonal's backward is elementwise. So the causal part runs on a plain
 causal kernel (cuDNN's or FlashAttention-2 on CUDA, torch's flash kernel on CPU), each step's
 keys and values are kept once (by the steps that read them, as tensors, not copies), and no
-concatenation is made.
+concatenation is made. On CUDA the diagonal's two passes are Triton kernels that take the number
+of keys at run time (trainer/ttt_diagonal_kernel.py), so one compilation serves every TTT step.
 """
 
 from __future__ import annotations
@@ -141,8 +142,24 @@ def _diagonal_backward(dout, q, out, lse, keys, values, dq_causal, scale: float)
 
 
 @lru_cache(maxsize=None)
-def _diagonal_kernels(device_type: str):
-    """(merge, backward), each compiled on CUDA into a fused pass (no fp32 copies made)."""
+def diagonal_kernels(device_type: str, head_dim: int):
+    """(merge, backward) of the diagonal keys: on CUDA the Triton kernels
+    (trainer/ttt_diagonal_kernel.py: one compilation for every key count) where triton imports and
+    the head dim is a power of two, else the torch functions compiled (one graph per key count, a
+    TTT unroll's worth of cold compilation); as they are elsewhere."""
+    if device_type == "cuda" and head_dim & (head_dim - 1) == 0:
+        try:
+            from trainer.ttt_diagonal_kernel import diagonal_backward, merge_diagonal
+        except ImportError:
+            pass
+        else:
+            return merge_diagonal, diagonal_backward
+    return compiled_diagonal_kernels(device_type)
+
+
+@lru_cache(maxsize=None)
+def compiled_diagonal_kernels(device_type: str):
+    """(merge, backward) as torch functions, compiled on CUDA into fused passes (no fp32 copies made)."""
     return compiled_on_cuda(device_type, _merge_diagonal, _diagonal_backward)
 
 
@@ -153,15 +170,14 @@ class _TTTAttention(torch.autograd.Function):
     tensors, shared by every step that reads them)."""
 
     @staticmethod
-    def forward(ctx, kernel, scale, q, *keys_values):
+    def forward(ctx, kernel, diagonal, scale, q, *keys_values):
         n = len(keys_values) // 2
         keys, values = keys_values[:n], keys_values[n:]
         out, lse, state = kernel.forward(q, keys[0], values[0], scale)
         if n > 1:
-            merge, _ = _diagonal_kernels(q.device.type)
-            out, lse = merge(q, out, lse, keys[1:], values[1:], scale)
+            out, lse = diagonal[0](q, out, lse, keys[1:], values[1:], scale)
         ctx.save_for_backward(q, out, lse, *keys_values)
-        ctx.kernel, ctx.scale, ctx.state, ctx.n = kernel, scale, state, n
+        ctx.kernel, ctx.diagonal, ctx.scale, ctx.state, ctx.n = kernel, diagonal, scale, state, n
         return out
 
     @staticmethod
@@ -172,16 +188,18 @@ class _TTTAttention(torch.autograd.Function):
         dq, dk0, dv0 = ctx.kernel.backward(dout, q, keys[0], values[0], out, lse, ctx.state, ctx.scale)
         dks, dvs = [], []
         if ctx.n > 1:
-            _, backward = _diagonal_kernels(q.device.type)
-            dq, dks, dvs = backward(dout, q, out, lse, keys[1:], values[1:], dq, ctx.scale)
-        return None, None, dq, dk0, *dks, dv0, *dvs
+            dq, dks, dvs = ctx.diagonal[1](dout, q, out, lse, keys[1:], values[1:], dq, ctx.scale)
+        return None, None, None, dq, dk0, *dks, dv0, *dvs
 
 
-def ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], kernel=None) -> torch.Tensor:
+def ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], kernel=None,
+                  diagonal=None) -> torch.Tensor:
     """Step len(keys) - 1's attention: q [B, H, S, d]; keys[0] / values[0] step 0's [B, Hkv, S, d]
     (causal), keys[j] / values[j] step j's (each position sees its own). Returns [B, H, S, d].
-    `kernel`: the causal kernel (default: causal_kernel(q))."""
+    `kernel`: the causal kernel (default: causal_kernel(q)); `diagonal`: the diagonal keys' (merge,
+    backward) (default: diagonal_kernels for q's device and head dim)."""
     kernel = kernel or causal_kernel(q)
     if kernel is None:
         raise ValueError(f"ttt_attention: no causal kernel for {q.dtype} on {q.device.type}")
-    return _TTTAttention.apply(kernel, q.shape[-1] ** -0.5, q, *keys, *values)
+    diagonal = diagonal or diagonal_kernels(q.device.type, q.shape[-1])
+    return _TTTAttention.apply(kernel, diagonal, q.shape[-1] ** -0.5, q, *keys, *values)

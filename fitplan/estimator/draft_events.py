@@ -526,18 +526,21 @@ def _kv_sums(t: Trace, state: State, k: int, pending: Pending, kv_grads: list[in
 
 def _split_kernel_grads(t: Trace, state: State, k: int) -> tuple[int, list[list[int]]]:
     """trainer/ttt_attention.py's backward: the causal kernel's gradients of q and of step 0's key
-    and value, then (k > 0) the diagonal's, a new q gradient and one key and value gradient per
-    later step. Returns q's gradient and the key and value gradients of steps 0..k."""
+    and value, then (k > 0) the diagonal's (trainer/ttt_diagonal_kernel.py): a new q gradient and
+    its fp32 probabilities and score gradients per later key, head and position, then one key and
+    value gradient per later step; the scratch and the causal q gradient go when it returns.
+    Returns q's gradient and the key and value gradients of steps 0..k."""
     z = state.sizes
     q_row, kv_row = BF16 * z.H * z.d * z.T, BF16 * z.Hkv * z.d * z.T
     grad_q = t.alloc(q_row, "grad of roped q (causal kernel)")
     pairs = [[t.alloc(kv_row, "grad of step 0's key"), t.alloc(kv_row, "grad of step 0's value")]]
     if k:
         merged = t.alloc(q_row, "grad of roped q")
-        t.free(grad_q)
-        grad_q = merged
+        scratch = [t.alloc(FP32 * k * z.H * z.T, name) for name in ("diagonal probabilities", "diagonal score grads")]
         pairs += [[t.alloc(kv_row, "grad of a diagonal key"), t.alloc(kv_row, "grad of a diagonal value")]
                   for _ in range(k)]
+        t.free(*scratch, grad_q)
+        grad_q = merged
     return grad_q, pairs
 
 
