@@ -130,10 +130,22 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 @lru_cache(maxsize=None)
 def rope_kernel(device_type: str):
-    """apply_rope(x, cos, sin): compiled on CUDA into one kernel each way, where eagerly the negation, the
-    concatenation, two products and the sum are five passes over q and k (and as many in
-    backward); as it is on CPU."""
-    return compiled_on_cuda(device_type, _apply_rope)[0]
+    """apply_rope(x, cos, sin): on CUDA the Triton kernel (trainer/rope_kernel.py: a token's heads
+    per program, contiguous loads) where triton imports and the shapes fit it, else compiled into
+    one kernel each way, where eagerly the negation, the concatenation, two products and the sum
+    are five passes over q and k (and as many in backward); as it is on CPU."""
+    compiled = compiled_on_cuda(device_type, _apply_rope)[0]
+    if device_type != "cuda":
+        return compiled
+    try:
+        from trainer import rope_kernel as triton_rope
+    except ImportError:
+        return compiled
+
+    def apply_rope(x, cos, sin):
+        return triton_rope.apply_rope(x, cos, sin) if triton_rope.fits(x, cos, sin) else compiled(x, cos, sin)
+
+    return apply_rope
 
 
 def rope(seq: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
