@@ -62,14 +62,38 @@ def _tie_case(as_logits):
     return logits.bfloat16(), teacher, torch.tensor([3, 0, 1]), torch.tensor(1.0), as_logits
 
 
-# rows, vocab, columns per block: several blocks with a partial last one, and one whole block
-SHAPES = [(5, 37, 16), (9, 64, 64), (6, 100, 32)]
+def _lane_tie_case(as_logits):
+    """Fifteen columns in blocks of four (lane = column % 4, the last block partial), maxima
+    tied across lanes and blocks; each row's unique max on the other side sits at the first
+    argmax, so a row agrees only if that is found. Logits' ties: row 0 columns 6, 9 and 13
+    (lanes 2, 1, 1) -> 6, where the lowest lane holding the max would give 9; row 1 columns 3
+    and 5 (lane 3 of block 0, lane 1 of block 1) -> 3, the lowest lane giving 5; row 2 columns
+    2, 6 and 10 (all lane 2) -> 2, a lane replacing its best on an equal value giving 10. Rows
+    3 and 4 tie the teacher likewise (6, 9, 13 and 3, 5). Row 5 ties the logits at 7 and 12
+    (lanes 3 and 0) -> 7 against the teacher's 12: it must not agree. So 5 of the 6 agree."""
+    ties = [[6, 9, 13], [3, 5], [2, 6, 10], [6], [3], [7, 12]]
+    teacher_ties = [[6], [3], [2], [6, 9, 13], [3, 5], [12]]
+    logits = torch.zeros(6, 15)
+    teacher = torch.zeros(7, 15)
+    p_rows = torch.tensor([6, 0, 5, 1, 4, 2])
+    for row, (z_cols, t_cols) in enumerate(zip(ties, teacher_ties)):
+        logits[row, z_cols] = 2.0
+        teacher[p_rows[row], t_cols] = 1.0
+    teacher = teacher.bfloat16() if as_logits else teacher / teacher.sum(-1, keepdim=True).clamp(min=1)
+    return logits.bfloat16(), teacher, p_rows, torch.tensor(1.0), as_logits
+
+
+# rows, vocab, columns per block: several blocks with a partial last one, one whole block, and a
+# row shorter than its block (16 columns: next_power_of_2(12)), whose last lanes see no column
+SHAPES = [(5, 37, 16), (9, 64, 64), (6, 100, 32), (4, 12, 64)]
 TWO_COLUMNS, ROW_0, SCALE_2 = torch.zeros(1, 2, dtype=torch.bfloat16), torch.tensor([0]), torch.tensor(2.0)
 CASES = {
     **{f"random-{rows}x{vocab}/{block}-{as_logits}": (_random_case(rows, vocab, as_logits, rows + vocab), block)
        for rows, vocab, block in SHAPES for as_logits in (True, False)},
     # blocks of four: the ties of rows 0 and 2 span two blocks, row 1's lies within one
     **{f"ties-{as_logits}": (_tie_case(as_logits), 4) for as_logits in (True, False)},
+    # blocks of four: ties across lanes, where the first argmax is the smallest column, not lane
+    **{f"lane-ties-{as_logits}": (_lane_tie_case(as_logits), 4) for as_logits in (True, False)},
     "hand-probabilities": ((TWO_COLUMNS, torch.tensor([[0.5, 0.0]]), ROW_0, SCALE_2, False), 4),
     "hand-logits": ((TWO_COLUMNS, TWO_COLUMNS, ROW_0, SCALE_2, True), 4),
 }
@@ -123,6 +147,17 @@ def test_agreements_follow_torch_argmax_ties(interpreted, as_logits):
     """_tie_case: rows 0 and 2 agree (1 and 1, 6 and 6), row 1 does not (2 against 3)."""
     name = f"ties-{as_logits}"
     assert int(interpreted[name][1]) == 2
+    _assert_matches_torch(interpreted[name], *CASES[name][0])
+
+
+@pytest.mark.parametrize("as_logits", [True, False])
+def test_agreements_follow_torch_argmax_ties_across_lanes(interpreted, as_logits):
+    """_lane_tie_case: rows 0-4 agree, row 5 does not."""
+    name = f"lane-ties-{as_logits}"
+    logits, teacher, p_rows = CASES[name][0][:3]
+    assert logits.float().argmax(-1).tolist() == [6, 3, 2, 6, 3, 7]  # the case is what it says
+    assert teacher.float()[p_rows].argmax(-1).tolist() == [6, 3, 2, 6, 3, 12]
+    assert int(interpreted[name][1]) == 5
     _assert_matches_torch(interpreted[name], *CASES[name][0])
 
 

@@ -5,9 +5,21 @@ torch.compile turns that function into several kernels that each sweep the chunk
 teacher rows; measured on an H200 the chunk ran at about an eighth of HBM bandwidth. Here one
 program handles one row in two passes over column blocks: the first takes the online max and
 sum of exponentials of the logits (and of the teacher's logits), the second forms the
-probabilities, the loss, both argmaxes and the gradient. A row (64 KiB of bf16 logits at a 32k
-vocab) is read again in the second pass soon after the first, meant to be found in L2, so that
-HBM sees about one read of the logits and the teacher rows and one write of the gradient.
+probabilities, the loss, both argmaxes and the gradient. Two passes read the row twice because
+every gradient value needs the row's final log-sum-exp; the row (64 KiB of bf16 logits at a 32k
+vocab) is read again soon after the first pass, meant to be found in L2, so that HBM sees about
+one read of the logits and the teacher rows and one write of the gradient.
+
+Inside a pass the running values are [BLOCK] vectors held in registers, one value per lane (lane
+k sees columns k, k + BLOCK, ...): max and sum of exponentials, the loss, and the first max and
+its column for the logits and for the teacher. A reduction across lanes goes through shared
+memory behind barriers; taken in every block, as scalar running values would need, that is four
+round trips per block in the first pass and five in the second (loss, and a max and a min for
+each argmax), in a loop that otherwise only loads, computes and stores. Kept per lane, the loops
+are elementwise and a row reduces across lanes nine times in all (eight for probabilities), after
+its passes. The first argmax survives this: a lane sees its columns in increasing order and
+takes a new best only when strictly larger, and across lanes the smallest column holding the
+row's max wins, as in torch.argmax.
 
 Per-row losses and agreements go to small buffers summed by torch afterwards: deterministic,
 with no atomics. `scale` stays on the device (read by the kernel), so nothing waits on the host.
@@ -22,7 +34,10 @@ import triton.language as tl
 # Columns per block and warps per row: 2048 at 4 warps (16 values per thread) was the fastest of
 # four pairs on an H200 for every case measured, 10-14% ahead of 4096 at 8 (0.320 against 0.357 ms
 # for a 32k-vocab chunk of bf16 logits; benchmarks/head_loss_kernel.py,
-# docs/data/head_loss_kernel_h200.json).
+# docs/data/head_loss_kernel_h200.json). Those timings were taken with a reduction across lanes in
+# every block; per-lane running values hold five fp32/int32 registers per value a thread loads
+# in the second pass (80 at 16 values), so a smaller block, 1024 at 4 warps or 2048 at 8, may now
+# do as well or better: measure them before changing these.
 BLOCK = 2048
 WARPS = 4
 
@@ -32,7 +47,9 @@ def _row_loss_grad(z_ptr, z_stride, z_col_stride, t_ptr, t_stride, t_col_stride,
                    grad_ptr, grad_stride, loss_ptr, agree_ptr, vocab, AS_LOGITS: tl.constexpr,
                    BLOCK: tl.constexpr):
     """Row `program_id` of the chunk: its loss, agreement and gradient (the gradient contiguous;
-    column strides of 1 are specialised by Triton, so the usual loads are vectorised)."""
+    column strides of 1 are specialised by Triton, so the usual loads are vectorised). Every
+    running quantity is a [BLOCK] vector, one value per lane (lane k sees columns k, k + BLOCK,
+    ...), reduced across lanes once after its pass."""
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     t_row = t_ptr + tl.load(p_rows_ptr + row).to(tl.int64) * t_stride
@@ -41,63 +58,96 @@ def _row_loss_grad(z_ptr, z_stride, z_col_stride, t_ptr, t_stride, t_col_stride,
 
     # Pass 1: the logits' max and sum of exp(z - max); the teacher's too when it holds logits,
     # its plain sum when it holds probabilities (a row of those need not sum to 1).
-    z_max = float("-inf")
-    z_sum = 0.0
-    t_max = float("-inf")
-    t_sum = 0.0
+    z_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    z_sum = tl.zeros([BLOCK], tl.float32)
+    t_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    t_sum = tl.zeros([BLOCK], tl.float32)
     for start in range(0, vocab, BLOCK):
         idx = start + cols
         inside = idx < vocab
         z = tl.load(z_row + idx * z_col_stride, mask=inside, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(z_max, tl.max(z, 0))
-        z_sum = z_sum * tl.exp(z_max - new_max) + tl.sum(tl.exp(z - new_max), 0)
-        z_max = new_max
+        z_max, z_sum = _online_exp_sum(z, z_max, z_sum)
         if AS_LOGITS:
             t = tl.load(t_row + idx * t_col_stride, mask=inside, other=float("-inf")).to(tl.float32)
-            new_max = tl.maximum(t_max, tl.max(t, 0))
-            t_sum = t_sum * tl.exp(t_max - new_max) + tl.sum(tl.exp(t - new_max), 0)
-            t_max = new_max
+            t_max, t_sum = _online_exp_sum(t, t_max, t_sum)
         else:
-            t_sum += tl.sum(tl.load(t_row + idx * t_col_stride, mask=inside, other=0.0).to(tl.float32), 0)
+            t_sum += tl.load(t_row + idx * t_col_stride, mask=inside, other=0.0).to(tl.float32)
+    z_max, z_sum = _combine_exp_sums(z_max, z_sum)
+    if AS_LOGITS:
+        t_max, t_sum = _combine_exp_sums(t_max, t_sum)
+        p_total = 1.0  # a softmax's sum is 1 by construction
+    else:
+        t_sum = tl.sum(t_sum, 0)
+        p_total = t_sum
 
     # Pass 2: p, the loss -sum p (z - lse), first-index argmaxes of z and p, and the gradient
-    # (softmax(z) sum(p) - p) scale. A softmax's sum is 1 by construction.
+    # (softmax(z) sum(p) - p) scale. Lanes keep their own loss sums and their own first maxima:
+    # a lane meets its columns in increasing order, so replacing its best only on a strictly
+    # larger value keeps the earliest column of its max.
     lse = z_max + tl.log(z_sum)
-    p_total = 1.0 if AS_LOGITS else t_sum
     scale = tl.load(scale_ptr).to(tl.float32)
-    loss = 0.0
-    z_best = float("-inf")
-    z_arg = 0
-    p_best = float("-inf")
-    p_arg = 0
+    loss = tl.zeros([BLOCK], tl.float32)
+    z_best = tl.full([BLOCK], float("-inf"), tl.float32)
+    z_arg = tl.zeros([BLOCK], tl.int32)
+    p_best = tl.full([BLOCK], float("-inf"), tl.float32)
+    p_arg = tl.zeros([BLOCK], tl.int32)
     for start in range(0, vocab, BLOCK):
         idx = start + cols
         inside = idx < vocab
-        z = tl.load(z_row + idx * z_col_stride, mask=inside, other=0.0).to(tl.float32)
+        # -inf beyond the row: never a lane's max, and exp(-inf - lse) = 0
+        z = tl.load(z_row + idx * z_col_stride, mask=inside, other=float("-inf")).to(tl.float32)
         t = tl.load(t_row + idx * t_col_stride, mask=inside, other=0.0).to(tl.float32)
         if AS_LOGITS:
             p = tl.exp(t - t_max) / t_sum
         else:
             p = t
         log_q = z - lse
-        loss += tl.sum(tl.where(inside, p * log_q, 0.0), 0)
-        z_best, z_arg = _first_max(tl.where(inside, z, float("-inf")), idx, vocab, z_best, z_arg)
-        p_best, p_arg = _first_max(tl.where(inside, p, float("-inf")), idx, vocab, p_best, p_arg)
+        loss += tl.where(inside, p * log_q, 0.0)
+        z_best, z_arg = _lane_first_max(z, idx, z_best, z_arg)
+        p_best, p_arg = _lane_first_max(tl.where(inside, p, float("-inf")), idx, p_best, p_arg)
         grad = (tl.exp(log_q) * p_total - p) * scale
         tl.store(g_row + idx, grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
-    tl.store(loss_ptr + row, -loss)
-    tl.store(agree_ptr + row, (z_arg == p_arg).to(tl.int32))
+    tl.store(loss_ptr + row, -tl.sum(loss, 0))
+    agree = _first_argmax(z_best, z_arg, vocab) == _first_argmax(p_best, p_arg, vocab)
+    tl.store(agree_ptr + row, agree.to(tl.int32))
 
 
 @triton.jit
-def _first_max(values, idx, vocab, best, arg):
-    """(best, arg) updated with a block: its max, at the lowest index holding it, replaces them
-    only when strictly larger, so the earliest column wins a tie as in torch.argmax."""
-    block_max = tl.max(values, 0)
-    block_arg = tl.min(tl.where(values == block_max, idx, vocab), 0)
-    larger = block_max > best
-    return tl.where(larger, block_max, best), tl.where(larger, block_arg, arg)
+def _online_exp_sum(x, run_max, run_sum):
+    """Per lane, (max, sum of exp(value - max)) taken on with one more value, at one exp: by
+    exp(-|x - max|), which scales the old sum when x is the new max and is x's term otherwise.
+    A lane that has seen only -inf (columns beyond a row shorter than a block) keeps sum 0
+    rather than the NaN of -inf - -inf."""
+    new_max = tl.maximum(run_max, x)
+    diff = tl.exp(-tl.abs(x - run_max))
+    run_sum = tl.where(x > run_max, run_sum * diff + 1.0, run_sum + diff)
+    return new_max, tl.where(new_max == float("-inf"), 0.0, run_sum)
+
+
+@triton.jit
+def _combine_exp_sums(lane_max, lane_sum):
+    """The row's (max, sum of exp(value - max)) from its lanes': sum of lane_sum x
+    exp(lane_max - max), a lane that has seen only -inf adding 0 (not NaN when all have)."""
+    row_max = tl.max(lane_max, 0)
+    terms = tl.where(lane_max == float("-inf"), 0.0, lane_sum * tl.exp(lane_max - row_max))
+    return row_max, tl.sum(terms, 0)
+
+
+@triton.jit
+def _lane_first_max(values, idx, best, arg):
+    """Per lane, (best, arg) updated with one value: replaced only when strictly larger, so each
+    lane keeps the earliest column of its max."""
+    larger = values > best
+    return tl.where(larger, values, best), tl.where(larger, idx, arg)
+
+
+@triton.jit
+def _first_argmax(best, arg, vocab):
+    """The row's first argmax from its lanes' first maxima: the smallest column among the lanes
+    holding the largest value (compared as columns, not lanes), as torch.argmax breaks ties."""
+    row_best = tl.max(best, 0)
+    return tl.min(tl.where(best == row_best, arg, vocab), 0)
 
 
 def chunk_loss_grad(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tensor, scale: torch.Tensor,
