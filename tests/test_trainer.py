@@ -306,6 +306,29 @@ def test_gradient_accumulation_takes_accum_micro_batches_per_step(configs, tmp_p
     assert [s["tokens"] for s in report["steps"]] == [3 * 32, 3 * 32]  # 3 micro-batches of 1 x 32 tokens
 
 
+@pytest.mark.parametrize("attention", ["split", "sdpa"])
+def test_every_rope_call_of_the_draft_fits_the_triton_kernel(configs, tmp_path, monkeypatch, attention):
+    """On CUDA the draft's RoPE takes trainer/rope_kernel.py only for shapes it `fits`, else falls
+    back silently to the compiled one: the draft's own q, k and tables must fit it."""
+    pytest.importorskip("triton")
+    import trainer.draft as draft
+    from trainer.rope_kernel import fits
+
+    calls = []
+
+    def recording_kernel(device_type):
+        def apply_rope(x, cos, sin):
+            calls.append(fits(x, cos, sin))
+            return draft._apply_rope(x, cos, sin)
+        return apply_rope
+
+    monkeypatch.setattr(draft, "rope_kernel", recording_kernel)
+    opts = options(configs, tmp_path / "run", attention=attention)
+    opts.steps = 1
+    run(opts)
+    assert calls and all(calls)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kernel", ["flex", "split"])
