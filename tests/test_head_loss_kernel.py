@@ -8,12 +8,10 @@ Also which function the head uses on CUDA with and without triton.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from triton_interpreter import run_interpreted
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="triton not installed: the Triton head kernel is not tested (pip install triton)")
@@ -21,10 +19,7 @@ pytest.importorskip("triton", reason="triton not installed: the Triton head kern
 from trainer import head_loss  # noqa: E402
 
 KERNEL_MODULE = "trainer.head_loss_kernel"
-ROOT = Path(__file__).resolve().parents[1]
-
-# Triton picks interpreted or compiled when each @triton.jit runs, its own library's included,
-# so TRITON_INTERPRET must be set before triton is first imported: a fresh process runs them.
+# run by tests/triton_interpreter.py in a process of its own
 RUN_INTERPRETED = """
 import sys, torch
 from trainer.head_loss_kernel import chunk_loss_grad
@@ -99,32 +94,10 @@ CASES = {
 }
 
 
-def _interpreter_loops() -> bool:
-    """Triton's interpreter before 3.8 cannot loop over a runtime bound under numpy 2.4 (the torch
-    a GPU machine has pins such a triton; the kernel itself runs there compiled, not interpreted)."""
-    import numpy
-    import triton
-
-    def major_minor(version: str) -> tuple[int, ...]:
-        return tuple(int(part) for part in version.split(".")[:2])
-
-    return major_minor(triton.__version__) >= (3, 8) or major_minor(numpy.__version__) < (2, 4)
-
-
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """Every case's (loss, agreements, gradient) from the kernel run by Triton's interpreter."""
-    if not _interpreter_loops():
-        pytest.skip("this triton's interpreter cannot run the kernel under numpy 2.4 (triton 3.8 or later can)")
-    folder = tmp_path_factory.mktemp("head_loss_kernel")
-    torch.save(CASES, folder / "cases.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", RUN_INTERPRETED, str(folder / "cases.pt"), str(folder / "out.pt")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        pytest.fail(f"the interpreted kernel failed: {done.stderr[-3000:]}")
-    return torch.load(folder / "out.pt")
+    return run_interpreted(RUN_INTERPRETED, CASES, tmp_path_factory.mktemp("head_loss_kernel"))
 
 
 def _assert_matches_torch(mine, logits, teacher, p_rows, scale, as_logits):

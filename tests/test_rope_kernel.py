@@ -7,12 +7,9 @@ output's memory order; also a rotation worked by hand and which shapes the kerne
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from triton_interpreter import run_interpreted
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="triton not installed: the Triton RoPE kernel is not tested (pip install triton)")
@@ -20,9 +17,7 @@ pytest.importorskip("triton", reason="triton not installed: the Triton RoPE kern
 from trainer.draft import _apply_rope, rope  # noqa: E402
 from trainer.rope_kernel import fits  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# TRITON_INTERPRET must be set before triton is first imported: a fresh process runs the kernel.
+# run by tests/triton_interpreter.py in a process of its own
 RUN_INTERPRETED = """
 import sys, torch
 from trainer.rope_kernel import _rotated
@@ -64,15 +59,7 @@ CASES = {"q-view-grouped": _case(2, 4, 7, 16, seed=1), "k-heads-first": _case(1,
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """Every case's (rotated x, gradient taken back) from the kernel run by Triton's interpreter."""
-    folder = tmp_path_factory.mktemp("rope_kernel")
-    torch.save(CASES, folder / "cases.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", RUN_INTERPRETED, str(folder / "cases.pt"), str(folder / "out.pt")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        pytest.fail(f"the interpreted kernel failed: {done.stderr[-3000:]}")
-    return torch.load(folder / "out.pt")
+    return run_interpreted(RUN_INTERPRETED, CASES, tmp_path_factory.mktemp("rope_kernel"))
 
 
 def _eager(x, g, cos, sin):

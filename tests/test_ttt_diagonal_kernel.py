@@ -8,12 +8,9 @@ and values with their own strides. Also a case worked by hand, forward and backw
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from triton_interpreter import run_interpreted
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="triton not installed: the Triton diagonal kernels are not tested (pip install triton)")
@@ -21,10 +18,7 @@ pytest.importorskip("triton", reason="triton not installed: the Triton diagonal 
 from trainer import ttt_attention  # noqa: E402
 from trainer.ttt_diagonal_kernel import SLOTS, merge_diagonal  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# Triton picks interpreted or compiled when each @triton.jit runs, its own library's included,
-# so TRITON_INTERPRET must be set before triton is first imported: a fresh process runs them.
+# run by tests/triton_interpreter.py in a process of its own
 RUN_INTERPRETED = """
 import sys, torch
 from trainer.ttt_diagonal_kernel import diagonal_backward, merge_diagonal
@@ -85,32 +79,10 @@ CASES = {**{name: _random_case(*shape, seed=i) for i, (name, shape) in enumerate
          "hand": _hand_case()}
 
 
-def _interpreter_loops() -> bool:
-    """Triton's interpreter before 3.8 cannot loop over a runtime bound under numpy 2.4 (the torch
-    a GPU machine has pins such a triton; the kernel itself runs there compiled, not interpreted)."""
-    import numpy
-    import triton
-
-    def major_minor(version: str) -> tuple[int, ...]:
-        return tuple(int(part) for part in version.split(".")[:2])
-
-    return major_minor(triton.__version__) >= (3, 8) or major_minor(numpy.__version__) < (2, 4)
-
-
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """Every case's ((out, lse), (dq, dks, dvs)) from the kernels run by Triton's interpreter."""
-    if not _interpreter_loops():
-        pytest.skip("this triton's interpreter cannot run the kernel under numpy 2.4 (triton 3.8 or later can)")
-    folder = tmp_path_factory.mktemp("ttt_diagonal_kernel")
-    torch.save(CASES, folder / "cases.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", RUN_INTERPRETED, str(folder / "cases.pt"), str(folder / "out.pt")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        pytest.fail(f"the interpreted kernels failed: {done.stderr[-3000:]}")
-    return torch.load(folder / "out.pt")
+    return run_interpreted(RUN_INTERPRETED, CASES, tmp_path_factory.mktemp("ttt_diagonal_kernel"))
 
 
 def _assert_bf16_close(mine, want):
