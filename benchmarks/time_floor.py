@@ -1,8 +1,8 @@
 """How far a 0.7x-SpecForge step time is from what the same arithmetic costs on the GPU.
 
-Reads a `benchmarks/vs_specforge.py --profile` result (its `kernels`: the 40 costliest CUDA
-kernels of one profiled step per tool) and prints, per shape: SpecForge's step and 0.7x of it;
-the step's model FLOPs and the MFU that 0.7x would mean; each tool's GEMM time (cuBLAS `nvjet`
+Reads a `benchmarks/vs_specforge.py --profile` result (its `kernels`: the CUDA kernels of one
+profiled step per tool, costliest first; the 40 costliest in results written before) and prints,
+per shape: SpecForge's step and 0.7x of it; the step's model FLOPs and the MFU that 0.7x would mean; each tool's GEMM time (cuBLAS `nvjet`
 kernels) and flex attention time (forward + backward kernels); and what 0.7x leaves for every
 other kernel (norms, softmax and loss, elementwise, optimizer) once the faster tool's GEMMs and
 attention have run.

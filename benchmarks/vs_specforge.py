@@ -143,7 +143,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", type=tool_list, default=["specforge", "fitplan"],
                    help=f"any of {','.join(TOOLS)} (run in the order given)")
     p.add_argument("--profile", action="store_true",
-                   help="one more step under torch.profiler: its CUDA kernels, costliest first, in the JSON")
+                   help="one more step under torch.profiler: its CUDA kernels, costliest first, and the GPU's "
+                        "idle stretches between them, in the JSON")
     p.add_argument("--budget", type=float, default=420.0, help="seconds after which no new config starts")
     p.add_argument("--hard-stop", type=float, help="seconds after which a running child is killed (budget + 150)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps per config (the first compiles)")
@@ -365,7 +366,7 @@ def run_child(args) -> dict:
         result["setup_s"] = time.perf_counter() - start
         result.update(measure(step, device, args.warmup, args.steps))
         if args.profile and device.type == "cuda":
-            result["kernels"] = profile_step(step)
+            result["kernels"], result["gpu_idle"] = profile_step(step)
         # CPU (the smoke test): Meter's tracker counts only tensors the steps create
         held = result["frozen_bytes"] + result["input_bytes"] if device.type == "cuda" else 0
         result["draft_mem"] = result["peak_allocated"] - held
@@ -392,16 +393,43 @@ def dump_snapshot(path: Path) -> str:
     return path.name
 
 
-def profile_step(step) -> list[dict]:
-    """One more step under torch.profiler: its CUDA kernels, costliest first (name, ms, calls)."""
+def profile_step(step) -> tuple[list[dict], dict]:
+    """One more step under torch.profiler: its CUDA kernels, costliest first (name, ms, calls), and
+    where the GPU idled between them (`idle_summary`)."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step(lambda name: contextlib.nullcontext())
         torch.cuda.synchronize()
     rows = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
-    return [{"name": e.key[:120], "ms": round(e.device_time_total / 1000, 2), "calls": e.count} for e in rows]
+    kernels = [{"name": e.key[:120], "ms": round(e.device_time_total / 1000, 2), "calls": e.count} for e in rows]
+    spans = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return kernels, idle_summary(spans)
+
+
+def idle_summary(spans: list[tuple[float, float, str]], most: int = 12) -> dict:
+    """From kernels' (start, end, name) in microseconds: the time from the first start to the last
+    end, the time some kernel ran (overlaps counted once), the rest as idle, and the `most`
+    longest idle stretches with the kernels either side: where the GPU waited for the host."""
+    if not spans:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "gaps": []}
+    spans = sorted(spans)
+    busy, gaps = 0.0, []
+    run_start, run_end, last = spans[0][0], spans[0][1], spans[0][2]
+    for start, end, name in spans[1:]:
+        if start > run_end:
+            busy += run_end - run_start
+            gaps.append((start - run_end, last, name))
+            run_start = start
+        if end >= run_end:
+            run_end, last = end, name
+    busy += run_end - run_start
+    span = run_end - spans[0][0]  # run_end: the latest end of all
+    gaps.sort(key=lambda g: -g[0])
+    return {"span_ms": round(span / 1e3, 3), "busy_ms": round(busy / 1e3, 3), "idle_ms": round((span - busy) / 1e3, 3),
+            "gaps": [{"ms": round(g / 1e3, 3), "after": a[:80], "before": b[:80]} for g, a, b in gaps[:most]]}
 
 
 def _attention_shown(given: str) -> str:

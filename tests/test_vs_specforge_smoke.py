@@ -117,3 +117,14 @@ def test_child_past_the_hard_stop_is_killed_and_recorded(bench, configs, tmp_pat
     assert bench.main(argv) == 0
     (result,) = json.loads((tmp_path / bench.OUT_JSON).read_text())["results"]
     assert not result["ok"] and result["error"].startswith("killed at the hard stop")
+
+
+def test_idle_summary_by_hand(bench):
+    """Kernels (start, end) in us: a 0-100, b 50-150 (overlaps a), c 400-500, d 450-460 (inside c),
+    e 1500-1600. Busy: 0-150, 400-500, 1500-1600 = 350 us; span 0-1600 = 1600 us; idle 1250 us in
+    two stretches: 1000 us between c (the run's last end) and e, 250 us between b and c."""
+    spans = [(400, 500, "c"), (0, 100, "a"), (50, 150, "b"), (450, 460, "d"), (1500, 1600, "e")]
+    idle = bench.idle_summary(spans)
+    assert (idle["span_ms"], idle["busy_ms"], idle["idle_ms"]) == (1.6, 0.35, 1.25)
+    assert idle["gaps"] == [{"ms": 1.0, "after": "c", "before": "e"}, {"ms": 0.25, "after": "b", "before": "c"}]
+    assert bench.idle_summary([])["idle_ms"] == 0.0
