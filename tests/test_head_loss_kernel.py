@@ -16,7 +16,7 @@ from triton_interpreter import run_interpreted
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="triton not installed: the Triton head kernel is not tested (pip install triton)")
 
-from trainer import head_loss  # noqa: E402
+from trainer import head_loss, lean_ops  # noqa: E402
 
 KERNEL_MODULE = "trainer.head_loss_kernel"
 # run by tests/triton_interpreter.py in a process of its own
@@ -148,13 +148,13 @@ def test_loss_and_gradient_by_hand(interpreted):
 
 
 def test_cuda_uses_the_kernel_where_triton_imports(monkeypatch):
-    head_loss._triton_loss_grad.cache_clear()
+    lean_ops.triton_module.cache_clear()
     assert head_loss._kernels("cuda")[2].__module__ == KERNEL_MODULE
     assert head_loss._kernels("cpu")[2] is head_loss._chunk_loss_grad
     monkeypatch.setitem(sys.modules, KERNEL_MODULE, None)  # its import now fails as without triton
-    head_loss._triton_loss_grad.cache_clear()
+    lean_ops.triton_module.cache_clear()
     try:
         fallback = head_loss._kernels("cuda")[2]
     finally:
-        head_loss._triton_loss_grad.cache_clear()
+        lean_ops.triton_module.cache_clear()
     assert fallback._torchdynamo_orig_callable is head_loss._chunk_loss_grad

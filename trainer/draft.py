@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from trainer.embedding_projection import EmbeddingProjection, StepEmbedding
 from trainer.head_loss import DraftHead
-from trainer.lean_ops import SwiGLUDown, compiled_on_cuda
+from trainer.lean_ops import SwiGLUDown, compiled_on_cuda, triton_module
 from trainer.norm_project import heads_project, norm_kernels, norm_project
 from trainer.recompute_mlp import norm_swiglu_down
 from trainer.step_grads import StepGrads
@@ -135,11 +135,8 @@ def rope_kernel(device_type: str):
     one kernel each way, where eagerly the negation, the concatenation, two products and the sum
     are five passes over q and k (and as many in backward); as it is on CPU."""
     compiled = compiled_on_cuda(device_type, _apply_rope)[0]
-    if device_type != "cuda":
-        return compiled
-    try:
-        from trainer import rope_kernel as triton_rope
-    except ImportError:
+    triton_rope = triton_module("rope_kernel") if device_type == "cuda" else None
+    if triton_rope is None:
         return compiled
 
     def apply_rope(x, cos, sin):

@@ -33,12 +33,11 @@ them takes, hence these small functions in plain torch (they run on CPU too).
 
 from __future__ import annotations
 
-import functools
 
 import torch
 from torch import nn
 
-from trainer.lean_ops import compiled_on_cuda, compute_dtype
+from trainer.lean_ops import compiled_on_cuda, compute_dtype, triton_module
 from trainer.norm_project import norm_kernels
 from trainer.step_grads import StepGrads, add_product, grad_result, grad_total
 
@@ -121,20 +120,8 @@ def _kernels(device_type: str):
     """The chunk arithmetic: (loss, gradient, both at once); both at once by the Triton kernel
     (trainer/head_loss_kernel.py) on CUDA where triton imports."""
     loss, grad, loss_grad = compiled_on_cuda(device_type, _chunk_loss, _chunk_grad, _chunk_loss_grad)
-    if device_type == "cuda":
-        loss_grad = _triton_loss_grad() or loss_grad
-    return loss, grad, loss_grad
-
-
-@functools.cache
-def _triton_loss_grad():
-    """head_loss_kernel.chunk_loss_grad, or None without triton. Imported only when asked for,
-    so CPU runs never import triton."""
-    try:
-        from trainer.head_loss_kernel import chunk_loss_grad
-    except ImportError:
-        return None
-    return chunk_loss_grad
+    kernel = triton_module("head_loss_kernel") if device_type == "cuda" else None
+    return loss, grad, kernel.chunk_loss_grad if kernel else loss_grad
 
 
 class _HeadSoftCE(torch.autograd.Function):

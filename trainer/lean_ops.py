@@ -6,6 +6,7 @@ seven times over; these recompute cheap elementwise results in backward instead 
 
 from __future__ import annotations
 
+import importlib
 from functools import lru_cache
 
 import torch
@@ -38,6 +39,17 @@ def compiled_on_cuda(device_type: str, *functions):
     if device_type != "cuda":
         return functions
     return tuple(torch.compile(f, dynamic=True) for f in functions)
+
+
+@lru_cache(maxsize=None)
+def triton_module(name: str):
+    """trainer.<name>, a module of Triton kernels, or None where triton does not import: the CUDA
+    paths then keep their compiled torch functions. Imported only when asked for, so CPU runs
+    never import triton."""
+    try:
+        return importlib.import_module(f"trainer.{name}")
+    except ImportError:
+        return None
 
 
 def swiglu_kernels(device_type: str):

@@ -27,7 +27,7 @@ from functools import lru_cache
 import torch
 
 from fitplan.config import CUDNN_ATTENTION_FROM_CAPABILITY
-from trainer.lean_ops import compiled_on_cuda
+from trainer.lean_ops import compiled_on_cuda, triton_module
 
 
 class _CudaFlash:
@@ -147,13 +147,9 @@ def diagonal_kernels(device_type: str, head_dim: int):
     (trainer/ttt_diagonal_kernel.py: one compilation for every key count) where triton imports and
     the head dim is a power of two, else the torch functions compiled (one graph per key count, a
     TTT unroll's worth of cold compilation); as they are elsewhere."""
-    if device_type == "cuda" and head_dim & (head_dim - 1) == 0:
-        try:
-            from trainer.ttt_diagonal_kernel import diagonal_backward, merge_diagonal
-        except ImportError:
-            pass
-        else:
-            return merge_diagonal, diagonal_backward
+    kernels = triton_module("ttt_diagonal_kernel") if device_type == "cuda" else None
+    if kernels and kernels.fits(head_dim):
+        return kernels.merge_diagonal, kernels.diagonal_backward
     return compiled_diagonal_kernels(device_type)
 
 

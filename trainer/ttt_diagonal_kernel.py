@@ -155,9 +155,14 @@ def _dkdv_kernel(dout, do_st, q, q_st, p_buf, ds_buf, dks, dvs, kv_st, H, G, S,
             _store_tile(dvs[j], kv_st, b, kv, rows, inside, dv, D)
 
 
+def fits(head_dim: int) -> bool:
+    """Whether the kernels take this head dim: a power of two (tl.arange spans one)."""
+    return head_dim >= 1 and head_dim & (head_dim - 1) == 0
+
+
 def _head_dim(q: torch.Tensor) -> int:
     d = q.shape[-1]
-    if d < 1 or d & (d - 1):
+    if not fits(d):
         raise ValueError(f"ttt diagonal kernel: head dim {d} is not a power of two (tl.arange spans a "
                          "power-of-two range; pad the heads or use trainer/ttt_attention.py's torch path)")
     return d

@@ -113,23 +113,15 @@ def draft_forward(t: Trace, state: State) -> Saved:
     return saved
 
 
-def _projection_rows(state: State) -> int:
-    return draft_terms.projection_rows(state.job)
-
-
-def _qkv_width(state: State) -> int:
-    return draft_terms.qkv_width(state.job)
-
-
 def _embedding_projection(t: Trace, state: State) -> int:
     """P = norm(embedding) @ the emb columns of q/k/v over the unroll's S + L - 1 tokens: the
     embedding gathered, normalised (the gather let go), the columns joined, the product."""
-    rows, h = _projection_rows(state), state.sizes.h
+    rows, h = draft_terms.projection_rows(state.job), state.sizes.h
     emb = t.alloc(BF16 * h * rows, "unroll's embedding")
     normed = t.alloc(BF16 * h * rows, "unroll's normed embedding")
     t.free(emb)
-    columns = t.alloc(BF16 * _qkv_width(state) * h, "emb columns of q/k/v")
-    product = t.alloc(BF16 * _qkv_width(state) * rows, "embedding projection P")
+    columns = t.alloc(BF16 * draft_terms.qkv_width(state.job) * h, "emb columns of q/k/v")
+    product = t.alloc(draft_terms.embedding_projection_bytes(state.job), "embedding projection P")
     t.free(normed, columns)
     return product
 
@@ -591,7 +583,7 @@ def _projected_input_backward(t: Trace, state: State, step: dict[str, int], k: i
     z = state.sizes
     row = BF16 * z.h * z.T
     if saved.projection_grad is None:
-        saved.projection_grad = t.alloc(FP32 * _qkv_width(state) * _projection_rows(state), "embedding projection G")
+        saved.projection_grad = t.alloc(draft_terms.embedding_grad_bytes(state.job), "embedding projection G")
     incoming = [step.pop(name) for name in ("grad_q0", "grad_k0", "grad_v0")]
     normed = t.alloc(row, "norm output (again)")
     weight_grads = {"q_proj": step_grad_buffer(t, state, "q_proj")}
@@ -613,9 +605,9 @@ def _embedding_projection_backward(t: Trace, state: State, saved: Saved) -> None
     """The last call's embedding half: P goes, G is cast to bf16 and goes, the embedding is
     gathered and normalised again for the emb columns' weight gradients (added into the sums),
     then the normed embedding's gradient gives the input norm weight's."""
-    rows, h = _projection_rows(state), state.sizes.h
+    rows, h = draft_terms.projection_rows(state.job), state.sizes.h
     t.free(saved.projection)
-    cast = t.alloc(BF16 * _qkv_width(state) * rows, "G in bf16")
+    cast = t.alloc(BF16 * draft_terms.qkv_width(state.job) * rows, "G in bf16")
     t.free(saved.projection_grad)
     saved.projection = saved.projection_grad = None
     emb = t.alloc(BF16 * h * rows, "unroll's embedding (again)")
