@@ -145,6 +145,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="one more step under torch.profiler: its CUDA kernels, costliest first, and the GPU's "
                         "idle stretches between them, in the JSON")
+    p.add_argument("--trace", action="store_true",
+                   help="one more step under torch.profiler with the host's calls as well, written as a Chrome "
+                        "trace to OUT/TOOL-BxS.trace.json.gz (open in chrome://tracing or Perfetto): what the "
+                        "host did while the GPU idled")
     p.add_argument("--budget", type=float, default=420.0, help="seconds after which no new config starts")
     p.add_argument("--hard-stop", type=float, help="seconds after which a running child is killed (budget + 150)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps per config (the first compiles)")
@@ -169,6 +173,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     p.add_argument("--snapshot-to", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--shape", type=shape_list, help=argparse.SUPPRESS)
+    p.add_argument("--trace-to", type=Path, help=argparse.SUPPRESS)
     return p
 
 
@@ -201,6 +206,8 @@ def child_argv(args, tool: str, batch: int, seq: int) -> list[str]:
         argv.append("--profile")
     if args.memory_snapshot:
         argv += ["--snapshot-to", str(args.out.resolve() / f"{tool}-{batch}x{seq}.snapshot.pickle.gz")]
+    if args.trace:
+        argv += ["--trace-to", str(args.out.resolve() / f"{tool}-{batch}x{seq}.trace.json.gz")]
     return argv
 
 
@@ -367,6 +374,8 @@ def run_child(args) -> dict:
         result.update(measure(step, device, args.warmup, args.steps))
         if args.profile and device.type == "cuda":
             result["kernels"], result["gpu_idle"] = profile_step(step)
+        if args.trace_to is not None and device.type == "cuda":
+            result["trace"] = trace_step(step, args.trace_to)
         # CPU (the smoke test): Meter's tracker counts only tensors the steps create
         held = result["frozen_bytes"] + result["input_bytes"] if device.type == "cuda" else 0
         result["draft_mem"] = result["peak_allocated"] - held
@@ -407,6 +416,27 @@ def profile_step(step) -> tuple[list[dict], dict]:
     kernels = [{"name": e.key[:120], "ms": round(e.device_time_total / 1000, 2), "calls": e.count} for e in rows]
     spans = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == DeviceType.CUDA]
     return kernels, idle_summary(spans)
+
+
+def trace_step(step, path: Path) -> str:
+    """One more step under torch.profiler, host calls and CUDA kernels, as a gzipped Chrome trace.
+    Its own step: recording the host's calls slows the host, so its idle stretches are not the
+    ones `profile_step` reports."""
+    import gzip
+    import tempfile
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(lambda name: contextlib.nullcontext())
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(plain))
+        with plain.open("rb") as src, gzip.open(path, "wb") as dst:
+            dst.write(src.read())
+    return path.name
 
 
 def idle_summary(spans: list[tuple[float, float, str]], most: int = 12) -> dict:
