@@ -33,7 +33,7 @@ them takes, hence these small functions in plain torch (they run on CPU too).
 
 from __future__ import annotations
 
-
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,29 +54,29 @@ def chunk_rows(vocab: int) -> int:
 
 class CountedRows:
     """The positions a micro-batch's loss counts, on the host: one device-to-host copy per
-    micro-step instead of a wait inside every TTT step."""
+    micro-step instead of a wait inside every TTT step. Kept as numpy arrays: torch's boolean
+    indexing of host tensors took milliseconds per row on the GPU machine, time the GPU spent
+    idle waiting for the draft's first kernels."""
 
     def __init__(self, valid: torch.Tensor):
         self.batch, self.padded = valid.shape
         self.device = valid.device
-        b, j = valid.nonzero(as_tuple=True)
-        b, j = b.cpu(), j.cpu()
-        self.positions = [j[b == row] for row in range(self.batch)]  # sorted per row
+        self.positions = [np.flatnonzero(row) for row in valid.cpu().numpy()]  # sorted per row
 
     def count(self, offset: int, seq: int) -> int:
         """Positions the step scored at teacher offset counts."""
-        return sum(int(torch.searchsorted(j, torch.tensor([offset, offset + seq])).diff()) for j in self.positions)
+        return sum(int(np.diff(np.searchsorted(j, (offset, offset + seq)))[0]) for j in self.positions)
 
     def for_step(self, offset: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows of the step's [B*S, h] hidden, rows of the teacher's [B*(S+L), Vd] table) for the
         step scored against teacher positions t + offset."""
         x_rows, p_rows = [], []
         for row, j in enumerate(self.positions):
-            lo, hi = torch.searchsorted(j, torch.tensor([offset, offset + seq])).tolist()
+            lo, hi = np.searchsorted(j, (offset, offset + seq))
             kept = j[lo:hi]
             x_rows.append(row * seq + kept - offset)
             p_rows.append(row * self.padded + kept)
-        both = torch.stack((torch.cat(x_rows), torch.cat(p_rows)))
+        both = torch.from_numpy(np.stack((np.concatenate(x_rows), np.concatenate(p_rows))).astype(np.int64))
         if self.device.type == "cuda":
             both = both.pin_memory().to(self.device, non_blocking=True)
         return both[0], both[1]

@@ -221,7 +221,7 @@ def train_step(run: Run, meter: Meter) -> dict:
     return {
         "loss": loss,
         "acc": acc,
-        "grad_norm": grad_norm,
+        "grad_norm": float(grad_norm),
         "lr": lr,
         "tokens": tokens * run.ctx.world,  # the global batch: every rank trains on its own samples
         "seq": max(seqs),

@@ -66,14 +66,15 @@ class HostAdamW(torch.optim.Optimizer):
         return list(self.fp32_device_grads) if self.fp32_grads else [p.grad for p in self.model_params]
 
     @torch.no_grad()
-    def clip(self, max_norm: float) -> float:
-        """torch's clip_grad_norm_ over the GPU gradients; returns the norm before clipping."""
+    def clip(self, max_norm: float) -> torch.Tensor:
+        """torch's clip_grad_norm_ over the GPU gradients; returns the norm before clipping (a
+        device scalar, as trainer/optim.py clip)."""
         grads = [g for g in self.device_grads() if g is not None]
         total = torch.nn.utils.get_total_norm(grads)
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(scale.to(g.device))
-        return float(total)
+        return total
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -240,10 +240,12 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def clip(optimizer: torch.optim.Optimizer, max_norm: float) -> float:
-    """Clip the gradients the optimizer will step with (the fp32 masters' in `mixed`)."""
+def clip(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """Clip the gradients the optimizer will step with (the fp32 masters' in `mixed`); returns
+    the norm before clipping as a device scalar, read after the step is launched so the host does
+    not wait for backward to end before launching the optimizer's kernels."""
     if isinstance(optimizer, HostAdamW):  # `mixed`'s fp32 gradients have no tensor on the GPU to hang on
         return optimizer.clip(max_norm)
     holders = optimizer.grad_tensors() if isinstance(optimizer, MasterWeightAdamW) else [
         p for group in optimizer.param_groups for p in group["params"]]
-    return float(torch.nn.utils.clip_grad_norm_(holders, max_norm))
+    return torch.nn.utils.clip_grad_norm_(holders, max_norm)
