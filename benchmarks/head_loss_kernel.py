@@ -27,11 +27,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the repo's train
 
 ROWS = 2097
 VOCABS = (32000, 128256)
-# (columns per block, warps per row); the module's default is measured first
-CONFIGS = ((2048, 4), (4096, 8), (1024, 4), (2048, 8))
-# warps per row of the kernel that holds a whole row in registers (at a vocab of at most 32768)
-RESIDENT_WARPS = (8, 16, 32)
-RESIDENT_MAX_VOCAB = 32768
+# (columns per block, warps per row)
+CONFIGS = ((1024, 4), (2048, 4), (4096, 8), (2048, 8))
 WARMUP = 3
 
 
@@ -60,22 +57,11 @@ def variants():
         return found + [(f"triton {b}x{w}", f"triton does not import: {err}") for b, w in CONFIGS]
     for block, warps in CONFIGS:
         found.append((f"triton {block}x{warps}", _with_config(chunk_loss_grad, block, warps)))
-    for warps in RESIDENT_WARPS:
-        found.append((f"triton resident x{warps}", _resident(chunk_loss_grad, warps)))
     return found
 
 
 def _with_config(kernel, block: int, warps: int):
     return lambda *case: kernel(*case, block=block, warps=warps)
-
-
-def _resident(kernel, warps: int):
-    def run(*case):
-        if case[0].shape[1] > RESIDENT_MAX_VOCAB:
-            raise ValueError(f"a row of {case[0].shape[1]} columns is more than the resident kernel holds")
-        return kernel(*case, warps=warps, resident=True)
-
-    return run
 
 
 def time_ms(fn, case, repeats: int) -> float:

@@ -2,8 +2,7 @@
 (eager torch), run on the CPU through Triton's interpreter: loss, top-1 agreements and the bf16
 logit gradient, for teachers given as bf16 logits and as fp32 probabilities, rows gathered out
 of order, vocabularies spanning several column blocks with a partial last one, and argmax ties.
-Each case runs through both kernels: the row in column blocks, and the row held whole in one
-block. Also which function the head uses on CUDA with and without triton.
+Also which function the head uses on CUDA with and without triton.
 """
 
 from __future__ import annotations
@@ -25,8 +24,7 @@ RUN_INTERPRETED = """
 import sys, torch
 from trainer.head_loss_kernel import chunk_loss_grad
 cases = torch.load(sys.argv[1])
-torch.save({name: {"blocks": chunk_loss_grad(*args, block=block), "resident": chunk_loss_grad(*args, resident=True)}
-            for name, (args, block) in cases.items()}, sys.argv[2])
+torch.save({name: chunk_loss_grad(*args, block=block) for name, (args, block) in cases.items()}, sys.argv[2])
 """
 
 
@@ -97,15 +95,9 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def by_kernel(tmp_path_factory):
-    """Every case's (loss, agreements, gradient) from each kernel run by Triton's interpreter:
-    "blocks" (the row in column blocks, two passes) and "resident" (the row in one block)."""
+def interpreted(tmp_path_factory):
+    """Every case's (loss, agreements, gradient) from the kernel run by Triton's interpreter."""
     return run_interpreted(RUN_INTERPRETED, CASES, tmp_path_factory.mktemp("head_loss_kernel"))
-
-
-@pytest.fixture(params=["blocks", "resident"])
-def interpreted(by_kernel, request):
-    return {name: results[request.param] for name, results in by_kernel.items()}
 
 
 def _assert_matches_torch(mine, logits, teacher, p_rows, scale, as_logits):

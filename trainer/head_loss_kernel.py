@@ -31,14 +31,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Columns per block and warps per row: 2048 at 4 warps (16 values per thread) was the fastest of
-# four pairs on an H200 for every case measured, 10-14% ahead of 4096 at 8 (0.320 against 0.357 ms
-# for a 32k-vocab chunk of bf16 logits; benchmarks/head_loss_kernel.py,
-# docs/data/head_loss_kernel_h200.json). Those timings were taken with a reduction across lanes in
-# every block; per-lane running values hold five fp32/int32 registers per value a thread loads
-# in the second pass (80 at 16 values), so a smaller block, 1024 at 4 warps or 2048 at 8, may now
-# do as well or better: measure them before changing these.
-BLOCK = 2048
+# Columns per block and warps per row, by teacher: measured on an H200 for a 2097-row chunk
+# (benchmarks/head_loss_kernel.py, docs/data/head_loss_kernel_blocks_h200.json), 1024 at 4 warps
+# was the fastest of four pairs for bf16 teacher logits (0.234 ms at a 32k vocab against 0.285 for
+# 2048 at 4; 0.852 against 1.040 at 128k) and 2048 at 4 for fp32 probabilities (0.253 against
+# 0.268 at 32k). A kernel holding the whole row in registers (one read of each row) was slower
+# than both at a 32k vocab at 8, 16 and 32 warps (0.301 ms at best) and was not kept.
+BLOCKS = {True: 1024, False: 2048}  # by as_logits
 WARPS = 4
 
 
@@ -114,37 +113,6 @@ def _row_loss_grad(z_ptr, z_stride, z_col_stride, t_ptr, t_stride, t_col_stride,
 
 
 @triton.jit
-def _row_loss_grad_resident(z_ptr, z_stride, z_col_stride, t_ptr, t_stride, t_col_stride, p_rows_ptr, scale_ptr,
-                            grad_ptr, grad_stride, loss_ptr, agree_ptr, vocab, AS_LOGITS: tl.constexpr,
-                            BLOCK: tl.constexpr):
-    """`_row_loss_grad` for a row that fits one block (BLOCK >= vocab): the logits and teacher
-    row are loaded once and kept in registers through both passes, so HBM sees exactly one read
-    of each and one write of the gradient. tl.argmax breaks ties to the left, as torch.argmax."""
-    row = tl.program_id(0).to(tl.int64)
-    idx = tl.arange(0, BLOCK)
-    inside = idx < vocab
-    t_row = t_ptr + tl.load(p_rows_ptr + row).to(tl.int64) * t_stride
-    z = tl.load(z_ptr + row * z_stride + idx * z_col_stride, mask=inside, other=float("-inf")).to(tl.float32)
-    z_max = tl.max(z, 0)
-    lse = z_max + tl.log(tl.sum(tl.exp(z - z_max), 0))
-    if AS_LOGITS:
-        t = tl.load(t_row + idx * t_col_stride, mask=inside, other=float("-inf")).to(tl.float32)
-        e = tl.exp(t - tl.max(t, 0))
-        p = e / tl.sum(e, 0)
-        p_total = 1.0  # a softmax's sum is 1 by construction
-    else:
-        p = tl.load(t_row + idx * t_col_stride, mask=inside, other=0.0).to(tl.float32)
-        p_total = tl.sum(p, 0)
-    log_q = z - lse
-    loss = tl.sum(tl.where(inside, p * log_q, 0.0), 0)
-    agree = tl.argmax(z, 0) == tl.argmax(tl.where(inside, p, float("-inf")), 0)
-    grad = (tl.exp(log_q) * p_total - p) * tl.load(scale_ptr).to(tl.float32)
-    tl.store(grad_ptr + row * grad_stride + idx, grad.to(grad_ptr.dtype.element_ty), mask=inside)
-    tl.store(loss_ptr + row, -loss)
-    tl.store(agree_ptr + row, agree.to(tl.int32))
-
-
-@triton.jit
 def _online_exp_sum(x, run_max, run_sum):
     """Per lane, (max, sum of exp(value - max)) taken on with one more value, at one exp: by
     exp(-|x - max|), which scales the old sum when x is the new max and is x's term otherwise.
@@ -182,17 +150,17 @@ def _first_argmax(best, arg, vocab):
 
 
 def chunk_loss_grad(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tensor, scale: torch.Tensor,
-                    as_logits: bool, block: int = BLOCK, warps: int = WARPS, resident: bool = False):
+                    as_logits: bool, block: int | None = None, warps: int = WARPS):
     """(loss fp32, agreements int64, d/dz of scale x loss in the logits' dtype) of one chunk, as
     trainer/head_loss.py `_chunk_loss_grad`. logits [N, Vd]; teacher [M, Vd] whose row p_rows[i]
     scores row i (bf16 logits when as_logits, else probabilities); scale a 0-dim fp32 tensor.
-    `resident`: the row in one block held in registers (`_row_loss_grad_resident`; `block` unused)."""
+    `block`: columns per block (BLOCKS' for the teacher's kind when None)."""
     rows, vocab = logits.shape
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     row_loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     row_agree = torch.empty(rows, dtype=torch.int32, device=logits.device)
-    kernel = _row_loss_grad_resident if resident else _row_loss_grad
-    block = triton.next_power_of_2(vocab) if resident else min(block, triton.next_power_of_2(vocab))
-    kernel[(rows,)](logits, *logits.stride(), teacher, *teacher.stride(), p_rows, scale, grad, grad.stride(0),
-                    row_loss, row_agree, vocab, AS_LOGITS=as_logits, BLOCK=block, num_warps=warps)
+    block = min(block or BLOCKS[as_logits], triton.next_power_of_2(vocab))
+    _row_loss_grad[(rows,)](logits, *logits.stride(), teacher, *teacher.stride(), p_rows, scale, grad,
+                            grad.stride(0), row_loss, row_agree, vocab, AS_LOGITS=as_logits, BLOCK=block,
+                            num_warps=warps)
     return row_loss.sum(), row_agree.sum(), grad
