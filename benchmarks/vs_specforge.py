@@ -39,8 +39,11 @@ then fitplan, so every finished shape has its ratio.
 
 Measured per step: the CUDA-event time of the whole step (median of --steps timed steps after
 --warmup warm-up steps; every step starts and ends synchronized), each phase's time and peak
-allocated bytes (trainer.measure.Meter: reset_peak_memory_stats at each phase start), and the
-first step's wall time (compilation included). draft_mem = peak allocated over the step minus
+allocated bytes (trainer.measure.Meter: a synchronization and reset_peak_memory_stats at each phase
+start, a synchronization and the peaks read at its end), the same number of steps again unmetered
+(no phase boundary: synchronized at the step's start and end only; the GPU does not wait at each
+boundary while the host reads the peaks and starts the next phase), and the first step's wall
+time (compilation included). draft_mem = peak allocated over the step minus
 frozen_bytes (target lm_head, draft embedding and buffers) minus input_bytes: the draft's weights,
 gradients, fp32 masters, Adam moments, activations and teacher. state_bytes = allocated before
 a timed step minus the same. On CPU (the smoke test) Meter counts only the tensors the steps
@@ -107,7 +110,7 @@ WHEEL = ROOT / ".whl" / "specforge-0.2.0-py3-none-any.whl"
 OUT_JSON, OUT_MD = "vs_specforge.json", "vs_specforge.md"
 GIB = 2**30
 RESULT_FIELDS = (
-    "tool", "batch", "seq", "ok", "step_s", "step_s_all", "phases_s", "first_step_s", "setup_s",
+    "tool", "batch", "seq", "ok", "step_s", "step_s_all", "unmetered_step_s", "unmetered_step_s_all", "phases_s", "first_step_s", "setup_s",
     "peak_allocated", "phase_peak_allocated", "frozen_bytes", "input_bytes", "draft_mem", "state_bytes",
     "flops", "tokens_per_s", "mfu", "peak_tflops", "losses", "valid",
 )
@@ -301,13 +304,15 @@ def render(meta: dict, results: list[dict]) -> str:
         label = FITPLAN_VARIANTS[tool][1]
         for reference in [t for t in present if t in SPECFORGE_TOOLS] or ["specforge"]:
             other = "SpecForge" if reference == "specforge" else "SpecForge FSDP"
-            header = (f"| B x S | step s {label} / {other} | time ratio | draft memory GiB {label} / {other} "
+            header = (f"| B x S | step s {label} / {other} | time ratio | unmetered step s {label} / {other} "
+                      f"| unmetered ratio | draft memory GiB {label} / {other} "
                       f"| memory ratio | tokens/s {label} / {other} | MFU {label} / {other} "
                       f"| first step s {label} / {other} |")
-            rows = ["", header, "|---|---|---|---|---|---|---|---|"]
+            rows = ["", header, "|---|---|---|---|---|---|---|---|---|---|"]
             for b, s in shapes:
                 f, g = by.get((tool, b, s), {}), by.get((reference, b, s), {})
                 rows.append(f"| {b} x {s} | {_pair(f, g, 'step_s', 1, '.3f')} | {_ratio(f, g, 'step_s')} "
+                            f"| {_pair(f, g, 'unmetered_step_s', 1, '.3f')} | {_ratio(f, g, 'unmetered_step_s')} "
                             f"| {_pair(f, g, 'draft_mem', GIB, '.2f')} | {_ratio(f, g, 'draft_mem')} "
                             f"| {_pair(f, g, 'tokens_per_s', 1, ',.0f')} | {_pair(f, g, 'mfu', 0.01, '.1f', '%')} "
                             f"| {_pair(f, g, 'first_step_s', 1, '.0f')} |")
@@ -319,7 +324,8 @@ def render(meta: dict, results: list[dict]) -> str:
         f"fitplan's trainer step against SpecForge 0.2.0's offline Eagle3 step on one {device}, same draft "
         f"and inputs, one call; ratios are fitplan / SpecForge. Step: teacher construction (target lm_head over "
         f"the last hidden state; SpecForge's teacher: {teacher}) + draft forward + backward + optimizer, counted in "
-        f"both; median of the timed steps. Draft memory: peak allocated over the step minus the frozen target "
+        f"both; median of the timed steps, each phase metered (synchronized, its peak read); unmetered: as many "
+        f"steps again with no phase boundary, synchronized only at the step's start and end. Draft memory: peak allocated over the step minus the frozen target "
         f"lm_head, draft embedding and buffers and the inputs. MFU: (fitplan.steptime.draft_flops + the teacher's "
         f"2·B·S·V·h) / step time / {peak if peak else '?'} TFLOP/s (dense bf16, profiles/gpus.json). "
         f"Attention: {_attention_shown(meta.get('attention', 'flex'))}. First step: wall time including compilation. SpecForge: "
@@ -331,11 +337,12 @@ def render(meta: dict, results: list[dict]) -> str:
 
 
 def _pair(f: dict, g: dict, key: str, unit: float, fmt: str, suffix: str = "") -> str:
-    return " / ".join(format(r[key] / unit, fmt) + suffix if r.get("ok") else "—" for r in (f, g))
+    """Both tools' `key`; a dash for a failed run or a result from before the key was measured."""
+    return " / ".join(format(r[key] / unit, fmt) + suffix if r.get("ok") and key in r else "—" for r in (f, g))
 
 
 def _ratio(f: dict, g: dict, key: str) -> str:
-    if not (f.get("ok") and g.get("ok")) or not g[key]:
+    if not (f.get("ok") and g.get("ok") and key in f and key in g) or not g[key]:
         return "—"
     return f"{f[key] / g[key]:.2f}x"
 
@@ -572,6 +579,21 @@ class Clock:
                 "allocated": {name: m["allocated"] for name, m in memory.items()},
                 "reserved": max(m["reserved"] for m in memory.values())}
 
+    def unmetered_step(self, step_fn) -> float:
+        """Seconds of one step with no phase boundary: synchronized at its start and end only, so
+        the host prepares each phase while the GPU still runs the last, as in a training run
+        without a meter. The metered steps' synchronizations and peak reads at every phase
+        boundary leave the GPU idle while the host starts the next phase."""
+        import torch
+
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        first = self.mark()
+        step_fn(lambda name: contextlib.nullcontext())
+        last = self.mark()
+        sync()
+        return self.seconds(first, last)
+
 
 def measure(step_fn, device, warmup: int, steps: int) -> dict:
     import torch
@@ -585,10 +607,12 @@ def measure(step_fn, device, warmup: int, steps: int) -> dict:
             if i == warmup:
                 held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             records.append(clock.step(step_fn))
+        unmetered = [clock.unmetered_step(step_fn) for _ in range(steps)]
     timed = records[warmup:]
     phases = {name: statistics.median(r["phases"][name] for r in timed) for name in timed[0]["phases"]}
     peaks = {name: max(r["allocated"][name] for r in timed) for name in timed[0]["allocated"]}
     return {"step_s": statistics.median(r["seconds"] for r in timed), "step_s_all": [r["seconds"] for r in records],
+            "unmetered_step_s": statistics.median(unmetered), "unmetered_step_s_all": unmetered,
             "first_step_s": records[0]["wall_s"], "phases_s": phases, "phase_peak_allocated": peaks,
             "peak_allocated": max(peaks.values()), "peak_reserved": max(r["reserved"] for r in timed),
             "held_before_step": held, "losses": [r["loss"] for r in records]}

@@ -60,6 +60,7 @@ def test_fitplan_child_prints_one_json_line_with_every_field(bench, configs, cap
     assert (result["tool"], result["batch"], result["seq"]) == (tool, 2, 32)
     assert result["recompute_mlp"] == (tool == "fitplan-recompute-mlp")
     assert set(result["phases_s"]) == {"teacher", "forward", "backward", "optimizer"}
+    assert len(result["unmetered_step_s_all"]) == 1 and result["unmetered_step_s"] > 0  # as many as --steps
     assert result["flops"] == tiny_step_flops(2, 32, 2) == 51_576_832
     assert result["tokens_per_s"] == pytest.approx(64 / result["step_s"])
     assert result["mfu"] == pytest.approx(result["flops"] / result["step_s"] / 989e12)
@@ -71,15 +72,17 @@ def test_table_ratios_are_fitplan_over_specforge(bench):
     gib = 2**30
     common = {"batch": 1, "seq": 2048, "ok": True, "peak_tflops": 989.0, "device": "NVIDIA H200",
               "first_step_s": 40.0}
-    results = [{**common, "tool": "specforge", "step_s": 1.0, "draft_mem": 4 * gib, "tokens_per_s": 2048.0,
-                "mfu": 0.40},
-               {**common, "tool": "fitplan", "step_s": 0.5, "draft_mem": 3 * gib, "tokens_per_s": 4096.0, "mfu": 0.80},
+    results = [{**common, "tool": "specforge", "step_s": 1.0, "unmetered_step_s": 0.75, "draft_mem": 4 * gib,
+                "tokens_per_s": 2048.0, "mfu": 0.40},
+               {**common, "tool": "fitplan", "step_s": 0.5, "unmetered_step_s": 0.3, "draft_mem": 3 * gib,
+                "tokens_per_s": 4096.0, "mfu": 0.80},
                {"tool": "specforge", "batch": 2, "seq": 4096, "ok": False, "error": "out of memory: x"}]
     table = bench.render({"specforge_teacher": "full", "attention": "flex"}, results)
     row = next(line for line in table.splitlines() if line.startswith("| 1 x 2048"))
-    # 0.5 s / 1.0 s and 3 GiB / 4 GiB
-    assert "| 0.500 / 1.000 | 0.50x | 3.00 / 4.00 | 0.75x | 4,096 / 2,048 | 80.0% / 40.0% |" in row
-    assert "| 2 x 4096 | — / — | — |" in table
+    # 0.5 s / 1.0 s, unmetered 0.3 s / 0.75 s and 3 GiB / 4 GiB
+    assert ("| 0.500 / 1.000 | 0.50x | 0.300 / 0.750 | 0.40x | 3.00 / 4.00 | 0.75x | 4,096 / 2,048 "
+            "| 80.0% / 40.0% |") in row
+    assert "| 2 x 4096 | — / — | — | — / — | — |" in table
     assert "Not measured: specforge 2x4096: out of memory: x" in table
     assert "989.0 TFLOP/s" in table and "counted in both" in table
 
