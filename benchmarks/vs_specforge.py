@@ -426,7 +426,8 @@ def profile_step(step) -> tuple[list[dict], dict]:
 
 
 def trace_step(step, path: Path) -> str:
-    """One more step under torch.profiler, host calls and CUDA kernels, as a gzipped Chrome trace.
+    """One more step under torch.profiler, host calls (with their input shapes) and CUDA kernels, as a
+    gzipped Chrome trace.
     Its own step: recording the host's calls slows the host, so its idle stretches are not the
     ones `profile_step` reports."""
     import gzip
@@ -435,7 +436,7 @@ def trace_step(step, path: Path) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         step(lambda name: contextlib.nullcontext())
         torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:
