@@ -427,8 +427,7 @@ def profile_step(step) -> tuple[list[dict], dict]:
 
 def trace_step(step, path: Path) -> str:
     """One more step under torch.profiler, host calls (with their input shapes) and CUDA kernels, as a
-    gzipped Chrome trace.
-    Its own step: recording the host's calls slows the host, so its idle stretches are not the
+    gzipped Chrome trace. Its own step: recording the host's calls slows the host, so its idle stretches are not the
     ones `profile_step` reports."""
     import gzip
     import tempfile
