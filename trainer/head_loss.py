@@ -209,15 +209,22 @@ class _HeadSoftCEGradInForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_agree):
-        factor = grad_loss / ctx.scale
-        grad_x, ctx.grad_x = ctx.grad_x.mul_(factor), None
+        factor = grad_loss / ctx.scale  # exactly 1 in a plain step (trainer/loss.py unroll_loss)
+        grad_x, ctx.grad_x = _rescaled(ctx.grad_x, factor), None
         grad_w = _rescaled(ctx.grads.done("lm_head"), factor)
         grad_norm = _rescaled(ctx.grads.done("norm"), factor) if ctx.normed else None
         return grad_x, grad_norm, grad_w, None, None, None, None, None, None, None, None
 
 
 def _rescaled(total: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor | None:
-    return None if total is None else total.mul_(factor)
+    """total *= factor in place; on CUDA by trainer/rescale_kernel.py, which leaves it untouched
+    (unread) when factor is 1."""
+    if total is None:
+        return None
+    kernel = triton_module("rescale_kernel") if total.is_cuda else None
+    if kernel is not None and kernel.fits(total, factor):
+        return kernel.scale_unless_one(total, factor)
+    return total.mul_(factor)
 
 
 def _norm_grad_buffer(norm_weight) -> torch.Tensor | None:

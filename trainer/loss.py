@@ -98,12 +98,16 @@ def unroll_loss(step_outputs, draft, teacher: Teacher, grads=None) -> tuple[torc
         if lean:
             norm = draft.norm if draft.fused_norms else None
             counted = max(rows.count(k + 1, seq), 1)
-            scale = STEP_DECAY**k / counted if in_forward else None
-            summed, agree = draft.lm_head(output, norm, teacher.table, rows, k + 1, teacher.as_logits, grads, scale)
+            weight = STEP_DECAY**k / counted
+            summed, agree = draft.lm_head(output, norm, teacher.table, rows, k + 1, teacher.as_logits, grads,
+                                          weight if in_forward else None)
+            # by the one float the head made its gradients for: autograd then hands the head
+            # exactly that weight (in fp32), and its rescale by their ratio, 1, is skipped
+            weighted = summed * weight
         else:
             summed, agree = plain_step_loss(output, draft.lm_head, teacher, k + 1)
             counted = teacher.valid[:, k + 1 : k + 1 + seq].sum().clamp(min=1)
-        weighted = summed / counted * STEP_DECAY**k
+            weighted = summed / counted * STEP_DECAY**k
         total = weighted if total is None else total + weighted
         accuracy.append(agree / counted)
         del output  # else this step's output stays alive through the next step's forward
