@@ -40,15 +40,21 @@ def interpreted(tmp_path_factory):
     return run_interpreted(RUN_INTERPRETED, CASES, tmp_path_factory.mktemp("rescale_kernel"))
 
 
+def _as_torch_on_cuda(x, factor):
+    """torch's x.mul_(factor) as CUDA takes it: a 0-dim CUDA factor rounded to x's dtype first
+    (torch on the CPU keeps it fp32), the product in fp32, rounded to x's dtype."""
+    return (x.float() * factor.to(x.dtype).float()).to(x.dtype)
+
+
 @pytest.mark.parametrize("name", ["bf16-half", "bf16-odd", "fp32-odd"])
 def test_scales_as_torch_mul(interpreted, name):
-    """Equal in fp32 and for a factor of 1/2; within one bf16 rounding for 1/3, since the
-    interpreter truncates fp32 to bf16 where the GPU rounds to nearest as torch does
-    (test_scales_as_torch_mul_on_cuda checks the bits there)."""
+    """Equal in fp32 and for a factor of 1/2; for 1/3 in bf16 within two bf16 roundings (the
+    factor's and the product's), since the interpreter truncates fp32 to bf16 where the GPU
+    rounds to nearest as torch does (test_scales_as_torch_mul_on_cuda checks the bits there)."""
     x, factor = CASES[name]
-    want = x.clone().mul_(factor)
+    want = _as_torch_on_cuda(x, factor)
     if name == "bf16-odd":
-        torch.testing.assert_close(interpreted[name], want, rtol=2**-7, atol=0)
+        torch.testing.assert_close(interpreted[name], want, rtol=2**-6, atol=0)
     else:
         assert torch.equal(interpreted[name], want)
 

@@ -20,7 +20,8 @@ BLOCK = 4096
 
 @triton.jit
 def _scale_unless_one(x_ptr, factor_ptr, n, BLOCK: tl.constexpr):
-    factor = tl.load(factor_ptr).to(tl.float32)
+    # rounded to x's dtype first, as torch's CUDA mul_ rounds a 0-dim CUDA tensor to the common dtype
+    factor = tl.load(factor_ptr).to(x_ptr.dtype.element_ty).to(tl.float32)
     if factor != 1.0:
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < n
@@ -34,8 +35,9 @@ def fits(x: torch.Tensor, factor: torch.Tensor) -> bool:
 
 
 def scale_unless_one(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """x *= factor in place, as torch's x.mul_(factor) (the product taken in fp32, rounded to x's
-    dtype), x untouched where factor is 1; returns x."""
+    """x *= factor in place, bit for bit as torch's x.mul_(factor) on CUDA (the factor rounded to
+    x's dtype, the product taken in fp32 and rounded), x untouched where that factor is 1;
+    returns x."""
     n = x.numel()
     if n:
         _scale_unless_one[(triton.cdiv(n, BLOCK),)](x, factor, n, BLOCK=BLOCK)
