@@ -668,7 +668,7 @@ def fitplan_draft_step(draft, optimizer, aux, ids, teacher, ttt: int, *, schedul
         vars(teacher).clear()  # as train_step lets it go: backward does not read it
     with phase("backward"):
         loss.backward()
-    value = float(loss.detach())
+    value = loss.detach()  # read after the optimizer is launched, as train_step reads it
     del loss
     vars(teacher).clear()
     with phase("optimizer"):
@@ -677,7 +677,7 @@ def fitplan_draft_step(draft, optimizer, aux, ids, teacher, ttt: int, *, schedul
         if scheduler is not None:
             scheduler.step()
         draft.zero_grad(set_to_none=True)
-    return value
+    return float(value)
 
 
 class _EmbeddingSource:

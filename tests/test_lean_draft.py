@@ -292,7 +292,7 @@ def test_lean_and_plain_drafts_train_alike(recompute_norms, checkpoint_layer, re
     (l1, a1, g1), (l2, a2, g2) = results
     assert set(g1) == set(g2) and all(g is not None for g in g1.values())
     assert torch.allclose(l1, l2, rtol=1e-5)
-    assert a1 == a2
+    assert torch.equal(a1, a2)
     for name in g1:
         assert torch.allclose(g1[name], g2[name], rtol=1e-4, atol=1e-6), name
 

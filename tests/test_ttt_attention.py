@@ -61,7 +61,7 @@ def test_a_draft_on_the_split_attention_trains_as_on_the_masked_one(checkpoint_l
         results.append((loss.detach(), acc, {n: p.grad for n, p in draft.named_parameters() if p.requires_grad}))
     (l1, a1, g1), (l2, a2, g2) = results
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
-    assert a1 == a2
+    assert torch.equal(a1, a2)
     assert set(g1) == set(g2) and all(grad is not None for grad in g1.values())
     for name in g1:
         torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -217,7 +217,7 @@ def train_step(run: Run, meter: Meter) -> dict:
             teacher = None  # scored, its gradients made: backward does not read it
         with meter.phase("backward"):
             (loss / accum).backward()
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach())  # read after the optimizer is launched: no wait for the device here
         accuracy.append(acc)
         del aux, ids_ext, teacher, loss  # nothing of this micro-step outlives it
     with meter.phase("optimizer_step"):
@@ -226,8 +226,8 @@ def train_step(run: Run, meter: Meter) -> dict:
         run.optimizer.step()
         run.scheduler.step()
         run.draft.zero_grad(set_to_none=True)
-    loss, *acc = _mean_over_ranks([sum(losses) / accum] + [sum(a[k] for a in accuracy) / accum for k in range(spec.ttt)],
-                                  run.ctx)
+    means = torch.cat([torch.stack(losses).float().mean().view(1), torch.stack(accuracy).mean(0)])
+    loss, *acc = _mean_over_ranks(means, run.ctx)
     return {
         "loss": loss,
         "acc": acc,
@@ -238,13 +238,13 @@ def train_step(run: Run, meter: Meter) -> dict:
     }
 
 
-def _mean_over_ranks(values: list[float], ctx) -> list[float]:
-    """The global batch's loss and accuracies (each rank's are over its own samples)."""
+def _mean_over_ranks(values: torch.Tensor, ctx) -> list[float]:
+    """The global batch's loss and accuracies (each rank's are over its own samples), read to the host."""
     if not ctx.distributed:
-        return values
+        return values.tolist()
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    t = values.to(device=ctx.device, dtype=torch.float64)
     dist.all_reduce(t)
     return (t / ctx.world).tolist()
 

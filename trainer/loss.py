@@ -73,8 +73,10 @@ def plain_step_loss(normed: torch.Tensor, head, teacher: Teacher, offset: int) -
     return summed, agree
 
 
-def unroll_loss(step_outputs, draft, teacher: Teacher, grads=None) -> tuple[torch.Tensor, list[float]]:
-    """Weighted loss over the unroll and per-step top-1 accuracy.
+def unroll_loss(step_outputs, draft, teacher: Teacher, grads=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted loss over the unroll and per-step top-1 accuracy ([ttt] fp32, on the device: read
+    after backward and the optimizer are launched, so the host does not wait for the forward's
+    end before launching backward).
 
     `step_outputs` is the draft's generator (Eagle3Draft.unroll): final-norm outputs, or with
     fused norms the pre-norm hiddens, whose fused head (trainer/head_loss.py) applies the final
@@ -111,4 +113,4 @@ def unroll_loss(step_outputs, draft, teacher: Teacher, grads=None) -> tuple[torc
         total = weighted if total is None else total + weighted
         accuracy.append(agree / counted)
         del output  # else this step's output stays alive through the next step's forward
-    return total, [float(a) for a in accuracy]
+    return total, torch.stack([a.float() for a in accuracy])
