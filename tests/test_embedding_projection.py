@@ -116,9 +116,10 @@ def test_no_step_keeps_its_embedding():
 
 
 def test_product_and_gradient_buffer_shapes_and_lifetimes(monkeypatch):
-    """P is [B, S + L - 1, q + k + v] in the compute dtype from before the first step to the last
-    backward call; G the same rows in fp32 from the first backward call to the last: bf16,
-    B 2, S 10, 3 steps, 64 columns: P [2, 12, 64] bf16 (3072 B), G [2, 12, 64] fp32 (6144 B)."""
+    """P is [B, S + L - 1, out] per projection (q, k, v) in the compute dtype from before the first
+    step to the last backward call; G the same in fp32 from the first backward call to the last:
+    bf16, B 2, S 10, 3 steps, q 32 and k, v 16 columns each: P [2, 12, 32] + 2 x [2, 12, 16] bf16
+    (1536 + 2 x 768 = 3072 B), G the same shapes in fp32 (6144 B)."""
     from trainer import draft as draft_module
 
     made = []
@@ -134,19 +135,22 @@ def test_product_and_gradient_buffer_shapes_and_lifetimes(monkeypatch):
     aux, ids, teacher = _micro_batch(torch.bfloat16, ttt, seed=10)
     loss, _ = draft(aux, ids, ttt, teacher)
     (shared,) = made
-    assert shared.product.shape == (2, 12, 64) and shared.product.dtype == torch.bfloat16
-    assert shared.product.untyped_storage().nbytes() == 3072
-    assert shared.grad is None  # not before backward
+    assert [tuple(p.shape) for p in shared.products] == [(2, 12, 32), (2, 12, 16), (2, 12, 16)]
+    assert {p.dtype for p in shared.products} == {torch.bfloat16}
+    assert sum(p.untyped_storage().nbytes() for p in shared.products) == 3072
+    assert shared.grads is None  # not before backward
     seen_grads = []
     add_grad = shared.add_grad
 
     def watched(k, out_grads):
         add_grad(k, out_grads)
-        seen_grads.append((k, tuple(shared.grad.shape), shared.grad.dtype, shared.grad.untyped_storage().nbytes()))
+        grads = shared.grads
+        seen_grads.append((k, [tuple(g.shape) for g in grads], {g.dtype for g in grads},
+                           sum(g.untyped_storage().nbytes() for g in grads)))
 
     shared.add_grad = watched
     loss.backward()
     # backward runs the steps last to first; one G throughout
-    assert seen_grads == [(k, (2, 12, 64), torch.float32, 6144) for k in (2, 1, 0)]
-    assert shared.product is None and shared.grad is None  # both gone at the last call
+    assert seen_grads == [(k, [(2, 12, 32), (2, 12, 16), (2, 12, 16)], {torch.float32}, 6144) for k in (2, 1, 0)]
+    assert shared.products is None and shared.grads is None  # both gone at the last call
 

@@ -8,7 +8,7 @@ one product over the unroll's S + L - 1 distinct tokens,
     P = norm(E[x_1 .. x_{S+L-1}]) @ W_e^T,
 
 made once before the first step and sliced by each. Backward is shifted the same way: each step
-adds its q/k/v output gradients into one fp32 buffer G over those rows (its rows k..k+S), and the
+adds its q/k/v output gradients into fp32 buffers G over those rows (its rows k..k+S), and the
 last step's backward call makes from G, in one GEMM each, the emb columns' weight gradients and
 the gradient of norm(E), whence the input_layernorm weight's. Per step this drops the emb half of
 the forward GEMM, of the weight-gradient GEMM and of the input-gradient GEMM (whose only use was
@@ -43,7 +43,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class EmbeddingProjection:
-    """P for one unroll, and G, the gradient of P summed over the steps' backward calls.
+    """P for one unroll, and G, the gradient of P summed over the steps' backward calls, each
+    kept as one tensor per projection: a step's rows of one are contiguous at batch 1, so adding
+    into them is one vectorized pass (a column slice of a joined table was a strided one).
 
     `ids` are the tokens the steps embed, [B, S + L - 1] (input positions 1 .. S + L - 1); `dtype`
     the steps' compute dtype, P's. P lives until the last backward call, G from the first.
@@ -52,16 +54,13 @@ class EmbeddingProjection:
     def __init__(self, table: torch.Tensor, ids: torch.Tensor, norm: torch.nn.Module,
                  projections: tuple[torch.Tensor, ...], dtype: torch.dtype, steps: int):
         self.table, self.ids, self.eps, self.dtype, self.steps = table, ids, norm.eps, dtype, steps
-        widths = [w.shape[0] for w in projections]
-        self.columns = [(sum(widths[:j]), sum(widths[: j + 1])) for j in range(len(widths))]
-        self.grad: torch.Tensor | None = None
+        self.grads: list[torch.Tensor] | None = None
         self.calls = 0
         with torch.no_grad():
             emb = self._embedding()
             normed, _ = self._normalize(emb, norm.weight)
             del emb
-            joined = torch.cat([w[:, : w.shape[1] // 2] for w in projections]).to(dtype)
-            self.product = normed @ joined.T
+            self.products = [normed @ w[:, : w.shape[1] // 2].to(dtype).T for w in projections]
 
     def _embedding(self) -> torch.Tensor:
         return F.embedding(self.ids, self.table).to(self.dtype)
@@ -73,17 +72,15 @@ class EmbeddingProjection:
 
     def step_rows(self, k: int, seq: int, j: int) -> torch.Tensor:
         """Step k's slice of P for projection j: [B, S, out_j]."""
-        a, b = self.columns[j]
-        return self.product[:, k : k + seq, a:b]
+        return self.products[j][:, k : k + seq]
 
     def add_grad(self, k: int, out_grads: tuple[torch.Tensor, ...]) -> None:
         """Step k's q/k/v output gradients into G's rows k..k+S (G made at the first call)."""
-        if self.grad is None:
-            b, rows, width = self.product.shape
-            self.grad = torch.zeros(b, rows, width, dtype=torch.float32, device=self.product.device)
+        if self.grads is None:
+            self.grads = [torch.zeros_like(p, dtype=torch.float32) for p in self.products]
         seq = out_grads[0].shape[1]
-        for (a, b), g in zip(self.columns, out_grads):
-            self.grad[:, k : k + seq, a:b].add_(g)
+        for grad, g in zip(self.grads, out_grads):
+            grad[:, k : k + seq].add_(g)
 
     def counted_last(self) -> bool:
         """Count one backward call; whether it is the unroll's last."""
@@ -94,22 +91,21 @@ class EmbeddingProjection:
                totals: list[torch.Tensor]) -> torch.Tensor:
         """At the last call: the emb columns' weight gradients added into `totals` (each weight's
         summed gradient), and the input norm weight's gradient returned. P and G go."""
-        self.product = None
-        grad = _rows(self.grad.to(self.dtype))  # the GEMMs run in the compute dtype, as the steps' did
-        self.grad = None
+        self.products = None
+        grads = [_rows(g.to(self.dtype)) for g in self.grads]  # the GEMMs run in the compute dtype, as the steps' did
+        self.grads = None
         emb = self._embedding()
         normed, rstd = self._normalize(emb, norm_weight)
         normed = _rows(normed)
         h = normed.shape[-1]
-        for (a, b), total in zip(self.columns, totals):
-            add_product(total[:, :h], grad[:, a:b].T, normed)
+        for grad, total in zip(grads, totals):
+            add_product(total[:, :h], grad.T, normed)
         del normed
         grad_normed = None
-        for (a, b), w in zip(self.columns, projections):
+        for grad, w in zip(grads, projections):
             w_e = w[:, :h].to(self.dtype)
-            part = grad[:, a:b]
-            grad_normed = part @ w_e if grad_normed is None else grad_normed.addmm_(part, w_e)
-        del grad
+            grad_normed = grad @ w_e if grad_normed is None else grad_normed.addmm_(grad, w_e)
+        del grads
         (weight_grad,) = compiled_on_cuda(emb.device.type, _norm_weight_grad)
         return weight_grad(grad_normed.view_as(emb), emb, rstd).to(norm_weight.dtype)
 

@@ -60,8 +60,8 @@ class Saved:
     casts: list[int] = field(default_factory=list)
     held: dict[int, list[int]] = field(default_factory=dict)  # step -> its roped key and value
     head_grad: int | None = None  # the head weight's gradient, made in forward (_in_forward)
-    projection: int | None = None  # the embedding's half of q/k/v over the unroll (_projected_once)
-    projection_grad: int | None = None  # its fp32 gradient, from the first q/k/v backward call
+    projection: list[int] | None = None  # the embedding's half of q/k/v over the unroll, per projection
+    projection_grad: list[int] | None = None  # its fp32 gradient, from the first q/k/v backward call
 
 
 def _lean(state: State) -> bool:
@@ -113,17 +113,21 @@ def draft_forward(t: Trace, state: State) -> Saved:
     return saved
 
 
-def _embedding_projection(t: Trace, state: State) -> int:
-    """P = norm(embedding) @ the emb columns of q/k/v over the unroll's S + L - 1 tokens: the
-    embedding gathered, normalised (the gather let go), the columns joined, the product."""
+def _embedding_projection(t: Trace, state: State) -> list[int]:
+    """P = norm(embedding) @ the emb columns of q/k/v over the unroll's S + L - 1 tokens, one
+    tensor per projection: the embedding gathered, normalised (the gather let go), then each
+    product (its emb columns cast to bf16 first where the weights are fp32)."""
     rows, h = draft_terms.projection_rows(state.job), state.sizes.h
     emb = t.alloc(BF16 * h * rows, "unroll's embedding")
     normed = t.alloc(BF16 * h * rows, "unroll's normed embedding")
     t.free(emb)
-    columns = t.alloc(BF16 * draft_terms.qkv_width(state.job) * h, "emb columns of q/k/v")
-    product = t.alloc(draft_terms.embedding_projection_bytes(state.job), "embedding projection P")
-    t.free(normed, columns)
-    return product
+    products = []
+    for name, width in zip(("q", "k", "v"), draft_terms.qkv_widths(state.job)):
+        cast = t.alloc(state.recipe.cast * width * h, f"emb columns of {name}_proj in bf16")
+        products.append(t.alloc(BF16 * width * rows, f"embedding projection P ({name})"))
+        t.free(cast)
+    t.free(normed)
+    return products
 
 
 # What a step saves for its backward in its attention and in its MLP block; a checkpointed
@@ -583,7 +587,9 @@ def _projected_input_backward(t: Trace, state: State, step: dict[str, int], k: i
     z = state.sizes
     row = BF16 * z.h * z.T
     if saved.projection_grad is None:
-        saved.projection_grad = t.alloc(draft_terms.embedding_grad_bytes(state.job), "embedding projection G")
+        saved.projection_grad = [t.alloc(FP32 * width * draft_terms.projection_rows(state.job),
+                                         f"embedding projection G ({name})")
+                                 for name, width in zip(("q", "k", "v"), draft_terms.qkv_widths(state.job))]
     incoming = [step.pop(name) for name in ("grad_q0", "grad_k0", "grad_v0")]
     normed = t.alloc(row, "norm output (again)")
     weight_grads = {"q_proj": step_grad_buffer(t, state, "q_proj")}
@@ -606,9 +612,9 @@ def _embedding_projection_backward(t: Trace, state: State, saved: Saved) -> None
     gathered and normalised again for the emb columns' weight gradients (added into the sums),
     then the normed embedding's gradient gives the input norm weight's."""
     rows, h = draft_terms.projection_rows(state.job), state.sizes.h
-    t.free(saved.projection)
+    t.free(*saved.projection)
     cast = t.alloc(BF16 * draft_terms.qkv_width(state.job) * rows, "G in bf16")
-    t.free(saved.projection_grad)
+    t.free(*saved.projection_grad)
     saved.projection = saved.projection_grad = None
     emb = t.alloc(BF16 * h * rows, "unroll's embedding (again)")
     normed = t.alloc(BF16 * h * rows, "unroll's normed embedding (again)")

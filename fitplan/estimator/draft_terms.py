@@ -106,9 +106,14 @@ def projection_rows(job: Job) -> int:
     return job.spec.micro_batch * (job.spec.seq + job.spec.ttt - 1)
 
 
-def qkv_width(job: Job) -> int:
+def qkv_widths(job: Job) -> tuple[int, int, int]:
+    """Output columns of q, k and v."""
     d = job.draft
-    return (d.heads + 2 * d.kv_heads) * d.head_dim
+    return d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim
+
+
+def qkv_width(job: Job) -> int:
+    return sum(qkv_widths(job))
 
 
 def embedding_projection_bytes(job: Job) -> int:
