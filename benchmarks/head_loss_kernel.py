@@ -27,9 +27,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the repo's train
 
 ROWS = 2097
 VOCABS = (32000, 128256)
-# (columns per block, warps per row, programs: None for one per row, else that many taking rows in turn)
-CONFIGS = ((1024, 4, None), (2048, 4, None), (1024, 4, 264), (1024, 4, 396), (1024, 4, 528), (2048, 8, 264),
-           (2048, 4, 396), (4096, 8, 264))
+# (columns per block, warps per row)
+CONFIGS = ((1024, 4), (2048, 4), (4096, 8), (2048, 8))
 WARMUP = 3
 
 
@@ -55,18 +54,14 @@ def variants():
     try:
         from trainer.head_loss_kernel import chunk_loss_grad
     except ImportError as err:
-        return found + [(_config_name(*config), f"triton does not import: {err}") for config in CONFIGS]
-    for config in CONFIGS:
-        found.append((_config_name(*config), _with_config(chunk_loss_grad, *config)))
+        return found + [(f"triton {b}x{w}", f"triton does not import: {err}") for b, w in CONFIGS]
+    for block, warps in CONFIGS:
+        found.append((f"triton {block}x{warps}", _with_config(chunk_loss_grad, block, warps)))
     return found
 
 
-def _config_name(block: int, warps: int, programs: int | None) -> str:
-    return f"triton {block}x{warps}" + (f" {programs} programs" if programs else "")
-
-
-def _with_config(kernel, block: int, warps: int, programs: int | None):
-    return lambda *case: kernel(*case, block=block, warps=warps, programs=programs)
+def _with_config(kernel, block: int, warps: int):
+    return lambda *case: kernel(*case, block=block, warps=warps)
 
 
 def time_ms(fn, case, repeats: int) -> float:

@@ -24,9 +24,7 @@ RUN_INTERPRETED = """
 import sys, torch
 from trainer.head_loss_kernel import chunk_loss_grad
 cases = torch.load(sys.argv[1])
-torch.save({name: {"per row": chunk_loss_grad(*args, block=block),
-                  "rows in turn": chunk_loss_grad(*args, block=block, programs=2)}
-            for name, (args, block) in cases.items()}, sys.argv[2])
+torch.save({name: chunk_loss_grad(*args, block=block) for name, (args, block) in cases.items()}, sys.argv[2])
 """
 
 
@@ -97,15 +95,9 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def by_grid(tmp_path_factory):
-    """Every case's (loss, agreements, gradient) from the kernel run by Triton's interpreter, with
-    a program per row and with two programs taking the rows in turn."""
+def interpreted(tmp_path_factory):
+    """Every case's (loss, agreements, gradient) from the kernel run by Triton's interpreter."""
     return run_interpreted(RUN_INTERPRETED, CASES, tmp_path_factory.mktemp("head_loss_kernel"))
-
-
-@pytest.fixture(params=["per row", "rows in turn"])
-def interpreted(by_grid, request):
-    return {name: results[request.param] for name, results in by_grid.items()}
 
 
 def _assert_matches_torch(mine, logits, teacher, p_rows, scale, as_logits):

@@ -45,30 +45,11 @@ WARPS = 4
 def _row_loss_grad(z_ptr, z_stride, z_col_stride, t_ptr, t_stride, t_col_stride, p_rows_ptr, scale_ptr,
                    grad_ptr, grad_stride, loss_ptr, agree_ptr, vocab, AS_LOGITS: tl.constexpr,
                    BLOCK: tl.constexpr):
-    """Row `program_id` of the chunk."""
-    _one_row(tl.program_id(0).to(tl.int64), z_ptr, z_stride, z_col_stride, t_ptr, t_stride, t_col_stride,
-             p_rows_ptr, scale_ptr, grad_ptr, grad_stride, loss_ptr, agree_ptr, vocab, AS_LOGITS, BLOCK)
-
-
-@triton.jit
-def _rows_loss_grad(z_ptr, z_stride, z_col_stride, t_ptr, t_stride, t_col_stride, p_rows_ptr, scale_ptr,
-                    grad_ptr, grad_stride, loss_ptr, agree_ptr, vocab, rows, AS_LOGITS: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    """Rows program_id, program_id + programs, ...: a fixed number of programs, so that fewer rows
-    are in flight at once and each row's second pass may find it still in L2."""
-    first, programs = tl.program_id(0), tl.num_programs(0)
-    for i in range(0, tl.cdiv(rows - first, programs)):
-        _one_row(first.to(tl.int64) + i * programs, z_ptr, z_stride, z_col_stride, t_ptr, t_stride, t_col_stride,
-                 p_rows_ptr, scale_ptr, grad_ptr, grad_stride, loss_ptr, agree_ptr, vocab, AS_LOGITS, BLOCK)
-
-
-@triton.jit
-def _one_row(row, z_ptr, z_stride, z_col_stride, t_ptr, t_stride, t_col_stride, p_rows_ptr, scale_ptr,
-             grad_ptr, grad_stride, loss_ptr, agree_ptr, vocab, AS_LOGITS: tl.constexpr, BLOCK: tl.constexpr):
-    """One row of the chunk: its loss, agreement and gradient (the gradient contiguous; column
-    strides of 1 are specialised by Triton, so the usual loads are vectorised). Every running
-    quantity is a [BLOCK] vector, one value per lane (lane k sees columns k, k + BLOCK, ...),
-    reduced across lanes once after its pass."""
+    """Row `program_id` of the chunk: its loss, agreement and gradient (the gradient contiguous;
+    column strides of 1 are specialised by Triton, so the usual loads are vectorised). Every
+    running quantity is a [BLOCK] vector, one value per lane (lane k sees columns k, k + BLOCK,
+    ...), reduced across lanes once after its pass."""
+    row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     t_row = t_ptr + tl.load(p_rows_ptr + row).to(tl.int64) * t_stride
     g_row = grad_ptr + row * grad_stride
@@ -169,21 +150,17 @@ def _first_argmax(best, arg, vocab):
 
 
 def chunk_loss_grad(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tensor, scale: torch.Tensor,
-                    as_logits: bool, block: int | None = None, warps: int = WARPS, programs: int | None = None):
+                    as_logits: bool, block: int | None = None, warps: int = WARPS):
     """(loss fp32, agreements int64, d/dz of scale x loss in the logits' dtype) of one chunk, as
     trainer/head_loss.py `_chunk_loss_grad`. logits [N, Vd]; teacher [M, Vd] whose row p_rows[i]
     scores row i (bf16 logits when as_logits, else probabilities); scale a 0-dim fp32 tensor.
-    `block`: columns per block (BLOCKS' for the teacher's kind when None); `programs`: that many
-    programs taking rows in turn (`_rows_loss_grad`), or None for a program per row."""
+    `block`: columns per block (BLOCKS' for the teacher's kind when None)."""
     rows, vocab = logits.shape
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     row_loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     row_agree = torch.empty(rows, dtype=torch.int32, device=logits.device)
     block = min(block or BLOCKS[as_logits], triton.next_power_of_2(vocab))
-    args = (logits, *logits.stride(), teacher, *teacher.stride(), p_rows, scale, grad, grad.stride(0), row_loss,
-            row_agree, vocab)
-    if programs is None:
-        _row_loss_grad[(rows,)](*args, AS_LOGITS=as_logits, BLOCK=block, num_warps=warps)
-    elif rows:
-        _rows_loss_grad[(min(programs, rows),)](*args, rows, AS_LOGITS=as_logits, BLOCK=block, num_warps=warps)
+    _row_loss_grad[(rows,)](logits, *logits.stride(), teacher, *teacher.stride(), p_rows, scale, grad,
+                            grad.stride(0), row_loss, row_agree, vocab, AS_LOGITS=as_logits, BLOCK=block,
+                            num_warps=warps)
     return row_loss.sum(), row_agree.sum(), grad
