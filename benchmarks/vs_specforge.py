@@ -704,19 +704,12 @@ def build_fitplan(job, frozen: dict, inputs: dict, device, args):
     scheduler = optim.cosine_with_warmup(optimizer, 0, total)
     lm_head, draft_ids, mask = frozen["lm_head"], frozen["draft_ids"], inputs["mask"].bool()
 
-    settled = False
-
     def step(phase) -> float:
-        nonlocal settled
         with phase("teacher"):
             ids, teacher = fitplan_teacher(inputs["hidden"], lm_head, inputs["ids"], mask, draft_ids, draft.t2d,
                                            spec.ttt, as_logits=draft.fused_norms)
-        value = fitplan_draft_step(draft, optimizer, inputs["aux"], ids, teacher, spec.ttt, scheduler=scheduler,
-                                   precision=spec.precision, phase=phase)
-        if not settled:  # as trainer/loop.py after its first step
-            loop.settle_garbage_collector()
-            settled = True
-        return value
+        return fitplan_draft_step(draft, optimizer, inputs["aux"], ids, teacher, spec.ttt, scheduler=scheduler,
+                                  precision=spec.precision, phase=phase)
 
     frozen_bytes = lm_head.numel() * lm_head.element_size() + module_frozen_bytes(draft)
     return step, frozen_bytes, {"recipe": spec.precision, "recompute_mlp": draft.midlayer.recompute_mlp}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import json
 import os
 import signal
@@ -190,15 +189,6 @@ def teach(run: Run, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     logits, aux = parallel.collect_target_outputs(logits, aux, run.ctx, spec.output_sharding)
     teacher = make_teacher(logits, mask, run.draft_ids, run.draft.t2d, spec.ttt, as_logits=run.draft.fused_norms)
     return aux, F.pad(ids, (0, spec.ttt)), teacher
-
-
-def settle_garbage_collector() -> None:
-    """Collect once, then exempt every object alive now (the model, and after a first step
-    torch.compile's and Triton's caches) from Python's cyclic collector, which would otherwise
-    walk them again in every full collection the steps' allocations trigger, while the GPU waits
-    for the host's next launch. Objects made later are still collected."""
-    gc.collect()
-    gc.freeze()
 
 
 def train_step(run: Run, meter: Meter) -> dict:
@@ -506,8 +496,6 @@ def _loop(r: Run, meter: Meter, stop: StopRequest, first: int, report: dict, pro
             start = time.perf_counter()
             record = train_step(r, meter)
             seconds = time.perf_counter() - start
-            if step == first:  # its kernels compiled
-                settle_garbage_collector()
             stopping = _any_rank(stop.requested, r.ctx)  # every rank must take the same path (collectives)
             saved, failure = None, None
             due = step == opts.steps or stopping or bool(opts.save_every and step % opts.save_every == 0)

@@ -103,8 +103,9 @@ def unroll_loss(step_outputs, draft, teacher: Teacher, grads=None) -> tuple[torc
             weight = STEP_DECAY**k / counted
             summed, agree = draft.lm_head(output, norm, teacher.table, rows, k + 1, teacher.as_logits, grads,
                                           weight if in_forward else None)
-            # by the one float the head made its gradients for: autograd then hands the head
-            # exactly that weight (in fp32), and its rescale by their ratio, 1, is skipped
+            # weighted by the float the head made its gradients with: autograd hands the head
+            # back exactly that weight (in fp32), so the ratio its backward rescales by is 1 and
+            # the rescale is skipped (trainer/rescale_kernel.py)
             weighted = summed * weight
         else:
             summed, agree = plain_step_loss(output, draft.lm_head, teacher, k + 1)
