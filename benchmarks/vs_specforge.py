@@ -62,11 +62,11 @@ Step k's extra keys (the diagonal: 4·B·S·k·H·d) are left out, as in steptim
 MFU = step FLOPs / step time / the GPU's dense bf16 peak from profiles/gpus.json (H200 SXM:
 989 TFLOP/s).
 
-Runtime on one H200 (docs/vs-specforge.md, calls A-R): a config costs ~10 s of process start and
-setup, then its first step, which compiles (fitplan: 26-45 s with a warm compile cache, 116-139 s
-cold with the split attention's diagonal graphs; SpecForge: flex once static and once dynamic, a
-block mask per TTT step, its RMSNorm, rotary and teacher functions, 54-90 s, over 280 s cold at
-S 16384), then ~0.1-0.8 s per further step. Two tools over all five shapes take more than one
+Runtime on one H200 (docs/vs-specforge.md, calls S-X): a config costs ~10 s of process start and
+setup, then its first step, which compiles (fitplan: 9-30 s, the split attention's diagonal keys
+on Triton kernels compiled once; SpecForge: flex once static and once dynamic, a block mask per
+TTT step, its RMSNorm, rotary and teacher functions, 58-90 s, 285 s cold at S 16384), then
+~0.1-0.8 s per further step, twice over with the unmetered steps. Two tools over all five shapes take more than one
 10-minute device call: --budget ends a call in time, and two or three calls of a few shapes
 each cover them (each shape's ratio still comes from one call).
 """
