@@ -124,24 +124,29 @@ def test_saved_tensor_sizes_by_hand():
 
 
 def test_embedding_projection_sizes_by_hand():
-    """llama-3.2-1b's draft (h 2048, q/k/v (32 + 2 x 8) x 64 = 3072 columns), S 4096, 7 steps: P
-    over S + L - 1 = 4102 tokens, 2 x 3072 x 4102 = 25,202,688 B, once per micro-step, its fp32
-    gradient G twice that, and G's bf16 copy at the last call as P; no step's embedding. Off, each
-    step gathers its own [T, h] bf16 embedding, 2 x 2048 x 4096, and there is no P."""
+    """llama-3.2-1b's draft (h 2048; q 32 x 64 = 2048 columns, k and v 8 x 64 = 512 each), S 4096,
+    7 steps: P over S + L - 1 = 4102 tokens, one tensor per projection, 2 x 2048 x 4102 =
+    16,801,792 B for q and 2 x 512 x 4102 = 4,200,448 B for k and v (25,202,688 B in all), once per
+    micro-step (two in the sequence: step 1 and steady state); its fp32 gradient G twice that, and
+    G's bf16 copy at the last call as P; no step's embedding. Off, each step gathers its own [T, h]
+    bf16 embedding, 2 x 2048 x 4096, and there is no P."""
     j = job()
-    assert sizes_named(j, "embedding projection P") == [2 * 3072 * 4102] * 2 == [25_202_688] * 2
-    assert sizes_named(j, "embedding projection G") == [4 * 3072 * 4102] * 2 == [50_405_376] * 2
-    assert sizes_named(j, "G in bf16") == [25_202_688] * 2
+    for name, columns in (("q", 2048), ("k", 512), ("v", 512)):
+        assert sizes_named(j, f"embedding projection P ({name})") == [2 * columns * 4102] * 2
+        assert sizes_named(j, f"embedding projection G ({name})") == [4 * columns * 4102] * 2
+        assert sizes_named(j, f"G in bf16 ({name})") == [2 * columns * 4102] * 2
+    assert 2 * 2048 * 4102 + 2 * (2 * 512 * 4102) == 16_801_792 + 2 * 4_200_448 == 25_202_688
     assert sizes_named(j, "embedding") == []
     per_step = job(project_embedding_once=False)
     assert sizes_named(per_step, "embedding") == [2 * 2048 * 4096] * 14 == [16_777_216] * 14
-    assert sizes_named(per_step, "embedding projection P") == []
+    assert all(sizes_named(per_step, f"embedding projection P ({name})") == [] for name in "qkv")
 
 
 def test_the_last_qkv_backward_call_holds_the_estimators_instant():
-    """At G's bf16 copy in the steady step's last q/k/v backward call (P gone, G beside its copy)
-    the sequence holds what eagle3.embedding_finish counts beside the resident state and the aux
-    states: every grad but fc's and the input norm's, the draft's tensors left, G and the copy.
+    """At G's bf16 copies in the steady step's last q/k/v backward call (P gone, G beside its
+    copies, v's the last made) the sequence holds what eagle3.embedding_finish counts beside the
+    resident state and the aux states: every grad but fc's and the input norm's, the draft's
+    tensors left, G and the copies.
     An instant that outweighs the others only where the grads outweigh a step's activations."""
     from fitplan.estimator import eagle3, target_terms
     from fitplan.estimator.runtime import CUBLAS_WORKSPACE_BYTES
@@ -149,7 +154,7 @@ def test_the_last_qkv_backward_call_holds_the_estimators_instant():
 
     j = job()
     built = step_events.build(j)
-    at = max(i for i, e in enumerate(built.events) if e.op == "alloc" and built.names[e.key] == "G in bf16")
+    at = max(i for i, e in enumerate(built.events) if e.op == "alloc" and built.names[e.key] == "G in bf16 (v)")
     state = draft_state(j)
     resident = phase(target__weights=target_terms.resident_weights(j), draft__params=state.params(),
                      runtime__workspace=CUBLAS_WORKSPACE_BYTES, target__outputs=target_terms.aux_outputs_bytes(j))

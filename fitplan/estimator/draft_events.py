@@ -608,12 +608,13 @@ def _projected_input_backward(t: Trace, state: State, step: dict[str, int], k: i
 
 
 def _embedding_projection_backward(t: Trace, state: State, saved: Saved) -> None:
-    """The last call's embedding half: P goes, G is cast to bf16 and goes, the embedding is
+    """The last call's embedding half: P goes, G is cast to bf16 (each projection's) and goes, the embedding is
     gathered and normalised again for the emb columns' weight gradients (added into the sums),
     then the normed embedding's gradient gives the input norm weight's."""
     rows, h = draft_terms.projection_rows(state.job), state.sizes.h
     t.free(*saved.projection)
-    cast = t.alloc(BF16 * draft_terms.qkv_width(state.job) * rows, "G in bf16")
+    casts = [t.alloc(BF16 * width * rows, f"G in bf16 ({name})")
+             for name, width in zip(("q", "k", "v"), draft_terms.qkv_widths(state.job))]
     t.free(*saved.projection_grad)
     saved.projection = saved.projection_grad = None
     emb = t.alloc(BF16 * h * rows, "unroll's embedding (again)")
@@ -621,7 +622,7 @@ def _embedding_projection_backward(t: Trace, state: State, saved: Saved) -> None
     rstd = t.alloc(FP32 * rows, "rstd")
     t.free(normed)
     grad_normed = t.alloc(BF16 * h * rows, "grad of the unroll's normed embedding")
-    t.free(cast)
+    t.free(*casts)
     accumulate_grad(t, state, "input_layernorm")
     t.free(emb, rstd, grad_normed)
 
