@@ -513,3 +513,20 @@ def test_norm_swiglu_down_keeps_its_input_only():
     # keeping gate and up instead: 2 x 32 x 48 x 4 bytes more
     kept = _saved_bytes(lambda: SwiGLUDown.apply(*norm_project((x,), (norm,), EPS, (w_gate, w_up)), w_down))
     assert kept == want + 2 * tokens * inner * 4
+
+
+def test_counted_rows_by_hand():
+    """valid [2, 6]: row 0 counts teacher positions 0, 2, 3; row 1 positions 1, 4, 5. The step
+    scored at offset 1 over S = 4 positions sees teacher positions 1..4: row 0 has 2 and 3 (its
+    positions 1 and 2 in the step), row 1 has 1 and 4 (0 and 3); 4 in all. Hidden rows are b * S
+    + t, teacher rows b * 6 + position."""
+    from trainer.head_loss import CountedRows
+
+    valid = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 0, 0, 1, 1]], dtype=torch.bool)
+    rows = CountedRows(valid)
+    assert rows.count(1, 4) == 4 and rows.count(0, 6) == 6 and rows.count(5, 1) == 1
+    x_rows, p_rows = rows.for_step(1, 4)
+    assert x_rows.tolist() == [1, 2, 4 + 0, 4 + 3] and p_rows.tolist() == [2, 3, 6 + 1, 6 + 4]
+    assert x_rows.dtype == p_rows.dtype == torch.int64
+    empty = CountedRows(torch.zeros(2, 6, dtype=torch.bool))
+    assert empty.count(1, 4) == 0 and empty.for_step(1, 4)[0].tolist() == []
