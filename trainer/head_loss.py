@@ -63,16 +63,19 @@ class CountedRows:
         self.device = valid.device
         self.positions = [np.flatnonzero(row) for row in valid.cpu().numpy()]  # sorted per row
 
+    def _spans(self, offset: int, seq: int) -> list[np.ndarray]:
+        """Per row, where teacher positions offset .. offset + seq start and end in its positions."""
+        return [np.searchsorted(j, (offset, offset + seq)) for j in self.positions]
+
     def count(self, offset: int, seq: int) -> int:
         """Positions the step scored at teacher offset counts."""
-        return sum(int(np.diff(np.searchsorted(j, (offset, offset + seq)))[0]) for j in self.positions)
+        return sum(int(hi - lo) for lo, hi in self._spans(offset, seq))
 
     def for_step(self, offset: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows of the step's [B*S, h] hidden, rows of the teacher's [B*(S+L), Vd] table) for the
         step scored against teacher positions t + offset."""
         x_rows, p_rows = [], []
-        for row, j in enumerate(self.positions):
-            lo, hi = np.searchsorted(j, (offset, offset + seq))
+        for row, (j, (lo, hi)) in enumerate(zip(self.positions, self._spans(offset, seq))):
             kept = j[lo:hi]
             x_rows.append(row * seq + kept - offset)
             p_rows.append(row * self.padded + kept)

@@ -5,8 +5,9 @@ rescales them by what autograd hands it over that weight (trainer/head_loss.py).
 step (one micro-batch, the loss weighted by the same fp32 scalar the head was given) that ratio
 is exactly 1, but only the device knows it: reading it on the host would stall the backward
 queue. torch's mul_ by 1 still reads and writes the whole tensor, a [B, S, h] gradient per TTT
-step (2.6 ms over the seven steps at B1 S16384 on an H200). Here every program reads the scalar first and
-touches its block only when it is not 1; x * 1 is x exactly, so both ways give the same bits.
+step (2.6 ms over the seven steps at B1 S16384 on an H200). Here every program reads the scalar
+first and touches its block only when it is not 1; x * 1 is x exactly, so both ways give the
+same bits.
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def _embedding_projection(t: Trace, state: State) -> list[int]:
     normed = t.alloc(BF16 * h * rows, "unroll's normed embedding")
     t.free(emb)
     products = []
-    for name, width in zip(("q", "k", "v"), draft_terms.qkv_widths(state.job)):
+    for name, width in draft_terms.qkv_widths(state.job).items():
         cast = t.alloc(state.recipe.cast * width * h, f"emb columns of {name}_proj in bf16")
         products.append(t.alloc(BF16 * width * rows, f"embedding projection P ({name})"))
         t.free(cast)
@@ -589,7 +589,7 @@ def _projected_input_backward(t: Trace, state: State, step: dict[str, int], k: i
     if saved.projection_grad is None:
         saved.projection_grad = [t.alloc(FP32 * width * draft_terms.projection_rows(state.job),
                                          f"embedding projection G ({name})")
-                                 for name, width in zip(("q", "k", "v"), draft_terms.qkv_widths(state.job))]
+                                 for name, width in draft_terms.qkv_widths(state.job).items()]
     incoming = [step.pop(name) for name in ("grad_q0", "grad_k0", "grad_v0")]
     normed = t.alloc(row, "norm output (again)")
     weight_grads = {"q_proj": step_grad_buffer(t, state, "q_proj")}
@@ -608,13 +608,13 @@ def _projected_input_backward(t: Trace, state: State, step: dict[str, int], k: i
 
 
 def _embedding_projection_backward(t: Trace, state: State, saved: Saved) -> None:
-    """The last call's embedding half: P goes, G is cast to bf16 (each projection's) and goes, the embedding is
-    gathered and normalised again for the emb columns' weight gradients (added into the sums),
-    then the normed embedding's gradient gives the input norm weight's."""
+    """The last call's embedding half: P goes, G is cast to bf16 (each projection's) and goes, the
+    embedding is gathered and normalised again for the emb columns' weight gradients (added into
+    the sums), then the normed embedding's gradient gives the input norm weight's."""
     rows, h = draft_terms.projection_rows(state.job), state.sizes.h
     t.free(*saved.projection)
     casts = [t.alloc(BF16 * width * rows, f"G in bf16 ({name})")
-             for name, width in zip(("q", "k", "v"), draft_terms.qkv_widths(state.job))]
+             for name, width in draft_terms.qkv_widths(state.job).items()]
     t.free(*saved.projection_grad)
     saved.projection = saved.projection_grad = None
     emb = t.alloc(BF16 * h * rows, "unroll's embedding (again)")

@@ -106,14 +106,14 @@ def projection_rows(job: Job) -> int:
     return job.spec.micro_batch * (job.spec.seq + job.spec.ttt - 1)
 
 
-def qkv_widths(job: Job) -> tuple[int, int, int]:
-    """Output columns of q, k and v."""
+def qkv_widths(job: Job) -> dict[str, int]:
+    """Output columns of each projection: {"q": .., "k": .., "v": ..}."""
     d = job.draft
-    return d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim
+    return {"q": d.heads * d.head_dim, "k": d.kv_heads * d.head_dim, "v": d.kv_heads * d.head_dim}
 
 
 def qkv_width(job: Job) -> int:
-    return sum(qkv_widths(job))
+    return sum(qkv_widths(job).values())
 
 
 def embedding_projection_bytes(job: Job) -> int:
