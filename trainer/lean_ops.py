@@ -26,10 +26,15 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _swiglu_grads(grad_product: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-    """(d gate, d up) of silu(gate) * up, silu recomputed."""
-    grad_up = grad_product * F.silu(gate)
-    return torch.ops.aten.silu_backward(grad_product * up, gate), grad_up
+def _swiglu_backward(grad_product: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+    """(silu(gate) * up, d gate, d up) for the product's gradient: the product made again (for
+    down's weight gradient) with both input gradients, d gate over `grad_product` (in place, as
+    the CUDA kernel writes it, so the same tensors are alive on every device)."""
+    product = F.silu(gate)
+    grad_up = grad_product * product
+    product.mul_(up)
+    grad_silu = grad_product.mul_(up)
+    return product, grad_product.copy_(torch.ops.aten.silu_backward(grad_silu, gate)), grad_up
 
 
 @lru_cache(maxsize=None)
@@ -53,16 +58,21 @@ def triton_module(name: str):
 
 
 def swiglu_kernels(device_type: str):
-    """SwiGLU's elementwise passes: (silu(gate) * up, its (d gate, d up))."""
-    return compiled_on_cuda(device_type, _swiglu, _swiglu_grads)
+    """SwiGLU's elementwise passes: (silu(gate) * up, its backward (product, d gate, d up)). On
+    CUDA the Triton kernels of trainer/swiglu_kernel.py (the backward in one pass, d gate written
+    over the product's gradient) where triton imports, else the torch functions compiled."""
+    kernels = triton_module("swiglu_kernel") if device_type == "cuda" else None
+    if kernels:
+        return kernels.swiglu, kernels.swiglu_backward
+    return compiled_on_cuda(device_type, _swiglu, _swiglu_backward)
 
 
 class SwiGLUDown(torch.autograd.Function):
     """down_proj(silu(gate) * up) keeping only gate and up [.., I] for backward.
 
     torch's composition keeps gate (silu's input), silu(gate) and up (the product's inputs) and
-    the product (down_proj's input): 8I bytes per token in bf16. This keeps 4I and recomputes
-    silu and the product in backward (one fused pass on CUDA).
+    the product (down_proj's input): 8I bytes per token in bf16. This keeps 4I and makes the
+    product again in backward, in the pass that makes the gradients of gate and up.
     """
 
     @staticmethod
@@ -86,11 +96,11 @@ class SwiGLUDown(torch.autograd.Function):
 
 def swiglu_down_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, w_down: torch.Tensor,
                          grad_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """down_proj(silu(gate) * up)'s backward for `grad` (in the compute dtype): down's weight
-    gradient added into `grad_w` from the product made again (and freed), then the gradients of
-    gate and up."""
-    swiglu, swiglu_grads = swiglu_kernels(gate.device.type)
-    product = swiglu(gate, up).to(grad.dtype)
-    add_product(grad_w, grad.reshape(-1, grad.shape[-1]).T, product.reshape(-1, product.shape[-1]))
-    del product
-    return swiglu_grads((grad @ w_down.to(grad.dtype)).to(gate.dtype), gate, up)
+    """down_proj(silu(gate) * up)'s backward for `grad` (in the compute dtype): the product's
+    gradient, then in one pass the product made again and the gradients of gate and up (d gate
+    over the product's gradient), then down's weight gradient added into `grad_w` from the
+    product, which is freed. Returns (d gate, d up)."""
+    _, swiglu_backward = swiglu_kernels(gate.device.type)
+    product, grad_gate, grad_up = swiglu_backward((grad @ w_down.to(grad.dtype)).to(gate.dtype), gate, up)
+    add_product(grad_w, grad.reshape(-1, grad.shape[-1]).T, product.reshape(-1, product.shape[-1]).to(grad.dtype))
+    return grad_gate, grad_up

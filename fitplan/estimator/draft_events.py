@@ -413,13 +413,13 @@ def _mlp_backward(t: Trace, state: State, step: dict[str, int]) -> None:
     if recomputes_mlp(state.job):
         _recomputed_mlp_backward(t, state, step)
         return
-    if _lean(state):  # SwiGLUDown.backward: product recomputed for down's grad, then 6I at its peak
-        product = t.alloc(wide, "recomputed SwiGLU product")
+    if _lean(state):  # SwiGLUDown.backward: the product's gradient, then one pass makes the
+        # product again, d up, and d gate over the product's gradient (trainer/swiglu_kernel.py):
+        # gate, up and those three at its peak, while down's weight gradient is made
+        grad_gate = t.alloc(wide, "grad of product, then of gate")
+        product, grad_up = t.alloc(wide, "recomputed SwiGLU product"), t.alloc(wide, "grad of up")
         step_grad(t, state, "down_proj")
-        t.free(product)
-        grad_product = t.alloc(wide, "grad of product")
-        grad_gate, grad_up = t.alloc(wide, "grad of gate"), t.alloc(wide, "grad of up")
-        t.free(grad_product, step.pop("gate"), step.pop("up"))
+        t.free(product, step.pop("gate"), step.pop("up"))
     else:
         grad_product = t.alloc(wide, "grad of product")
         accumulate_grad(t, state, "down_proj")
@@ -445,21 +445,19 @@ def _mlp_backward(t: Trace, state: State, step: dict[str, int]) -> None:
 
 
 def _recomputed_mlp_backward(t: Trace, state: State, step: dict[str, int]) -> None:
-    """trainer/recompute_mlp.py backward: the norm's output, gate and up made again; down's
-    weight gradient from the product, SwiGLU's gradients (gate, up, the product's gradient and
-    both input gradients alive at once), gate's and up's weight gradients, the norm's input
-    gradient; the four weight gradients are returned together."""
+    """trainer/recompute_mlp.py backward: the norm's output, gate and up made again; the
+    product's gradient, then the product again and both input gradients in one pass (d gate over
+    the product's gradient), down's weight gradient from the product; gate's and up's weight
+    gradients, the norm's input gradient; the four weight gradients are returned together."""
     z = state.sizes
     wide, row = BF16 * z.I * z.T, BF16 * z.h * z.T
     weight_grads = {}
     normed = t.alloc(row, "norm output (again)")
     gate, up = t.alloc(wide, "gate (again)"), t.alloc(wide, "up (again)")
-    product = t.alloc(wide, "recomputed SwiGLU product")
     weight_grads["down_proj"] = step_grad_buffer(t, state, "down_proj")
-    t.free(product)
-    grad_product = t.alloc(wide, "grad of product")
-    grad_gate, grad_up = t.alloc(wide, "grad of gate"), t.alloc(wide, "grad of up")
-    t.free(grad_product, gate, up)
+    grad_gate = t.alloc(wide, "grad of product, then of gate")
+    product, grad_up = t.alloc(wide, "recomputed SwiGLU product"), t.alloc(wide, "grad of up")
+    t.free(product, gate, up)
     for name in ("gate_proj", "up_proj"):
         weight_grads[name] = step_grad_buffer(t, state, name)
     t.free(normed)
