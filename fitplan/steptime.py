@@ -40,14 +40,19 @@ from fitplan.units import BF16, FP32
 #   checked on qwen3-8b tp4 (0.392: predicted 7% fast) and the one-GPU H200 dense eagle3 rows
 #   (0.453-0.476: predicted 8-13% slow; the trainer with the dense TTT mask).
 DENSE_EFFICIENCY = 0.42
-# - The Eagle3 draft in fitplan's trainer (its model FLOPs and what it computes again): fitted on
-#   the offline steps benchmarks/vs_specforge.py measured on one H200 with the head's logits made
-#   again in backward (docs/data/vs_specforge*.json, calls A-J and the knob-off tool of K-L: 26
-#   steps, B1-2, S 2048-16384, with and without recompute_mlp), where the target is only the
-#   teacher's lm_head: median implied efficiency 0.488 (0.39-0.45 at S 2048, where launches and
-#   small kernels weigh more; 0.47-0.51 from 4096 on). Checked on the 7 steps with the head's
-#   gradients made in forward (calls K-N), never fitted on: median 0.483.
-DRAFT_EFFICIENCY = 0.49
+# - The Eagle3 draft in fitplan's trainer (the FLOPs it computes, the attention priced as flex
+#   less what the split attention saves): fitted on the trainer's offline steps that
+#   benchmarks/vs_specforge.py measured on one H200 at B1 S 2048, 4096, 8192 and 16384
+#   (docs/data/vs_fitplan_steps_y.json and vs_fitplan_16k_y.json, call Y), where the target is
+#   only the teacher's lm_head: implied efficiencies 0.489, 0.537, 0.548, 0.520, median 0.528
+#   (lowest at 2048, where launches and the optimizer's fixed few milliseconds weigh more).
+#   Held out: the same call's B2 S2048, B2 S4096 and B1 S6144 (predicted 1-8% over), the same
+#   trainer's steps beside SpecForge in calls Z-AA (-1..+8% from S 4096; 14% fast at 2048, where
+#   the step moved 7% between calls) and calls W-X, the trainer before its SwiGLU kernel (1-9%
+#   over). Older trainers (flex at every length,
+#   the embedding's half projected per step) ran 3-25% slower than this says
+#   (tests/test_steptime.py).
+DRAFT_EFFICIENCY = 0.53
 # - MoE targets in transformers' eager expert loop (gpt-oss, Qwen-MoE: one bf16 GEMM per routed
 #   expert in a Python loop), and the eager attention of gpt-oss (no SDPA path in transformers),
 #   which is memory-bound: its [B, H, S, S+1] scores are written, masked, concatenated with the

@@ -73,14 +73,15 @@ def test_grad_gate_takes_the_products_gradients_memory(interpreted, name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", list(CASES))
 def test_as_torch_on_cuda(name):
-    """Against torch's fp32 formulas rounded once: within one step of the output dtype (the
-    kernel's sigmoid and torch's may differ in fp32's last bit), the product identical both ways."""
+    """Against torch's fp32 formulas rounded once: bf16 within one bf16 step (the kernel's
+    sigmoid and torch's may differ in fp32's last bits), fp32 within 1e-5 (d gate's factor
+    1 + g (1 - sigmoid(g)) cancels near g = -1.28), the product identical both ways."""
     from trainer.swiglu_kernel import swiglu, swiglu_backward
 
     grad, gate, up = (t.cuda() for t in CASES[name])
     want = _reference(grad, gate, up)
     product, grad_gate, grad_up = swiglu_backward(grad.clone(), gate, up)
-    rtol = 2**-7 if gate.dtype == torch.bfloat16 else 1e-6
+    tol = {"rtol": 2**-7, "atol": 1e-30} if gate.dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
     for key, got in (("product", product), ("grad_gate", grad_gate), ("grad_up", grad_up)):
-        torch.testing.assert_close(got, want[key], rtol=rtol, atol=1e-30)
+        torch.testing.assert_close(got, want[key], **tol)
     assert torch.equal(swiglu(gate, up), product)
