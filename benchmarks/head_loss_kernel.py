@@ -119,16 +119,26 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def kernel_bench_args(doc: str, name: str, argv) -> argparse.Namespace | None:
+    """A kernel benchmark's --out and --repeats, or None (said on stderr) where torch sees no CUDA GPU."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per variant (median reported)")
     args = parser.parse_args(argv)
     import torch
 
     if not torch.cuda.is_available():
-        print("head_loss_kernel benchmark: needs a CUDA GPU; torch sees none", file=sys.stderr)
+        print(f"{name} benchmark: needs a CUDA GPU; torch sees none", file=sys.stderr)
+        return None
+    return args
+
+
+def main(argv=None) -> int:
+    args = kernel_bench_args(__doc__, "head_loss_kernel", argv)
+    if args is None:
         return 2
+    import torch
+
     from trainer.head_loss import _chunk_loss_grad
 
     began = time.perf_counter()

@@ -14,7 +14,6 @@ triton only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the repo's trainer and benchmarks
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.head_loss_kernel import time_ms  # noqa: E402
+from benchmarks.head_loss_kernel import kernel_bench_args, time_ms  # noqa: E402
 
 INNER = 14336
 TOKENS = (4096, 16384)
@@ -124,15 +123,11 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls per variant (median reported)")
-    args = parser.parse_args(argv)
+    args = kernel_bench_args(__doc__, "swiglu_kernel", argv)
+    if args is None:
+        return 2
     import torch
 
-    if not torch.cuda.is_available():
-        print("swiglu_kernel benchmark: needs a CUDA GPU; torch sees none", file=sys.stderr)
-        return 2
     began, rows = time.perf_counter(), []
     for tokens in TOKENS:
         g = torch.Generator(device="cuda").manual_seed(tokens)
