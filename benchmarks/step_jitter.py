@@ -47,16 +47,6 @@ class Collections:
         return done
 
 
-def _gpu_reading(device) -> dict:
-    """SM clock (MHz) and power (W) through NVML, or nothing where it does not answer."""
-    import torch
-
-    try:
-        return {"sm_mhz": torch.cuda.clock_rate(device), "watts": torch.cuda.power_draw(device) / 1e3}
-    except Exception:  # NVML absent or unsupported: the timings still stand
-        return {}
-
-
 def run_steps(step_fn, device, count: int, collections: Collections) -> list[dict]:
     import torch
 
@@ -96,9 +86,10 @@ class _Phase:
         end = torch.cuda.Event(enable_timing=True)
         end.record()
         host = time.perf_counter() - self.host
+        reading = vs_specforge.gpu_reading(self.device)  # before the sync: the GPU still busy
         torch.cuda.synchronize(self.device)
         self.phases[self.name] = {"gpu_s": self.start.elapsed_time(end) / 1e3, "host_s": host,
-                                  "gc": self.collections.take(), **_gpu_reading(self.device)}
+                                  "gc": self.collections.take(), **reading}
         return False
 
 

@@ -307,15 +307,17 @@ def render(meta: dict, results: list[dict]) -> str:
             header = (f"| B x S | step s {label} / {other} | time ratio | unmetered step s {label} / {other} "
                       f"| unmetered ratio | draft memory GiB {label} / {other} "
                       f"| memory ratio | tokens/s {label} / {other} | MFU {label} / {other} "
-                      f"| first step s {label} / {other} |")
-            rows = ["", header, "|---|---|---|---|---|---|---|---|---|---|"]
+                      f"| first step s {label} / {other} | SM clock MHz {label} / {other} "
+                      f"| board power W {label} / {other} |")
+            rows = ["", header, "|---" * 12 + "|"]
             for b, s in shapes:
                 f, g = by.get((tool, b, s), {}), by.get((reference, b, s), {})
                 rows.append(f"| {b} x {s} | {_pair(f, g, 'step_s', 1, '.3f')} | {_ratio(f, g, 'step_s')} "
                             f"| {_pair(f, g, 'unmetered_step_s', 1, '.3f')} | {_ratio(f, g, 'unmetered_step_s')} "
                             f"| {_pair(f, g, 'draft_mem', GIB, '.2f')} | {_ratio(f, g, 'draft_mem')} "
                             f"| {_pair(f, g, 'tokens_per_s', 1, ',.0f')} | {_pair(f, g, 'mfu', 0.01, '.1f', '%')} "
-                            f"| {_pair(f, g, 'first_step_s', 1, '.0f')} |")
+                            f"| {_pair(f, g, 'first_step_s', 1, '.0f')} | {_pair(f, g, 'sm_mhz', 1, '.0f')} "
+                            f"| {_pair(f, g, 'watts', 1, '.0f')} |")
             lines += rows
     failed = [f"{r['tool']} {r['batch']}x{r['seq']}: {r.get('error', 'failed')}" for r in results if not r.get("ok")]
     teacher = ("full-vocab logits (SpecForge's default)" if meta.get("specforge_teacher", "full") == "full"
@@ -328,7 +330,9 @@ def render(meta: dict, results: list[dict]) -> str:
         f"steps again with no phase boundary, synchronized only at the step's start and end. Draft memory: peak allocated over the step minus the frozen target "
         f"lm_head, draft embedding and buffers and the inputs. MFU: (fitplan.steptime.draft_flops + the teacher's "
         f"2·B·S·V·h) / step time / {peak if peak else '?'} TFLOP/s (dense bf16, profiles/gpus.json). "
-        f"Attention: {_attention_shown(meta.get('attention', 'flex'))}. First step: wall time including compilation. SpecForge: "
+        f"Attention: {_attention_shown(meta.get('attention', 'flex'))}. First step: wall time including compilation. "
+        f"SM clock and board power: medians over the timed steps of NVML's readings as each phase finished queuing "
+        f"(dashes where NVML did not answer). SpecForge: "
         f"its module unwrapped; SpecForge FSDP: wrapped in FSDP1 over one rank, as its trainer wraps it.")
     lines = [caption, *lines]
     if failed:
@@ -538,11 +542,25 @@ def throughput(job, step_s: float, batch: int, seq: int) -> dict:
             "mfu": flops / step_s / (peak * 1e12)}
 
 
+def gpu_reading(device) -> dict:
+    """The SM clock (MHz) and board power (W) through NVML, or nothing where it does not answer
+    (a CPU run, or no NVML): at the power limit the clock is throttled, and a step's time with it."""
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    try:
+        return {"sm_mhz": torch.cuda.clock_rate(device), "watts": torch.cuda.power_draw(device) / 1e3}
+    except Exception:  # NVML absent or unsupported: the timings still stand
+        return {}
+
+
 class Clock:
-    """One step's phases: CUDA-event (CPU: wall) time and trainer.measure.Meter's memory peaks."""
+    """One step's phases: CUDA-event (CPU: wall) time, trainer.measure.Meter's memory peaks, and
+    the SM clock and board power read as each phase's kernels finish queuing."""
 
     def __init__(self, device, meter):
-        self.device, self.meter, self.marks = device, meter, []
+        self.device, self.meter, self.marks, self.readings = device, meter, [], []
 
     def mark(self):
         import torch
@@ -562,11 +580,12 @@ class Clock:
             start = self.mark()
             yield
             self.marks.append((name, start, self.mark()))
+            self.readings.append(gpu_reading(self.device))  # before the meter's sync: the GPU still busy
 
     def step(self, step_fn) -> dict:
         import torch
 
-        self.marks = []
+        self.marks, self.readings = [], []
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         wall, first = time.perf_counter(), self.mark()
@@ -577,7 +596,7 @@ class Clock:
         return {"seconds": self.seconds(first, last), "wall_s": time.perf_counter() - wall, "loss": loss,
                 "phases": {name: self.seconds(s, e) for name, s, e in self.marks},
                 "allocated": {name: m["allocated"] for name, m in memory.items()},
-                "reserved": max(m["reserved"] for m in memory.values())}
+                "reserved": max(m["reserved"] for m in memory.values()), "gpu": self.readings}
 
     def unmetered_step(self, step_fn) -> float:
         """Seconds of one step with no phase boundary: synchronized at its start and end only, so
@@ -611,7 +630,9 @@ def measure(step_fn, device, warmup: int, steps: int) -> dict:
     timed = records[warmup:]
     phases = {name: statistics.median(r["phases"][name] for r in timed) for name in timed[0]["phases"]}
     peaks = {name: max(r["allocated"][name] for r in timed) for name in timed[0]["allocated"]}
-    return {"step_s": statistics.median(r["seconds"] for r in timed), "step_s_all": [r["seconds"] for r in records],
+    readings = [reading for r in timed for reading in r["gpu"] if reading]
+    gpu = {key: statistics.median(reading[key] for reading in readings) for key in ("sm_mhz", "watts") if readings}
+    return {**gpu, "step_s": statistics.median(r["seconds"] for r in timed), "step_s_all": [r["seconds"] for r in records],
             "unmetered_step_s": statistics.median(unmetered), "unmetered_step_s_all": unmetered,
             "first_step_s": records[0]["wall_s"], "phases_s": phases, "phase_peak_allocated": peaks,
             "peak_allocated": max(peaks.values()), "peak_reserved": max(r["reserved"] for r in timed),
