@@ -49,9 +49,8 @@ DENSE_EFFICIENCY = 0.42
 #   Held out: the same call's B2 S2048, B2 S4096 and B1 S6144 (predicted 1-8% over), the same
 #   trainer's steps beside SpecForge in calls Z-AA (-1..+8% from S 4096; 14% fast at 2048, where
 #   the step moved 7% between calls) and calls W-X, the trainer before its SwiGLU kernel (1-9%
-#   over). Older trainers (flex at every length,
-#   the embedding's half projected per step) ran 3-25% slower than this says
-#   (tests/test_steptime.py).
+#   over). Older trainers (flex at every length, the embedding's half projected per step) ran
+#   3-25% slower than this says (tests/test_steptime.py).
 DRAFT_EFFICIENCY = 0.53
 # - MoE targets in transformers' eager expert loop (gpt-oss, Qwen-MoE: one bf16 GEMM per routed
 #   expert in a Python loop), and the eager attention of gpt-oss (no SDPA path in transformers),
