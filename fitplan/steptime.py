@@ -45,7 +45,9 @@ DENSE_EFFICIENCY = 0.42
 #   benchmarks/vs_specforge.py measured on one H200 at B1 S 2048, 4096, 8192 and 16384
 #   (docs/data/vs_fitplan_steps_y.json and vs_fitplan_16k_y.json, call Y), where the target is
 #   only the teacher's lm_head: implied efficiencies 0.489, 0.537, 0.548, 0.520, median 0.528
-#   (lowest at 2048, where launches and the optimizer's fixed few milliseconds weigh more).
+#   (lowest at 2048, where launches and the optimizer's fixed few milliseconds weigh more; at
+#   16384 the step ran the board at its 700 W limit with the SM clock at 1440-1710 MHz of 1980,
+#   docs/vs-specforge.md call AB, which the efficiency absorbs).
 #   Held out: the same call's B2 S2048, B2 S4096 and B1 S6144 (predicted 1-8% over), the same
 #   trainer's steps beside SpecForge in calls Z-AA (-1..+8% from S 4096; 14% fast at 2048, where
 #   the step moved 7% between calls) and calls W-X, the trainer before its SwiGLU kernel (1-9%
