@@ -14,6 +14,7 @@ triton only.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -49,42 +50,18 @@ def backward_variants():
 
     found = [("torch.compile, two passes (before)", 8, torch.compile(_two_passes, dynamic=True)),
              ("torch.compile, one function", 6, torch.compile(_swiglu_backward, dynamic=True))]
-    for block, warps in CONFIGS:
-        found.append((f"triton {block}x{warps}", 6, _triton_backward(swiglu_kernel, block, warps)))
-    return found
-
-
-def _triton_backward(module, block: int, warps: int):
-    import torch
-    import triton
-
-    def run(grad, gate, up):
-        out, grad_up = torch.empty_like(gate), torch.empty_like(grad)
-        n = gate.numel()
-        module._product_and_grads[(triton.cdiv(n, block),)](grad, gate, up, out, grad_up, n, BLOCK=block,
-                                                             num_warps=warps)
-        return out, grad, grad_up
-
-    return run
+    return found + [(f"triton {b}x{w}", 6, functools.partial(swiglu_kernel.swiglu_backward, block=b, warps=w))
+                    for b, w in CONFIGS]
 
 
 def forward_variants():
     import torch
-    import triton
 
     from trainer import swiglu_kernel
     from trainer.lean_ops import _swiglu
 
-    def triton_forward(block, warps):
-        def run(gate, up):
-            out = torch.empty_like(gate)
-            swiglu_kernel._product[(triton.cdiv(gate.numel(), block),)](gate, up, out, gate.numel(), BLOCK=block,
-                                                                        num_warps=warps)
-            return out
-        return run
-
     return [("torch.compile", 3, torch.compile(_swiglu, dynamic=True))] + [
-        (f"triton {b}x{w}", 3, triton_forward(b, w)) for b, w in CONFIGS]
+        (f"triton {b}x{w}", 3, functools.partial(swiglu_kernel.swiglu, block=b, warps=w)) for b, w in CONFIGS]
 
 
 def reference(grad, gate, up):

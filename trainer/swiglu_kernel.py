@@ -49,24 +49,25 @@ def _product_and_grads(grad_ptr, gate_ptr, up_ptr, out_ptr, grad_up_ptr, n, BLOC
     tl.store(grad_ptr + offsets, grad_gate.to(grad_ptr.dtype.element_ty), mask=inside)
 
 
-def _launch(kernel, *tensors: torch.Tensor) -> None:
+def _launch(kernel, *tensors: torch.Tensor, block: int, warps: int) -> None:
     n = tensors[0].numel()
     if n:
-        kernel[(triton.cdiv(n, BLOCK),)](*tensors, n, BLOCK=BLOCK, num_warps=WARPS)
+        kernel[(triton.cdiv(n, block),)](*tensors, n, BLOCK=block, num_warps=warps)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, in gate's dtype."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, block: int = BLOCK, warps: int = WARPS) -> torch.Tensor:
+    """silu(gate) * up, in gate's dtype. `block`, `warps`: elements per program and its warps."""
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
-    _launch(_product, gate, up, out)
+    _launch(_product, gate, up, out, block=block, warps=warps)
     return out
 
 
-def swiglu_backward(grad_product: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+def swiglu_backward(grad_product: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, block: int = BLOCK,
+                    warps: int = WARPS):
     """(silu(gate) * up, d gate, d up) for the product's gradient; d gate is written over
     `grad_product` when it is contiguous (the caller hands it over)."""
     gate, up, grad = gate.contiguous(), up.contiguous(), grad_product.contiguous()
     out, grad_up = torch.empty_like(gate), torch.empty_like(grad)
-    _launch(_product_and_grads, grad, gate, up, out, grad_up)
+    _launch(_product_and_grads, grad, gate, up, out, grad_up, block=block, warps=warps)
     return out, grad, grad_up
