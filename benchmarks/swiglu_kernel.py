@@ -1,6 +1,6 @@
 """SwiGLU's elementwise passes in the lean MLP's backward, on one CUDA GPU: the Triton kernel
 (trainer/swiglu_kernel.py) at a few block sizes against torch.compile of the same function
-(trainer/lean_ops.py `_swiglu_backward`) and against the two compiled passes the trainer ran
+(trainer/lean_ops.py `_swiglu_backward`) and against the two compiled functions the trainer ran
 before (the product, then the gradients from gate and up read again).
 
 [tokens, I] bf16 at I 14336 (Llama-3.1-8B's draft) and 4096 / 16384 tokens. Each variant: median
@@ -32,13 +32,23 @@ TOKENS = (4096, 16384)
 CONFIGS = ((1024, 4), (2048, 8), (4096, 8), (8192, 8))
 
 
-def _two_passes(grad, gate, up):
-    """The earlier order: the product, then (d gate, d up) from gate and up read again."""
+def _input_grads(grad, gate, up):
+    """(d gate, d up) from gate and up read again: the second of the trainer's earlier two passes."""
     import torch
     import torch.nn.functional as F
 
-    product = F.silu(gate) * up
-    return product, torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+    return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+
+
+def _two_compiled_passes():
+    """The trainer's earlier backward: the product and the input gradients, each compiled on its
+    own (two kernels, eight passes); compiled as one function torch fuses them into one."""
+    import torch
+
+    from trainer.lean_ops import _swiglu
+
+    product, grads = torch.compile(_swiglu, dynamic=True), torch.compile(_input_grads, dynamic=True)
+    return lambda grad, gate, up: (product(gate, up), *grads(grad, gate, up))
 
 
 def backward_variants():
@@ -48,7 +58,7 @@ def backward_variants():
     from trainer import swiglu_kernel
     from trainer.lean_ops import _swiglu_backward
 
-    found = [("torch.compile, two passes (before)", 8, torch.compile(_two_passes, dynamic=True)),
+    found = [("torch.compile, two functions (before)", 8, _two_compiled_passes()),
              ("torch.compile, one function", 6, torch.compile(_swiglu_backward, dynamic=True))]
     return found + [(f"triton {b}x{w}", 6, functools.partial(swiglu_kernel.swiglu_backward, block=b, warps=w))
                     for b, w in CONFIGS]
