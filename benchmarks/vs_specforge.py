@@ -94,16 +94,19 @@ MARK = "VS_SPECFORGE_RESULT "  # prefix of the child's one JSON line on stdout
 # fitplan-plain: the trainer with draft_memory plain (torch's composition of the head, loss and
 # SwiGLU), to show what the lean draft costs or saves in the same call; fitplan-recompute-mlp: the
 # default trainer with recompute_mlp (gate and up made again in backward); fitplan-head-backward: the
-# default with head_grad_in_forward false (the head's logits made again in backward); specforge-fsdp: SpecForge's
+# default with head_grad_in_forward false (the head's logits made again in backward); fitplan-whole-master:
+# the default with split_master false (fp32 masters and a gradient copy at the step); specforge-fsdp: SpecForge's
 # step with the module wrapped as its trainer wraps it (FSDP1 over a one-rank process group)
-TOOLS = ("specforge", "specforge-fsdp", "fitplan", "fitplan-recompute-mlp", "fitplan-plain", "fitplan-head-backward")
+TOOLS = ("specforge", "specforge-fsdp", "fitplan", "fitplan-recompute-mlp", "fitplan-plain", "fitplan-head-backward",
+         "fitplan-whole-master")
 # fitplan's variants: the RunSpec changes each makes to the default trainer job, and its table label
 FITPLAN_VARIANTS = {"fitplan": ({}, "fitplan"),
                     "fitplan-recompute-mlp": ({"recompute_mlp": True}, "fitplan (recompute_mlp)"),
                     "fitplan-plain": ({"draft_memory": "plain"}, "fitplan (draft_memory plain)"),
                     "fitplan-head-backward": ({"head_grad_in_forward": False},
                                               "fitplan (head_grad_in_forward false)"),
-                    "fitplan-flex": ({"attention": "flex"}, "fitplan (attention flex)")}
+                    "fitplan-flex": ({"attention": "flex"}, "fitplan (attention flex)"),
+                    "fitplan-whole-master": ({"split_master": False}, "fitplan (split_master false)")}
 SPECFORGE_TOOLS = ("specforge", "specforge-fsdp")
 DEFAULT_SHAPES = "1x2048,1x4096,1x8192,1x16384,2x4096"
 WHEEL = ROOT / ".whl" / "specforge-0.2.0-py3-none-any.whl"
@@ -714,14 +717,15 @@ class _EmbeddingSource:
 
 
 def build_fitplan(job, frozen: dict, inputs: dict, device, args):
-    from fitplan.layout import steps_per_param
+    from fitplan.layout import splits_master, steps_per_param
     from trainer import loop, optim
     from trainer.target import hf_config
 
     spec, total = job.spec, args.warmup + args.steps
     draft = loop.build_draft(job, hf_config(spec.model), _EmbeddingSource(frozen["embedding"]),
                              frozen["draft_ids"].cpu(), device)
-    optimizer = optim.build_optimizer(draft.trainable(), spec.precision, args.lr, per_param=steps_per_param(spec))
+    optimizer = optim.build_optimizer(draft.trainable(), spec.precision, args.lr, per_param=steps_per_param(spec),
+                                      split_master=splits_master(spec))
     scheduler = optim.cosine_with_warmup(optimizer, 0, total)
     lm_head, draft_ids, mask = frozen["lm_head"], frozen["draft_ids"], inputs["mask"].bool()
 
@@ -733,7 +737,8 @@ def build_fitplan(job, frozen: dict, inputs: dict, device, args):
                                   precision=spec.precision, phase=phase)
 
     frozen_bytes = lm_head.numel() * lm_head.element_size() + module_frozen_bytes(draft)
-    return step, frozen_bytes, {"recipe": spec.precision, "recompute_mlp": draft.midlayer.recompute_mlp}
+    return step, frozen_bytes, {"recipe": spec.precision, "recompute_mlp": draft.midlayer.recompute_mlp,
+                                "split_master": splits_master(spec)}
 
 
 # ------------------------------------------------------------------ child: SpecForge

@@ -165,6 +165,13 @@ class RunSpec:
     sft model's hundreds: some 5-18 ms a step; `fit` turns it on when memory is short); true
     where no copy of every gradient is made is refused (fitplan.layout). false: every copy at
     once, as before (its reports)."""
+    split_master: Optional[bool] = None
+    """fitplan runtime, bf16-master recipe, AdamW on the GPU: each fp32 master is held split, its
+    high half rounded into the bf16 parameter and its low 16 bits beside it (2 B/param instead
+    of 4), and one fused kernel per tensor steps it from the bf16 gradient (no fp32 gradient
+    copy). The master's arithmetic is AdamW's in fp32 as before. None: on where it applies;
+    true elsewhere is refused (fitplan.layout). false: fp32 masters and gradient copies, as
+    before (its reports)."""
     share_embedding: bool = True
     """fitplan runtime, eagle3 with a live target whose embedding is whole on each rank (tp 1):
     the draft's frozen embedding is the target's own tensor, not a copy of it, so one [V, h] is

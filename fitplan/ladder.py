@@ -171,18 +171,25 @@ def _tp(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
 
 
 def _optimizer(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
+    # the 8-bit AdamW steps fp32 masters of its own: split_master goes back to auto, off there
     if spec.optimizer == "adamw":
-        yield "optimizer adamw-8bit", spec.replace(optimizer="adamw-8bit")
+        yield "optimizer adamw-8bit", spec.replace(optimizer="adamw-8bit", split_master=_auto_if_on(spec.split_master))
 
 
 def _offload(spec: RunSpec, job: Job) -> Iterator[tuple[str, RunSpec]]:
     # Off the GPU no fp32 copy of every gradient is made to step a parameter at a time: the knob
     # goes back to auto, which is off there (true is refused, fitplan.layout).
-    per_param = None if spec.optimizer_per_param else spec.optimizer_per_param
+    # The same for split_master, which splits masters held on the GPU.
+    off_gpu = {"optimizer_per_param": _auto_if_on(spec.optimizer_per_param), "split_master": _auto_if_on(spec.split_master)}
     if spec.offload == "none":
-        yield "offload optimizer", spec.replace(offload="optimizer", optimizer_per_param=per_param)
+        yield "offload optimizer", spec.replace(offload="optimizer", **off_gpu)
     if spec.offload != "params":
-        yield "offload params (zero3)", spec.replace(offload="params", sharding="zero3", optimizer_per_param=per_param)
+        yield "offload params (zero3)", spec.replace(offload="params", sharding="zero3", **off_gpu)
+
+
+def _auto_if_on(switch: bool | None) -> bool | None:
+    """A switch given true, as auto (where a rung moves to a layout that refuses it true)."""
+    return None if switch else switch
 
 
 RUNGS: tuple[tuple[str, Callable[[RunSpec, Job], Iterator[tuple[str, RunSpec]]]], ...] = (

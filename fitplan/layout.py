@@ -175,6 +175,7 @@ def check_draft(draft: DraftShape, model: ModelShape) -> None:
 def check_runtime(spec: RunSpec, world: int) -> None:
     check_recompute_mlp(spec)
     check_optimizer_per_param(spec)
+    check_split_master(spec)
     check_sum_step_grads(spec, world)
     check_head_grad_in_forward(spec, world)
     check_project_embedding_once(spec, world)
@@ -414,6 +415,14 @@ def check_optimizer_per_param(spec: RunSpec) -> None:
                       _copies_every_grad_needs(spec), off="false or auto")
 
 
+def check_split_master(spec: RunSpec) -> None:
+    """split_master true where the optimizer holds no fp32 master on the GPU, or another
+    optimizer steps it: refused rather than ignored."""
+    if spec.split_master:
+        _refuse_unless("split_master", "holds each bf16-master AdamW master as its bf16 parameter and 16 low bits",
+                      _split_master_needs(spec), off="false or auto")
+
+
 def check_sum_step_grads(spec: RunSpec, world: int) -> None:
     """sum_step_grads true where no fused function sums the steps' gradients: refused rather
     than ignored (the user would count on a memory saving the job does not make)."""
@@ -442,6 +451,8 @@ def _is(given: object, needed: object) -> tuple[object, bool, str]:
 
 
 def _shown(value: object) -> str:
+    if value is None:
+        return "auto"
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
@@ -496,14 +507,31 @@ def recomputes_mlp(job: Job) -> bool:
 
 def copies_every_grad(spec: RunSpec) -> bool:
     """Whether the step copies every bf16 gradient to fp32 (trainer/optim.py MasterWeightAdamW):
-    fitplan's trainer under bf16-master with the optimizer on the GPU, where stepping a
-    parameter at a time (RunSpec optimizer_per_param) applies."""
+    fitplan's trainer under bf16-master with the optimizer on the GPU and the masters whole in
+    fp32 (not split), where stepping a parameter at a time (RunSpec optimizer_per_param) applies."""
     return _all_hold(_copies_every_grad_needs(spec))
 
 
 def _copies_every_grad_needs(spec: RunSpec) -> dict[str, tuple[object, bool, str]]:
+    return {**_master_on_device_needs(spec),
+            "split_master": (spec.split_master, not splits_master(spec), "false")}
+
+
+def _master_on_device_needs(spec: RunSpec) -> dict[str, tuple[object, bool, str]]:
     return {"runtime": _is(spec.runtime, "fitplan"), "precision": _is(spec.precision, "bf16-master"),
             "offload": _is(spec.offload, "none")}
+
+
+def splits_master(spec: RunSpec) -> bool:
+    """Whether the bf16-master optimizer holds each master as its bf16 parameter and 16 low bits,
+    stepped from the bf16 gradient (RunSpec split_master, trainer/split_master.py; None: wherever
+    it applies): fitplan's trainer, bf16-master, the optimizer on the GPU, torch's AdamW (the
+    8-bit AdamW steps fp32 masters of its own)."""
+    return spec.split_master is not False and _all_hold(_split_master_needs(spec))
+
+
+def _split_master_needs(spec: RunSpec) -> dict[str, tuple[object, bool, str]]:
+    return {**_master_on_device_needs(spec), "optimizer": _is(spec.optimizer, "adamw")}
 
 
 def steps_per_param(spec: RunSpec) -> bool:

@@ -133,7 +133,8 @@ class Measurement:
 
 # Job keys a stored run may predate, with what fitplan's trainer ran before each existed.
 PREDATING_KEYS = {"draft_memory": "plain", "recompute_norms": False, "share_embedding": False, "sum_step_grads": False,
-                  "optimizer_per_param": False, "head_grad_in_forward": False, "project_embedding_once": False}
+                  "optimizer_per_param": False, "head_grad_in_forward": False, "project_embedding_once": False,
+                  "split_master": False}
 
 
 def stored_config(config: dict[str, Any]) -> dict[str, Any]:

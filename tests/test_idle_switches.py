@@ -1,7 +1,8 @@
 """A layout switch turned on where it has nothing to do is refused, not ignored.
 
 optimizer_per_param steps the fp32 copies fitplan's trainer makes of every gradient under
-bf16-master with the optimizer on the GPU; sum_step_grads sums the TTT steps' gradients in the
+bf16-master with the optimizer on the GPU and whole masters (split_master false, swept so here);
+split_master splits those masters where AdamW steps them on the GPU; sum_step_grads sums the TTT steps' gradients in the
 eagle3 lean draft's fused functions, not under mixed. Both default to auto (None): on where they
 apply. Swept over every layout axis that decides where they apply: true is accepted exactly where
 it applies and refused in one line naming the switch everywhere else; false and auto are
@@ -31,6 +32,7 @@ from fitplan.layout import (
     lean_draft,
     projects_embedding_once,
     resolve,
+    splits_master,
     steps_per_param,
     sums_step_grads,
 )
@@ -62,6 +64,10 @@ def per_param_applies(runtime, workload, precision, offload, draft_memory, recom
     return runtime == "fitplan" and precision == "bf16-master" and offload == "none"
 
 
+# the sweep's optimizer is AdamW, which split_master steps wherever fp32 masters are on the GPU
+split_applies = per_param_applies
+
+
 def draft_applies(runtime, workload, precision, offload, draft_memory, recompute_norms) -> bool:
     return runtime == "fitplan" and workload == "eagle3"
 
@@ -77,12 +83,19 @@ def step_sums_apply(runtime, workload, precision, offload, draft_memory, recompu
 
 SWITCHES = {
     "optimizer_per_param": (per_param_applies, lambda job: steps_per_param(job.spec)),
+    "split_master": (split_applies, lambda job: splits_master(job.spec)),
     "sum_step_grads": (step_sums_apply, sums_step_grads),
     # the head's gradients go into the steps' sums: it acts wherever they are made
     "head_grad_in_forward": (step_sums_apply, head_grads_in_forward),
     # the embedding half's weight gradients go into those sums too (the sweep's 7 TTT steps)
     "project_embedding_once": (step_sums_apply, projects_embedding_once),
 }
+# What each switch is swept with: a copy of every gradient, which split masters do without.
+ALONGSIDE = {"optimizer_per_param": {"split_master": False}}
+
+
+def switched(layout: tuple, switch: str, value) -> RunSpec:
+    return layout_spec(*layout, **{switch: value, **ALONGSIDE.get(switch, {})})
 
 
 def accepted_layouts() -> list[tuple]:
@@ -123,7 +136,7 @@ def refusal(spec: RunSpec, switch: str) -> str:
 def test_true_is_accepted_where_the_switch_applies_and_refused_in_one_line_elsewhere(switch):
     applies, acts = SWITCHES[switch]
     for layout in accepted_layouts():
-        spec = layout_spec(*layout, **{switch: True})
+        spec = switched(layout, switch, True)
         if applies(*layout):
             assert acts(resolve(spec)), layout
             continue
@@ -135,8 +148,8 @@ def test_true_is_accepted_where_the_switch_applies_and_refused_in_one_line_elsew
 def test_false_and_auto_are_accepted_wherever_the_layout_is(switch):
     applies, acts = SWITCHES[switch]
     for layout in accepted_layouts():
-        assert not acts(resolve(layout_spec(*layout, **{switch: False}))), layout
-        auto = acts(resolve(layout_spec(*layout, **{switch: None})))
+        assert not acts(resolve(switched(layout, switch, False))), layout
+        auto = acts(resolve(switched(layout, switch, None)))
         # auto: on where it applies, except the bf16-master step of sft, a parameter at a time
         # only when asked (an sft model's hundreds of tensors cost one optimizer call each)
         sft_step = switch == "optimizer_per_param" and layout[1] == "sft"
@@ -149,7 +162,7 @@ def test_the_refusal_names_the_knob_that_rules_the_switch_out():
     with pytest.raises(FitplanError, match=r"^sum_step_grads: .*, not with " + line.replace("(", r"\(").replace(")", r"\)")):
         resolve(layout_spec("fitplan", "eagle3", "mixed", "none", "lean", True, sum_step_grads=True))
     line = "offload optimizer (accepted: optimizer_per_param false or auto, or runtime fitplan, " \
-           "precision bf16-master, offload none)"
+           "precision bf16-master, offload none, split_master false)"
     with pytest.raises(FitplanError, match=r"^optimizer_per_param: .*, not with " + line.replace("(", r"\(").replace(")", r"\)")):
         resolve(layout_spec("fitplan", "eagle3", "bf16-master", "optimizer", "lean", True, optimizer_per_param=True))
 
@@ -345,11 +358,14 @@ def test_a_checkpoint_resumes_across_auto_and_an_explicit_switch():
 def test_fit_offloads_an_optimizer_stepped_a_parameter_at_a_time_without_a_refusal():
     # sft llama-3.1-8b at 2048 on one H100 fits only with its optimizer on the host; asked to step
     # a parameter at a time on the GPU, the offload rung puts the switch back to auto
-    result = fit(RunSpec(model="llama-3.1-8b", gpus="1xH100", workload="sft", seq=2048, optimizer_per_param=True))
-    assert result.chosen is not None and "offload optimizer" in result.changes
-    assert result.chosen.spec.optimizer_per_param is None
-    assert not any(reason.startswith(("optimizer_per_param", "sum_step_grads", "recompute_mlp"))
-                   for _, reason in result.refused), result.refused
+    # (whole masters: split ones make no gradient copy to step a parameter at a time); so does it
+    # with split_master asked for
+    for asked in ({"optimizer_per_param": True, "split_master": False}, {"split_master": True}):
+        result = fit(RunSpec(model="llama-3.1-8b", gpus="1xH100", workload="sft", seq=2048, **asked))
+        assert result.chosen is not None and "offload optimizer" in result.changes, asked
+        assert all(getattr(result.chosen.spec, switch) is None for switch in asked if asked[switch]), asked
+        assert not any(reason.startswith(("optimizer_per_param", "split_master", "sum_step_grads", "recompute_mlp"))
+                       for _, reason in result.refused), result.refused
 
 
 def test_the_steps_gradients_are_summed_on_one_gpu_only():

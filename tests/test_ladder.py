@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fitplan.config import RunSpec
+from fitplan.estimator import estimate_spec
 from fitplan.estimator.result import Estimate
 from fitplan.layout import resolve
 from fitplan.ladder import fit
@@ -213,13 +214,26 @@ def test_an_sft_job_short_of_memory_is_offered_the_optimizer_a_parameter_at_a_ti
     # grad (2 B/param) and every fp32 copy (4 B/param). On one H200 that does not fit; fit turns
     # the knob on: one copy alive, the largest tensor's (the [152064, 3584] embedding, 545M
     # elements), so the step holds about 4 x (7.62e9 - 545M) = 28.3 GB less.
-    spec = RunSpec(model="qwen2.5-7b", gpus="1xH200", workload="sft", seq=2048, precision="bf16-master")
+    # Whole fp32 masters (split_master false); split ones make no copy (below).
+    spec = RunSpec(model="qwen2.5-7b", gpus="1xH200", workload="sft", seq=2048, precision="bf16-master",
+                   split_master=False)
     result = fit(spec)
     assert not result.original.estimate.fits
     assert result.chosen is not None and result.changes == ["optimizer_per_param on"]
     saved = result.original.estimate.phase_allocated("optimizer_step") - result.chosen.estimate.phase_allocated(
         "optimizer_step")
     assert saved >= 0.9 * 4 * (7.62e9 - 545e6)
+
+
+def test_split_masters_hold_six_bytes_a_parameter_less_at_the_step():
+    # The same job with its masters split (the default): 2 B/param of low bits instead of a 4 B
+    # fp32 master, and no 4 B fp32 gradient copy: 6 x 7.62e9 = 45.7 GB less at the step than
+    # whole masters with every copy made at once, and no rung to step a parameter at a time.
+    whole = RunSpec(model="qwen2.5-7b", gpus="1xH200", workload="sft", seq=2048, split_master=False)
+    split = fit(whole.replace(split_master=None))
+    saved = estimate_spec(whole).phase_allocated("optimizer_step") - split.original.estimate.phase_allocated("optimizer_step")
+    assert 6 * 7.62e9 * 0.99 <= saved <= 6 * 7.62e9 * 1.01
+    assert "optimizer_per_param on" not in split.changes
 
 
 def test_the_head_rung_is_offered_where_the_head_makes_its_gradients_in_forward():

@@ -292,15 +292,21 @@ def test_a_parameter_at_a_time_restores_from_its_state_dict(inner):
 
 
 def test_only_bf16_master_on_the_gpu_steps_a_parameter_at_a_time(configs):
-    """layout.steps_per_param: the knob acts where a copy of every grad would be made."""
-    from fitplan.layout import resolve, steps_per_param
+    """layout.steps_per_param: the knob acts where a copy of every grad would be made: whole fp32
+    masters (split_master false, or the 8-bit AdamW, which split masters do not take)."""
+    from fitplan.layout import resolve, splits_master, steps_per_param
 
     target, draft = configs
 
-    def stepping(**changes) -> bool:
-        return steps_per_param(resolve(RunSpec(**{"model": target, "draft": draft, "seq": 32, "tp": 1, **changes})).spec)
+    def job(**changes):
+        return resolve(RunSpec(**{"model": target, "draft": draft, "seq": 32, "tp": 1, **changes})).spec
 
-    assert stepping() and stepping(optimizer="adamw-8bit")
+    def stepping(**changes) -> bool:
+        return steps_per_param(job(**{"split_master": False, **changes}))
+
+    assert splits_master(job()) and not steps_per_param(job())
+    assert not splits_master(job(optimizer="adamw-8bit")) and steps_per_param(job(optimizer="adamw-8bit"))
+    assert stepping()
     assert not stepping(optimizer_per_param=False)
     # sft's default is off (hundreds of tensors, one optimizer call each), on when asked
     assert not stepping(workload="sft") and stepping(workload="sft", optimizer_per_param=True)
@@ -317,7 +323,9 @@ def test_only_bf16_master_on_the_gpu_steps_a_parameter_at_a_time(configs):
 
 @pytest.mark.parametrize("precision", ["mixed", "fp32-autocast", "bf16-master", "bf16"])
 def test_offloaded_optimizer_trains_exactly_like_the_resident_one(configs, tmp_path, monkeypatch, precision):
-    resident = run(options(configs, tmp_path / "resident", steps=3, precision=precision))
+    # on the GPU bf16-master's masters are whole fp32 tensors here, as on the host (not split)
+    whole = {"split_master": False} if precision == "bf16-master" else {}
+    resident = run(options(configs, tmp_path / "resident", steps=3, precision=precision, **whole))
     report, optimizer = train_recording_optimizer(
         options(configs, tmp_path / "offload", steps=3, precision=precision, offload="optimizer"), monkeypatch)
     assert isinstance(optimizer, HostAdamW)

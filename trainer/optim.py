@@ -17,6 +17,10 @@ copies are made at once (the "+ 4" of the table).
 `optimizer: adamw-8bit` replaces the AdamW (the inner one over the masters in the master
 recipes) with torchao's AdamW8bit: 8-bit block-quantized moments, about 2 B/param instead of 8.
 `offload: optimizer` keeps the masters and moments in host memory (trainer/offload.py).
+
+`split_master` (bf16-master, AdamW on the GPU; the default there) holds each master as its
+bf16 parameter and 16 low bits, stepped from the bf16 gradient by one fused kernel
+(trainer/split_master.py): 14 B/param and no grad copy, the master's arithmetic unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 
 from fitplan.errors import FitplanError
 from trainer.offload import HostAdamW
+from trainer.split_master import SplitMasterAdamW
 
 BF16_PARAM_RECIPES = ("mixed", "bf16-master", "bf16")
 MASTER_RECIPES = ("mixed", "bf16-master")
@@ -216,10 +221,12 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
 
 def build_optimizer(params, precision: str, lr: float, optimizer: str = "adamw",
-                    offload: str = "none", per_param: bool = False) -> torch.optim.Optimizer:
+                    offload: str = "none", per_param: bool = False, split_master: bool = False) -> torch.optim.Optimizer:
     """The recipe's optimizer (RunSpec.precision, .optimizer, .offload; `per_param`:
-    fitplan.layout.steps_per_param); fitplan.layout refuses the combinations this does not build
-    before anything is loaded."""
+    fitplan.layout.steps_per_param; `split_master`: fitplan.layout.splits_master); fitplan.layout
+    refuses the combinations this does not build before anything is loaded."""
+    if split_master:
+        return SplitMasterAdamW(params, lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
     inner = adamw_8bit if optimizer == "adamw-8bit" else adamw
     if offload == "optimizer":
         return HostAdamW(params, lr, inner, master=precision in MASTER_RECIPES, fp32_grads=precision == "mixed")

@@ -31,7 +31,7 @@ import torch
 
 from fitplan.config import RunSpec, load_spec
 from fitplan.errors import FitplanError
-from fitplan.layout import resolve, steps_per_param
+from fitplan.layout import resolve, splits_master, steps_per_param
 from fitplan.records import write_measurement
 from trainer.measure import Meter
 from trainer.parallel import DistContext, init_distributed
@@ -99,7 +99,7 @@ def build_optimizer(model: torch.nn.Module, spec: RunSpec, device: torch.device,
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.precision in MASTER_RECIPES or spec.optimizer != "adamw" or spec.offload != "none":
         return build_recipe_optimizer(params, spec.precision, lr, spec.optimizer, spec.offload,
-                                      per_param=steps_per_param(spec))
+                                      per_param=steps_per_param(spec), split_master=splits_master(spec))
     return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
 
 

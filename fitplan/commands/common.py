@@ -75,6 +75,10 @@ HELP: dict[str, str] = {
                             "a time, one fp32 gradient copy alive instead of all. Default: on for eagle3, off for sft "
                             "(one optimizer call per tensor; fit turns it on when memory is short); turned on "
                             "elsewhere, refused."),
+    "split_master": ("fitplan runtime, bf16-master, AdamW on the GPU: each fp32 master held as its bf16 parameter "
+                     "and 16 low bits, stepped from the bf16 gradient by one kernel per tensor (2 B/param of master "
+                     "instead of 4, no fp32 gradient copy; false: whole fp32 masters). Default: on where it applies; "
+                     "turned on elsewhere, refused."),
     "share_embedding": ("fitplan runtime, eagle3, live target at tp 1: the draft's frozen embedding is the target's "
                         "own tensor (false: a copy, one more [V, h] held)."),
 }
@@ -85,13 +89,14 @@ DEFAULTS: dict[str, Any] = {
 
 # Switches whose default (None) is decided per job; their help says how.
 AUTO_BOOLS = ("optimizer_per_param", "sum_step_grads", "head_grad_in_forward", "recompute_norms",
-              "project_embedding_once")
+              "project_embedding_once", "split_master")
 
 _TYPES: dict[str, Any] = {
     "seq": int, "micro_batch": int, "global_batch": int, "accum": int, "tp": int, "ttt": int,
     "sglang_mem_fraction": float, "vllm_gpu_memory_utilization": float,
     "ac": bool, "expandable_segments": bool, "offline": bool, "recompute_norms": bool, "share_embedding": bool, "sum_step_grads": bool,
     "recompute_mlp": bool, "optimizer_per_param": bool, "head_grad_in_forward": bool, "project_embedding_once": bool,
+    "split_master": bool,
 }
 
 

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from fitplan.config import RunSpec
+from fitplan.layout import splits_master
 from fitplan.units import FP32
 
 
@@ -37,6 +38,15 @@ RECIPES = {
     # pure bf16: torch AdamW moments take the param dtype: 8 B/param
     "bf16": Recipe(param=2, grad=2, master=0, moments=4),
 }
+
+# bf16-master with the master split (RunSpec split_master, trainer/split_master.py): the bf16
+# parameter is the master's high half, 2 B/param of low bits beside it, made in the first step;
+# the step reads the bf16 gradient, so no copy: 14 B/param
+SPLIT_MASTER = Recipe(param=2, grad=2, master=2, moments=8, lazy_master=True)
+
+
+def recipe_of(spec: RunSpec) -> Recipe:
+    return SPLIT_MASTER if splits_master(spec) else RECIPES[spec.precision]
 
 # optimizer adamw-8bit is torchao's AdamW8bit (0.18; torchao/optim/adam.py, subclass_8bit.py):
 # each moment of a tensor is an OptimState8bit of uint8 codes (1 B/element) and one fp32 scale
@@ -83,7 +93,7 @@ class TrainedState:
 
     @property
     def recipe(self) -> Recipe:
-        return RECIPES[self.spec.precision]
+        return recipe_of(self.spec)
 
     def _split(self, nbytes: int, level: int) -> int:
         """Divide by the ranks when the ZeRO level shards this state (1 optimizer, 2 grads/params)."""

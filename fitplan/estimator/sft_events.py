@@ -138,7 +138,7 @@ def load(t: Trace, state: SftState) -> None:
         t.alloc(n * state.recipe.param, name)
     t.alloc(CUBLAS_WORKSPACE_BYTES, "cuBLAS workspace")
     if state.recipe.master and not state.recipe.lazy_master:
-        state.masters = [t.alloc(FP32 * n, f"master {name}") for name, n in state.params]
+        state.masters = [t.alloc(state.recipe.master * n, f"master {name}") for name, n in state.params]
 
 
 @dataclass
@@ -239,7 +239,7 @@ def optimizer_step(t: Trace, state: SftState, first: bool) -> None:
     dropped, its moments (step 1), the copy dropped."""
     recipe = state.recipe
     if first and recipe.master and not state.masters:
-        state.masters = [t.alloc(FP32 * n, f"master {name}") for name, n in state.params]
+        state.masters = [t.alloc(state.recipe.master * n, f"master {name}") for name, n in state.params]
     if steps_per_param(state.job.spec):
         for name, n in param_steps.order(state.params):
             copy = t.alloc(FP32 * n, f"fp32 grad copy {name}")

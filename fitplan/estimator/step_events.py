@@ -173,7 +173,7 @@ def load(t: Trace, state: State) -> None:
     _split(t, draft, world)
     t.alloc(CUBLAS_WORKSPACE_BYTES, "cuBLAS workspace")
     if state.recipe.master and not state.recipe.lazy_master and state.on_device_optimizer:
-        state.masters = [t.alloc(FP32 * n, f"master {name}") for name, n in state.stored]
+        state.masters = [t.alloc(state.recipe.master * n, f"master {name}") for name, n in state.stored]
 
 
 def _materialized_together(tensors: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
@@ -389,12 +389,12 @@ def optimizer_step(t: Trace, state: State, first: bool) -> None:
     if state.on_device_optimizer:
         master = bool(state.recipe.master)
         if first and master and not state.masters:
-            state.masters = [t.alloc(FP32 * n, f"master {name}") for name, n in state.stored]
+            state.masters = [t.alloc(state.recipe.master * n, f"master {name}") for name, n in state.stored]
         if steps_per_param(state.job.spec):
             _step_each(t, state, first)
         else:
             copies = []
-            if master and not state.fp32_grads:  # bf16-master: master.grad = p.grad.float()
+            if state.recipe.grad_copy:  # bf16-master, masters whole: master.grad = p.grad.float()
                 copies = [t.alloc(FP32 * n, f"fp32 grad copy {name}") for name, n in state.stored
                           if _has_grad(state, name)]
             _adam(t, state, first)
