@@ -76,12 +76,23 @@ def test_draft_param_counts_match_cited_derivations(name):
     [("mixed", 18), ("fp32-autocast", 16), ("bf16-master", 16), ("bf16", 8)],
 )
 def test_recipe_bytes_per_param(precision, per_param):
-    s = TrainedState(RunSpec(model="x", precision=precision, sharding="none"), trainable=1000, frozen=0, ranks=1)
+    spec = RunSpec(model="x", precision=precision, sharding="none", split_master=False)
+    s = TrainedState(spec, trainable=1000, frozen=0, ranks=1)
     assert s.full_params() + s.full_grads() + s.master() + s.moments() == per_param * 1000
 
 
+def test_split_masters_by_hand():
+    """bf16-master's masters split (the default with AdamW on the GPU): param 2 + grad 2 + low
+    bits 2 + moments 8 = 14 B/param, no grad copy; whole again with the 8-bit AdamW or offload."""
+    s = TrainedState(RunSpec(model="x", sharding="none"), trainable=1000, frozen=0, ranks=1)
+    assert (s.full_params(), s.full_grads(), s.master(), s.moments(), s.grad_copy()) == (2000, 2000, 2000, 8000, 0)
+    for whole in ({"optimizer": "adamw-8bit"}, {"split_master": False}):
+        w = TrainedState(RunSpec(model="x", sharding="none", **whole), trainable=1000, frozen=0, ranks=1)
+        assert (w.master(), w.grad_copy()) == (4000, 4000), whole
+
+
 def test_bf16_master_grad_copy_and_8bit_moments():
-    spec = RunSpec(model="x", precision="bf16-master", sharding="none")
+    spec = RunSpec(model="x", precision="bf16-master", sharding="none", split_master=False)
     assert TrainedState(spec, 1000, 0, 1).grad_copy() == 4000
     spec8 = spec.replace(optimizer="adamw-8bit")
     # torchao AdamW8bit: per moment 1 B of code per element + one fp32 scale per 256 elements:
@@ -90,7 +101,7 @@ def test_bf16_master_grad_copy_and_8bit_moments():
 
 
 def test_zero_levels_divide_state_by_ranks():
-    base = RunSpec(model="x", precision="bf16-master")
+    base = RunSpec(model="x", precision="bf16-master", split_master=False)
     P, N = 8000, 8
     z1 = TrainedState(base.replace(sharding="zero1"), P, 0, N)
     assert (z1.moments(), z1.master(), z1.full_grads(), z1.params()) == (8 * P // N, 4 * P // N, 2 * P, 2 * P)
@@ -138,7 +149,7 @@ def test_gpt_oss_120b_gathered_logits_exceed_an_h100():
 
 
 def test_adam_moments_lazy_step1_vs_steady():
-    spec = RunSpec(model="llama-3.1-8b", gpus="1xH100", seq=2048, precision="bf16-master")
+    spec = RunSpec(model="llama-3.1-8b", gpus="1xH100", seq=2048, precision="bf16-master", split_master=False)
     est = estimate_spec(spec)
     P = 424_689_664  # trainable draft params (SpecForge derivation, profiles/drafts/llama3-8b.json)
     for phase in ("target_forward", "draft_forward", "backward"):
@@ -156,8 +167,9 @@ def test_stepping_a_parameter_at_a_time_by_hand():
     instant holds the bf16 grads not yet stepped (R elements, 2 B) and one fp32 copy: 2R + 4n is
     highest at q (R = 391,118,848 after the norms, k, v and o): 782,237,696 + 134,217,728 (fc's
     is as high). All at once: 2P + 4P. Step 1 makes the moments as it goes and peaks at the
-    lm_head, last, with every moment made and its grad dropped: 12P + 4n."""
-    spec = RunSpec(model="llama-3.1-8b", gpus="1xH100", seq=2048, precision="bf16-master")
+    lm_head, last, with every moment made and its grad dropped: 12P + 4n. Whole masters: split
+    ones make no copy (test_split_masters_step_beside_every_grad)."""
+    spec = RunSpec(model="llama-3.1-8b", gpus="1xH100", seq=2048, precision="bf16-master", split_master=False)
     P, n = 424_689_664, 32000 * 4096
     est = estimate_spec(spec).phases["optimizer_step"]
     assert (est["draft.grads"], est["optimizer.grad_copy"]) == (2 * 391_118_848, 4 * 33_554_432)
@@ -167,6 +179,19 @@ def test_stepping_a_parameter_at_a_time_by_hand():
     first = estimate_spec(spec).step1_phases["optimizer_step"]
     assert first.get("draft.grads", 0) == 0 and first["optimizer.grad_copy"] == 4 * n
     assert (first["optimizer.master"], first["optimizer.moments"]) == (4 * P, 8 * P)
+
+
+def test_split_masters_step_beside_every_grad():
+    """Split masters: no copy, so the step holds every bf16 grad (2P) beside the low bits (2P)
+    and moments (8P); step 1 makes the low bits and moments at the step, 10P, which the phases
+    before it lack."""
+    spec = RunSpec(model="llama-3.1-8b", gpus="1xH100", seq=2048)
+    P = 424_689_664
+    est = estimate_spec(spec)
+    step = est.phases["optimizer_step"]
+    assert (step["draft.grads"], step["optimizer.master"], step["optimizer.moments"]) == (2 * P, 2 * P, 8 * P)
+    assert step.get("optimizer.grad_copy", 0) == 0
+    assert est.phase_allocated("backward") - est.phase_allocated("backward", step1=True) == 10 * P
 
 
 def test_mxfp4_target_weights_per_rank():

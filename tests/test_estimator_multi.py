@@ -25,10 +25,11 @@ RUNS = [json.loads(line) for name in ("multi_train_x2.jsonl", "multi_train_x4.js
 def spec_of(command: str) -> RunSpec:
     words = shlex.split(command)
     flags = {w[2:].replace("-", "_"): v for w, v in zip(words, words[1:]) if w.startswith("--") and not v.startswith("--")}
-    # these runs predate the lean draft: the trainer ran torch's composition (draft_memory plain)
+    # these runs predate the lean draft and split masters: the trainer ran torch's composition
+    # (draft_memory plain) and whole fp32 masters
     return RunSpec(model=flags["model"], gpus=flags["gpus"], tp=int(flags["tp"]), seq=int(flags["seq"]),
                    micro_batch=int(flags["micro_batch"]), output_sharding=flags["output_sharding"],
-                   draft_memory="plain")
+                   draft_memory="plain", split_master=False)
 
 
 @pytest.mark.parametrize("run", RUNS, ids=[r["run"] for r in RUNS])

@@ -89,9 +89,10 @@ def test_tied_target_load_counts_the_embedding_once_plus_the_drafts_copy():
 
 
 def test_tied_target_optimizer_and_checkpoint_by_hand():
-    # every grad copy at once (the step a parameter at a time is by hand in tests/test_estimator.py)
+    # whole masters, every grad copy at once (the step a parameter at a time and split masters are
+    # by hand in tests/test_estimator.py)
     totals = _totals(estimate_spec(RunSpec(model="llama-3.2-3b", gpus="1xH100", seq=2048, share_embedding=False,
-                                           optimizer_per_param=False)))
+                                           optimizer_per_param=False, split_master=False)))
     load = BF16 * TARGET_TIED + BF16 * (DRAFT_TRAINABLE + DRAFT_FROZEN) + CUBLAS_WORKSPACE
     # bf16-master: fp32 master 4 + Adam moments 8 (steady), bf16 grads 2 and an fp32 grad copy 4 at the step
     master, moments = FP32 * DRAFT_TRAINABLE, 2 * FP32 * DRAFT_TRAINABLE
@@ -123,8 +124,9 @@ def _totals_of(estimate, which: str) -> dict[str, int]:
 def test_sft_tied_embedding_is_one_trained_matrix(tmp_path):
     """sft trains the [V, h] once when tied: its params, grads, master and moments all differ by
     one V*h from the untied model (bf16-master: 2 + 2 + 4 + 8, the grad copy 4 at the step, every
-    copy at once: a parameter at a time the step holds one copy, by hand in tests/test_estimator.py)."""
-    spec = dict(gpus="1xH100", seq=2048, workload="sft", optimizer_per_param=False)
+    copy at once, whole masters: a parameter at a time the step holds one copy, by hand in
+    tests/test_estimator.py)."""
+    spec = dict(gpus="1xH100", seq=2048, workload="sft", optimizer_per_param=False, split_master=False)
     tied = estimate_spec(RunSpec(model="llama-3.2-3b", **spec))
     untied = estimate_spec(RunSpec(model=_untied_copy(tmp_path), **spec))
     assert tied.phases["load"]["model.params"] == BF16 * TARGET_TIED

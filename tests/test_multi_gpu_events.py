@@ -93,8 +93,8 @@ def test_fsdp_sizes_and_streams_by_hand():
     assert named(j, "FSDP all-gather norm") == []
     midlayer = 2 * (3 * 2048 * 8192 + 4096 * 2048 + 2 * 4096 * 512 + 2048 * 2048 + 3 * 2048)
     assert named(j, "FSDP reduce-scatter input midlayer")[0] == (midlayer, 0)
-    # bf16-master's fp32 masters and moments are per shard: 4 B x 32,768,000
-    assert named(j, "master lm_head") == [(131_072_000, 0)]
+    # bf16-master's masters (split: 16 low bits) and fp32 moments are per shard: 2 and 4 B x 32,768,000
+    assert named(j, "master lm_head") == [(65_536_000, 0)]
     assert named(j, "exp_avg lm_head") == [(131_072_000, 0)]
 
 

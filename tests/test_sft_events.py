@@ -30,8 +30,9 @@ CASES = [
     {"ac": False},
     {"micro_batch": 4},
     {"ac": False, "micro_batch": 4, "seq": 1024},
-    {"precision": "bf16-master"},  # every grad copy at once (sft's default)
-    {"precision": "bf16-master", "optimizer_per_param": True},  # a parameter at a time
+    {"precision": "bf16-master"},  # split masters (the default): no grad copy
+    {"precision": "bf16-master", "split_master": False},  # whole masters, every grad copy at once (sft's default)
+    {"precision": "bf16-master", "split_master": False, "optimizer_per_param": True},  # a parameter at a time
     {"precision": "bf16-master", "global_batch": 2, "seq": 1024},
     {"precision": "mixed"},
     {"precision": "fp32-autocast"},

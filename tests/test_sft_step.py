@@ -47,13 +47,15 @@ def test_two_bf16_steps_report_every_phase(tmp_path):
     assert "prediction" in report
 
 
-def test_bf16_master_keeps_fp32_master_and_moments(tmp_path):
-    code, report = _run(tmp_path, precision="bf16-master")
+@pytest.mark.parametrize("split_master, state_bytes", [(False, 12), (None, 10)])
+def test_bf16_master_keeps_its_master_and_moments(tmp_path, split_master, state_bytes):
+    code, report = _run(tmp_path, precision="bf16-master", split_master=split_master)
     assert code == 0
     step1, step2 = report["steps"]
-    # fp32 master (4 B) + fp32 moments (8 B) appear in step 1's optimizer step: 12 B/param more in step 2
+    # the master (whole: 4 B fp32; split: its 2 B low bits) and fp32 moments (8 B) appear in step
+    # 1's optimizer step: 12 or 10 B/param more in step 2
     grown = step2["phases"]["forward"]["allocated"] - step1["phases"]["forward"]["allocated"]
-    assert 12 * PARAMS <= grown <= 12 * PARAMS + 4096
+    assert state_bytes * PARAMS <= grown <= state_bytes * PARAMS + 4096
 
 
 def test_wrong_workload_is_refused(tmp_path, capsys):

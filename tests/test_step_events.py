@@ -163,12 +163,18 @@ def test_the_last_qkv_backward_call_holds_the_estimators_instant():
 
 
 def test_optimizer_state_by_hand():
-    # bf16-master: fp32 masters and moments made in step 1, an fp32 grad copy during each step
+    # bf16-master, whole masters: fp32 masters and moments made in step 1, an fp32 grad copy
+    # during each step
     lm_head = 65_536_000
-    j = job()
+    j = job(split_master=False)
     assert sizes_named(j, "master lm_head") == [4 * lm_head]
     assert sizes_named(j, "exp_avg lm_head") == [4 * lm_head]
     assert sizes_named(j, "fp32 grad copy lm_head") == [4 * lm_head] * 2
+    # split masters (the default): 16 low bits per element in step 1, no grad copy
+    j = job()
+    assert sizes_named(j, "master lm_head") == [2 * lm_head]
+    assert sizes_named(j, "exp_avg lm_head") == [4 * lm_head]
+    assert sizes_named(j, "fp32 grad copy lm_head") == []
     # torchao's 8-bit moments: uint8 codes and an fp32 scale per 256; a norm of 2048 elements is
     # under 4096 and keeps fp32 moments (of its fp32 master); each tensor's step dequantizes each
     # moment into an fp32 buffer of its own (4 B per element each; one per step, steps 1 and 2)
@@ -187,8 +193,9 @@ def test_a_parameter_at_a_time_by_hand():
     """bf16-master steps the draft's parameters smallest first, each bf16 grad freed as its fp32
     copy is made (trainer/optim.py MasterWeightAdamW._step_each). llama-3.2-1b's draft holds
     N = 145,235,968 trained elements; at each copy 2R + 4n, highest at the lm_head, last
-    (n = 65,536,000, R = n): 2n + 4n, where 2N + 4 x 2048 at the first norm is lower."""
-    j = job()
+    (n = 65,536,000, R = n): 2n + 4n, where 2N + 4 x 2048 at the first norm is lower. Whole
+    masters: split ones make no copy."""
+    j = job(split_master=False)
     built = step_events.build(j)
     first, end = {label: (a, b) for label, a, b in built.phases}["steady.optimizer_step"]
     ops = [(e.op, built.names[e.key]) for e in built.events[first:end]]

@@ -110,16 +110,30 @@ def _sqrt_rn(v: torch.Tensor) -> torch.Tensor:
     return v.double().sqrt().float() if v.device.type == "cpu" else v.sqrt()
 
 
+# Elements the torch ops step at a time: their fp32 and int32 temporaries stay some 40 KiB
+# whatever the tensor, as the kernel makes none, so the trainer's memory on CPU is what the
+# estimate counts for the GPU (no buffer the size of a parameter at the step).
+TORCH_CHUNK = 1024
+
+
 def _step_torch(param_bits, low, grad, exp_avg, exp_avg_sq, s: _Scalars) -> None:
-    """The step with torch ops, one rounding per op (each line as the kernel's,
-    trainer/split_master_kernel.py)."""
+    """The step with torch ops, a chunk of elements at a time (TORCH_CHUNK)."""
+    flat = [t.reshape(-1) for t in (param_bits, low, grad, exp_avg, exp_avg_sq)]
+    if not all(t.is_contiguous() for t in (param_bits, low, exp_avg, exp_avg_sq)):
+        raise ValueError("split AdamW: the parameter, low and moments must be contiguous")
+    # a device tensor, not a Python float: CUDA divides by a host scalar as a product with its reciprocal
+    bias_correction2_sqrt = torch.tensor(s.bias_correction2_sqrt, dtype=torch.float32, device=exp_avg_sq.device)
+    for start in range(0, flat[0].numel(), TORCH_CHUNK):
+        _step_torch_chunk(*(t[start : start + TORCH_CHUNK] for t in flat), s, bias_correction2_sqrt)
+
+
+def _step_torch_chunk(param_bits, low, grad, exp_avg, exp_avg_sq, s: _Scalars, bias_correction2_sqrt) -> None:
+    """One chunk, one rounding per op (each line as the kernel's, trainer/split_master_kernel.py)."""
     g = grad.float()
     master = _join_bits(param_bits, low).view(torch.float32)
     master = master * s.decay
     exp_avg.add_((g - exp_avg) * s.one_minus_beta1)
     exp_avg_sq.mul_(s.beta2).add_(g * s.one_minus_beta2 * g)
-    # a device tensor, not a Python float: CUDA divides by a host scalar as a product with its reciprocal
-    bias_correction2_sqrt = torch.tensor(s.bias_correction2_sqrt, dtype=torch.float32, device=exp_avg_sq.device)
     denom = _sqrt_rn(exp_avg_sq) / bias_correction2_sqrt + s.eps
     master = master - exp_avg * s.step_size / denom
     new_bits, new_low = _split_bits(master.view(torch.int32))

@@ -80,15 +80,22 @@ class Row:
         return spec_from_mapping(values, source=f"matrix row {self.name}")
 
 
+# Every row was measured with whole fp32 masters, the only ones then (split masters' own runs
+# are docs/data/split_master_train_h200)
+MEASURED_WITH = {"split_master": False}
+
+
 def _eagle3(gpu: str, world: int, model: str, seq: int, mb: int = 1, ac: bool = False, cal: bool = False, **kw) -> Row:
     # every eagle3 row was measured on flex attention, then the default at every length (the split
     # attention's own runs are tests/data/gpu/knobs/*attentionsplit*)
-    spec = {"model": model, "workload": "eagle3", "seq": seq, "micro_batch": mb, "ac": ac, "attention": "flex", **kw}
+    spec = {"model": model, "workload": "eagle3", "seq": seq, "micro_batch": mb, "ac": ac, "attention": "flex",
+            **MEASURED_WITH, **kw}
     return Row(gpu, world, spec, cal)
 
 
 def _sft(gpu: str, world: int, model: str, seq: int, mb: int = 1, ac: bool = True, cal: bool = False, **kw) -> Row:
-    return Row(gpu, world, {"model": model, "workload": "sft", "seq": seq, "micro_batch": mb, "ac": ac, **kw}, cal)
+    spec = {"model": model, "workload": "sft", "seq": seq, "micro_batch": mb, "ac": ac, **MEASURED_WITH, **kw}
+    return Row(gpu, world, spec, cal)
 
 
 def _near(row: Row, intent: str, knob: str = "seq") -> Row:

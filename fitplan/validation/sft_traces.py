@@ -32,10 +32,12 @@ JOBS = {
                                     ac=True, precision="bf16"),
     "qwen3-8b-s8k-b1-ac": RunSpec(model="qwen3-8b", gpus="1xH200", workload="sft", seq=8192, micro_batch=1,
                                   ac=True, precision="bf16"),
-    # bf16-master: the optimizer steps a parameter at a time (RunSpec optimizer_per_param), each
-    # fp32 gradient copy of its own size; measured after the sequence was written
+    # bf16-master with whole fp32 masters (recorded before masters were split): the optimizer
+    # steps a parameter at a time (RunSpec optimizer_per_param), each fp32 gradient copy of its
+    # own size; measured after the sequence was written
     "llama-3.2-1b-s4k-b1-master": RunSpec(model="llama-3.2-1b", gpus="1xH200", workload="sft", seq=4096,
-                                          micro_batch=1, precision="bf16-master", optimizer_per_param=True),
+                                          micro_batch=1, precision="bf16-master", optimizer_per_param=True,
+                                          split_master=False),
 }
 MAX_ENTRIES = 2_000_000
 
