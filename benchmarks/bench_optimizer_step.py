@@ -1,9 +1,11 @@
-"""The bf16-master optimizer step all at once against a parameter at a time (RunSpec
-optimizer_per_param), on the tensors of a real job: time per step and the step's peak memory.
+"""The bf16-master optimizer step three ways on the tensors of a real job: whole fp32 masters all
+at once, whole masters a parameter at a time (RunSpec optimizer_per_param), and split masters
+(RunSpec split_master, trainer/split_master.py): time per step and the step's peak memory.
 
 The step a parameter at a time holds one fp32 gradient copy instead of all of them, at the cost
 of one inner optimizer call (and one fused kernel launch) per tensor: nothing for a draft's
-dozen tensors, more for an sft model's hundreds. This measures both on the local device.
+dozen tensors, more for an sft model's hundreds. Split masters make no copy at all and step each
+tensor in one kernel reading the bf16 gradient. This measures all three on the local device.
 
     python benchmarks/bench_optimizer_step.py                       # CUDA if present, else CPU
     python benchmarks/bench_optimizer_step.py --jobs llama-3.2-1b:sft,llama-3.1-8b:eagle3 --steps 10
@@ -46,16 +48,20 @@ def tensors(model: str, workload: str) -> list[tuple[str, tuple[int, ...]]]:
     return [(name, (numel,)) for name, numel in draft_parameters(job)]
 
 
-def time_steps(shapes, per_param: bool, steps: int, device) -> tuple[float, int]:
-    """(median seconds per step, peak bytes allocated during a step) over `steps` steps."""
+MODES = ("all at once", "per parameter", "split")
+
+
+def time_steps(shapes, mode: str, steps: int, device) -> tuple[float, int]:
+    """(median seconds per step, peak bytes allocated during a step) over `steps` steps of the
+    optimizer of `mode` (MODES)."""
     import torch
 
-    from trainer.optim import MasterWeightAdamW
+    from trainer.optim import build_optimizer
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape, dtype=torch.bfloat16, device=device) * 0.02)
               for _, shape in shapes]
-    opt = MasterWeightAdamW(params, 1e-4, per_param=per_param)
+    opt = build_optimizer(params, "bf16-master", 1e-4, per_param=mode == "per parameter", split_master=mode == "split")
     seconds = []
     peak = 0
     for i in range(steps + 1):  # the first step makes the masters and moments: not timed
@@ -90,17 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"bf16-master optimizer step on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "
           f"median of {args.steps} steps")
-    print("| job | tensors | parameters | all at once ms | per parameter ms | ratio | peak GiB all / per parameter |")
-    print("|---|---|---|---|---|---|---|")
+    print("| job | tensors | parameters | ms all at once / per parameter / split | split / all at once "
+          "| peak GiB all at once / per parameter / split |")
+    print("|---|---|---|---|---|---|")
     for item in args.jobs.split(","):
         model, _, workload = item.partition(":")
         shapes = tensors(model, workload or "eagle3")
         numel = sum(math.prod(s) for _, s in shapes)
-        together, peak_all = time_steps(shapes, False, args.steps, device)
-        each, peak_each = time_steps(shapes, True, args.steps, device)
-        peaks = f"{peak_all / 2**30:.2f} / {peak_each / 2**30:.2f}" if device.type == "cuda" else "-"
-        print(f"| {model} {workload} | {len(shapes)} | {numel / 1e9:.2f} B | {together * 1e3:.1f} | {each * 1e3:.1f} "
-              f"| {each / together:.2f}x | {peaks} |")
+        measured = [time_steps(shapes, mode, args.steps, device) for mode in MODES]
+        times = " / ".join(f"{seconds * 1e3:.1f}" for seconds, _ in measured)
+        peaks = " / ".join(f"{peak / 2**30:.2f}" for _, peak in measured) if device.type == "cuda" else "-"
+        print(f"| {model} {workload} | {len(shapes)} | {numel / 1e9:.2f} B | {times} "
+              f"| {measured[2][0] / measured[0][0]:.2f}x | {peaks} |")
     return 0
 
 

@@ -446,8 +446,8 @@ def test_knob_jobs_pass_switches_without_a_value(tmp_path):
     assert argv[-4:] == ["--recompute-mlp", "--no-optimizer-per-param", "--optimizer", "adamw-8bit"]
 
 
-def test_the_optimizer_step_benchmark_times_both_modes_on_cpu(tmp_path, capsys):
-    """benchmarks/bench_optimizer_step.py on a tiny sft model: one row, both modes timed."""
+def test_the_optimizer_step_benchmark_times_every_mode_on_cpu(tmp_path, capsys):
+    """benchmarks/bench_optimizer_step.py on a tiny sft model: one row, the three modes timed."""
     import importlib.util
 
     model = tmp_path / "tiny.json"
@@ -463,3 +463,4 @@ def test_the_optimizer_step_benchmark_times_both_modes_on_cpu(tmp_path, capsys):
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {model} sft")]
     # embedding, lm_head, final norm, and per layer 7 projections and 2 norms: 3 + 2 x 9 tensors
     assert len(row) == 1 and row[0].split("|")[2].strip() == "21"
+    assert all(float(ms) > 0 for ms in row[0].split("|")[4].split("/"))
