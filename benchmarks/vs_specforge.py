@@ -311,8 +311,8 @@ def render(meta: dict, results: list[dict]) -> str:
                       f"| unmetered ratio | draft memory GiB {label} / {other} "
                       f"| memory ratio | tokens/s {label} / {other} | MFU {label} / {other} "
                       f"| first step s {label} / {other} | SM clock MHz {label} / {other} "
-                      f"| board power W {label} / {other} |")
-            rows = ["", header, "|---" * 12 + "|"]
+                      f"| board power W {label} / {other} | energy J/step {label} / {other} | energy ratio |")
+            rows = ["", header, "|---" * 14 + "|"]
             for b, s in shapes:
                 f, g = by.get((tool, b, s), {}), by.get((reference, b, s), {})
                 rows.append(f"| {b} x {s} | {_pair(f, g, 'step_s', 1, '.3f')} | {_ratio(f, g, 'step_s')} "
@@ -320,7 +320,8 @@ def render(meta: dict, results: list[dict]) -> str:
                             f"| {_pair(f, g, 'draft_mem', GIB, '.2f')} | {_ratio(f, g, 'draft_mem')} "
                             f"| {_pair(f, g, 'tokens_per_s', 1, ',.0f')} | {_pair(f, g, 'mfu', 0.01, '.1f', '%')} "
                             f"| {_pair(f, g, 'first_step_s', 1, '.0f')} | {_pair(f, g, 'sm_mhz', 1, '.0f')} "
-                            f"| {_pair(f, g, 'watts', 1, '.0f')} |")
+                            f"| {_pair(f, g, 'watts', 1, '.0f')} | {_pair(f, g, 'joules_per_step', 1, '.0f')} "
+                            f"| {_ratio(f, g, 'joules_per_step')} |")
             lines += rows
     failed = [f"{r['tool']} {r['batch']}x{r['seq']}: {r.get('error', 'failed')}" for r in results if not r.get("ok")]
     teacher = ("full-vocab logits (SpecForge's default)" if meta.get("specforge_teacher", "full") == "full"
@@ -335,7 +336,7 @@ def render(meta: dict, results: list[dict]) -> str:
         f"2·B·S·V·h) / step time / {peak if peak else '?'} TFLOP/s (dense bf16, profiles/gpus.json). "
         f"Attention: {_attention_shown(meta.get('attention', 'flex'))}. First step: wall time including compilation. "
         f"SM clock and board power: medians over the timed steps of NVML's readings as each phase finished queuing "
-        f"(dashes where NVML did not answer). SpecForge: "
+        f"(dashes where NVML did not answer); energy: that power times the step. SpecForge: "
         f"its module unwrapped; SpecForge FSDP: wrapped in FSDP1 over one rank, as its trainer wraps it.")
     lines = [caption, *lines]
     if failed:
@@ -635,7 +636,10 @@ def measure(step_fn, device, warmup: int, steps: int) -> dict:
     peaks = {name: max(r["allocated"][name] for r in timed) for name in timed[0]["allocated"]}
     readings = [reading for r in timed for reading in r["gpu"] if reading]
     gpu = {key: statistics.median(reading[key] for reading in readings) for key in ("sm_mhz", "watts") if readings}
-    return {**gpu, "step_s": statistics.median(r["seconds"] for r in timed), "step_s_all": [r["seconds"] for r in records],
+    step_s = statistics.median(r["seconds"] for r in timed)
+    if "watts" in gpu:  # at the power limit the step is as long as its energy: the median power times the step
+        gpu["joules_per_step"] = gpu["watts"] * step_s
+    return {**gpu, "step_s": step_s, "step_s_all": [r["seconds"] for r in records],
             "unmetered_step_s": statistics.median(unmetered), "unmetered_step_s_all": unmetered,
             "first_step_s": records[0]["wall_s"], "phases_s": phases, "phase_peak_allocated": peaks,
             "peak_allocated": max(peaks.values()), "peak_reserved": max(r["reserved"] for r in timed),

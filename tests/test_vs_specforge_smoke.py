@@ -73,15 +73,17 @@ def test_table_ratios_are_fitplan_over_specforge(bench):
     common = {"batch": 1, "seq": 2048, "ok": True, "peak_tflops": 989.0, "device": "NVIDIA H200",
               "first_step_s": 40.0}
     results = [{**common, "tool": "specforge", "step_s": 1.0, "unmetered_step_s": 0.75, "draft_mem": 4 * gib,
-                "tokens_per_s": 2048.0, "mfu": 0.40},
+                "tokens_per_s": 2048.0, "mfu": 0.40, "sm_mhz": 1740.0, "watts": 680.0, "joules_per_step": 680.0},
                {**common, "tool": "fitplan", "step_s": 0.5, "unmetered_step_s": 0.3, "draft_mem": 3 * gib,
-                "tokens_per_s": 4096.0, "mfu": 0.80},
+                "tokens_per_s": 4096.0, "mfu": 0.80, "sm_mhz": 1600.0, "watts": 700.0, "joules_per_step": 350.0},
                {"tool": "specforge", "batch": 2, "seq": 4096, "ok": False, "error": "out of memory: x"}]
     table = bench.render({"specforge_teacher": "full", "attention": "flex"}, results)
     row = next(line for line in table.splitlines() if line.startswith("| 1 x 2048"))
     # 0.5 s / 1.0 s, unmetered 0.3 s / 0.75 s and 3 GiB / 4 GiB
     assert ("| 0.500 / 1.000 | 0.50x | 0.300 / 0.750 | 0.40x | 3.00 / 4.00 | 0.75x | 4,096 / 2,048 "
             "| 80.0% / 40.0% |") in row
+    # 1600 / 1740 MHz, 700 / 680 W and 350 J / 680 J a step
+    assert row.endswith("| 1600 / 1740 | 700 / 680 | 350 / 680 | 0.51x |"), row
     assert "| 2 x 4096 | — / — | — | — / — | — |" in table
     assert "Not measured: specforge 2x4096: out of memory: x" in table
     assert "989.0 TFLOP/s" in table and "counted in both" in table
