@@ -389,3 +389,12 @@ def test_a_run_resumes_with_memory_knobs_changed_but_not_with_another_lr(configs
     # a checkpoint whose fingerprint predates a memory-only key still resumes
     assert checkpoint.config_changes({k: v for k, v in loop.fingerprint(leaner).items() if k != "recompute_mlp"},
                                      loop.fingerprint(leaner)) == []
+    # split masters hold other optimizer state: a run resumes only into the masters it saved,
+    # whole ones for a checkpoint from before the key existed
+    whole = leaner.spec.replace(split_master=False)
+    assert checkpoint.config_changes(loop.fingerprint(leaner), {**loop.fingerprint(leaner), "split_master": False}) \
+        == ["split_master"]
+    predating = {k: v for k, v in loop.fingerprint(leaner).items() if k != "split_master"}
+    assert checkpoint.config_changes(predating, loop.fingerprint(leaner)) == ["split_master"]
+    leaner.spec = whole
+    assert checkpoint.config_changes(predating, loop.fingerprint(leaner)) == []

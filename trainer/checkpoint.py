@@ -56,7 +56,7 @@ from torch.distributed.tensor import DTensor
 from fitplan import __version__
 from fitplan.config import FIELD_NAMES
 from fitplan.errors import FitplanError
-from fitplan.records import old_defaults_auto
+from fitplan.records import PREDATING_KEYS, old_defaults_auto
 
 STATE = "training_state.pt"
 RUN_RECORD = "fitplan_run.json"
@@ -422,10 +422,15 @@ MEMORY_ONLY_KEYS = frozenset({"ac", "expandable_segments", "recompute_mlp", "opt
                               "head_grad_in_forward", "project_embedding_once"})
 
 
+# Keys that change the optimizer's state, with what a checkpoint written before each existed ran
+# (records.PREDATING_KEYS): its state resumes only into the same layout.
+OPTIMIZER_KEYS_PREDATED = {key: PREDATING_KEYS[key] for key in ("split_master",)}
+
+
 def config_changes(saved: dict, fingerprint: dict) -> list[str]:
     """The keys of this run's fingerprint a checkpoint's differs in, memory-only knobs aside (a
     knob's old default and auto alike: records.old_defaults_auto)."""
-    saved, fingerprint = old_defaults_auto(saved), old_defaults_auto(fingerprint)
+    saved, fingerprint = old_defaults_auto({**OPTIMIZER_KEYS_PREDATED, **saved}), old_defaults_auto(fingerprint)
     return sorted(k for k in fingerprint if k not in MEMORY_ONLY_KEYS and saved.get(k) != fingerprint[k])
 
 
