@@ -43,6 +43,7 @@ _TIE = 0x8000
 _INF = 0x7F800000  # fp32 +inf's bits: above it (sign masked off) lie the NaNs
 _NAN = 0x7FC00000  # the quiet NaN a NaN master is stored as (module docstring)
 
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (FSDP2, tensor parallel), else t itself: the step is
     elementwise, so each rank steps its own shard with state shaped like that shard."""
