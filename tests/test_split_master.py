@@ -250,3 +250,16 @@ def test_cuda_steps_as_torch_fused_adamw():
     for p, r in zip(ours, refs):
         torch.testing.assert_close(opt.master(p), r.detach(), rtol=1e-6, atol=1.5e-7)
         assert (_bits(p.detach()) != _bits(r.detach().to(torch.bfloat16))).sum() <= 3
+
+
+def test_the_torch_step_is_the_same_in_any_chunks(monkeypatch):
+    """The torch ops step a large tensor in CHUNKS_PER_TENSOR chunks (a small one in TORCH_CHUNK
+    ones): elementwise, so the bits are those of the whole tensor in one go."""
+    import trainer.split_master as split_master
+
+    tensors, scalars = _kernel_case(torch.Generator().manual_seed(8), (300_001,), 3)
+    chunked = _torch_step(tensors, scalars)
+    monkeypatch.setattr(split_master, "TORCH_CHUNK", 10**9)
+    whole = _torch_step(tensors, scalars)
+    for a, b in zip(chunked, whole):
+        assert torch.equal(_bits(a) if a.is_floating_point() else a, _bits(b) if b.is_floating_point() else b)
