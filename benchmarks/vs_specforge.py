@@ -721,15 +721,14 @@ class _EmbeddingSource:
 
 
 def build_fitplan(job, frozen: dict, inputs: dict, device, args):
-    from fitplan.layout import splits_master, steps_per_param
+    from fitplan.layout import splits_master
     from trainer import loop, optim
     from trainer.target import hf_config
 
     spec, total = job.spec, args.warmup + args.steps
     draft = loop.build_draft(job, hf_config(spec.model), _EmbeddingSource(frozen["embedding"]),
                              frozen["draft_ids"].cpu(), device)
-    optimizer = optim.build_optimizer(draft.trainable(), spec.precision, args.lr, per_param=steps_per_param(spec),
-                                      split_master=splits_master(spec))
+    optimizer = optim.job_optimizer(draft.trainable(), spec, args.lr)
     scheduler = optim.cosine_with_warmup(optimizer, 0, total)
     lm_head, draft_ids, mask = frozen["lm_head"], frozen["draft_ids"], inputs["mask"].bool()
 

@@ -42,8 +42,6 @@ from fitplan.layout import (
     recomputes_mlp,
     resolve,
     shares_target_embedding,
-    splits_master,
-    steps_per_param,
     sums_step_grads,
 )
 from fitplan.records import write_measurement
@@ -172,8 +170,7 @@ def build(opts: TrainOptions, meter: Meter, job: Job, ctx) -> Run:
         if ctx.distributed:
             draft = parallel.shard_draft(draft, ctx, spec.sharding)
         # after sharding: the optimizer's state is made from (and sharded like) the sharded parameters
-        optimizer = optim.build_optimizer(draft.trainable(), spec.precision, opts.lr, spec.optimizer, spec.offload,
-                                          per_param=steps_per_param(spec), split_master=splits_master(spec))
+        optimizer = optim.job_optimizer(draft.trainable(), spec, opts.lr)
         scheduler = optim.cosine_with_warmup(optimizer, opts.warmup, opts.steps)
     return Run(opts, job, ctx, meter.device, target, draft, optimizer, scheduler, batches,
                draft_ids.to(meter.device), skipped, teach=teacher)

@@ -34,7 +34,9 @@ from collections.abc import Callable
 
 import torch
 
+from fitplan.config import RunSpec
 from fitplan.errors import FitplanError
+from fitplan.layout import splits_master, steps_per_param
 from trainer.offload import HostAdamW
 from trainer.split_master import SplitMasterAdamW
 
@@ -235,6 +237,13 @@ def build_optimizer(params, precision: str, lr: float, optimizer: str = "adamw",
     if precision in MASTER_RECIPES:
         return MasterWeightAdamW(params, lr, fp32_grads=precision == "mixed", inner=inner, per_param=per_param)
     return inner(params, lr)
+
+
+def job_optimizer(params, spec: RunSpec, lr: float) -> torch.optim.Optimizer:
+    """build_optimizer for the job's recipe, optimizer and offload, with the layout's
+    resolution of its optimizer switches (one parameter at a time, split masters)."""
+    return build_optimizer(params, spec.precision, lr, spec.optimizer, spec.offload,
+                           per_param=steps_per_param(spec), split_master=splits_master(spec))
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int):

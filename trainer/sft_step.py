@@ -31,13 +31,12 @@ import torch
 
 from fitplan.config import RunSpec, load_spec
 from fitplan.errors import FitplanError
-from fitplan.layout import resolve, splits_master, steps_per_param
+from fitplan.layout import resolve
 from fitplan.records import write_measurement
 from trainer.measure import Meter
 from trainer.parallel import DistContext, init_distributed
 from trainer.target import hf_config
-from trainer.optim import MASTER_RECIPES, autocast, param_dtype
-from trainer.optim import build_optimizer as build_recipe_optimizer
+from trainer.optim import MASTER_RECIPES, autocast, job_optimizer, param_dtype
 
 # ---------------------------------------------------------------- model, sharding, optimizer
 
@@ -98,8 +97,7 @@ def build_optimizer(model: torch.nn.Module, spec: RunSpec, device: torch.device,
     fused kernel users run on GPUs (torch's defaults otherwise, as users call it)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.precision in MASTER_RECIPES or spec.optimizer != "adamw" or spec.offload != "none":
-        return build_recipe_optimizer(params, spec.precision, lr, spec.optimizer, spec.offload,
-                                      per_param=steps_per_param(spec), split_master=splits_master(spec))
+        return job_optimizer(params, spec, lr)
     return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
 
 

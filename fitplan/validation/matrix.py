@@ -81,7 +81,7 @@ class Row:
 
 
 # Every row was measured with whole fp32 masters, the only ones then (split masters' own runs
-# are docs/data/split_master_train_h200)
+# are tests/data/gpu/knobs/*split_masterauto* and tests/data/gpu/split_master/)
 MEASURED_WITH = {"split_master": False}
 
 
