@@ -7,7 +7,10 @@ probabilities. Each variant: median of CUDA-event timings after warm-up (compila
 in the warm-up), GB/s counting one read of the logits and teacher rows and one write of the
 gradient, and its distance from eager torch (fp32 arithmetic): max |grad diff| (scale 1), the
 loss's relative difference, whether the agreements are equal. A variant that fails to compile
-or run is reported in its row. Needs torch with CUDA and triton only.
+or run is reported in its row. The teacher's row statistics (`teacher_stats`, taken once per
+micro-batch over its whole table) get a row of their own: there the grad column is the
+log-sum-exp's largest difference from torch's, the agreements whether the argmaxes are equal.
+Needs torch with CUDA and triton only.
 
     python benchmarks/head_loss_kernel.py --out head_loss_kernel.json
 """
@@ -33,8 +36,12 @@ WARMUP = 3
 
 
 def make_case(vocab: int, as_logits: bool, device):
-    """(logits, teacher, p_rows, scale, as_logits): bf16 logits [ROWS, vocab]; a teacher table of
-    ROWS + 256 rows (bf16 logits, or fp32 probabilities) of which shuffled rows are gathered."""
+    """(logits, teacher, p_rows, scale, stats): bf16 logits [ROWS, vocab]; a teacher table of
+    ROWS + 256 rows (bf16 logits, or fp32 probabilities) of which shuffled rows are gathered;
+    the teacher's row statistics (log-sum-exp, first argmax) for logits, made once per
+    micro-batch by the trainer (teacher_stats, timed on its own row), None for probabilities."""
+    from trainer.head_loss import teacher_stats
+
     import torch
 
     g = torch.Generator(device=device).manual_seed(vocab + as_logits)
@@ -42,7 +49,7 @@ def make_case(vocab: int, as_logits: bool, device):
     teacher = torch.randn(ROWS + 256, vocab, device=device, generator=g) * 2
     teacher = teacher.bfloat16() if as_logits else torch.softmax(teacher, -1)
     p_rows = torch.randperm(ROWS + 256, device=device, generator=g)[:ROWS]
-    return logits, teacher, p_rows, torch.ones((), device=device), as_logits
+    return logits, teacher, p_rows, torch.ones((), device=device), teacher_stats(teacher) if as_logits else None
 
 
 def variants():
@@ -84,7 +91,7 @@ def time_ms(fn, case, repeats: int) -> float:
 def measure(name: str, fn, case, reference, repeats: int) -> dict:
     """One table row: timing and distance from `reference` (eager torch's outputs), or the error."""
     logits, teacher = case[0], case[1]
-    row = {"variant": name, "vocab": logits.shape[1], "as_logits": case[4], "rows": logits.shape[0]}
+    row = {"variant": name, "vocab": logits.shape[1], "as_logits": case[4] is not None, "rows": logits.shape[0]}
     if isinstance(fn, str):
         return {**row, "error": fn}
     try:
@@ -98,6 +105,22 @@ def measure(name: str, fn, case, reference, repeats: int) -> dict:
             "max_grad_diff": float((grad.float() - want_grad.float()).abs().max()),
             "loss_rel_diff": float((loss - want_loss).abs() / want_loss.abs()),
             "agreements_equal": int(agree) == int(want_agree)}
+
+
+def measure_stats(teacher, repeats: int) -> dict:
+    """The teacher's row statistics (trainer/head_loss.py teacher_stats, once per micro-batch) over
+    the whole table, against torch's logsumexp and argmax: a row of its own in the table."""
+    import torch
+
+    from trainer.head_loss import _torch_teacher_stats, teacher_stats
+
+    lse, top = teacher_stats(teacher)
+    want_lse, want_top = _torch_teacher_stats(teacher)
+    ms = time_ms(teacher_stats, (teacher,), repeats)
+    return {"variant": f"teacher_stats ({teacher.shape[0]} rows)", "vocab": teacher.shape[1], "as_logits": True,
+            "rows": teacher.shape[0], "ms": ms, "gb_per_s": teacher.numel() * teacher.element_size() / ms / 1e6,
+            "max_grad_diff": float((lse - want_lse).abs().max()), "loss_rel_diff": 0.0,
+            "agreements_equal": bool(torch.equal(top.long(), want_top.long()))}
 
 
 def _one_line(err: Exception) -> str:
@@ -149,6 +172,8 @@ def main(argv=None) -> int:
             case = make_case(vocab, as_logits, "cuda")
             reference = _chunk_loss_grad(*case)
             rows += [measure(name, fn, case, reference, args.repeats) for name, fn in found]
+            if as_logits:
+                rows.append(measure_stats(case[1], args.repeats))
             del case, reference
             torch.cuda.empty_cache()
     print(markdown(rows))

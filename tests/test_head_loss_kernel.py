@@ -22,15 +22,18 @@ KERNEL_MODULE = "trainer.head_loss_kernel"
 # run by tests/triton_interpreter.py in a process of its own
 RUN_INTERPRETED = """
 import sys, torch
-from trainer.head_loss_kernel import chunk_loss_grad
+from trainer.head_loss_kernel import chunk_loss_grad, teacher_stats
 cases = torch.load(sys.argv[1])
-torch.save({name: chunk_loss_grad(*args, block=block) for name, (args, block) in cases.items()}, sys.argv[2])
+out = {name: chunk_loss_grad(*args, block=block) for name, (args, block) in cases.items()}
+out.update({f"stats/{name}": teacher_stats(args[1], block=block) for name, (args, block) in cases.items()
+            if args[4] is not None})
+torch.save(out, sys.argv[2])
 """
 
 
 def _random_case(rows, vocab, as_logits, seed):
     """(bf16 logits [rows, vocab], teacher [rows + 4, vocab], p_rows: distinct teacher rows in
-    shuffled order, scale, as_logits)."""
+    shuffled order, scale, the teacher's row statistics or None for probabilities)."""
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(rows, vocab, generator=g) * 3).bfloat16()
     if as_logits:
@@ -39,7 +42,13 @@ def _random_case(rows, vocab, as_logits, seed):
         teacher = torch.softmax(torch.randn(rows + 4, vocab, generator=g) * 3, -1)
         teacher *= 0.3 + 0.7 * torch.rand(rows + 4, 1, generator=g)
     p_rows = torch.randperm(rows + 4, generator=g)[:rows]
-    return logits, teacher, p_rows, torch.tensor(0.37), as_logits
+    return logits, teacher, p_rows, torch.tensor(0.37), _stats(teacher, as_logits)
+
+
+def _stats(teacher, as_logits):
+    """What the head hands the kernel beside a teacher: torch's row statistics of logits (the
+    reference; the kernel's own are checked against them), None for probabilities."""
+    return head_loss._torch_teacher_stats(teacher) if as_logits else None
 
 
 def _tie_case(as_logits):
@@ -54,7 +63,7 @@ def _tie_case(as_logits):
     teacher[0, 3] = 1.0  # row 1
     teacher[1, [6, 7]] = 1.0  # row 2
     teacher = teacher.bfloat16() if as_logits else teacher / teacher.sum(-1, keepdim=True)
-    return logits.bfloat16(), teacher, torch.tensor([3, 0, 1]), torch.tensor(1.0), as_logits
+    return logits.bfloat16(), teacher, torch.tensor([3, 0, 1]), torch.tensor(1.0), _stats(teacher, as_logits)
 
 
 def _lane_tie_case(as_logits):
@@ -75,7 +84,7 @@ def _lane_tie_case(as_logits):
         logits[row, z_cols] = 2.0
         teacher[p_rows[row], t_cols] = 1.0
     teacher = teacher.bfloat16() if as_logits else teacher / teacher.sum(-1, keepdim=True).clamp(min=1)
-    return logits.bfloat16(), teacher, p_rows, torch.tensor(1.0), as_logits
+    return logits.bfloat16(), teacher, p_rows, torch.tensor(1.0), _stats(teacher, as_logits)
 
 
 # rows, vocab, columns per block: several blocks with a partial last one, one whole block, and a
@@ -89,8 +98,8 @@ CASES = {
     **{f"ties-{as_logits}": (_tie_case(as_logits), 4) for as_logits in (True, False)},
     # blocks of four: ties across lanes, where the first argmax is the smallest column, not lane
     **{f"lane-ties-{as_logits}": (_lane_tie_case(as_logits), 4) for as_logits in (True, False)},
-    "hand-probabilities": ((TWO_COLUMNS, torch.tensor([[0.5, 0.0]]), ROW_0, SCALE_2, False), 4),
-    "hand-logits": ((TWO_COLUMNS, TWO_COLUMNS, ROW_0, SCALE_2, True), 4),
+    "hand-probabilities": ((TWO_COLUMNS, torch.tensor([[0.5, 0.0]]), ROW_0, SCALE_2, None), 4),
+    "hand-logits": ((TWO_COLUMNS, TWO_COLUMNS, ROW_0, SCALE_2, _stats(TWO_COLUMNS, True)), 4),
 }
 
 
@@ -100,9 +109,9 @@ def interpreted(tmp_path_factory):
     return run_interpreted(RUN_INTERPRETED, CASES, tmp_path_factory.mktemp("head_loss_kernel"))
 
 
-def _assert_matches_torch(mine, logits, teacher, p_rows, scale, as_logits):
+def _assert_matches_torch(mine, logits, teacher, p_rows, scale, stats):
     loss, agree, grad = mine
-    want_loss, want_agree, want_grad = head_loss._chunk_loss_grad(logits, teacher, p_rows, scale, as_logits)
+    want_loss, want_agree, want_grad = head_loss._chunk_loss_grad(logits, teacher, p_rows, scale, stats)
     assert loss.dtype == torch.float32 and agree.dtype == torch.int64 and grad.dtype == logits.dtype
     assert loss.shape == agree.shape == () and grad.shape == logits.shape
     assert float(loss) == pytest.approx(float(want_loss), rel=1e-5)
@@ -145,6 +154,26 @@ def test_loss_and_gradient_by_hand(interpreted):
     loss, _, grad = interpreted["hand-logits"]
     assert float(loss) == pytest.approx(math.log(2), rel=1e-6)
     assert grad.float().tolist() == [[0.0, 0.0]]
+
+
+@pytest.mark.parametrize("name", [name for name in CASES if CASES[name][0][4] is not None])
+def test_teacher_stats_kernel_matches_torch(interpreted, name):
+    """The one-pass row statistics (log-sum-exp and first argmax, ties included) as torch's."""
+    lse, top = interpreted[f"stats/{name}"]
+    want_lse, want_top = CASES[name][0][4]
+    assert lse.dtype == torch.float32 and top.dtype == torch.int32
+    assert torch.allclose(lse, want_lse, rtol=1e-6, atol=1e-6)
+    assert torch.equal(top, want_top)
+
+
+def test_teacher_of_logits_by_hand():
+    """Logits [0, ln 3] over two words: probabilities [1/4, 3/4], log-sum-exp ln 4, argmax 1.
+    _tie_case's teacher rows: a one at column 3; ones at 6 and 7 (the first, 6); all zeros (0);
+    a one at column 1."""
+    lse, top = head_loss._torch_teacher_stats(torch.tensor([[0.0, math.log(3)]]))
+    assert float(lse) == pytest.approx(math.log(4), rel=1e-6) and top.tolist() == [1]
+    _, teacher, *_ = _tie_case(True)
+    assert head_loss._torch_teacher_stats(teacher)[1].tolist() == [3, 6, 0, 1]
 
 
 def test_cuda_uses_the_kernel_where_triton_imports(monkeypatch):

@@ -19,6 +19,7 @@ from trainer import head_loss  # noqa: E402
 from trainer.head_loss import CountedRows, DraftHead  # noqa: E402
 from trainer.lean_ops import SwiGLUDown  # noqa: E402
 from trainer.norm_project import heads_project, norm_project  # noqa: E402
+from trainer.loss import Teacher  # noqa: E402
 
 EPS = 1e-6
 
@@ -84,7 +85,7 @@ def test_fused_head_matches_unfused(dtype, tol, offset, monkeypatch):
     teacher, valid, head, norm, (x,), (weight, norm_weight, (ref_x,)) = _head_case(dtype, 0, 1)
     seq = x.shape[1]
 
-    got, got_agree = head(x, norm, teacher, CountedRows(valid), offset)
+    got, got_agree = head(x, norm, Teacher(teacher, valid, True), CountedRows(valid), offset)
     want, want_agree = reference_head_loss(ref_x, norm_weight, weight, teacher, valid, offset)
     (got * 0.8).backward()
     (want * 0.8).backward()
@@ -109,7 +110,8 @@ def test_head_gradients_made_in_forward_match_unfused(dtype, tol, monkeypatch):
     scales = [1 / 17, 0.8 / 13]  # a step's decay over its counted positions, as unroll_loss gives
     grads, rows = StepGrads(2), CountedRows(valid)
 
-    got = [head(x, norm, teacher, rows, k + 1, True, grads, scales[k]) for k, x in enumerate(xs)]
+    taught = Teacher(teacher, valid, True)
+    got = [head(x, norm, taught, rows, k + 1, grads, scales[k]) for k, x in enumerate(xs)]
     want = [reference_head_loss(x, norm_weight, weight, teacher, valid, k + 1) for k, x in enumerate(ref_xs)]
     (sum(s * loss for s, (loss, _) in zip(scales, got)) / 2).backward()
     (sum(s * loss for s, (loss, _) in zip(scales, want)) / 2).backward()
@@ -124,8 +126,8 @@ def test_head_gradients_in_forward_need_the_summed_buffers():
     head, norm = DraftHead(8, 10), _Norm(8, torch.float32, torch.Generator().manual_seed(0))
     valid = torch.ones(1, 6, dtype=torch.bool)
     with pytest.raises(ValueError, match="summed gradients"):
-        head(torch.randn(1, 4, 8, requires_grad=True), norm, torch.zeros(1, 6, 10), CountedRows(valid), 1,
-             scale=1.0)
+        head(torch.randn(1, 4, 8, requires_grad=True), norm, Teacher(torch.zeros(1, 6, 10), valid, True),
+             CountedRows(valid), 1, scale=1.0)
 
 
 def test_head_gradients_in_forward_with_nothing_counted():
@@ -135,7 +137,7 @@ def test_head_gradients_in_forward_with_nothing_counted():
     norm = _Norm(8, torch.float32, torch.Generator().manual_seed(0))
     x = torch.randn(1, 4, 8, requires_grad=True)
     valid = torch.zeros(1, 6, dtype=torch.bool)
-    summed, agree = head(x, norm, torch.zeros(1, 6, 10), CountedRows(valid), 1, True, StepGrads(1), 0.8)
+    summed, agree = head(x, norm, Teacher(torch.zeros(1, 6, 10), valid, True), CountedRows(valid), 1, StepGrads(1), 0.8)
     (0.8 * summed).backward()
     assert float(summed.detach()) == 0 and int(agree) == 0
     assert x.grad.abs().max() == 0 and norm.weight.grad.abs().max() == 0 and head.weight.grad.abs().max() == 0
@@ -170,9 +172,9 @@ def test_head_gradients_in_forward_keep_neither_hidden_nor_teacher():
     head, norm = DraftHead(8, 50), _Norm(8, torch.float32, g)
     x = torch.randn(1, 16, 8, requires_grad=True)
     table = teacher.clone()
-    kept = _saved_bytes(lambda: head(x, norm, table, CountedRows(valid), 1, True, StepGrads(1), 0.5))
+    kept = _saved_bytes(lambda: head(x, norm, Teacher(table, valid, True), CountedRows(valid), 1, StepGrads(1), 0.5))
     assert kept == 0
-    summed, _ = head(x, norm, teacher, CountedRows(valid), 1, True, StepGrads(1), 0.5)
+    summed, _ = head(x, norm, Teacher(teacher, valid, True), CountedRows(valid), 1, StepGrads(1), 0.5)
     gone = weakref.ref(teacher)
     del teacher
     gc.collect()
@@ -187,7 +189,7 @@ def test_fused_head_with_nothing_counted():
     x = torch.randn(1, 4, 8, requires_grad=True)
     teacher = torch.zeros(1, 6, 10)
     valid = torch.zeros(1, 6, dtype=torch.bool)
-    summed, agree = head(x, norm, teacher, CountedRows(valid), 1)
+    summed, agree = head(x, norm, Teacher(teacher, valid, True), CountedRows(valid), 1)
     summed.backward()
     assert float(summed.detach()) == 0 and int(agree) == 0
     assert x.grad.abs().max() == 0 and norm.weight.grad.abs().max() == 0
@@ -215,10 +217,11 @@ def test_fused_head_keeps_only_its_inputs():
     norm = _Norm(hidden, torch.float32, g)
     x = torch.randn(batch, seq, hidden, requires_grad=True)
     # kept: the pre-norm hidden, the norm's and the head's weights, the teacher table (kept
-    # anyway) and two int64 row indices; not the final norm's output, nor the [S, Vd] fp32
-    # log-softmax of the unfused step (64 x 1000 x 4 = 256000 B)
-    kept = _saved_bytes(lambda: head(x, norm, teacher, CountedRows(valid), 1))
-    want = (seq * hidden * 4) + hidden * 4 + (vocab * hidden * 4) + teacher.numel() * 4 + 2 * 8 * seq
+    # anyway) with its rows' fp32 log-sum-exp and int32 argmax, and two int64 row indices; not
+    # the final norm's output, nor the [S, Vd] fp32 log-softmax of the unfused step
+    # (64 x 1000 x 4 = 256000 B)
+    kept = _saved_bytes(lambda: head(x, norm, Teacher(teacher, valid, True), CountedRows(valid), 1))
+    want = (seq * hidden * 4) + hidden * 4 + (vocab * hidden * 4) + teacher.numel() * 4 + 2 * 4 * (seq + pad) + 2 * 8 * seq
     assert kept == want, (kept, want)
     unfused = _saved_bytes(lambda: reference_head_loss(x, norm.weight, head.weight, teacher, valid, 1))
     assert unfused >= seq * vocab * 4  # the log-softmax the fused head does not keep
@@ -266,7 +269,6 @@ def test_lean_and_plain_drafts_train_alike(recompute_norms, checkpoint_layer, re
     plain (torch's composition), same weights: loss, accuracies and every trained gradient agree
     (fp32); with checkpointed steps too, whose forward runs twice and backward once."""
     from trainer.draft import DraftConfig, Eagle3Draft
-    from trainer.loss import Teacher
 
     cfg = DraftConfig(hidden=32, intermediate=64, heads=4, kv_heads=2, head_dim=8, vocab=100, draft_vocab=40,
                       target_hidden=32, aux_layers=(0, 1, 2))
@@ -362,7 +364,6 @@ def test_heads_project_matches_unfused(dtype, tol):
 
 def _fused_draft_and_inputs(dtype):
     from trainer.draft import DraftConfig, Eagle3Draft
-    from trainer.loss import Teacher
 
     cfg = DraftConfig(hidden=32, intermediate=64, heads=4, kv_heads=2, head_dim=8, vocab=100, draft_vocab=40,
                       target_hidden=32, aux_layers=(0, 1, 2))
@@ -530,3 +531,53 @@ def test_counted_rows_by_hand():
     assert x_rows.dtype == p_rows.dtype == torch.int64
     empty = CountedRows(torch.zeros(2, 6, dtype=torch.bool))
     assert empty.count(1, 4) == 0 and empty.for_step(1, 4)[0].tolist() == []
+
+
+def _checkpointed_draft_and_inputs(device: str, attention: str):
+    """A lean draft whose TTT steps are checkpointed (RunSpec ac), in bf16 on `device`."""
+    from trainer.draft import DraftConfig, Eagle3Draft
+
+    cfg = DraftConfig(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=100, draft_vocab=40,
+                      target_hidden=64, aux_layers=(0, 1, 2))
+    torch.manual_seed(7)
+    draft = Eagle3Draft(cfg, attention, checkpoint_layer=True).to(device, torch.bfloat16)
+    batch, seq, ttt = 1, 64, 3
+    aux = torch.randn(batch, seq, 3 * cfg.target_hidden, device=device, dtype=torch.bfloat16)
+    ids = torch.randint(cfg.vocab, (batch, seq + ttt), device=device)
+    logits, valid = _teacher(batch, seq, ttt, cfg.draft_vocab, torch.Generator().manual_seed(8))
+    return draft, (aux, ids, ttt, Teacher(logits.to(device, torch.bfloat16), valid.to(device), True))
+
+
+def test_checkpointed_steps_are_recomputed_whole(monkeypatch):
+    """Each TTT step's checkpoint is taken with early stopping off: stopping early raises out of a
+    saved-tensor hook inside the fused functions' apply, which torch 2.11 on an H200 turned into
+    a SystemError in backward (docs/data/ac_recompute_early_stop_h200.txt)."""
+    import torch.utils.checkpoint as torch_checkpoint
+
+    from trainer import draft as draft_module
+
+    seen = []
+    real = draft_module.checkpoint
+
+    def recording(*args, **kwargs):
+        seen.append(torch_checkpoint._enable_checkpoint_early_stop)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(draft_module, "checkpoint", recording)
+    draft, inputs = _checkpointed_draft_and_inputs("cpu", "eager")
+    loss, _ = draft(*inputs)
+    loss.backward()
+    assert seen == [False] * inputs[2]
+    assert all(p.grad is not None for p in draft.trainable())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_checkpointed_lean_draft_trains_on_cuda():
+    """The run that failed on an H200 before the steps were recomputed whole: split attention,
+    the fused functions and their Triton kernels inside checkpointed steps, backward through
+    all of them."""
+    draft, inputs = _checkpointed_draft_and_inputs("cuda", "split")
+    loss, _ = draft(*inputs)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in draft.trainable())

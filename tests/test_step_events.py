@@ -107,9 +107,9 @@ def test_saved_tensor_sizes_by_hand():
     assert sizes_named(job(attention="flex"), "keys of steps 0..k")[:7] == [4_194_304 * (k + 1) for k in range(7)]
     assert set(sizes_named(j, "gate")) == {2 * 8192 * 4096}  # [T, I] bf16, 64 MiB
     assert set(sizes_named(j, "logsumexp")) == {4 * 32 * 4096}  # fp32 [B, H, S]
-    # teacher [B, S + L, Vd]: the target's bf16 logits over the draft vocab (fused norms), fp32
-    # probabilities without
-    assert sizes_named(j, "teacher [B, S+L, Vd]") == [2 * 4103 * 32000] * 2 == [262_592_000] * 2
+    # teacher [B, S + L, Vd]: the target's bf16 logits over the draft vocab and, per position, their
+    # fp32 log-sum-exp and int32 argmax (fused norms); fp32 probabilities without
+    assert sizes_named(j, "teacher [B, S+L, Vd]") == [(2 * 32000 + 4 + 4) * 4103] * 2 == [262_624_824] * 2
     kept = job(recompute_norms=False)
     assert sizes_named(kept, "teacher [B, S+L, Vd]") == [4 * 4103 * 32000] * 2 == [525_184_000] * 2
     # the head scores 256 MiB / (4 B x 32000) = 2097 rows at a time: bf16 [2097, 32000], then the

@@ -18,7 +18,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from trainer.embedding_projection import EmbeddingProjection, StepEmbedding
 from trainer.head_loss import DraftHead
@@ -434,10 +434,13 @@ class Eagle3Draft(nn.Module):
                 with torch.no_grad():
                     emb = self.embed_tokens(input_ids[:, k + 1 : k + 1 + seq]).to(hidden.dtype)
             if self.checkpoint_layer:
-                # tuples: the recomputation in backward must see the caches as they were here
-                hidden, key, value = checkpoint(
-                    self.midlayer, emb, hidden, cos, sin, tuple(past_k), tuple(past_v), grads, use_reentrant=False
-                )
+                # tuples: the recomputation in backward must see the caches as they were here.
+                # Recomputed whole: stopping early raises out of a saved-tensor hook inside the
+                # fused functions' apply, which torch 2.11 on CUDA turned into a SystemError
+                with set_checkpoint_early_stop(False):
+                    hidden, key, value = checkpoint(
+                        self.midlayer, emb, hidden, cos, sin, tuple(past_k), tuple(past_v), grads, use_reentrant=False
+                    )
             else:
                 hidden, key, value = self.midlayer(emb, hidden, cos, sin, past_k, past_v, grads)
             past_k.append(key)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.lean_ops import compiled_on_cuda
+from trainer.lean_ops import compiled_on_cuda, triton_module
 from trainer.norm_project import norm_kernels
 from trainer.step_grads import StepGrads, add_product
 
@@ -40,6 +40,15 @@ def _norm_weight_grad(grad: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor) -
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
+
+
+def _add(total: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """total += part in place, bf16 into fp32: on CUDA trainer/add_kernel.py's one pass where
+    triton imports and the two are contiguous (batch 1), else torch's add_; returns total."""
+    kernel = triton_module("add_kernel") if total.is_cuda else None
+    if kernel is not None and kernel.fits(total, part):
+        return kernel.add_into(total, part)
+    return total.add_(part)
 
 
 class EmbeddingProjection:
@@ -80,7 +89,7 @@ class EmbeddingProjection:
             self.grads = [torch.zeros_like(p, dtype=torch.float32) for p in self.products]
         seq = out_grads[0].shape[1]
         for grad, g in zip(self.grads, out_grads):
-            grad[:, k : k + seq].add_(g)
+            _add(grad[:, k : k + seq], g)
 
     def counted_last(self) -> bool:
         """Count one backward call; whether it is the unroll's last."""

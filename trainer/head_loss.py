@@ -7,7 +7,8 @@ was given ([B, S, h] bf16, which the next step keeps anyway): the final RMSNorm 
 inside, per chunk, and its output recomputed in backward rather than kept. Forward computes the
 loss chunk by chunk and frees each chunk's logits; backward recomputes them a chunk at a time
 and turns them into gradients for the hidden, the norm weight and the head weight. The teacher
-is the target's bf16 logits over the draft vocab; its softmax is taken per chunk.
+is the target's bf16 logits over the draft vocab; each of its rows' log-sum-exp and argmax is
+taken once per micro-batch (`teacher_stats`), its probabilities per chunk from those.
 
 Only positions the loss counts are computed: a masked position (outside the assistant's tokens,
 target argmax outside the draft vocab, the TTT padding at the end) contributes neither loss nor
@@ -33,6 +34,8 @@ them takes, hence these small functions in plain torch (they run on CPU too).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
@@ -40,6 +43,9 @@ from torch import nn
 from trainer.lean_ops import compiled_on_cuda, compute_dtype, triton_module
 from trainer.norm_project import norm_kernels
 from trainer.step_grads import StepGrads, add_product, grad_result, grad_total
+
+if TYPE_CHECKING:
+    from trainer.loss import Teacher
 
 # Sizes a chunk as if it held one fp32 table [rows, Vd]: 2097 rows at a 32k vocab, large enough
 # for efficient GEMMs and few launches. Compiled (CUDA), a chunk holds its bf16 logits (forward)
@@ -56,12 +62,33 @@ class CountedRows:
     """The positions a micro-batch's loss counts, on the host: one device-to-host copy per
     micro-step instead of a wait inside every TTT step. Kept as numpy arrays: torch's boolean
     indexing of host tensors took milliseconds per row on the GPU machine, time the GPU spent
-    idle waiting for the draft's first kernels."""
+    idle waiting for the draft's first kernels.
+
+    On CUDA the copy is queued behind the teacher and read when the first step's head needs it:
+    by then the host has queued that step's layer, so the GPU works through it while the host
+    waits, instead of idling between the teacher and the draft while the host reads."""
 
     def __init__(self, valid: torch.Tensor):
         self.batch, self.padded = valid.shape
         self.device = valid.device
-        self.positions = [np.flatnonzero(row) for row in valid.cpu().numpy()]  # sorted per row
+        self._copied = None
+        if valid.is_cuda:
+            self._host = torch.empty(valid.shape, dtype=valid.dtype, pin_memory=True).copy_(valid, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host = valid
+        self._positions: list[np.ndarray] | None = None
+
+    @property
+    def positions(self) -> list[np.ndarray]:
+        """Per batch row, the counted positions, sorted."""
+        if self._positions is None:
+            if self._copied is not None:
+                self._copied.synchronize()
+            self._positions = [np.flatnonzero(row) for row in self._host.numpy()]
+            self._host = None
+        return self._positions
 
     def _spans(self, offset: int, seq: int) -> list[np.ndarray]:
         """Per row, where teacher positions offset .. offset + seq start and end in its positions."""
@@ -85,38 +112,74 @@ class CountedRows:
         return both[0], both[1]
 
 
-def _teacher_rows(teacher: torch.Tensor, p_rows: torch.Tensor, as_logits: bool) -> torch.Tensor:
+# Teacher rows whose statistics are taken at a time on the CPU path: bounds its fp32 copy.
+STATS_ROWS = 1024
+
+
+def _torch_teacher_stats(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp fp32, first argmax int32) of each row of a teacher of logits [M, Vd], a
+    block of rows at a time."""
+    rows = table.shape[0]
+    lse = torch.empty(rows, dtype=torch.float32, device=table.device)
+    top = torch.empty(rows, dtype=torch.int32, device=table.device)
+    for start in range(0, rows, STATS_ROWS):
+        part = table[start : start + STATS_ROWS].float()
+        lse[start : start + STATS_ROWS] = torch.logsumexp(part, dim=-1)
+        top[start : start + STATS_ROWS] = part.argmax(-1)
+    return lse, top
+
+
+def teacher_stats(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's (log-sum-exp, first argmax) of a teacher of logits [M, Vd]: what the chunks
+    read instead of taking the teacher's softmax again at every TTT step. On CUDA one pass of
+    trainer/head_loss_kernel.py where triton imports."""
+    kernel = triton_module("head_loss_kernel") if table.is_cuda else None
+    if kernel is not None and table.stride(-1) == 1:
+        return kernel.teacher_stats(table)
+    return _torch_teacher_stats(table)
+
+
+def _teacher_rows(teacher: torch.Tensor, p_rows: torch.Tensor, stats) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, its first argmax) at the chunk's teacher rows: exp(t - lse_t) for a teacher of logits
+    (`stats`: its rows' log-sum-exp and first argmax), the rows themselves for probabilities."""
     rows = teacher[p_rows]
-    return torch.softmax(rows.float(), dim=-1) if as_logits else rows
+    if stats is None:
+        return rows, rows.argmax(-1)
+    lse, top = stats
+    return torch.exp(rows.float() - lse[p_rows].unsqueeze(-1)), top[p_rows]
 
 
-def _chunk_loss(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tensor, as_logits: bool):
-    """(-sum p log softmax(logits), top-1 agreements) of one chunk; p the teacher's rows (the
-    softmax of them when they are logits)."""
-    p = _teacher_rows(teacher, p_rows, as_logits)
+def _p_total(p: torch.Tensor, stats):
+    """sum(p) per row: 1 for a softmax by construction, summed for given probabilities."""
+    return 1.0 if stats is not None else p.sum(-1, keepdim=True)
+
+
+def _chunk_loss(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tensor, stats):
+    """(-sum p log softmax(logits), top-1 agreements) of one chunk; p the teacher's rows (their
+    softmax when they are logits, `stats` then their log-sum-exp and first argmax)."""
+    p, p_top = _teacher_rows(teacher, p_rows, stats)
     z = logits.float()
     log_probs = z - torch.logsumexp(z, dim=-1, keepdim=True)
-    return -(p * log_probs).sum(), (z.argmax(-1) == p.argmax(-1)).sum()
+    return -(p * log_probs).sum(), (z.argmax(-1) == p_top).sum()
 
 
 def _chunk_grad(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tensor, scale: torch.Tensor,
-                as_logits: bool) -> torch.Tensor:
+                stats) -> torch.Tensor:
     """d/dz of -sum p log softmax(z), times the upstream gradient, in the logits' dtype."""
-    p = _teacher_rows(teacher, p_rows, as_logits)
+    p, _ = _teacher_rows(teacher, p_rows, stats)
     soft = torch.softmax(logits.float(), dim=-1)
-    return ((soft * p.sum(-1, keepdim=True) - p) * scale).to(logits.dtype)
+    return ((soft * _p_total(p, stats) - p) * scale).to(logits.dtype)
 
 
-def _chunk_loss_grad(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tensor, scale: torch.Tensor,
-                     as_logits: bool):
+def _chunk_loss_grad(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tensor, scale: torch.Tensor, stats):
     """_chunk_loss and _chunk_grad of one chunk from one softmax: (loss, agreements, d/dz of
     scale x loss in the logits' dtype)."""
-    p = _teacher_rows(teacher, p_rows, as_logits)
+    p, p_top = _teacher_rows(teacher, p_rows, stats)
     z = logits.float()
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     loss = -(p * (z - lse)).sum()
-    grad = ((torch.exp(z - lse) * p.sum(-1, keepdim=True) - p) * scale).to(logits.dtype)
-    return loss, (z.argmax(-1) == p.argmax(-1)).sum(), grad
+    grad = ((torch.exp(z - lse) * _p_total(p, stats) - p) * scale).to(logits.dtype)
+    return loss, (z.argmax(-1) == p_top).sum(), grad
 
 
 def _kernels(device_type: str):
@@ -131,31 +194,34 @@ class _HeadSoftCE(torch.autograd.Function):
     """sum over counted rows of -sum_v p[v] log softmax(norm(x) W^T)[v], and top-1 agreements.
 
     x [N, h] and teacher [M, Vd] are row tables; x_rows[i] is scored against p = teacher[p_rows[i]]
-    (softmax(teacher[p_rows[i]]) when the teacher holds logits). Without a norm weight x is the
-    final norm's output already.
+    (softmax(teacher[p_rows[i]]) when the teacher holds logits: t_lse and t_top then hold its
+    rows' log-sum-exp and first argmax, else None). Without a norm weight x is the final norm's
+    output already.
     """
 
     @staticmethod
-    def forward(ctx, x, norm_weight, weight, teacher, x_rows, p_rows, chunk, eps, as_logits, grads):
+    def forward(ctx, x, norm_weight, weight, teacher, t_lse, t_top, x_rows, p_rows, chunk, eps, grads):
         dtype = compute_dtype(x)
         w = weight.to(dtype)
+        stats = _stats(t_lse, t_top)
         chunk_loss = _kernels(x.device.type)[0]
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         agree = torch.zeros((), dtype=torch.long, device=x.device)
         for start in range(0, x_rows.numel(), chunk):
             _, normed, _ = _rows(x, x_rows[start : start + chunk], norm_weight, eps)
-            part, hits = chunk_loss(normed.to(dtype) @ w.T, teacher, p_rows[start : start + chunk], as_logits)
+            part, hits = chunk_loss(normed.to(dtype) @ w.T, teacher, p_rows[start : start + chunk], stats)
             loss += part
             agree += hits
-        ctx.save_for_backward(x, norm_weight, weight, teacher, x_rows, p_rows)
-        ctx.chunk, ctx.dtype, ctx.eps, ctx.as_logits, ctx.grads = chunk, dtype, eps, as_logits, grads
+        ctx.save_for_backward(x, norm_weight, weight, teacher, t_lse, t_top, x_rows, p_rows)
+        ctx.chunk, ctx.dtype, ctx.eps, ctx.grads = chunk, dtype, eps, grads
         ctx.mark_non_differentiable(agree)
         return loss, agree
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_agree):
-        x, norm_weight, weight, teacher, x_rows, p_rows = ctx.saved_tensors
+        x, norm_weight, weight, teacher, t_lse, t_top, x_rows, p_rows = ctx.saved_tensors
         w = weight.to(ctx.dtype)
+        stats = _stats(t_lse, t_top)
         chunk_grad = _kernels(x.device.type)[1]
         grad_x = torch.zeros_like(x)
         grad_w = grad_total(ctx.grads, "lm_head", weight)
@@ -164,14 +230,19 @@ class _HeadSoftCE(torch.autograd.Function):
             rows = x_rows[start : start + ctx.chunk]
             picked, normed, rstd = _rows(x, rows, norm_weight, ctx.eps)
             normed = normed.to(ctx.dtype)
-            grad_logits = chunk_grad(normed @ w.T, teacher, p_rows[start : start + ctx.chunk], grad_loss, ctx.as_logits)
+            grad_logits = chunk_grad(normed @ w.T, teacher, p_rows[start : start + ctx.chunk], grad_loss, stats)
             _chunk_backward(grad_logits, picked, normed, rstd, rows, w, norm_weight, grad_x, grad_w, grad_norm)
         grad_w = grad_result(ctx.grads, "lm_head", grad_w)
         if grad_norm is not None:
             norm_total = grad_total(ctx.grads, "norm", norm_weight)
             norm_total.add_(grad_norm.to(norm_weight.dtype))
             grad_norm = grad_result(ctx.grads, "norm", norm_total)
-        return grad_x, grad_norm, grad_w, None, None, None, None, None, None, None
+        return grad_x, grad_norm, grad_w, None, None, None, None, None, None, None, None
+
+
+def _stats(t_lse, t_top):
+    """The teacher's row statistics as the chunk functions take them: None for probabilities."""
+    return None if t_lse is None else (t_lse, t_top)
 
 
 class _HeadSoftCEGradInForward(torch.autograd.Function):
@@ -185,9 +256,10 @@ class _HeadSoftCEGradInForward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, norm_weight, weight, teacher, x_rows, p_rows, chunk, eps, as_logits, grads, scale):
+    def forward(ctx, x, norm_weight, weight, teacher, t_lse, t_top, x_rows, p_rows, chunk, eps, grads, scale):
         dtype = compute_dtype(x)
         w = weight.to(dtype)
+        stats = _stats(t_lse, t_top)
         chunk_loss_grad = _kernels(x.device.type)[2]
         scale_on_device = torch.full((), scale, dtype=torch.float32, device=x.device)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -200,7 +272,7 @@ class _HeadSoftCEGradInForward(torch.autograd.Function):
             picked, normed, rstd = _rows(x, rows, norm_weight, eps)
             normed = normed.to(dtype)
             part, hits, grad_logits = chunk_loss_grad(normed @ w.T, teacher, p_rows[start : start + chunk],
-                                                      scale_on_device, as_logits)
+                                                      scale_on_device, stats)
             loss += part
             agree += hits
             _chunk_backward(grad_logits, picked, normed, rstd, rows, w, norm_weight, grad_x, grad_w, grad_norm)
@@ -216,7 +288,7 @@ class _HeadSoftCEGradInForward(torch.autograd.Function):
         grad_x, ctx.grad_x = _rescaled(ctx.grad_x, factor), None
         grad_w = _rescaled(ctx.grads.done("lm_head"), factor)
         grad_norm = _rescaled(ctx.grads.done("norm"), factor) if ctx.normed else None
-        return grad_x, grad_norm, grad_w, None, None, None, None, None, None, None, None
+        return grad_x, grad_norm, grad_w, None, None, None, None, None, None, None, None, None
 
 
 def _rescaled(total: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor | None:
@@ -267,14 +339,14 @@ class DraftHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab, hidden))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's initialisation
 
-    def forward(self, hidden: torch.Tensor, norm, teacher: torch.Tensor, counted: CountedRows, offset: int,
-                as_logits: bool = True, grads: StepGrads | None = None, scale: float | None = None):
+    def forward(self, hidden: torch.Tensor, norm, teacher: "Teacher", counted: CountedRows, offset: int,
+                grads: StepGrads | None = None, scale: float | None = None):
         """(summed soft cross-entropy, top-1 agreements) of the step scored at teacher offset.
 
         hidden [B, S, h]: the step's layer output, before the final RMSNorm `norm` (the
-        draft's own module: its weight and eps); with `norm` None, the norm's output. teacher
-        [B, S + L, Vd]: the whole teacher, logits (as_logits) or probabilities; position t of
-        this step is scored against teacher position t + offset where `counted` has it.
+        draft's own module: its weight and eps); with `norm` None, the norm's output. teacher:
+        the whole teacher (trainer/loss.py), its table [B, S + L, Vd] of logits or probabilities;
+        position t of this step is scored against teacher position t + offset where `counted` has it.
         Indexing the teacher by row keeps it in place (a slice of it, flattened, would be a copy).
         `grads`: the unroll's summed weight gradients (trainer/step_grads.py), or None.
         `scale`: what the caller multiplies the summed loss by, to make the gradients in forward
@@ -282,9 +354,10 @@ class DraftHead(nn.Module):
         """
         batch, seq, width = hidden.shape
         x_rows, p_rows = counted.for_step(offset, seq)
+        t_lse, t_top = teacher.row_stats() or (None, None)
         args = (hidden.reshape(-1, width), None if norm is None else norm.weight, self.weight,
-                teacher.view(-1, teacher.shape[-1]), x_rows, p_rows, chunk_rows(self.weight.shape[0]),
-                None if norm is None else norm.eps, as_logits, grads)
+                teacher.table.view(-1, teacher.table.shape[-1]), t_lse, t_top, x_rows, p_rows,
+                chunk_rows(self.weight.shape[0]), None if norm is None else norm.eps, grads)
         if scale is None:
             return _HeadSoftCE.apply(*args)
         if grads is None:

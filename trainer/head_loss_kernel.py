@@ -3,23 +3,27 @@ one Triton kernel (trainer/head_loss.py `_chunk_loss_grad`, same results).
 
 torch.compile turns that function into several kernels that each sweep the chunk's logits and
 teacher rows; measured on an H200 the chunk ran at about an eighth of HBM bandwidth. Here one
-program handles one row in two passes over column blocks: the first takes the online max and
-sum of exponentials of the logits (and of the teacher's logits), the second forms the
-probabilities, the loss, both argmaxes and the gradient. Two passes read the row twice because
-every gradient value needs the row's final log-sum-exp; the row (64 KiB of bf16 logits at a 32k
-vocab) is read again soon after the first pass, meant to be found in L2, so that HBM sees about
-one read of the logits and the teacher rows and one write of the gradient.
+program handles one row in two passes over column blocks: the first takes the online max, sum
+of exponentials and first argmax of the logits, the second forms the teacher's probabilities,
+the loss and the gradient. Two passes read the row twice because every gradient value needs the
+row's final log-sum-exp; the row (64 KiB of bf16 logits at a 32k vocab) is read again soon after
+the first pass, meant to be found in L2, so that HBM sees about one read of the logits and the
+teacher rows and one write of the gradient.
+
+A teacher of logits is read by every TTT step (each scores the same positions, shifted), so its
+rows' log-sum-exp and first argmax are taken once per micro-batch (`teacher_stats`, a one-pass
+kernel) and the chunk kernel reads two numbers per row instead of sweeping the teacher in its
+first pass: that pass reads the logits alone, and the second forms p = exp(t - lse_t) with no
+division and no argmax of its own.
 
 Inside a pass the running values are [BLOCK] vectors held in registers, one value per lane (lane
-k sees columns k, k + BLOCK, ...): max and sum of exponentials, the loss, and the first max and
-its column for the logits and for the teacher. A reduction across lanes goes through shared
-memory behind barriers; taken in every block, as scalar running values would need, that is four
-round trips per block in the first pass and five in the second (loss, and a max and a min for
-each argmax), in a loop that otherwise only loads, computes and stores. Kept per lane, the loops
-are elementwise and a row reduces across lanes nine times in all (eight for probabilities), after
-its passes. The first argmax survives this: a lane sees its columns in increasing order and
-takes a new best only when strictly larger, and across lanes the smallest column holding the
-row's max wins, as in torch.argmax.
+k sees columns k, k + BLOCK, ...): max, sum of exponentials and the first max's column, the loss.
+A reduction across lanes goes through shared memory behind barriers; taken in every block, as
+scalar running values would need, that would put round trips in a loop that otherwise only
+loads, computes and stores. Kept per lane, the loops are elementwise and a row reduces across
+lanes a few times, after its passes. The first argmax survives this: a lane sees its columns in
+increasing order and takes a new best only when strictly larger, and across lanes the smallest
+column holding the row's max wins, as in torch.argmax.
 
 Per-row losses and agreements go to small buffers summed by torch afterwards: deterministic,
 with no atomics. `scale` stays on the device (read by the kernel), so nothing waits on the host.
@@ -41,77 +45,94 @@ import triton.language as tl
 # (0.285 ms at best, 528 programs; docs/data/head_loss_kernel_rows_in_turn_h200.json).
 BLOCKS = {True: 1024, False: 2048}  # by as_logits
 WARPS = 4
+STATS_BLOCK = 1024
 
 
 @triton.jit
-def _row_loss_grad(z_ptr, z_stride, z_col_stride, t_ptr, t_stride, t_col_stride, p_rows_ptr, scale_ptr,
-                   grad_ptr, grad_stride, loss_ptr, agree_ptr, vocab, AS_LOGITS: tl.constexpr,
+def _row_loss_grad(z_ptr, z_stride, z_col_stride, t_ptr, t_stride, t_col_stride, t_lse_ptr, t_top_ptr, p_rows_ptr,
+                   scale_ptr, grad_ptr, grad_stride, loss_ptr, agree_ptr, vocab, AS_LOGITS: tl.constexpr,
                    BLOCK: tl.constexpr):
     """Row `program_id` of the chunk: its loss, agreement and gradient (the gradient contiguous;
     column strides of 1 are specialised by Triton, so the usual loads are vectorised). Every
     running quantity is a [BLOCK] vector, one value per lane (lane k sees columns k, k + BLOCK,
-    ...), reduced across lanes once after its pass."""
+    ...), reduced across lanes once after its pass. A teacher of logits comes with each row's
+    log-sum-exp and first argmax (teacher_stats), made once for the seven steps that read it."""
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
-    t_row = t_ptr + tl.load(p_rows_ptr + row).to(tl.int64) * t_stride
+    p_row = tl.load(p_rows_ptr + row).to(tl.int64)
+    t_row = t_ptr + p_row * t_stride
     g_row = grad_ptr + row * grad_stride
     cols = tl.arange(0, BLOCK)
 
-    # Pass 1: the logits' max and sum of exp(z - max); the teacher's too when it holds logits,
-    # its plain sum when it holds probabilities (a row of those need not sum to 1).
+    # Pass 1: the logits' max, sum of exp(z - max) and first argmax (a lane's running max is its
+    # best value: a new max is taken only when strictly larger); for probabilities, their sum
+    # (a row of those need not sum to 1).
     z_max = tl.full([BLOCK], float("-inf"), tl.float32)
     z_sum = tl.zeros([BLOCK], tl.float32)
-    t_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    z_arg = tl.zeros([BLOCK], tl.int32)
     t_sum = tl.zeros([BLOCK], tl.float32)
     for start in range(0, vocab, BLOCK):
         idx = start + cols
         inside = idx < vocab
         z = tl.load(z_row + idx * z_col_stride, mask=inside, other=float("-inf")).to(tl.float32)
+        z_arg = tl.where(z > z_max, idx, z_arg)
         z_max, z_sum = _online_exp_sum(z, z_max, z_sum)
-        if AS_LOGITS:
-            t = tl.load(t_row + idx * t_col_stride, mask=inside, other=float("-inf")).to(tl.float32)
-            t_max, t_sum = _online_exp_sum(t, t_max, t_sum)
-        else:
+        if not AS_LOGITS:
             t_sum += tl.load(t_row + idx * t_col_stride, mask=inside, other=0.0).to(tl.float32)
+    z_top = _first_argmax(z_max, z_arg, vocab)
     z_max, z_sum = _combine_exp_sums(z_max, z_sum)
     if AS_LOGITS:
-        t_max, t_sum = _combine_exp_sums(t_max, t_sum)
+        t_lse = tl.load(t_lse_ptr + p_row)
         p_total = 1.0  # a softmax's sum is 1 by construction
     else:
-        t_sum = tl.sum(t_sum, 0)
-        p_total = t_sum
+        p_total = tl.sum(t_sum, 0)
 
-    # Pass 2: p, the loss -sum p (z - lse), first-index argmaxes of z and p, and the gradient
-    # (softmax(z) sum(p) - p) scale. Lanes keep their own loss sums and their own first maxima:
-    # a lane meets its columns in increasing order, so replacing its best only on a strictly
-    # larger value keeps the earliest column of its max.
+    # Pass 2: p, the loss -sum p (z - lse), for probabilities their first argmax, and the
+    # gradient (softmax(z) sum(p) - p) scale.
     lse = z_max + tl.log(z_sum)
     scale = tl.load(scale_ptr).to(tl.float32)
     loss = tl.zeros([BLOCK], tl.float32)
-    z_best = tl.full([BLOCK], float("-inf"), tl.float32)
-    z_arg = tl.zeros([BLOCK], tl.int32)
     p_best = tl.full([BLOCK], float("-inf"), tl.float32)
     p_arg = tl.zeros([BLOCK], tl.int32)
     for start in range(0, vocab, BLOCK):
         idx = start + cols
         inside = idx < vocab
-        # -inf beyond the row: never a lane's max, and exp(-inf - lse) = 0
-        z = tl.load(z_row + idx * z_col_stride, mask=inside, other=float("-inf")).to(tl.float32)
-        t = tl.load(t_row + idx * t_col_stride, mask=inside, other=0.0).to(tl.float32)
-        if AS_LOGITS:
-            p = tl.exp(t - t_max) / t_sum
+        z = tl.load(z_row + idx * z_col_stride, mask=inside, other=0.0).to(tl.float32)
+        if AS_LOGITS:  # exp(-inf - lse) = 0 beyond the row
+            p = tl.exp(tl.load(t_row + idx * t_col_stride, mask=inside, other=float("-inf")).to(tl.float32) - t_lse)
         else:
-            p = t
+            p = tl.load(t_row + idx * t_col_stride, mask=inside, other=0.0).to(tl.float32)
+            p_best, p_arg = _lane_first_max(tl.where(inside, p, float("-inf")), idx, p_best, p_arg)
         log_q = z - lse
-        loss += tl.where(inside, p * log_q, 0.0)
-        z_best, z_arg = _lane_first_max(z, idx, z_best, z_arg)
-        p_best, p_arg = _lane_first_max(tl.where(inside, p, float("-inf")), idx, p_best, p_arg)
+        loss += p * log_q
         grad = (tl.exp(log_q) * p_total - p) * scale
         tl.store(g_row + idx, grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
     tl.store(loss_ptr + row, -tl.sum(loss, 0))
-    agree = _first_argmax(z_best, z_arg, vocab) == _first_argmax(p_best, p_arg, vocab)
-    tl.store(agree_ptr + row, agree.to(tl.int32))
+    if AS_LOGITS:
+        p_top = tl.load(t_top_ptr + p_row)
+    else:
+        p_top = _first_argmax(p_best, p_arg, vocab)
+    tl.store(agree_ptr + row, (z_top == p_top).to(tl.int32))
+
+
+@triton.jit
+def _row_stats(t_ptr, t_stride, lse_ptr, top_ptr, vocab, BLOCK: tl.constexpr):
+    """Row `program_id` of a teacher of logits: its log-sum-exp and first argmax."""
+    row = tl.program_id(0).to(tl.int64)
+    t_row = t_ptr + row * t_stride
+    cols = tl.arange(0, BLOCK)
+    t_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    t_sum = tl.zeros([BLOCK], tl.float32)
+    t_arg = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, vocab, BLOCK):
+        idx = start + cols
+        t = tl.load(t_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        t_arg = tl.where(t > t_max, idx, t_arg)
+        t_max, t_sum = _online_exp_sum(t, t_max, t_sum)
+    tl.store(top_ptr + row, _first_argmax(t_max, t_arg, vocab))
+    t_max, t_sum = _combine_exp_sums(t_max, t_sum)
+    tl.store(lse_ptr + row, t_max + tl.log(t_sum))
 
 
 @triton.jit
@@ -152,17 +173,31 @@ def _first_argmax(best, arg, vocab):
 
 
 def chunk_loss_grad(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tensor, scale: torch.Tensor,
-                    as_logits: bool, block: int | None = None, warps: int = WARPS):
+                    stats: tuple[torch.Tensor, torch.Tensor] | None, block: int | None = None, warps: int = WARPS):
     """(loss fp32, agreements int64, d/dz of scale x loss in the logits' dtype) of one chunk, as
     trainer/head_loss.py `_chunk_loss_grad`. logits [N, Vd]; teacher [M, Vd] whose row p_rows[i]
-    scores row i (bf16 logits when as_logits, else probabilities); scale a 0-dim fp32 tensor.
+    scores row i: bf16 logits with `stats` (their rows' log-sum-exp and first argmax,
+    teacher_stats), or probabilities with `stats` None; scale a 0-dim fp32 tensor.
     `block`: columns per block (BLOCKS' for the teacher's kind when None)."""
     rows, vocab = logits.shape
+    as_logits = stats is not None
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     row_loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     row_agree = torch.empty(rows, dtype=torch.int32, device=logits.device)
+    t_lse, t_top = stats if as_logits else (row_loss, row_agree)  # unread without logits
     block = min(block or BLOCKS[as_logits], triton.next_power_of_2(vocab))
-    _row_loss_grad[(rows,)](logits, *logits.stride(), teacher, *teacher.stride(), p_rows, scale, grad,
+    _row_loss_grad[(rows,)](logits, *logits.stride(), teacher, *teacher.stride(), t_lse, t_top, p_rows, scale, grad,
                             grad.stride(0), row_loss, row_agree, vocab, AS_LOGITS=as_logits, BLOCK=block,
                             num_warps=warps)
     return row_loss.sum(), row_agree.sum(), grad
+
+
+def teacher_stats(table: torch.Tensor, block: int = STATS_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp fp32, first argmax int32) of each row of a contiguous teacher of logits [M, Vd]."""
+    rows, vocab = table.shape
+    lse = torch.empty(rows, dtype=torch.float32, device=table.device)
+    top = torch.empty(rows, dtype=torch.int32, device=table.device)
+    if rows:
+        _row_stats[(rows,)](table, table.stride(0), lse, top, vocab, BLOCK=min(block, triton.next_power_of_2(vocab)),
+                            num_warps=WARPS)
+    return lse, top

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.head_loss import CountedRows
+from trainer.head_loss import CountedRows, teacher_stats
 
 STEP_DECAY = 0.8
 
@@ -29,6 +29,19 @@ class Teacher:
     table: torch.Tensor  # [B, S + L, Vd]: bf16 logits (as_logits) or fp32 probabilities
     valid: torch.Tensor  # [B, S + L] bool: position counts in the loss
     as_logits: bool
+    # of logits, per position: the log-sum-exp (fp32) and first argmax (int32) over the draft
+    # vocab, which every TTT step's loss reads; made here when not given
+    lse: torch.Tensor | None = None
+    top: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.as_logits and self.lse is None:
+            flat = self.table.reshape(-1, self.table.shape[-1])
+            self.lse, self.top = (t.view(self.table.shape[:-1]) for t in teacher_stats(flat))
+
+    def row_stats(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(log-sum-exp, first argmax) per row of the flattened table; None for probabilities."""
+        return None if not self.as_logits else (self.lse.view(-1), self.top.view(-1))
 
 
 TEACHER_CHUNK = 1024  # positions gathered at a time: bounds the bf16 gather's transient
@@ -101,8 +114,7 @@ def unroll_loss(step_outputs, draft, teacher: Teacher, grads=None) -> tuple[torc
             norm = draft.norm if draft.fused_norms else None
             counted = max(rows.count(k + 1, seq), 1)
             weight = STEP_DECAY**k / counted
-            summed, agree = draft.lm_head(output, norm, teacher.table, rows, k + 1, teacher.as_logits, grads,
-                                          weight if in_forward else None)
+            summed, agree = draft.lm_head(output, norm, teacher, rows, k + 1, grads, weight if in_forward else None)
             # weighted by the float the head made its gradients with: autograd hands the head
             # back exactly that weight (in fp32), so the ratio its backward rescales by is 1 and
             # the rescale is skipped (trainer/rescale_kernel.py)

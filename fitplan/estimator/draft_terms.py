@@ -262,15 +262,22 @@ def draft_logits_bytes(job: Job) -> int:
     return _loss_saved_per_token(job) * _tokens(job) * job.spec.ttt
 
 
+# trainer/loss.py Teacher: per position of a teacher of logits, its log-sum-exp (fp32) and first
+# argmax (int32), read by every TTT step's loss
+TEACHER_ROW_STATS_BYTES = 4 + 4
+
+
 def teacher_bytes(job: Job) -> int:
-    """fp32 target probabilities over the draft vocab, [B, S + L, Vd] (padded by L). speculators:
-    the verifier head's bf16 logits over the draft vocab, [1, T, Vd], which its loss reads as they
-    are (each step a slice)."""
+    """fp32 target probabilities over the draft vocab, [B, S + L, Vd] (padded by L); with fused
+    norms the target's bf16 logits and their rows' statistics. speculators: the verifier head's
+    bf16 logits over the draft vocab, [1, T, Vd], which its loss reads as they are (each step a
+    slice)."""
     B, S, L = job.spec.micro_batch, job.spec.seq, job.spec.ttt
     if job.spec.runtime == "speculators":
         return BF16 * B * S * job.draft.draft_vocab
-    per_logit = BF16 if fused_norms(job) else FP32  # fused norms: the target's bf16 logits
-    return per_logit * B * (S + L) * job.draft.draft_vocab
+    if fused_norms(job):
+        return (BF16 * job.draft.draft_vocab + TEACHER_ROW_STATS_BYTES) * B * (S + L)
+    return FP32 * B * (S + L) * job.draft.draft_vocab
 
 
 # trainer/loss.py TEACHER_CHUNK: target positions gathered into the teacher at a time.
