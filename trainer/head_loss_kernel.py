@@ -36,13 +36,16 @@ import triton
 import triton.language as tl
 
 # Columns per block and warps per row, by teacher: measured on an H200 for a 2097-row chunk
-# (benchmarks/head_loss_kernel.py, docs/data/head_loss_kernel_blocks_h200.json), 1024 at 4 warps
-# was the fastest of four pairs for bf16 teacher logits (0.234 ms at a 32k vocab against 0.285 for
-# 2048 at 4; 0.852 against 1.040 at 128k) and 2048 at 4 for fp32 probabilities (0.253 against
-# 0.268 at 32k). Two variants were slower and not kept: the whole row held in registers (one
-# read of each row; 0.301 ms at best at a 32k vocab, 8-32 warps), and a fixed number of programs
-# taking rows in turn so that fewer rows are in flight and the second pass finds its row in L2
-# (0.285 ms at best, 528 programs; docs/data/head_loss_kernel_rows_in_turn_h200.json).
+# (benchmarks/head_loss_kernel.py, docs/data/head_loss_kernel_blocks_h200.json) when the kernel
+# still swept the teacher's logits in its first pass: 1024 at 4 warps was the fastest of four
+# pairs for bf16 teacher logits (0.234 ms at a 32k vocab against 0.285 for 2048 at 4; 0.852
+# against 1.040 at 128k) and 2048 at 4 for fp32 probabilities (0.253 against 0.268 at 32k). Two
+# variants were slower and not kept: the whole row held in registers (one read of each row;
+# 0.301 ms at best at a 32k vocab, 8-32 warps), and a fixed number of programs taking rows in
+# turn so that fewer rows are in flight and the second pass finds its row in L2 (0.285 ms at
+# best, 528 programs; docs/data/head_loss_kernel_rows_in_turn_h200.json). Reading the teacher's
+# row statistics instead, the kernel took 0.161 ms per chunk at 1024 x 4 in a B1 S16384 step
+# (docs/data/profile_fitplan_16k_ag.json); the pairs have not been measured again since.
 BLOCKS = {True: 1024, False: 2048}  # by as_logits
 WARPS = 4
 STATS_BLOCK = 1024
