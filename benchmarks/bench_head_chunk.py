@@ -115,6 +115,9 @@ def main(argv=None) -> int:
     if not sizes or min(sizes) < 1:
         print("bench_head_chunk: --rows takes positive chunk sizes", file=sys.stderr)
         return 2
+    if args.seq < 2 or args.hidden < 1 or args.vocab < 1 or args.repeats < 1:
+        print("bench_head_chunk: accepted --seq 2 or more, --hidden, --vocab and --repeats 1 or more", file=sys.stderr)
+        return 2
     import torch
 
     if not torch.cuda.is_available():
