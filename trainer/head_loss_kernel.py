@@ -35,19 +35,19 @@ import torch
 import triton
 import triton.language as tl
 
-# Columns per block and warps per row, by teacher: measured on an H200 for a 2097-row chunk
-# (benchmarks/head_loss_kernel.py, docs/data/head_loss_kernel_blocks_h200.json) when the kernel
-# still swept the teacher's logits in its first pass: 1024 at 4 warps was the fastest of four
-# pairs for bf16 teacher logits (0.234 ms at a 32k vocab against 0.285 for 2048 at 4; 0.852
-# against 1.040 at 128k) and 2048 at 4 for fp32 probabilities (0.253 against 0.268 at 32k). Two
+# Columns per block and warps per row, by teacher kind (as_logits), measured on an H200 for a
+# 2097-row chunk (benchmarks/head_loss_kernel.py, docs/data/head_loss_kernel_stats_h200.json):
+# for bf16 teacher logits, read through their row statistics, 2048 columns at 8 warps was the
+# fastest of four pairs (0.163 ms at a 32k vocab against 0.173 for 1024 at 4, 0.172 for 4096 at 8,
+# 0.200 for 2048 at 4; 0.582 against 0.622-0.641 at 128k); for fp32 probabilities 1024 at 4
+# (0.260 against 0.266-0.323; 0.960 against 0.956-1.206 at 128k, level with 2048 at 8). Before
+# the kernel read the teacher's statistics (docs/data/head_loss_kernel_blocks_h200.json) two
 # variants were slower and not kept: the whole row held in registers (one read of each row;
 # 0.301 ms at best at a 32k vocab, 8-32 warps), and a fixed number of programs taking rows in
 # turn so that fewer rows are in flight and the second pass finds its row in L2 (0.285 ms at
-# best, 528 programs; docs/data/head_loss_kernel_rows_in_turn_h200.json). Reading the teacher's
-# row statistics instead, the kernel took 0.161 ms per chunk at 1024 x 4 in a B1 S16384 step
-# (docs/data/profile_fitplan_16k_ag.json); the pairs have not been measured again since.
-BLOCKS = {True: 1024, False: 2048}  # by as_logits
-WARPS = 4
+# best, 528 programs; docs/data/head_loss_kernel_rows_in_turn_h200.json).
+CONFIGS = {True: (2048, 8), False: (1024, 4)}  # (columns per block, warps) by as_logits
+STATS_WARPS = 4
 STATS_BLOCK = 1024
 
 
@@ -176,22 +176,24 @@ def _first_argmax(best, arg, vocab):
 
 
 def chunk_loss_grad(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tensor, scale: torch.Tensor,
-                    stats: tuple[torch.Tensor, torch.Tensor] | None, block: int | None = None, warps: int = WARPS):
+                    stats: tuple[torch.Tensor, torch.Tensor] | None, block: int | None = None,
+                    warps: int | None = None):
     """(loss fp32, agreements int64, d/dz of scale x loss in the logits' dtype) of one chunk, as
     trainer/head_loss.py `_chunk_loss_grad`. logits [N, Vd]; teacher [M, Vd] whose row p_rows[i]
     scores row i: bf16 logits with `stats` (their rows' log-sum-exp and first argmax,
     teacher_stats), or probabilities with `stats` None; scale a 0-dim fp32 tensor.
-    `block`: columns per block (BLOCKS' for the teacher's kind when None)."""
+    `block`, `warps`: columns per block and warps per row (CONFIGS' for the teacher's kind when None)."""
     rows, vocab = logits.shape
     as_logits = stats is not None
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     row_loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     row_agree = torch.empty(rows, dtype=torch.int32, device=logits.device)
     t_lse, t_top = stats if as_logits else (row_loss, row_agree)  # unread without logits
-    block = min(block or BLOCKS[as_logits], triton.next_power_of_2(vocab))
+    default_block, default_warps = CONFIGS[as_logits]
+    block = min(block or default_block, triton.next_power_of_2(vocab))
     _row_loss_grad[(rows,)](logits, *logits.stride(), teacher, *teacher.stride(), t_lse, t_top, p_rows, scale, grad,
                             grad.stride(0), row_loss, row_agree, vocab, AS_LOGITS=as_logits, BLOCK=block,
-                            num_warps=warps)
+                            num_warps=warps or default_warps)
     return row_loss.sum(), row_agree.sum(), grad
 
 
@@ -202,5 +204,5 @@ def teacher_stats(table: torch.Tensor, block: int = STATS_BLOCK) -> tuple[torch.
     top = torch.empty(rows, dtype=torch.int32, device=table.device)
     if rows:
         _row_stats[(rows,)](table, table.stride(0), lse, top, vocab, BLOCK=min(block, triton.next_power_of_2(vocab)),
-                            num_warps=WARPS)
+                            num_warps=STATS_WARPS)
     return lse, top
