@@ -67,8 +67,7 @@ def _row_loss_grad(z_ptr, z_stride, z_col_stride, t_ptr, t_stride, t_col_stride,
     g_row = grad_ptr + row * grad_stride
     cols = tl.arange(0, BLOCK)
 
-    # Pass 1: the logits' max, sum of exp(z - max) and first argmax (a lane's running max is its
-    # best value: a new max is taken only when strictly larger); for probabilities, their sum
+    # Pass 1: the logits' max, sum of exp(z - max) and first argmax; for probabilities, their sum
     # (a row of those need not sum to 1).
     z_max = tl.full([BLOCK], float("-inf"), tl.float32)
     z_sum = tl.zeros([BLOCK], tl.float32)
@@ -78,8 +77,7 @@ def _row_loss_grad(z_ptr, z_stride, z_col_stride, t_ptr, t_stride, t_col_stride,
         idx = start + cols
         inside = idx < vocab
         z = tl.load(z_row + idx * z_col_stride, mask=inside, other=float("-inf")).to(tl.float32)
-        z_arg = tl.where(z > z_max, idx, z_arg)
-        z_max, z_sum = _online_exp_sum(z, z_max, z_sum)
+        z_max, z_sum, z_arg = _online_exp_sum_argmax(z, idx, z_max, z_sum, z_arg)
         if not AS_LOGITS:
             t_sum += tl.load(t_row + idx * t_col_stride, mask=inside, other=0.0).to(tl.float32)
     z_top = _first_argmax(z_max, z_arg, vocab)
@@ -131,8 +129,7 @@ def _row_stats(t_ptr, t_stride, lse_ptr, top_ptr, vocab, BLOCK: tl.constexpr):
     for start in range(0, vocab, BLOCK):
         idx = start + cols
         t = tl.load(t_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
-        t_arg = tl.where(t > t_max, idx, t_arg)
-        t_max, t_sum = _online_exp_sum(t, t_max, t_sum)
+        t_max, t_sum, t_arg = _online_exp_sum_argmax(t, idx, t_max, t_sum, t_arg)
     tl.store(top_ptr + row, _first_argmax(t_max, t_arg, vocab))
     t_max, t_sum = _combine_exp_sums(t_max, t_sum)
     tl.store(lse_ptr + row, t_max + tl.log(t_sum))
@@ -148,6 +145,15 @@ def _online_exp_sum(x, run_max, run_sum):
     diff = tl.exp(-tl.abs(x - run_max))
     run_sum = tl.where(x > run_max, run_sum * diff + 1.0, run_sum + diff)
     return new_max, tl.where(new_max == float("-inf"), 0.0, run_sum)
+
+
+@triton.jit
+def _online_exp_sum_argmax(x, idx, run_max, run_sum, arg):
+    """_online_exp_sum with the lane's first argmax kept too: a lane's running max is its best
+    value, and its column is replaced only on a strictly larger one."""
+    arg = tl.where(x > run_max, idx, arg)
+    run_max, run_sum = _online_exp_sum(x, run_max, run_sum)
+    return run_max, run_sum, arg
 
 
 @triton.jit
