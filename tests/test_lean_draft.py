@@ -49,20 +49,22 @@ def reference_head_loss(hidden, norm_weight, weight, teacher_logits, valid, offs
     return summed, agree
 
 
-def _teacher(batch, seq, pad, vocab, generator):
+def _teacher(batch, seq, pad, vocab, generator, every_position: bool = False):
+    """Teacher logits and which positions count: about 70%, none of the last and the padding;
+    or, `every_position`, all of them (every chunk then reads and writes its rows as slices)."""
     logits = torch.randn(batch, seq + pad, vocab, generator=generator) * 3
     logits[:, seq:] = 0  # the unroll's padding positions carry no target
     valid = torch.rand(batch, seq + pad, generator=generator) > 0.3
     valid[:, seq - 1 :] = False
-    return logits, valid
+    return logits, torch.ones_like(valid) if every_position else valid
 
 
-def _head_case(dtype, seed: int, steps: int):
+def _head_case(dtype, seed: int, steps: int, every_position: bool = False):
     """A 2 x 12 batch over a 40-word vocab: (teacher, valid, head, norm, the steps' hiddens, and
     unfused copies of the head weight, the norm weight and the hiddens)."""
     g = torch.Generator().manual_seed(seed)
     batch, seq, hidden, vocab, pad = 2, 12, 16, 40, 4
-    logits, valid = _teacher(batch, seq, pad, vocab, g)
+    logits, valid = _teacher(batch, seq, pad, vocab, g, every_position)
     head = DraftHead(hidden, vocab).to(dtype)
     norm = _Norm(hidden, dtype, g)
     xs = [torch.randn(batch, seq, hidden, generator=g).to(dtype).requires_grad_() for _ in range(steps)]
@@ -79,10 +81,11 @@ def _assert_grads_close(pairs, tol: float) -> None:
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("offset", [1, 3])
-def test_fused_head_matches_unfused(dtype, tol, offset, monkeypatch):
+@pytest.mark.parametrize("every_position", [False, True])
+def test_fused_head_matches_unfused(dtype, tol, offset, every_position, monkeypatch):
     # 5 rows per chunk: a 2 x 12 batch spans several chunks, one of them partial
     monkeypatch.setattr(head_loss, "CHUNK_BYTES", 5 * 4 * 40)
-    teacher, valid, head, norm, (x,), (weight, norm_weight, (ref_x,)) = _head_case(dtype, 0, 1)
+    teacher, valid, head, norm, (x,), (weight, norm_weight, (ref_x,)) = _head_case(dtype, 0, 1, every_position)
     seq = x.shape[1]
 
     got, got_agree = head(x, norm, Teacher(teacher, valid, True), CountedRows(valid), offset)
@@ -95,18 +98,20 @@ def test_fused_head_matches_unfused(dtype, tol, offset, monkeypatch):
     _assert_grads_close(((x, ref_x), (head.weight, weight), (norm.weight, norm_weight)), tol)
     # masked positions get no gradient at all
     masked = ~valid[:, offset : offset + seq]
-    assert x.grad[masked].abs().max() == 0
+    assert not x.grad[masked].any()
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_head_gradients_made_in_forward_match_unfused(dtype, tol, monkeypatch):
+@pytest.mark.parametrize("every_position", [False, True])
+def test_head_gradients_made_in_forward_match_unfused(dtype, tol, every_position, monkeypatch):
     """Two steps of an unroll whose head makes its gradients in forward (RunSpec
     head_grad_in_forward), each told the weight its loss gets (scale), the total then divided as
-    for an accumulation of 2: loss, agreements and every gradient as the unfused steps."""
+    for an accumulation of 2: loss, agreements and every gradient as the unfused steps; with
+    every position counted, too (the chunks' rows as slices, the hidden's gradient unfilled)."""
     from trainer.step_grads import StepGrads
 
     monkeypatch.setattr(head_loss, "CHUNK_BYTES", 5 * 4 * 40)  # several chunks, one partial
-    teacher, valid, head, norm, xs, (weight, norm_weight, ref_xs) = _head_case(dtype, 2, 2)
+    teacher, valid, head, norm, xs, (weight, norm_weight, ref_xs) = _head_case(dtype, 2, 2, every_position)
     scales = [1 / 17, 0.8 / 13]  # a step's decay over its counted positions, as unroll_loss gives
     grads, rows = StepGrads(2), CountedRows(valid)
 
@@ -526,11 +531,16 @@ def test_counted_rows_by_hand():
     valid = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 0, 0, 1, 1]], dtype=torch.bool)
     rows = CountedRows(valid)
     assert rows.count(1, 4) == 4 and rows.count(0, 6) == 6 and rows.count(5, 1) == 1
-    x_rows, p_rows = rows.for_step(1, 4)
+    x_rows, p_rows, spans = rows.for_step(1, 4, chunk=3)
     assert x_rows.tolist() == [1, 2, 4 + 0, 4 + 3] and p_rows.tolist() == [2, 3, 6 + 1, 6 + 4]
     assert x_rows.dtype == p_rows.dtype == torch.int64
+    assert spans == (None, slice(7, 8))  # chunk rows 1, 2, 4 have a gap; the last chunk is row 7 alone
+    assert rows.for_step(1, 4, chunk=2)[2] == (slice(1, 3), None)
+    full = CountedRows(torch.ones(2, 6, dtype=torch.bool))
+    assert full.for_step(1, 4, chunk=3)[2] == (slice(0, 3), slice(3, 6), slice(6, 8))  # every row counted
     empty = CountedRows(torch.zeros(2, 6, dtype=torch.bool))
-    assert empty.count(1, 4) == 0 and empty.for_step(1, 4)[0].tolist() == []
+    assert empty.count(1, 4) == 0 and empty.for_step(1, 4, chunk=3)[0].tolist() == []
+    assert empty.for_step(1, 4, chunk=3)[2] == ()
 
 
 def _checkpointed_draft_and_inputs(device: str, attention: str):

@@ -157,15 +157,16 @@ def test_the_estimate_holds_the_lm_head_not_the_target():
     forward = offline.phases["target_forward"]
     assert forward["target.weights"] == head
     assert "target.activations" not in forward
-    # building the teacher: aux [B, S, 3h] bf16, the logits [B, S, V] bf16 and one gathered
-    # chunk of 1024 positions [B, 1024, Vd] bf16, the teacher [B, S+L, Vd]: the target's bf16
-    # logits with fused norms (the default) and per position their fp32 log-sum-exp and int32
-    # argmax, fp32 probabilities without
+    # building the teacher: aux [B, S, 3h] bf16, the logits [B, S, V] bf16 and the teacher
+    # [B, S+L, Vd]: with fused norms (the default) the target's bf16 logits and per position their
+    # fp32 log-sum-exp and int32 argmax, written in one pass (trainer/teacher_kernel.py);
+    # without, fp32 probabilities, and one gathered chunk of 1024 positions [B, 1024, Vd] bf16
     assert forward["target.outputs"] == 2 * B * S * 3 * h
-    assert forward["logits.target"] == 2 * B * S * V8 + 2 * B * 1024 * Vd
+    assert forward["logits.target"] == 2 * B * S * V8
     assert forward["logits.teacher"] == (2 * Vd + 4 + 4) * B * (S + L)
     kept = estimate_spec(RunSpec(model="llama-3.1-8b", gpus="1xH200", seq=S, offline=True, recompute_norms=False))
     assert kept.phases["target_forward"]["logits.teacher"] == 4 * B * (S + L) * Vd
+    assert kept.phases["target_forward"]["logits.target"] == 2 * B * S * V8 + 2 * B * 1024 * Vd
     # loading: the lm_head and the embedding, read while the draft copies it
     assert offline.phases["load"]["target.weights"] == 2 * head
     assert online.phases["target_forward"]["target.weights"] == 16_060_522_496

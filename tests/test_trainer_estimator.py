@@ -65,6 +65,10 @@ def eager_head(monkeypatch):
     # backward, the larger instant while it made its logits again, hid this one until the head
     # made its gradients in forward.
     monkeypatch.setattr(draft_terms, "SWIGLU_BACKWARD_PER_INTERMEDIATE", 8)
+    # and a teacher of logits is gathered a chunk of positions at a time, as one of probabilities
+    # (trainer/loss.py make_teacher: the one-pass kernel runs on CUDA only)
+    monkeypatch.setattr(draft_terms, "teacher_chunk_bytes", lambda job: draft_terms.BF16 * job.spec.micro_batch
+                        * min(job.spec.seq, draft_terms.TEACHER_CHUNK) * job.draft.draft_vocab)
 
 
 def measure(configs, tmp_path, micro_batch, ttt, ac, attention="eager"):

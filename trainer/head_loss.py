@@ -98,18 +98,42 @@ class CountedRows:
         """Positions the step scored at teacher offset counts."""
         return sum(int(hi - lo) for lo, hi in self._spans(offset, seq))
 
-    def for_step(self, offset: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows of the step's [B*S, h] hidden, rows of the teacher's [B*(S+L), Vd] table) for the
-        step scored against teacher positions t + offset."""
+    def for_step(self, offset: int, seq: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """(rows of the step's [B*S, h] hidden, rows of the teacher's [B*(S+L), Vd] table, spans)
+        for the step scored against teacher positions t + offset. `spans` has one entry per
+        `chunk` rows: the hidden's rows as a slice where they are consecutive (every position
+        counted, the usual case: the chunk reads a view and writes its gradient in one copy, no
+        gather or scatter), else None."""
         x_rows, p_rows = [], []
         for row, (j, (lo, hi)) in enumerate(zip(self.positions, self._spans(offset, seq))):
             kept = j[lo:hi]
             x_rows.append(row * seq + kept - offset)
             p_rows.append(row * self.padded + kept)
-        both = torch.from_numpy(np.stack((np.concatenate(x_rows), np.concatenate(p_rows))).astype(np.int64))
+        x_host = np.concatenate(x_rows)
+        spans = tuple(_consecutive(x_host[start : start + chunk]) for start in range(0, len(x_host), chunk))
+        both = torch.from_numpy(np.stack((x_host, np.concatenate(p_rows))).astype(np.int64))
         if self.device.type == "cuda":
             both = both.pin_memory().to(self.device, non_blocking=True)
-        return both[0], both[1]
+        return both[0], both[1], spans
+
+
+def _consecutive(rows: np.ndarray) -> slice | None:
+    """rows (sorted, distinct) as a slice where they run without a gap, else None."""
+    first, last = int(rows[0]), int(rows[-1])
+    return slice(first, last + 1) if last - first + 1 == len(rows) else None
+
+
+def _hidden_grad_buffer(x: torch.Tensor, x_rows: torch.Tensor, spans: tuple) -> torch.Tensor:
+    """The hidden's gradient, for the chunks to write their rows into: zeros where some rows are
+    not counted (their gradient is 0), left unfilled where the chunks' slices cover every row."""
+    covered = x_rows.numel() == x.shape[0] and all(span is not None for span in spans)
+    return torch.empty_like(x) if covered else torch.zeros_like(x)
+
+
+def _chunks(x_rows: torch.Tensor, spans: tuple, chunk: int):
+    """Per chunk: (where its hidden rows are: a slice or an index tensor, its offset in the rows)."""
+    for i, start in enumerate(range(0, x_rows.numel(), chunk)):
+        yield (spans[i] if spans[i] is not None else x_rows[start : start + chunk]), start
 
 
 # Teacher rows whose statistics are taken at a time on the CPU path: bounds its fp32 copy.
@@ -200,20 +224,20 @@ class _HeadSoftCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, norm_weight, weight, teacher, t_lse, t_top, x_rows, p_rows, chunk, eps, grads):
+    def forward(ctx, x, norm_weight, weight, teacher, t_lse, t_top, x_rows, p_rows, spans, chunk, eps, grads):
         dtype = compute_dtype(x)
         w = weight.to(dtype)
         stats = _stats(t_lse, t_top)
         chunk_loss = _kernels(x.device.type)[0]
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         agree = torch.zeros((), dtype=torch.long, device=x.device)
-        for start in range(0, x_rows.numel(), chunk):
-            _, normed, _ = _rows(x, x_rows[start : start + chunk], norm_weight, eps)
+        for rows, start in _chunks(x_rows, spans, chunk):
+            _, normed, _ = _rows(x, rows, norm_weight, eps)
             part, hits = chunk_loss(normed.to(dtype) @ w.T, teacher, p_rows[start : start + chunk], stats)
             loss += part
             agree += hits
         ctx.save_for_backward(x, norm_weight, weight, teacher, t_lse, t_top, x_rows, p_rows)
-        ctx.chunk, ctx.dtype, ctx.eps, ctx.grads = chunk, dtype, eps, grads
+        ctx.spans, ctx.chunk, ctx.dtype, ctx.eps, ctx.grads = spans, chunk, dtype, eps, grads
         ctx.mark_non_differentiable(agree)
         return loss, agree
 
@@ -223,11 +247,10 @@ class _HeadSoftCE(torch.autograd.Function):
         w = weight.to(ctx.dtype)
         stats = _stats(t_lse, t_top)
         chunk_grad = _kernels(x.device.type)[1]
-        grad_x = torch.zeros_like(x)
+        grad_x = _hidden_grad_buffer(x, x_rows, ctx.spans)
         grad_w = grad_total(ctx.grads, "lm_head", weight)
         grad_norm = _norm_grad_buffer(norm_weight)
-        for start in range(0, x_rows.numel(), ctx.chunk):
-            rows = x_rows[start : start + ctx.chunk]
+        for rows, start in _chunks(x_rows, ctx.spans, ctx.chunk):
             picked, normed, rstd = _rows(x, rows, norm_weight, ctx.eps)
             normed = normed.to(ctx.dtype)
             grad_logits = chunk_grad(normed @ w.T, teacher, p_rows[start : start + ctx.chunk], grad_loss, stats)
@@ -237,7 +260,7 @@ class _HeadSoftCE(torch.autograd.Function):
             norm_total = grad_total(ctx.grads, "norm", norm_weight)
             norm_total.add_(grad_norm.to(norm_weight.dtype))
             grad_norm = grad_result(ctx.grads, "norm", norm_total)
-        return grad_x, grad_norm, grad_w, None, None, None, None, None, None, None, None
+        return grad_x, grad_norm, grad_w, None, None, None, None, None, None, None, None, None
 
 
 def _stats(t_lse, t_top):
@@ -256,7 +279,7 @@ class _HeadSoftCEGradInForward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, norm_weight, weight, teacher, t_lse, t_top, x_rows, p_rows, chunk, eps, grads, scale):
+    def forward(ctx, x, norm_weight, weight, teacher, t_lse, t_top, x_rows, p_rows, spans, chunk, eps, grads, scale):
         dtype = compute_dtype(x)
         w = weight.to(dtype)
         stats = _stats(t_lse, t_top)
@@ -264,11 +287,10 @@ class _HeadSoftCEGradInForward(torch.autograd.Function):
         scale_on_device = torch.full((), scale, dtype=torch.float32, device=x.device)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         agree = torch.zeros((), dtype=torch.long, device=x.device)
-        grad_x = torch.zeros_like(x)
+        grad_x = _hidden_grad_buffer(x, x_rows, spans)
         grad_w = grads.total("lm_head", weight)
         grad_norm = _norm_grad_buffer(norm_weight)
-        for start in range(0, x_rows.numel(), chunk):
-            rows = x_rows[start : start + chunk]
+        for rows, start in _chunks(x_rows, spans, chunk):
             picked, normed, rstd = _rows(x, rows, norm_weight, eps)
             normed = normed.to(dtype)
             part, hits, grad_logits = chunk_loss_grad(normed @ w.T, teacher, p_rows[start : start + chunk],
@@ -288,7 +310,7 @@ class _HeadSoftCEGradInForward(torch.autograd.Function):
         grad_x, ctx.grad_x = _rescaled(ctx.grad_x, factor), None
         grad_w = _rescaled(ctx.grads.done("lm_head"), factor)
         grad_norm = _rescaled(ctx.grads.done("norm"), factor) if ctx.normed else None
-        return grad_x, grad_norm, grad_w, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_norm, grad_w, None, None, None, None, None, None, None, None, None, None
 
 
 def _rescaled(total: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor | None:
@@ -308,20 +330,24 @@ def _norm_grad_buffer(norm_weight) -> torch.Tensor | None:
 
 
 def _chunk_backward(grad_logits, picked, normed, rstd, rows, w, norm_weight, grad_x, grad_w, grad_norm) -> None:
-    """A chunk's logit gradient into the head weight's, the norm weight's and the hidden's rows."""
+    """A chunk's logit gradient into the head weight's, the norm weight's and the hidden's rows
+    (`rows`: a slice or an index tensor)."""
     add_product(grad_w, grad_logits.T, normed)
     grad_rows = grad_logits @ w
     if norm_weight is not None:
         _, _, norm_backward = norm_kernels(grad_rows.device.type)
         grad_rows, grad_nw = norm_backward(grad_rows, picked, norm_weight, rstd)
         grad_norm += grad_nw
-    grad_x.index_copy_(0, rows, grad_rows.to(grad_x.dtype))
+    if isinstance(rows, slice):
+        grad_x[rows] = grad_rows
+    else:
+        grad_x.index_copy_(0, rows, grad_rows.to(grad_x.dtype))
 
 
 def _rows(x: torch.Tensor, rows: torch.Tensor, norm_weight, eps: float):
-    """(x at `rows`, the final norm's output there, its rstd); x's rows are the output when x is
-    normed already."""
-    picked = x.index_select(0, rows)
+    """(x at `rows` (a slice or an index tensor), the final norm's output there, its rstd); x's
+    rows are the output when x is normed already."""
+    picked = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
     if norm_weight is None:
         return picked, picked, None
     normalize, _, _ = norm_kernels(x.device.type)
@@ -353,11 +379,12 @@ class DraftHead(nn.Module):
         (_HeadSoftCEGradInForward, which needs `grads`); None: made again in backward.
         """
         batch, seq, width = hidden.shape
-        x_rows, p_rows = counted.for_step(offset, seq)
+        chunk = chunk_rows(self.weight.shape[0])
+        x_rows, p_rows, spans = counted.for_step(offset, seq, chunk)
         t_lse, t_top = teacher.row_stats() or (None, None)
         args = (hidden.reshape(-1, width), None if norm is None else norm.weight, self.weight,
-                teacher.table.view(-1, teacher.table.shape[-1]), t_lse, t_top, x_rows, p_rows,
-                chunk_rows(self.weight.shape[0]), None if norm is None else norm.eps, grads)
+                teacher.table.view(-1, teacher.table.shape[-1]), t_lse, t_top, x_rows, p_rows, spans, chunk,
+                None if norm is None else norm.eps, grads)
         if scale is None:
             return _HeadSoftCE.apply(*args)
         if grads is None:

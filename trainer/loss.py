@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.head_loss import CountedRows, teacher_stats
+from trainer.lean_ops import triton_module
 
 STEP_DECAY = 0.8
 
@@ -52,11 +53,17 @@ def make_teacher(logits: torch.Tensor, loss_mask: torch.Tensor, draft_ids: torch
                  as_logits: bool = True) -> Teacher:
     """Target logits [B, S, V] -> the draft's targets.
 
-    The draft-vocab logits are gathered into the teacher buffer a chunk at a time (and, for
-    fp32 probabilities, the softmax taken in place), so no full-size temporary exists beside it.
     The target's prediction at position j is of token j + 1: it is trained on when that token
-    is an assistant token and the target's top choice is in the draft vocab.
+    is an assistant token and the target's top choice is in the draft vocab. A teacher of
+    logits on CUDA is made by one pass of trainer/teacher_kernel.py where triton imports;
+    otherwise the draft-vocab logits are gathered into the teacher buffer a chunk at a time
+    (and, for fp32 probabilities, the softmax taken in place), so no full-size temporary exists
+    beside it.
     """
+    kernel = triton_module("teacher_kernel") if as_logits and logits.is_cuda else None
+    if kernel is not None and kernel.fits(logits):
+        table, lse, top, target_top = kernel.teacher_from_logits(logits, draft_ids, ttt)
+        return Teacher(table, _counted(loss_mask, t2d, target_top, ttt), True, lse, top)
     b, s, _ = logits.shape
     dtype = logits.dtype if as_logits else torch.float32
     table = torch.zeros(b, s + ttt, len(draft_ids), dtype=dtype, device=logits.device)
@@ -67,9 +74,17 @@ def make_teacher(logits: torch.Tensor, loss_mask: torch.Tensor, draft_ids: torch
         head = table[:, :s]
         head.sub_(head.amax(-1, keepdim=True)).exp_()
         head.div_(head.sum(-1, keepdim=True))
-    valid = torch.zeros(b, s + ttt, dtype=torch.bool, device=logits.device)
-    valid[:, : s - 1] = loss_mask[:, 1:] & t2d[logits[:, : s - 1].argmax(-1)]
-    return Teacher(table, valid, as_logits)
+    return Teacher(table, _counted(loss_mask, t2d, logits.argmax(-1), ttt), as_logits)
+
+
+def _counted(loss_mask: torch.Tensor, t2d: torch.Tensor, target_top: torch.Tensor, ttt: int) -> torch.Tensor:
+    """[B, S + ttt] bool: position j counts when token j + 1 is the assistant's and the target's
+    top choice there (target_top [B, S]) lies in the draft vocab; the last position and the ttt
+    padding never do."""
+    b, s = target_top.shape
+    valid = torch.zeros(b, s + ttt, dtype=torch.bool, device=target_top.device)
+    valid[:, : s - 1] = loss_mask[:, 1:] & t2d[target_top[:, : s - 1]]
+    return valid
 
 
 def plain_step_loss(normed: torch.Tensor, head, teacher: Teacher, offset: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -285,8 +285,14 @@ TEACHER_CHUNK = 1024
 
 
 def teacher_chunk_bytes(job: Job) -> int:
-    """The bf16 draft-vocab columns of one chunk of the target logits, [B, chunk, Vd], gathered
-    before they are cast into the teacher."""
+    """What making the teacher holds beside the logits and the teacher. A teacher of fp32
+    probabilities: the bf16 draft-vocab columns of one chunk of the target logits, [B, chunk, Vd],
+    gathered before they are cast into it. A teacher of logits (fused norms) is made in one pass
+    on the GPU (trainer/teacher_kernel.py) and holds nothing beside them but an int32 per
+    position (the target's top token) and per target id (its draft column): 0.6 MiB at B1 S16384
+    and a 128k vocab, left out as the estimate leaves out what is under 1 MiB."""
+    if fused_norms(job):
+        return 0
     return BF16 * job.spec.micro_batch * min(job.spec.seq, TEACHER_CHUNK) * job.draft.draft_vocab
 
 

@@ -269,7 +269,8 @@ def target_forward_instants(job: Job) -> list[dict[str, int]]:
       attention, its [B, H, S, S] scores);
     - after the forward: the three captured aux states, their concatenation and the logits,
       with TP while the exchange holds its buffer and the reordered copy of the received rows;
-    - building the teacher: aux, logits, the fp32 teacher and one gathered bf16 chunk;
+    - building the teacher: aux, logits, the teacher and what making it holds beside them
+      (draft_terms.teacher_chunk_bytes);
     - a soft-capped head (Gemma 2): the captured aux states and two copies of this rank's logits
       shard, while tanh(logits / c) * c writes each step into a new tensor."""
     if job.spec.offline:
@@ -290,8 +291,8 @@ def offline_teacher_instants(job: Job) -> list[dict[str, int]]:
     hidden states of the micro-batch reach the device, the lm_head scores the last hidden state
     (its soft-cap, where there is one, runs in place), then the teacher is built as online:
     - the lm_head's output beside both stored states;
-    - building the teacher: aux, logits, the fp32 teacher and one gathered bf16 chunk (the last
-      hidden state is freed once scored)."""
+    - building the teacher: aux, logits, the teacher and what making it holds beside them (the
+      last hidden state is freed once scored)."""
     aux, logits = target_terms.aux_outputs_bytes(job), target_terms.logits_bytes(job)
     return [
         phase(target__outputs=aux + target_terms.last_hidden_bytes(job), logits__target=logits),

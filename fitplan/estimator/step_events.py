@@ -12,7 +12,7 @@ can tell them apart:
   `mixed` recipe's masters;
 - target forward (trainer/target.py, trainer/loss.py make_teacher): each layer's working set
   (the estimator's instant: all of it live at once), the three captured hidden states, the
-  logits, their concatenation, the fp32 teacher filled a chunk at a time;
+  logits, their concatenation, the teacher (fp32 probabilities filled a chunk at a time);
 - draft forward (trainer/draft.py unroll, trainer/head_loss.py or loss.py plain_step_loss): the
   TTT steps' saved tensors one by one in the order they are made, each step's roped keys and
   values held by the unroll until it ends, the head's chunk logits;
@@ -339,12 +339,14 @@ def _replacing_existing(t: Trace, current: int, nbytes: int, name: str, steps: i
 
 
 def make_teacher(t: Trace, job: Job) -> int:
-    """trainer/loss.py make_teacher: the teacher (bf16 logits, or fp32 probabilities), the bf16
-    draft-vocab columns gathered into it a chunk of positions at a time."""
+    """trainer/loss.py make_teacher: the teacher; fp32 probabilities have the bf16 draft-vocab
+    columns gathered into them a chunk of positions at a time, bf16 logits (fused norms) are
+    written by one pass of trainer/teacher_kernel.py that holds nothing counted beside them."""
     teacher = t.alloc(draft_terms.teacher_bytes(job), "teacher [B, S+L, Vd]")
-    per_position = BF16 * job.spec.micro_batch * job.draft.draft_vocab
-    for positions in loop_chunks(job.spec.seq, draft_terms.TEACHER_CHUNK):
-        t.free(t.alloc(per_position * positions, "teacher chunk"))
+    if draft_terms.teacher_chunk_bytes(job):
+        per_position = BF16 * job.spec.micro_batch * job.draft.draft_vocab
+        for positions in loop_chunks(job.spec.seq, draft_terms.TEACHER_CHUNK):
+            t.free(t.alloc(per_position * positions, "teacher chunk"))
     return teacher
 
 
