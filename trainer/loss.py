@@ -62,8 +62,8 @@ def make_teacher(logits: torch.Tensor, loss_mask: torch.Tensor, draft_ids: torch
     """
     kernel = triton_module("teacher_kernel") if as_logits and logits.is_cuda else None
     if kernel is not None and kernel.fits(logits):
-        table, lse, top, target_top = kernel.teacher_from_logits(logits, draft_ids, ttt)
-        return Teacher(table, _counted(loss_mask, t2d, target_top, ttt), True, lse, top)
+        table, target_top = kernel.teacher_from_logits(logits, draft_ids, ttt)
+        return Teacher(table, _counted(loss_mask, t2d, target_top, ttt), True)
     b, s, _ = logits.shape
     dtype = logits.dtype if as_logits else torch.float32
     table = torch.zeros(b, s + ttt, len(draft_ids), dtype=dtype, device=logits.device)
