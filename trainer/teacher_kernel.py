@@ -10,8 +10,9 @@ the 22 ms GEMM that made the logits. Here each program reads a few positions' lo
 column blocks, keeps each row's first argmax (per lane, as trainer/head_loss_kernel.py keeps
 its running values) and writes the draft columns into the table through a map from target id
 to draft column (-1 outside the draft vocab; int16 where the draft vocab allows, halving what
-each block reads of it). The positions of one program share each block of that map. The
-table's row statistics are then taken by head_loss_kernel's `teacher_stats`, over the table.
+each block reads of it). A program may take several positions, sharing each block of that map
+(ROWS; one measured fastest). The table's row statistics are then taken by head_loss_kernel's
+`teacher_stats`, over the table.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
+# Positions per program, columns per block and warps, measured on an H200 for B1 S16384 and a
+# 32k draft vocab (benchmarks/teacher_kernel.py, docs/data/teacher_kernel_h200.json): one position
+# of 1024-column blocks at 4 warps was the fastest of eight settings at 128k, 152k and 201k target
+# vocabs (2.83 ms at 128k with the table's statistics, against 3.01-3.26 for two or four positions
+# sharing the map's blocks and 5.1-5.5 for eight; torch's path 5.23 ms).
+ROWS = 1
 BLOCK = 1024
-ROWS = 4
 WARPS = 4
 
 
