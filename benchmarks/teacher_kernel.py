@@ -91,11 +91,29 @@ def compare(made, want) -> dict:
             "top_equal": bool((made.top == want.top).all()), "lse_max_diff": float((made.lse - want.lse).abs().max())}
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return int(text)
+
+
+def _vocabs(text: str) -> tuple[int, ...]:
+    """--vocabs: positive whole numbers, each above the draft vocab, comma-separated."""
+    try:
+        vocabs = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        vocabs = ()
+    if not vocabs or min(vocabs) <= DRAFT_VOCAB:
+        raise argparse.ArgumentTypeError(f"{text!r}: give target vocab sizes above {DRAFT_VOCAB}, comma-separated")
+    return vocabs
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seq", type=int, default=16384, help="positions (default 16384)")
-    parser.add_argument("--vocabs", default=",".join(map(str, VOCABS)), help="target vocab sizes, comma-separated")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per variant (default 10)")
+    parser.add_argument("--seq", type=_positive, default=16384, help="positions (default 16384)")
+    parser.add_argument("--vocabs", type=_vocabs, default=VOCABS, help="target vocab sizes, comma-separated "
+                        f"(default {','.join(map(str, VOCABS))})")
+    parser.add_argument("--repeats", type=_positive, default=10, help="timed runs per variant (default 10)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -107,7 +125,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     started, results = time.perf_counter(), []
     print(f"{'vocab':>7} {'variant':>18} {'ms':>8} {'GB/s':>7}  same as torch")
-    for vocab in (int(v) for v in args.vocabs.split(",")):
+    for vocab in args.vocabs:
         case = make_case(args.seq, vocab, device)
         moved = case[0].numel() * case[0].element_size() + args.seq * DRAFT_VOCAB * case[0].element_size()
         want = torch_path(*case)
