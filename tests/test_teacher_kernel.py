@@ -55,6 +55,8 @@ CASES = {
        (*_random_case(b, s, v, d, dtype, sort, b + s + v), block, rows)
        for b, s, v, d, block, rows in SHAPES for dtype in (torch.bfloat16, torch.float32) for sort in (True, False)},
     "ties": _tie_case(),
+    # a draft vocab past int16's 32767: the column map is int32
+    "1x4x41000/40000/1024/1-bfloat16-shuffled": (*_random_case(1, 4, 41000, 40000, torch.bfloat16, False, 5), 1024, 1),
 }
 
 
@@ -81,6 +83,14 @@ def test_kernel_matches_torch(interpreted, name):
     assert torch.equal(table, want.table)
     assert torch.equal(target_top.long(), logits.float().argmax(-1))
     assert torch.equal(loss._counted(_mask(logits), t2d, target_top, ttt), want.valid)
+
+
+def test_the_column_map_is_int16_where_every_draft_column_fits():
+    from trainer.teacher_kernel import draft_columns
+
+    small, large = draft_columns(torch.tensor([3, 1]), 5), draft_columns(torch.arange(40000), 41000)
+    assert small.dtype == torch.int16 and small.tolist() == [-1, 1, -1, 0, -1]
+    assert large.dtype == torch.int32 and int(large[39999]) == 39999 and int(large[40000]) == -1
 
 
 def test_ties_by_hand(interpreted):
