@@ -87,8 +87,10 @@ def time_ms(fn, args, repeats: int) -> float:
 
 
 def compare(made, want) -> dict:
-    return {"table_equal": bool((made.table == want.table).all()), "valid_equal": bool((made.valid == want.valid).all()),
-            "top_equal": bool((made.top == want.top).all()), "lse_max_diff": float((made.lse - want.lse).abs().max())}
+    return {"table_equal": bool((made.table == want.table).all()),
+            "valid_equal": bool((made.valid == want.valid).all()),
+            "top_equal": bool((made.top == want.top).all()),
+            "lse_max_diff": float((made.lse - want.lse).abs().max())}
 
 
 def _positive(text: str) -> int:

@@ -12,7 +12,7 @@ import pytest
 from triton_interpreter import run_interpreted
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("triton", reason="triton not installed: the Triton teacher kernel is not tested (pip install triton)")
+pytest.importorskip("triton", reason="triton not installed: the teacher kernel is not tested (pip install triton)")
 
 from trainer import lean_ops, loss  # noqa: E402
 
