@@ -6,7 +6,7 @@ whether the target's top token over its whole vocab lies in the draft vocab (the
 counts only then). In torch that is a gather of the draft columns into the table, chunk by
 chunk, and an argmax over the full logits: two reads of [B, S, V] and a copy, 4.8 ms of a B1
 S16384 step on an H200 at a 128k target vocab (docs/data/trace_fitplan_16k_ag.json.gz) beside
-the 22 ms GEMM that made the logits. Here each program reads a few positions' logits once, in
+the 22 ms GEMM that made the logits. Here each program reads its positions' logits once, in
 column blocks, keeps each row's first argmax (per lane, as trainer/head_loss_kernel.py keeps
 its running values) and writes the draft columns into the table through a map from target id
 to draft column (-1 outside the draft vocab; int16 where the draft vocab allows, halving what
