@@ -1,7 +1,7 @@
 """The teacher made from the target's logits: trainer/loss.py `make_teacher`'s torch path (the
 draft columns gathered, an argmax over the whole vocab, a pass of the row statistics' kernel)
 against its one-pass Triton kernel (trainer/teacher_kernel.py, then the table's row statistics)
-at a few settings (positions per program / columns per block / warps), on one CUDA GPU.
+at a few settings (columns per block / warps), on one CUDA GPU.
 
 Logits [1, S, V] bf16 as the target's lm_head makes them (S 16384 by default; V of Llama-3.1,
 Qwen3 and gpt-oss), a 32000-word draft vocab drawn at random and sorted, as trainer/vocab.py
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,13 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the repo's trainer
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.head_loss_kernel import time_ms  # noqa: E402
+
 VOCABS = (128256, 151936, 201088)
 DRAFT_VOCAB = 32000
 TTT = 7
-# (positions per program, columns per block, warps)
-CONFIGS = ((1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (4, 512, 4), (8, 512, 4), (4, 1024, 8), (8, 1024, 8),
-           (2, 2048, 8))
-WARMUP = 3
+CONFIGS = ((1024, 4), (512, 4), (1024, 8), (2048, 8))  # (columns per block, warps)
 
 
 def make_case(seq: int, vocab: int, device):
@@ -58,32 +56,16 @@ def torch_path(logits, mask, draft_ids, t2d):
         loss.triton_module = kernel_module
 
 
-def kernel_path(rows: int, block: int, warps: int):
+def kernel_path(block: int, warps: int):
     """make_teacher's CUDA path at one setting of the kernel: its table, then the table's row
     statistics (Teacher's, head_loss_kernel's teacher_stats)."""
     from trainer import loss, teacher_kernel
 
     def make(logits, mask, draft_ids, t2d):
-        table, target_top = teacher_kernel.teacher_from_logits(logits, draft_ids, TTT, block, rows, warps)
+        table, target_top = teacher_kernel.teacher_from_logits(logits, draft_ids, TTT, block, warps)
         return loss.Teacher(table, loss._counted(mask, t2d, target_top, TTT), True)
 
     return make
-
-
-def time_ms(fn, args, repeats: int) -> float:
-    import torch
-
-    for _ in range(WARMUP):
-        fn(*args)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*args)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def compare(made, want) -> dict:
@@ -131,7 +113,7 @@ def main(argv=None) -> int:
         case = make_case(args.seq, vocab, device)
         moved = case[0].numel() * case[0].element_size() + args.seq * DRAFT_VOCAB * case[0].element_size()
         want = torch_path(*case)
-        variants = [("torch", torch_path)] + [(f"kernel {r}/{b}/{w}", kernel_path(r, b, w)) for r, b, w in CONFIGS]
+        variants = [("torch", torch_path)] + [(f"kernel {b}/{w}", kernel_path(b, w)) for b, w in CONFIGS]
         for name, fn in variants:
             ms = time_ms(fn, case, args.repeats)
             same = compare(fn(*case), want)

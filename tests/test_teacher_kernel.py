@@ -2,7 +2,7 @@
 path, run on the CPU through Triton's interpreter: the draft-vocab table and which positions
 count (the target's first argmax over its whole vocab in the draft vocab), for bf16 and fp32
 logits, batches of two, draft ids sorted and not, vocabularies spanning several column blocks
-with a partial last one, a program's rows running past the last position, and argmax ties. On a GPU, `make_teacher`
+with a partial last one, and argmax ties. On a GPU, `make_teacher`
 through the compiled kernel against its torch path.
 """
 
@@ -21,8 +21,8 @@ RUN_INTERPRETED = """
 import sys, torch
 from trainer.teacher_kernel import teacher_from_logits
 cases = torch.load(sys.argv[1])
-torch.save({name: teacher_from_logits(logits, ids, ttt, block=block, rows=rows)
-            for name, (logits, ids, ttt, block, rows) in cases.items()}, sys.argv[2])
+torch.save({name: teacher_from_logits(logits, ids, ttt, block=block)
+            for name, (logits, ids, ttt, block) in cases.items()}, sys.argv[2])
 """
 
 
@@ -36,27 +36,25 @@ def _random_case(batch, seq, vocab, draft_vocab, dtype, sort, seed):
 
 
 def _tie_case():
-    """Ten target ids, draft ids [7, 2, 5] (columns 0, 1, 2), blocks of four, two positions a
-    program. Position 0: the target's max 3.0 at ids 2 and 7 -> first argmax 2 (draft). Position
+    """Ten target ids, draft ids [7, 2, 5] (columns 0, 1, 2), blocks of four. Position 0: the target's max 3.0 at ids 2 and 7 -> first argmax 2 (draft). Position
     1: max 5.0 at ids 4 (not draft) and 5 (draft) -> 4, not counted. Position 2: all zeros ->
     target top 0 (not draft)."""
     logits = torch.zeros(1, 3, 10)
     logits[0, 0, [2, 7]] = 3.0
     logits[0, 1, [4, 5]] = 5.0
-    return logits.bfloat16(), torch.tensor([7, 2, 5]), 2, 4, 2
+    return logits.bfloat16(), torch.tensor([7, 2, 5]), 2, 4
 
 
-# batch, seq, vocab, draft vocab, columns per block, positions per program: several blocks with a
-# partial last one, a row shorter than one block (64 columns: next_power_of_2(40)), a program's
-# positions running past the last (10 positions, 4 a program) and across a batch row's end
-SHAPES = [(2, 5, 300, 70, 64, 4), (1, 4, 40, 9, 128, 1), (2, 3, 128, 128, 32, 2)]
+# batch, seq, vocab, draft vocab, columns per block: several blocks with a partial last one, and
+# a row shorter than one block (64 columns: next_power_of_2(40))
+SHAPES = [(2, 5, 300, 70, 64), (1, 4, 40, 9, 128), (2, 3, 128, 128, 32)]
 CASES = {
-    **{f"{b}x{s}x{v}/{d}/{block}/{rows}-{str(dtype)[6:]}-{'sorted' if sort else 'shuffled'}":
-       (*_random_case(b, s, v, d, dtype, sort, b + s + v), block, rows)
-       for b, s, v, d, block, rows in SHAPES for dtype in (torch.bfloat16, torch.float32) for sort in (True, False)},
+    **{f"{b}x{s}x{v}/{d}/{block}-{str(dtype)[6:]}-{'sorted' if sort else 'shuffled'}":
+       (*_random_case(b, s, v, d, dtype, sort, b + s + v), block)
+       for b, s, v, d, block in SHAPES for dtype in (torch.bfloat16, torch.float32) for sort in (True, False)},
     "ties": _tie_case(),
     # a draft vocab past int16's 32767: the column map is int32
-    "1x4x41000/40000/1024/1-bfloat16-shuffled": (*_random_case(1, 4, 41000, 40000, torch.bfloat16, False, 5), 1024, 1),
+    "1x4x41000/40000/1024-bfloat16-shuffled": (*_random_case(1, 4, 41000, 40000, torch.bfloat16, False, 5), 1024),
 }
 
 
