@@ -33,7 +33,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=4096, help="draft hidden size")
     p.add_argument("--vocab", type=int, default=32000, help="draft vocab")
     p.add_argument("--rows", default="1024,2048,2097,3072,4096,8192",
-                   help="chunk sizes in rows, comma-separated (2097: the 256 MiB of fp32 logits at a 32k vocab)")
+                   help="chunk sizes in rows, comma-separated (8192: the trainer's at a 32k vocab, "
+                        "512 MiB of bf16 logits; 2097: its earlier size, 256 MiB of fp32 ones)")
     p.add_argument("--repeats", type=int, default=10, help="timed steps per chunk size (median reported)")
     p.add_argument("--out", type=Path, help="write the rows as JSON here")
     return p
@@ -72,8 +73,9 @@ def measure(case, rows: int, vocab: int, repeats: int) -> dict:
 
     from trainer import head_loss
 
-    head_loss.CHUNK_BYTES = rows * 4 * vocab  # chunk_rows(vocab) == rows
-    assert head_loss.chunk_rows(vocab) == rows
+    # chunk_rows(vocab, grad_in_forward=True) == rows: the bf16 logits of `rows` positions, unrounded
+    head_loss.FORWARD_GRAD_CHUNK_BYTES, head_loss.ROW_MULTIPLE = rows * 2 * vocab, 1
+    assert head_loss.chunk_rows(vocab, grad_in_forward=True) == rows
     for _ in range(WARMUP):
         loss, _ = one_step(case)
     torch.cuda.synchronize()

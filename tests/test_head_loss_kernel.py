@@ -1,8 +1,9 @@
 """trainer/head_loss_kernel.py's Triton kernel against trainer/head_loss.py `_chunk_loss_grad`
 (eager torch), run on the CPU through Triton's interpreter: loss, top-1 agreements and the bf16
 logit gradient, for teachers given as bf16 logits and as fp32 probabilities, rows gathered out
-of order, vocabularies spanning several column blocks with a partial last one, and argmax ties.
-Also which function the head uses on CUDA with and without triton.
+of order, vocabularies spanning several column blocks with a partial last one, and argmax ties;
+the gradient written over the logits (reuse_logits). Also which function the head uses on CUDA
+with and without triton.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import sys, torch
 from trainer.head_loss_kernel import chunk_loss_grad, teacher_stats
 cases = torch.load(sys.argv[1])
 out = {name: chunk_loss_grad(*args, block=block) for name, (args, block) in cases.items()}
+for name, (args, block) in cases.items():  # the gradient written over a copy of the logits
+    logits = args[0].clone()
+    out[f"reuse/{name}"] = (*chunk_loss_grad(logits, *args[1:], block=block, reuse_logits=True), logits)
 out.update({f"stats/{name}": teacher_stats(args[1], block=block) for name, (args, block) in cases.items()
             if args[4] is not None})
 torch.save(out, sys.argv[2])
@@ -122,6 +126,16 @@ def _assert_matches_torch(mine, logits, teacher, p_rows, scale, stats):
 @pytest.mark.parametrize("name", [name for name in CASES if name.startswith("random")])
 def test_kernel_matches_torch(interpreted, name):
     _assert_matches_torch(interpreted[name], *CASES[name][0])
+
+
+@pytest.mark.parametrize("name", [name for name in CASES if name.startswith("random")])
+def test_gradient_written_over_the_logits(interpreted, name):
+    """reuse_logits: the gradient is the logits' own storage (saved together, they stay shared)
+    and its values are those of a separate gradient."""
+    loss, agree, grad, logits = interpreted[f"reuse/{name}"]
+    assert grad.data_ptr() == logits.data_ptr()
+    _assert_matches_torch((loss, agree, grad), *CASES[name][0])
+    assert torch.equal(grad, interpreted[name][2])
 
 
 @pytest.mark.parametrize("as_logits", [True, False])

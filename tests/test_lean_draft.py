@@ -79,6 +79,25 @@ def _assert_grads_close(pairs, tol: float) -> None:
         assert torch.allclose(mine.grad.float(), theirs.grad.float(), atol=tol * scale, rtol=tol)
 
 
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+@pytest.mark.parametrize("vocab", [40, 32000, 128256, 151936, 201088, 600_000])
+def test_estimator_chunks_the_head_as_the_trainer(vocab, grad_in_forward):
+    """fitplan's head_chunk_rows is trainer/head_loss.py chunk_rows for the job's draft vocab
+    (at S 16384, more positions than a chunk). By hand at a 32k vocab: in forward 512 MiB / (2 B
+    x 32000) = 8388 rows, 8192 as a multiple of 256; in backward 256 MiB / (4 B x 32000) = 2097."""
+    from dataclasses import replace
+
+    from fitplan.config import RunSpec
+    from fitplan.estimator import draft_terms
+    from fitplan.layout import resolve
+
+    job = resolve(RunSpec(model="llama-3.1-8b", gpus="1xH200", seq=16384, head_grad_in_forward=grad_in_forward))
+    job = replace(job, draft=replace(job.draft, draft_vocab=vocab))
+    assert draft_terms.head_chunk_rows(job) == min(head_loss.chunk_rows(vocab, grad_in_forward), 16384)
+    if vocab == 32000:
+        assert head_loss.chunk_rows(vocab, grad_in_forward) == (8192 if grad_in_forward else 2097)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("offset", [1, 3])
 @pytest.mark.parametrize("every_position", [False, True])
@@ -110,7 +129,8 @@ def test_head_gradients_made_in_forward_match_unfused(dtype, tol, every_position
     every position counted, too (the chunks' rows as slices, the hidden's gradient unfilled)."""
     from trainer.step_grads import StepGrads
 
-    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 5 * 4 * 40)  # several chunks, one partial
+    # 5 rows of bf16 logits per chunk: several chunks, one partial
+    monkeypatch.setattr(head_loss, "FORWARD_GRAD_CHUNK_BYTES", 5 * 2 * 40)
     teacher, valid, head, norm, xs, (weight, norm_weight, ref_xs) = _head_case(dtype, 2, 2, every_position)
     scales = [1 / 17, 0.8 / 13]  # a step's decay over its counted positions, as unroll_loss gives
     grads, rows = StepGrads(2), CountedRows(valid)

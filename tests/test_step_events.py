@@ -112,15 +112,23 @@ def test_saved_tensor_sizes_by_hand():
     assert sizes_named(j, "teacher [B, S+L, Vd]") == [(2 * 32000 + 4 + 4) * 4103] * 2 == [262_624_824] * 2
     kept = job(recompute_norms=False)
     assert sizes_named(kept, "teacher [B, S+L, Vd]") == [4 * 4103 * 32000] * 2 == [525_184_000] * 2
-    # the head scores 256 MiB / (4 B x 32000) = 2097 rows at a time: bf16 [2097, 32000], then the
-    # 4096 - 2097 = 1999 rows left
-    assert sizes_named(j, "head chunk logits")[:2] == [2 * 32000 * 2097, 2 * 32000 * 1999] == [134_208_000, 127_936_000]
-    # making its gradients in forward (the default), each step keeps the hidden's gradient [T, h]
-    # bf16, 2 x 4096 x 2048; the head weight's [Vd, h] bf16 is made once, by the first step
+    # gradients made in backward, the head scores 256 MiB / (4 B x 32000) = 2097 rows at a time:
+    # bf16 [2097, 32000], then the 4096 - 2097 = 1999 rows left
+    in_backward = job(head_grad_in_forward=False)
+    assert sizes_named(in_backward, "head chunk logits")[:2] == [2 * 32000 * 2097, 2 * 32000 * 1999] \
+        == [134_208_000, 127_936_000]
+    assert sizes_named(in_backward, "grad of layer output (made in forward)") == []
+    # made in forward (the default), 512 MiB / (2 B x 32000) = 8388 rows, 8192 as a multiple of 256,
+    # so all 4096 positions at once: bf16 [4096, 32000], the gradient written over them, beside three
+    # [4096, 2048] bf16 tables (the final norm's output, the hidden's gradient before and after the norm)
+    assert sizes_named(j, "head chunk logits (grad over them)")[:7] == [2 * 32000 * 4096] * 7 == [262_144_000] * 7
+    for table in ("final-norm output", "hidden grad", "hidden grad through the norm"):
+        assert sizes_named(j, f"head chunk {table}")[:7] == [2 * 4096 * 2048] * 7
+    assert sizes_named(j, "head chunk logits") == sizes_named(j, "head chunk logits grad") == []
+    # and each step keeps the hidden's gradient [T, h] bf16, 2 x 4096 x 2048; the head weight's
+    # [Vd, h] bf16 is made once, by the first step
     assert sizes_named(j, "grad of layer output (made in forward)")[:7] == [2 * 4096 * 2048] * 7 == [16_777_216] * 7
     assert sizes_named(j, "grad of lm_head (summed in forward)") == [2 * 32000 * 2048] * 2  # step 1, steady
-    assert sizes_named(j, "head chunk logits grad")[:2] == [2 * 32000 * 2097, 2 * 32000 * 1999]
-    assert sizes_named(job(head_grad_in_forward=False), "grad of layer output (made in forward)") == []
 
 
 def test_embedding_projection_sizes_by_hand():

@@ -51,11 +51,23 @@ if TYPE_CHECKING:
 # for efficient GEMMs and few launches. Compiled (CUDA), a chunk holds its bf16 logits (forward)
 # and their bf16 gradient (backward): 128-256 MiB. Eager (CPU) about 20 bytes per logit.
 CHUNK_BYTES = 256 * 2**20
+# Gradients made in forward: on CUDA the Triton kernel writes a chunk's gradient over its bf16
+# logits, so a chunk holds 2 bytes per logit, and its rows are as many as fit this many bytes of
+# those, a multiple of ROW_MULTIPLE (GEMM tiles): 8192 rows at a 32k vocab. The head weight's
+# gradient is an accumulating GEMM that reads and writes its [Vd, h] sum once per chunk, so fewer,
+# longer chunks take time off (benchmarks/bench_head_chunk.py: 20.65 ms a TTT step at 8192 rows
+# against 21.47 at 2097, B1 S16384 on an H200).
+FORWARD_GRAD_CHUNK_BYTES = 512 * 2**20
+ROW_MULTIPLE = 256
 
 
-def chunk_rows(vocab: int) -> int:
-    """Positions per chunk: as many as fit CHUNK_BYTES of fp32 logits."""
-    return max(1, CHUNK_BYTES // (4 * vocab))
+def chunk_rows(vocab: int, grad_in_forward: bool = False) -> int:
+    """Positions per chunk: as many as fit CHUNK_BYTES of fp32 logits, or with the gradients made
+    in forward FORWARD_GRAD_CHUNK_BYTES of bf16 ones (rounded down to a multiple of ROW_MULTIPLE)."""
+    if not grad_in_forward:
+        return max(1, CHUNK_BYTES // (4 * vocab))
+    rows = FORWARD_GRAD_CHUNK_BYTES // (2 * vocab)
+    return rows // ROW_MULTIPLE * ROW_MULTIPLE if rows >= ROW_MULTIPLE else max(1, rows)
 
 
 class CountedRows:
@@ -195,9 +207,12 @@ def _chunk_grad(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tenso
     return ((soft * _p_total(p, stats) - p) * scale).to(logits.dtype)
 
 
-def _chunk_loss_grad(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tensor, scale: torch.Tensor, stats):
+def _chunk_loss_grad(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tensor, scale: torch.Tensor, stats,
+                     reuse_logits: bool = False):
     """_chunk_loss and _chunk_grad of one chunk from one softmax: (loss, agreements, d/dz of
-    scale x loss in the logits' dtype)."""
+    scale x loss in the logits' dtype). `reuse_logits` lets the Triton kernel write the gradient
+    over the logits; here the gradient is a new tensor either way (compiled, writing into an
+    input would add a copy)."""
     p, p_top = _teacher_rows(teacher, p_rows, stats)
     z = logits.float()
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
@@ -255,6 +270,7 @@ class _HeadSoftCE(torch.autograd.Function):
             normed = normed.to(ctx.dtype)
             grad_logits = chunk_grad(normed @ w.T, teacher, p_rows[start : start + ctx.chunk], grad_loss, stats)
             _chunk_backward(grad_logits, picked, normed, rstd, rows, w, norm_weight, grad_x, grad_w, grad_norm)
+            del picked, normed, rstd, grad_logits  # gone before the next chunk's are made
         grad_w = grad_result(ctx.grads, "lm_head", grad_w)
         if grad_norm is not None:
             norm_total = grad_total(ctx.grads, "norm", norm_weight)
@@ -294,10 +310,11 @@ class _HeadSoftCEGradInForward(torch.autograd.Function):
             picked, normed, rstd = _rows(x, rows, norm_weight, eps)
             normed = normed.to(dtype)
             part, hits, grad_logits = chunk_loss_grad(normed @ w.T, teacher, p_rows[start : start + chunk],
-                                                      scale_on_device, stats)
+                                                      scale_on_device, stats, reuse_logits=True)
             loss += part
             agree += hits
             _chunk_backward(grad_logits, picked, normed, rstd, rows, w, norm_weight, grad_x, grad_w, grad_norm)
+            del picked, normed, rstd, grad_logits  # gone before the next chunk's are made
         if grad_norm is not None:
             grads.total("norm", norm_weight).add_(grad_norm.to(norm_weight.dtype))
         ctx.grad_x, ctx.grads, ctx.scale, ctx.normed = grad_x, grads, scale, norm_weight is not None
@@ -379,7 +396,7 @@ class DraftHead(nn.Module):
         (_HeadSoftCEGradInForward, which needs `grads`); None: made again in backward.
         """
         batch, seq, width = hidden.shape
-        chunk = chunk_rows(self.weight.shape[0])
+        chunk = chunk_rows(self.weight.shape[0], grad_in_forward=scale is not None)
         x_rows, p_rows, spans = counted.for_step(offset, seq, chunk)
         t_lse, t_top = teacher.row_stats() or (None, None)
         args = (hidden.reshape(-1, width), None if norm is None else norm.weight, self.weight,

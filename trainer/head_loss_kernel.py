@@ -183,15 +183,21 @@ def _first_argmax(best, arg, vocab):
 
 def chunk_loss_grad(logits: torch.Tensor, teacher: torch.Tensor, p_rows: torch.Tensor, scale: torch.Tensor,
                     stats: tuple[torch.Tensor, torch.Tensor] | None, block: int | None = None,
-                    warps: int | None = None):
+                    warps: int | None = None, reuse_logits: bool = False):
     """(loss fp32, agreements int64, d/dz of scale x loss in the logits' dtype) of one chunk, as
     trainer/head_loss.py `_chunk_loss_grad`. logits [N, Vd]; teacher [M, Vd] whose row p_rows[i]
     scores row i: bf16 logits with `stats` (their rows' log-sum-exp and first argmax,
     teacher_stats), or probabilities with `stats` None; scale a 0-dim fp32 tensor.
-    `block`, `warps`: columns per block and warps per row (CONFIGS' for the teacher's kind when None)."""
+    `block`, `warps`: columns per block and warps per row (CONFIGS' for the teacher's kind when None).
+    `reuse_logits`: the caller has no further use for the logits, so the gradient is written over
+    them where they are contiguous (each program reads a block of its row before it writes that
+    block) and no second [N, Vd] table is made."""
     rows, vocab = logits.shape
     as_logits = stats is not None
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if reuse_logits and logits.is_contiguous():
+        grad = logits
+    else:
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     row_loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     row_agree = torch.empty(rows, dtype=torch.int32, device=logits.device)
     t_lse, t_top = stats if as_logits else (row_loss, row_agree)  # unread without logits

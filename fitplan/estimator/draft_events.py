@@ -270,17 +270,21 @@ def _loss_forward(t: Trace, state: State, step: dict[str, int]) -> None:
 
 def _loss_forward_with_grads(t: Trace, state: State, step: dict[str, int], saved: Saved, last: bool) -> None:
     """The head making its gradients in forward: the counted rows, the hidden's gradient (kept),
-    the head weight's gradient at the first step (the unroll's sum), then each chunk's bf16
-    logits and their gradient. Its rows go with it; the last step's layer output, which no later
-    step keeps, goes after it."""
+    the head weight's gradient at the first step (the unroll's sum), then each chunk's final-norm
+    output [rows, h], its bf16 logits (their gradient written over them), the hidden's gradient
+    the head GEMM makes and the one the norm's backward makes of it, all gone before the next
+    chunk's. Its rows go with it; the last step's layer output, which no later step keeps, goes
+    after it."""
     z, job = state.sizes, state.job
     rows = t.alloc(2 * INDEX * z.T, "counted rows")
     step["grad_normed"] = t.alloc(BF16 * z.h * z.T, "grad of layer output (made in forward)")
     if saved.head_grad is None:
         saved.head_grad = t.alloc(state.numel["lm_head"] * state.recipe.param, "grad of lm_head (summed in forward)")
-    per = draft_terms.HEAD_FORWARD_GRAD_BYTES_PER_LOGIT // 2
     for n in _chunks(job):
-        t.free(t.alloc(per * z.Vd * n, "head chunk logits"), t.alloc(per * z.Vd * n, "head chunk logits grad"))
+        normed = t.alloc(BF16 * z.h * n, "head chunk final-norm output")
+        logits = t.alloc(draft_terms.HEAD_FORWARD_GRAD_BYTES_PER_LOGIT * z.Vd * n, "head chunk logits (grad over them)")
+        grad_rows = t.alloc(BF16 * z.h * n, "head chunk hidden grad")
+        t.free(grad_rows, t.alloc(BF16 * z.h * n, "head chunk hidden grad through the norm"), logits, normed)
     t.free(rows)
     if last:
         t.free(step.pop("hidden_out"))

@@ -57,8 +57,14 @@ HEAD_CHUNK_BYTES = 256 * 2**20
 # CPU, the same arithmetic holds about 18 and 20: fp32 copies, the gathered teacher rows.)
 HEAD_FORWARD_BYTES_PER_LOGIT = 2
 HEAD_BACKWARD_BYTES_PER_LOGIT = 4
-# Made in forward (layout.head_grads_in_forward): the bf16 logits and their bf16 gradient, in forward.
-HEAD_FORWARD_GRAD_BYTES_PER_LOGIT = 4
+# Made in forward (layout.head_grads_in_forward): the bf16 logits, the gradient written over them
+# (trainer/head_loss_kernel.py), in chunks of trainer/head_loss.py FORWARD_GRAD_CHUNK_BYTES of
+# them, a multiple of ROW_MULTIPLE rows; beside them the chunk's [rows, h] bf16 final-norm output,
+# the hidden's gradient the head GEMM makes and the norm's backward turns into the hidden's.
+HEAD_FORWARD_GRAD_BYTES_PER_LOGIT = 2
+HEAD_FORWARD_GRAD_CHUNK_BYTES = 512 * 2**20
+HEAD_ROW_MULTIPLE = 256
+HEAD_FORWARD_GRAD_ROW_TABLES = 3
 
 
 def _lean(job: Job) -> bool:
@@ -186,8 +192,14 @@ def head_grad_buffer_bytes(job: Job, param_bytes: int) -> int:
 
 
 def head_chunk_rows(job: Job) -> int:
-    """Positions the fused head scores at a time (all of them when fewer)."""
-    rows = max(1, HEAD_CHUNK_BYTES // (FP32 * job.draft.draft_vocab))
+    """Positions the fused head scores at a time (all of them when fewer), as trainer/head_loss.py
+    chunk_rows."""
+    vocab = job.draft.draft_vocab
+    if head_grads_in_forward(job):
+        rows = HEAD_FORWARD_GRAD_CHUNK_BYTES // (BF16 * vocab)
+        rows = rows // HEAD_ROW_MULTIPLE * HEAD_ROW_MULTIPLE if rows >= HEAD_ROW_MULTIPLE else max(1, rows)
+    else:
+        rows = max(1, HEAD_CHUNK_BYTES // (FP32 * vocab))
     return min(rows, _tokens(job))
 
 
@@ -298,13 +310,15 @@ def teacher_chunk_bytes(job: Job) -> int:
 
 def _loss_forward_bytes(job: Job) -> int:
     """The last step's loss while it runs, beyond what it keeps. Fused: one chunk's logits
-    (HEAD_FORWARD_BYTES_PER_LOGIT). Unfused: the bf16 logits and the fp32 product over every
+    (HEAD_FORWARD_BYTES_PER_LOGIT; with the gradients made in forward, the logits their gradient is
+    written over and the chunk's [rows, h] tables). Unfused: the bf16 logits and the fp32 product over every
     position (6*Vd per token)."""
     d = job.draft
     if _fused_loss(job):  # its kernel streams the rows: nothing [T, Vd]-wide beyond the logits
         return 0
     if head_grads_in_forward(job):  # with its row indices, which it does not keep
-        return HEAD_FORWARD_GRAD_BYTES_PER_LOGIT * d.draft_vocab * head_chunk_rows(job) + ROW_INDEX_BYTES * _tokens(job)
+        per_row = HEAD_FORWARD_GRAD_BYTES_PER_LOGIT * d.draft_vocab + HEAD_FORWARD_GRAD_ROW_TABLES * BF16 * d.hidden
+        return per_row * head_chunk_rows(job) + ROW_INDEX_BYTES * _tokens(job)
     if _lean(job):
         return HEAD_FORWARD_BYTES_PER_LOGIT * d.draft_vocab * head_chunk_rows(job)
     return (BF16 + FP32) * d.draft_vocab * _tokens(job)
