@@ -55,8 +55,9 @@ CHUNK_BYTES = 256 * 2**20
 # logits, so a chunk holds 2 bytes per logit, and its rows are as many as fit this many bytes of
 # those, a multiple of ROW_MULTIPLE (GEMM tiles): 8192 rows at a 32k vocab. The head weight's
 # gradient is an accumulating GEMM that reads and writes its [Vd, h] sum once per chunk, so fewer,
-# longer chunks take time off (benchmarks/bench_head_chunk.py: 20.65 ms a TTT step at 8192 rows
-# against 21.47 at 2097, B1 S16384 on an H200).
+# longer chunks take time off: at B1 S16384 on an H200 the step's kernels took 521 ms with these
+# chunks against 529 ms with 2097-row ones and a separate gradient (docs/vs-specforge.md, calls
+# AM and AR; benchmarks/bench_head_chunk.py times one step's head at several sizes).
 FORWARD_GRAD_CHUNK_BYTES = 512 * 2**20
 ROW_MULTIPLE = 256
 
