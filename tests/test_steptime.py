@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fitplan.config import RunSpec
-from fitplan.layout import head_grads_in_forward, resolve
+from fitplan.layout import resolve
 from fitplan.steptime import (
     DRAFT_EFFICIENCY,
     draft_flops,
