@@ -71,10 +71,11 @@ def one_step(case):
 def measure(case, rows: int, vocab: int, repeats: int) -> dict:
     import torch
 
+    from fitplan.estimator import draft_terms
     from trainer import head_loss
 
     # chunk_rows(vocab, grad_in_forward=True) == rows: the bf16 logits of `rows` positions, unrounded
-    head_loss.FORWARD_GRAD_CHUNK_BYTES, head_loss.ROW_MULTIPLE = rows * 2 * vocab, 1
+    draft_terms.HEAD_FORWARD_GRAD_CHUNK_BYTES, draft_terms.HEAD_ROW_MULTIPLE = rows * 2 * vocab, 1
     assert head_loss.chunk_rows(vocab, grad_in_forward=True) == rows
     for _ in range(WARMUP):
         loss, _ = one_step(case)

@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
+from fitplan.estimator import draft_terms  # noqa: E402
 from trainer import head_loss  # noqa: E402
 from trainer.head_loss import CountedRows, DraftHead  # noqa: E402
 from trainer.lean_ops import SwiGLUDown  # noqa: E402
@@ -88,7 +89,6 @@ def test_estimator_chunks_the_head_as_the_trainer(vocab, grad_in_forward):
     from dataclasses import replace
 
     from fitplan.config import RunSpec
-    from fitplan.estimator import draft_terms
     from fitplan.layout import resolve
 
     job = resolve(RunSpec(model="llama-3.1-8b", gpus="1xH200", seq=16384, head_grad_in_forward=grad_in_forward))
@@ -103,7 +103,7 @@ def test_estimator_chunks_the_head_as_the_trainer(vocab, grad_in_forward):
 @pytest.mark.parametrize("every_position", [False, True])
 def test_fused_head_matches_unfused(dtype, tol, offset, every_position, monkeypatch):
     # 5 rows per chunk: a 2 x 12 batch spans several chunks, one of them partial
-    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 5 * 4 * 40)
+    monkeypatch.setattr(draft_terms, "HEAD_CHUNK_BYTES", 5 * 4 * 40)
     teacher, valid, head, norm, (x,), (weight, norm_weight, (ref_x,)) = _head_case(dtype, 0, 1, every_position)
     seq = x.shape[1]
 
@@ -130,7 +130,7 @@ def test_head_gradients_made_in_forward_match_unfused(dtype, tol, every_position
     from trainer.step_grads import StepGrads
 
     # 5 rows of bf16 logits per chunk: several chunks, one partial
-    monkeypatch.setattr(head_loss, "FORWARD_GRAD_CHUNK_BYTES", 5 * 2 * 40)
+    monkeypatch.setattr(draft_terms, "HEAD_FORWARD_GRAD_CHUNK_BYTES", 5 * 2 * 40)
     teacher, valid, head, norm, xs, (weight, norm_weight, ref_xs) = _head_case(dtype, 2, 2, every_position)
     scales = [1 / 17, 0.8 / 13]  # a step's decay over its counted positions, as unroll_loss gives
     grads, rows = StepGrads(2), CountedRows(valid)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fitplan.estimator import draft_terms
 from trainer.lean_ops import compiled_on_cuda, compute_dtype, triton_module
 from trainer.norm_project import norm_kernels
 from trainer.step_grads import StepGrads, add_product, grad_result, grad_total
@@ -47,28 +48,13 @@ from trainer.step_grads import StepGrads, add_product, grad_result, grad_total
 if TYPE_CHECKING:
     from trainer.loss import Teacher
 
-# Sizes a chunk as if it held one fp32 table [rows, Vd]: 2097 rows at a 32k vocab, large enough
-# for efficient GEMMs and few launches. Compiled (CUDA), a chunk holds its bf16 logits (forward)
-# and their bf16 gradient (backward): 128-256 MiB. Eager (CPU) about 20 bytes per logit.
-CHUNK_BYTES = 256 * 2**20
-# Gradients made in forward: on CUDA the Triton kernel writes a chunk's gradient over its bf16
-# logits, so a chunk holds 2 bytes per logit, and its rows are as many as fit this many bytes of
-# those, a multiple of ROW_MULTIPLE (GEMM tiles): 8192 rows at a 32k vocab. The head weight's
-# gradient is an accumulating GEMM that reads and writes its [Vd, h] sum once per chunk, so fewer,
-# longer chunks take time off: at B1 S16384 on an H200 the step's kernels took 521 ms with these
-# chunks against 529 ms with 2097-row ones and a separate gradient (docs/vs-specforge.md, calls
-# AM and AR; benchmarks/bench_head_chunk.py times one step's head at several sizes).
-FORWARD_GRAD_CHUNK_BYTES = 512 * 2**20
-ROW_MULTIPLE = 256
-
 
 def chunk_rows(vocab: int, grad_in_forward: bool = False) -> int:
-    """Positions per chunk: as many as fit CHUNK_BYTES of fp32 logits, or with the gradients made
-    in forward FORWARD_GRAD_CHUNK_BYTES of bf16 ones (rounded down to a multiple of ROW_MULTIPLE)."""
-    if not grad_in_forward:
-        return max(1, CHUNK_BYTES // (4 * vocab))
-    rows = FORWARD_GRAD_CHUNK_BYTES // (2 * vocab)
-    return rows // ROW_MULTIPLE * ROW_MULTIPLE if rows >= ROW_MULTIPLE else max(1, rows)
+    """Positions per chunk, as the estimator counts them (fitplan draft_terms.fused_head_rows:
+    256 MiB of fp32 logits, or with the gradients made in forward 512 MiB of bf16 ones, over which
+    the Triton kernel writes the gradient). Compiled (CUDA), a chunk holds its bf16 logits
+    (forward) and their bf16 gradient (backward); eager (CPU) about 20 bytes per logit."""
+    return draft_terms.fused_head_rows(vocab, grad_in_forward)
 
 
 class CountedRows:

@@ -48,9 +48,11 @@ from fitplan.units import BF16, FP32
 
 NORMS_PER_STEP = 4  # input, hidden, post-attention and final RMSNorm: one fp32 rstd per token each
 ROW_INDEX_BYTES = 2 * 8  # the fused head's int64 row indices into the hidden and the teacher
-# trainer/head_loss.py CHUNK_BYTES: a chunk of counted positions has as many rows as this many
-# bytes of fp32 logits. Every position is assumed counted (synthetic data's worst case); a sparse
-# loss mask that leaves fewer counted positions than a chunk's rows makes the real chunk smaller.
+# The fused head's chunks (fused_head_rows, which trainer/head_loss.py chunks by): a chunk of
+# counted positions has as many rows as this many bytes of fp32 logits: 2097 at a 32k vocab, large
+# enough for efficient GEMMs and few launches. Every position is assumed counted (synthetic data's
+# worst case); a sparse loss mask that leaves fewer counted positions than a chunk's rows makes the
+# real chunk smaller.
 HEAD_CHUNK_BYTES = 256 * 2**20
 # Bytes per logit a chunk holds while it runs, on CUDA where its arithmetic is compiled: the bf16
 # logits in forward; the bf16 logits and their bf16 gradient in backward. (Run eagerly, as on
@@ -58,9 +60,13 @@ HEAD_CHUNK_BYTES = 256 * 2**20
 HEAD_FORWARD_BYTES_PER_LOGIT = 2
 HEAD_BACKWARD_BYTES_PER_LOGIT = 4
 # Made in forward (layout.head_grads_in_forward): the bf16 logits, the gradient written over them
-# (trainer/head_loss_kernel.py), in chunks of trainer/head_loss.py FORWARD_GRAD_CHUNK_BYTES of
-# them, a multiple of ROW_MULTIPLE rows; beside them the chunk's [rows, h] bf16 final-norm output,
-# the hidden's gradient the head GEMM makes and the norm's backward turns into the hidden's.
+# (trainer/head_loss_kernel.py), in chunks of HEAD_FORWARD_GRAD_CHUNK_BYTES of them, a multiple of
+# HEAD_ROW_MULTIPLE rows (GEMM tiles): 8192 at a 32k vocab. The head weight's gradient is an
+# accumulating GEMM that reads and writes its [Vd, h] sum once per chunk, so fewer, longer chunks
+# take time off: at B1 S16384 on an H200 the step's kernels took 521 ms with these chunks against
+# 529 ms with 2097-row ones and a separate gradient (docs/vs-specforge.md, calls AM and AR). Beside
+# the logits, the chunk's [rows, h] bf16 final-norm output, the hidden's gradient the head GEMM
+# makes and the one the norm's backward turns it into.
 HEAD_FORWARD_GRAD_BYTES_PER_LOGIT = 2
 HEAD_FORWARD_GRAD_CHUNK_BYTES = 512 * 2**20
 HEAD_ROW_MULTIPLE = 256
@@ -191,16 +197,19 @@ def head_grad_buffer_bytes(job: Job, param_bytes: int) -> int:
     return job.draft.hidden * job.draft.draft_vocab * param_bytes if head_grads_in_forward(job) else 0
 
 
+def fused_head_rows(vocab: int, grad_in_forward: bool) -> int:
+    """Rows of a chunk of the fused head (trainer/head_loss.py chunks by this): as many as
+    HEAD_CHUNK_BYTES of fp32 logits hold, or with the gradients made in forward
+    HEAD_FORWARD_GRAD_CHUNK_BYTES of bf16 ones, rounded down to a multiple of HEAD_ROW_MULTIPLE."""
+    if not grad_in_forward:
+        return max(1, HEAD_CHUNK_BYTES // (FP32 * vocab))
+    rows = HEAD_FORWARD_GRAD_CHUNK_BYTES // (BF16 * vocab)
+    return rows // HEAD_ROW_MULTIPLE * HEAD_ROW_MULTIPLE if rows >= HEAD_ROW_MULTIPLE else max(1, rows)
+
+
 def head_chunk_rows(job: Job) -> int:
-    """Positions the fused head scores at a time (all of them when fewer), as trainer/head_loss.py
-    chunk_rows."""
-    vocab = job.draft.draft_vocab
-    if head_grads_in_forward(job):
-        rows = HEAD_FORWARD_GRAD_CHUNK_BYTES // (BF16 * vocab)
-        rows = rows // HEAD_ROW_MULTIPLE * HEAD_ROW_MULTIPLE if rows >= HEAD_ROW_MULTIPLE else max(1, rows)
-    else:
-        rows = max(1, HEAD_CHUNK_BYTES // (FP32 * vocab))
-    return min(rows, _tokens(job))
+    """Positions the fused head scores at a time (all of them when fewer)."""
+    return min(fused_head_rows(job.draft.draft_vocab, head_grads_in_forward(job)), _tokens(job))
 
 
 def _tokens(job: Job) -> int:
